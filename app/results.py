@@ -1,0 +1,152 @@
+"""What a run leaves behind: ``results.json``, the final model and a metrics plot.
+
+``results.json`` layout (the interface later tools and users rely on)::
+
+    config      the resolved config
+    sites       number of sites
+    initial     server-side test metrics of the initial model (round 0)
+    history     one entry per round: round, seconds, server (test metrics of the new
+                global model), train (aggregated site training metrics),
+                federated_evaluate (pooled site validation metrics), participation
+    final       the last round's server-side test metrics (auc, accuracy, loss, ...)
+    final_federated_evaluate   the last round's pooled validation metrics
+    timing      total and per-round seconds
+    artifacts   file names of the model and plot
+
+Undefined numbers (e.g. an AUC on one class) are written as ``null``, never invented.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import MetricRecord
+from flwr.serverapp.strategy import Result
+
+from app import config
+
+RESULTS_FILE = "results.json"
+MODEL_FILE = "model.pt"
+PLOT_FILE = "metrics.png"
+
+
+def clean(value: Any) -> Any:
+    """JSON-safe copy: NaN/Inf -> None, records and numpy scalars -> plain Python."""
+    if isinstance(value, MetricRecord):
+        value = dict(value)
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(clean(payload), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class Recorder:
+    """Collects per-round metrics on the server and writes the run's artifacts."""
+
+    def __init__(self, cfg: config.FedsiloConfig, num_sites: int, out_dir: Path) -> None:
+        self.cfg, self.num_sites, self.out_dir = cfg, num_sites, out_dir
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.server: dict[int, dict[str, float]] = {}
+        self.seconds: dict[int, float] = {}
+        self._t0 = self._last = time.monotonic()
+
+    def record_server(self, server_round: int, metrics: dict[str, float]) -> None:
+        """Called by the server-side evaluation after each round (and for round 0)."""
+        now = time.monotonic()
+        self.server[server_round] = metrics
+        if server_round > 0:
+            self.seconds[server_round] = now - self._last
+        self._last = now
+
+    def history(self, result: Result, participation: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+        rounds = sorted(r for r in self.server if r > 0)
+        return [
+            {
+                "round": r,
+                "seconds": self.seconds.get(r),
+                "server": self.server[r],
+                "train": dict(result.train_metrics_clientapp.get(r, {})),
+                "federated_evaluate": dict(result.evaluate_metrics_clientapp.get(r, {})),
+                "participation": participation.get(r, {}),
+            }
+            for r in rounds
+        ]
+
+    def write(self, result: Result, participation: dict[int, dict[str, Any]],
+              model_state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> Path:
+        """Write results.json, the final model and the plot; return the results path."""
+        history = self.history(result, participation)
+        torch.save(model_state, self.out_dir / MODEL_FILE)
+        artifacts = {"model": MODEL_FILE}
+        if plot_history(history, self.out_dir / PLOT_FILE, title=f"fedsilo: {self.cfg.task.name}"):
+            artifacts["plot"] = PLOT_FILE
+        payload = {
+            "config": config.to_dict(self.cfg),
+            "sites": self.num_sites,
+            "initial": self.server.get(0, {}),
+            "history": history,
+            "final": history[-1]["server"] if history else {},
+            "final_federated_evaluate": history[-1]["federated_evaluate"] if history else {},
+            "timing": {"total_seconds": time.monotonic() - self._t0,
+                       "round_seconds": [h["seconds"] for h in history]},
+            "artifacts": artifacts,
+            **(extra or {}),
+        }
+        path = self.out_dir / RESULTS_FILE
+        write_json_atomic(path, payload)
+        return path
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """Plot test AUC/accuracy/loss and federated-validation loss per round as a PNG."""
+    if not history:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [h["round"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, style in (("auc", "-o"), ("accuracy", "-s"), ("f1", "-^")):
+        axes[0].plot(rounds, [h["server"].get(key) for h in history], style, label=f"test {key}")
+    axes[0].set_xlabel("round")
+    axes[0].set_ylabel("score")
+    axes[0].set_title("server-side test metrics")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    axes[1].plot(rounds, [h["server"].get("loss") for h in history], "-o", label="test loss (server)")
+    fed = [h["federated_evaluate"].get("loss") for h in history]
+    if any(v is not None for v in fed):
+        axes[1].plot(rounds, fed, "-s", label="validation loss (sites)")
+    train = [h["train"].get("train_loss") for h in history]
+    if any(v is not None for v in train):
+        axes[1].plot(rounds, train, "-^", label="training loss (sites)")
+    axes[1].set_xlabel("round")
+    axes[1].set_ylabel("BCE loss")
+    axes[1].set_title("loss")
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,236 @@
+"""Run a fedsilo job in Flower's simulation engine on a SuperLink of its own.
+
+``flwr run`` against the default local connection would start (or reuse!) a SuperLink on
+port 39091 that every process on the machine shares, installs the app's dependencies at
+run time, and keeps running afterwards. :class:`LocalSuperLink` instead starts
+``flower-superlink --simulation`` on a free loopback port with a private ``FLWR_HOME``
+and runtime dependency installation disabled, and stops it and all of its children (the
+SuperExec, ``flwr-simulation`` and Ray) when the job ends or is interrupted.
+
+Success is decided from the run's final status in ``flwr ls`` (``flwr run`` exits 0 even
+when the run failed), never from an exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+CONNECTION = "fedsilo"
+FINAL_PREFIX = "finished:"
+
+
+class SimulationError(RuntimeError):
+    """The SuperLink could not start, or the run did not complete."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process we start: private home, no installs, no calls out."""
+    env = os.environ.copy()
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+    })
+    return env
+
+
+def _flwr_bin(name: str) -> str:
+    """Path of a Flower console script installed beside this Python."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+@dataclass
+class RunOutcome:
+    """How a run ended: its id, final status, status details and wall time."""
+
+    run_id: int
+    status: str
+    details: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+class LocalSuperLink:
+    """A private simulation SuperLink on loopback; use as a context manager."""
+
+    def __init__(self, log_path: Path, startup_timeout: float = 60.0) -> None:
+        self.log_path = log_path
+        self.startup_timeout = startup_timeout
+        self.home = Path(tempfile.mkdtemp(prefix="fedsilo-flwr-"))
+        self.port = free_port()
+        self.env = flower_env(self.home)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LocalSuperLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the SuperLink, write the connection into FLWR_HOME, wait until healthy."""
+        (self.home / "config.toml").write_text(tomli_w.dumps({
+            "superlink": {"default": CONNECTION, CONNECTION: {"address": self.address, "insecure": True}}
+        }))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        cmd = [
+            _flwr_bin("flower-superlink"), "--insecure", "--simulation",
+            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
+        self.process = subprocess.Popen(
+            cmd, env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SimulationError(
+                    f"flower-superlink exited with code {self.process.returncode}; see {self.log_path}"
+                )
+            if self._healthy():
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise SimulationError(f"flower-superlink not healthy after {self.startup_timeout:.0f}s; see {self.log_path}")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.address}/health", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the SuperLink and every process in its session (SIGTERM, then SIGKILL)."""
+        if self.process is not None and self.process.poll() is None:
+            pgid = self.process.pid
+            try:
+                os.killpg(pgid, signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    pass
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=15)
+        self.process = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    # ---- the flwr CLI against this SuperLink ------------------------------------------
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [_flwr_bin("flwr"), *args], env=self.env, capture_output=True, text=True,
+            timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+
+    def submit(self, app_dir: Path, run_config: dict[str, Any], federation: dict[str, Any]) -> int:
+        """``flwr run`` the app; return the run id."""
+        cfg_file = self.home / "run_config.toml"
+        cfg_file.write_text(tomli_w.dumps(run_config))
+        fed = " ".join(f"{k}={json.dumps(v)}" for k, v in federation.items())
+        proc = self.flwr("run", str(app_dir), CONNECTION, "--run-config", str(cfg_file),
+                         "--federation-config", fed, "--format", "json")
+        try:
+            reply = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            reply = {}
+        if proc.returncode != 0 or not reply.get("success"):
+            raise SimulationError(f"flwr run failed: {(proc.stdout + proc.stderr).strip()[-2000:]}")
+        return int(reply["run-id"])
+
+    def status(self, run_id: int) -> tuple[str, str]:
+        """(status, status details) of a run, from ``flwr ls --format json``."""
+        proc = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        try:
+            run = json.loads(proc.stdout)["runs"][0]
+        except (json.JSONDecodeError, KeyError, IndexError):
+            return "unknown", (proc.stdout + proc.stderr).strip()[-500:]
+        return str(run.get("status", "unknown")), str(run.get("status-details", ""))
+
+    def follow(self, run_id: int, timeout: float, stream: bool = True, poll: float = 3.0) -> RunOutcome:
+        """Stream the run's log to stdout until it ends; return its final status."""
+        t0 = time.monotonic()
+        logs = None
+        if stream:
+            logs = subprocess.Popen([_flwr_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                                    env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            status, details = "unknown", ""
+            while time.monotonic() - t0 < timeout:
+                if logs is not None and logs.poll() is None:
+                    try:  # the stream ends when the run does; then ask for the status
+                        logs.wait(timeout=poll * 5)
+                    except subprocess.TimeoutExpired:
+                        pass
+                else:
+                    time.sleep(poll)
+                status, details = self.status(run_id)
+                if status.startswith(FINAL_PREFIX):
+                    break
+            else:
+                self.flwr("stop", str(run_id), CONNECTION)
+                status, details = "timeout", f"run did not finish within {timeout:.0f}s"
+        finally:
+            if logs is not None and logs.poll() is None:
+                os.killpg(logs.pid, signal.SIGTERM)
+                logs.wait(timeout=10)
+        return RunOutcome(run_id, status, details, time.monotonic() - t0)
+
+
+def run_simulation(
+    app_dir: Path,
+    run_config: dict[str, Any],
+    num_supernodes: int,
+    log_path: Path,
+    extra_federation: dict[str, Any] | None = None,
+    timeout: float = 4 * 3600,
+    stream: bool = True,
+) -> RunOutcome:
+    """Start a private SuperLink, run the app on ``num_supernodes`` simulated nodes, stop it."""
+    federation: dict[str, Any] = {"num-supernodes": num_supernodes, "client-resources-num-cpus": 1}
+    federation.update(extra_federation or {})
+    with LocalSuperLink(log_path) as link:
+        run_id = link.submit(app_dir, run_config, federation)
+        return link.follow(run_id, timeout=timeout, stream=stream)

@@ -1,0 +1,85 @@
+"""Checks that a site's reply is well formed before it may touch the global model.
+
+Flower's FedAvg ends the whole ServerApp when one reply is inconsistent. Here each reply
+is checked on its own; a bad one is dropped with a logged reason naming the site, and the
+round aggregates the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+WEIGHT_KEY = "num-examples"
+SITE_KEY = "site"
+
+
+def site_label(msg: Message) -> str:
+    """``site-name (node N)`` for logs; falls back to the node id."""
+    node = msg.metadata.src_node_id
+    if not msg.has_error() and SITE_KEY in msg.content.config_records:
+        return f"{msg.content.config_records[SITE_KEY].get('name', '?')} (node {node})"
+    return f"node {node}"
+
+
+def site_order(msg: Message) -> int:
+    """Sort key giving a fixed aggregation order, hence bit-identical runs for one seed."""
+    rec = msg.content.config_records.get(SITE_KEY)
+    return int(rec["id"]) if rec is not None and "id" in rec else msg.metadata.src_node_id
+
+
+def _check_metrics(msg: Message, required: tuple[str, ...]) -> str | None:
+    metrics = msg.content.metric_records
+    if len(metrics) != 1:
+        return f"expected one MetricRecord, found {len(metrics)}"
+    record = next(iter(metrics.values()))
+    for key in required:
+        if key not in record:
+            return f"metric {key!r} missing"
+        value = record[key]
+        if isinstance(value, list) or not math.isfinite(float(value)):
+            return f"metric {key!r} is not a finite number: {value!r}"
+    if float(record[WEIGHT_KEY]) <= 0:
+        return f"{WEIGHT_KEY} must be > 0, got {record[WEIGHT_KEY]!r}"
+    return None
+
+
+def check_train_reply(
+    msg: Message, reference: Mapping[str, tuple[tuple[int, ...], np.dtype]], server_round: int
+) -> str | None:
+    """Return why a train reply must be rejected, or None if it is usable.
+
+    ``reference`` maps each array name of the global model to its (shape, dtype).
+    """
+    if msg.has_error():
+        return f"error reply: {msg.error.reason}"
+    site = msg.content.config_records.get(SITE_KEY)
+    if site is not None and "round" in site and int(site["round"]) != server_round:
+        return f"reply is for round {site['round']}, not round {server_round}"
+    arrays = msg.content.array_records
+    if len(arrays) != 1:
+        return f"expected one ArrayRecord, found {len(arrays)}"
+    record: ArrayRecord = next(iter(arrays.values()))
+    if set(record.keys()) != set(reference):
+        missing = sorted(set(reference) - set(record.keys()))
+        extra = sorted(set(record.keys()) - set(reference))
+        return f"array names differ from the model's (missing {missing}, unexpected {extra})"
+    for name, (shape, dtype) in reference.items():
+        arr = record[name].numpy()
+        if tuple(arr.shape) != shape:
+            return f"array {name!r} has shape {tuple(arr.shape)}, expected {shape}"
+        if arr.dtype != dtype:
+            return f"array {name!r} has dtype {arr.dtype}, expected {dtype}"
+        if not np.all(np.isfinite(arr)):
+            return f"array {name!r} contains NaN or Inf"
+    return _check_metrics(msg, (WEIGHT_KEY,))
+
+
+def check_evaluate_reply(msg: Message, required: tuple[str, ...]) -> str | None:
+    """Return why a federated-evaluation reply must be rejected, or None."""
+    if msg.has_error():
+        return f"error reply: {msg.error.reason}"
+    return _check_metrics(msg, (WEIGHT_KEY, *required))

@@ -1,0 +1,199 @@
+"""The Task contract: what every task (finance, medical, medical_imaging) provides.
+
+A task owns its data end to end: it reads the raw files under ``data_dir``, holds out a
+fixed test set, fits preprocessing on the remaining *pool* only (so no test statistic
+leaks into training), builds its model, and exposes the pool split across sites.
+Subclasses implement :meth:`Task.load` and :meth:`Task.build_model`; everything else
+(partitioning, per-site train/validation split, local training, evaluation, metrics) is
+shared and cached per process, so a simulation worker pays the loading cost once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.metrics import binary_metrics, group_metrics
+from tasks.partition import PartitionError, partition_indices, split_train_val
+from tasks.training import Augment, LocalTrainConfig, predict, train_local
+
+
+@dataclass
+class TaskConfig:
+    """Hydra schema of the ``task`` group (``conf/task/*.yaml``)."""
+
+    name: str = "finance"
+    model: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    dropout: float = 0.0
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    local_epochs: int = 1
+    val_fraction: float = 0.1
+    augment: bool = False
+    default_partition: str = "iid"
+
+
+@dataclass
+class PartitionConfig:
+    """Hydra schema of the ``partition`` group (``conf/partition/*.yaml``)."""
+
+    name: str = "iid"
+    alpha: float = 0.5
+    min_partition_size: int = 10
+
+
+@dataclass(frozen=True)
+class Split:
+    """Preprocessed examples: features ``x`` (float32), labels ``y`` (float32 0/1) and,
+    where the task has natural groups, the integer group code of each row."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    group: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def take(self, idx: np.ndarray) -> Split:
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return Split(self.x[t], self.y[t], None if self.group is None else self.group[idx])
+
+    def labels(self) -> np.ndarray:
+        return self.y.numpy().astype(np.int64)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's preprocessed data: the pool sites are drawn from and the held-out test set."""
+
+    pool: Split
+    test: Split
+    feature_names: tuple[str, ...] = ()
+    group_names: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's local data: its training rows and its validation rows."""
+
+    site_id: int
+    name: str
+    train: Split
+    val: Split
+
+
+_DATA_CACHE: dict[tuple[Any, ...], TaskData] = {}
+_SITES_CACHE: dict[tuple[Any, ...], list[SiteData]] = {}
+
+
+class Task(ABC):
+    """Base class of all tasks. Subclasses set the class attributes and two methods."""
+
+    name: ClassVar[str]
+    models: ClassVar[tuple[str, ...]]
+    #: Names of the natural sites (one per group code), or None if there is no natural split.
+    natural_sites: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, cfg: TaskConfig, data_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.data_dir = Path(data_dir)
+
+    # ---- to implement -------------------------------------------------------------
+    @abstractmethod
+    def load(self) -> TaskData:
+        """Read raw files, hold out the test set, fit preprocessing on the pool only."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model for ``self.cfg.model`` (one logit per example)."""
+
+    def augmentation(self) -> Augment | None:
+        """Optional training-time augmentation; none by default."""
+        return None
+
+    # ---- shared behaviour -------------------------------------------------------------
+    def data(self) -> TaskData:
+        """The task's data, loaded once per process."""
+        key = (type(self), str(self.data_dir.resolve()))
+        if key not in _DATA_CACHE:
+            _DATA_CACHE[key] = self.load()
+        return _DATA_CACHE[key]
+
+    @classmethod
+    def num_sites(cls, partition: PartitionConfig, num_sites: int) -> int:
+        """How many sites a partition yields: natural splits have their own count."""
+        if partition.name == "natural":
+            if cls.natural_sites is None:
+                raise PartitionError(
+                    f"partition.name='natural': task {cls.name!r} has no natural split; "
+                    "use iid or dirichlet"
+                )
+            return len(cls.natural_sites)
+        return num_sites
+
+    def sites(self, partition: PartitionConfig, num_sites: int, seed: int) -> list[SiteData]:
+        """All sites' data for this partition and seed (computed once per process)."""
+        key = (
+            type(self), str(self.data_dir.resolve()), partition.name, num_sites, seed,
+            partition.alpha, partition.min_partition_size, self.cfg.val_fraction,
+        )
+        if key not in _SITES_CACHE:
+            _SITES_CACHE[key] = self._make_sites(partition, num_sites, seed)
+        return _SITES_CACHE[key]
+
+    def _make_sites(self, partition: PartitionConfig, num_sites: int, seed: int) -> list[SiteData]:
+        pool = self.data().pool
+        labels = pool.labels()
+        parts = partition_indices(
+            labels, pool.group, partition.name, num_sites, seed,
+            alpha=partition.alpha, min_partition_size=partition.min_partition_size,
+        )
+        sites = []
+        for site_id, rows in enumerate(parts):
+            tr, va = split_train_val(rows, labels, self.cfg.val_fraction, seed=seed * 7919 + site_id)
+            name = (
+                self.natural_sites[site_id]
+                if partition.name == "natural" and self.natural_sites
+                else f"site-{site_id}"
+            )
+            sites.append(SiteData(site_id, name, pool.take(tr), pool.take(va)))
+        return sites
+
+    def local_train_config(self) -> LocalTrainConfig:
+        c = self.cfg
+        return LocalTrainConfig(
+            epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
+            momentum=c.momentum, weight_decay=c.weight_decay, optimizer=c.optimizer,
+        )
+
+    def train(self, model: nn.Module, split: Split, seed: int) -> dict[str, float]:
+        """One site's local training for one round; deterministic given ``seed``."""
+        torch.manual_seed(seed)  # dropout draws from the global generator
+        gen = torch.Generator().manual_seed(seed)
+        aug = self.augmentation() if self.cfg.augment else None
+        return train_local(model, split.x, split.y, self.local_train_config(), gen, aug)
+
+    def evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:
+        """All test metrics of ``model`` on ``split`` (pooled, and per group if any)."""
+        scores, loss = predict(model, split.x, split.y)
+        y = split.labels()
+        out = binary_metrics(y, scores, loss)
+        names = self.data().group_names
+        if split.group is not None and names:
+            out.update(group_metrics(y, scores, split.group, names))
+        return out
+
+
+def seed_for(seed: int, *parts: int) -> int:
+    """Derive an independent 31-bit seed from the run seed and e.g. (round, site)."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)

@@ -1,0 +1,147 @@
+"""Binary-classification metrics used by every task.
+
+All functions take plain numpy arrays: ``y_true`` in {0, 1} and ``scores`` the predicted
+probability of class 1. Threshold-dependent metrics use ``threshold`` (0.5 by default).
+Undefined values (AUC on a single-class set) are returned as ``nan`` and never replaced by
+an invented number; callers that must send metrics over the wire use :func:`site_summary`,
+which carries counts from which pooled metrics are computed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+
+def confusion_counts(
+    y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5
+) -> dict[str, int]:
+    """Return the confusion counts ``tp``, ``fp``, ``tn``, ``fn`` at ``threshold``."""
+    y = np.asarray(y_true).astype(bool)
+    pred = np.asarray(scores) >= threshold
+    return {
+        "tp": int(np.sum(pred & y)),
+        "fp": int(np.sum(pred & ~y)),
+        "tn": int(np.sum(~pred & ~y)),
+        "fn": int(np.sum(~pred & y)),
+    }
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den > 0 else float("nan")
+
+
+def metrics_from_counts(counts: Mapping[str, float]) -> dict[str, float]:
+    """Accuracy, sensitivity, specificity, precision and F1 from confusion counts."""
+    tp, fp, tn, fn = (float(counts[k]) for k in ("tp", "fp", "tn", "fn"))
+    precision = _ratio(tp, tp + fp)
+    sensitivity = _ratio(tp, tp + fn)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    return {
+        "accuracy": _ratio(tp + tn, tp + fp + tn + fn),
+        "sensitivity": sensitivity,
+        "specificity": _ratio(tn, tn + fp),
+        "precision": precision,
+        "f1": f1,
+    }
+
+
+def ks_statistic(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Kolmogorov-Smirnov statistic: max distance between the score CDFs of the classes.
+
+    Equals ``max(TPR - FPR)`` over all thresholds, the form credit-risk teams report.
+    """
+    y = np.asarray(y_true)
+    if y.min() == y.max():
+        return float("nan")
+    fpr, tpr, _ = roc_curve(y, scores)
+    return float(np.max(tpr - fpr))
+
+
+def binary_metrics(
+    y_true: np.ndarray, scores: np.ndarray, loss: float, threshold: float = 0.5
+) -> dict[str, float]:
+    """All metrics of a scored binary test set.
+
+    Returns ``auc``, ``pr_auc``, ``ks``, ``accuracy``, ``f1``, ``precision``,
+    ``sensitivity``, ``specificity``, ``loss`` and ``num_examples``.
+    """
+    y = np.asarray(y_true)
+    s = np.asarray(scores, dtype=np.float64)
+    both_classes = y.size > 0 and y.min() != y.max()
+    out: dict[str, float] = {
+        "auc": float(roc_auc_score(y, s)) if both_classes else float("nan"),
+        "pr_auc": float(average_precision_score(y, s)) if both_classes else float("nan"),
+        "ks": ks_statistic(y, s) if both_classes else float("nan"),
+    }
+    out.update(metrics_from_counts(confusion_counts(y, s, threshold)))
+    out["loss"] = float(loss)
+    out["num_examples"] = float(y.size)
+    return out
+
+
+def group_metrics(
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    names: Sequence[str],
+    threshold: float = 0.5,
+) -> dict[str, float]:
+    """Per-group accuracy and AUC (e.g. per hospital), plus their unweighted means.
+
+    Keys: ``accuracy_<name>``, ``auc_<name>`` for each group present, and
+    ``accuracy_site_mean`` / ``auc_site_mean`` (the mean over groups, as FLamby reports).
+    """
+    out: dict[str, float] = {}
+    accs, aucs = [], []
+    for code, name in enumerate(names):
+        mask = groups == code
+        if not mask.any():
+            continue
+        y, s = y_true[mask], scores[mask]
+        acc = metrics_from_counts(confusion_counts(y, s, threshold))["accuracy"]
+        auc = float(roc_auc_score(y, s)) if y.min() != y.max() else float("nan")
+        out[f"accuracy_{name}"] = acc
+        out[f"auc_{name}"] = auc
+        accs.append(acc)
+        if not math.isnan(auc):
+            aucs.append(auc)
+    if accs:
+        out["accuracy_site_mean"] = float(np.mean(accs))
+    if aucs:
+        out["auc_site_mean"] = float(np.mean(aucs))
+    return out
+
+
+def site_summary(
+    y_true: np.ndarray, scores: np.ndarray, loss: float, threshold: float = 0.5
+) -> dict[str, float]:
+    """What a site reports after federated evaluation: always the same keys.
+
+    Confusion counts (summed by the server into exact pooled metrics), the mean loss, and
+    the site's AUC with ``auc_weight`` = number of examples when the AUC is defined, else 0.
+    """
+    y = np.asarray(y_true)
+    both = y.size > 0 and y.min() != y.max()
+    out: dict[str, float] = {k: float(v) for k, v in confusion_counts(y, scores, threshold).items()}
+    out["loss"] = float(loss)
+    out["auc"] = float(roc_auc_score(y, scores)) if both else 0.0
+    out["auc_weight"] = float(y.size) if both else 0.0
+    return out
+
+
+def pool_site_summaries(
+    summaries: Sequence[Mapping[str, float]], weights: Sequence[float]
+) -> dict[str, float]:
+    """Combine :func:`site_summary` outputs: summed counts, weighted loss and site AUC."""
+    counts = {k: float(sum(s[k] for s in summaries)) for k in ("tp", "fp", "tn", "fn")}
+    total = float(sum(weights))
+    out = metrics_from_counts(counts)
+    out["loss"] = _ratio(sum(s["loss"] * w for s, w in zip(summaries, weights)), total)
+    auc_w = sum(s["auc_weight"] for s in summaries)
+    out["auc_site_weighted"] = _ratio(sum(s["auc"] * s["auc_weight"] for s in summaries), auc_w)
+    out["num_examples"] = total
+    return out

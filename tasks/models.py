@@ -1,0 +1,60 @@
+"""Models for binary tasks. Each returns one logit per example.
+
+No BatchNorm anywhere: per-sample-gradient DP (Opacus) cannot use it, so the CNN uses
+GroupNorm, which Opacus' ``ModuleValidator`` accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class LogisticRegression(nn.Module):
+    """``sigmoid(w.x + b)``, as in FLamby's Fed-Heart-Disease baseline."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).squeeze(-1)
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network with optional dropout."""
+
+    def __init__(self, num_features: int, hidden: Sequence[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = num_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks (conv, GroupNorm, ReLU, max-pool) and a small classifier, 28x28 input."""
+
+    def __init__(self, channels: Sequence[int] = (16, 32), hidden: int = 64, dropout: float = 0.0) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.GroupNorm(4, c1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.GroupNorm(4, c2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * 7 * 7, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)).squeeze(-1)
