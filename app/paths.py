@@ -20,7 +20,18 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 DATA_SUBDIR = Path("tasks") / "data"
-MARKER = "PROVENANCE.md"
+#: Data files (never shipped in a FAB, which holds only code and text) whose presence marks
+#: a real data folder rather than the FAB copy of ``tasks/data`` with only its Markdown.
+DATA_FILES = (
+    "uci_credit_default_taiwan/default_of_credit_card_clients.csv",
+    "uci_heart_disease/processed.cleveland.data",
+    "breastmnist/breastmnist.npz",
+)
+
+
+def has_data(path: Path) -> bool:
+    """True if ``path`` holds at least one of the bundled data sets."""
+    return any((path / f).is_file() for f in DATA_FILES)
 
 
 def _installed_source_tree() -> Path | None:
@@ -49,7 +60,7 @@ def resolve_data_dir(configured: str | None) -> Path:
     if tree is not None:
         candidates.append(("installed fedsilo", tree / DATA_SUBDIR))
     for _, path in candidates:
-        if (path / MARKER).is_file():
+        if has_data(path):
             return path.resolve()
     tried = ", ".join(f"{label}: {path}" for label, path in candidates)
     raise FileNotFoundError(f"fedsilo data not found; set data_dir=... (tried {tried})")

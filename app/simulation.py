@@ -138,20 +138,44 @@ class LocalSuperLink:
         except OSError:
             return False
 
-    def stop(self) -> None:
-        """Stop the SuperLink and every process in its session (SIGTERM, then SIGKILL)."""
-        if self.process is not None and self.process.poll() is None:
-            pgid = self.process.pid
+    def own_processes(self) -> list[int]:
+        """PIDs of live processes started under this SuperLink's private FLWR_HOME.
+
+        Ray starts some workers in sessions of their own, out of reach of ``killpg``; the
+        unique ``FLWR_HOME`` in their environment still identifies them.
+        """
+        needle = f"FLWR_HOME={self.home}\0".encode()
+        pids = []
+        for entry in Path("/proc").glob("[0-9]*"):
             try:
-                os.killpg(pgid, signal.SIGTERM)
-                try:
-                    self.process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    pass
-                os.killpg(pgid, signal.SIGKILL)
+                if needle in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return [p for p in pids if p != os.getpid()]
+
+    def stop(self, grace: float = 15.0) -> None:
+        """Stop the SuperLink and every process it started (SIGTERM, then SIGKILL)."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=grace)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self.process.wait(timeout=15)
+            self.process.wait(timeout=grace)
+        deadline = time.monotonic() + grace
+        while (stragglers := self.own_processes()) and time.monotonic() < deadline:
+            for pid in stragglers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
         self.process = None
         if self._log_file is not None:
             self._log_file.close()

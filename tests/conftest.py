@@ -1,0 +1,30 @@
+"""Shared test helpers: the bundled data folder and task construction."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO / "tasks" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA_DIR
+
+
+def make_task(name: str, data_dir: Path = DATA_DIR, **overrides: object):
+    """A task built from its real Hydra config (plus field overrides)."""
+    import dataclasses
+
+    import tasks
+    from app import config
+
+    cfg = config.compose([f"task={name}"]).task
+    return tasks.get(name)(dataclasses.replace(cfg, **overrides), data_dir)

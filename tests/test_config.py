@@ -1,0 +1,88 @@
+"""Config composition and validation: bad values fail early, naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from app import config
+
+
+def test_defaults_and_task_swap() -> None:
+    cfg = config.compose()
+    assert (cfg.task.name, cfg.strategy.name, cfg.aggregation.name, cfg.privacy.name) == (
+        "finance", "fedavg", "plain", "none")
+    assert cfg.partition.name == "iid" and config.num_sites(cfg) == 5
+    med = config.compose(["task=medical", "num_sites=9"])
+    assert med.partition.name == "natural" and config.num_sites(med) == 4  # hospitals
+    assert config.compose(["task=medical", "partition=iid"]).partition.name == "iid"
+
+
+def test_run_config_overrides_string_is_parsed_like_the_command_line() -> None:
+    cfg = config.from_run_config({"overrides": "task=finance partition=dirichlet partition.alpha=0.1 'task.hidden=[8,4]'"})
+    assert cfg.partition.name == "dirichlet" and cfg.partition.alpha == 0.1
+    assert cfg.task.hidden == [8, 4]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("num_rounds=0", "num_rounds"),
+        ("num_sites=1", "num_sites"),
+        ("seed=-1", "seed"),
+        ("task.lr=0", "task.lr"),
+        ("task.batch_size=0", "task.batch_size"),
+        ("task.val_fraction=1.0", "task.val_fraction"),
+        ("task.model=cnn", "task.model"),
+        ("task.optimizer=lbfgs", "task.optimizer"),
+        ("partition=dirichlet partition.alpha=0", "partition.alpha"),
+        ("strategy.fraction_train=0", "strategy.fraction_train"),
+    ],
+)
+def test_out_of_range_values_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.compose(override.split())
+    assert err.value.key == key
+    assert key in str(err.value) and "allowed" in str(err.value)
+
+
+def test_natural_partition_needs_a_natural_split() -> None:
+    with pytest.raises(config.ConfigError, match="no natural split"):
+        config.compose(["task=medical_imaging", "partition=natural"])
+
+
+def test_wrong_type_and_unknown_key_fail_at_composition() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        config.compose(["num_rounds=ten"])
+    assert "num_rounds" in str(err.value.__cause__) or "num_rounds" in str(err.value)
+    with pytest.raises(ConfigCompositionException, match="task.learning_rate"):
+        config.compose(["task.learning_rate=0.1"])
+    with pytest.raises(MissingConfigException, match="task/banking"):
+        config.compose(["task=banking"])
+
+
+def test_not_yet_available_options_are_named() -> None:
+    with pytest.raises(MissingConfigException, match="strategy/fedprox"):
+        config.compose(["strategy=fedprox"])
+
+
+def test_fedsilo_command_rejects_bad_config_before_starting_flower(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "task.lr=-0.5", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "task.lr=-0.5" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "superlink.log").exists()
+
+
+def test_fedsilo_command_reports_wrong_type_with_the_key(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "num_rounds=abc", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "num_rounds" in proc.stderr and "Traceback" not in proc.stderr

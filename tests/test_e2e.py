@@ -1,0 +1,152 @@
+"""End to end: the ``fedsilo`` command runs real Flower simulations on a private SuperLink.
+
+Each test asserts on the ``results.json`` the run leaves, and that every process the run
+started (SuperLink, SuperExec, flwr-simulation, Ray) is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.simulation import LocalSuperLink
+from tests.conftest import REPO, make_task
+
+pytestmark = pytest.mark.e2e
+
+
+def leftover_processes() -> list[str]:
+    """Processes whose environment points at a fedsilo-private FLWR_HOME."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:
+            continue
+        if b"FLWR_HOME=/tmp/fedsilo-flwr-" in env:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def fedsilo(run_dir: Path, *overrides: str, expect_ok: bool = True) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", *overrides, f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, timeout=900, cwd=run_dir.parent,
+    )
+    assert not leftover_processes(), leftover_processes()
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc, json.loads((run_dir / "results.json").read_text())
+    return proc, {}
+
+
+def check_layout(results: dict[str, Any], rounds: int, sites: int) -> None:
+    assert len(results["history"]) == rounds
+    assert [h["round"] for h in results["history"]] == list(range(1, rounds + 1))
+    for h in results["history"]:
+        assert h["participation"]["train"]["replied"] == sites
+        assert h["participation"]["train"]["rejected"] == []
+        assert h["train"]["num-examples"] > 0 if "num-examples" in h["train"] else h["train"]["train_loss"] > 0
+        assert 0 <= h["federated_evaluate"]["accuracy"] <= 1
+    for key in ("auc", "accuracy", "loss", "f1", "sensitivity", "specificity"):
+        assert isinstance(results["final"][key], float), key
+    assert results["final"] == results["history"][-1]["server"]
+    assert results["sites"] == sites
+
+
+@pytest.fixture(scope="module")
+def finance_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    run_dir = tmp_path_factory.mktemp("finance") / "run"
+    _, results = fedsilo(run_dir, "task=finance", "num_rounds=2", "num_sites=3")
+    return run_dir, results
+
+
+def test_finance_run(finance_run: tuple[Path, dict[str, Any]]) -> None:
+    run_dir, results = finance_run
+    check_layout(results, rounds=2, sites=3)
+    assert results["final"]["auc"] >= 0.72
+    assert results["final"]["ks"] > 0.3
+    assert results["config"]["task"]["name"] == "finance" and results["config"]["num_sites"] == 3
+    # The saved model is the final global model: it reproduces the reported test AUC.
+    task = make_task("finance")
+    model = task.build_model()
+    model.load_state_dict(torch.load(run_dir / "model.pt"))
+    assert task.evaluate(model, task.data().test)["auc"] == pytest.approx(results["final"]["auc"], abs=1e-6)
+    assert (run_dir / "metrics.png").stat().st_size > 10_000
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_same_seed_gives_identical_results(finance_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    first_dir, first = finance_run
+    _, second = fedsilo(tmp_path / "again", "task=finance", "num_rounds=2", "num_sites=3")
+    assert second["final"] == first["final"]
+    assert [h["server"] for h in second["history"]] == [h["server"] for h in first["history"]]
+    a, b = torch.load(first_dir / "model.pt"), torch.load(tmp_path / "again" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_medical_run_on_four_hospitals(tmp_path: Path) -> None:
+    _, results = fedsilo(tmp_path / "run", "task=medical", "num_rounds=3")
+    check_layout(results, rounds=3, sites=4)
+    final = results["final"]
+    assert final["auc"] >= 0.80
+    for hospital in ("cleveland", "hungarian", "switzerland", "va"):
+        assert 0 <= final[f"accuracy_{hospital}"] <= 1
+    assert final["accuracy_site_mean"] >= 0.65
+    assert results["history"][0]["participation"]["train"]["sites"][0].startswith("cleveland")
+
+
+def test_medical_imaging_run_learns(tmp_path: Path) -> None:
+    _, results = fedsilo(tmp_path / "run", "task=medical_imaging", "num_rounds=2", "num_sites=3")
+    check_layout(results, rounds=2, sites=3)
+    assert results["final"]["auc"] >= 0.65
+    assert results["final"]["loss"] < results["initial"]["loss"]
+
+
+def test_multirun_sweeps_tasks(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "--multirun", "task=finance,medical", "num_rounds=1",
+         "num_sites=2", f"hydra.sweep.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = sorted(json.loads((d / "results.json").read_text())["config"]["task"]["name"]
+                   for d in tmp_path.iterdir() if (d / "results.json").is_file())
+    assert names == ["finance", "medical"]
+    assert not leftover_processes()
+
+
+def test_flower_native_run_config(tmp_path: Path) -> None:
+    """``flwr run . --run-config "overrides='task=medical num_rounds=1'"`` with no data path:
+    the app finds the bundled data through the installed fedsilo distribution."""
+    with LocalSuperLink(tmp_path / "superlink.log") as link:
+        proc = link.flwr(
+            "run", str(REPO), "fedsilo", "--run-config",
+            f"overrides='task=medical num_rounds=1' output-dir='{tmp_path / 'out'}'",
+            "--federation-config", "num-supernodes=4 client-resources-num-cpus=1", "--format", "json",
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        outcome = link.follow(json.loads(proc.stdout)["run-id"], timeout=600, stream=False)
+    assert outcome.ok, outcome
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["config"]["task"]["name"] == "medical" and len(results["history"]) == 1
+    assert not leftover_processes()
+
+
+def test_failed_run_is_reported_not_hidden(tmp_path: Path) -> None:
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    proc, _ = fedsilo(tmp_path / "run", "num_rounds=1", f"data_dir={empty}", expect_ok=False)
+    assert proc.returncode == 1
+    assert "finished:failed" in proc.stderr and "finance data not found" in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()

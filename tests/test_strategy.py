@@ -1,0 +1,116 @@
+"""FedAvg's reply screening and aggregation, on real Flower Message objects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from flwr.supercore.task_identity import TaskIdentity
+
+from strategies.fedavg import FedAvg
+from strategies.validation import check_train_reply
+
+SHAPES = {"w": (3, 2), "b": (2,)}
+# In a ServerApp process Flower sets this identity before any Message is built.
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def _arrays(value: float, **changes: np.ndarray) -> ArrayRecord:
+    arrays = {k: np.full(s, value, dtype=np.float32) for k, s in SHAPES.items()}
+    arrays.update(changes)
+    return ArrayRecord(_to_arrays(arrays))
+
+
+def _to_arrays(d: dict[str, np.ndarray]):
+    from flwr.app import Array
+
+    return {k: Array(v) for k, v in d.items()}
+
+
+def _reply(node: int, site: int, arrays: ArrayRecord | None, n: float = 10, rnd: int = 1,
+           metrics: dict | None = None) -> Message:
+    ins = Message(RecordDict(), dst_node_id=node, message_type="train")
+    content = RecordDict({"metrics": MetricRecord(metrics or {"num-examples": n, "train_loss": 0.5}),
+                          "site": ConfigRecord({"id": site, "name": f"site-{site}", "round": rnd})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content, reply_to=ins)
+
+
+def _strategy() -> FedAvg:
+    s = FedAvg(num_sites=3)
+    s.reference = {k: (shape, np.dtype(np.float32)) for k, shape in SHAPES.items()}
+    return s
+
+
+def test_weighted_average_of_good_replies() -> None:
+    s = _strategy()
+    replies = [_reply(11, 0, _arrays(1.0), n=10), _reply(12, 1, _arrays(4.0), n=30)]
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((3, 2), (10 * 1 + 30 * 4) / 40))
+    assert metrics is not None and metrics["train_loss"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (_reply(13, 2, _arrays(1.0, w=np.full((2, 3), 1.0, np.float32))), "shape"),
+        (_reply(13, 2, _arrays(1.0, b=np.array([np.nan, 1.0], np.float32))), "NaN"),
+        (_reply(13, 2, _arrays(1.0, b=np.ones(2, np.float64))), "dtype"),
+        (_reply(13, 2, ArrayRecord(_to_arrays({"w": np.ones((3, 2), np.float32)}))), "array names"),
+        (_reply(13, 2, None), "ArrayRecord"),
+        (_reply(13, 2, _arrays(1.0), rnd=7), "round 7"),
+        (_reply(13, 2, _arrays(1.0), metrics={"train_loss": 0.1}), "num-examples"),
+        (_reply(13, 2, _arrays(1.0), n=0), "num-examples"),
+        (_reply(13, 2, _arrays(1.0), metrics={"num-examples": float("inf")}), "finite"),
+    ],
+)
+def test_malformed_reply_is_rejected_and_the_round_goes_on(bad: Message, reason: str) -> None:
+    s = _strategy()
+    assert reason in (check_train_reply(bad, s.reference, 1) or "")
+    good = [_reply(11, 0, _arrays(1.0), n=10), _reply(12, 1, _arrays(3.0), n=10)]
+    arrays, _ = s.aggregate_train(1, [good[0], bad, good[1]])
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["b"].numpy(), [2.0, 2.0])
+    entry = s.participation[1]["train"]
+    assert entry["replied"] == 2 and len(entry["rejected"]) == 1
+    assert "site-2" in entry["rejected"][0]["site"] and reason in entry["rejected"][0]["reason"]
+
+
+def test_error_replies_are_skipped_and_all_bad_keeps_the_model() -> None:
+    s = _strategy()
+    ins = Message(RecordDict(), dst_node_id=5, message_type="train")
+    err = Message(Error(code=0, reason="boom"), reply_to=ins)
+    assert s.aggregate_train(1, [err]) == (None, None)
+    assert "boom" in s.participation[1]["train"]["rejected"][0]["reason"]
+
+
+def test_aggregation_order_does_not_depend_on_arrival_order() -> None:
+    rng = np.random.default_rng(0)
+    replies = [
+        _reply(100 + i, i, ArrayRecord(_to_arrays({k: rng.normal(size=sh).astype(np.float32) for k, sh in SHAPES.items()})),
+               n=float(rng.integers(5, 50)))
+        for i in range(3)
+    ]
+    a, _ = _strategy().aggregate_train(1, replies)
+    b, _ = _strategy().aggregate_train(1, list(reversed(replies)))
+    assert a is not None and b is not None
+    for k in SHAPES:
+        assert np.array_equal(a[k].numpy(), b[k].numpy())
+
+
+def test_federated_evaluation_pools_counts() -> None:
+    s = _strategy()
+    def ev(node: int, site: int, tp: int, fp: int, tn: int, fn: int, loss: float) -> Message:
+        ins = Message(RecordDict(), dst_node_id=node, message_type="evaluate")
+        n = tp + fp + tn + fn
+        m = MetricRecord({"num-examples": n, "tp": tp, "fp": fp, "tn": tn, "fn": fn, "loss": loss,
+                          "auc": 0.8, "auc_weight": n})
+        return Message(RecordDict({"metrics": m, "site": ConfigRecord({"id": site, "name": "x", "round": 1})}), reply_to=ins)
+    out = s.aggregate_evaluate(1, [ev(1, 0, 5, 1, 3, 1, 0.2), ev(2, 1, 0, 2, 8, 0, 0.4)])
+    assert out is not None
+    assert out["accuracy"] == pytest.approx((5 + 3 + 8) / 20)
+    assert out["sensitivity"] == pytest.approx(5 / 6)
+    assert out["loss"] == pytest.approx(0.3)
