@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def run(cfg: DictConfig) -> None:
           flush=True)
     print(f"fedsilo: output directory {out_dir}", flush=True)
     timeout = typed.num_rounds * typed.strategy.round_timeout * 2 + 600
+    # A `kill` must clean up like Ctrl-C does: SystemExit unwinds through LocalSuperLink.stop().
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         outcome = run_simulation(APP_DIR, run_config, n_sites, out_dir / "superlink.log",
                                  extra_federation=dict(typed.simulation), timeout=timeout)

@@ -96,7 +96,8 @@ class Recorder:
         history = self.history(result, participation)
         torch.save(model_state, self.out_dir / MODEL_FILE)
         artifacts = {"model": MODEL_FILE}
-        if plot_history(history, self.out_dir / PLOT_FILE, title=f"fedsilo: {self.cfg.task.name}"):
+        if plot_history(history, self.out_dir / PLOT_FILE, title=f"fedsilo: {self.cfg.task.name}",
+                        initial=self.server.get(0)):
             artifacts["plot"] = PLOT_FILE
         payload = {
             "config": config.to_dict(self.cfg),
@@ -115,25 +116,32 @@ class Recorder:
         return path
 
 
-def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> bool:
-    """Plot test AUC/accuracy/loss and federated-validation loss per round as a PNG."""
+def plot_history(history: list[dict[str, Any]], path: Path, title: str = "",
+                 initial: dict[str, float] | None = None) -> bool:
+    """Plot test AUC/accuracy/loss (from round 0, the initial model, when given) and the
+    sites' training and validation losses per round, as a PNG."""
     if not history:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [h["round"] for h in history]
+    server = [h["server"] for h in history]
+    server_rounds = rounds
+    if initial:
+        server, server_rounds = [initial, *server], [0, *rounds]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for key, style in (("auc", "-o"), ("accuracy", "-s"), ("f1", "-^")):
-        axes[0].plot(rounds, [h["server"].get(key) for h in history], style, label=f"test {key}")
+        axes[0].plot(server_rounds, [m.get(key) for m in server], style, label=f"test {key}")
     axes[0].set_xlabel("round")
     axes[0].set_ylabel("score")
     axes[0].set_title("server-side test metrics")
     axes[0].legend()
     axes[0].grid(alpha=0.3)
-    axes[1].plot(rounds, [h["server"].get("loss") for h in history], "-o", label="test loss (server)")
+    axes[1].plot(server_rounds, [m.get("loss") for m in server], "-o", label="test loss (server)")
     fed = [h["federated_evaluate"].get("loss") for h in history]
     if any(v is not None for v in fed):
         axes[1].plot(rounds, fed, "-s", label="validation loss (sites)")
@@ -145,6 +153,8 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> 
     axes[1].set_title("loss")
     axes[1].legend()
     axes[1].grid(alpha=0.3)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.fedavg import FedAvg
@@ -22,9 +21,7 @@ def _arrays(value: float, **changes: np.ndarray) -> ArrayRecord:
     return ArrayRecord(_to_arrays(arrays))
 
 
-def _to_arrays(d: dict[str, np.ndarray]):
-    from flwr.app import Array
-
+def _to_arrays(d: dict[str, np.ndarray]) -> dict[str, Array]:
     return {k: Array(v) for k, v in d.items()}
 
 
