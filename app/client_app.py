@@ -9,16 +9,20 @@ process; nothing about the site is kept in module globals across runs except tha
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 import tasks
 from app import config
 from app.paths import resolve_data_dir
+from strategies import client_penalty, heterogeneity
 from strategies.validation import SITE_KEY, WEIGHT_KEY
 from tasks.base import SiteData, Task, seed_for
 from tasks.metrics import site_summary
-from tasks.training import predict
+from tasks.training import predict, steps_per_epoch
+
+#: Error code of a reply from a straggler that missed the round (``straggler_policy=drop``).
+MISSED_DEADLINE_CODE = 408
 
 app = ClientApp()
 
@@ -41,23 +45,39 @@ def load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData]:
     return cfg, task, task.sites(cfg.partition, n_sites, cfg.seed)[pid]
 
 
-def _site_record(site: SiteData, server_round: int) -> ConfigRecord:
-    return ConfigRecord({"id": site.site_id, "name": site.name, "round": server_round})
+def _site_record(site: SiteData, server_round: int, straggler: bool = False) -> ConfigRecord:
+    return ConfigRecord({"id": site.site_id, "name": site.name, "round": server_round, "straggler": straggler})
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the global model, train on the site's rows, return weights and metrics."""
+    """Load the global model, do this round's local work, return weights and metrics.
+
+    The amount of work comes from the strategy's systems-heterogeneity settings
+    (:mod:`strategies.heterogeneity`); the objective gets the term the server asked for
+    (FedProx's proximal term when ``proximal-mu > 0``). The reply's weight is the site's
+    number of training rows, whatever share of its work it managed.
+    """
     torch.set_num_threads(1)
     cfg, task, site = load_site(context)
-    server_round = int(msg.content["config"]["server-round"])
+    train_config = msg.content["config"]
+    server_round = int(train_config["server-round"])
+    work = heterogeneity.plan(
+        cfg.strategy, cfg.task.local_epochs, steps_per_epoch(len(site.train), cfg.task.batch_size),
+        cfg.seed, server_round, site.site_id, config.num_sites(cfg),
+    )
+    if work.dropped:
+        return Message(Error(code=MISSED_DEADLINE_CODE, reason=f"{site.name}: {heterogeneity.MISSED_DEADLINE}"),
+                       reply_to=msg)
     model = task.build_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    stats = task.train(model, site.train, seed_for(cfg.seed, server_round, site.site_id))
+    stats = task.train(model, site.train, seed_for(cfg.seed, server_round, site.site_id),
+                       epochs=work.epochs, max_steps=work.max_steps,
+                       penalty=client_penalty(train_config, model))
     content = RecordDict({
         "arrays": ArrayRecord(model.state_dict()),
         "metrics": MetricRecord({WEIGHT_KEY: len(site.train), **stats}),
-        SITE_KEY: _site_record(site, server_round),
+        SITE_KEY: _site_record(site, server_round, work.straggler),
     })
     return Message(content, reply_to=msg)
 

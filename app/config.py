@@ -28,7 +28,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 #: Options of the axes that are not implemented yet are named, so a user who asks for
 #: them gets a precise answer instead of a generic "not found".
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "fedprox")
+STRAGGLER_POLICIES = ("partial", "drop")
 AGGREGATIONS = ("plain",)
 PRIVACY = ("none",)
 OPTIMIZERS = ("sgd", "adam")
@@ -44,12 +45,40 @@ class ConfigError(ValueError):
 
 @dataclass
 class StrategyConfig:
-    """Schema of the ``strategy`` group."""
+    """Schema of the ``strategy`` group: what every strategy accepts.
+
+    Systems heterogeneity (FedProx paper, section 5.2) is part of every strategy:
+    ``local_epochs`` gives each site its own amount of local work (site ``i`` uses entry
+    ``i % len``; empty = the task's ``local_epochs``), and each round a ``stragglers``
+    fraction of the sites, drawn from the seed, only manages part of its work. Their
+    partial updates are aggregated (``straggler_policy=partial``) or they miss the round
+    and are dropped (``drop``, FedAvg's behaviour in the paper).
+    """
 
     name: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     round_timeout: float = 600.0
+    local_epochs: list[int] = field(default_factory=list)
+    stragglers: float = 0.0
+    straggler_policy: str = "drop"
+
+
+@dataclass
+class FedProxConfig(StrategyConfig):
+    """Schema of ``strategy=fedprox``: FedAvg plus the proximal term ``mu/2 ||w - w_global||^2``.
+
+    With ``adaptive_mu`` the server raises ``mu`` by ``mu_step`` when the global loss
+    rises and lowers it by ``mu_step`` after ``mu_patience`` consecutive decreases (the
+    FedProx paper's heuristic), never below 0.
+    """
+
+    name: str = "fedprox"
+    mu: float = 0.01
+    adaptive_mu: bool = False
+    mu_step: float = 0.1
+    mu_patience: int = 5
+    straggler_policy: str = "partial"
 
 
 @dataclass
@@ -88,6 +117,7 @@ def register_schemas() -> None:
     cs.store(name="fedsilo_schema", node=FedsiloConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="strategy", name="strategy_schema", node=StrategyConfig)
+    cs.store(group="strategy", name="fedprox_schema", node=FedProxConfig)
     cs.store(group="aggregation", name="aggregation_schema", node=AggregationConfig)
     cs.store(group="privacy", name="privacy_schema", node=PrivacyConfig)
     cs.store(group="partition", name="partition_schema", node=PartitionConfig)
@@ -133,6 +163,15 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     _check(0 < s.fraction_train <= 1, "strategy.fraction_train", s.fraction_train, "0 < fraction <= 1")
     _check(0 <= s.fraction_evaluate <= 1, "strategy.fraction_evaluate", s.fraction_evaluate, "0 <= fraction <= 1")
     _check(s.round_timeout > 0, "strategy.round_timeout", s.round_timeout, "seconds > 0")
+    _check(all(e >= 1 for e in s.local_epochs), "strategy.local_epochs", s.local_epochs,
+           "a list of epochs >= 1 (one per site, cycled), or [] for the task's local_epochs")
+    _check(0 <= s.stragglers < 1, "strategy.stragglers", s.stragglers, "0 <= fraction < 1")
+    _check(s.straggler_policy in STRAGGLER_POLICIES, "strategy.straggler_policy", s.straggler_policy,
+           f"one of {list(STRAGGLER_POLICIES)}")
+    if isinstance(s, FedProxConfig):
+        _check(s.mu >= 0, "strategy.mu", s.mu, "a number >= 0")
+        _check(s.mu_step > 0, "strategy.mu_step", s.mu_step, "a number > 0")
+        _check(s.mu_patience >= 1, "strategy.mu_patience", s.mu_patience, "an integer >= 1")
     _check(cfg.aggregation.name in AGGREGATIONS, "aggregation.name", cfg.aggregation.name, f"one of {list(AGGREGATIONS)}")
     _check(cfg.privacy.name in PRIVACY, "privacy.name", cfg.privacy.name, f"one of {list(PRIVACY)}")
     _check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "an integer >= 1")

@@ -120,5 +120,7 @@ class FedAvg(FlowerFedAvg):
         entry["replied"] = len(good)
         entry["rejected"] = rejected
         entry["sites"] = [site_label(m) for m in good]
+        entry["stragglers"] = [site_label(m) for m in good
+                               if bool(m.content.config_records.get("site", {}).get("straggler", False))]
         log(INFO, "round %s %s: %s usable replies, %s rejected", server_round, phase, len(good), len(rejected))
         return good

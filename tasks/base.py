@@ -21,7 +21,7 @@ from torch import nn
 
 from tasks.metrics import binary_metrics, group_metrics
 from tasks.partition import PartitionError, partition_indices, split_train_val
-from tasks.training import Augment, LocalTrainConfig, predict, train_local
+from tasks.training import Augment, LocalTrainConfig, Penalty, predict, train_local
 
 
 @dataclass
@@ -169,19 +169,33 @@ class Task(ABC):
             sites.append(SiteData(site_id, name, pool.take(tr), pool.take(va)))
         return sites
 
-    def local_train_config(self) -> LocalTrainConfig:
+    def local_train_config(self, epochs: int | None = None) -> LocalTrainConfig:
         c = self.cfg
         return LocalTrainConfig(
-            epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
+            epochs=c.local_epochs if epochs is None else epochs, batch_size=c.batch_size, lr=c.lr,
             momentum=c.momentum, weight_decay=c.weight_decay, optimizer=c.optimizer,
         )
 
-    def train(self, model: nn.Module, split: Split, seed: int) -> dict[str, float]:
-        """One site's local training for one round; deterministic given ``seed``."""
+    def train(
+        self,
+        model: nn.Module,
+        split: Split,
+        seed: int,
+        *,
+        epochs: int | None = None,
+        max_steps: int | None = None,
+        penalty: Penalty | None = None,
+    ) -> dict[str, float]:
+        """One site's local training for one round; deterministic given ``seed``.
+
+        ``epochs`` overrides the task's ``local_epochs``; ``max_steps`` caps the optimiser
+        steps (partial work); ``penalty`` is added to the loss (e.g. FedProx's term).
+        """
         torch.manual_seed(seed)  # dropout draws from the global generator
         gen = torch.Generator().manual_seed(seed)
         aug = self.augmentation() if self.cfg.augment else None
-        return train_local(model, split.x, split.y, self.local_train_config(), gen, aug)
+        return train_local(model, split.x, split.y, self.local_train_config(epochs), gen, aug,
+                           penalty=penalty, max_steps=max_steps)
 
     def evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:
         """All test metrics of ``model`` on ``split`` (pooled, and per group if any)."""

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+#: An extra term of the local objective, e.g. FedProx's proximal term: model -> scalar.
+Penalty = Callable[[nn.Module], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -44,31 +46,45 @@ def train_local(
     cfg: LocalTrainConfig,
     generator: torch.Generator,
     augment: Augment | None = None,
+    penalty: Penalty | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.epochs`` epochs; return the mean loss and step count.
 
-    The shuffle order and any augmentation draw only from ``generator``, so a site's update
-    is a pure function of (weights, data, config, seed).
+    ``penalty(model)`` is added to every mini-batch loss (the reported ``train_loss`` is
+    the data loss alone). ``max_steps`` stops early after that many optimiser steps (a
+    straggler's partial work). The shuffle order and any augmentation draw only from
+    ``generator``, so a site's update is a pure function of (weights, data, config, seed).
     """
     model.train()
     optimizer = make_optimizer(model, cfg)
     loss_fn = nn.BCEWithLogitsLoss()
     n = x.shape[0]
-    total, steps = 0.0, 0
+    total, seen, steps = 0.0, 0, 0
+    budget = steps_per_epoch(n, cfg.batch_size) * cfg.epochs if max_steps is None else max_steps
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.batch_size):
+            if steps >= budget:
+                break
             idx = order[start : start + cfg.batch_size]
             xb, yb = x[idx], y[idx]
             if augment is not None:
                 xb = augment(xb, generator)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
-            loss.backward()
+            objective = loss if penalty is None else loss + penalty(model)
+            objective.backward()
             optimizer.step()
             total += float(loss.detach()) * idx.numel()
+            seen += idx.numel()
             steps += 1
-    return {"train_loss": total / max(1, n * cfg.epochs), "local_steps": float(steps)}
+    return {"train_loss": total / max(1, seen), "local_steps": float(steps)}
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimiser steps in one pass over ``n`` rows."""
+    return -(-n // batch_size)
 
 
 @torch.no_grad()

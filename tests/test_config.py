@@ -65,8 +65,8 @@ def test_wrong_type_and_unknown_key_fail_at_composition() -> None:
 
 
 def test_not_yet_available_options_are_named() -> None:
-    with pytest.raises(MissingConfigException, match="strategy/fedprox"):
-        config.compose(["strategy=fedprox"])
+    with pytest.raises(MissingConfigException, match="aggregation/secagg"):
+        config.compose(["aggregation=secagg"])
 
 
 def test_fedsilo_command_rejects_bad_config_before_starting_flower(tmp_path) -> None:

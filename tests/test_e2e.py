@@ -97,6 +97,16 @@ def test_same_seed_gives_identical_results(finance_run: tuple[Path, dict[str, An
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fedprox_with_zero_mu_is_exactly_fedavg(finance_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    fedavg_dir, fedavg = finance_run
+    _, prox = fedsilo(tmp_path / "prox", "task=finance", "strategy=fedprox", "strategy.mu=0",
+                      "num_rounds=2", "num_sites=3")
+    assert prox["config"]["strategy"]["name"] == "fedprox"
+    assert prox["final"] == fedavg["final"]
+    a, b = torch.load(fedavg_dir / "model.pt"), torch.load(tmp_path / "prox" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_medical_run_on_four_hospitals(tmp_path: Path) -> None:
     _, results = fedsilo(tmp_path / "run", "task=medical", "num_rounds=3")
     check_layout(results, rounds=3, sites=4)

@@ -1,0 +1,63 @@
+"""Systems heterogeneity: how much local work each site does in a round.
+
+Sites differ in compute: some run more local epochs than others
+(``strategy.local_epochs``), and each round some sites are stragglers that finish only
+part of their work (``strategy.stragglers``), as in the FedProx paper's experiments.
+Every site computes its own plan from the shared config and seed, so the same seed gives
+the same stragglers in every run and no site identity has to be known by the server.
+A straggler's work is a uniformly drawn number of optimiser steps in
+``[1, full_steps - 1]``; under ``straggler_policy=drop`` it misses the round instead and
+replies with an error the server logs (FedAvg's behaviour in the paper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.config import StrategyConfig
+from tasks.base import seed_for
+
+#: Reason a dropped straggler gives; the server logs it as the reply's rejection reason.
+MISSED_DEADLINE = "straggler: did not finish its local work before the round deadline"
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """One site's plan for one round."""
+
+    epochs: int
+    max_steps: int | None = None  # None = all steps of ``epochs`` epochs
+    straggler: bool = False
+    dropped: bool = False
+
+
+def stragglers(seed: int, server_round: int, num_sites: int, fraction: float) -> set[int]:
+    """The site ids that straggle in ``server_round``: ``round(fraction * num_sites)`` of them."""
+    count = int(round(fraction * num_sites))
+    if count == 0:
+        return set()
+    rng = np.random.default_rng(seed_for(seed, server_round, 0x5757))
+    return {int(i) for i in rng.choice(num_sites, size=count, replace=False)}
+
+
+def plan(
+    strategy: StrategyConfig,
+    default_epochs: int,
+    steps_per_epoch: int,
+    seed: int,
+    server_round: int,
+    site_id: int,
+    num_sites: int,
+) -> LocalWork:
+    """What site ``site_id`` does in ``server_round`` under ``strategy``'s heterogeneity settings."""
+    epochs = strategy.local_epochs[site_id % len(strategy.local_epochs)] if strategy.local_epochs else default_epochs
+    if site_id not in stragglers(seed, server_round, num_sites, strategy.stragglers):
+        return LocalWork(epochs)
+    if strategy.straggler_policy == "drop":
+        return LocalWork(epochs, straggler=True, dropped=True)
+    full = epochs * steps_per_epoch
+    rng = np.random.default_rng(seed_for(seed, server_round, site_id, 0x5757))
+    steps = int(rng.integers(1, full)) if full > 1 else 1
+    return LocalWork(epochs, max_steps=steps, straggler=True)
