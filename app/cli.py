@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from app import config
-from app.paths import resolve_data_dir
+from app.preflight import PreflightError, preflight
 from app.results import RESULTS_FILE
 from app.simulation import SimulationError, run_simulation
 
@@ -45,9 +45,9 @@ def run(cfg: DictConfig) -> None:
     """Hydra task function: one fedsilo job."""
     try:
         typed = config.validate(cfg)
-        data_dir = resolve_data_dir(typed.data_dir)
+        data_dir = preflight(typed)
         n_sites = config.num_sites(typed)
-    except (config.ConfigError, FileNotFoundError, ValueError) as err:
+    except (config.ConfigError, PreflightError, FileNotFoundError, ValueError) as err:
         fail(f"config error: {err}", 2)
         return
     if not (APP_DIR / "pyproject.toml").is_file():

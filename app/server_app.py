@@ -70,8 +70,14 @@ def main(grid: Grid, context: Context) -> None:
         train_config=ConfigRecord(),
         evaluate_fn=evaluate_fn,
     )
-    final_arrays = result.arrays if len(result.arrays) else initial
+    trained = len(result.arrays) > 0
+    final_arrays = result.arrays if trained else initial
     path = recorder.write(result, strategy.participation, final_arrays.to_torch_state_dict(),
-                          extra={"run_id": context.run_id})
-    log(INFO, "fedsilo: final test %s", _fmt(recorder.server.get(cfg.num_rounds, {})))
+                          extra={"run_id": context.run_id, "status": "completed" if trained else "failed"})
     log(INFO, "fedsilo: results written to %s", path)
+    if not trained:
+        reasons = sorted({r["reason"] for p in strategy.participation.values()
+                          for r in p.get("train", {}).get("rejected", [])})
+        raise RuntimeError(f"no site returned a usable update in any of {cfg.num_rounds} rounds; "
+                           f"the model was never trained. Reasons: {reasons[:3]}")
+    log(INFO, "fedsilo: final test %s", _fmt(recorder.server.get(cfg.num_rounds, {})))

@@ -93,7 +93,7 @@ class SiteData:
 
 
 _DATA_CACHE: dict[tuple[Any, ...], TaskData] = {}
-_SITES_CACHE: dict[tuple[Any, ...], list[SiteData]] = {}
+_SITES_CACHE: dict[tuple[Any, ...], list[SiteData] | PartitionError] = {}
 
 
 class Task(ABC):
@@ -148,8 +148,14 @@ class Task(ABC):
             partition.alpha, partition.min_partition_size, self.cfg.val_fraction,
         )
         if key not in _SITES_CACHE:
-            _SITES_CACHE[key] = self._make_sites(partition, num_sites, seed)
-        return _SITES_CACHE[key]
+            try:
+                _SITES_CACHE[key] = self._make_sites(partition, num_sites, seed)
+            except PartitionError as err:  # deterministic: remember it, fail fast next time
+                _SITES_CACHE[key] = err
+        cached = _SITES_CACHE[key]
+        if isinstance(cached, PartitionError):
+            raise cached
+        return cached
 
     def _make_sites(self, partition: PartitionConfig, num_sites: int, seed: int) -> list[SiteData]:
         pool = self.data().pool

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import numpy as np
 
@@ -90,7 +91,9 @@ def partition_indices(
     partitioner.dataset = ds
     count = len(np.unique(table["group"])) if scheme == "natural" else num_sites
     try:
-        parts = [np.sort(np.asarray(partitioner.load_partition(i)["row"])) for i in range(count)]
+        with warnings.catch_warnings():  # its per-redraw warnings; a failure is reported below
+            warnings.simplefilter("ignore", UserWarning)
+            parts = [np.sort(np.asarray(partitioner.load_partition(i)["row"])) for i in range(count)]
     except ValueError as err:  # Dirichlet gives up after too many redraws
         raise PartitionError(f"partition.name={scheme!r} failed: {err}") from err
     return parts

@@ -86,3 +86,15 @@ def test_fedsilo_command_reports_wrong_type_with_the_key(tmp_path) -> None:
     )
     assert proc.returncode != 0
     assert "num_rounds" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_infeasible_partition_is_refused_before_flower_starts(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "partition=dirichlet", "partition.alpha=0.1", "num_sites=10",
+         "seed=1", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "partition.alpha" in proc.stderr and "min_partition_size" in proc.stderr
+    assert "Traceback" not in proc.stderr and "UserWarning" not in proc.stderr
+    assert not (tmp_path / "superlink.log").exists()

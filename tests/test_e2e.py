@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from app.local_grid import run_inprocess
 from app.simulation import LocalSuperLink
 from tests.conftest import REPO, make_task
 
@@ -94,6 +95,16 @@ def test_same_seed_gives_identical_results(finance_run: tuple[Path, dict[str, An
     assert second["final"] == first["final"]
     assert [h["server"] for h in second["history"]] == [h["server"] for h in first["history"]]
     a, b = torch.load(first_dir / "model.pt"), torch.load(tmp_path / "again" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inprocess_runner_matches_the_simulation_engine(finance_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """The sweep runner (app.local_grid) gives the simulation engine's results bit for bit."""
+    flower_dir, flower = finance_run
+    local = run_inprocess(["task=finance", "num_rounds=2", "num_sites=3"], tmp_path)
+    assert local["final"] == flower["final"]
+    assert [h["federated_evaluate"] for h in local["history"]] == [h["federated_evaluate"] for h in flower["history"]]
+    a, b = torch.load(flower_dir / "model.pt"), torch.load(tmp_path / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

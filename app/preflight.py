@@ -1,0 +1,38 @@
+"""Checks that need the data, run before any Flower process starts.
+
+Config validation (:func:`app.config.validate`) catches wrong types and ranges; some
+mistakes only show against the data: the data folder lacks a data set, or a Dirichlet
+partition cannot give every site ``min_partition_size`` rows. Found here they cost the
+user a second and a clear message, instead of a federation whose sites all fail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tasks
+from app import config
+from app.paths import resolve_data_dir
+from tasks.partition import PartitionError
+
+
+class PreflightError(ValueError):
+    """The config cannot work with this data; the message says why and what to change."""
+
+
+def preflight(cfg: config.FedsiloConfig) -> Path:
+    """Load the task's data and make the partition; return the resolved data folder."""
+    data_dir = resolve_data_dir(cfg.data_dir)
+    task = tasks.get(cfg.task.name)(cfg.task, data_dir)
+    n_sites = config.num_sites(cfg)
+    try:
+        sites = task.sites(cfg.partition, n_sites, cfg.seed)
+    except PartitionError as err:
+        hint = ("raise partition.alpha, lower num_sites or partition.min_partition_size, or try another seed"
+                if cfg.partition.name == "dirichlet" else "lower num_sites")
+        raise PreflightError(f"{err} (task={cfg.task.name}, num_sites={n_sites}, seed={cfg.seed}); {hint}") from err
+    empty = [s.name for s in sites if len(s.train) == 0]
+    if empty:
+        raise PreflightError(f"sites {empty} have no training rows after the validation split "
+                             f"(task.val_fraction={cfg.task.val_fraction}); lower num_sites or val_fraction")
+    return data_dir
