@@ -129,12 +129,17 @@ def _context(overrides: str, partition_id: int, num_partitions: int) -> Context:
                    state=RecordDict(), run_config={"overrides": overrides})
 
 
+def _site_replies(overrides: str, mu: float) -> list[Message]:
+    """Round-1 replies of the real ClientApp train handler at the four hospitals."""
+    task = make_task("medical")
+    return [client_app.train(_train_message(task, mu), _context(overrides, pid, 4)) for pid in range(4)]
+
+
 def test_client_app_straggler_does_partial_work_with_full_weight() -> None:
-    overrides = "task=medical strategy=fedprox strategy.stragglers=0.5 strategy.mu=0.1"
     chosen = heterogeneity.stragglers(0, 1, 4, 0.5)
     task = make_task("medical")
-    for pid in range(4):
-        reply = client_app.train(_train_message(task, 0.1), _context(overrides, pid, 4))
+    replies = _site_replies("task=medical strategy=fedprox strategy.stragglers=0.5 strategy.mu=0.1", 0.1)
+    for pid, reply in enumerate(replies):
         site = task.sites(config.compose(["task=medical"]).partition, 4, 0)[pid]
         metrics = reply.content["metrics"]
         full = steps_per_epoch(len(site.train), 32)
@@ -147,11 +152,8 @@ def test_client_app_straggler_does_partial_work_with_full_weight() -> None:
 
 
 def test_client_app_drop_policy_misses_the_round() -> None:
-    overrides = "task=medical strategy=fedavg strategy.stragglers=0.5"
     chosen = heterogeneity.stragglers(0, 1, 4, 0.5)
-    task = make_task("medical")
-    for pid in range(4):
-        reply = client_app.train(_train_message(task, 0.0), _context(overrides, pid, 4))
+    for pid, reply in enumerate(_site_replies("task=medical strategy=fedavg strategy.stragglers=0.5", 0.0)):
         assert reply.has_error() == (pid in chosen)
         if reply.has_error():
             assert "did not finish" in reply.error.reason
