@@ -206,7 +206,7 @@ def write_outputs(runs: list[dict[str, Any]], seeds: list[int], command: str, ro
         {"command": command, "rounds": rounds, "local_epochs": LOCAL_EPOCHS, "target_auc": TARGET_AUC,
          "seeds": seeds, "seconds": seconds, "summary": rows, "claims": claims, "runs": runs}, indent=1) + "\n")
     stem.with_suffix(".md").write_text(
-        f"Produced by `{command}` ({len(runs)} runs, {seconds:.0f} s). {rounds} rounds, "
+        f"Produced by `{command}` ({len(runs)} runs{f', {seconds:.0f} s' if seconds else ''}). {rounds} rounds, "
         f"{LOCAL_EPOCHS} local epochs, seeds {seeds}; target AUC {TARGET_AUC}.\n\n{table}\n\n"
         + "\n".join(f"- {c}" for c in claims) + "\n")
     plot(runs, stem.with_suffix(".png"))
