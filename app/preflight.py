@@ -21,9 +21,20 @@ class PreflightError(ValueError):
 
 
 def preflight(cfg: config.FedsiloConfig) -> Path:
-    """Load the task's data and make the partition; return the resolved data folder."""
+    """Check the task's data files; for Dirichlet partitions, load the data and make the
+    partition (the one split that can fail by chance). Return the resolved data folder.
+
+    IID and natural splits cannot fail for the bundled data, so they skip the (seconds-long)
+    loading here; a malformed data file still fails the run with a clear status.
+    """
     data_dir = resolve_data_dir(cfg.data_dir)
-    task = tasks.get(cfg.task.name)(cfg.task, data_dir)
+    task_cls = tasks.get(cfg.task.name)
+    missing = [f for f in task_cls.data_files if not (data_dir / f).is_file()]
+    if missing:
+        raise PreflightError(f"{cfg.task.name} data not found in {data_dir}: missing {missing}")
+    if cfg.partition.name != "dirichlet":
+        return data_dir
+    task = task_cls(cfg.task, data_dir)
     n_sites = config.num_sites(cfg)
     try:
         sites = task.sites(cfg.partition, n_sites, cfg.seed)

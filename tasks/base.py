@@ -103,6 +103,8 @@ class Task(ABC):
     models: ClassVar[tuple[str, ...]]
     #: Names of the natural sites (one per group code), or None if there is no natural split.
     natural_sites: ClassVar[tuple[str, ...] | None] = None
+    #: Files (relative to ``data_dir``) the task reads; checked before a run starts.
+    data_files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: TaskConfig, data_dir: str | Path) -> None:
         self.cfg = cfg

@@ -64,6 +64,7 @@ class FinanceTask(Task):
     name: ClassVar[str] = "finance"
     models: ClassVar[tuple[str, ...]] = ("mlp", "logreg")
     natural_sites: ClassVar[tuple[str, ...] | None] = EDUCATION_GROUPS
+    data_files: ClassVar[tuple[str, ...]] = (FILE,)
 
     def load(self) -> TaskData:
         path = self.data_dir / FILE

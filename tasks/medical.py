@@ -61,6 +61,7 @@ class MedicalTask(Task):
     name: ClassVar[str] = "medical"
     models: ClassVar[tuple[str, ...]] = ("logreg", "mlp")
     natural_sites: ClassVar[tuple[str, ...] | None] = HOSPITALS
+    data_files: ClassVar[tuple[str, ...]] = tuple(f"uci_heart_disease/processed.{h}.data" for h in HOSPITALS)
 
     def load(self) -> TaskData:
         frames = []

@@ -38,6 +38,7 @@ class MedicalImagingTask(Task):
     name: ClassVar[str] = "medical_imaging"
     models: ClassVar[tuple[str, ...]] = ("cnn",)
     natural_sites: ClassVar[tuple[str, ...] | None] = None
+    data_files: ClassVar[tuple[str, ...]] = (FILE,)
 
     def load(self) -> TaskData:
         path = self.data_dir / FILE

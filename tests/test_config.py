@@ -98,3 +98,14 @@ def test_infeasible_partition_is_refused_before_flower_starts(tmp_path) -> None:
     assert "partition.alpha" in proc.stderr and "min_partition_size" in proc.stderr
     assert "Traceback" not in proc.stderr and "UserWarning" not in proc.stderr
     assert not (tmp_path / "superlink.log").exists()
+
+
+def test_missing_data_is_refused_before_flower_starts(tmp_path) -> None:
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "num_rounds=1", f"data_dir={empty}", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "finance data not found" in proc.stderr and "Traceback" not in proc.stderr

@@ -184,12 +184,14 @@ def test_flower_native_run_config(tmp_path: Path) -> None:
 
 
 def test_failed_run_is_reported_not_hidden(tmp_path: Path) -> None:
-    empty = tmp_path / "no-data"
-    empty.mkdir()
-    proc, _ = fedsilo(tmp_path / "run", "num_rounds=1", f"data_dir={empty}", expect_ok=False)
+    """A run that fails inside Flower (no site meets the round deadline) ends with exit 1,
+    Flower's failed status and the reason; results.json records the failure."""
+    proc, _ = fedsilo(tmp_path / "run", "task=medical", "num_rounds=2", "strategy.round_timeout=0.001",
+                      expect_ok=False)
     assert proc.returncode == 1
-    assert "finished:failed" in proc.stderr and "finance data not found" in proc.stderr
-    assert not (tmp_path / "run" / "results.json").exists()
+    assert "finished:failed" in proc.stderr and "no site returned a usable update" in proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed"
 
 
 def test_killed_command_stops_everything_it_started(tmp_path: Path) -> None:
