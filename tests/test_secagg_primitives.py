@@ -1,0 +1,109 @@
+"""Secure-aggregation building blocks: key agreement, mask PRG, field codec, Shamir."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+from strategies.secagg import keys, prg
+from strategies.secagg.codec import FieldCodec
+
+
+def test_key_agreement_is_symmetric_and_purpose_bound() -> None:
+    a_priv, a_pub = keys.generate()
+    b_priv, b_pub = keys.generate()
+    assert keys.public_of(a_priv) == a_pub
+    assert keys.agree(a_priv, b_pub, b"mask") == keys.agree(b_priv, a_pub, b"mask")
+    assert keys.agree(a_priv, b_pub, b"mask") != keys.agree(a_priv, b_pub, b"shares")
+    c_priv, c_pub = keys.generate()
+    assert keys.agree(a_priv, b_pub, b"mask") != keys.agree(a_priv, c_pub, b"mask")
+    with pytest.raises(ValueError, match="32 bytes"):
+        keys.agree(a_priv, b_pub[:31], b"mask")
+
+
+def test_masks_are_deterministic_full_key_and_uniform() -> None:
+    seed = bytes(range(32))
+    m = prg.mask(seed, 200_000, bits=30)
+    assert np.array_equal(m, prg.mask(seed, 200_000, bits=30))
+    other = bytearray(seed)
+    other[-1] ^= 1  # a change in the last byte (beyond any 32-bit seed) changes the mask
+    assert not np.array_equal(m[:100], prg.mask(bytes(other), 100, bits=30))
+    assert m.max() < 2**30
+    # uniform over Z_(2^30): mean and a 16-bin chi-square, both far inside their 1e-6 tails
+    assert abs(m.mean() / 2**30 - 0.5) < 0.005
+    counts = np.bincount((m >> np.uint64(26)).astype(np.int64), minlength=16)
+    chi2 = float(((counts - m.size / 16) ** 2 / (m.size / 16)).sum())
+    assert chi2 < 60
+    with pytest.raises(ValueError, match="32 bytes"):
+        prg.mask(seed[:4], 10, bits=30)
+
+
+def test_pairwise_masks_cancel_in_the_field_sum() -> None:
+    """Site i adds +PRG(s_ij) for j > i and -PRG(s_ij) for j < i: the masks vanish in the sum."""
+    codec = FieldCodec(clip=1.0, value_bits=16, max_sites=8)
+    rng = np.random.default_rng(0)
+    n, d = 5, 1_000
+    pairs = [keys.generate() for _ in range(n)]
+    updates = rng.uniform(-1, 1, size=(n, d))
+    encoded = [codec.encode(u, np.random.default_rng(i))[0] for i, u in enumerate(updates)]
+    masked = []
+    for i in range(n):
+        y = encoded[i].copy()
+        for j in range(n):
+            if i == j:
+                continue
+            m = prg.mask(keys.agree(pairs[i][0], pairs[j][1], b"mask"), d, codec.bits)
+            y = codec.add(y, m) if j > i else codec.sub(y, m)
+        masked.append(y)
+    total_masked = masked[0]
+    total_plain = encoded[0]
+    for k in range(1, n):
+        total_masked = codec.add(total_masked, masked[k])
+        total_plain = codec.add(total_plain, encoded[k])
+    assert np.array_equal(total_masked, total_plain)
+    # a single masked vector says nothing useful: it is far from the site's own encoding
+    assert np.mean(masked[0] == encoded[0]) < 0.01
+    np.testing.assert_allclose(codec.decode_sum(total_masked, n), updates.sum(0), atol=n * codec.delta)
+
+
+def test_codec_error_bound_unbiasedness_and_no_overflow() -> None:
+    codec = FieldCodec(clip=0.5, value_bits=12, max_sites=64)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-0.5, 0.5, size=(64, 2_000))
+    total = np.zeros(2_000, dtype=np.uint64)
+    for i, row in enumerate(x):
+        enc, clipped = codec.encode(row, np.random.default_rng(100 + i))
+        assert clipped == 0 and enc.max() < 2**12
+        total = codec.add(total, enc)
+    decoded = codec.decode_sum(total, 64)
+    err = decoded - x.sum(0)
+    assert np.max(np.abs(err)) <= 64 * codec.delta  # the documented bound, at max_sites
+    assert abs(err.mean()) < 0.05 * codec.delta * 8  # stochastic rounding is unbiased
+    # values at the extremes of the range, from all 64 sites, still do not wrap
+    edge = codec.decode_sum(codec.encode(np.full(3, 0.5), np.random.default_rng(0))[0] * np.uint64(64), 64)
+    np.testing.assert_allclose(edge, 32.0)
+
+
+def test_codec_reports_clipping_and_rejects_bad_parameters() -> None:
+    codec = FieldCodec(clip=1.0, value_bits=8, max_sites=4)
+    _, clipped = codec.encode(np.array([0.5, 2.0, -3.0]), np.random.default_rng(0))
+    assert clipped == 2
+    with pytest.raises(ValueError, match="clip"):
+        FieldCodec(clip=0.0)
+    with pytest.raises(ValueError, match="exceeds 64"):
+        FieldCodec(clip=1.0, value_bits=52, max_sites=2**20)
+    with pytest.raises(ValueError, match="count"):
+        codec.decode_sum(np.zeros(2, np.uint64), 5)
+
+
+def test_shamir_needs_the_threshold() -> None:
+    secret = bytes(range(32))
+    shares = create_shares(secret, threshold=3, num=5)
+    assert combine_shares([shares[0], shares[2], shares[4]]) == secret
+    assert combine_shares(shares[1:4]) == secret
+    try:
+        recovered = combine_shares(shares[:2])
+    except ValueError:
+        recovered = None
+    assert recovered != secret
