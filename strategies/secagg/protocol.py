@@ -1,0 +1,198 @@
+"""The SecAgg protocol (Bonawitz et al., CCS 2017) as transport-independent state machines.
+
+Four stages per round, for the sites sampled in that round (ids ``1..n`` in the protocol;
+the caller maps them to nodes):
+
+0. **advertise keys**: each site makes two X25519 key pairs (``c``: share encryption,
+   ``s``: mask agreement) and sends the public halves; the server broadcasts them.
+1. **share keys**: each site draws a self-mask seed ``b``, Shamir-shares ``b`` and its
+   mask private key ``s_sk`` with threshold ``t`` among all sites, and sends each share
+   encrypted for its recipient (Fernet keyed by the pair's ``c`` agreement); the server
+   only routes ciphertexts.
+2. **masked input**: each site sends ``y_i = x_i + PRG(b_i) + sum_{j>i} PRG(s_ij) -
+   sum_{j<i} PRG(s_ij)`` in Z_(2^bits), where ``s_ij`` is agreed from the ``s`` keys.
+3. **unmask**: the server names the survivors (sent ``y``) and the dropped (shared keys,
+   sent no ``y``); each responding site returns its shares of ``b`` for survivors and of
+   ``s_sk`` for the dropped, never both for one site. With ``t`` shares the server removes
+   the survivors' self-masks and the dropped sites' pairwise masks: it learns only the sum
+   of the survivors' inputs. Fewer than ``t`` survivors or responders abort the round.
+
+Threat model: honest-but-curious server; sites follow the protocol. The server sees public
+keys, encrypted shares, masked vectors and the final sum.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.fernet import InvalidToken
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
+
+from strategies.secagg import keys, prg
+from strategies.secagg.codec import FieldCodec
+
+SEED_BYTES = prg.SEED_BYTES
+
+
+class SecAggAbort(RuntimeError):
+    """Too few sites remain to finish the round securely; nothing is revealed."""
+
+
+def _fernet_key(secret: bytes) -> bytes:
+    return base64.urlsafe_b64encode(secret)
+
+
+def _pack(i: int, j: int, share_b: bytes, share_sk: bytes) -> bytes:
+    return i.to_bytes(4, "little") + j.to_bytes(4, "little") + len(share_b).to_bytes(4, "little") + share_b + share_sk
+
+
+def _unpack(blob: bytes) -> tuple[int, int, bytes, bytes]:
+    i, j, nb = (int.from_bytes(blob[k : k + 4], "little") for k in (0, 4, 8))
+    return i, j, blob[12 : 12 + nb], blob[12 + nb :]
+
+
+@dataclass
+class SecAggClient:
+    """One site's half of one round. ``site`` is its protocol id (1..n)."""
+
+    site: int
+    threshold: int
+    codec: FieldCodec
+    c_sk: bytes = b""
+    s_sk: bytes = b""
+    b_seed: bytes = b""
+    peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (c_pk, s_pk)
+    held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # from id -> (share_b, share_sk)
+
+    def advertise(self) -> tuple[bytes, bytes]:
+        """Stage 0: public keys (c_pk, s_pk)."""
+        self.c_sk, c_pk = keys.generate()
+        self.s_sk, s_pk = keys.generate()
+        return c_pk, s_pk
+
+    def share_keys(self, public_keys: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+        """Stage 1: encrypted shares of ``b`` and ``s_sk``, one per other site."""
+        if len(public_keys) < self.threshold:
+            raise SecAggAbort(f"{len(public_keys)} sites advertised keys, threshold is {self.threshold}")
+        if len({pk for pair in public_keys.values() for pk in pair}) != 2 * len(public_keys):
+            raise SecAggAbort("duplicate public keys: refusing to share")
+        self.peers = dict(public_keys)
+        self.b_seed = os.urandom(SEED_BYTES)
+        ids = sorted(public_keys)
+        shares_b = create_shares(self.b_seed, self.threshold, len(ids))
+        shares_sk = create_shares(self.s_sk, self.threshold, len(ids))
+        out = {}
+        for k, j in enumerate(ids):
+            blob = _pack(self.site, j, shares_b[k], shares_sk[k])
+            if j == self.site:
+                self.held[self.site] = (shares_b[k], shares_sk[k])
+                continue
+            key = keys.agree(self.c_sk, public_keys[j][0], b"shares")
+            out[j] = encrypt(_fernet_key(key), blob)
+        return out
+
+    def masked_input(self, ciphertexts: dict[int, bytes], encoded: np.ndarray) -> np.ndarray:
+        """Stage 2: store the shares sent to this site; return its masked, encoded input."""
+        for i, ct in ciphertexts.items():
+            key = keys.agree(self.c_sk, self.peers[i][0], b"shares")
+            try:
+                src, dst, share_b, share_sk = _unpack(decrypt(_fernet_key(key), ct))
+            except InvalidToken:
+                raise SecAggAbort(f"the share from site {i} failed authentication") from None
+            if (src, dst) != (i, self.site):
+                raise SecAggAbort(f"share from {i} is addressed {src}->{dst}")
+            self.held[i] = (share_b, share_sk)
+        y = self.codec.add(encoded, prg.mask(self.b_seed, encoded.size, self.codec.bits))
+        for j, (_, s_pk) in self.peers.items():
+            if j == self.site:
+                continue
+            m = prg.mask(keys.agree(self.s_sk, s_pk, b"mask"), encoded.size, self.codec.bits)
+            y = self.codec.add(y, m) if j > self.site else self.codec.sub(y, m)
+        return y
+
+    def unmask(self, survivors: list[int], dropped: list[int]) -> dict[int, tuple[str, bytes]]:
+        """Stage 3: shares of ``b`` for survivors and of ``s_sk`` for dropped sites."""
+        if set(survivors) & set(dropped):
+            raise SecAggAbort("a site cannot be both a survivor and dropped")
+        if len(survivors) < self.threshold:
+            raise SecAggAbort(f"{len(survivors)} survivors, threshold is {self.threshold}")
+        out: dict[int, tuple[str, bytes]] = {}
+        for i in survivors:
+            if i in self.held:
+                out[i] = ("b", self.held[i][0])
+        for j in dropped:
+            if j in self.held:
+                out[j] = ("sk", self.held[j][1])
+        return out
+
+
+@dataclass
+class SecAggServer:
+    """The server's half of one round: routes, sums and unmasks; sees only the sum."""
+
+    threshold: int
+    codec: FieldCodec
+    length: int
+    public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    sharers: set[int] = field(default_factory=set)
+    masked: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def collect_keys(self, replies: dict[int, tuple[bytes, bytes]]) -> dict[int, tuple[bytes, bytes]]:
+        """Stage 0 -> 1: the keys to broadcast (sites that replied)."""
+        if len(replies) < self.threshold:
+            raise SecAggAbort(f"{len(replies)} sites advertised keys, threshold is {self.threshold}")
+        self.public_keys = dict(replies)
+        return self.public_keys
+
+    def route_shares(self, replies: dict[int, dict[int, bytes]]) -> dict[int, dict[int, bytes]]:
+        """Stage 1 -> 2: ciphertexts regrouped by recipient (only among sites that shared)."""
+        self.sharers = set(replies)
+        if len(self.sharers) < self.threshold:
+            raise SecAggAbort(f"{len(self.sharers)} sites shared keys, threshold is {self.threshold}")
+        inbox: dict[int, dict[int, bytes]] = {j: {} for j in self.sharers}
+        for i, cts in replies.items():
+            for j, ct in cts.items():
+                if j in inbox:
+                    inbox[j][i] = ct
+        return inbox
+
+    def collect_masked(self, replies: dict[int, np.ndarray]) -> tuple[list[int], list[int]]:
+        """Stage 2 -> 3: (survivors, dropped) to announce."""
+        self.masked = {i: y for i, y in replies.items() if i in self.sharers}
+        for i, y in self.masked.items():
+            if y.shape != (self.length,) or y.dtype != np.uint64 or (self.codec.bits < 64 and y.max(initial=0) >= self.codec.modulus):
+                raise SecAggAbort(f"masked input of site {i} is malformed")
+        survivors = sorted(self.masked)
+        if len(survivors) < self.threshold:
+            raise SecAggAbort(f"{len(survivors)} masked inputs, threshold is {self.threshold}")
+        return survivors, sorted(self.sharers - set(survivors))
+
+    def unmask(self, replies: dict[int, dict[int, tuple[str, bytes]]]) -> tuple[np.ndarray, int]:
+        """Stage 3: the decoded real-valued sum of the survivors' inputs, and their count."""
+        if len(replies) < self.threshold:
+            raise SecAggAbort(f"{len(replies)} sites sent unmasking shares, threshold is {self.threshold}")
+        survivors = sorted(self.masked)
+        dropped = sorted(self.sharers - set(survivors))
+        total = np.zeros(self.length, dtype=np.uint64)
+        for y in self.masked.values():
+            total = self.codec.add(total, y)
+        for i in survivors:
+            b_seed = self._reconstruct(replies, i, "b")
+            total = self.codec.sub(total, prg.mask(b_seed, self.length, self.codec.bits))
+        for j in dropped:
+            s_sk_j = self._reconstruct(replies, j, "sk")
+            for i in survivors:
+                m = prg.mask(keys.agree(s_sk_j, self.public_keys[i][1], b"mask"), self.length, self.codec.bits)
+                # survivor i added +m if j > i, subtracted it if j < i: undo that
+                total = self.codec.sub(total, m) if j > i else self.codec.add(total, m)
+        return self.codec.decode_sum(total, len(survivors)), len(survivors)
+
+    def _reconstruct(self, replies: dict[int, dict[int, tuple[str, bytes]]], owner: int, kind: str) -> bytes:
+        shares = [r[owner][1] for r in replies.values() if owner in r and r[owner][0] == kind]
+        if len(shares) < self.threshold:
+            raise SecAggAbort(f"{len(shares)} shares of site {owner}'s {kind}, threshold is {self.threshold}")
+        return combine_shares(shares[: self.threshold])
