@@ -20,18 +20,17 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 DATA_SUBDIR = Path("tasks") / "data"
-#: Data files (never shipped in a FAB, which holds only code and text) whose presence marks
-#: a real data folder rather than the FAB copy of ``tasks/data`` with only its Markdown.
-DATA_FILES = (
-    "uci_credit_default_taiwan/default_of_credit_card_clients.csv",
-    "uci_heart_disease/processed.cleveland.data",
-    "breastmnist/breastmnist.npz",
-)
 
 
 def has_data(path: Path) -> bool:
-    """True if ``path`` holds at least one of the bundled data sets."""
-    return any((path / f).is_file() for f in DATA_FILES)
+    """True if ``path`` holds every file of at least one task (``Task.data_files``).
+
+    Data files are never shipped in a FAB (it holds only code and text), so this tells a
+    real data folder from the FAB copy of ``tasks/data`` that has only its Markdown.
+    """
+    import tasks
+
+    return any(all((path / f).is_file() for f in t.data_files) for t in tasks.REGISTRY.values())
 
 
 def _installed_source_tree() -> Path | None:

@@ -39,9 +39,10 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
     try:
         sites = task.sites(cfg.partition, n_sites, cfg.seed)
     except PartitionError as err:
-        hint = ("raise partition.alpha, lower num_sites or partition.min_partition_size, or try another seed"
-                if cfg.partition.name == "dirichlet" else "lower num_sites")
-        raise PreflightError(f"{err} (task={cfg.task.name}, num_sites={n_sites}, seed={cfg.seed}); {hint}") from err
+        raise PreflightError(
+            f"{err} (task={cfg.task.name}, num_sites={n_sites}, seed={cfg.seed}); raise partition.alpha, "
+            "lower num_sites or partition.min_partition_size, or try another seed"
+        ) from err
     empty = [s.name for s in sites if len(s.train) == 0]
     if empty:
         raise PreflightError(f"sites {empty} have no training rows after the validation split "

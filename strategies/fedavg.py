@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from strategies.validation import (
+    SITE_KEY,
     WEIGHT_KEY,
     check_evaluate_reply,
     check_train_reply,
@@ -121,6 +122,6 @@ class FedAvg(FlowerFedAvg):
         entry["rejected"] = rejected
         entry["sites"] = [site_label(m) for m in good]
         entry["stragglers"] = [site_label(m) for m in good
-                               if bool(m.content.config_records.get("site", {}).get("straggler", False))]
+                               if bool(m.content.config_records.get(SITE_KEY, {}).get("straggler", False))]
         log(INFO, "round %s %s: %s usable replies, %s rejected", server_round, phase, len(good), len(rejected))
         return good

@@ -63,6 +63,8 @@ def train_local(
     total, seen, steps = 0.0, 0, 0
     budget = steps_per_epoch(n, cfg.batch_size) * cfg.epochs if max_steps is None else max_steps
     for _ in range(cfg.epochs):
+        if steps >= budget:
+            break
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.batch_size):
             if steps >= budget:
