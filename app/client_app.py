@@ -8,6 +8,7 @@ process; nothing about the site is kept in module globals across runs except tha
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -15,7 +16,10 @@ from flwr.clientapp import ClientApp
 import tasks
 from app import config
 from app.paths import resolve_data_dir
+from app import faults
 from strategies import client_penalty, heterogeneity
+from strategies.secagg import client as secagg
+from strategies.secagg.vector import Layout, WeightedUpdateCodec
 from strategies.validation import SITE_KEY, WEIGHT_KEY
 from tasks.base import SiteData, Task, seed_for
 from tasks.metrics import site_summary
@@ -49,6 +53,30 @@ def _site_record(site: SiteData, server_round: int, straggler: bool = False) -> 
     return ConfigRecord({"id": site.site_id, "name": site.name, "round": server_round, "straggler": straggler})
 
 
+def _local_update(msg: Message, context: Context, stage: str | None) -> tuple[Message | None, dict]:
+    """This round's local work. Returns (error reply, {}) for a site that misses the round,
+    else (None, result) with the trained model and what the reply needs."""
+    cfg, task, site = load_site(context)
+    train_config = msg.content["config"]
+    server_round = int(train_config["server-round"])
+    if faults.drops(cfg, server_round, site.site_id, stage):
+        return Message(Error(code=faults.DROPPED_CODE, reason=f"{site.name}: {faults.reason(stage)}"), reply_to=msg), {}
+    work = heterogeneity.plan(
+        cfg.strategy, cfg.task.local_epochs, steps_per_epoch(len(site.train), cfg.task.batch_size),
+        cfg.seed, server_round, site.site_id, config.num_sites(cfg),
+    )
+    if work.dropped:
+        return Message(Error(code=MISSED_DEADLINE_CODE, reason=f"{site.name}: {heterogeneity.MISSED_DEADLINE}"),
+                       reply_to=msg), {}
+    model = task.build_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    stats = task.train(model, site.train, seed_for(cfg.seed, server_round, site.site_id),
+                       epochs=work.epochs, max_steps=work.max_steps,
+                       penalty=client_penalty(train_config, model))
+    return None, {"cfg": cfg, "site": site, "model": model, "stats": stats, "round": server_round,
+                  "straggler": work.straggler}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Load the global model, do this round's local work, return weights and metrics.
@@ -59,27 +87,68 @@ def train(msg: Message, context: Context) -> Message:
     number of training rows, whatever share of its work it managed.
     """
     torch.set_num_threads(1)
-    cfg, task, site = load_site(context)
-    train_config = msg.content["config"]
-    server_round = int(train_config["server-round"])
-    work = heterogeneity.plan(
-        cfg.strategy, cfg.task.local_epochs, steps_per_epoch(len(site.train), cfg.task.batch_size),
-        cfg.seed, server_round, site.site_id, config.num_sites(cfg),
-    )
-    if work.dropped:
-        return Message(Error(code=MISSED_DEADLINE_CODE, reason=f"{site.name}: {heterogeneity.MISSED_DEADLINE}"),
-                       reply_to=msg)
-    model = task.build_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    stats = task.train(model, site.train, seed_for(cfg.seed, server_round, site.site_id),
-                       epochs=work.epochs, max_steps=work.max_steps,
-                       penalty=client_penalty(train_config, model))
+    error, r = _local_update(msg, context, None)
+    if error is not None:
+        return error
+    site = r["site"]
     content = RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({WEIGHT_KEY: len(site.train), **stats}),
-        SITE_KEY: _site_record(site, server_round, work.straggler),
+        "arrays": ArrayRecord(r["model"].state_dict()),
+        "metrics": MetricRecord({WEIGHT_KEY: len(site.train), **r["stats"]}),
+        SITE_KEY: _site_record(site, r["round"], r["straggler"]),
     })
     return Message(content, reply_to=msg)
+
+
+# ---- secure aggregation (aggregation=secagg): one handler per protocol stage -------------------
+def _secagg_stage(stage: str, handler):  # type: ignore[no-untyped-def]
+    """Wrap a protocol stage: fault injection first; refused messages become error replies."""
+    def run(msg: Message, context: Context) -> Message:
+        cfg, _, site = load_site(context)
+        server_round = int(msg.content.config_records[secagg.WIRE_KEY]["round"]) \
+            if secagg.WIRE_KEY in msg.content.config_records else 0
+        if faults.drops(cfg, server_round, site.site_id, stage):
+            return Message(Error(code=faults.DROPPED_CODE, reason=f"{site.name}: {faults.reason(stage)}"), reply_to=msg)
+        try:
+            return handler(msg, context)
+        except (secagg.ProtocolError, secagg.SecAggAbort) as err:
+            return secagg.refuse(msg, err)
+    run.__doc__ = handler.__doc__
+    return run
+
+
+app.query("secagg_keys")(_secagg_stage("keys", secagg.advertise_keys))
+app.query("secagg_share")(_secagg_stage("share", secagg.share_keys))
+app.query("secagg_unmask")(_secagg_stage("unmask", secagg.unmask))
+
+
+@app.train("secagg")
+def train_secagg(msg: Message, context: Context) -> Message:
+    """Local training as :func:`train`, replying with the masked weighted update only.
+
+    The site encodes ``n_k * (w_local - w_global)``, its row count and its training loss
+    into one field vector (:mod:`strategies.secagg.vector`) and masks it; its row count
+    and update never leave the site in the clear.
+    """
+    torch.set_num_threads(1)
+    error, r = _local_update(msg, context, "masked_input")
+    if error is not None:
+        return error
+    cfg, site = r["cfg"], r["site"]
+    glob = msg.content["arrays"]
+    base = {k: v.numpy() for k, v in glob.items()}
+    layout = Layout.of(base)
+    local = {k: v.detach().cpu().numpy() for k, v in r["model"].state_dict().items()}
+    update = layout.flatten(local) - layout.flatten(base)
+    rng = np.random.default_rng(seed_for(cfg.seed, r["round"], site.site_id, 0x5EC))
+
+    def encode(codec: WeightedUpdateCodec) -> np.ndarray:
+        return codec.encode(update, len(site.train), float(r["stats"]["train_loss"]), rng)
+
+    extra = RecordDict({SITE_KEY: _site_record(site, r["round"], r["straggler"])})
+    try:
+        return secagg.masked_input(msg, context, encode, extra)
+    except (secagg.ProtocolError, secagg.SecAggAbort, ValueError) as err:
+        return secagg.refuse(msg, err)
 
 
 @app.evaluate()

@@ -30,7 +30,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: them gets a precise answer instead of a generic "not found".
 STRATEGIES = ("fedavg", "fedprox")
 STRAGGLER_POLICIES = ("partial", "drop")
-AGGREGATIONS = ("plain",)
+AGGREGATIONS = ("plain", "secagg")
+DROP_STAGES = ("keys", "share", "masked_input", "unmask")
 PRIVACY = ("none",)
 OPTIMIZERS = ("sgd", "adam")
 
@@ -89,6 +90,25 @@ class AggregationConfig:
 
 
 @dataclass
+class SecAggConfig(AggregationConfig):
+    """Schema of ``aggregation=secagg`` (:mod:`strategies.secagg`)."""
+
+    name: str = "secagg"
+    clip: float = 4.0          # each site's update (local - global weights) clipped to [-clip, clip]
+    value_bits: int = 24       # quantisation bits per value: step 2*clip/(2^bits - 1)
+    threshold: float = 0.6     # Shamir threshold as a share of the round's sites (> 0.5)
+    stage_timeout: float = 120.0  # seconds to wait for the sites' replies in each protocol stage
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for tests and demos (``faults.*``); off by default."""
+
+    drop_rate: float = 0.0     # share of the sites that drop out of each round (chosen from the seed)
+    drop_stage: str = "masked_input"  # secagg stage at which they drop (plain: they send no update)
+
+
+@dataclass
 class PrivacyConfig:
     """Schema of the ``privacy`` group."""
 
@@ -104,6 +124,7 @@ class FedsiloConfig:
     aggregation: AggregationConfig = MISSING
     privacy: PrivacyConfig = MISSING
     partition: PartitionConfig = MISSING
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     num_rounds: int = 10
     num_sites: int = 5
     seed: int = 0
@@ -119,6 +140,7 @@ def register_schemas() -> None:
     cs.store(group="strategy", name="strategy_schema", node=StrategyConfig)
     cs.store(group="strategy", name="fedprox_schema", node=FedProxConfig)
     cs.store(group="aggregation", name="aggregation_schema", node=AggregationConfig)
+    cs.store(group="aggregation", name="secagg_schema", node=SecAggConfig)
     cs.store(group="privacy", name="privacy_schema", node=PrivacyConfig)
     cs.store(group="partition", name="partition_schema", node=PartitionConfig)
 
@@ -173,6 +195,16 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
         _check(s.mu_step > 0, "strategy.mu_step", s.mu_step, "a number > 0")
         _check(s.mu_patience >= 1, "strategy.mu_patience", s.mu_patience, "an integer >= 1")
     _check(cfg.aggregation.name in AGGREGATIONS, "aggregation.name", cfg.aggregation.name, f"one of {list(AGGREGATIONS)}")
+    a = cfg.aggregation
+    if isinstance(a, SecAggConfig):
+        _check(a.clip > 0, "aggregation.clip", a.clip, "a number > 0")
+        _check(8 <= a.value_bits <= 32, "aggregation.value_bits", a.value_bits, "an integer in 8..32")
+        _check(0.5 < a.threshold <= 1, "aggregation.threshold", a.threshold,
+               "0.5 < threshold <= 1 (a majority of the round's sites)")
+        _check(a.stage_timeout > 0, "aggregation.stage_timeout", a.stage_timeout, "seconds > 0")
+    f = cfg.faults
+    _check(0 <= f.drop_rate < 1, "faults.drop_rate", f.drop_rate, "0 <= fraction < 1")
+    _check(f.drop_stage in DROP_STAGES, "faults.drop_stage", f.drop_stage, f"one of {list(DROP_STAGES)}")
     _check(cfg.privacy.name in PRIVACY, "privacy.name", cfg.privacy.name, f"one of {list(PRIVACY)}")
     _check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "an integer >= 1")
     _check(cfg.num_sites >= 2, "num_sites", cfg.num_sites, "an integer >= 2")

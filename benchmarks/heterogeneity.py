@@ -199,19 +199,28 @@ def main() -> None:
     seeds = [0] if args.quick else args.seeds
     scenarios = [s for s in args.scenarios if not (args.quick and s.endswith(("0.5", "100")))]
     jobs = [(scn, m, st, sd, args.rounds) for scn in scenarios for st in STRAGGLERS for m in METHODS for sd in seeds]
-    print(f"{len(jobs)} runs on {args.workers} workers", flush=True)
-    t0 = time.monotonic()
-    runs = []
-    with get_context("spawn").Pool(args.workers) as pool:
-        for k, res in enumerate(pool.imap_unordered(one_run, jobs), 1):
-            runs.append(res)
-            print(f"[{k}/{len(jobs)}] {res['scenario']} stragglers={res['stragglers']} {res['method']} "
-                  f"seed={res['seed']}: final AUC {res['final_auc']:.4f} ({res['seconds']:.1f}s)", flush=True)
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python benchmarks/heterogeneity.py", *sys.argv[1:]])
     name = "heterogeneity" + (f"_{args.tag}" if args.tag else "")
+    # every finished run is appended here, so an interrupted sweep resumes where it stopped
+    partial = out / f"{name}.partial.jsonl"
+    done = [json.loads(line) for line in partial.read_text().splitlines()] if partial.exists() else []
+    key = lambda r: (r["scenario"], r["method"], r["stragglers"], r["seed"])  # noqa: E731
+    have = {key(r) for r in done if len(r["auc_per_round"]) == args.rounds}
+    runs = [r for r in done if key(r) in have]
+    jobs = [j for j in jobs if (j[0], j[1], j[2], j[3]) not in have]
+    print(f"{len(jobs)} runs on {args.workers} workers ({len(runs)} resumed from {partial.name})", flush=True)
+    t0 = time.monotonic()
+    with get_context("spawn").Pool(args.workers) as pool, partial.open("a") as sink:
+        for k, res in enumerate(pool.imap_unordered(one_run, jobs), 1):
+            runs.append(res)
+            sink.write(json.dumps(res) + "\n")
+            sink.flush()
+            print(f"[{k}/{len(jobs)}] {res['scenario']} stragglers={res['stragglers']} {res['method']} "
+                  f"seed={res['seed']}: final AUC {res['final_auc']:.4f} ({res['seconds']:.1f}s)", flush=True)
+    command = " ".join(["python benchmarks/heterogeneity.py", *sys.argv[1:]])
     write_outputs(runs, seeds, command, args.rounds, out / name, time.monotonic() - t0)
+    partial.unlink()
 
 
 def write_outputs(runs: list[dict[str, Any]], seeds: list[int], command: str, rounds: int,

@@ -7,20 +7,28 @@ Differences from ``flwr.serverapp.strategy.FedAvg``:
   failed reply is dropped with a logged reason and the round goes on;
 * replies are aggregated in a fixed site order, so the same seed gives the same model;
 * federated evaluation pools the sites' confusion counts into exact pooled metrics;
-* per round it keeps who was sampled, who replied and who was rejected (``participation``).
+* per round it keeps who was sampled, who replied and who was rejected (``participation``);
+* with a :class:`~strategies.secagg.server.SecureAggregator` the training phase runs the
+  secure aggregation protocol: the server receives only masked vectors and learns only the
+  weighted sum of the updates and the total weight (``aggregation=secagg``).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from strategies.secagg.protocol import SecAggAbort
+from strategies.secagg.server import SecureAggregator
+from strategies.secagg.vector import Layout
 
 from strategies.validation import (
     SITE_KEY,
@@ -52,9 +60,12 @@ class FedAvg(FlowerFedAvg):
         Sites in the federation; sampling waits until all of them are connected.
     fraction_train, fraction_evaluate : float
         Share of sites sampled per round for training / federated evaluation.
+    secure : SecureAggregator, optional
+        Aggregate the training replies by secure aggregation instead of in the clear.
     """
 
-    def __init__(self, num_sites: int, fraction_train: float = 1.0, fraction_evaluate: float = 1.0) -> None:
+    def __init__(self, num_sites: int, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
+                 secure: SecureAggregator | None = None) -> None:
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -67,6 +78,8 @@ class FedAvg(FlowerFedAvg):
         self.num_sites = num_sites
         self.reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self.participation: dict[int, dict[str, Any]] = {}
+        self.secure = secure
+        self._global: ArrayRecord | None = None
 
     # ---- training ----------------------------------------------------------------
     def configure_train(
@@ -76,12 +89,22 @@ class FedAvg(FlowerFedAvg):
         self.reference = {k: (tuple(v.shape), np.dtype(v.numpy().dtype)) for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._entry(server_round)["train"] = {"sampled": len(messages)}
-        return messages
+        if self.secure is None:
+            return messages
+        self._global = arrays
+        size = Layout.of({k: v.numpy() for k, v in arrays.items()}).size
+        try:
+            return self.secure.open(server_round, messages, grid, size)
+        except SecAggAbort as err:
+            self._abort(server_round, err)
+            return []
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop bad replies (logged), then average the rest in site order."""
+        if self.secure is not None:
+            return self._aggregate_secure(server_round, replies)
         good = self._screen(
             server_round, "train", replies, lambda m: check_train_reply(m, self.reference, server_round)
         )
@@ -89,6 +112,44 @@ class FedAvg(FlowerFedAvg):
             log(WARNING, "round %s: no usable training reply; the global model is unchanged", server_round)
             return None, None
         return super().aggregate_train(server_round, good)
+
+    def _aggregate_secure(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask the survivors' sum; the new model is the global one plus their mean update."""
+        assert self.secure is not None
+        entry = self._entry(server_round)
+        if self._global is None or "aborted" in entry.get("secagg", {}):
+            return None, None
+        replies = list(replies)
+        stragglers = [site_label(m) for m in replies if not m.has_error()
+                      and bool(m.content.config_records.get(SITE_KEY, {}).get("straggler", False))]
+        try:
+            agg = self.secure.close(replies)
+        except SecAggAbort as err:
+            self._abort(server_round, err)
+            return None, None
+        entry["secagg"] = self.secure.log[server_round]
+        base = {k: v.numpy() for k, v in self._global.items()}
+        layout = Layout.of(base)
+        new = layout.unflatten(layout.flatten(base) + agg.mean_update)
+        log_ = self.secure.log[server_round]
+        entry["train"].update({"replied": log_.get("survivors", 0), "stragglers": stragglers,
+                               "rejected": [{"site": f"node {r['node']}", "reason": f"{r['stage']}: {r['reason']}"}
+                                            for r in log_["rejected"]]})
+        metrics = MetricRecord({WEIGHT_KEY: agg.total_weight, "train_loss": agg.mean_loss,
+                                "clipped_values": agg.clipped})
+        return ArrayRecord(OrderedDict((k, Array(v)) for k, v in new.items())), metrics
+
+    def _abort(self, server_round: int, err: Exception) -> None:
+        assert self.secure is not None
+        entry = self._entry(server_round)
+        entry["secagg"] = self.secure.log.setdefault(server_round, {"rejected": [], "stages": {}})
+        entry["secagg"]["aborted"] = str(err)
+        entry["train"].update({"replied": 0, "rejected": [
+            {"site": f"node {r['node']}", "reason": f"{r['stage']}: {r['reason']}"}
+            for r in self.secure.log.get(server_round, {}).get("rejected", [])]})
+        log(WARNING, "round %s: secure aggregation aborted (%s); the global model is unchanged", server_round, err)
 
     # ---- federated evaluation -------------------------------------------------------
     def configure_evaluate(

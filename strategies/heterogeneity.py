@@ -33,13 +33,18 @@ class LocalWork:
     dropped: bool = False
 
 
-def stragglers(seed: int, server_round: int, num_sites: int, fraction: float) -> set[int]:
-    """The site ids that straggle in ``server_round``: ``round(fraction * num_sites)`` of them."""
+def chosen_sites(seed: int, server_round: int, num_sites: int, fraction: float, salt: int) -> set[int]:
+    """``round(fraction * num_sites)`` site ids drawn for ``server_round`` from the seed and ``salt``."""
     count = int(round(fraction * num_sites))
     if count == 0:
         return set()
-    rng = np.random.default_rng(seed_for(seed, server_round, 0x5757))
+    rng = np.random.default_rng(seed_for(seed, server_round, salt))
     return {int(i) for i in rng.choice(num_sites, size=count, replace=False)}
+
+
+def stragglers(seed: int, server_round: int, num_sites: int, fraction: float) -> set[int]:
+    """The site ids that straggle in ``server_round``: ``round(fraction * num_sites)`` of them."""
+    return chosen_sites(seed, server_round, num_sites, fraction, 0x5757)
 
 
 def plan(

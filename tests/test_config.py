@@ -65,8 +65,27 @@ def test_wrong_type_and_unknown_key_fail_at_composition() -> None:
 
 
 def test_not_yet_available_options_are_named() -> None:
-    with pytest.raises(MissingConfigException, match="aggregation/secagg"):
-        config.compose(["aggregation=secagg"])
+    with pytest.raises(MissingConfigException, match="aggregation/paillier"):
+        config.compose(["aggregation=paillier"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("aggregation.threshold=0.5", "aggregation.threshold"),
+    ("aggregation.clip=0", "aggregation.clip"),
+    ("aggregation.value_bits=40", "aggregation.value_bits"),
+    ("aggregation.stage_timeout=-1", "aggregation.stage_timeout"),
+    ("faults.drop_rate=1.0", "faults.drop_rate"),
+    ("faults.drop_stage=train", "faults.drop_stage"),
+])
+def test_secagg_and_fault_options_are_range_checked(override: str, key: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.compose(["aggregation=secagg", override])
+    assert err.value.key == key
+
+
+def test_secagg_options_exist_only_with_secagg() -> None:
+    with pytest.raises(ConfigCompositionException, match="clip"):
+        config.compose(["aggregation.clip=2"])
 
 
 def test_fedsilo_command_rejects_bad_config_before_starting_flower(tmp_path) -> None:

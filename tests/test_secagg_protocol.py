@@ -30,8 +30,8 @@ def run(drop_before_masking: frozenset[int] = frozenset(), silent_at_unmask: fro
         masked[i] = c.masked_input(inbox[i], enc)
     survivors, dropped = server.collect_masked(masked)
     shares = {i: clients[i].unmask(survivors, dropped) for i in survivors if i not in silent_at_unmask}
-    total, count = server.unmask(shares)
-    return total, count, survivors
+    total = CODEC.decode_sum(server.unmask(shares), len(survivors))
+    return total, len(survivors), survivors
 
 
 def test_sum_without_dropouts_is_exact_within_the_codec_bound() -> None:

@@ -96,7 +96,10 @@ class SecAggClient:
         return out
 
     def masked_input(self, ciphertexts: dict[int, bytes], encoded: np.ndarray) -> np.ndarray:
-        """Stage 2: store the shares sent to this site; return its masked, encoded input."""
+        """Stage 2: store the shares sent to this site; return its masked, encoded input.
+
+        ``ciphertexts`` holds one share from every other site that completed stage 1.
+        """
         for i, ct in ciphertexts.items():
             key = keys.agree(self.c_sk, self.peers[i][0], b"shares")
             try:
@@ -106,9 +109,14 @@ class SecAggClient:
             if (src, dst) != (i, self.site):
                 raise SecAggAbort(f"share from {i} is addressed {src}->{dst}")
             self.held[i] = (share_b, share_sk)
+        # mask only with the sites that shared keys (they sent this site a share): the others
+        # dropped before stage 1 and their pairwise masks could never be removed
+        sharers = set(ciphertexts) | {self.site}
+        if len(sharers) < self.threshold:
+            raise SecAggAbort(f"{len(sharers)} sites shared keys, threshold is {self.threshold}")
         y = self.codec.add(encoded, prg.mask(self.b_seed, encoded.size, self.codec.bits))
         for j, (_, s_pk) in self.peers.items():
-            if j == self.site:
+            if j == self.site or j not in sharers:
                 continue
             m = prg.mask(keys.agree(self.s_sk, s_pk, b"mask"), encoded.size, self.codec.bits)
             y = self.codec.add(y, m) if j > self.site else self.codec.sub(y, m)
@@ -160,19 +168,33 @@ class SecAggServer:
                     inbox[j][i] = ct
         return inbox
 
+    def check_masked(self, y: np.ndarray) -> str | None:
+        """Why a masked input is malformed, or None: wrong shape/dtype or not in the field."""
+        if y.shape != (self.length,):
+            return f"masked vector has shape {y.shape}, expected ({self.length},)"
+        if y.dtype != np.uint64:
+            return f"masked vector has dtype {y.dtype}, expected uint64"
+        if self.codec.bits < 64 and y.size and int(y.max()) >= self.codec.modulus:
+            return f"masked vector has values outside Z_2^{self.codec.bits}"
+        return None
+
     def collect_masked(self, replies: dict[int, np.ndarray]) -> tuple[list[int], list[int]]:
-        """Stage 2 -> 3: (survivors, dropped) to announce."""
+        """Stage 2 -> 3: (survivors, dropped) to announce.
+
+        Only sites that shared keys count; a malformed vector (see :meth:`check_masked`)
+        is the caller's to reject beforehand: here it aborts the round.
+        """
         self.masked = {i: y for i, y in replies.items() if i in self.sharers}
         for i, y in self.masked.items():
-            if y.shape != (self.length,) or y.dtype != np.uint64 or (self.codec.bits < 64 and y.max(initial=0) >= self.codec.modulus):
-                raise SecAggAbort(f"masked input of site {i} is malformed")
+            if (reason := self.check_masked(y)) is not None:
+                raise SecAggAbort(f"site {i}: {reason}")
         survivors = sorted(self.masked)
         if len(survivors) < self.threshold:
             raise SecAggAbort(f"{len(survivors)} masked inputs, threshold is {self.threshold}")
         return survivors, sorted(self.sharers - set(survivors))
 
-    def unmask(self, replies: dict[int, dict[int, tuple[str, bytes]]]) -> tuple[np.ndarray, int]:
-        """Stage 3: the decoded real-valued sum of the survivors' inputs, and their count."""
+    def unmask(self, replies: dict[int, dict[int, tuple[str, bytes]]]) -> np.ndarray:
+        """Stage 3: the field sum of the survivors' encoded inputs (the caller decodes it)."""
         if len(replies) < self.threshold:
             raise SecAggAbort(f"{len(replies)} sites sent unmasking shares, threshold is {self.threshold}")
         survivors = sorted(self.masked)
@@ -189,7 +211,7 @@ class SecAggServer:
                 m = prg.mask(keys.agree(s_sk_j, self.public_keys[i][1], b"mask"), self.length, self.codec.bits)
                 # survivor i added +m if j > i, subtracted it if j < i: undo that
                 total = self.codec.sub(total, m) if j > i else self.codec.add(total, m)
-        return self.codec.decode_sum(total, len(survivors)), len(survivors)
+        return total
 
     def _reconstruct(self, replies: dict[int, dict[int, tuple[str, bytes]]], owner: int, kind: str) -> bytes:
         shares = [r[owner][1] for r in replies.values() if owner in r and r[owner][0] == kind]

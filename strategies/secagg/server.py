@@ -1,0 +1,178 @@
+"""The server's half of secure aggregation: runs the protocol stages as Flower messages.
+
+:class:`SecureAggregator` is used by :class:`strategies.fedavg.FedAvg` (hence by every
+strategy built on it, FedProx included) when ``aggregation=secagg``:
+
+* ``open`` (from ``configure_train``): sends ``query.secagg_keys`` and
+  ``query.secagg_share`` to the sampled sites and turns the strategy's training messages
+  into ``train.secagg`` messages that carry each site's encrypted shares;
+* ``close`` (from ``aggregate_train``): screens the masked replies, sends
+  ``query.secagg_unmask`` and returns the decoded :class:`~strategies.secagg.vector.Aggregate`.
+
+A site that fails to answer a stage (timeout, error reply, malformed or misaddressed
+reply) is logged with the reason and counts as dropped from then on. With fewer than
+``t`` sites left at any stage the round is aborted: :class:`SecAggAbort` is raised, the
+strategy keeps the global model as it was. The server only ever holds public keys,
+ciphertexts of shares, masked vectors and the final sum.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from strategies.secagg.client import MASKED_KEY, WIRE_KEY, field_codec
+from strategies.secagg.protocol import SecAggAbort, SecAggServer
+from strategies.secagg.vector import Aggregate, WeightedUpdateCodec
+
+
+def threshold_for(fraction: float, sites: int) -> int:
+    """Shamir threshold for a round with ``sites`` sites: ``max(2, ceil(fraction * sites))``."""
+    return min(sites, max(2, math.ceil(fraction * sites - 1e-9)))
+
+
+class SecureAggregator:
+    """Orchestrates one secure round at a time.
+
+    Parameters
+    ----------
+    clip, value_bits : the quantisation (see :mod:`strategies.secagg.vector`).
+    threshold : Shamir threshold as a share of the round's sampled sites.
+    stage_timeout : seconds to wait for the replies of each stage.
+    """
+
+    def __init__(self, clip: float, value_bits: int, threshold: float, stage_timeout: float) -> None:
+        self.clip, self.value_bits = clip, value_bits
+        self.threshold, self.stage_timeout = threshold, stage_timeout
+        self._grid: Grid | None = None
+        self._round = 0
+        self._ids: dict[int, int] = {}  # node id -> protocol id
+        self._server: SecAggServer | None = None
+        self._codec: WeightedUpdateCodec | None = None
+        self.log: dict[int, dict[str, Any]] = {}  # per round: stage counts, rejections, timings
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _entry(self) -> dict[str, Any]:
+        return self.log.setdefault(self._round, {"rejected": [], "stages": {}})
+
+    def _reject(self, node: int, stage: str, reason: str) -> None:
+        self._entry()["rejected"].append({"node": node, "stage": stage, "reason": reason})
+        log(WARNING, "round %s secagg %s: node %s dropped: %s", self._round, stage, node, reason)
+
+    def _exchange(self, stage: str, message_type: str, records: dict[int, dict[str, Any]]) -> dict[int, ConfigRecord]:
+        """Send one ConfigRecord per node, return the well-formed replies by protocol id."""
+        assert self._grid is not None
+        t0 = time.monotonic()
+        msgs = []
+        for node, rec in records.items():
+            content = RecordDict({WIRE_KEY: ConfigRecord({"round": self._round, **rec})})
+            msgs.append(Message(content, dst_node_id=node, message_type=message_type))
+        replies = self._grid.send_and_receive(msgs, timeout=self.stage_timeout)
+        good = self._screen(stage, replies, set(records))
+        self._entry()["stages"][stage] = {"sent": len(records), "ok": len(good),
+                                          "seconds": round(time.monotonic() - t0, 4)}
+        return {self._ids[node]: msg.content.config_records[WIRE_KEY] for node, msg in good.items()}
+
+    def _screen(self, stage: str, replies: Iterable[Message], expected: set[int]) -> dict[int, Message]:
+        """The replies that answer this stage correctly, by node; the others are logged."""
+        good: dict[int, Message] = {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if node not in expected or node in good:
+                self._reject(node, stage, "unexpected or duplicate reply")
+                continue
+            if msg.has_error():
+                self._reject(node, stage, f"error reply: {msg.error.reason}")
+                continue
+            rec = msg.content.config_records.get(WIRE_KEY)
+            if rec is None or "round" not in rec or "id" not in rec:
+                self._reject(node, stage, f"reply has no well-formed {WIRE_KEY!r} record")
+            elif int(rec["round"]) != self._round or int(rec["id"]) != self._ids[node]:
+                self._reject(node, stage, f"reply is for round {rec['round']} / id {rec['id']}, expected round "
+                                          f"{self._round} / id {self._ids[node]} (replayed or misaddressed)")
+            else:
+                good[node] = msg
+        for node in sorted(expected - set(good) - {r["node"] for r in self._entry()["rejected"] if r["stage"] == stage}):
+            self._reject(node, stage, f"no reply within {self.stage_timeout:g} s")
+        return good
+
+    def _node_of(self, pid: int) -> int:
+        return next(n for n, p in self._ids.items() if p == pid)
+
+    # ---- the round -------------------------------------------------------------------------
+    def open(self, server_round: int, messages: list[Message], grid: Grid, size: int) -> list[Message]:
+        """Stages 0 and 1; returns the ``train.secagg`` messages for the sites still in.
+
+        ``messages`` are the strategy's training messages (one per sampled site), ``size``
+        the number of model values.
+        """
+        self._grid, self._round = grid, server_round
+        nodes = sorted(m.metadata.dst_node_id for m in messages)
+        self._ids = {node: k + 1 for k, node in enumerate(nodes)}
+        t = threshold_for(self.threshold, len(nodes))
+        self._codec = WeightedUpdateCodec(self.clip, self.value_bits, size)
+        self._server = SecAggServer(t, field_codec(self.clip, self.value_bits), self._codec.length)
+        self._entry().update({"sites": len(nodes), "threshold": t})
+        if len(nodes) < 2:
+            raise SecAggAbort(f"{len(nodes)} site sampled: secure aggregation needs at least 2")
+        keys = self._exchange("keys", "query.secagg_keys", {
+            n: {"id": self._ids[n], "threshold": t, "clip": self.clip, "value-bits": self.value_bits} for n in nodes})
+        public = self._server.collect_keys({i: (bytes(r["c-pk"]), bytes(r["s-pk"])) for i, r in keys.items()})  # type: ignore[arg-type]
+        ids = sorted(public)
+        shared = self._exchange("share", "query.secagg_share", {self._node_of(i): {
+            "id": i, "ids": ids, "c-pks": [public[j][0] for j in ids], "s-pks": [public[j][1] for j in ids]}
+            for i in ids})
+        inbox = self._server.route_shares({i: dict(zip((int(j) for j in r["to"]), r["shares"]))  # type: ignore[arg-type]
+                                           for i, r in shared.items()})
+        out = []
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        for i in sorted(inbox):
+            node = self._node_of(i)
+            content = RecordDict(dict(by_node[node].content.items()))
+            senders = sorted(inbox[i])
+            content[WIRE_KEY] = ConfigRecord({"round": server_round, "id": i, "size": size,
+                                              "from": senders, "shares": [inbox[i][j] for j in senders]})
+            out.append(Message(content, dst_node_id=node, message_type="train.secagg"))
+        self._t_masked = time.monotonic()
+        return out
+
+    def close(self, replies: Iterable[Message]) -> Aggregate:
+        """Stages 2 (collect) and 3 (unmask); the survivors' decoded aggregate."""
+        assert self._server is not None and self._codec is not None
+        t0 = time.monotonic()
+        expected = {self._node_of(i) for i in self._server.sharers}
+        good = self._screen("masked_input", replies, expected)
+        masked: dict[int, np.ndarray] = {}
+        for node, msg in good.items():
+            record = msg.content.array_records.get(MASKED_KEY)
+            y = record["y"].numpy() if record is not None and "y" in record else None
+            reason = "reply has no masked vector" if y is None else self._server.check_masked(y)
+            if reason is not None:
+                self._reject(node, "masked_input", reason)
+            else:
+                masked[self._ids[node]] = y
+        self._entry()["stages"]["masked_input"] = {"sent": len(expected), "ok": len(masked),
+                                                   "seconds": round(t0 - self._t_masked, 4)}
+        survivors, dropped = self._server.collect_masked(masked)
+        shares = self._exchange("unmask", "query.secagg_unmask", {
+            self._node_of(i): {"id": i, "survivors": survivors, "dropped": dropped} for i in survivors})
+        t1 = time.monotonic()
+        total = self._server.unmask({i: {int(o): (str(k), bytes(v)) for o, k, v in zip(r["owners"], r["kinds"], r["shares"])}  # type: ignore[arg-type]
+                                     for i, r in shares.items()})
+        aggregate = self._codec.decode(total)
+        self._entry().update({"survivors": len(survivors), "dropped": len(dropped),
+                              "unmask_seconds": round(time.monotonic() - t1, 4), "clipped": aggregate.clipped})
+        log(INFO, "round %s secagg: sum of %s sites unmasked (%s dropped, threshold %s)",
+            self._round, len(survivors), len(dropped), self._server.threshold)
+        if aggregate.clipped:
+            log(WARNING, "round %s secagg: %s update values exceeded aggregation.clip=%g and were clipped; "
+                "raise aggregation.clip to keep the aggregate exact", self._round, aggregate.clipped, self.clip)
+        return aggregate

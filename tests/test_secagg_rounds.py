@@ -1,0 +1,217 @@
+"""Secure aggregation end to end: the real ServerApp and ClientApp exchanging the protocol's
+messages (in process through :class:`LocalGrid`; ``test_e2e.py`` runs it in Flower's
+simulation engine). What the server receives is recorded at the grid and checked."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from app import client_app, config, server_app
+from app.local_grid import LocalGrid
+from strategies.secagg import vector
+from strategies.secagg.client import MASKED_KEY, WIRE_KEY
+from strategies.secagg.vector import Layout
+from tests.conftest import DATA_DIR
+
+
+class RecordingGrid(LocalGrid):
+    """LocalGrid that keeps every message and reply, and can alter messages in flight."""
+
+    def __init__(self, *args: Any, alter: Callable[[Message], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self.alter = alter
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        out = []
+        for msg in messages:
+            if self.alter is not None:
+                self.alter(msg)
+            self.sent.append(msg)
+            out.append(self._deliver(msg))
+        self.replies.extend(out)
+        return out
+
+
+def run(tmp_path: Path, overrides: list[str], monkeypatch: pytest.MonkeyPatch,
+        alter: Callable[[Message], None] | None = None) -> tuple[RecordingGrid, dict[str, Any], dict]:
+    """One in-process run; returns the grid, results.json and the sites' plaintext updates."""
+    updates: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)  # round -> [(weight, update)]
+    encode = vector.WeightedUpdateCodec.encode
+    current = {"round": 0}
+
+    def recording_encode(self, update, weight, loss, rng):  # type: ignore[no-untyped-def]
+        updates[current["round"]].append((weight, update.copy()))
+        return encode(self, update, weight, loss, rng)
+
+    def track_round(msg: Message) -> None:
+        if msg.metadata.message_type == "train.secagg":
+            current["round"] = int(msg.content[WIRE_KEY]["round"])
+        if alter is not None:
+            alter(msg)
+
+    monkeypatch.setattr(vector.WeightedUpdateCodec, "encode", recording_encode)
+    cfg = config.compose(overrides)
+    run_config = {"overrides": shlex.join([*overrides, f"data_dir={DATA_DIR}"]), "output-dir": str(tmp_path)}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    grid = RecordingGrid(client_app.app, config.num_sites(cfg), run_config, alter=track_round)
+    try:
+        server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    except RuntimeError:
+        pass  # a run in which every round aborts fails; the caller checks results.json
+    return grid, json.loads((tmp_path / "results.json").read_text()), updates
+
+
+def globals_per_round(grid: RecordingGrid, tmp_path: Path) -> dict[int, dict[str, np.ndarray]]:
+    """The global model each round's training started from, plus the final model."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for msg in grid.sent:
+        if msg.metadata.message_type == "train.secagg":
+            out.setdefault(int(msg.content[WIRE_KEY]["round"]), {k: v.numpy() for k, v in msg.content["arrays"].items()})
+    final = torch.load(tmp_path / "model.pt")
+    out[max(out) + 1] = {k: v.numpy() for k, v in final.items()}
+    return out
+
+
+def assert_rounds_equal_survivors_mean(grid: RecordingGrid, tmp_path: Path, updates: dict, clip: float = 4.0) -> None:
+    delta = 2 * clip / ((1 << 24) - 1)
+    models = globals_per_round(grid, tmp_path)
+    for r in sorted(updates):
+        layout = Layout.of(models[r])
+        weights = np.array([w for w, _ in updates[r]], dtype=np.float64)
+        expected = layout.flatten(models[r]) + (weights[:, None] * np.stack([u for _, u in updates[r]])).sum(0) / weights.sum()
+        got = layout.flatten(models[r + 1])
+        # the documented bound (one step) plus rounding the result to float32
+        np.testing.assert_allclose(got, expected, rtol=0, atol=delta + 2.0**-23 * max(1.0, np.abs(expected).max()))
+
+
+FINANCE10 = ["task=finance", "num_sites=10", "task.local_epochs=1", "strategy.fraction_evaluate=0"]
+
+
+@pytest.mark.parametrize("stage", ["keys", "share", "masked_input", "unmask"])
+def test_dropouts_at_each_stage_leave_the_survivors_aggregate(stage: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    grid, results, updates = run(tmp_path, [*FINANCE10, "num_rounds=2", "aggregation=secagg",
+                                            "faults.drop_rate=0.3", f"faults.drop_stage={stage}"], monkeypatch)
+    assert results["status"] == "completed"
+    for h in results["history"]:
+        sec = h["participation"]["secagg"]
+        assert sec["sites"] == 10 and "aborted" not in sec
+        dropped = [r for r in sec["rejected"] if "fault injection" in r["reason"]]
+        assert len(dropped) == 3 and all(r["stage"] == stage for r in dropped)
+        # sites dropped before masking are not in the sum; at unmasking all 10 inputs are
+        assert sec["survivors"] == (10 if stage == "unmask" else 7)
+        assert len(updates[h["round"]]) == sec["survivors"]
+    assert_rounds_equal_survivors_mean(grid, tmp_path, updates)
+
+
+def test_too_few_survivors_abort_cleanly_and_keep_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid, results, _ = run(tmp_path, [*FINANCE10, "num_rounds=2", "aggregation=secagg",
+                                      "faults.drop_rate=0.5"], monkeypatch)  # 5 left, threshold 6
+    assert results["status"] == "failed"
+    for h in results["history"]:
+        assert "threshold is 6" in h["participation"]["secagg"]["aborted"]
+        assert h["participation"]["train"]["replied"] == 0
+    models = globals_per_round(grid, tmp_path)
+    for k in models[1]:
+        np.testing.assert_array_equal(models[1][k], models[3][k])  # never touched
+
+
+def test_server_receives_only_masked_vectors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid, results, updates = run(tmp_path, ["task=finance", "num_sites=3", "task.local_epochs=1", "num_rounds=1",
+                                            "aggregation=secagg"], monkeypatch)
+    masked = [m for m in grid.replies if not m.has_error() and MASKED_KEY in m.content.array_records]
+    assert len(masked) == 3 and results["status"] == "completed"
+    monkeypatch.undo()  # stop recording: encode the plaintext vectors for comparison
+    codec = vector.WeightedUpdateCodec(4.0, 24, updates[1][0][1].size)
+    for reply in masked:
+        assert list(reply.content.array_records) == [MASKED_KEY]  # no model, no update
+        assert not reply.content.metric_records  # no row count, no loss
+        y = reply.content[MASKED_KEY]["y"].numpy().astype(np.float64)
+        for weight, update in updates[1]:
+            plain = codec.encode(update, weight, 0.0, np.random.default_rng(0)).astype(np.float64)
+            assert abs(np.corrcoef(y, plain)[0, 1]) < 0.1  # 4,000+ values: > 6 standard errors
+            assert len(set(plain[:-3].tolist()) & set(y.tolist())) < 0.01 * y.size
+    # what the server learns: the sites' total weight, not each one's
+    assert results["history"][0]["train"]["num-examples"] == sum(w for w, _ in updates[1])
+
+
+def test_secagg_composes_with_fedprox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid, results, updates = run(tmp_path, [*FINANCE10, "num_rounds=2", "strategy=fedprox", "strategy.mu=0.1",
+                                            "aggregation=secagg", "faults.drop_rate=0.2"], monkeypatch)
+    assert results["status"] == "completed"
+    sent = [m for m in grid.sent if m.metadata.message_type == "train.secagg"]
+    assert sent and all(float(m.content["config"]["proximal-mu"]) == 0.1 for m in sent)
+    assert_rounds_equal_survivors_mean(grid, tmp_path, updates)
+
+
+def test_tampered_share_is_refused_and_the_round_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def flip_a_byte(msg: Message) -> None:
+        if msg.metadata.message_type == "train.secagg" and msg.metadata.dst_node_id == 1002:
+            rec = msg.content[WIRE_KEY]
+            shares = list(rec["shares"])
+            shares[0] = shares[0][:-5] + bytes([shares[0][-5] ^ 1]) + shares[0][-4:]
+            rec["shares"] = shares
+
+    _, results, updates = run(tmp_path, ["task=medical", "num_rounds=1", "aggregation=secagg",
+                                         "strategy.fraction_evaluate=0"], monkeypatch, alter=flip_a_byte)
+    sec = results["history"][0]["participation"]["secagg"]
+    assert results["status"] == "completed" and sec["survivors"] == 3
+    assert any("failed authentication" in r["reason"] and r["node"] == 1002 for r in sec["rejected"])
+
+
+def _context() -> Context:
+    overrides = shlex.join(["task=medical", f"data_dir={DATA_DIR}"])
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 4},
+                   state=RecordDict(), run_config={"overrides": overrides})
+
+
+def _msg(message_type: str, **record: Any) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    return Message(RecordDict({WIRE_KEY: ConfigRecord(record)}), dst_node_id=7, message_type=message_type)
+
+
+def test_replayed_and_out_of_order_stage_messages_are_refused() -> None:
+    ctx = _context()
+    keys = dict(round=3, id=1, threshold=2, clip=4.0, **{"value-bits": 24})
+    reply = client_app.app(_msg("query.secagg_unmask", round=3, id=1, survivors=[1, 2], dropped=[]), ctx)
+    assert reply.has_error() and "before any key advertisement" in reply.error.reason
+    assert not client_app.app(_msg("query.secagg_keys", **keys), ctx).has_error()
+    replay = client_app.app(_msg("query.secagg_keys", **keys), ctx)
+    assert replay.has_error() and "replayed" in replay.error.reason
+    skip = client_app.app(_msg("query.secagg_unmask", round=3, id=1, survivors=[1, 2], dropped=[]), ctx)
+    assert skip.has_error() and "must follow 'masked_input'" in skip.error.reason
+    stale = client_app.app(_msg("query.secagg_share", round=2, id=1, ids=[1], **{"c-pks": [], "s-pks": []}), ctx)
+    assert stale.has_error() and "stale" in stale.error.reason
+    older = client_app.app(_msg("query.secagg_keys", **dict(keys, round=1)), ctx)
+    assert older.has_error() and "replayed" in older.error.reason
+
+
+def test_misaddressed_reply_is_rejected_by_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = LocalGrid._deliver
+
+    def deliver(self, msg):  # type: ignore[no-untyped-def]
+        reply = original(self, msg)
+        if msg.metadata.message_type == "query.secagg_keys" and msg.metadata.dst_node_id == 1001:
+            reply.content[WIRE_KEY]["round"] = 0  # a reply from another round
+        return reply
+
+    monkeypatch.setattr(LocalGrid, "_deliver", deliver)
+    _, results, _ = run(tmp_path, ["task=medical", "num_rounds=1", "aggregation=secagg",
+                                   "strategy.fraction_evaluate=0"], monkeypatch)
+    sec = results["history"][0]["participation"]["secagg"]
+    assert sec["survivors"] == 3
+    assert any(r["node"] == 1001 and r["stage"] == "keys" and "replayed or misaddressed" in r["reason"]
+               for r in sec["rejected"])
