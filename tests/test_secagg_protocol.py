@@ -68,11 +68,20 @@ def test_masked_input_reveals_nothing_of_the_input() -> None:
     others = {i: SecAggClient(i, T, CODEC) for i in range(2, N + 1)}
     pks = {1: client.advertise(), **{i: c.advertise() for i, c in others.items()}}
     client.share_keys(pks)
+    inbox = {i: c.share_keys(pks)[1] for i, c in others.items()}
     enc, _ = CODEC.encode(X[1], np.random.default_rng(0))
-    y = client.masked_input({}, enc)
+    y = client.masked_input(inbox, enc)
     corr = np.corrcoef(y.astype(np.float64), enc.astype(np.float64))[0, 1]
     assert abs(corr) < 0.2  # 400 values: |corr| < 0.2 is > 4 standard errors from 0
     assert abs(y.astype(np.float64).mean() / CODEC.modulus - 0.5) < 0.1
+
+
+def test_site_refuses_to_mask_when_too_few_sites_shared_keys() -> None:
+    client = SecAggClient(1, T, CODEC)
+    pks = {1: client.advertise(), 2: SecAggClient(2, T, CODEC).advertise(), 3: SecAggClient(3, T, CODEC).advertise()}
+    client.share_keys(pks)
+    with pytest.raises(SecAggAbort, match="1 sites shared keys"):
+        client.masked_input({}, CODEC.encode(X[1], np.random.default_rng(0))[0])
 
 
 def test_unmask_refuses_overlapping_lists() -> None:
