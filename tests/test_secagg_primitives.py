@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto import shamir as flower_shamir
 
 from strategies.secagg import keys, prg
 from strategies.secagg.codec import FieldCodec
+from strategies.secagg.shamir import combine_shares, create_shares
 
 
 def test_key_agreement_is_symmetric_and_purpose_bound() -> None:
@@ -95,6 +96,19 @@ def test_codec_reports_clipping_and_rejects_bad_parameters() -> None:
         FieldCodec(clip=1.0, value_bits=52, max_sites=2**20)
     with pytest.raises(ValueError, match="count"):
         codec.decode_sum(np.zeros(2, np.uint64), 5)
+
+
+def test_shamir_share_layout_is_flowers_without_padding() -> None:
+    secret = bytes(range(100, 132))
+    ours = create_shares(secret, 3, 6)
+    assert [s[:4] for s in ours] == [i.to_bytes(4, "little") for i in range(1, 7)]
+    assert all(len(s) == 4 + 32 for s in ours)  # two 16-byte chunks; Flower's helper pads to three
+    assert len(flower_shamir.create_shares(secret, 3, 6)[0]) == 4 + 48
+    assert combine_shares(ours[3:]) == secret
+    with pytest.raises(ValueError, match="multiple of 16"):
+        create_shares(b"short", 2, 3)
+    with pytest.raises(ValueError, match="duplicate"):
+        combine_shares([ours[0], ours[0], ours[1]])
 
 
 def test_shamir_needs_the_threshold() -> None:

@@ -1,16 +1,19 @@
-"""Secure aggregation for Message-API strategies (issue #4), building blocks.
+"""Secure aggregation for Message-API strategies (``aggregation=secagg``).
 
-So far: the cryptographic and numeric primitives, and the four-stage protocol (advertise
-keys, share keys, masked input, unmask, with dropout recovery) as transport-independent
-client and server state machines, tested in memory. Not built yet: carrying the stages
-in Flower messages (``train.secagg_*`` handlers, state in ``context.state``), composing
-with FedAvg/FedProx weighting, config and fault injection; ``aggregation=secagg`` is not
-offered until then.
+The server learns only the sum of the sampled sites' weighted updates and their total
+weight (SecAgg, Bonawitz et al. CCS 2017, with the dropout recovery of SecAgg+, Bell et
+al. CCS 2020; complete masking graph). Any strategy built on :class:`strategies.FedAvg`
+(FedAvg, FedProx) composes with it.
 
-* :mod:`strategies.secagg.keys`   X25519 key agreement, HKDF-SHA256 to 32-byte secrets
-* :mod:`strategies.secagg.prg`    masks from AES-256-CTR keyed with the full shared secret
-* :mod:`strategies.secagg.codec`  clipping + seeded stochastic quantisation into Z_(2^k)
-* :mod:`strategies.secagg.protocol` SecAggClient / SecAggServer, one round each
-* Shamir secret sharing and Fernet share encryption: Flower's
-  ``flwr.common.secure_aggregation.crypto``
+Server half and client half, one module each, the primitives below them:
+
+* :mod:`strategies.secagg.server`   SecureAggregator: runs the stages as Flower messages
+* :mod:`strategies.secagg.client`   the ClientApp's stage handlers, state in ``context.state``
+* :mod:`strategies.secagg.protocol` SecAggClient / SecAggServer state machines (no transport)
+* :mod:`strategies.secagg.vector`   weighted update + weight + loss as one field vector; error bound
+* :mod:`strategies.secagg.codec`    clipping + seeded stochastic quantisation into Z_(2^k)
+* :mod:`strategies.secagg.keys`     X25519 key agreement, HKDF-SHA256 to 32-byte secrets
+* :mod:`strategies.secagg.prg`      masks from AES-256-CTR keyed with the full shared secret
+* :mod:`strategies.secagg.shamir`   Shamir sharing (pycryptodome, Flower's share format)
+* share encryption: Fernet, via Flower's ``flwr.common.secure_aggregation.crypto``
 """

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.fernet import InvalidToken
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 
 from strategies.secagg import keys, prg
 from strategies.secagg.codec import FieldCodec
+from strategies.secagg.shamir import combine_shares, create_shares
 
 SEED_BYTES = prg.SEED_BYTES
 

@@ -1,0 +1,162 @@
+"""Issue #4: what secure aggregation costs, against plain aggregation and Flower's SecAgg+.
+
+For 5, 20 and 50 finance sites (IID, 1 local epoch, the finance MLP: 4,225 values) it
+runs, in this one process and interleaved per site count:
+
+* ``plain``     fedsilo, ``aggregation=plain``
+* ``secagg``    fedsilo, ``aggregation=secagg`` (full graph: every pair of sites masks)
+* ``flower``    Flower 1.41's legacy SecAgg+ workflow (``benchmarks/flower_baseline/
+                secaggplus_app.py``) with the same sites, model, local training and
+                threshold (60 % of the sites, ``num_shares`` = all sites)
+
+and reports seconds per round (median over rounds 2..R, so set-up is excluded) and bytes
+each site sends and receives per round (serialised Flower messages, protobuf size). All
+three drive the real ServerApp/ClientApp objects in this process (no Ray, no gRPC; every
+message and reply goes through Flower's protobuf serialisation, as on a real wire), so the
+figures isolate protocol cost; ``--engine`` adds plain vs secagg
+at 10 sites through Flower's simulation engine (``fedsilo`` command).
+
+    python benchmarks/secagg.py               # about 10 minutes on 2 cores
+    python benchmarks/secagg.py --engine      # + the simulation engine at 10 sites
+
+Writes ``benchmarks/results/secagg.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks" / "flower_baseline"))
+
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.common.serde import message_from_proto, message_to_proto  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from app import config  # noqa: E402
+from app.local_grid import LocalGrid  # noqa: E402
+from app.preflight import preflight  # noqa: E402
+
+BASE = ["task=finance", "partition=iid", "task.local_epochs=1", "strategy.fraction_evaluate=0"]
+
+
+class MeteredGrid(LocalGrid):
+    """LocalGrid that sends every message and reply through Flower's protobuf serialisation
+    (as a real transport does: each node gets its own copy) and adds up its size."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.down: dict[int, int] = defaultdict(int)
+        self.up: dict[int, int] = defaultdict(int)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            proto = message_to_proto(msg)
+            self.down[node] += proto.ByteSize()
+            reply = self._deliver(message_from_proto(proto))
+            proto = message_to_proto(reply)
+            if not reply.has_error():
+                self.up[node] += proto.ByteSize()
+            out.append(message_from_proto(proto))
+        return out
+
+
+def one(kind: str, sites: int, rounds: int) -> dict[str, Any]:
+    """One run; seconds per round (from the server's per-round stamps) and bytes per site."""
+    overrides = [*BASE, f"num_sites={sites}", f"num_rounds={rounds}",
+                 *(["aggregation=secagg"] if kind == "secagg" else [])]
+    cfg = config.compose(overrides)
+    data_dir = preflight(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_config = {"overrides": shlex.join([*overrides, f"data_dir={data_dir}"]), "output-dir": tmp}
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+        if kind == "flower":
+            import secaggplus_app as fl
+
+            grid = MeteredGrid(fl.client, sites, run_config)
+            fl.server(grid, ctx)
+            secs = [b - a for a, b in zip(fl.STAMPS, fl.STAMPS[1:])]
+            auc = None
+        else:
+            from app import client_app, server_app
+
+            grid = MeteredGrid(client_app.app, sites, run_config)
+            server_app.app(grid, ctx)
+            res = json.loads((Path(tmp) / "results.json").read_text())
+            secs, auc = [h["seconds"] for h in res["history"]], res["final"]["auc"]
+    per = lambda d: statistics.mean(d.values()) / rounds if d else 0.0  # noqa: E731
+    return {"kind": kind, "sites": sites, "rounds": rounds, "round_seconds": secs,
+            "seconds_per_round": statistics.median(secs[1:] if len(secs) > 1 else secs),
+            "bytes_up_per_site": per(grid.up), "bytes_down_per_site": per(grid.down), "final_auc": auc}
+
+
+def engine(sites: int, rounds: int) -> dict[str, float]:
+    """Median round seconds of plain and secagg through the simulation engine (fedsilo command)."""
+    out = {}
+    for kind in ("plain", "secagg"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "app.cli", *BASE, f"num_sites={sites}", f"num_rounds={rounds}",
+                   f"aggregation={kind}", f"hydra.run.dir={tmp}"]
+            subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=1800)
+            res = json.loads((Path(tmp) / "results.json").read_text())
+            out[kind] = statistics.median(h["seconds"] for h in res["history"][1:])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[5, 20, 50])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--engine", action="store_true", help="also plain vs secagg at 10 sites in the engine")
+    args = parser.parse_args()
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    rows = []
+    for n in args.sites:
+        for kind in ("plain", "secagg", "flower"):
+            timing = one(kind, n, args.rounds)
+            rows.append(timing)
+            print(f"{n:3d} sites {kind:7s}: {timing['seconds_per_round']:.3f} s/round, "
+                  f"up {timing['bytes_up_per_site'] / 1e3:.1f} kB, down {timing['bytes_down_per_site'] / 1e3:.1f} kB "
+                  f"per site per round", flush=True)
+    lines = ["| sites | method | s/round | × plain | × Flower SecAgg+ | kB up/site/round | kB down/site/round |",
+             "|---|---|---|---|---|---|---|"]
+    for n in args.sites:
+        by = {r["kind"]: r for r in rows if r["sites"] == n}
+        for kind, label in (("plain", "fedsilo plain"), ("secagg", "fedsilo secagg"), ("flower", "Flower SecAgg+ (legacy)")):
+            r = by[kind]
+            lines.append(f"| {n} | {label} | {r['seconds_per_round']:.3f} | "
+                         f"{r['seconds_per_round'] / by['plain']['seconds_per_round']:.2f} | "
+                         f"{r['seconds_per_round'] / by['flower']['seconds_per_round']:.2f} | "
+                         f"{r['bytes_up_per_site'] / 1e3:.1f} | {r['bytes_down_per_site'] / 1e3:.1f} |")
+    eng = engine(10, args.rounds) if args.engine else None
+    command = " ".join(["python benchmarks/secagg.py", *sys.argv[1:]])
+    text = (f"Produced by `{command}`: finance, IID, 1 local epoch, {args.rounds} rounds, in-process "
+            f"(`LocalGrid`, no transport); s/round is the median of rounds 2..{args.rounds}.\n\n" + "\n".join(lines) + "\n")
+    if eng:
+        text += (f"\nSimulation engine, 10 sites (`fedsilo`): plain {eng['plain']:.3f} s/round, secagg "
+                 f"{eng['secagg']:.3f} s/round, ratio {eng['secagg'] / eng['plain']:.2f}.\n")
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "secagg.json").write_text(json.dumps({"command": command, "rows": rows, "engine_10_sites": eng}, indent=1) + "\n")
+    (out / "secagg.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
