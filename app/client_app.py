@@ -118,7 +118,14 @@ def _secagg_stage(stage: str, handler):  # type: ignore[no-untyped-def]
 
 app.query("secagg_keys")(_secagg_stage("keys", secagg.advertise_keys))
 app.query("secagg_share")(_secagg_stage("share", secagg.share_keys))
-app.query("secagg_unmask")(_secagg_stage("unmask", secagg.unmask))
+def _unmask(msg: Message, context: Context) -> Message:
+    """Stage 3 (and, pipelined, stage 1 of the next round: unless this site drops there)."""
+    cfg, _, site = load_site(context)
+    server_round = int(msg.content[secagg.WIRE_KEY]["round"])
+    return secagg.unmask(msg, context, share_next=not faults.drops(cfg, server_round + 1, site.site_id, "share"))
+
+
+app.query("secagg_unmask")(_secagg_stage("unmask", _unmask))
 
 
 @app.train("secagg")
@@ -145,8 +152,9 @@ def train_secagg(msg: Message, context: Context) -> Message:
         return codec.encode(update, len(site.train), float(r["stats"]["train_loss"]), rng)
 
     extra = RecordDict({SITE_KEY: _site_record(site, r["round"], r["straggler"])})
+    advertise_next = not faults.drops(cfg, r["round"] + 1, site.site_id, "keys")
     try:
-        return secagg.masked_input(msg, context, encode, extra)
+        return secagg.masked_input(msg, context, encode, extra, advertise_next)
     except (secagg.ProtocolError, secagg.SecAggAbort, ValueError) as err:
         return secagg.refuse(msg, err)
 

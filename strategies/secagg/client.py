@@ -2,21 +2,29 @@
 
 The ClientApp registers one handler per protocol stage (``app/client_app.py``):
 
-=====================  ============================  ==================================
-message type           site receives                 site replies
-=====================  ============================  ==================================
-``query.secagg_keys``  its protocol id, threshold    its two X25519 public keys
-``query.secagg_share`` every site's public keys      encrypted Shamir shares, per peer
-``train.secagg``       global model + its shares     masked weighted update (uint64)
-``query.secagg_unmask`` survivors and dropped ids    its shares of b (survivors) / s_sk
-=====================  ============================  ==================================
+======================  ============================  ==================================
+message type            site receives                 site replies
+======================  ============================  ==================================
+``query.secagg_keys``   its protocol id, threshold    its two X25519 public keys
+``query.secagg_share``  every site's public keys      encrypted Shamir shares, per peer
+``train.secagg``        global model + its shares     masked weighted update (uint64)
+``query.secagg_unmask`` survivors and dropped ids     its shares of b (survivors) / s_sk
+======================  ============================  ==================================
+
+Pipelining: the ``train.secagg`` reply also advertises fresh keys for the *next* round,
+and the ``query.secagg_unmask`` message carries the next round's key list, so its reply
+also holds the next round's encrypted shares. From round 2 on, a round then costs two
+message exchanges instead of four (the server falls back to the full four when the sites
+sampled differ from those that shared ahead).
 
 Between stages the site's secrets (private keys, self-mask seed, shares it holds) live in
-``context.state`` under :data:`STATE_KEY`, so the protocol survives the ClientApp being a
-fresh process per message (as in Flower's deployment and simulation runtimes). Each
-stage checks that the message belongs to the round the state was opened for and comes
-in protocol order: a replayed or out-of-order message is refused with a clear error, and
-never makes the site reveal both shares of one peer.
+``context.state`` under :data:`STATE_KEY` (and :data:`NEXT_KEY` for the next round's
+keys), so the protocol survives the ClientApp being a fresh process per message (as in
+Flower's deployment and simulation runtimes). Each stage checks that the message belongs
+to the round the state was opened for and comes in protocol order; keys for a round are
+refused once the site has sent its masked input for it, and a round is unmasked once: a
+replayed or out-of-order message is refused with a clear error, and never makes the site
+reveal both shares of one peer.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from strategies.secagg.vector import FIELD_BITS, WeightedUpdateCodec
 
 WIRE_KEY = "secagg"
 STATE_KEY = "secagg-state"
+NEXT_KEY = "secagg-next"    # the next round's keys, advertised early (pipelining)
+GUARD_KEY = "secagg-guard"  # the last round this site masked an input for
 MASKED_KEY = "masked"
 PROTOCOL_ERROR = 409  # Error code of a refused (out-of-order, replayed, forged) stage message
 
@@ -48,10 +58,11 @@ def field_codec(clip: float, value_bits: int) -> FieldCodec:
 
 
 # ---- state (de)serialisation --------------------------------------------------------------
-def _save(context: Context, client: SecAggClient, server_round: int, stage: str, clip: float, value_bits: int) -> None:
+def _save(context: Context, client: SecAggClient, server_round: int, stage: str, clip: float, value_bits: int,
+          key: str = STATE_KEY) -> None:
     peers = sorted(client.peers)
     held = sorted(client.held)
-    context.state[STATE_KEY] = ConfigRecord({
+    context.state[key] = ConfigRecord({
         "round": server_round, "stage": stage, "site": client.site, "threshold": client.threshold,
         "clip": clip, "value-bits": value_bits,
         "c-sk": client.c_sk, "s-sk": client.s_sk, "b-seed": client.b_seed,
@@ -62,10 +73,11 @@ def _save(context: Context, client: SecAggClient, server_round: int, stage: str,
     })
 
 
-def _load(context: Context, server_round: int, expected: str) -> tuple[SecAggClient, ConfigRecord]:
-    if STATE_KEY not in context.state.config_records:
+def _load(context: Context, server_round: int, expected: str,
+          key: str = STATE_KEY) -> tuple[SecAggClient, ConfigRecord]:
+    if key not in context.state.config_records:
         raise ProtocolError(f"secagg stage {expected!r} of round {server_round} before any key advertisement")
-    st = context.state.config_records[STATE_KEY]
+    st = context.state.config_records[key]
     if int(st["round"]) != server_round:
         raise ProtocolError(f"secagg message for round {server_round}, but this site is in round {st['round']} "
                             "(replayed or stale message)")
@@ -104,14 +116,28 @@ def advertise_keys(msg: Message, context: Context) -> Message:
     """Stage 0: open this round's state and publish two fresh public keys."""
     w = _wire(msg)
     server_round = int(w["round"])
-    old = context.state.config_records.get(STATE_KEY)
-    if old is not None and int(old["round"]) >= server_round:
-        raise ProtocolError(f"key advertisement for round {server_round} after round {old['round']} "
-                            "(replayed message)")
+    _check_fresh(context, server_round)
     client = SecAggClient(int(w["id"]), int(w["threshold"]), field_codec(float(w["clip"]), int(w["value-bits"])))
     c_pk, s_pk = client.advertise()
     _save(context, client, server_round, "keys", float(w["clip"]), int(w["value-bits"]))
     return _reply(msg, {"round": server_round, "id": client.site, "c-pk": c_pk, "s-pk": s_pk})
+
+
+def _check_fresh(context: Context, server_round: int) -> None:
+    """Keys may be (re)made for a round until this site has masked its input for it."""
+    guard = context.state.config_records.get(GUARD_KEY)
+    if guard is not None and int(guard["masked-round"]) >= server_round:
+        raise ProtocolError(f"key advertisement for round {server_round}, but this site already sent its masked "
+                            f"input for round {guard['masked-round']} (replayed message)")
+
+
+def _share(client: SecAggClient, ids: list[int], c_pks: list[bytes], s_pks: list[bytes]) -> dict[int, bytes]:
+    public = dict(zip(ids, zip(c_pks, s_pks)))
+    if client.site not in public:
+        raise ProtocolError(f"this site (id {client.site}) is missing from the broadcast key list")
+    if tuple(public[client.site]) != _own_public(client):
+        raise ProtocolError("the broadcast key list carries a different public key for this site (tampered)")
+    return client.share_keys(public)
 
 
 def share_keys(msg: Message, context: Context) -> Message:
@@ -119,13 +145,7 @@ def share_keys(msg: Message, context: Context) -> Message:
     w = _wire(msg)
     server_round = int(w["round"])
     client, st = _load(context, server_round, "share")
-    ids = [int(i) for i in w["ids"]]  # type: ignore[union-attr]
-    public = {i: (c, s) for i, c, s in zip(ids, w["c-pks"], w["s-pks"])}  # type: ignore[arg-type]
-    if client.site not in public:
-        raise ProtocolError(f"this site (id {client.site}) is missing from the broadcast key list")
-    if tuple(public[client.site]) != _own_public(client):
-        raise ProtocolError("the broadcast key list carries a different public key for this site (tampered)")
-    shares = client.share_keys(public)
+    shares = _share(client, [int(i) for i in w["ids"]], list(w["c-pks"]), list(w["s-pks"]))  # type: ignore[arg-type]
     _save(context, client, server_round, "share", float(st["clip"]), int(st["value-bits"]))
     to = sorted(shares)
     return _reply(msg, {"round": server_round, "id": client.site, "to": to, "shares": [shares[j] for j in to]})
@@ -138,11 +158,13 @@ def _own_public(client: SecAggClient) -> tuple[bytes, bytes]:
 
 
 def masked_input(msg: Message, context: Context, encode: Callable[[WeightedUpdateCodec], np.ndarray],
-                 extra: RecordDict) -> Message:
+                 extra: RecordDict, advertise_next: bool = True) -> Message:
     """Stage 2: store the shares addressed to this site, reply with its masked vector.
 
     ``encode`` turns this site's training result into its field vector for the given codec
     (:meth:`WeightedUpdateCodec.encode`); ``extra`` holds what else the reply carries.
+    When the server pipelines, the reply also advertises fresh keys for the next round
+    (unless ``advertise_next`` is False: fault injection).
     """
     w = _wire(msg)
     server_round = int(w["round"])
@@ -151,21 +173,42 @@ def masked_input(msg: Message, context: Context, encode: Callable[[WeightedUpdat
     vector = encode(WeightedUpdateCodec(float(st["clip"]), int(st["value-bits"]), int(w["size"])))
     y = client.masked_input(inbox, vector)
     _save(context, client, server_round, "masked_input", float(st["clip"]), int(st["value-bits"]))
+    context.state[GUARD_KEY] = ConfigRecord({"masked-round": server_round})
     extra[MASKED_KEY] = ArrayRecord({"y": Array(y)})
-    return _reply(msg, {"round": server_round, "id": client.site}, extra)
+    record: dict = {"round": server_round, "id": client.site}
+    if bool(w.get("pipeline", False)) and advertise_next:
+        nxt = SecAggClient(0, 0, client.codec)
+        record["next-c-pk"], record["next-s-pk"] = nxt.advertise()
+        _save(context, nxt, server_round + 1, "keys", float(st["clip"]), int(st["value-bits"]), key=NEXT_KEY)
+    return _reply(msg, record, extra)
 
 
-def unmask(msg: Message, context: Context) -> Message:
-    """Stage 3: shares of ``b`` for the survivors and of ``s_sk`` for the dropped, never both."""
+def unmask(msg: Message, context: Context, share_next: bool = True) -> Message:
+    """Stage 3: shares of ``b`` for the survivors and of ``s_sk`` for the dropped, never both.
+
+    When the server pipelines, the message also carries the next round's key list and this
+    site's next id; the reply then holds this site's encrypted shares for the next round
+    (stage 1 of round r+1, done here to save a round trip; not if ``share_next`` is False).
+    """
     w = _wire(msg)
     server_round = int(w["round"])
     client, st = _load(context, server_round, "unmask")
     out = client.unmask([int(i) for i in w["survivors"]], [int(i) for i in w["dropped"]])  # type: ignore[union-attr]
     _save(context, client, server_round, "unmask", float(st["clip"]), int(st["value-bits"]))
     owners = sorted(out)
-    return _reply(msg, {"round": server_round, "id": client.site, "owners": owners,
-                        "kinds": [out[o][0] for o in owners], "shares": [out[o][1] for o in owners]})
+    record: dict = {"round": server_round, "id": client.site, "owners": owners,
+                    "kinds": [out[o][0] for o in owners], "shares": [out[o][1] for o in owners]}
+    if "next-ids" in w and share_next and NEXT_KEY in context.state.config_records:
+        nxt, nst = _load(context, server_round + 1, "share", key=NEXT_KEY)
+        nxt.site, nxt.threshold = int(w["next-id"]), int(w["next-threshold"])
+        shares = _share(nxt, [int(i) for i in w["next-ids"]], list(w["next-c-pks"]), list(w["next-s-pks"]))  # type: ignore[arg-type]
+        _save(context, nxt, server_round + 1, "share", float(nst["clip"]), int(nst["value-bits"]))
+        record["next-to"] = sorted(shares)
+        record["next-shares"] = [shares[j] for j in record["next-to"]]
+    if NEXT_KEY in context.state.config_records:
+        del context.state[NEXT_KEY]
+    return _reply(msg, record)
 
 
-__all__ = ["MASKED_KEY", "PROTOCOL_ERROR", "STAGES", "STATE_KEY", "WIRE_KEY", "ProtocolError", "SecAggAbort",
+__all__ = ["GUARD_KEY", "NEXT_KEY", "MASKED_KEY", "PROTOCOL_ERROR", "STAGES", "STATE_KEY", "WIRE_KEY", "ProtocolError", "SecAggAbort",
            "advertise_keys", "field_codec", "masked_input", "refuse", "share_keys", "unmask"]

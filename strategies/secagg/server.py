@@ -57,6 +57,9 @@ class SecureAggregator:
         self._ids: dict[int, int] = {}  # node id -> protocol id
         self._server: SecAggServer | None = None
         self._codec: WeightedUpdateCodec | None = None
+        self._next: dict[str, Any] | None = None  # the next round's keys and shares, collected ahead
+        self._trained: set[int] = set()
+        self._t_masked = 0.0
         self.log: dict[int, dict[str, Any]] = {}  # per round: stage counts, rejections, timings
 
     # ---- helpers ------------------------------------------------------------------------
@@ -112,17 +115,49 @@ class SecureAggregator:
         """Stages 0 and 1; returns the ``train.secagg`` messages for the sites still in.
 
         ``messages`` are the strategy's training messages (one per sampled site), ``size``
-        the number of model values.
+        the number of model values. If the previous round already collected this round's
+        keys and shares (pipelining) and every sampled site took part in that, stages 0 and
+        1 cost no message; otherwise they run here.
         """
         self._grid, self._round = grid, server_round
         nodes = sorted(m.metadata.dst_node_id for m in messages)
-        self._ids = {node: k + 1 for k, node in enumerate(nodes)}
-        t = threshold_for(self.threshold, len(nodes))
-        self._codec = WeightedUpdateCodec(self.clip, self.value_bits, size)
-        self._server = SecAggServer(t, field_codec(self.clip, self.value_bits), self._codec.length)
-        self._entry().update({"sites": len(nodes), "threshold": t})
         if len(nodes) < 2:
             raise SecAggAbort(f"{len(nodes)} site sampled: secure aggregation needs at least 2")
+        nxt, self._next = self._next, None
+        codec = WeightedUpdateCodec(self.clip, self.value_bits, size)
+        ready = {n for n, i in nxt["ids"].items() if i in nxt["server"].sharers} if nxt is not None else set()
+        if nxt is not None and nxt["round"] == server_round and nxt["length"] == codec.length \
+                and set(nodes) <= ready and len(nodes) >= nxt["server"].threshold:
+            self._ids, self._server, inbox = nxt["ids"], nxt["server"], nxt["inbox"]
+            self._codec = codec
+            self._entry().update({"sites": len(nodes), "threshold": self._server.threshold, "pipelined": True})
+            self._entry()["stages"].update(nxt["stages"])
+            inbox = {i: cts for i, cts in inbox.items() if self._node_of(i) in nodes}
+        else:
+            if nxt is not None:
+                log(INFO, "round %s secagg: the keys shared in advance do not cover the sampled sites; "
+                    "running the key stages", server_round)
+            inbox = self._handshake(server_round, nodes, codec)
+        out = []
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        for i in sorted(inbox):
+            node = self._node_of(i)
+            content = RecordDict(dict(by_node[node].content.items()))
+            senders = sorted(inbox[i])
+            content[WIRE_KEY] = ConfigRecord({"round": server_round, "id": i, "size": size, "pipeline": True,
+                                              "from": senders, "shares": [inbox[i][j] for j in senders]})
+            out.append(Message(content, dst_node_id=node, message_type="train.secagg"))
+        self._trained = {m.metadata.dst_node_id for m in out}
+        self._t_masked = time.monotonic()
+        return out
+
+    def _handshake(self, server_round: int, nodes: list[int], codec: WeightedUpdateCodec) -> dict[int, dict[int, bytes]]:
+        """Stages 0 and 1 as two message exchanges; the shares to deliver, by recipient."""
+        self._ids = {node: k + 1 for k, node in enumerate(nodes)}
+        t = threshold_for(self.threshold, len(nodes))
+        self._codec = codec
+        self._server = SecAggServer(t, field_codec(self.clip, self.value_bits), codec.length)
+        self._entry().update({"sites": len(nodes), "threshold": t, "pipelined": False})
         keys = self._exchange("keys", "query.secagg_keys", {
             n: {"id": self._ids[n], "threshold": t, "clip": self.clip, "value-bits": self.value_bits} for n in nodes})
         public = self._server.collect_keys({i: (bytes(r["c-pk"]), bytes(r["s-pk"])) for i, r in keys.items()})  # type: ignore[arg-type]
@@ -130,40 +165,45 @@ class SecureAggregator:
         shared = self._exchange("share", "query.secagg_share", {self._node_of(i): {
             "id": i, "ids": ids, "c-pks": [public[j][0] for j in ids], "s-pks": [public[j][1] for j in ids]}
             for i in ids})
-        inbox = self._server.route_shares({i: dict(zip((int(j) for j in r["to"]), r["shares"]))  # type: ignore[arg-type]
-                                           for i, r in shared.items()})
-        out = []
-        by_node = {m.metadata.dst_node_id: m for m in messages}
-        for i in sorted(inbox):
-            node = self._node_of(i)
-            content = RecordDict(dict(by_node[node].content.items()))
-            senders = sorted(inbox[i])
-            content[WIRE_KEY] = ConfigRecord({"round": server_round, "id": i, "size": size,
-                                              "from": senders, "shares": [inbox[i][j] for j in senders]})
-            out.append(Message(content, dst_node_id=node, message_type="train.secagg"))
-        self._t_masked = time.monotonic()
-        return out
+        return self._server.route_shares({i: dict(zip((int(j) for j in r["to"]), r["shares"]))  # type: ignore[arg-type]
+                                          for i, r in shared.items()})
 
     def close(self, replies: Iterable[Message]) -> Aggregate:
-        """Stages 2 (collect) and 3 (unmask); the survivors' decoded aggregate."""
+        """Stages 2 (collect) and 3 (unmask); the survivors' decoded aggregate.
+
+        The unmask messages also carry the next round's key list (advertised with the
+        masked inputs), so that the sites' replies hold the next round's shares.
+        """
         assert self._server is not None and self._codec is not None
         t0 = time.monotonic()
-        expected = {self._node_of(i) for i in self._server.sharers}
-        good = self._screen("masked_input", replies, expected)
+        good = self._screen("masked_input", replies, self._trained)
         masked: dict[int, np.ndarray] = {}
+        next_keys: dict[int, tuple[bytes, bytes]] = {}
         for node, msg in good.items():
             record = msg.content.array_records.get(MASKED_KEY)
             y = record["y"].numpy() if record is not None and "y" in record else None
             reason = "reply has no masked vector" if y is None else self._server.check_masked(y)
             if reason is not None:
                 self._reject(node, "masked_input", reason)
-            else:
-                masked[self._ids[node]] = y
-        self._entry()["stages"]["masked_input"] = {"sent": len(expected), "ok": len(masked),
+                continue
+            masked[self._ids[node]] = y
+            w = msg.content.config_records[WIRE_KEY]
+            if "next-c-pk" in w and "next-s-pk" in w:
+                next_keys[node] = (bytes(w["next-c-pk"]), bytes(w["next-s-pk"]))  # type: ignore[arg-type]
+        self._entry()["stages"]["masked_input"] = {"sent": len(self._trained), "ok": len(masked),
                                                    "seconds": round(t0 - self._t_masked, 4)}
         survivors, dropped = self._server.collect_masked(masked)
+        next_ids = {node: k + 1 for k, node in enumerate(sorted(next_keys))}
+        next_t = threshold_for(self.threshold, len(next_ids)) if len(next_ids) >= 2 else 0
+        ahead: dict[str, Any] = {}
+        if next_t:
+            order = sorted(next_ids, key=next_ids.get)  # type: ignore[arg-type]
+            ahead = {"next-threshold": next_t, "next-ids": [next_ids[n] for n in order],
+                     "next-c-pks": [next_keys[n][0] for n in order], "next-s-pks": [next_keys[n][1] for n in order]}
         shares = self._exchange("unmask", "query.secagg_unmask", {
-            self._node_of(i): {"id": i, "survivors": survivors, "dropped": dropped} for i in survivors})
+            self._node_of(i): {"id": i, "survivors": survivors, "dropped": dropped, **ahead,
+                               **({"next-id": next_ids[self._node_of(i)]} if ahead and self._node_of(i) in next_ids else {})}
+            for i in survivors})
         t1 = time.monotonic()
         total = self._server.unmask({i: {int(o): (str(k), bytes(v)) for o, k, v in zip(r["owners"], r["kinds"], r["shares"])}  # type: ignore[arg-type]
                                      for i, r in shares.items()})
@@ -175,4 +215,27 @@ class SecureAggregator:
         if aggregate.clipped:
             log(WARNING, "round %s secagg: %s update values exceeded aggregation.clip=%g and were clipped; "
                 "raise aggregation.clip to keep the aggregate exact", self._round, aggregate.clipped, self.clip)
+        if next_t:
+            self._prepare_next(next_ids, next_keys, next_t, shares)
         return aggregate
+
+    def _prepare_next(self, ids: dict[int, int], public: dict[int, tuple[bytes, bytes]], t: int,
+                      replies: dict[int, ConfigRecord]) -> None:
+        """Keep the next round's keys and routed shares, if enough sites shared them."""
+        server = SecAggServer(t, field_codec(self.clip, self.value_bits), self._codec.length)  # type: ignore[union-attr]
+        node_of_current = {p: n for n, p in self._ids.items()}
+        shared = {}
+        for pid, r in replies.items():
+            node = node_of_current[pid]
+            if "next-to" in r and node in ids:
+                shared[ids[node]] = dict(zip((int(j) for j in r["next-to"]), r["next-shares"]))  # type: ignore[arg-type]
+        try:
+            server.collect_keys({ids[n]: pk for n, pk in public.items()})
+            inbox = server.route_shares(shared)
+        except SecAggAbort as err:
+            log(INFO, "round %s secagg: keys for round %s not prepared in advance (%s)", self._round, self._round + 1, err)
+            return
+        self._next = {"round": self._round + 1, "ids": ids, "server": server, "inbox": inbox,
+                      "length": self._codec.length,  # type: ignore[union-attr]
+                      "stages": {"keys": {"sent": 0, "ok": len(public), "seconds": 0.0, "with": "masked_input"},
+                                 "share": {"sent": 0, "ok": len(shared), "seconds": 0.0, "with": "unmask"}}}
