@@ -220,3 +220,20 @@ def test_misaddressed_reply_is_rejected_by_the_server(tmp_path: Path, monkeypatc
     assert sec["survivors"] == 3
     assert any(r["node"] == 1001 and r["stage"] == "keys" and "replayed or misaddressed" in r["reason"]
                for r in sec["rejected"])
+
+
+def test_pipelined_rounds_need_two_exchanges_and_stay_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    common = ["task=medical", "num_rounds=3", "strategy.fraction_evaluate=0"]
+    grid, secure, updates = run(tmp_path / "secagg", [*common, "aggregation=secagg"], monkeypatch)
+    types = [(m.metadata.message_type, int(m.content[WIRE_KEY]["round"])) for m in grid.sent]
+    for r in (1, 2, 3):
+        sent = sorted({t for t, rr in types if rr == r})
+        expected = ["query.secagg_keys", "query.secagg_share"] if r == 1 else []
+        assert sent == sorted([*expected, "query.secagg_unmask", "train.secagg"]), (r, sent)
+        assert secure["history"][r - 1]["participation"]["secagg"]["pipelined"] is (r > 1)
+    assert_rounds_equal_survivors_mean(grid, tmp_path / "secagg", updates)
+    monkeypatch.undo()
+    from app.local_grid import run_inprocess
+
+    plain = run_inprocess(common, tmp_path / "plain")
+    assert abs(secure["final"]["auc"] - plain["final"]["auc"]) < 1e-4
