@@ -8,7 +8,7 @@ command sets it to Hydra's run directory).
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,11 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedsilo: task=%s strategy=%s aggregation=%s privacy=%s partition=%s sites=%s rounds=%s",
         cfg.task.name, cfg.strategy.name, cfg.aggregation.name, cfg.privacy.name,
         cfg.partition.name, n_sites, cfg.num_rounds)
+    if strategy.secure is not None and strategy.fraction_evaluate > 0:
+        log(WARNING, "fedsilo: secure aggregation protects the training updates only; federated evaluation "
+            "replies (each site's validation counts, loss and AUC) still reach the server in the clear. "
+            "Set strategy.fraction_evaluate=0 to keep them at the sites (the server's test-set "
+            "evaluation is unaffected).")
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
