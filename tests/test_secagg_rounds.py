@@ -237,3 +237,26 @@ def test_pipelined_rounds_need_two_exchanges_and_stay_exact(tmp_path: Path, monk
 
     plain = run_inprocess(common, tmp_path / "plain")
     assert abs(secure["final"]["auc"] - plain["final"]["auc"]) < 1e-4
+
+
+def test_malformed_masked_vector_is_rejected_and_its_masks_removed(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.app import Array, ArrayRecord
+
+    original = LocalGrid._deliver
+
+    def deliver(self, msg):  # type: ignore[no-untyped-def]
+        reply = original(self, msg)
+        if msg.metadata.message_type == "train.secagg" and msg.metadata.dst_node_id == 1003:
+            y = reply.content[MASKED_KEY]["y"].numpy()
+            reply.content[MASKED_KEY] = ArrayRecord({"y": Array(y[:-1])})  # truncated
+        return reply
+
+    monkeypatch.setattr(LocalGrid, "_deliver", deliver)
+    grid, results, updates = run(tmp_path, [*FINANCE10, "num_rounds=1", "aggregation=secagg"], monkeypatch)
+    sec = results["history"][0]["participation"]["secagg"]
+    assert results["status"] == "completed" and (sec["survivors"], sec["dropped"]) == (9, 1)
+    assert any(r["node"] == 1003 and "shape" in r["reason"] for r in sec["rejected"])
+    # the sum is the other nine sites' aggregate: drop site 3's update from the expectation
+    updates[1] = [u for k, u in enumerate(updates[1]) if k != 3]
+    assert_rounds_equal_survivors_mean(grid, tmp_path, updates)
