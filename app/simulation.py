@@ -81,9 +81,17 @@ class RunOutcome:
 
 
 class LocalSuperLink:
-    """A private simulation SuperLink on loopback; use as a context manager."""
+    """A private SuperLink on loopback; use as a context manager.
 
-    def __init__(self, log_path: Path, startup_timeout: float = 60.0) -> None:
+    ``simulation=True`` (default): Flower's simulation engine runs the ClientApps.
+    ``simulation=False``: a deployment SuperLink; :meth:`add_supernodes` starts SuperNodes
+    as separate processes (insecure, on loopback: a local stand-in for real sites, used to
+    test that the app works over the deployment runtime).
+    """
+
+    def __init__(self, log_path: Path, startup_timeout: float = 60.0, simulation: bool = True) -> None:
+        self.simulation = simulation
+        self.supernodes: list[subprocess.Popen[bytes]] = []
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.home = Path(tempfile.mkdtemp(prefix="fedsilo-flwr-"))
@@ -111,7 +119,7 @@ class LocalSuperLink:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         cmd = [
-            _flwr_bin("flower-superlink"), "--insecure", "--simulation",
+            _flwr_bin("flower-superlink"), "--insecure", *(["--simulation"] if self.simulation else []),
             "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(self.port),
             "--disable-runtime-dependency-installation",
         ]
@@ -130,6 +138,18 @@ class LocalSuperLink:
             time.sleep(0.3)
         self.stop()
         raise SimulationError(f"flower-superlink not healthy after {self.startup_timeout:.0f}s; see {self.log_path}")
+
+    def add_supernodes(self, node_configs: list[str]) -> None:
+        """Start one ``flower-supernode`` per node config (e.g. ``"partition-id=0 num-partitions=3"``)."""
+        if self.simulation:
+            raise SimulationError("SuperNodes belong to a deployment SuperLink (simulation=False)")
+        for node_config in node_configs:
+            self.supernodes.append(subprocess.Popen(
+                [_flwr_bin("flower-supernode"), "--insecure", "--superlink", self.address,
+                 "--port", str(free_port()), "--node-config", node_config, "--max-retries", "20"],
+                env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            ))
 
     def _healthy(self) -> bool:
         try:
@@ -155,7 +175,17 @@ class LocalSuperLink:
         return [p for p in pids if p != os.getpid()]
 
     def stop(self, grace: float = 15.0) -> None:
-        """Stop the SuperLink and every process it started (SIGTERM, then SIGKILL)."""
+        """Stop the SuperLink, its SuperNodes and every process they started (SIGTERM, then SIGKILL)."""
+        for node in self.supernodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGTERM)
+        for node in self.supernodes:
+            try:
+                node.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait(timeout=grace)
+        self.supernodes = []
         if self.process is not None and self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
@@ -195,7 +225,7 @@ class LocalSuperLink:
         cfg_file.write_text(tomli_w.dumps(run_config))
         fed = " ".join(f"{k}={json.dumps(v)}" for k, v in federation.items())
         proc = self.flwr("run", str(app_dir), CONNECTION, "--run-config", str(cfg_file),
-                         "--federation-config", fed, "--format", "json")
+                         *(["--federation-config", fed] if fed else []), "--format", "json")
         try:
             reply = json.loads(proc.stdout)
         except json.JSONDecodeError:
