@@ -96,7 +96,8 @@ class SecAggConfig(AggregationConfig):
     name: str = "secagg"
     clip: float = 4.0          # each site's update (local - global weights) clipped to [-clip, clip]
     value_bits: int = 24       # quantisation bits per value: step 2*clip/(2^bits - 1)
-    threshold: float = 0.6     # Shamir threshold as a share of the round's sites (> 0.5)
+    threshold: float = 0.6     # Shamir threshold as a share of a site's neighbourhood (> 0.5)
+    neighbours: int = 0        # SecAgg+ neighbours per site; 0 = complete graph up to 20 sites, then O(log n)
     stage_timeout: float = 120.0  # seconds to wait for the sites' replies in each protocol stage
 
 
@@ -202,6 +203,8 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
         _check(0.5 < a.threshold <= 1, "aggregation.threshold", a.threshold,
                "0.5 < threshold <= 1 (a majority of the round's sites)")
         _check(a.stage_timeout > 0, "aggregation.stage_timeout", a.stage_timeout, "seconds > 0")
+        _check(a.neighbours == 0 or (a.neighbours >= 2 and a.neighbours % 2 == 0), "aggregation.neighbours",
+               a.neighbours, "0 (automatic) or an even number >= 2")
     f = cfg.faults
     _check(0 <= f.drop_rate < 1, "faults.drop_rate", f.drop_rate, "0 <= fraction < 1")
     _check(f.drop_stage in DROP_STAGES, "faults.drop_stage", f.drop_stage, f"one of {list(DROP_STAGES)}")

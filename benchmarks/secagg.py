@@ -4,10 +4,11 @@ For 5, 20 and 50 finance sites (IID, 1 local epoch, the finance MLP: 4,225 value
 runs, in this one process and interleaved per site count:
 
 * ``plain``     fedsilo, ``aggregation=plain``
-* ``secagg``    fedsilo, ``aggregation=secagg`` (full graph: every pair of sites masks)
+* ``secagg``    fedsilo, ``aggregation=secagg`` (default graph: complete up to 20 sites,
+                then 2*ceil(2*log2 n) neighbours per site; threshold 60 % of a neighbourhood)
 * ``flower``    Flower 1.41's legacy SecAgg+ workflow (``benchmarks/flower_baseline/
-                secaggplus_app.py``) with the same sites, model, local training and
-                threshold (60 % of the sites, ``num_shares`` = all sites)
+                secaggplus_app.py``) with the same sites, model, local training, graph size
+                (``num_shares``) and threshold
 
 and reports seconds per round (median over rounds 2..R, so set-up is excluded) and bytes
 each site sends and receives per round (serialised Flower messages, protobuf size). All

@@ -18,7 +18,7 @@ def secure_aggregator(cfg: FedsiloConfig) -> SecureAggregator | None:
 
     a = cfg.aggregation
     if isinstance(a, SecAggConfig):
-        return SecureAggregator(a.clip, a.value_bits, a.threshold, a.stage_timeout)
+        return SecureAggregator(a.clip, a.value_bits, a.threshold, a.stage_timeout, a.neighbours)
     return None
 
 

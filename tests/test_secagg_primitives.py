@@ -121,3 +121,15 @@ def test_shamir_needs_the_threshold() -> None:
     except ValueError:
         recovered = None
     assert recovered != secret
+
+
+def test_neighbour_graph_is_a_symmetric_ring_or_complete() -> None:
+    from strategies.secagg.graph import auto_neighbours, ring
+
+    ids = list(range(1, 31))
+    graph = ring(ids, 6)
+    assert all(len(graph[i]) == 7 and i in graph[i] for i in ids)
+    assert all(i in graph[j] for i in ids for j in graph[i])  # symmetric: masks cancel pairwise
+    assert ring(ids, 29)[5] == frozenset(ids)
+    assert ring(ids, 6) != ring(ids, 6)  # fresh randomness each round (probability ~1)
+    assert auto_neighbours(10) == 9 and auto_neighbours(50) == 24 and auto_neighbours(1000) == 40

@@ -260,3 +260,20 @@ def test_malformed_masked_vector_is_rejected_and_its_masks_removed(tmp_path: Pat
     # the sum is the other nine sites' aggregate: drop site 3's update from the expectation
     updates[1] = [u for k, u in enumerate(updates[1]) if k != 3]
     assert_rounds_equal_survivors_mean(grid, tmp_path, updates)
+
+
+def test_neighbour_graph_keeps_each_sites_work_local_and_the_sum_exact(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    grid, results, updates = run(tmp_path, [*FINANCE10, "num_rounds=2", "aggregation=secagg",
+                                            "aggregation.neighbours=4", "faults.drop_rate=0.2"], monkeypatch)
+    assert results["status"] == "completed"
+    for h in results["history"]:
+        sec = h["participation"]["secagg"]
+        assert (sec["neighbours"], sec["threshold"], sec["survivors"]) == (4, 3, 8)
+    # each site received keys and shares from its 4 neighbours only
+    for msg in grid.sent:
+        if msg.metadata.message_type == "query.secagg_share":
+            assert len(msg.content[WIRE_KEY]["ids"]) == 5
+        if msg.metadata.message_type == "train.secagg":
+            assert len(msg.content[WIRE_KEY]["from"]) <= 4
+    assert_rounds_equal_survivors_mean(grid, tmp_path, updates)

@@ -1,7 +1,8 @@
 """Flower's own secure aggregation, as its documentation builds it: the legacy SecAgg+
 workflow (``SecAggPlusWorkflow`` + ``secaggplus_mod``) around a legacy FedAvg and a
 ``NumPyClient``. The sites train fedsilo's finance model on fedsilo's finance partitions
-with fedsilo's local training, so only the aggregation protocol differs from
+with fedsilo's local training, and the workflow gets fedsilo's default graph size
+(``num_shares``) and threshold, so only the protocol implementation differs from
 ``fedsilo task=finance aggregation=secagg``. Used by ``benchmarks/secagg.py``.
 """
 
@@ -22,6 +23,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from app import config
 from app.paths import resolve_data_dir
 from tasks import get as get_task
+from strategies.secagg.graph import auto_neighbours
 from tasks.base import seed_for
 
 
@@ -77,5 +79,7 @@ def main(grid, context: Context) -> None:  # type: ignore[no-untyped-def]
                       initial_parameters=ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]),
                       evaluate_fn=evaluate, on_fit_config_fn=lambda r: {"server_round": r})
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
-    threshold = min(n, max(2, math.ceil(0.6 * n)))  # the same threshold as fedsilo's default
-    DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=threshold))(grid, legacy)
+    # the same graph size and threshold as fedsilo's defaults (complete graph up to 20 sites)
+    shares = min(n, auto_neighbours(n) + 1)
+    threshold = min(shares, max(2, math.ceil(0.6 * shares)))
+    DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold))(grid, legacy)

@@ -65,7 +65,7 @@ def _save(context: Context, client: SecAggClient, server_round: int, stage: str,
     context.state[key] = ConfigRecord({
         "round": server_round, "stage": stage, "site": client.site, "threshold": client.threshold,
         "clip": clip, "value-bits": value_bits,
-        "c-sk": client.c_sk, "s-sk": client.s_sk, "b-seed": client.b_seed,
+        "c-sk": client.c_sk, "s-sk": client.s_sk, "s-seed": client.s_seed, "b-seed": client.b_seed,
         "peer-ids": peers, "peer-c": [client.peers[i][0] for i in peers],
         "peer-s": [client.peers[i][1] for i in peers],
         "held-ids": held, "held-b": [client.held[i][0] for i in held],
@@ -86,7 +86,7 @@ def _load(context: Context, server_round: int, expected: str,
         raise ProtocolError(f"secagg stage {expected!r} must follow {prev!r}, but this site's last stage was "
                             f"{st['stage']!r} (replayed or out-of-order message)")
     client = SecAggClient(int(st["site"]), int(st["threshold"]), field_codec(float(st["clip"]), int(st["value-bits"])),
-                          c_sk=st["c-sk"], s_sk=st["s-sk"], b_seed=st["b-seed"])  # type: ignore[arg-type]
+                          c_sk=st["c-sk"], s_sk=st["s-sk"], s_seed=st["s-seed"], b_seed=st["b-seed"])  # type: ignore[arg-type]
     ids = list(st["peer-ids"])  # type: ignore[arg-type]
     client.peers = {int(i): (c, s) for i, c, s in zip(ids, st["peer-c"], st["peer-s"])}  # type: ignore[arg-type]
     held = list(st["held-ids"])  # type: ignore[arg-type]

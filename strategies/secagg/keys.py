@@ -40,3 +40,21 @@ def agree(private_key: bytes, peer_public_key: bytes, purpose: bytes) -> bytes:
         raise ValueError(f"X25519 public key must be 32 bytes, got {len(peer_public_key)}")
     shared = X25519PrivateKey.from_private_bytes(private_key).exchange(X25519PublicKey.from_public_bytes(peer_public_key))
     return HKDF(algorithm=hashes.SHA256(), length=SECRET_BYTES, salt=None, info=b"fedsilo-secagg/" + purpose).derive(shared)
+
+
+#: Bytes of the secrets that are Shamir-shared (self-mask seeds, mask-key seeds): 128-bit
+#: security, one GF(2^128) polynomial each, half the sharing work of a 32-byte secret.
+SHARED_SECRET_BYTES = 16
+
+
+def expand(seed: bytes, purpose: bytes) -> bytes:
+    """A 32-byte key derived from a shared-secret seed (HKDF-SHA256), bound to ``purpose``."""
+    return HKDF(algorithm=hashes.SHA256(), length=SECRET_BYTES, salt=None,
+                info=b"fedsilo-secagg/" + purpose).derive(seed)
+
+
+def from_seed(seed: bytes) -> tuple[bytes, bytes]:
+    """The X25519 key pair derived from ``seed``: whoever reconstructs the seed has the key."""
+    private = X25519PrivateKey.from_private_bytes(expand(seed, b"mask-key"))
+    return (private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+            private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))

@@ -5,8 +5,9 @@ the caller maps them to nodes):
 
 0. **advertise keys**: each site makes two X25519 key pairs (``c``: share encryption,
    ``s``: mask agreement) and sends the public halves; the server broadcasts them.
-1. **share keys**: each site draws a self-mask seed ``b``, Shamir-shares ``b`` and its
-   mask private key ``s_sk`` with threshold ``t`` among all sites, and sends each share
+1. **share keys**: each site draws a self-mask seed ``b``, Shamir-shares ``b`` and the
+   seed its mask private key ``s_sk`` is derived from (16 bytes each, expanded by HKDF)
+   with threshold ``t`` among its neighbourhood, and sends each share
    encrypted for its recipient (Fernet keyed by the pair's ``c`` agreement); the server
    only routes ciphertexts.
 2. **masked input**: each site sends ``y_i = x_i + PRG(b_i) + sum_{j>i} PRG(s_ij) -
@@ -35,7 +36,7 @@ from strategies.secagg import keys, prg
 from strategies.secagg.codec import FieldCodec
 from strategies.secagg.shamir import combine_shares, create_shares
 
-SEED_BYTES = prg.SEED_BYTES
+SEED_BYTES = keys.SHARED_SECRET_BYTES
 
 
 class SecAggAbort(RuntimeError):
@@ -64,6 +65,7 @@ class SecAggClient:
     codec: FieldCodec
     c_sk: bytes = b""
     s_sk: bytes = b""
+    s_seed: bytes = b""  # s_sk is derived from it; the seed is what gets Shamir-shared
     b_seed: bytes = b""
     peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (c_pk, s_pk)
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # from id -> (share_b, share_sk)
@@ -71,7 +73,8 @@ class SecAggClient:
     def advertise(self) -> tuple[bytes, bytes]:
         """Stage 0: public keys (c_pk, s_pk)."""
         self.c_sk, c_pk = keys.generate()
-        self.s_sk, s_pk = keys.generate()
+        self.s_seed = os.urandom(SEED_BYTES)
+        self.s_sk, s_pk = keys.from_seed(self.s_seed)
         return c_pk, s_pk
 
     def share_keys(self, public_keys: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
@@ -84,7 +87,7 @@ class SecAggClient:
         self.b_seed = os.urandom(SEED_BYTES)
         ids = sorted(public_keys)
         shares_b = create_shares(self.b_seed, self.threshold, len(ids))
-        shares_sk = create_shares(self.s_sk, self.threshold, len(ids))
+        shares_sk = create_shares(self.s_seed, self.threshold, len(ids))
         out = {}
         for k, j in enumerate(ids):
             blob = _pack(self.site, j, shares_b[k], shares_sk[k])
@@ -114,7 +117,7 @@ class SecAggClient:
         sharers = set(ciphertexts) | {self.site}
         if len(sharers) < self.threshold:
             raise SecAggAbort(f"{len(sharers)} sites shared keys, threshold is {self.threshold}")
-        y = self.codec.add(encoded, prg.mask(self.b_seed, encoded.size, self.codec.bits))
+        y = self.codec.add(encoded, prg.mask(keys.expand(self.b_seed, b"self-mask"), encoded.size, self.codec.bits))
         for j, (_, s_pk) in self.peers.items():
             if j == self.site or j not in sharers:
                 continue
@@ -145,6 +148,7 @@ class SecAggServer:
     threshold: int
     codec: FieldCodec
     length: int
+    graph: dict[int, frozenset[int]] | None = None  # neighbourhoods (SecAgg+); None = complete graph
     public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     sharers: set[int] = field(default_factory=set)
     masked: dict[int, np.ndarray] = field(default_factory=dict)
@@ -204,10 +208,12 @@ class SecAggServer:
             total = self.codec.add(total, y)
         for i in survivors:
             b_seed = self._reconstruct(replies, i, "b")
-            total = self.codec.sub(total, prg.mask(b_seed, self.length, self.codec.bits))
+            total = self.codec.sub(total, prg.mask(keys.expand(b_seed, b"self-mask"), self.length, self.codec.bits))
         for j in dropped:
-            s_sk_j = self._reconstruct(replies, j, "sk")
+            s_sk_j = keys.from_seed(self._reconstruct(replies, j, "sk"))[0]
             for i in survivors:
+                if self.graph is not None and i not in self.graph[j]:
+                    continue  # i and j are not neighbours: no mask between them
                 m = prg.mask(keys.agree(s_sk_j, self.public_keys[i][1], b"mask"), self.length, self.codec.bits)
                 # survivor i added +m if j > i, subtracted it if j < i: undo that
                 total = self.codec.sub(total, m) if j > i else self.codec.add(total, m)

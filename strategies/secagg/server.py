@@ -30,8 +30,16 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from strategies.secagg.client import MASKED_KEY, WIRE_KEY, field_codec
+from strategies.secagg.graph import auto_neighbours, ring
 from strategies.secagg.protocol import SecAggAbort, SecAggServer
 from strategies.secagg.vector import Aggregate, WeightedUpdateCodec
+
+
+def _key_list(public: dict[int, tuple[bytes, bytes]], members: frozenset[int], prefix: str) -> dict[str, Any]:
+    """The public keys of one neighbourhood, as sent to one of its members."""
+    ids = sorted(members & set(public))
+    return {f"{prefix}ids": ids, f"{prefix}c-pks": [public[j][0] for j in ids],
+            f"{prefix}s-pks": [public[j][1] for j in ids]}
 
 
 def threshold_for(fraction: float, sites: int) -> int:
@@ -45,12 +53,15 @@ class SecureAggregator:
     Parameters
     ----------
     clip, value_bits : the quantisation (see :mod:`strategies.secagg.vector`).
-    threshold : Shamir threshold as a share of the round's sampled sites.
+    threshold : Shamir threshold as a share of a site's neighbourhood (itself included).
     stage_timeout : seconds to wait for the replies of each stage.
+    neighbours : neighbours per site in the SecAgg+ graph (:mod:`strategies.secagg.graph`);
+        0 = automatic (complete graph up to 20 sites).
     """
 
-    def __init__(self, clip: float, value_bits: int, threshold: float, stage_timeout: float) -> None:
-        self.clip, self.value_bits = clip, value_bits
+    def __init__(self, clip: float, value_bits: int, threshold: float, stage_timeout: float,
+                 neighbours: int = 0) -> None:
+        self.clip, self.value_bits, self.neighbours = clip, value_bits, neighbours
         self.threshold, self.stage_timeout = threshold, stage_timeout
         self._grid: Grid | None = None
         self._round = 0
@@ -130,7 +141,8 @@ class SecureAggregator:
                 and set(nodes) <= ready and len(nodes) >= nxt["server"].threshold:
             self._ids, self._server, inbox = nxt["ids"], nxt["server"], nxt["inbox"]
             self._codec = codec
-            self._entry().update({"sites": len(nodes), "threshold": self._server.threshold, "pipelined": True})
+            self._entry().update({"sites": len(nodes), "threshold": self._server.threshold,
+                                  "neighbours": nxt["neighbours"], "pipelined": True})
             self._entry()["stages"].update(nxt["stages"])
             inbox = {i: cts for i, cts in inbox.items() if self._node_of(i) in nodes}
         else:
@@ -154,17 +166,18 @@ class SecureAggregator:
     def _handshake(self, server_round: int, nodes: list[int], codec: WeightedUpdateCodec) -> dict[int, dict[int, bytes]]:
         """Stages 0 and 1 as two message exchanges; the shares to deliver, by recipient."""
         self._ids = {node: k + 1 for k, node in enumerate(nodes)}
-        t = threshold_for(self.threshold, len(nodes))
+        k = self.neighbours or auto_neighbours(len(nodes))
+        t = threshold_for(self.threshold, min(k + 1, len(nodes)))
         self._codec = codec
         self._server = SecAggServer(t, field_codec(self.clip, self.value_bits), codec.length)
-        self._entry().update({"sites": len(nodes), "threshold": t, "pipelined": False})
+        self._entry().update({"sites": len(nodes), "threshold": t, "neighbours": min(k, len(nodes) - 1),
+                              "pipelined": False})
         keys = self._exchange("keys", "query.secagg_keys", {
             n: {"id": self._ids[n], "threshold": t, "clip": self.clip, "value-bits": self.value_bits} for n in nodes})
         public = self._server.collect_keys({i: (bytes(r["c-pk"]), bytes(r["s-pk"])) for i, r in keys.items()})  # type: ignore[arg-type]
-        ids = sorted(public)
-        shared = self._exchange("share", "query.secagg_share", {self._node_of(i): {
-            "id": i, "ids": ids, "c-pks": [public[j][0] for j in ids], "s-pks": [public[j][1] for j in ids]}
-            for i in ids})
+        graph = self._server.graph = ring(sorted(public), k)
+        shared = self._exchange("share", "query.secagg_share", {
+            self._node_of(i): {"id": i, **_key_list(public, graph[i], "")} for i in sorted(public)})
         return self._server.route_shares({i: dict(zip((int(j) for j in r["to"]), r["shares"]))  # type: ignore[arg-type]
                                           for i, r in shared.items()})
 
@@ -194,16 +207,20 @@ class SecureAggregator:
                                                    "seconds": round(t0 - self._t_masked, 4)}
         survivors, dropped = self._server.collect_masked(masked)
         next_ids = {node: k + 1 for k, node in enumerate(sorted(next_keys))}
-        next_t = threshold_for(self.threshold, len(next_ids)) if len(next_ids) >= 2 else 0
-        ahead: dict[str, Any] = {}
-        if next_t:
-            order = sorted(next_ids, key=next_ids.get)  # type: ignore[arg-type]
-            ahead = {"next-threshold": next_t, "next-ids": [next_ids[n] for n in order],
-                     "next-c-pks": [next_keys[n][0] for n in order], "next-s-pks": [next_keys[n][1] for n in order]}
-        shares = self._exchange("unmask", "query.secagg_unmask", {
-            self._node_of(i): {"id": i, "survivors": survivors, "dropped": dropped, **ahead,
-                               **({"next-id": next_ids[self._node_of(i)]} if ahead and self._node_of(i) in next_ids else {})}
-            for i in survivors})
+        next_public = {next_ids[n]: pk for n, pk in next_keys.items()}
+        next_k = self.neighbours or auto_neighbours(len(next_ids))
+        next_t = threshold_for(self.threshold, min(next_k + 1, len(next_ids))) if len(next_ids) >= 2 else 0
+        next_graph = ring(sorted(next_public), next_k) if next_t else {}
+
+        def request(i: int) -> dict[str, Any]:
+            node = self._node_of(i)
+            ahead = {}
+            if next_t and node in next_ids:
+                ahead = {"next-id": next_ids[node], "next-threshold": next_t,
+                         **_key_list(next_public, next_graph[next_ids[node]], "next-")}
+            return {"id": i, "survivors": survivors, "dropped": dropped, **ahead}
+
+        shares = self._exchange("unmask", "query.secagg_unmask", {self._node_of(i): request(i) for i in survivors})
         t1 = time.monotonic()
         total = self._server.unmask({i: {int(o): (str(k), bytes(v)) for o, k, v in zip(r["owners"], r["kinds"], r["shares"])}  # type: ignore[arg-type]
                                      for i, r in shares.items()})
@@ -216,13 +233,14 @@ class SecureAggregator:
             log(WARNING, "round %s secagg: %s update values exceeded aggregation.clip=%g and were clipped; "
                 "raise aggregation.clip to keep the aggregate exact", self._round, aggregate.clipped, self.clip)
         if next_t:
-            self._prepare_next(next_ids, next_keys, next_t, shares)
+            self._prepare_next(next_ids, next_keys, next_t, next_graph, min(next_k, len(next_ids) - 1), shares)
         return aggregate
 
     def _prepare_next(self, ids: dict[int, int], public: dict[int, tuple[bytes, bytes]], t: int,
-                      replies: dict[int, ConfigRecord]) -> None:
+                      graph: dict[int, frozenset[int]], k: int, replies: dict[int, ConfigRecord]) -> None:
         """Keep the next round's keys and routed shares, if enough sites shared them."""
-        server = SecAggServer(t, field_codec(self.clip, self.value_bits), self._codec.length)  # type: ignore[union-attr]
+        server = SecAggServer(t, field_codec(self.clip, self.value_bits), self._codec.length,  # type: ignore[union-attr]
+                              graph=graph)
         node_of_current = {p: n for n, p in self._ids.items()}
         shared = {}
         for pid, r in replies.items():
@@ -235,7 +253,7 @@ class SecureAggregator:
         except SecAggAbort as err:
             log(INFO, "round %s secagg: keys for round %s not prepared in advance (%s)", self._round, self._round + 1, err)
             return
-        self._next = {"round": self._round + 1, "ids": ids, "server": server, "inbox": inbox,
+        self._next = {"round": self._round + 1, "ids": ids, "server": server, "inbox": inbox, "neighbours": k,
                       "length": self._codec.length,  # type: ignore[union-attr]
                       "stages": {"keys": {"sent": 0, "ok": len(public), "seconds": 0.0, "with": "masked_input"},
                                  "share": {"sent": 0, "ok": len(shared), "seconds": 0.0, "with": "unmask"}}}
