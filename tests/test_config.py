@@ -74,6 +74,7 @@ def test_not_yet_available_options_are_named() -> None:
     ("aggregation.clip=0", "aggregation.clip"),
     ("aggregation.value_bits=40", "aggregation.value_bits"),
     ("aggregation.stage_timeout=-1", "aggregation.stage_timeout"),
+    ("aggregation.neighbours=3", "aggregation.neighbours"),
     ("faults.drop_rate=1.0", "faults.drop_rate"),
     ("faults.drop_stage=train", "faults.drop_stage"),
 ])
