@@ -277,3 +277,27 @@ def test_neighbour_graph_keeps_each_sites_work_local_and_the_sum_exact(tmp_path:
         if msg.metadata.message_type == "train.secagg":
             assert len(msg.content[WIRE_KEY]["from"]) <= 4
     assert_rounds_equal_survivors_mean(grid, tmp_path, updates)
+
+
+def test_a_site_that_never_answers_a_stage_is_dropped_after_the_timeout(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lost reply (what a timeout leaves) at the share stage: the site is logged as silent and the
+    round completes without it; the sum is the others' aggregate."""
+    original = LocalGrid.send_and_receive
+
+    def lossy(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = list(original(self, messages, timeout=timeout))
+        return [r for r in replies if not (r.metadata.message_type == "query.secagg_share"
+                                           and r.metadata.src_node_id == 1002)]
+
+    monkeypatch.setattr(LocalGrid, "send_and_receive", lossy)
+    overrides = [*FINANCE10, "num_rounds=1", "aggregation=secagg", "aggregation.stage_timeout=7"]
+    cfg = config.compose(overrides)
+    run_config = {"overrides": shlex.join([*overrides, f"data_dir={DATA_DIR}"]), "output-dir": str(tmp_path)}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    grid = LocalGrid(client_app.app, config.num_sites(cfg), run_config)
+    server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    sec = json.loads((tmp_path / "results.json").read_text())["history"][0]["participation"]["secagg"]
+    assert (sec["survivors"], sec["stages"]["share"]["ok"]) == (9, 9)
+    assert any(r["node"] == 1002 and r["stage"] == "share" and "no reply within 7 s" in r["reason"]
+               for r in sec["rejected"])

@@ -1,0 +1,1 @@
+"""Paillier-encrypted aggregation (issue #5), building blocks: packing, keys, fast encryption."""

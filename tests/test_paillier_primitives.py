@@ -1,0 +1,99 @@
+"""Paillier building blocks: packing at the range limits, overflow, fast encryption, key files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from strategies.paillier import keys
+from strategies.paillier.crypto import Encryptor, add_ciphertexts, check_ciphertexts
+from strategies.paillier.packing import Packer
+
+PACKER = Packer(clip=2.0, value_bits=16, max_sites=16, plaintext_bits=2047)
+
+
+@pytest.fixture(scope="module")
+def keypair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return keys.generate(tmp_path_factory.mktemp("keys"))
+
+
+def test_layout_matches_the_documented_capacity() -> None:
+    assert (PACKER.guard_bits, PACKER.slot_bits, PACKER.slots) == (4, 20, 102)
+
+
+def test_pack_unpack_round_trips_signed_values_at_the_limits() -> None:
+    rng = np.random.default_rng(1)
+    x = np.concatenate([[-2.0, 2.0, -2.0 + 1e-9, 0.0, -5.0, 7.5], rng.uniform(-2, 2, 1000)])
+    q, clipped = PACKER.quantise(x)
+    assert clipped == 2 and q.min() == 0 and q.max() == (1 << 16) - 1
+    assert np.array_equal(PACKER.unpack(PACKER.pack(q), q.size), q)
+    back = PACKER.decode_sum(q, 1)
+    assert np.all(np.abs(back - np.clip(x, -2, 2)) <= PACKER.delta / 2 + 1e-12)
+
+
+def test_sum_at_the_maximum_site_count_cannot_overflow() -> None:
+    size = 3 * PACKER.slots + 5
+    extreme = [np.full(size, (1 << 16) - 1, dtype=np.uint64)]
+    vectors = extreme * PACKER.max_sites  # every site at the top of the range
+    sums = [sum(col) for col in zip(*(PACKER.pack(v) for v in vectors))]
+    assert all(s.bit_length() <= PACKER.plaintext_bits for s in sums)
+    assert np.array_equal(PACKER.unpack(sums, size), PACKER.max_sites * extreme[0])
+    real = PACKER.decode_sum(PACKER.unpack(sums, size), PACKER.max_sites)
+    np.testing.assert_allclose(real, PACKER.max_sites * 2.0)
+
+
+def test_crt_encryption_is_exactly_paillier(keypair: tuple[Path, Path]) -> None:
+    private = keys.load_private(keypair[0])
+    enc = Encryptor(private)
+    for m, r in [(0, 5), (12345, 987654321), (private.public_key.n - 1, 31337)]:
+        assert enc.encrypt(m, enc.obfuscator(r)) == private.public_key.raw_encrypt(m, r_value=r)
+    assert private.raw_decrypt(enc.encrypt(424242)) == 424242
+
+
+def test_homomorphic_sum_of_packed_vectors_decodes_to_the_plain_sum(keypair: tuple[Path, Path]) -> None:
+    private = keys.load_private(keypair[0])
+    public = keys.load_public(keypair[1])
+    enc = Encryptor(private)
+    rng = np.random.default_rng(2)
+    xs = [rng.uniform(-2, 2, 250) for _ in range(5)]
+    columns = [[enc.encrypt(p) for p in PACKER.pack(PACKER.quantise(x)[0])] for x in xs]
+    total = add_ciphertexts(public, columns)
+    sums = PACKER.unpack([private.raw_decrypt(c) for c in total], 250)
+    np.testing.assert_allclose(PACKER.decode_sum(sums, 5), np.sum(xs, axis=0), atol=5 * PACKER.delta / 2 + 1e-9)
+
+
+def test_wrong_key_or_malformed_ciphertexts_are_named(keypair: tuple[Path, Path]) -> None:
+    public = keys.load_public(keypair[1])
+    good = [Encryptor(keys.load_private(keypair[0])).encrypt(7)]
+    assert check_ciphertexts(public, good, 1) is None
+    assert "expected 2" in check_ciphertexts(public, good, 2)
+    assert "integer in (0, n^2)" in check_ciphertexts(public, [public.nsquare + 5], 1)
+    assert "integer in (0, n^2)" in check_ciphertexts(public, ["abc"], 1)
+    assert "not a unit" in check_ciphertexts(public, [public.n * 3], 1)
+
+
+def test_key_files_fail_clearly(keypair: tuple[Path, Path], tmp_path: Path) -> None:
+    private_path, public_path = keypair
+    assert json.loads(public_path.read_text()).keys() >= {"n", "fingerprint"}
+    assert "p" not in json.loads(public_path.read_text())  # the server's file holds no secret
+    assert (private_path.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(keys.PaillierKeyError, match="does not exist"):
+        keys.load_public(tmp_path / "nope.json")
+    with pytest.raises(keys.PaillierKeyError, match="not a fedsilo-paillier-keypair"):
+        keys.load_private(public_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(keys.PaillierKeyError, match="cannot be read"):
+        keys.load_public(tmp_path / "bad.json")
+    other_private, other_public = keys.generate(tmp_path / "other")
+    with pytest.raises(keys.PaillierKeyError, match="does not belong"):
+        keys.check_pair(keys.load_public(other_public), keys.load_private(private_path), other_public, private_path)
+    with pytest.raises(keys.PaillierKeyError, match="below the minimum"):
+        keys.generate(tmp_path / "small", bits=1024)
+    data = json.loads(public_path.read_text())
+    data["n"] = hex(int(data["n"], 16) + 2)
+    (tmp_path / "altered.json").write_text(json.dumps(data))
+    with pytest.raises(keys.PaillierKeyError, match="fingerprint"):
+        keys.load_public(tmp_path / "altered.json")
