@@ -5,7 +5,8 @@ them, runs the job in Flower's simulation engine on a private SuperLink (see
 :mod:`app.simulation`), follows it to its final status and leaves in Hydra's run
 directory: ``results.json``, ``model.pt``, ``metrics.png``, ``superlink.log`` and Hydra's
 ``.hydra/``. ``--multirun`` sweeps work as in any Hydra app. Exit codes: 0 completed,
-1 the run failed, 2 the config is invalid.
+1 the run failed, 2 the config is invalid. ``fedsilo keys ...`` provisions keys
+(:mod:`app.keys_cli`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,11 @@ def run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: ``fedsilo keys ...`` or a job (Hydra overrides)."""
+    if len(sys.argv) > 1 and sys.argv[1] == "keys":
+        from app import keys_cli
+
+        sys.exit(keys_cli.main(sys.argv[2:]))
     run()
 
 

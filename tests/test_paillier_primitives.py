@@ -97,3 +97,17 @@ def test_key_files_fail_clearly(keypair: tuple[Path, Path], tmp_path: Path) -> N
     (tmp_path / "altered.json").write_text(json.dumps(data))
     with pytest.raises(keys.PaillierKeyError, match="fingerprint"):
         keys.load_public(tmp_path / "altered.json")
+
+
+def test_fedsilo_keys_command_writes_both_files_and_refuses_short_keys(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "app.cli", "keys", "paillier", "--out", str(tmp_path / "k")],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    private = keys.load_private(tmp_path / "k" / keys.PRIVATE_FILE)
+    assert keys.load_public(tmp_path / "k" / keys.PUBLIC_FILE).n == private.public_key.n
+    short = subprocess.run([sys.executable, "-m", "app.cli", "keys", "paillier", "--out", str(tmp_path / "s"),
+                            "--bits", "1024"], capture_output=True, text=True, timeout=120)
+    assert short.returncode == 2 and "below the minimum 2048" in short.stderr and "Traceback" not in short.stderr
