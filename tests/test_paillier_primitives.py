@@ -111,3 +111,28 @@ def test_fedsilo_keys_command_writes_both_files_and_refuses_short_keys(tmp_path:
     short = subprocess.run([sys.executable, "-m", "app.cli", "keys", "paillier", "--out", str(tmp_path / "s"),
                             "--bits", "1024"], capture_output=True, text=True, timeout=120)
     assert short.returncode == 2 and "below the minimum 2048" in short.stderr and "Traceback" not in short.stderr
+
+
+def test_encrypted_weighted_models_decode_to_fedavg_within_the_bound(keypair: tuple[Path, Path]) -> None:
+    from strategies.paillier.vector import ModelCodec
+
+    private = keys.load_private(keypair[0])
+    enc = Encryptor(private)
+    codec = ModelCodec(Packer(clip=8.0, value_bits=20, max_sites=16, plaintext_bits=2047), weight_unit=1000, size=500)
+    rng = np.random.default_rng(3)
+    models = [rng.normal(0, 1, 500) for _ in range(4)]
+    rows = [800, 1200, 300, 1500]
+    columns, weights = [], []
+    for w, n in zip(models, rows):
+        plain, clipped = codec.encode(w, n)
+        assert clipped == 0
+        columns.append([enc.encrypt(p) for p in plain])
+        weights.append([enc.encrypt(n)])
+    public = private.public_key
+    total = [private.raw_decrypt(c) for c in add_ciphertexts(public, columns)]
+    total_rows = private.raw_decrypt(add_ciphertexts(public, weights)[0])
+    assert total_rows == sum(rows)
+    fedavg = sum(n * w for w, n in zip(models, rows)) / sum(rows)
+    got = codec.decode(total, total_rows, 4)
+    assert np.max(np.abs(got - fedavg)) <= codec.bound(total_rows, 4)
+    assert codec.bound(total_rows, 4) < 1e-5
