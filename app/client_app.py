@@ -69,7 +69,7 @@ def _local_update(msg: Message, context: Context, stage: str | None) -> tuple[Me
         return Message(Error(code=MISSED_DEADLINE_CODE, reason=f"{site.name}: {heterogeneity.MISSED_DEADLINE}"),
                        reply_to=msg), {}
     model = task.build_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(_global_state(msg, cfg, context, model))
     stats = task.train(model, site.train, seed_for(cfg.seed, server_round, site.site_id),
                        epochs=work.epochs, max_steps=work.max_steps,
                        penalty=client_penalty(train_config, model))
@@ -91,12 +91,45 @@ def train(msg: Message, context: Context) -> Message:
     if error is not None:
         return error
     site = r["site"]
+    if isinstance(r["cfg"].aggregation, config.PaillierConfig):  # encrypted weighted model and rows only
+        from strategies.paillier import client as pai
+
+        codec, private, encryptor = _paillier(r["cfg"], context)
+        record, _ = pai.encrypt_model(r["model"].state_dict(), len(site.train), codec, encryptor, private)
+        from strategies.paillier.keys import fingerprint
+
+        return Message(RecordDict({pai.ENCRYPTED_KEY: record, SITE_KEY: _site_record(site, r["round"], r["straggler"]),
+                                   pai.META_KEY: ConfigRecord(
+                                       {"fingerprint": fingerprint(private.public_key.n)})}),
+                       reply_to=msg)
     content = RecordDict({
         "arrays": ArrayRecord(r["model"].state_dict()),
         "metrics": MetricRecord({WEIGHT_KEY: len(site.train), **r["stats"]}),
         SITE_KEY: _site_record(site, r["round"], r["straggler"]),
     })
     return Message(content, reply_to=msg)
+
+
+def _paillier(cfg: config.FedsiloConfig, context: Context):  # type: ignore[no-untyped-def]
+    """(model codec factory, private key, encryptor) of this site under ``aggregation=paillier``."""
+    from strategies import paillier_packer
+    from strategies.paillier import client as pai
+
+    a = cfg.aggregation
+    assert isinstance(a, config.PaillierConfig)
+    private, encryptor = pai.site_key(context, a.keypair)
+    return pai.ModelCodecFactory(paillier_packer(a, private.public_key.n.bit_length()), a.weight_unit), private, encryptor
+
+
+def _global_state(msg: Message, cfg: config.FedsiloConfig, context: Context, model: torch.nn.Module):  # type: ignore[no-untyped-def]
+    """The global model sent with ``msg``: decrypted first under ``aggregation=paillier``."""
+    arrays = msg.content["arrays"]
+    if not isinstance(cfg.aggregation, config.PaillierConfig):
+        return arrays.to_torch_state_dict()
+    from strategies.paillier import client as pai
+
+    codec, private, _ = _paillier(cfg, context)
+    return pai.global_state(arrays, model.state_dict(), codec, private)
 
 
 # ---- secure aggregation (aggregation=secagg): one handler per protocol stage -------------------
@@ -118,6 +151,8 @@ def _secagg_stage(stage: str, handler):  # type: ignore[no-untyped-def]
 
 app.query("secagg_keys")(_secagg_stage("keys", secagg.advertise_keys))
 app.query("secagg_share")(_secagg_stage("share", secagg.share_keys))
+
+
 def _unmask(msg: Message, context: Context) -> Message:
     """Stage 3 (and, pipelined, stage 1 of the next round: unless this site drops there)."""
     cfg, _, site = load_site(context)
@@ -163,10 +198,10 @@ def train_secagg(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on the site's validation rows (counts, loss, site AUC)."""
     torch.set_num_threads(1)
-    _, task, site = load_site(context)
+    cfg, task, site = load_site(context)
     server_round = int(msg.content["config"].get("server-round", 0))
     model = task.build_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(_global_state(msg, cfg, context, model))
     scores, loss = predict(model, site.val.x, site.val.y)
     summary = site_summary(site.val.labels(), scores, loss)
     content = RecordDict({

@@ -30,7 +30,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: them gets a precise answer instead of a generic "not found".
 STRATEGIES = ("fedavg", "fedprox")
 STRAGGLER_POLICIES = ("partial", "drop")
-AGGREGATIONS = ("plain", "secagg")
+AGGREGATIONS = ("plain", "secagg", "paillier")
 DROP_STAGES = ("keys", "share", "masked_input", "unmask")
 PRIVACY = ("none",)
 OPTIMIZERS = ("sgd", "adam")
@@ -102,6 +102,19 @@ class SecAggConfig(AggregationConfig):
 
 
 @dataclass
+class PaillierConfig(AggregationConfig):
+    """Schema of ``aggregation=paillier`` (:mod:`strategies.paillier`)."""
+
+    name: str = "paillier"
+    public_key: str | None = None  # the server's public-key file (fedsilo keys paillier --out DIR)
+    keypair: str | None = None     # the sites' key-pair file (simulation; a SuperNode's node config wins)
+    clip: float = 8.0              # weighted model values (rows/weight_unit * w) clipped to [-clip, clip]
+    value_bits: int = 20           # quantisation bits per value
+    weight_unit: float = 1000.0    # rows that count as weight 1 when weighting models
+    max_sites: int = 16            # most sites whose sum must fit a slot (guard bits)
+
+
+@dataclass
 class FaultsConfig:
     """Fault injection for tests and demos (``faults.*``); off by default."""
 
@@ -142,6 +155,7 @@ def register_schemas() -> None:
     cs.store(group="strategy", name="fedprox_schema", node=FedProxConfig)
     cs.store(group="aggregation", name="aggregation_schema", node=AggregationConfig)
     cs.store(group="aggregation", name="secagg_schema", node=SecAggConfig)
+    cs.store(group="aggregation", name="paillier_schema", node=PaillierConfig)
     cs.store(group="privacy", name="privacy_schema", node=PrivacyConfig)
     cs.store(group="partition", name="partition_schema", node=PartitionConfig)
 
@@ -205,6 +219,12 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
         _check(a.stage_timeout > 0, "aggregation.stage_timeout", a.stage_timeout, "seconds > 0")
         _check(a.neighbours == 0 or (a.neighbours >= 2 and a.neighbours % 2 == 0), "aggregation.neighbours",
                a.neighbours, "0 (automatic) or an even number >= 2")
+    if isinstance(a, PaillierConfig):
+        _check(a.clip > 0, "aggregation.clip", a.clip, "a number > 0")
+        _check(8 <= a.value_bits <= 32, "aggregation.value_bits", a.value_bits, "an integer in 8..32")
+        _check(a.weight_unit > 0, "aggregation.weight_unit", a.weight_unit, "rows > 0")
+        _check(a.max_sites >= num_sites(cfg), "aggregation.max_sites", a.max_sites,
+               f"at least the number of sites ({num_sites(cfg)})")
     f = cfg.faults
     _check(0 <= f.drop_rate < 1, "faults.drop_rate", f.drop_rate, "0 <= fraction < 1")
     _check(f.drop_stage in DROP_STAGES, "faults.drop_stage", f.drop_stage, f"one of {list(DROP_STAGES)}")

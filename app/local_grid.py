@@ -35,12 +35,13 @@ CLIENT_EXCEPTION = 1  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 class LocalGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process; node ``i`` is partition ``i``."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict[str, Any], run_id: int = 1) -> None:
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict[str, Any], run_id: int = 1,
+                 node_config: dict[str, Any] | None = None) -> None:
         self.client_app = client_app
         self.run_id = run_id
         self.contexts = {
             1000 + i: Context(run_id=run_id, node_id=1000 + i,
-                              node_config={"partition-id": i, "num-partitions": num_nodes},
+                              node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
                               state=RecordDict(), run_config=dict(run_config))
             for i in range(num_nodes)
         }

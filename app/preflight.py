@@ -32,6 +32,7 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
     missing = [f for f in task_cls.data_files if not (data_dir / f).is_file()]
     if missing:
         raise PreflightError(f"{cfg.task.name} data not found in {data_dir}: missing {missing}")
+    check_keys(cfg)
     if cfg.partition.name != "dirichlet":
         return data_dir
     task = task_cls(cfg.task, data_dir)
@@ -48,3 +49,22 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
         raise PreflightError(f"sites {empty} have no training rows after the validation split "
                              f"(task.val_fraction={cfg.task.val_fraction}); lower num_sites or val_fraction")
     return data_dir
+
+
+def check_keys(cfg: config.FedsiloConfig) -> None:
+    """``aggregation=paillier``: the public key (and, in simulation, the sites' key pair) can be
+    read, are at least 2048 bits, and are one pair."""
+    if not isinstance(cfg.aggregation, config.PaillierConfig):
+        return
+    from strategies.paillier.keys import PaillierKeyError, check_pair, load_private, load_public
+
+    a = cfg.aggregation
+    try:
+        if not a.public_key:
+            raise PaillierKeyError("aggregation=paillier needs aggregation.public_key=PATH (make the key files "
+                                   "with: fedsilo keys paillier --out DIR)")
+        public = load_public(Path(a.public_key))
+        if a.keypair:
+            check_pair(public, load_private(Path(a.keypair)), Path(a.public_key), Path(a.keypair))
+    except PaillierKeyError as err:
+        raise PreflightError(str(err)) from err

@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import Result
 from app import config
 
 RESULTS_FILE = "results.json"
+ENCRYPTED_MODEL_FILE = "model.encrypted.pt"  # Paillier: the final aggregate's ciphertexts, for the key holders
 MODEL_FILE = "model.pt"
 PLOT_FILE = "metrics.png"
 
@@ -91,11 +92,17 @@ class Recorder:
         ]
 
     def write(self, result: Result, participation: dict[int, dict[str, Any]],
-              model_state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> Path:
-        """Write results.json, the final model and the plot; return the results path."""
+              model_state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None,
+              model_file: str | None = None) -> Path:
+        """Write results.json, the final model and the plot; return the results path.
+
+        When the server has no plaintext model (Paillier) ``model_file`` names the file of
+        the encrypted aggregate, and ``final`` holds the sites' federated-evaluation metrics.
+        """
         history = self.history(result, participation)
-        torch.save(model_state, self.out_dir / MODEL_FILE)
-        artifacts = {"model": MODEL_FILE}
+        model_file = model_file or MODEL_FILE
+        torch.save(model_state, self.out_dir / model_file)
+        artifacts = {"model": model_file}
         if plot_history(history, self.out_dir / PLOT_FILE, title=f"fedsilo: {self.cfg.task.name}",
                         initial=self.server.get(0)):
             artifacts["plot"] = PLOT_FILE
@@ -104,7 +111,9 @@ class Recorder:
             "sites": self.num_sites,
             "initial": self.server.get(0, {}),
             "history": history,
-            "final": history[-1]["server"] if history else {},
+            "final": (history[-1]["server"] or history[-1]["federated_evaluate"]) if history else {},
+            "final_source": ("server test set" if history[-1]["server"] else "federated evaluation (sites' validation rows)")
+            if history else None,
             "final_federated_evaluate": history[-1]["federated_evaluate"] if history else {},
             "timing": {"total_seconds": time.monotonic() - self._t0,
                        "round_seconds": [h["seconds"] for h in history]},

@@ -21,7 +21,7 @@ import strategies
 import tasks
 from app import config
 from app.paths import default_output_dir, resolve_data_dir
-from app.results import Recorder
+from app.results import ENCRYPTED_MODEL_FILE, Recorder
 
 app = ServerApp()
 
@@ -61,7 +61,17 @@ def main(grid: Grid, context: Context) -> None:
             "Set strategy.fraction_evaluate=0 to keep them at the sites (the server's test-set "
             "evaluation is unaffected).")
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    encrypted = strategy.encrypted is not None
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if encrypted and server_round > 0:
+            # Paillier: the server holds only ciphertexts; the sites' federated evaluation scores the model
+            recorder.record_server(server_round, {})
+            part = strategy.participation.get(server_round, {}).get("train", {})
+            log(INFO, "fedsilo round %s/%s: sites %s/%s replied, %s rejected | encrypted aggregate | %.1fs",
+                server_round, cfg.num_rounds, part.get("replied", "-"), part.get("sampled", "-"),
+                len(part.get("rejected", [])), recorder.seconds.get(server_round, 0.0))
+            return None
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = task.evaluate(model, test)
         recorder.record_server(server_round, metrics)
@@ -83,7 +93,8 @@ def main(grid: Grid, context: Context) -> None:
     trained = len(result.arrays) > 0
     final_arrays = result.arrays if trained else initial
     path = recorder.write(result, strategy.participation, final_arrays.to_torch_state_dict(),
-                          extra={"run_id": context.run_id, "status": "completed" if trained else "failed"})
+                          extra={"run_id": context.run_id, "status": "completed" if trained else "failed"},
+                          model_file=ENCRYPTED_MODEL_FILE if encrypted else None)
     log(INFO, "fedsilo: results written to %s", path)
     if not trained:
         reasons = sorted({r["reason"] for p in strategy.participation.values()

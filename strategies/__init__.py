@@ -9,7 +9,9 @@ from strategies.fedprox import FedProx, client_penalty
 from strategies.secagg.server import SecureAggregator
 
 if TYPE_CHECKING:
-    from app.config import FedsiloConfig
+    from app.config import FedsiloConfig, PaillierConfig
+    from strategies.paillier.packing import Packer
+    from strategies.paillier.server import EncryptedAggregator
 
 
 def secure_aggregator(cfg: FedsiloConfig) -> SecureAggregator | None:
@@ -22,20 +24,45 @@ def secure_aggregator(cfg: FedsiloConfig) -> SecureAggregator | None:
     return None
 
 
+def encrypted_aggregator(cfg: FedsiloConfig) -> EncryptedAggregator | None:
+    """The Paillier aggregator ``cfg.aggregation`` asks for (public key only), or None."""
+    from app.config import PaillierConfig
+
+    a = cfg.aggregation
+    if not isinstance(a, PaillierConfig):
+        return None
+    from strategies.paillier.keys import PaillierKeyError, load_public
+    from strategies.paillier.server import EncryptedAggregator
+
+    if not a.public_key:
+        raise PaillierKeyError("aggregation=paillier needs aggregation.public_key=PATH (the server gets the public "
+                               "key only; make the files with: fedsilo keys paillier --out DIR)")
+    public = load_public(a.public_key)
+    return EncryptedAggregator(public, paillier_packer(a, public.n.bit_length()))
+
+
+def paillier_packer(a: PaillierConfig, key_bits: int) -> Packer:
+    """The packing both halves use: plaintexts below the modulus."""
+    from strategies.paillier.packing import Packer
+
+    return Packer(a.clip, a.value_bits, a.max_sites, key_bits - 1)
+
+
 def build(cfg: FedsiloConfig, num_sites: int) -> FedAvg:
     """The strategy named by ``cfg.strategy.name`` for ``num_sites`` sites."""
     s = cfg.strategy
     fraction_evaluate = s.fraction_evaluate if cfg.task.val_fraction > 0 else 0.0
-    secure = secure_aggregator(cfg)
+    secure, encrypted = secure_aggregator(cfg), encrypted_aggregator(cfg)
     if s.name == "fedavg":
-        return FedAvg(num_sites, fraction_train=s.fraction_train, fraction_evaluate=fraction_evaluate, secure=secure)
+        return FedAvg(num_sites, fraction_train=s.fraction_train, fraction_evaluate=fraction_evaluate, secure=secure,
+                      encrypted=encrypted)
     if s.name == "fedprox":
         from app.config import FedProxConfig
 
         assert isinstance(s, FedProxConfig)
         return FedProx(num_sites, mu=s.mu, fraction_train=s.fraction_train,
                        fraction_evaluate=fraction_evaluate, adaptive_mu=s.adaptive_mu,
-                       mu_step=s.mu_step, mu_patience=s.mu_patience, secure=secure)
+                       mu_step=s.mu_step, mu_patience=s.mu_patience, secure=secure, encrypted=encrypted)
     raise ValueError(f"strategy.name={s.name!r} is not implemented")
 
 

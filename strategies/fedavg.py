@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -39,6 +39,9 @@ from strategies.validation import (
     site_order,
 )
 from tasks.metrics import pool_site_summaries
+
+if TYPE_CHECKING:  # phe (GPL) is an optional extra: imported only when Paillier is used
+    from strategies.paillier.server import EncryptedAggregator
 
 EVAL_KEYS = ("tp", "fp", "tn", "fn", "loss", "auc", "auc_weight")
 
@@ -62,10 +65,12 @@ class FedAvg(FlowerFedAvg):
         Share of sites sampled per round for training / federated evaluation.
     secure : SecureAggregator, optional
         Aggregate the training replies by secure aggregation instead of in the clear.
+    encrypted : EncryptedAggregator, optional
+        Paillier: the sites send encrypted weighted models, the server adds ciphertexts.
     """
 
     def __init__(self, num_sites: int, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
-                 secure: SecureAggregator | None = None) -> None:
+                 secure: SecureAggregator | None = None, encrypted: EncryptedAggregator | None = None) -> None:
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -79,6 +84,7 @@ class FedAvg(FlowerFedAvg):
         self.reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self.participation: dict[int, dict[str, Any]] = {}
         self.secure = secure
+        self.encrypted = encrypted
         self._global: ArrayRecord | None = None
 
     # ---- training ----------------------------------------------------------------
@@ -86,7 +92,11 @@ class FedAvg(FlowerFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample sites and send them the global model; remember its array layout."""
-        self.reference = {k: (tuple(v.shape), np.dtype(v.numpy().dtype)) for k, v in arrays.items()}
+        encrypted = "ct" in arrays and "rows" in arrays  # Paillier: the encrypted aggregate
+        if self.encrypted is not None and not encrypted:  # round 1: the public initial model
+            self.encrypted.set_size(Layout.of({k: v.numpy() for k, v in arrays.items()}).size)
+        if not encrypted:
+            self.reference = {k: (tuple(v.shape), np.dtype(v.numpy().dtype)) for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._entry(server_round)["train"] = {"sampled": len(messages)}
         if self.secure is None:
@@ -105,6 +115,8 @@ class FedAvg(FlowerFedAvg):
         """Drop bad replies (logged), then average the rest in site order."""
         if self.secure is not None:
             return self._aggregate_secure(server_round, replies)
+        if self.encrypted is not None:
+            return self._aggregate_encrypted(server_round, replies)
         good = self._screen(
             server_round, "train", replies, lambda m: check_train_reply(m, self.reference, server_round)
         )
@@ -140,6 +152,24 @@ class FedAvg(FlowerFedAvg):
         metrics = MetricRecord({WEIGHT_KEY: agg.total_weight, "train_loss": agg.mean_loss,
                                 "clipped_values": agg.clipped})
         return ArrayRecord(OrderedDict((k, Array(v)) for k, v in new.items())), metrics
+
+    def _aggregate_encrypted(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Multiply the accepted ciphertexts; the encrypted sum becomes the next global record."""
+        from strategies.paillier.server import screen as paillier_screen
+
+        assert self.encrypted is not None
+        replies = sorted(replies, key=site_order)
+        good, rejected, sites = paillier_screen(self.encrypted, server_round, replies, site_label)
+        entry = self._entry(server_round)["train"]
+        entry.update({"replied": len(good), "rejected": rejected, "sites": sites, "stragglers": [
+            site_label(m) for m in replies if not m.has_error()
+            and bool(m.content.config_records.get(SITE_KEY, {}).get("straggler", False))]})
+        if not good:
+            log(WARNING, "round %s: no usable encrypted reply; the global model is unchanged", server_round)
+            return None, None
+        return self.encrypted.aggregate(good)
 
     def _abort(self, server_round: int, err: Exception) -> None:
         assert self.secure is not None

@@ -15,6 +15,8 @@ bit for bit.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Iterable
 from logging import INFO
 
@@ -26,6 +28,9 @@ from torch import nn
 
 from strategies.fedavg import FedAvg
 from strategies.secagg.server import SecureAggregator
+
+if TYPE_CHECKING:
+    from strategies.paillier.server import EncryptedAggregator
 
 MU_KEY = "proximal-mu"
 
@@ -58,7 +63,7 @@ class FedProx(FedAvg):
 
     Parameters
     ----------
-    num_sites, fraction_train, fraction_evaluate, secure : as for :class:`FedAvg`.
+    num_sites, fraction_train, fraction_evaluate, secure, encrypted : as for :class:`FedAvg`.
     mu : float
         Proximal coefficient for the first round.
     adaptive_mu : bool
@@ -69,8 +74,9 @@ class FedProx(FedAvg):
 
     def __init__(self, num_sites: int, mu: float, fraction_train: float = 1.0,
                  fraction_evaluate: float = 1.0, adaptive_mu: bool = False,
-                 mu_step: float = 0.1, mu_patience: int = 5, secure: SecureAggregator | None = None) -> None:
-        super().__init__(num_sites, fraction_train, fraction_evaluate, secure)
+                 mu_step: float = 0.1, mu_patience: int = 5, secure: SecureAggregator | None = None,
+                 encrypted: EncryptedAggregator | None = None) -> None:
+        super().__init__(num_sites, fraction_train, fraction_evaluate, secure, encrypted)
         self.mu = float(mu)
         self.adaptive_mu, self.mu_step, self.mu_patience = adaptive_mu, mu_step, mu_patience
         self._last_loss: float | None = None

@@ -65,8 +65,8 @@ def test_wrong_type_and_unknown_key_fail_at_composition() -> None:
 
 
 def test_not_yet_available_options_are_named() -> None:
-    with pytest.raises(MissingConfigException, match="aggregation/paillier"):
-        config.compose(["aggregation=paillier"])
+    with pytest.raises(MissingConfigException, match="privacy/dpsgd"):
+        config.compose(["privacy=dpsgd"])
 
 
 @pytest.mark.parametrize("override, key", [
@@ -77,10 +77,12 @@ def test_not_yet_available_options_are_named() -> None:
     ("aggregation.neighbours=3", "aggregation.neighbours"),
     ("faults.drop_rate=1.0", "faults.drop_rate"),
     ("faults.drop_stage=train", "faults.drop_stage"),
+    ("aggregation=paillier aggregation.value_bits=4", "aggregation.value_bits"),
+    ("aggregation=paillier aggregation.max_sites=2", "aggregation.max_sites"),
 ])
 def test_secagg_and_fault_options_are_range_checked(override: str, key: str) -> None:
     with pytest.raises(config.ConfigError) as err:
-        config.compose(["aggregation=secagg", override])
+        config.compose(["aggregation=secagg", *override.split()])
     assert err.value.key == key
 
 

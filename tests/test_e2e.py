@@ -175,6 +175,20 @@ def test_secure_aggregation_over_superlink_and_supernodes(tmp_path: Path) -> Non
     assert abs(deployed["final"]["auc"] - plain["final"]["auc"]) < 1e-4
 
 
+def test_paillier_aggregation_through_the_simulation_engine(tmp_path: Path) -> None:
+    """aggregation=paillier in Flower's engine: sites encrypt, the server adds ciphertexts and
+    keeps only the encrypted model; results come from federated evaluation."""
+    from strategies.paillier.keys import generate
+
+    private, public = generate(tmp_path / "keys")
+    _, results = fedsilo(tmp_path / "run", "task=finance", "num_sites=3", "num_rounds=2", "aggregation=paillier",
+                         f"aggregation.public_key={public}", f"aggregation.keypair={private}")
+    assert results["status"] == "completed" and results["artifacts"]["model"] == "model.encrypted.pt"
+    assert results["final_source"].startswith("federated") and results["final"]["auc_site_weighted"] > 0.7
+    assert all(h["participation"]["train"]["replied"] == 3 for h in results["history"])
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
 def test_medical_run_on_four_hospitals(tmp_path: Path) -> None:
     _, results = fedsilo(tmp_path / "run", "task=medical", "num_rounds=3")
     check_layout(results, rounds=3, sites=4)

@@ -1,0 +1,125 @@
+"""aggregation=paillier end to end with the real ServerApp and ClientApp (in process): the server
+is given the public key only, the sites their key pair through their node config."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import tasks
+from app import client_app, config, server_app
+from app.local_grid import LocalGrid, run_inprocess
+from app.paths import resolve_data_dir
+from strategies import paillier_packer
+from strategies.paillier import keys
+from strategies.paillier.client import ModelCodecFactory, global_state
+from strategies.paillier.server import ENCRYPTED_KEY
+from tests.conftest import DATA_DIR
+
+COMMON = ["task=finance", "num_sites=3", "num_rounds=3"]
+
+
+@pytest.fixture(scope="module")
+def key_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return keys.generate(tmp_path_factory.mktemp("paillier"))
+
+
+def run(tmp_path: Path, key_files: tuple[Path, Path], extra: list[str] = (), grid_cls: type = LocalGrid,
+        site_key: Path | None = None) -> dict[str, Any]:
+    """The ServerApp gets only the public key path; each site gets the key pair in its node config."""
+    overrides = [*COMMON, "aggregation=paillier", f"aggregation.public_key={key_files[1]}", *extra]
+    run_config = {"overrides": shlex.join([*overrides, f"data_dir={DATA_DIR}"]), "output-dir": str(tmp_path)}
+    assert str(key_files[0]) not in run_config["overrides"]
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    grid = grid_cls(client_app.app, 3, run_config, node_config={"paillier-keypair": str(site_key or key_files[0])})
+    server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def decrypt_final(tmp_path: Path, key_path: Path) -> torch.nn.Module:
+    """What a key holder does with the run's encrypted final model."""
+    cfg = config.compose([*COMMON, "aggregation=paillier"])
+    task = tasks.get("finance")(cfg.task, resolve_data_dir(str(DATA_DIR)))
+    model = task.build_model()
+    private = keys.load_private(key_path)
+    saved = torch.load(tmp_path / "model.encrypted.pt")
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in saved.items()})
+    codec = ModelCodecFactory(paillier_packer(cfg.aggregation, private.public_key.n.bit_length()), 1000.0)
+    model.load_state_dict(global_state(arrays, model.state_dict(), codec, private))
+    return model
+
+
+def test_paillier_run_matches_plain_fedavg_and_the_server_holds_no_model(tmp_path: Path,
+                                                                          key_files: tuple[Path, Path]) -> None:
+    results = run(tmp_path / "paillier", key_files)
+    plain = run_inprocess(COMMON, tmp_path / "plain")
+    assert results["status"] == "completed"
+    assert results["final_source"].startswith("federated evaluation")
+    assert all(h["server"] == {} for h in results["history"])  # no plaintext model on the server
+    assert not (tmp_path / "paillier" / "model.pt").exists()
+    # the key holder's view: the decrypted final model scores like plain FedAvg's on the test set
+    cfg = config.compose(COMMON)
+    task = tasks.get("finance")(cfg.task, resolve_data_dir(str(DATA_DIR)))
+    auc = task.evaluate(decrypt_final(tmp_path / "paillier", key_files[0]), task.data().test)["auc"]
+    assert abs(auc - plain["final"]["auc"]) < 0.002
+    fed, fed_plain = results["final"], plain["final_federated_evaluate"]
+    assert abs(fed["auc_site_weighted"] - fed_plain["auc_site_weighted"]) < 0.002
+
+
+class TamperingGrid(LocalGrid):
+    """Node 1001's training reply is altered in flight."""
+
+    mode = "truncate"
+
+    def _deliver(self, msg: Message) -> Message:
+        reply = super()._deliver(msg)
+        if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == 1001 and not reply.has_error():
+            rec = reply.content[ENCRYPTED_KEY]
+            ct = rec["ct"].numpy()
+            if self.mode == "truncate":
+                rec["ct"] = Array(ct[:-1].copy())
+            else:  # the integer 0: not a ciphertext at all
+                bad = ct.copy()
+                bad[0, :] = 0
+                rec["ct"] = Array(bad)
+        return reply
+
+
+@pytest.mark.parametrize("mode, reason", [("truncate", "expected"), ("zero", "integer in (0, n^2)")])
+def test_malformed_ciphertexts_are_rejected_and_the_round_goes_on(mode: str, reason: str, tmp_path: Path,
+                                                                  key_files: tuple[Path, Path]) -> None:
+    TamperingGrid.mode = mode
+    results = run(tmp_path, key_files, ["num_rounds=1", "strategy.fraction_evaluate=0"], grid_cls=TamperingGrid)
+    train = results["history"][0]["participation"]["train"]
+    assert results["status"] == "completed" and train["replied"] == 2
+    assert len(train["rejected"]) == 1 and reason in train["rejected"][0]["reason"]
+
+
+def test_a_site_with_another_key_pair_is_rejected_by_fingerprint(tmp_path: Path, key_files: tuple[Path, Path]) -> None:
+    other, _ = keys.generate(tmp_path / "other")
+    with pytest.raises(RuntimeError, match="never trained"):
+        run(tmp_path, key_files, ["num_rounds=1", "strategy.fraction_evaluate=0"], site_key=other)
+    train = json.loads((tmp_path / "results.json").read_text())["history"][0]["participation"]["train"]
+    assert len(train["rejected"]) == 3 and all("not one key pair" in r["reason"] for r in train["rejected"])
+
+
+def test_missing_keys_fail_at_start_with_a_clear_message(tmp_path: Path, key_files: tuple[Path, Path]) -> None:
+    from app.preflight import PreflightError
+
+    with pytest.raises(PreflightError, match="aggregation.public_key"):
+        run_inprocess([*COMMON, "aggregation=paillier"], tmp_path / "nokey")
+    other, _ = keys.generate(tmp_path / "other")
+    with pytest.raises(PreflightError, match="does not belong"):
+        run_inprocess([*COMMON, "aggregation=paillier", f"aggregation.public_key={key_files[1]}",
+                       f"aggregation.keypair={other}"], tmp_path / "mismatch")
+    with pytest.raises(PreflightError, match="does not exist"):
+        run_inprocess([*COMMON, "aggregation=paillier", f"aggregation.public_key={tmp_path}/missing.json"],
+                      tmp_path / "missing")
