@@ -56,9 +56,14 @@ def check_keys(cfg: config.FedsiloConfig) -> None:
     read, are at least 2048 bits, and are one pair."""
     if not isinstance(cfg.aggregation, config.PaillierConfig):
         return
+    a = cfg.aggregation
+    try:
+        import phe  # noqa: F401
+    except ImportError:
+        raise PreflightError("aggregation=paillier needs the optional paillier extra (GPL-3.0 python-paillier): "
+                             "pip install 'fedsilo[paillier]'") from None
     from strategies.paillier.keys import PaillierKeyError, check_pair, load_private, load_public
 
-    a = cfg.aggregation
     try:
         if not a.public_key:
             raise PaillierKeyError("aggregation=paillier needs aggregation.public_key=PATH (make the key files "

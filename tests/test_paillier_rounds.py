@@ -123,3 +123,19 @@ def test_missing_keys_fail_at_start_with_a_clear_message(tmp_path: Path, key_fil
     with pytest.raises(PreflightError, match="does not exist"):
         run_inprocess([*COMMON, "aggregation=paillier", f"aggregation.public_key={tmp_path}/missing.json"],
                       tmp_path / "missing")
+
+
+def test_paillier_composes_with_fedprox(tmp_path: Path, key_files: tuple[Path, Path]) -> None:
+    class Recording(LocalGrid):
+        sent: list[Message] = []
+
+        def _deliver(self, msg: Message) -> Message:
+            Recording.sent.append(msg)
+            return super()._deliver(msg)
+
+    results = run(tmp_path, key_files, ["num_rounds=2", "strategy=fedprox", "strategy.mu=0.1",
+                                        "strategy.fraction_evaluate=0"], grid_cls=Recording)
+    assert results["status"] == "completed"
+    trains = [m for m in Recording.sent if m.metadata.message_type == "train"]
+    assert trains and all(float(m.content["config"]["proximal-mu"]) == 0.1 for m in trains)
+    assert all("ct" in m.content["arrays"] for m in trains[3:])  # round 2 ships the encrypted aggregate
