@@ -95,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
         from strategies.paillier import client as pai
 
         codec, private, encryptor = _paillier(r["cfg"], context)
-        record, _ = pai.encrypt_model(r["model"].state_dict(), len(site.train), codec, encryptor, private)
+        record, _ = pai.encrypt_model(r["model"].state_dict(), len(site.train), codec, encryptor, private, context)
         from strategies.paillier.keys import fingerprint
 
         return Message(RecordDict({pai.ENCRYPTED_KEY: record, SITE_KEY: _site_record(site, r["round"], r["straggler"]),
@@ -208,4 +208,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord({WEIGHT_KEY: len(site.val), **summary}),
         SITE_KEY: _site_record(site, server_round),
     })
+    if isinstance(cfg.aggregation, config.PaillierConfig):  # next round's obfuscators, ahead of training
+        from strategies.paillier import client as pai
+
+        codec, _, encryptor = _paillier(cfg, context)
+        size = Layout.of({k: v.detach().numpy() for k, v in model.state_dict().items()}).size
+        pai.precompute_obfuscators(context, encryptor, codec(size).ciphertexts + 1)
     return Message(content, reply_to=msg)

@@ -139,3 +139,28 @@ def test_paillier_composes_with_fedprox(tmp_path: Path, key_files: tuple[Path, P
     trains = [m for m in Recording.sent if m.metadata.message_type == "train"]
     assert trains and all(float(m.content["config"]["proximal-mu"]) == 0.1 for m in trains)
     assert all("ct" in m.content["arrays"] for m in trains[3:])  # round 2 ships the encrypted aggregate
+
+
+def test_obfuscators_made_during_evaluation_are_used_once(tmp_path: Path, key_files: tuple[Path, Path]) -> None:
+    """Sites precompute the next round's obfuscators while evaluating; training consumes them, and
+    the ciphertexts still decrypt to the right model (the run matches the one without)."""
+    from strategies.paillier.client import OBFUSCATORS_KEY
+
+    class Watching(LocalGrid):
+        seen: list[tuple[str, bool]] = []
+
+        def _deliver(self, msg: Message) -> Message:
+            reply = super()._deliver(msg)
+            state = self.contexts[msg.metadata.dst_node_id].state.config_records
+            Watching.seen.append((msg.metadata.message_type, OBFUSCATORS_KEY in state))
+            return reply
+
+    results = run(tmp_path, key_files, ["num_rounds=2"], grid_cls=Watching)
+    assert results["status"] == "completed"
+    assert ("evaluate", True) in Watching.seen  # made while evaluating
+    trains = [have for kind, have in Watching.seen if kind == "train"]
+    assert trains and not any(trains)  # consumed by training, never left for reuse
+    model = decrypt_final(tmp_path, key_files[0])
+    cfg = config.compose(COMMON)
+    task = tasks.get("finance")(cfg.task, resolve_data_dir(str(DATA_DIR)))
+    assert task.evaluate(model, task.data().test)["auc"] > 0.7

@@ -5,7 +5,8 @@ in ``aggregation.keypair`` (simulation); the server is never given that path. Th
 model arrives either as the public initial model (round 1, plaintext) or as the encrypted
 aggregate the server returned (``ct``, ``rows``, ``sites``): the site decrypts it and
 decodes FedAvg's weighted average (:class:`~strategies.paillier.vector.ModelCodec`). After
-local training it encrypts ``(rows / weight_unit) * w`` and ``rows`` with the CRT shortcut.
+local training it encrypts ``(rows / weight_unit) * w`` and ``rows`` with the CRT shortcut,
+using obfuscators it made ahead (during federated evaluation) when it has them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from phe import paillier
 
 from strategies.paillier.crypto import Encryptor
@@ -57,16 +58,41 @@ def global_state(arrays: ArrayRecord, template: dict[str, torch.Tensor], codec_f
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in layout.unflatten(flat).items()}
 
 
+OBFUSCATORS_KEY = "paillier-obfuscators"  # context.state: obfuscators made ahead, each used once
+
+
+def precompute_obfuscators(context: Context, encryptor: Encryptor, count: int) -> None:
+    """Make the next round's ``count`` obfuscators now (off the training round's critical path)."""
+    width = (int(encryptor.nsquare).bit_length() + 7) // 8
+    context.state[OBFUSCATORS_KEY] = ConfigRecord(
+        {"obf": [o.to_bytes(width, "big") for o in encryptor.obfuscators(count)]})
+
+
+def _take_obfuscators(context: Context, count: int) -> list[int | None]:
+    """The precomputed obfuscators (removed from the state: never reused), or None each."""
+    record = context.state.config_records.get(OBFUSCATORS_KEY)
+    if record is None:
+        return [None] * count
+    del context.state[OBFUSCATORS_KEY]
+    stored = [int.from_bytes(b, "big") for b in record["obf"]]  # type: ignore[union-attr]
+    return (stored + [None] * count)[:count]
+
+
 def encrypt_model(state: dict[str, torch.Tensor], rows: int, codec_for: ModelCodecFactory,
-                  encryptor: Encryptor, private: paillier.PaillierPrivateKey) -> tuple[ArrayRecord, int]:
-    """The reply record ``ENCRYPTED_KEY`` for this site's model and rows; and the clipped count."""
+                  encryptor: Encryptor, private: paillier.PaillierPrivateKey,
+                  context: Context | None = None) -> tuple[ArrayRecord, int]:
+    """The reply record ``ENCRYPTED_KEY`` for this site's model and rows; and the clipped count.
+
+    Uses the obfuscators precomputed in ``context.state`` when there are any.
+    """
     arrays = {k: v.detach().cpu().numpy() for k, v in state.items()}
     layout = Layout.of(arrays)
     plain, clipped = codec_for(layout.size).encode(layout.flatten(arrays), rows)
+    obf = _take_obfuscators(context, len(plain) + 1) if context is not None else [None] * (len(plain) + 1)
     width = ct_width(private.public_key)
     record = ArrayRecord(OrderedDict([
-        ("ct", Array(to_array([encryptor.encrypt(m) for m in plain], width))),
-        ("rows", Array(to_array([encryptor.encrypt(rows)], width))),
+        ("ct", Array(to_array([encryptor.encrypt(m, o) for m, o in zip(plain, obf)], width))),
+        ("rows", Array(to_array([encryptor.encrypt(rows, obf[-1])], width))),
     ]))
     return record, clipped
 
@@ -81,4 +107,4 @@ class ModelCodecFactory:
         return ModelCodec(self.packer, self.weight_unit, size)
 
 
-__all__ = ["ENCRYPTED_KEY", "META_KEY", "NODE_CONFIG_KEY", "ModelCodecFactory", "encrypt_model", "global_state", "site_key"]
+__all__ = ["ENCRYPTED_KEY", "META_KEY", "OBFUSCATORS_KEY", "precompute_obfuscators", "NODE_CONFIG_KEY", "ModelCodecFactory", "encrypt_model", "global_state", "site_key"]
