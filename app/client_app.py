@@ -95,7 +95,8 @@ def train(msg: Message, context: Context) -> Message:
         from strategies.paillier import client as pai
 
         codec, private, encryptor = _paillier(r["cfg"], context)
-        record, _ = pai.encrypt_model(r["model"].state_dict(), len(site.train), codec, encryptor, private, context)
+        record, _ = pai.encrypt_model(r["model"].state_dict(), len(site.train), codec, encryptor, private, context,
+                                      r["cfg"].aggregation.workers)
         from strategies.paillier.keys import fingerprint
 
         return Message(RecordDict({pai.ENCRYPTED_KEY: record, SITE_KEY: _site_record(site, r["round"], r["straggler"]),
@@ -129,7 +130,7 @@ def _global_state(msg: Message, cfg: config.FedsiloConfig, context: Context, mod
     from strategies.paillier import client as pai
 
     codec, private, _ = _paillier(cfg, context)
-    return pai.global_state(arrays, model.state_dict(), codec, private)
+    return pai.global_state(arrays, model.state_dict(), codec, private, cfg.aggregation.workers)
 
 
 # ---- secure aggregation (aggregation=secagg): one handler per protocol stage -------------------
@@ -211,7 +212,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if isinstance(cfg.aggregation, config.PaillierConfig):  # next round's obfuscators, ahead of training
         from strategies.paillier import client as pai
 
-        codec, _, encryptor = _paillier(cfg, context)
+        codec, private, _ = _paillier(cfg, context)
         size = Layout.of({k: v.detach().numpy() for k, v in model.state_dict().items()}).size
-        pai.precompute_obfuscators(context, encryptor, codec(size).ciphertexts + 1)
+        pai.precompute_obfuscators(context, private, codec(size).ciphertexts + 1, cfg.aggregation.workers)
     return Message(content, reply_to=msg)

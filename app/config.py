@@ -112,6 +112,7 @@ class PaillierConfig(AggregationConfig):
     value_bits: int = 20           # quantisation bits per value
     weight_unit: float = 1000.0    # rows that count as weight 1 when weighting models
     max_sites: int = 16            # most sites whose sum must fit a slot (guard bits)
+    workers: int = 1               # processes a site encrypts/decrypts with; 0 = all its cores
 
 
 @dataclass
@@ -223,6 +224,7 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
         _check(a.clip > 0, "aggregation.clip", a.clip, "a number > 0")
         _check(8 <= a.value_bits <= 32, "aggregation.value_bits", a.value_bits, "an integer in 8..32")
         _check(a.weight_unit > 0, "aggregation.weight_unit", a.weight_unit, "rows > 0")
+        _check(a.workers >= 0, "aggregation.workers", a.workers, "0 (all cores) or a number of processes >= 1")
         _check(a.max_sites >= num_sites(cfg), "aggregation.max_sites", a.max_sites,
                f"at least the number of sites ({num_sites(cfg)})")
     f = cfg.faults

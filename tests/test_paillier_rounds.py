@@ -164,3 +164,11 @@ def test_obfuscators_made_during_evaluation_are_used_once(tmp_path: Path, key_fi
     cfg = config.compose(COMMON)
     task = tasks.get("finance")(cfg.task, resolve_data_dir(str(DATA_DIR)))
     assert task.evaluate(model, task.data().test)["auc"] > 0.7
+
+
+def test_sites_can_spread_encryption_and_decryption_over_processes(tmp_path: Path,
+                                                                   key_files: tuple[Path, Path]) -> None:
+    one = run(tmp_path / "one", key_files, ["num_rounds=2"])
+    two = run(tmp_path / "two", key_files, ["num_rounds=2", "aggregation.workers=2"])
+    assert two["status"] == "completed"
+    assert two["final"]["auc_site_weighted"] == one["final"]["auc_site_weighted"]  # same plaintexts, same model

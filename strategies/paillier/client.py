@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from phe import paillier
 
-from strategies.paillier.crypto import Encryptor
+from strategies.paillier.crypto import Encryptor, decrypt_all, many_obfuscators
 from strategies.paillier.keys import PaillierKeyError, load_private
 from strategies.paillier.packing import Packer
 from strategies.paillier.server import ENCRYPTED_KEY, META_KEY, ct_width, from_array, is_encrypted, to_array
@@ -45,13 +45,13 @@ def site_key(context: Context, configured: str | None) -> tuple[paillier.Paillie
 
 
 def global_state(arrays: ArrayRecord, template: dict[str, torch.Tensor], codec_for: ModelCodecFactory,
-                 private: paillier.PaillierPrivateKey) -> dict[str, torch.Tensor]:
+                 private: paillier.PaillierPrivateKey, workers: int = 1) -> dict[str, torch.Tensor]:
     """The global model as a state dict: plaintext as sent, or decrypted and decoded."""
     if not is_encrypted(arrays):
         return arrays.to_torch_state_dict()
     layout = Layout.of({k: v.numpy() for k, v in template.items()})
     codec = codec_for(layout.size)
-    sums = [private.raw_decrypt(c) for c in from_array(arrays["ct"].numpy())]
+    sums = decrypt_all(private, from_array(arrays["ct"].numpy()), workers)
     rows = private.raw_decrypt(from_array(arrays["rows"].numpy())[0])
     sites = int(arrays["sites"].numpy()[0])
     flat = codec.decode(sums, rows, sites)
@@ -61,11 +61,11 @@ def global_state(arrays: ArrayRecord, template: dict[str, torch.Tensor], codec_f
 OBFUSCATORS_KEY = "paillier-obfuscators"  # context.state: obfuscators made ahead, each used once
 
 
-def precompute_obfuscators(context: Context, encryptor: Encryptor, count: int) -> None:
+def precompute_obfuscators(context: Context, private: paillier.PaillierPrivateKey, count: int, workers: int = 1) -> None:
     """Make the next round's ``count`` obfuscators now (off the training round's critical path)."""
-    width = (int(encryptor.nsquare).bit_length() + 7) // 8
+    width = ct_width(private.public_key)
     context.state[OBFUSCATORS_KEY] = ConfigRecord(
-        {"obf": [o.to_bytes(width, "big") for o in encryptor.obfuscators(count)]})
+        {"obf": [o.to_bytes(width, "big") for o in many_obfuscators(private, count, workers)]})
 
 
 def _take_obfuscators(context: Context, count: int) -> list[int | None]:
@@ -80,7 +80,7 @@ def _take_obfuscators(context: Context, count: int) -> list[int | None]:
 
 def encrypt_model(state: dict[str, torch.Tensor], rows: int, codec_for: ModelCodecFactory,
                   encryptor: Encryptor, private: paillier.PaillierPrivateKey,
-                  context: Context | None = None) -> tuple[ArrayRecord, int]:
+                  context: Context | None = None, workers: int = 1) -> tuple[ArrayRecord, int]:
     """The reply record ``ENCRYPTED_KEY`` for this site's model and rows; and the clipped count.
 
     Uses the obfuscators precomputed in ``context.state`` when there are any.
@@ -88,7 +88,9 @@ def encrypt_model(state: dict[str, torch.Tensor], rows: int, codec_for: ModelCod
     arrays = {k: v.detach().cpu().numpy() for k, v in state.items()}
     layout = Layout.of(arrays)
     plain, clipped = codec_for(layout.size).encode(layout.flatten(arrays), rows)
-    obf = _take_obfuscators(context, len(plain) + 1) if context is not None else [None] * (len(plain) + 1)
+    obf = _take_obfuscators(context, len(plain) + 1) if context is not None else []
+    if not obf or obf[0] is None:
+        obf = many_obfuscators(private, len(plain) + 1, workers)
     width = ct_width(private.public_key)
     record = ArrayRecord(OrderedDict([
         ("ct", Array(to_array([encryptor.encrypt(m, o) for m, o in zip(plain, obf)], width))),

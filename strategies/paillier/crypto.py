@@ -16,6 +16,7 @@ import os
 import secrets
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from typing import Any, TypeVar
 
 import gmpy2
@@ -81,6 +82,49 @@ def check_ciphertexts(public: paillier.PaillierPublicKey, cts: Sequence[Any], ex
     return None
 
 
+_KEYS: dict[int, tuple[paillier.PaillierPrivateKey, Encryptor]] = {}
+
+
+def _key(p: int, q: int, n: int) -> tuple[paillier.PaillierPrivateKey, Encryptor]:
+    if n not in _KEYS:
+        private = paillier.PaillierPrivateKey(paillier.PaillierPublicKey(n), p, q)
+        _KEYS[n] = (private, Encryptor(private))
+    return _KEYS[n]
+
+
+def obfuscators_job(p: int, q: int, n: int, count: int) -> list[int]:
+    """Worker job: ``count`` fresh obfuscators."""
+    return _key(p, q, n)[1].obfuscators(count)
+
+
+def decrypt_job(p: int, q: int, n: int, cts: list[int]) -> list[int]:
+    """Worker job: CRT decryption of ``cts``."""
+    private = _key(p, q, n)[0]
+    return [private.raw_decrypt(c) for c in cts]
+
+
+def chunks(items: list[T], parts: int) -> list[list[T]]:
+    size = max(1, -(-len(items) // max(1, parts)))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def many_obfuscators(private: paillier.PaillierPrivateKey, count: int, workers: int) -> list[int]:
+    """``count`` obfuscators over ``workers`` processes (1 = this process)."""
+    key = (private.p, private.q, private.public_key.n)
+    if workers == 1:
+        return _key(*key)[1].obfuscators(count)
+    parts = [len(c) for c in chunks(list(range(count)), workers)]
+    return [o for part in parallel_map(obfuscators_job, [(*key, k) for k in parts], workers) for o in part]
+
+
+def decrypt_all(private: paillier.PaillierPrivateKey, cts: list[int], workers: int) -> list[int]:
+    """Decrypt ``cts`` over ``workers`` processes (1 = this process)."""
+    key = (private.p, private.q, private.public_key.n)
+    if workers == 1:
+        return [private.raw_decrypt(c) for c in cts]
+    return [m for part in parallel_map(decrypt_job, [(*key, c) for c in chunks(cts, workers)], workers) for m in part]
+
+
 def _call(args: tuple[Callable[..., R], tuple]) -> R:
     fn, a = args
     return fn(*a)
@@ -90,11 +134,15 @@ _POOL: ProcessPoolExecutor | None = None
 
 
 def parallel_map(fn: Callable[..., R], jobs: list[tuple], workers: int | None = None) -> list[R]:
-    """``[fn(*job) for job in jobs]`` over ``workers`` processes (default: all cores)."""
+    """``[fn(*job) for job in jobs]`` over ``workers`` processes (0/None: all cores).
+
+    The pool is started once per process with ``spawn`` (safe inside Flower's threaded
+    runtimes, about a second to start) and reused.
+    """
     global _POOL
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) < 2:
         return [fn(*job) for job in jobs]
     if _POOL is None or _POOL._max_workers != workers:  # noqa: SLF001
-        _POOL = ProcessPoolExecutor(max_workers=workers)
+        _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
     return list(_POOL.map(_call, [(fn, job) for job in jobs]))
