@@ -39,7 +39,14 @@ sys.path.insert(0, str(REPO))
 
 from phe import paillier  # noqa: E402
 
-from strategies.paillier.crypto import Encryptor, add_ciphertexts, parallel_map  # noqa: E402
+from strategies.paillier.crypto import (  # noqa: E402
+    Encryptor,
+    add_ciphertexts,
+    chunks,
+    decrypt_job,
+    obfuscators_job,
+    parallel_map,
+)
 from strategies.paillier.packing import Packer  # noqa: E402
 
 SITES = 10
@@ -53,38 +60,16 @@ def cpu() -> float:
     return time.process_time()
 
 
-_ENC: Encryptor | None = None
-_PRIV: paillier.PaillierPrivateKey | None = None
-
-
-def _init(p: int, q: int, n: int) -> None:
-    global _ENC, _PRIV
-    _PRIV = paillier.PaillierPrivateKey(paillier.PaillierPublicKey(n), p, q)
-    _ENC = Encryptor(_PRIV)
-
-
-def _obfuscators(p: int, q: int, n: int, count: int) -> tuple[list[int], float]:
+def _timed(job: str, p: int, q: int, n: int, arg: object) -> tuple[list[int], float]:
+    """Run a :mod:`strategies.paillier.crypto` worker job; return its result and CPU seconds."""
     t0 = time.process_time()
-    if _ENC is None or int(_ENC.n) != n:
-        _init(p, q, n)
-    return _ENC.obfuscators(count), time.process_time() - t0  # type: ignore[union-attr]
-
-
-def _decrypt(p: int, q: int, n: int, cts: list[int]) -> tuple[list[int], float]:
-    t0 = time.process_time()
-    if _PRIV is None or _PRIV.public_key.n != n:
-        _init(p, q, n)
-    return [_PRIV.raw_decrypt(c) for c in cts], time.process_time() - t0  # type: ignore[union-attr]
+    out = (obfuscators_job if job == "obf" else decrypt_job)(p, q, n, arg)  # type: ignore[arg-type]
+    return out, time.process_time() - t0
 
 
 def gather(parts: list[tuple[list[int], float]]) -> tuple[list[int], float]:
     """Concatenated results and the CPU seconds the workers spent."""
     return [x for part, _ in parts for x in part], sum(c for _, c in parts)
-
-
-def split(items: list, parts: int) -> list[list]:
-    k = -(-len(items) // parts)
-    return [items[i : i + k] for i in range(0, len(items), k)]
 
 
 def ours(private: paillier.PaillierPrivateKey, size: int, workers: int, check: bool) -> dict[str, float]:
@@ -97,7 +82,7 @@ def ours(private: paillier.PaillierPrivateKey, size: int, workers: int, check: b
     count = packer.count(size)
     # obfuscators: computed ahead of the round, over the cores (CPU counted, off the critical path)
     c0, w0 = cpu(), time.perf_counter()
-    obf, worker_cpu = gather(parallel_map(_obfuscators, [(*key, len(c)) for c in split(list(range(count)), workers)],
+    obf, worker_cpu = gather(parallel_map(_timed, [("obf", *key, len(c)) for c in chunks(list(range(count)), workers)],
                                           workers))
     obf_wall, obf_cpu = time.perf_counter() - w0, cpu() - c0 + worker_cpu
     # the round: pack + encrypt with the precomputed obfuscators
@@ -114,7 +99,7 @@ def ours(private: paillier.PaillierPrivateKey, size: int, workers: int, check: b
     total = add_ciphertexts(public, columns)
     srv_wall, srv_cpu = time.perf_counter() - w0, cpu() - c0
     c0, w0 = cpu(), time.perf_counter()
-    sums, worker_cpu = gather(parallel_map(_decrypt, [(*key, c) for c in split(total, workers)], workers))
+    sums, worker_cpu = gather(parallel_map(_timed, [("dec", *key, c) for c in chunks(total, workers)], workers))
     mean = packer.decode_sum(packer.unpack(sums, size), SITES) / SITES
     dec_wall, dec_cpu = time.perf_counter() - w0, cpu() - c0 + worker_cpu
     err = float(np.max(np.abs(mean - np.mean(updates, axis=0)))) if check else float("nan")
