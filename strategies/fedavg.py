@@ -54,6 +54,17 @@ def pooled_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) -> 
     return MetricRecord({k: float(v) for k, v in pooled.items() if np.isfinite(v)})
 
 
+def _stragglers(replies: Iterable[Message]) -> list[str]:
+    """Labels of the sites whose reply says they finished only part of their work."""
+    return [site_label(m) for m in replies if not m.has_error()
+            and bool(m.content.config_records.get(SITE_KEY, {}).get("straggler", False))]
+
+
+def _secagg_rejections(secagg_log: dict[str, Any]) -> list[dict[str, str]]:
+    """A secure round's dropped sites in the participation format."""
+    return [{"site": f"node {r['node']}", "reason": f"{r['stage']}: {r['reason']}"} for r in secagg_log.get("rejected", [])]
+
+
 class FedAvg(FlowerFedAvg):
     """Weighted federated averaging over ``num_sites`` sites.
 
@@ -134,8 +145,7 @@ class FedAvg(FlowerFedAvg):
         if self._global is None or "aborted" in entry.get("secagg", {}):
             return None, None
         replies = list(replies)
-        stragglers = [site_label(m) for m in replies if not m.has_error()
-                      and bool(m.content.config_records.get(SITE_KEY, {}).get("straggler", False))]
+        stragglers = _stragglers(replies)
         try:
             agg = self.secure.close(replies)
         except SecAggAbort as err:
@@ -147,8 +157,7 @@ class FedAvg(FlowerFedAvg):
         new = layout.unflatten(layout.flatten(base) + agg.mean_update)
         log_ = self.secure.log[server_round]
         entry["train"].update({"replied": log_.get("survivors", 0), "stragglers": stragglers,
-                               "rejected": [{"site": f"node {r['node']}", "reason": f"{r['stage']}: {r['reason']}"}
-                                            for r in log_["rejected"]]})
+                               "rejected": _secagg_rejections(log_)})
         metrics = MetricRecord({WEIGHT_KEY: agg.total_weight, "train_loss": agg.mean_loss,
                                 "clipped_values": agg.clipped})
         return ArrayRecord(OrderedDict((k, Array(v)) for k, v in new.items())), metrics
@@ -163,9 +172,7 @@ class FedAvg(FlowerFedAvg):
         replies = sorted(replies, key=site_order)
         good, rejected, sites = paillier_screen(self.encrypted, server_round, replies, site_label)
         entry = self._entry(server_round)["train"]
-        entry.update({"replied": len(good), "rejected": rejected, "sites": sites, "stragglers": [
-            site_label(m) for m in replies if not m.has_error()
-            and bool(m.content.config_records.get(SITE_KEY, {}).get("straggler", False))]})
+        entry.update({"replied": len(good), "rejected": rejected, "sites": sites, "stragglers": _stragglers(replies)})
         if not good:
             log(WARNING, "round %s: no usable encrypted reply; the global model is unchanged", server_round)
             return None, None
@@ -176,9 +183,7 @@ class FedAvg(FlowerFedAvg):
         entry = self._entry(server_round)
         entry["secagg"] = self.secure.log.setdefault(server_round, {"rejected": [], "stages": {}})
         entry["secagg"]["aborted"] = str(err)
-        entry["train"].update({"replied": 0, "rejected": [
-            {"site": f"node {r['node']}", "reason": f"{r['stage']}: {r['reason']}"}
-            for r in self.secure.log.get(server_round, {}).get("rejected", [])]})
+        entry["train"].update({"replied": 0, "rejected": _secagg_rejections(entry["secagg"])})
         log(WARNING, "round %s: secure aggregation aborted (%s); the global model is unchanged", server_round, err)
 
     # ---- federated evaluation -------------------------------------------------------
@@ -212,7 +217,6 @@ class FedAvg(FlowerFedAvg):
         entry["replied"] = len(good)
         entry["rejected"] = rejected
         entry["sites"] = [site_label(m) for m in good]
-        entry["stragglers"] = [site_label(m) for m in good
-                               if bool(m.content.config_records.get(SITE_KEY, {}).get("straggler", False))]
+        entry["stragglers"] = _stragglers(good)
         log(INFO, "round %s %s: %s usable replies, %s rejected", server_round, phase, len(good), len(rejected))
         return good
