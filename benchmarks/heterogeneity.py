@@ -21,7 +21,7 @@ simulation engine; two runs go in parallel on two cores.
 Writes ``benchmarks/results/heterogeneity.{json,md,png}``: final test AUC (mean, std
 over seeds), rounds to reach the target AUC, and AUC-per-round curves.
 
-    python benchmarks/heterogeneity.py            # full grid, about 45 minutes on 2 cores
+    python benchmarks/heterogeneity.py            # full grid (300 runs), about an hour on 2 cores
     python benchmarks/heterogeneity.py --quick    # one seed, no 0.5/100 alphas
 """
 
