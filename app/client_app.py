@@ -95,14 +95,9 @@ def train(msg: Message, context: Context) -> Message:
         from strategies.paillier import client as pai
 
         codec, private, encryptor = _paillier(r["cfg"], context)
-        record, _ = pai.encrypt_model(r["model"].state_dict(), len(site.train), codec, encryptor, private, context,
-                                      r["cfg"].aggregation.workers)
-        from strategies.paillier.keys import fingerprint
-
-        return Message(RecordDict({pai.ENCRYPTED_KEY: record, SITE_KEY: _site_record(site, r["round"], r["straggler"]),
-                                   pai.META_KEY: ConfigRecord(
-                                       {"fingerprint": fingerprint(private.public_key.n)})}),
-                       reply_to=msg)
+        records = pai.reply_records(r["model"].state_dict(), len(site.train), codec, encryptor, private, context,
+                                    r["cfg"].aggregation.workers)
+        return Message(RecordDict({**records, SITE_KEY: _site_record(site, r["round"], r["straggler"])}), reply_to=msg)
     content = RecordDict({
         "arrays": ArrayRecord(r["model"].state_dict()),
         "metrics": MetricRecord({WEIGHT_KEY: len(site.train), **r["stats"]}),
@@ -130,7 +125,7 @@ def _global_state(msg: Message, cfg: config.FedsiloConfig, context: Context, mod
     from strategies.paillier import client as pai
 
     codec, private, _ = _paillier(cfg, context)
-    return pai.global_state(arrays, model.state_dict(), codec, private, cfg.aggregation.workers)
+    return pai.global_state(arrays, model.state_dict(), codec, private, cfg.aggregation.workers, context)
 
 
 # ---- secure aggregation (aggregation=secagg): one handler per protocol stage -------------------
@@ -213,6 +208,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         from strategies.paillier import client as pai
 
         codec, private, _ = _paillier(cfg, context)
-        size = Layout.of({k: v.detach().numpy() for k, v in model.state_dict().items()}).size
-        pai.precompute_obfuscators(context, private, codec(size).ciphertexts + 1, cfg.aggregation.workers)
+        pai.prepare_next_round(context, model.state_dict(), codec, private, cfg.aggregation.workers)
     return Message(content, reply_to=msg)

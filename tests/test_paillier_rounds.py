@@ -172,3 +172,16 @@ def test_sites_can_spread_encryption_and_decryption_over_processes(tmp_path: Pat
     two = run(tmp_path / "two", key_files, ["num_rounds=2", "aggregation.workers=2"])
     assert two["status"] == "completed"
     assert two["final"]["auc_site_weighted"] == one["final"]["auc_site_weighted"]  # same plaintexts, same model
+
+
+def test_each_aggregate_is_decrypted_once_per_site(tmp_path: Path, key_files: tuple[Path, Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The aggregate evaluated after round 1 is the one trained on in round 2: decrypted once."""
+    from strategies.paillier import client as pai
+
+    calls = []
+    original = pai.decrypt_all
+    monkeypatch.setattr(pai, "decrypt_all", lambda *a, **k: calls.append(1) or original(*a, **k))
+    results = run(tmp_path, key_files, ["num_rounds=2"])
+    assert results["status"] == "completed"
+    assert len(calls) == 3 * 2  # 3 sites x 2 aggregates (not 3: evaluate r1, train r2, evaluate r2)

@@ -11,6 +11,7 @@ using obfuscators it made ahead (during federated evaluation) when it has them.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -20,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from phe import paillier
 
 from strategies.paillier.crypto import Encryptor, decrypt_all, many_obfuscators
-from strategies.paillier.keys import PaillierKeyError, load_private
+from strategies.paillier.keys import PaillierKeyError, fingerprint, load_private
 from strategies.paillier.packing import Packer
 from strategies.paillier.server import ENCRYPTED_KEY, META_KEY, ct_width, from_array, is_encrypted, to_array
 from strategies.paillier.vector import ModelCodec
@@ -44,18 +45,41 @@ def site_key(context: Context, configured: str | None) -> tuple[paillier.Paillie
     return _load(path)
 
 
+DECRYPTED_KEY = "paillier-global"  # context.state: the last aggregate this site decrypted (its own view)
+DIGEST_KEY = "paillier-global-digest"
+
+
+def _digest(arrays: ArrayRecord) -> str:
+    h = hashlib.sha256()
+    for name in ("ct", "rows", "sites"):
+        h.update(arrays[name].numpy().tobytes())
+    return h.hexdigest()
+
+
 def global_state(arrays: ArrayRecord, template: dict[str, torch.Tensor], codec_for: ModelCodecFactory,
-                 private: paillier.PaillierPrivateKey, workers: int = 1) -> dict[str, torch.Tensor]:
-    """The global model as a state dict: plaintext as sent, or decrypted and decoded."""
+                 private: paillier.PaillierPrivateKey, workers: int = 1,
+                 context: Context | None = None) -> dict[str, torch.Tensor]:
+    """The global model as a state dict: plaintext as sent, or decrypted and decoded.
+
+    With ``context`` the decrypted model is kept in ``context.state``: the aggregate a site
+    evaluates after round r is the one it trains on in round r+1, and is decrypted once.
+    """
     if not is_encrypted(arrays):
         return arrays.to_torch_state_dict()
+    digest = _digest(arrays)
+    if context is not None and DECRYPTED_KEY in context.state.array_records:
+        if context.state.config_records[DIGEST_KEY]["sha256"] == digest:
+            return context.state.array_records[DECRYPTED_KEY].to_torch_state_dict()
     layout = Layout.of({k: v.numpy() for k, v in template.items()})
     codec = codec_for(layout.size)
     sums = decrypt_all(private, from_array(arrays["ct"].numpy()), workers)
     rows = private.raw_decrypt(from_array(arrays["rows"].numpy())[0])
     sites = int(arrays["sites"].numpy()[0])
-    flat = codec.decode(sums, rows, sites)
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in layout.unflatten(flat).items()}
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in layout.unflatten(codec.decode(sums, rows, sites)).items()}
+    if context is not None:
+        context.state[DECRYPTED_KEY] = ArrayRecord(state)
+        context.state[DIGEST_KEY] = ConfigRecord({"sha256": digest})
+    return state
 
 
 OBFUSCATORS_KEY = "paillier-obfuscators"  # context.state: obfuscators made ahead, each used once
@@ -66,6 +90,13 @@ def precompute_obfuscators(context: Context, private: paillier.PaillierPrivateKe
     width = ct_width(private.public_key)
     context.state[OBFUSCATORS_KEY] = ConfigRecord(
         {"obf": [o.to_bytes(width, "big") for o in many_obfuscators(private, count, workers)]})
+
+
+def prepare_next_round(context: Context, template: dict[str, torch.Tensor], codec_for: ModelCodecFactory,
+                       private: paillier.PaillierPrivateKey, workers: int = 1) -> None:
+    """Obfuscators for the next training reply: one per model ciphertext and one for the rows."""
+    size = Layout.of({k: v.detach().numpy() for k, v in template.items()}).size
+    precompute_obfuscators(context, private, codec_for(size).ciphertexts + 1, workers)
 
 
 def _take_obfuscators(context: Context, count: int) -> list[int | None]:
@@ -99,6 +130,13 @@ def encrypt_model(state: dict[str, torch.Tensor], rows: int, codec_for: ModelCod
     return record, clipped
 
 
+def reply_records(state: dict[str, torch.Tensor], rows: int, codec_for: ModelCodecFactory, encryptor: Encryptor,
+                  private: paillier.PaillierPrivateKey, context: Context, workers: int = 1) -> dict:
+    """What a training reply carries: the encrypted model and rows, and the key's fingerprint."""
+    record, _ = encrypt_model(state, rows, codec_for, encryptor, private, context, workers)
+    return {ENCRYPTED_KEY: record, META_KEY: ConfigRecord({"fingerprint": fingerprint(private.public_key.n)})}
+
+
 class ModelCodecFactory:
     """``codec_for(size)``: the :class:`ModelCodec` for a model of ``size`` values."""
 
@@ -109,4 +147,5 @@ class ModelCodecFactory:
         return ModelCodec(self.packer, self.weight_unit, size)
 
 
-__all__ = ["ENCRYPTED_KEY", "META_KEY", "OBFUSCATORS_KEY", "precompute_obfuscators", "NODE_CONFIG_KEY", "ModelCodecFactory", "encrypt_model", "global_state", "site_key"]
+__all__ = ["ENCRYPTED_KEY", "META_KEY", "OBFUSCATORS_KEY", "precompute_obfuscators",
+           "prepare_next_round", "reply_records", "NODE_CONFIG_KEY", "ModelCodecFactory", "encrypt_model", "global_state", "site_key"]
