@@ -17,6 +17,7 @@ import tasks
 from app import config
 from app.paths import resolve_data_dir
 from app import faults
+from privacy import dpsgd
 from strategies import client_penalty, heterogeneity
 from strategies.secagg import client as secagg
 from strategies.secagg.vector import Layout, WeightedUpdateCodec
@@ -70,11 +71,27 @@ def _local_update(msg: Message, context: Context, stage: str | None) -> tuple[Me
                        reply_to=msg), {}
     model = task.build_model()
     model.load_state_dict(_global_state(msg, cfg, context, model))
-    stats = task.train(model, site.train, seed_for(cfg.seed, server_round, site.site_id),
-                       epochs=work.epochs, max_steps=work.max_steps,
-                       penalty=client_penalty(train_config, model))
+    seed, penalty = seed_for(cfg.seed, server_round, site.site_id), client_penalty(train_config, model)
+    dp_record = None
+    if isinstance(cfg.privacy, config.DPSGDConfig):  # DP-SGD, accounted over every round in context.state
+        params = dpsgd.site_params(cfg.privacy, len(site.train), cfg.task.batch_size, cfg.num_rounds, work.epochs)
+        try:
+            stats, dp_record = task.train_private(model, site.train, seed, context, params, epochs=work.epochs,
+                                                  max_steps=work.max_steps, penalty=penalty)
+        except dpsgd.BudgetExhausted as err:
+            return Message(Error(code=dpsgd.BUDGET_EXHAUSTED_CODE, reason=f"{site.name}: {err}"), reply_to=msg), {}
+    else:
+        stats = task.train(model, site.train, seed, epochs=work.epochs, max_steps=work.max_steps, penalty=penalty)
     return None, {"cfg": cfg, "site": site, "model": model, "stats": stats, "round": server_round,
-                  "straggler": work.straggler}
+                  "straggler": work.straggler, "privacy": dp_record}
+
+
+def _extra_records(r: dict) -> dict:  # type: ignore[type-arg]
+    """Records every training reply carries besides the update: the site, its privacy spending."""
+    out = {SITE_KEY: _site_record(r["site"], r["round"], r["straggler"])}
+    if r["privacy"] is not None:
+        out[dpsgd.REPLY_KEY] = r["privacy"]
+    return out
 
 
 @app.train()
@@ -97,11 +114,11 @@ def train(msg: Message, context: Context) -> Message:
         codec, private, encryptor = _paillier(r["cfg"], context)
         records = pai.reply_records(r["model"].state_dict(), len(site.train), codec, encryptor, private, context,
                                     r["cfg"].aggregation.workers)
-        return Message(RecordDict({**records, SITE_KEY: _site_record(site, r["round"], r["straggler"])}), reply_to=msg)
+        return Message(RecordDict({**records, **_extra_records(r)}), reply_to=msg)
     content = RecordDict({
         "arrays": ArrayRecord(r["model"].state_dict()),
         "metrics": MetricRecord({WEIGHT_KEY: len(site.train), **r["stats"]}),
-        SITE_KEY: _site_record(site, r["round"], r["straggler"]),
+        **_extra_records(r),
     })
     return Message(content, reply_to=msg)
 
@@ -182,7 +199,7 @@ def train_secagg(msg: Message, context: Context) -> Message:
     def encode(codec: WeightedUpdateCodec) -> np.ndarray:
         return codec.encode(update, len(site.train), float(r["stats"]["train_loss"]), rng)
 
-    extra = RecordDict({SITE_KEY: _site_record(site, r["round"], r["straggler"])})
+    extra = RecordDict(_extra_records(r))
     advertise_next = not faults.drops(cfg, r["round"] + 1, site.site_id, "keys")
     try:
         return secagg.masked_input(msg, context, encode, extra, advertise_next)

@@ -32,7 +32,9 @@ STRATEGIES = ("fedavg", "fedprox")
 STRAGGLER_POLICIES = ("partial", "drop")
 AGGREGATIONS = ("plain", "secagg", "paillier")
 DROP_STAGES = ("keys", "share", "masked_input", "unmask")
-PRIVACY = ("none",)
+PRIVACY = ("none", "dpsgd", "central")
+DP_ACCOUNTANTS = ("rdp", "prv")
+DP_ENGINES = ("auto", "fast", "opacus", "functorch")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -131,6 +133,40 @@ class PrivacyConfig:
 
 
 @dataclass
+class DPSGDConfig(PrivacyConfig):
+    """Schema of ``privacy=dpsgd`` (:mod:`privacy.dpsgd`): example-level DP at every site.
+
+    Each site's epsilon is cumulative over every round it trains in; a site whose next
+    round would exceed ``target_epsilon`` does not train.
+    """
+
+    name: str = "dpsgd"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None  # null = derived from target_epsilon over num_rounds x local epochs
+    batch_size: int = 0                    # expected Poisson batch size; 0 = the task's batch_size
+    accountant: str = "rdp"                # rdp | prv (Opacus accountants)
+    engine: str = "auto"                   # per-sample clipping: auto | fast | opacus | functorch
+
+
+@dataclass
+class CentralDPConfig(PrivacyConfig):
+    """Schema of ``privacy=central`` (:mod:`privacy.central`): site-level DP at the server.
+
+    Each site's update (local - global) is clipped to L2 norm ``clipping_norm``, the
+    updates are averaged with equal weights, and Gaussian noise of standard deviation
+    ``noise_multiplier * clipping_norm / sampled sites`` is added (DP-FedAvg).
+    """
+
+    name: str = "central"
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-5
+    target_epsilon: float | None = None    # stop training before the next round would exceed it
+
+
+@dataclass
 class FedsiloConfig:
     """Root schema (``conf/config.yaml``)."""
 
@@ -158,6 +194,8 @@ def register_schemas() -> None:
     cs.store(group="aggregation", name="secagg_schema", node=SecAggConfig)
     cs.store(group="aggregation", name="paillier_schema", node=PaillierConfig)
     cs.store(group="privacy", name="privacy_schema", node=PrivacyConfig)
+    cs.store(group="privacy", name="dpsgd_schema", node=DPSGDConfig)
+    cs.store(group="privacy", name="central_schema", node=CentralDPConfig)
     cs.store(group="partition", name="partition_schema", node=PartitionConfig)
 
 
@@ -231,10 +269,33 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     _check(0 <= f.drop_rate < 1, "faults.drop_rate", f.drop_rate, "0 <= fraction < 1")
     _check(f.drop_stage in DROP_STAGES, "faults.drop_stage", f.drop_stage, f"one of {list(DROP_STAGES)}")
     _check(cfg.privacy.name in PRIVACY, "privacy.name", cfg.privacy.name, f"one of {list(PRIVACY)}")
+    _validate_privacy(cfg)
     _check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "an integer >= 1")
     _check(cfg.num_sites >= 2, "num_sites", cfg.num_sites, "an integer >= 2")
     _check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
     return cfg
+
+
+def _validate_privacy(cfg: FedsiloConfig) -> None:
+    d = cfg.privacy
+    if isinstance(d, DPSGDConfig):
+        _check(d.target_epsilon > 0, "privacy.target_epsilon", d.target_epsilon, "a number > 0")
+        _check(0 < d.delta < 1, "privacy.delta", d.delta, "0 < delta < 1 (well below 1/rows per site)")
+        _check(d.max_grad_norm > 0, "privacy.max_grad_norm", d.max_grad_norm, "a number > 0")
+        _check(d.noise_multiplier is None or d.noise_multiplier > 0, "privacy.noise_multiplier",
+               d.noise_multiplier, "null (derived from target_epsilon) or a number > 0")
+        _check(d.batch_size >= 0, "privacy.batch_size", d.batch_size, "0 (the task's batch_size) or an integer >= 1")
+        _check(d.accountant in DP_ACCOUNTANTS, "privacy.accountant", d.accountant, f"one of {list(DP_ACCOUNTANTS)}")
+        _check(d.engine in DP_ENGINES, "privacy.engine", d.engine, f"one of {list(DP_ENGINES)}")
+    if isinstance(d, CentralDPConfig):
+        _check(d.noise_multiplier > 0, "privacy.noise_multiplier", d.noise_multiplier, "a number > 0")
+        _check(d.clipping_norm > 0, "privacy.clipping_norm", d.clipping_norm, "a number > 0")
+        _check(0 < d.delta < 1, "privacy.delta", d.delta, "0 < delta < 1")
+        _check(d.target_epsilon is None or d.target_epsilon > 0, "privacy.target_epsilon", d.target_epsilon,
+               "null (no limit) or a number > 0")
+        _check(cfg.aggregation.name == "plain", "aggregation.name", cfg.aggregation.name,
+               "plain with privacy=central (the server clips each site's update, so it must see them; "
+               "use privacy=dpsgd with secagg or paillier)")
 
 
 def num_sites(cfg: FedsiloConfig) -> int:

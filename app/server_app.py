@@ -92,8 +92,14 @@ def main(grid: Grid, context: Context) -> None:
     )
     trained = len(result.arrays) > 0
     final_arrays = result.arrays if trained else initial
-    path = recorder.write(result, strategy.participation, final_arrays.to_torch_state_dict(),
-                          extra={"run_id": context.run_id, "status": "completed" if trained else "failed"},
+    extra = {"run_id": context.run_id, "status": "completed" if trained else "failed"}
+    if isinstance(cfg.privacy, config.DPSGDConfig):
+        from privacy import dpsgd
+
+        extra["privacy"] = dpsgd.summarize(cfg.privacy, strategy.participation, strategy.exhausted)
+        log(INFO, "fedsilo: DP-SGD epsilon per site at delta=%g: %s", cfg.privacy.delta,
+            {k: round(v, 3) for k, v in extra["privacy"]["epsilon_per_site"].items()})
+    path = recorder.write(result, strategy.participation, final_arrays.to_torch_state_dict(), extra=extra,
                           model_file=ENCRYPTED_MODEL_FILE if encrypted else None)
     log(INFO, "fedsilo: results written to %s", path)
     if not trained:

@@ -65,6 +65,14 @@ def _secagg_rejections(secagg_log: dict[str, Any]) -> list[dict[str, str]]:
     return [{"site": f"node {r['node']}", "reason": f"{r['stage']}: {r['reason']}"} for r in secagg_log.get("rejected", [])]
 
 
+def _privacy_records(replies: Iterable[Message]) -> dict[str, dict[str, Any]]:
+    """Each site's DP-SGD spending as its reply reports it (``privacy=dpsgd``)."""
+    from privacy.dpsgd import REPLY_KEY
+
+    return {site_label(m): dict(m.content.config_records[REPLY_KEY]) for m in replies
+            if not m.has_error() and REPLY_KEY in m.content.config_records}
+
+
 class FedAvg(FlowerFedAvg):
     """Weighted federated averaging over ``num_sites`` sites.
 
@@ -97,6 +105,8 @@ class FedAvg(FlowerFedAvg):
         self.secure = secure
         self.encrypted = encrypted
         self._global: ArrayRecord | None = None
+        #: Nodes that said their privacy budget is spent: never sampled again.
+        self.exhausted: dict[int, str] = {}
 
     # ---- training ----------------------------------------------------------------
     def configure_train(
@@ -108,7 +118,7 @@ class FedAvg(FlowerFedAvg):
             self.encrypted.set_size(Layout.of({k: v.numpy() for k, v in arrays.items()}).size)
         if not encrypted:
             self.reference = {k: (tuple(v.shape), np.dtype(v.numpy().dtype)) for k, v in arrays.items()}
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._without_exhausted(server_round, super().configure_train(server_round, arrays, config, grid))
         self._entry(server_round)["train"] = {"sampled": len(messages)}
         if self.secure is None:
             return messages
@@ -124,6 +134,8 @@ class FedAvg(FlowerFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop bad replies (logged), then average the rest in site order."""
+        replies = list(replies)
+        self._note_privacy(server_round, replies)
         if self.secure is not None:
             return self._aggregate_secure(server_round, replies)
         if self.encrypted is not None:
@@ -185,6 +197,32 @@ class FedAvg(FlowerFedAvg):
         entry["secagg"]["aborted"] = str(err)
         entry["train"].update({"replied": 0, "rejected": _secagg_rejections(entry["secagg"])})
         log(WARNING, "round %s: secure aggregation aborted (%s); the global model is unchanged", server_round, err)
+
+    # ---- privacy budgets (privacy=dpsgd) ----------------------------------------------
+    def _note_privacy(self, server_round: int, replies: list[Message]) -> None:
+        """Record each site's reported epsilon; remember the sites whose budget is spent."""
+        from privacy.dpsgd import BUDGET_EXHAUSTED_CODE
+
+        spent = _privacy_records(replies)
+        if spent:
+            self._entry(server_round)["privacy"] = spent
+        for m in replies:
+            if m.has_error() and m.error.code == BUDGET_EXHAUSTED_CODE:
+                self.exhausted[m.metadata.src_node_id] = m.error.reason
+                log(WARNING, "round %s: node %s stops training: %s", server_round, m.metadata.src_node_id,
+                    m.error.reason)
+
+    def _without_exhausted(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        keep = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
+        if len(keep) < len(messages):
+            self._entry(server_round)["budget_exhausted"] = len(messages) - len(keep)
+            log(INFO, "round %s: %s sampled site(s) have spent their privacy budget and are skipped",
+                server_round, len(messages) - len(keep))
+        if messages and not keep:
+            log(WARNING, "round %s: every sampled site has spent its privacy budget; no training this round "
+                "(the global model stays as it is)", server_round)
+        return keep
 
     # ---- federated evaluation -------------------------------------------------------
     def configure_evaluate(

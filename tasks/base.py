@@ -205,6 +205,28 @@ class Task(ABC):
         return train_local(model, split.x, split.y, self.local_train_config(epochs), gen, aug,
                            penalty=penalty, max_steps=max_steps)
 
+    def train_private(
+        self,
+        model: nn.Module,
+        split: Split,
+        seed: int,
+        context: Any,
+        params: Any,
+        *,
+        epochs: int | None = None,
+        max_steps: int | None = None,
+        penalty: Penalty | None = None,
+    ) -> tuple[dict[str, float], Any]:
+        """:meth:`train` with DP-SGD (:func:`privacy.dpsgd.private_round`): the site's
+        privacy ledger lives in ``context.state``; returns (stats, the reply's privacy record)."""
+        from privacy.dpsgd import private_round
+
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        aug = self.augmentation() if self.cfg.augment else None
+        return private_round(context, params, model, split.x, split.y, self.local_train_config(epochs), gen,
+                             penalty=penalty, max_steps=max_steps, augment=aug)
+
     def evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:
         """All test metrics of ``model`` on ``split`` (pooled, and per group if any)."""
         scores, loss = predict(model, split.x, split.y)

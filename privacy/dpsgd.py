@@ -1,0 +1,207 @@
+"""DP-SGD local training: the client half of ``privacy=dpsgd``.
+
+One round at one site (Abadi et al. 2016, as Opacus implements it):
+
+* **Poisson sampling**: every step draws each training row independently with
+  probability ``q = batch_size / n`` (Opacus' ``UniformWithReplacementSampler``), and an
+  epoch is ``int(1/q)`` steps; the sampling is what the accountant's amplification assumes;
+* **clipping**: each example's gradient to L2 norm ``max_grad_norm`` (:mod:`privacy.clipping`);
+* **noise**: ``N(0, (noise_multiplier * max_grad_norm)^2)`` on the clipped sum, then
+  division by the expected batch size ``q * n`` (Opacus' ``loss_reduction="mean"``);
+* data-independent terms (FedProx's proximal term, weight decay, momentum) act on the
+  privatised gradient: they cost no privacy.
+
+The noise multiplier comes from :func:`plan`: given, or the smallest one that keeps the
+site within ``target_epsilon`` after ``num_rounds`` full rounds. :func:`plan` also refuses
+a round that would take the site past its budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flwr.app import ConfigRecord, Context
+
+from app.config import DPSGDConfig
+from privacy.accountant import STATE_KEY, PrivacyLedger, noise_for_budget
+from privacy.clipping import make_clipper
+from tasks.training import Augment, LocalTrainConfig, Penalty, make_optimizer
+
+#: Error code of a site's reply when the round would exceed its privacy budget.
+BUDGET_EXHAUSTED_CODE = 429
+BUDGET_EXHAUSTED = "privacy budget exhausted"
+
+
+@dataclass(frozen=True)
+class DPSGDParams:
+    """What the site's DP-SGD needs, resolved from ``privacy.*`` and its data size."""
+
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    target_epsilon: float
+    accountant: str
+    engine: str = "auto"
+
+
+def sample_rate(batch_size: int, rows: int) -> float:
+    """Poisson sampling rate giving ``batch_size`` rows per step on average."""
+    if rows <= 0:
+        raise ValueError("a site with no training rows cannot run DP-SGD")
+    return min(1.0, batch_size / rows)
+
+
+def steps_per_epoch(rate: float) -> int:
+    """Steps in one epoch at Poisson rate ``rate`` (Opacus: ``int(1/rate)``)."""
+    return max(1, int(1 / rate))
+
+
+def noise_multiplier(target_epsilon: float, delta: float, rate: float, planned_steps: int, accountant: str,
+                     given: float | None) -> float:
+    """``given``, or the smallest multiplier keeping ``planned_steps`` within the budget."""
+    if given is not None:
+        return float(given)
+    return noise_for_budget(float(target_epsilon), float(delta), float(rate), int(planned_steps), accountant)
+
+
+class BudgetExhausted(RuntimeError):
+    """This round would take the site past its target epsilon."""
+
+
+def check_budget(ledger: PrivacyLedger, params: DPSGDParams, steps: int) -> float:
+    """Epsilon after ``steps`` more steps; :class:`BudgetExhausted` if it exceeds the target."""
+    after = ledger.with_steps(params.noise_multiplier, params.sample_rate, steps).epsilon(params.delta)
+    if after > params.target_epsilon:
+        raise BudgetExhausted(
+            f"{BUDGET_EXHAUSTED}: this round's {steps} DP-SGD steps would take epsilon from "
+            f"{ledger.epsilon(params.delta):.3f} to {after:.3f} > target {params.target_epsilon} (delta={params.delta})"
+        )
+    return after
+
+
+def train_private(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: LocalTrainConfig,
+    params: DPSGDParams,
+    generator: torch.Generator,
+    penalty: Penalty | None = None,
+    max_steps: int | None = None,
+    augment: Augment | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place with DP-SGD for ``cfg.epochs`` epochs of Poisson batches.
+
+    Returns the mean training loss, the steps taken and the share of examples whose
+    gradient was clipped. ``max_steps`` stops early (a straggler's partial work): only the
+    steps taken are accounted. Deterministic given ``generator``.
+    """
+    model.train()
+    n = x.shape[0]
+    optimizer = make_optimizer(model, cfg)
+    clipper = make_clipper(model, nn.BCEWithLogitsLoss(reduction="sum"), params.engine)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    std = params.noise_multiplier * params.max_grad_norm
+    scale = 1.0 / (params.sample_rate * n)
+    budget = steps_per_epoch(params.sample_rate) * cfg.epochs if max_steps is None else max_steps
+    total, seen, clipped, steps = 0.0, 0, 0, 0
+    try:
+        for _ in range(budget):
+            idx = (torch.rand(n, generator=generator) < params.sample_rate).nonzero().reshape(-1)
+            if idx.numel():
+                xb = x[idx] if augment is None else augment(x[idx], generator)
+                grads, loss, n_clipped = clipper.clipped_sum(xb, y[idx], params.max_grad_norm)
+            else:  # an empty Poisson batch is still a step: noise only
+                grads, loss, n_clipped = [torch.zeros_like(p) for p in trainable], 0.0, 0
+            optimizer.zero_grad(set_to_none=True)
+            for p, g in zip(trainable, grads, strict=True):
+                noise = torch.normal(0.0, std, size=p.shape, generator=generator) if std > 0 else 0.0
+                p.grad = ((g + noise) * scale).view_as(p)
+            if penalty is not None:
+                extra = torch.autograd.grad(penalty(model), trainable, allow_unused=True)
+                for p, e in zip(trainable, extra, strict=True):
+                    if e is not None:
+                        p.grad += e
+            optimizer.step()
+            total += loss
+            seen += idx.numel()
+            clipped += n_clipped
+            steps += 1
+    finally:
+        clipper.close()
+    return {"train_loss": total / max(1, seen), "local_steps": float(steps), "clipped_share": clipped / max(1, seen)}
+
+
+# ---- the site's side of a round ----------------------------------------------------------
+#: Key of the ConfigRecord in a training reply that reports the site's privacy spending.
+REPLY_KEY = "privacy"
+
+
+def site_params(dp: DPSGDConfig, rows: int, task_batch_size: int, num_rounds: int, epochs: int) -> DPSGDParams:
+    """The site's DP-SGD parameters: its sampling rate and the noise that spreads its
+    budget over ``num_rounds`` rounds of ``epochs`` epochs (or the given multiplier)."""
+    rate = sample_rate(dp.batch_size or task_batch_size, rows)
+    planned = num_rounds * epochs * steps_per_epoch(rate)
+    sigma = noise_multiplier(dp.target_epsilon, dp.delta, rate, planned, dp.accountant, dp.noise_multiplier)
+    return DPSGDParams(rate, sigma, dp.max_grad_norm, dp.delta, dp.target_epsilon, dp.accountant, dp.engine)
+
+
+def private_round(
+    context: Context,
+    params: DPSGDParams,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: LocalTrainConfig,
+    generator: torch.Generator,
+    penalty: Penalty | None = None,
+    max_steps: int | None = None,
+    augment: Augment | None = None,
+) -> tuple[dict[str, float], ConfigRecord]:
+    """One round of DP-SGD at a site, with its ledger read from and written back to
+    ``context.state``. Raises :class:`BudgetExhausted` (before touching the model) if
+    the round would exceed the target. Returns the training stats and the reply's
+    privacy record (cumulative epsilon and what it was computed from)."""
+    ledger = PrivacyLedger.from_record(context.state.config_records.get(STATE_KEY), params.accountant)
+    planned = steps_per_epoch(params.sample_rate) * cfg.epochs if max_steps is None else max_steps
+    check_budget(ledger, params, planned)
+    stats = train_private(model, x, y, cfg, params, generator, penalty, max_steps, augment)
+    ledger = ledger.with_steps(params.noise_multiplier, params.sample_rate, int(stats["local_steps"]))
+    context.state[STATE_KEY] = ledger.to_record()
+    epsilon = ledger.epsilon(params.delta)
+    record = ConfigRecord({
+        "epsilon": epsilon, "delta": params.delta, "target_epsilon": params.target_epsilon,
+        "noise_multiplier": params.noise_multiplier, "sample_rate": params.sample_rate,
+        "max_grad_norm": params.max_grad_norm, "steps": int(stats["local_steps"]), "total_steps": ledger.steps,
+        "accountant": params.accountant, "clipped_share": float(stats["clipped_share"]),
+    })
+    return stats, record
+
+
+# ---- the server's record of it ------------------------------------------------------------
+def summarize(dp: DPSGDConfig, participation: dict[int, dict[str, Any]], exhausted: dict[int, str]) -> dict[str, Any]:
+    """``results.json``'s ``privacy`` section: each site's cumulative epsilon after its last
+    round, per round, and the sites that stopped because their budget was spent."""
+    per_site: dict[str, dict[str, Any]] = {}
+    for server_round in sorted(participation):
+        for site, rec in participation[server_round].get("privacy", {}).items():
+            per_site[site] = {**rec, "last_round": server_round}
+    return {
+        "mechanism": "dpsgd",
+        "guarantee": ("example-level (epsilon, delta)-DP for every training row of each site, with respect to "
+                      "everything that leaves the site (each round's update, hence the final model); "
+                      "rows of different sites are disjoint, so a row's guarantee is its own site's epsilon"),
+        "delta": dp.delta,
+        "target_epsilon": dp.target_epsilon,
+        "accountant": dp.accountant,
+        "max_grad_norm": dp.max_grad_norm,
+        "epsilon_per_site": {site: rec["epsilon"] for site, rec in per_site.items()},
+        "max_epsilon": max((rec["epsilon"] for rec in per_site.values()), default=0.0),
+        "sites": per_site,
+        "budget_exhausted": {str(node): reason for node, reason in exhausted.items()},
+    }
