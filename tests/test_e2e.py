@@ -154,11 +154,13 @@ def test_secure_aggregation_through_the_simulation_engine(tmp_path: Path) -> Non
 
 def test_secure_aggregation_over_superlink_and_supernodes(tmp_path: Path) -> None:
     """The same app on Flower's deployment runtime: a SuperLink and three SuperNodes as separate
-    processes (each message runs in a fresh ClientApp process, so the protocol state must live
-    in context.state). Matches plain FedAvg in process within 1e-4 AUC; nothing is left running."""
+    processes (each message runs in a fresh ClientApp process, so the protocol state and the
+    DP-SGD privacy ledger must live in context.state). Matches plain FedAvg with the same DP-SGD in
+    process within 1e-4 AUC; each site's epsilon is cumulative over both rounds; nothing is left running."""
     from app.paths import resolve_data_dir
 
-    common = ["task=finance", "num_sites=3", "num_rounds=2", "strategy.fraction_evaluate=0"]
+    common = ["task=finance", "num_sites=3", "num_rounds=2", "strategy.fraction_evaluate=0", "privacy=dpsgd",
+              "privacy.target_epsilon=4"]
     run_config = {"overrides": shlex.join([*common, "aggregation=secagg", f"data_dir={resolve_data_dir(None)}"]),
                   "output-dir": str(tmp_path / "deploy")}
     with LocalSuperLink(tmp_path / "superlink.log", simulation=False) as link:
@@ -171,22 +173,30 @@ def test_secure_aggregation_over_superlink_and_supernodes(tmp_path: Path) -> Non
     for h in deployed["history"]:
         s = h["participation"]["secagg"]
         assert (s["sites"], s["survivors"], s["pipelined"]) == (3, 3, h["round"] > 1)
+    first, second = (h["participation"]["privacy"] for h in deployed["history"])
+    for site, rec in second.items():  # the ledger survived the fresh ClientApp processes
+        assert rec["total_steps"] == 2 * first[site]["steps"] and rec["epsilon"] > first[site]["epsilon"]
     plain = run_inprocess(common, tmp_path / "plain")
     assert abs(deployed["final"]["auc"] - plain["final"]["auc"]) < 1e-4
+    assert sorted(deployed["privacy"]["epsilon_per_site"].values()) == sorted(plain["privacy"]["epsilon_per_site"].values())
 
 
 def test_paillier_aggregation_through_the_simulation_engine(tmp_path: Path) -> None:
-    """aggregation=paillier in Flower's engine: sites encrypt, the server adds ciphertexts and
-    keeps only the encrypted model; results come from federated evaluation."""
+    """aggregation=paillier with DP-SGD in Flower's engine: sites encrypt their DP-SGD models, the
+    server adds ciphertexts and keeps only the encrypted model; results come from federated
+    evaluation; each site's epsilon accumulates across the rounds."""
     from strategies.paillier.keys import generate
 
     private, public = generate(tmp_path / "keys")
     _, results = fedsilo(tmp_path / "run", "task=finance", "num_sites=3", "num_rounds=2", "aggregation=paillier",
-                         f"aggregation.public_key={public}", f"aggregation.keypair={private}")
+                         f"aggregation.public_key={public}", f"aggregation.keypair={private}", "privacy=dpsgd")
     assert results["status"] == "completed" and results["artifacts"]["model"] == "model.encrypted.pt"
     assert results["final_source"].startswith("federated") and results["final"]["auc_site_weighted"] > 0.7
     assert all(h["participation"]["train"]["replied"] == 3 for h in results["history"])
     assert not (tmp_path / "run" / "model.pt").exists()
+    first, second = (h["participation"]["privacy"] for h in results["history"])
+    assert set(first) == set(second) and len(first) == 3
+    assert all(second[s]["total_steps"] == 2 * first[s]["steps"] for s in first)
 
 
 def test_medical_run_on_four_hospitals(tmp_path: Path) -> None:
