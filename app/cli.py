@@ -6,7 +6,8 @@ them, runs the job in Flower's simulation engine on a private SuperLink (see
 directory: ``results.json``, ``model.pt``, ``metrics.png``, ``superlink.log`` and Hydra's
 ``.hydra/``. ``--multirun`` sweeps work as in any Hydra app. Exit codes: 0 completed,
 1 the run failed, 2 the config is invalid. ``fedsilo keys ...`` provisions keys
-(:mod:`app.keys_cli`).
+(:mod:`app.keys_cli`); ``fedsilo audit RUN_DIR`` audits a run's model (:mod:`app.audit_cli`);
+``audit=true`` runs that audit right after the job.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ def run(cfg: DictConfig) -> None:
     summary = "  ".join(f"{k}={final[k]:.4f}" for k in HEADLINE if final.get(k) is not None)
     print(f"fedsilo: run {outcome.run_id} completed in {outcome.seconds:.1f}s", flush=True)
     print(f"fedsilo: final test {summary}", flush=True)
+    if typed.audit:
+        from app.audit_cli import audit_run
+
+        section = audit_run(out_dir, typed.audit_references, typed.seed)
+        print(f"fedsilo: membership-inference audit: attack AUC {section['max_auc']:.4f} (0.5 = no leak)", flush=True)
     print(f"fedsilo: results in {results}", flush=True)
 
 
@@ -91,6 +97,10 @@ def main() -> None:
         from app import keys_cli
 
         sys.exit(keys_cli.main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "audit":
+        from app import audit_cli
+
+        sys.exit(audit_cli.main(sys.argv[2:]))
     run()
 
 

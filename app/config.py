@@ -180,6 +180,8 @@ class FedsiloConfig:
     num_sites: int = 5
     seed: int = 0
     data_dir: str | None = None
+    audit: bool = False            # membership-inference audit of the final model after the run (fedsilo audit)
+    audit_references: int = 8      # reference models of the offline LiRA attack (0 = loss threshold only)
     simulation: dict[str, Any] = field(default_factory=dict)
 
 
@@ -227,6 +229,7 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     _check(t.batch_size >= 1, "task.batch_size", t.batch_size, "an integer >= 1")
     _check(t.local_epochs >= 1, "task.local_epochs", t.local_epochs, "an integer >= 1")
     _check(0 <= t.val_fraction < 1, "task.val_fraction", t.val_fraction, "0 <= val_fraction < 1")
+    _check(t.train_rows >= 0, "task.train_rows", t.train_rows, "0 (all rows) or an integer >= 1")
     _check(all(h >= 1 for h in t.hidden), "task.hidden", t.hidden, "a list of layer widths >= 1")
     _check(t.optimizer in OPTIMIZERS, "task.optimizer", t.optimizer, f"one of {list(OPTIMIZERS)}")
     _check(p.name in PARTITIONS, "partition.name", p.name, f"one of {list(PARTITIONS)}")
@@ -273,6 +276,7 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     _check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "an integer >= 1")
     _check(cfg.num_sites >= 2, "num_sites", cfg.num_sites, "an integer >= 2")
     _check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+    _check(cfg.audit_references >= 0, "audit_references", cfg.audit_references, "an integer >= 0")
     return cfg
 
 

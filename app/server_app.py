@@ -92,7 +92,8 @@ def main(grid: Grid, context: Context) -> None:
     )
     trained = len(result.arrays) > 0
     final_arrays = result.arrays if trained else initial
-    extra = {"run_id": context.run_id, "status": "completed" if trained else "failed"}
+    extra = {"run_id": context.run_id, "status": "completed" if trained else "failed",
+             "overrides": str(context.run_config.get("overrides", ""))}
     if isinstance(cfg.privacy, config.DPSGDConfig):
         from privacy import dpsgd
 

@@ -41,6 +41,7 @@ class TaskConfig:
     val_fraction: float = 0.1
     augment: bool = False
     default_partition: str = "iid"
+    train_rows: int = 0          # keep at most this many training rows per site (0 = all); e.g. for audits
 
 
 @dataclass
@@ -147,7 +148,7 @@ class Task(ABC):
         """All sites' data for this partition and seed (computed once per process)."""
         key = (
             type(self), str(self.data_dir.resolve()), partition.name, num_sites, seed,
-            partition.alpha, partition.min_partition_size, self.cfg.val_fraction,
+            partition.alpha, partition.min_partition_size, self.cfg.val_fraction, self.cfg.train_rows,
         )
         if key not in _SITES_CACHE:
             try:
@@ -169,6 +170,10 @@ class Task(ABC):
         sites = []
         for site_id, rows in enumerate(parts):
             tr, va = split_train_val(rows, labels, self.cfg.val_fraction, seed=seed * 7919 + site_id)
+            if 0 < self.cfg.train_rows < tr.size:  # a seeded subset, in the original order
+                keep = np.random.default_rng(seed_for(seed, site_id, 0x7241)).choice(tr.size, self.cfg.train_rows,
+                                                                                    replace=False)
+                tr = tr[np.sort(keep)]
             name = (
                 self.natural_sites[site_id]
                 if partition.name == "natural" and self.natural_sites
