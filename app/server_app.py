@@ -100,6 +100,9 @@ def main(grid: Grid, context: Context) -> None:
         extra["privacy"] = dpsgd.summarize(cfg.privacy, strategy.participation, strategy.exhausted)
         log(INFO, "fedsilo: DP-SGD epsilon per site at delta=%g: %s", cfg.privacy.delta,
             {k: round(v, 3) for k, v in extra["privacy"]["epsilon_per_site"].items()})
+    if isinstance(cfg.privacy, config.CentralDPConfig):
+        extra["privacy"] = strategy.summary_record()  # type: ignore[attr-defined]
+        log(INFO, "fedsilo: central DP epsilon %.3f at delta=%g", extra["privacy"]["epsilon"], cfg.privacy.delta)
     path = recorder.write(result, strategy.participation, final_arrays.to_torch_state_dict(), extra=extra,
                           model_file=ENCRYPTED_MODEL_FILE if encrypted else None)
     log(INFO, "fedsilo: results written to %s", path)

@@ -49,7 +49,22 @@ def paillier_packer(a: PaillierConfig, key_bits: int) -> Packer:
 
 
 def build(cfg: FedsiloConfig, num_sites: int) -> FedAvg:
-    """The strategy named by ``cfg.strategy.name`` for ``num_sites`` sites."""
+    """The strategy named by ``cfg.strategy.name`` for ``num_sites`` sites; wrapped in
+    :class:`privacy.central.CentralDP` under ``privacy=central`` (it forwards every
+    attribute of the strategy it wraps)."""
+    from app.config import CentralDPConfig
+
+    strategy = _build(cfg, num_sites)
+    p = cfg.privacy
+    if isinstance(p, CentralDPConfig):
+        from privacy.central import CentralDP
+
+        return CentralDP(strategy, p.noise_multiplier, p.clipping_norm, num_sites, p.delta,  # type: ignore[return-value]
+                         p.target_epsilon)
+    return strategy
+
+
+def _build(cfg: FedsiloConfig, num_sites: int) -> FedAvg:
     s = cfg.strategy
     fraction_evaluate = s.fraction_evaluate if cfg.task.val_fraction > 0 else 0.0
     secure, encrypted = secure_aggregator(cfg), encrypted_aggregator(cfg)

@@ -1,0 +1,161 @@
+"""Site-level (user-level) DP at the server: the server half of ``privacy=central``.
+
+DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language
+Models"): each round the server clips every site's update ``w_k - w_global`` to L2 norm
+``C``, averages the clipped updates **with equal weights** over the ``m`` accepted sites,
+and adds Gaussian noise of standard deviation ``sigma * C / m``. Built on Flower's
+``DifferentialPrivacyServerSideFixedClipping`` (its clipping and noise) and accounted
+with Flower's ``RdpAccountant`` (Google's dp-accounting) across all rounds, with no
+amplification by sampling (Flower's only supported mode for fixed clipping).
+
+What it protects: whether a *whole site* took part, against everyone who sees the global
+models (the other sites, whoever receives the final model). It does **not** protect
+against the server, which sees each site's update in the clear; for that use
+``privacy=dpsgd`` (noise added at the site), alone or with ``aggregation=secagg``.
+
+Differences from using Flower's wrapper directly, each needed by a cross-silo job:
+
+* replies are screened by the inner strategy first; a failed or malformed reply is
+  dropped with a logged reason (Flower's wrapper skips the whole round on one error);
+* weights are made equal (Flower's accounted mode requires it; a row-weighted mean has a
+  larger sensitivity than ``C/m``), and the noise uses the number of accepted sites;
+* a round that would take epsilon past ``target_epsilon`` is not started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+from strategies.fedavg import FedAvg
+from strategies.validation import WEIGHT_KEY, check_train_reply
+
+#: Where each round's central-DP figures go in the strategy's participation log.
+PARTICIPATION_KEY = "privacy_central"
+
+
+class CentralDP(DifferentialPrivacyServerSideFixedClipping):
+    """Wrap a fedsilo :class:`~strategies.fedavg.FedAvg` (or FedProx) with DP-FedAvg.
+
+    Parameters
+    ----------
+    strategy : FedAvg
+        The strategy whose rounds are privatised; its attributes stay reachable here.
+    noise_multiplier, clipping_norm : float
+        ``sigma`` and ``C``: noise standard deviation ``sigma * C / m`` on the mean.
+    num_sites : int
+        The federation's population (for the accountant's record).
+    delta : float
+        The delta epsilon is reported at.
+    target_epsilon : float or None
+        Stop training before a round would exceed it (None: no limit).
+    """
+
+    def __init__(self, strategy: FedAvg, noise_multiplier: float, clipping_norm: float, num_sites: int,
+                 delta: float, target_epsilon: float | None = None) -> None:
+        sampled = max(1, int(round(strategy.fraction_train * num_sites)))
+        super().__init__(strategy, noise_multiplier, clipping_norm, sampled)  # Flower's accounted mode needs its own FedAvg
+        self.num_sites = num_sites
+        self.delta, self.target_epsilon = delta, target_epsilon
+        self.ledger = RdpAccountant(PrivacyConfig(
+            target_delta=delta, population_size=num_sites, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=target_epsilon))
+        self.stopped_at: int | None = None
+
+    def __getattr__(self, name: str) -> Any:  # participation, secure, encrypted, ... of the inner strategy
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    @property
+    def inner(self) -> FedAvg:
+        assert isinstance(self.strategy, FedAvg)
+        return self.strategy
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at ``delta`` (0 before the first release)."""
+        return float(self.ledger.get_privacy_spent().epsilon) if self.ledger.num_releases else 0.0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        """As the inner strategy, unless one more release would exceed ``target_epsilon``."""
+        event = GaussianPrivacyEvent(self.noise_multiplier, self.num_sampled_clients, self.num_sites)
+        if self.target_epsilon is not None and self.ledger.would_exceed(event):
+            if self.stopped_at is None:
+                self.stopped_at = server_round
+                log(WARNING, "round %s: central DP budget reached (epsilon %.3f of %.3f at delta=%g): no more "
+                    "training, the global model stays as it is", server_round, self.epsilon(), self.target_epsilon,
+                    self.delta)
+            self.inner._entry(server_round)[PARTICIPATION_KEY] = {"skipped": "privacy budget reached",
+                                                                  "epsilon": self.epsilon()}
+            self.current_arrays = arrays
+            return []
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen, give every accepted site weight 1, clip, average, add noise, account.
+
+        The same steps as Flower's ``aggregate_train`` with its own clipping and noise
+        helpers, minus its two failure modes: one error reply skipping the round, and an
+        all-zero update (a site sending the global model back) dividing by zero.
+        """
+        inner = self.inner
+        good = inner._screen(server_round, "train",
+                             list(replies), lambda m: check_train_reply(m, inner.reference, server_round))
+        if not good:
+            log(WARNING, "round %s: no usable training reply; the global model is unchanged", server_round)
+            return None, None
+        for msg in good:  # equal weights: the mean's sensitivity to one site is then C/m
+            metrics = next(iter(msg.content.metric_records.values()))
+            metrics[WEIGHT_KEY] = 1.0
+        self.num_sampled_clients = len(good)
+        current = self.current_arrays.to_numpy_ndarrays()
+        for msg in good:  # Flower's clipping, skipping all-zero updates (its helper divides by their norm)
+            record = msg.content["arrays"]
+            local = record.to_numpy_ndarrays()
+            if any(np.any(a != b) for a, b in zip(local, current, strict=True)):
+                compute_clip_model_update(param1=local, param2=current, clipping_norm=self.clipping_norm)
+                msg.content["arrays"] = ArrayRecord(dict(zip(record.keys(), (Array(np.asarray(v)) for v in local),
+                                                             strict=True)))
+        screened = dict(inner._entry(server_round)["train"])
+        arrays, metrics = inner.aggregate_train(server_round, good)
+        inner._entry(server_round)["train"].update(screened)  # keep the first screening's rejections
+        if arrays is not None:
+            arrays = self._add_noise_to_aggregated_arrays(arrays)
+            self.ledger.compose(GaussianPrivacyEvent(self.noise_multiplier, len(good), self.num_sites))
+            stdv = compute_stdv(self.noise_multiplier, self.clipping_norm, len(good))
+            inner._entry(server_round)[PARTICIPATION_KEY] = {
+                "epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier,
+                "clipping_norm": self.clipping_norm, "sites": len(good), "noise_std": stdv,
+                "releases": self.ledger.num_releases}
+            log(INFO, "round %s: central DP over %s sites, noise std %.4g; epsilon so far %.3f (delta=%g)",
+                server_round, len(good), stdv, self.epsilon(), self.delta)
+        return arrays, metrics
+
+    def summary_record(self) -> dict[str, Any]:
+        """``results.json``'s ``privacy`` section."""
+        return {
+            "mechanism": "central",
+            "guarantee": ("site-level (epsilon, delta)-DP: whether a whole site took part, against everyone who "
+                          "sees the global models; NOT against the server, which sees each site's update"),
+            "epsilon": self.epsilon(), "delta": self.delta, "target_epsilon": self.target_epsilon,
+            "noise_multiplier": self.noise_multiplier, "clipping_norm": self.clipping_norm,
+            "releases": self.ledger.num_releases, "accountant": "rdp (Flower RdpAccountant, no sampling amplification)",
+            "stopped_at_round": self.stopped_at,
+        }
