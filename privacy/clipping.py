@@ -66,6 +66,8 @@ class LinearClipper:
     def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
         if not linear_supported(model):
             raise ValueError(f"{type(model).__name__} has layers other than nn.Linear with parameters")
+        if not all(p.requires_grad for p in model.parameters()):
+            raise ValueError("LinearClipper trains every parameter; use engine=opacus for frozen layers")
         self.model, self.loss_fn = model, loss_fn
         self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self._io: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -76,27 +78,30 @@ class LinearClipper:
     def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         self._io.append((inputs[0], output))
 
-    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
+    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float, scale: float = 1.0
                     ) -> tuple[list[torch.Tensor], float, int]:
+        """As :meth:`Clipper.clipped_sum`; ``scale`` multiplies the result (folded into the clip factors)."""
         self._io.clear()
         loss = self.loss_fn(self.model(x), y)
         io, self._io = self._io, []
         if len(io) != len(self.layers) or any(a.dim() != 2 for a, _ in io):
             raise ValueError("LinearClipper needs each linear layer called once per forward pass on 2-D input")
         outs = torch.autograd.grad(loss, [o for _, o in io])
-        norms2 = torch.zeros(x.shape[0], dtype=x.dtype)
-        for (a, _), g, layer in zip(io, outs, self.layers, strict=True):
-            g2 = g.pow(2).sum(1)
-            norms2 += g2 * a.detach().pow(2).sum(1) if layer.weight.requires_grad else 0
-            if layer.bias is not None and layer.bias.requires_grad:
-                norms2 += g2
+        acts = [a.detach() for a, _ in io]
+        norms2 = None
+        for a, g, layer in zip(acts, outs, self.layers, strict=True):
+            # ||g_i a_i^T||^2 + ||g_i||^2 (bias) = ||g_i||^2 (||a_i||^2 + 1)
+            a2 = torch.linalg.vecdot(a, a)
+            layer_norm2 = torch.linalg.vecdot(g, g) * (a2 + 1 if layer.bias is not None else a2)
+            norms2 = layer_norm2 if norms2 is None else norms2 + layer_norm2
+        assert norms2 is not None
         c = clip_factors(norms2.sqrt(), max_grad_norm)
+        weights = c * scale if scale != 1.0 else c
         grads: list[torch.Tensor | None] = [None] * len(self.params)
-        for (a, _), g, layer in zip(io, outs, self.layers, strict=True):
-            cg = g * c[:, None]
-            if layer.weight.requires_grad:
-                grads[self._order[id(layer.weight)]] = cg.t() @ a.detach()
-            if layer.bias is not None and layer.bias.requires_grad:
+        for a, g, layer in zip(acts, outs, self.layers, strict=True):
+            cg = g * weights[:, None]
+            grads[self._order[id(layer.weight)]] = cg.t() @ a
+            if layer.bias is not None:
                 grads[self._order[id(layer.bias)]] = cg.sum(0)
         return [g for g in grads if g is not None], float(loss.detach()), int((c < 1).sum())
 

@@ -28,7 +28,7 @@ from flwr.app import ConfigRecord, Context
 
 from app.config import DPSGDConfig
 from privacy.accountant import STATE_KEY, PrivacyLedger, noise_for_budget
-from privacy.clipping import make_clipper
+from privacy.clipping import LinearClipper, make_clipper
 from tasks.training import Augment, LocalTrainConfig, Penalty, make_optimizer
 
 #: Error code of a site's reply when the round would exceed its privacy budget.
@@ -84,6 +84,40 @@ def check_budget(ledger: PrivacyLedger, params: DPSGDParams, steps: int) -> floa
     return after
 
 
+class PrivateStep:
+    """Sets ``p.grad`` of every trainable parameter to one batch's privatised gradient:
+    ``(sum_i clip(g_i) + N(0, (sigma*C)^2 I)) / (q*n)``; the caller steps the optimiser."""
+
+    def __init__(self, model: nn.Module, params: DPSGDParams, rows: int, generator: torch.Generator) -> None:
+        self.clipper = make_clipper(model, nn.BCEWithLogitsLoss(reduction="sum"), params.engine)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sizes = [p.numel() for p in self.params]
+        self.max_grad_norm, self.generator = params.max_grad_norm, generator
+        self.scale = 1.0 / (params.sample_rate * rows)
+        self.noise_scale = params.noise_multiplier * params.max_grad_norm * self.scale
+
+    def set_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        """Returns (summed loss of the batch, examples clipped)."""
+        if x.shape[0] and isinstance(self.clipper, LinearClipper):  # scaling folded into the clip factors
+            grads, loss, n_clipped = self.clipper.clipped_sum(x, y, self.max_grad_norm, self.scale)
+        elif x.shape[0]:
+            grads, loss, n_clipped = self.clipper.clipped_sum(x, y, self.max_grad_norm)
+            grads = [g.mul_(self.scale) for g in grads]
+        else:  # an empty Poisson batch is still a step: noise only
+            grads, loss, n_clipped = [torch.zeros_like(p) for p in self.params], 0.0, 0
+        if self.noise_scale > 0:
+            noise = torch.randn(sum(self.sizes), generator=self.generator).split(self.sizes)
+            for p, g, z in zip(self.params, grads, noise, strict=True):
+                p.grad = torch.add(g, z.view_as(p), alpha=self.noise_scale)
+        else:
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g.view_as(p)
+        return loss, n_clipped
+
+    def close(self) -> None:
+        self.clipper.close()
+
+
 def train_private(
     model: nn.Module,
     x: torch.Tensor,
@@ -104,27 +138,18 @@ def train_private(
     model.train()
     n = x.shape[0]
     optimizer = make_optimizer(model, cfg)
-    clipper = make_clipper(model, nn.BCEWithLogitsLoss(reduction="sum"), params.engine)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    std = params.noise_multiplier * params.max_grad_norm
-    scale = 1.0 / (params.sample_rate * n)
+    step = PrivateStep(model, params, n, generator)
     budget = steps_per_epoch(params.sample_rate) * cfg.epochs if max_steps is None else max_steps
     total, seen, clipped, steps = 0.0, 0, 0, 0
     try:
         for _ in range(budget):
             idx = (torch.rand(n, generator=generator) < params.sample_rate).nonzero().reshape(-1)
-            if idx.numel():
-                xb = x[idx] if augment is None else augment(x[idx], generator)
-                grads, loss, n_clipped = clipper.clipped_sum(xb, y[idx], params.max_grad_norm)
-            else:  # an empty Poisson batch is still a step: noise only
-                grads, loss, n_clipped = [torch.zeros_like(p) for p in trainable], 0.0, 0
+            xb = x[idx] if augment is None or not idx.numel() else augment(x[idx], generator)
             optimizer.zero_grad(set_to_none=True)
-            for p, g in zip(trainable, grads, strict=True):
-                noise = torch.normal(0.0, std, size=p.shape, generator=generator) if std > 0 else 0.0
-                p.grad = ((g + noise) * scale).view_as(p)
+            loss, n_clipped = step.set_grads(xb, y[idx])
             if penalty is not None:
-                extra = torch.autograd.grad(penalty(model), trainable, allow_unused=True)
-                for p, e in zip(trainable, extra, strict=True):
+                extra = torch.autograd.grad(penalty(model), step.params, allow_unused=True)
+                for p, e in zip(step.params, extra, strict=True):
                     if e is not None:
                         p.grad += e
             optimizer.step()
@@ -133,7 +158,7 @@ def train_private(
             clipped += n_clipped
             steps += 1
     finally:
-        clipper.close()
+        step.close()
     return {"train_loss": total / max(1, seen), "local_steps": float(steps), "clipped_share": clipped / max(1, seen)}
 
 
