@@ -1,7 +1,7 @@
 """Privacy audit: membership inference against a trained global model.
 
 Does the final model reveal whether a given row was in some site's training data? Two
-attacks, both black-box on the model's loss, both scored on a balanced set of members
+attacks, both black-box on the model's loss, both scored on members
 (rows the sites trained on) and non-members (held-out test rows never trained on):
 
 * **loss threshold** (Yeom et al. 2018): a row is called a member when its loss is low.
@@ -40,15 +40,25 @@ TrainReference = Callable[[Split, int], nn.Module]
 class AttackResult:
     auc: float
     tpr_at_1pct_fpr: float
+    auc_ci95: tuple[float, float]
 
-    def as_dict(self) -> dict[str, float]:
-        return {"auc": self.auc, "tpr_at_1pct_fpr": self.tpr_at_1pct_fpr}
+    def as_dict(self) -> dict[str, object]:
+        return {"auc": self.auc, "auc_ci95": list(self.auc_ci95), "tpr_at_1pct_fpr": self.tpr_at_1pct_fpr}
 
 
-def score_attack(scores: np.ndarray, is_member: np.ndarray) -> AttackResult:
-    """AUC and TPR at FPR <= 1 % of membership scores (higher = more likely a member)."""
+def score_attack(scores: np.ndarray, is_member: np.ndarray, bootstrap: int = 200, seed: int = 0) -> AttackResult:
+    """AUC (with a 95 % bootstrap interval: audits are small samples) and TPR at FPR <= 1 %
+    of membership scores (higher = more likely a member)."""
     fpr, tpr, _ = roc_curve(is_member, scores)
-    return AttackResult(float(roc_auc_score(is_member, scores)), float(tpr[fpr <= 0.01].max(initial=0.0)))
+    rng = np.random.default_rng(seed)
+    members, others = np.flatnonzero(is_member == 1), np.flatnonzero(is_member == 0)
+    aucs = []
+    for _ in range(bootstrap):  # resample members and non-members separately
+        idx = np.r_[rng.choice(members, members.size), rng.choice(others, others.size)]
+        aucs.append(roc_auc_score(is_member[idx], scores[idx]))
+    low, high = (np.percentile(aucs, [2.5, 97.5]) if aucs else (np.nan, np.nan))
+    return AttackResult(float(roc_auc_score(is_member, scores)), float(tpr[fpr <= 0.01].max(initial=0.0)),
+                        (float(low), float(high)))
 
 
 @torch.no_grad()
@@ -61,12 +71,11 @@ def true_label_confidence(model: nn.Module, split: Split) -> tuple[np.ndarray, n
     return loss.numpy(), signed.numpy()
 
 
-def balanced_rows(members: Split, non_members: Split, seed: int) -> tuple[Split, Split]:
-    """Equal numbers of members and non-members, drawn at random."""
-    rng = np.random.default_rng(seed)
-    k = min(len(members), len(non_members))
-    return (members.take(np.sort(rng.choice(len(members), k, replace=False))),
-            non_members.take(np.sort(rng.choice(len(non_members), k, replace=False))))
+def capped_rows(split: Split, limit: int, seed: int) -> Split:
+    """At most ``limit`` rows of ``split``, drawn at random (all of them if it is smaller)."""
+    if len(split) <= limit:
+        return split
+    return split.take(np.sort(np.random.default_rng(seed).choice(len(split), limit, replace=False)))
 
 
 def loss_threshold(model: nn.Module, members: Split, non_members: Split) -> AttackResult:
@@ -100,13 +109,15 @@ def offline_lira(model: nn.Module, members: Split, non_members: Split, populatio
 
 
 def audit(model: nn.Module, members: Split, held_out: Split, train_reference: TrainReference | None = None,
-          references: int = 8, seed: int = 0, train_size: int | None = None) -> dict[str, object]:
+          references: int = 8, seed: int = 0, train_size: int | None = None, max_rows: int = 5000) -> dict[str, object]:
     """Run the attacks on ``model``; ``held_out`` is split into evaluation non-members and
-    the LiRA population. Returns the figures ``results.json`` records under ``audit``."""
+    the LiRA population. Members and non-members are each capped at ``max_rows`` (AUC and
+    TPR at a fixed FPR do not depend on the two sets' sizes being equal; more rows give a
+    tighter interval). Returns the figures ``results.json`` records under ``audit``."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(held_out))
     evaluation, population = held_out.take(np.sort(order[: len(order) // 2])), held_out.take(np.sort(order[len(order) // 2:]))
-    m, n = balanced_rows(members, evaluation, seed)
+    m, n = capped_rows(members, max_rows, seed), capped_rows(evaluation, max_rows, seed + 1)
     out: dict[str, object] = {"members": len(m), "non_members": len(n), "loss_threshold": loss_threshold(model, m, n).as_dict()}
     if train_reference is not None and references > 0:
         out["offline_lira"] = offline_lira(model, m, n, population, train_reference, references, seed,

@@ -216,3 +216,11 @@ def test_bad_dpsgd_config_names_the_key(override: str, key: str) -> None:
     with pytest.raises(config.ConfigError) as err:
         config.compose(["privacy=dpsgd", override])
     assert err.value.key == key
+
+
+def test_cnn_task_trains_under_dpsgd_through_opacus(tmp_path: Path) -> None:
+    """medical_imaging's GroupNorm CNN goes through Opacus' GradSampleModule (engine=auto)."""
+    res = run_inprocess(["task=medical_imaging", "num_sites=2", "num_rounds=1", "privacy=dpsgd",
+                         "privacy.target_epsilon=5", "strategy.fraction_evaluate=0"], tmp_path)
+    assert res["status"] == "completed" and 0 < res["privacy"]["max_epsilon"] <= 5
+    assert res["final"]["auc"] is not None

@@ -200,8 +200,12 @@ def test_paillier_aggregation_through_the_simulation_engine(tmp_path: Path) -> N
 
 
 def test_medical_run_on_four_hospitals(tmp_path: Path) -> None:
-    _, results = fedsilo(tmp_path / "run", "task=medical", "num_rounds=3")
+    proc, results = fedsilo(tmp_path / "run", "task=medical", "num_rounds=3", "audit=true", "audit_references=2")
     check_layout(results, rounds=3, sites=4)
+    assert "membership-inference audit" in proc.stdout
+    audit = results["audit"]  # run by the fedsilo command after the job, written into results.json
+    assert audit["members"] > 400 and audit["non_members"] > 100 and audit["references"] == 2
+    assert 0.3 < audit["loss_threshold"]["auc"] < 0.7 and 0.3 < audit["offline_lira"]["auc"] < 0.7
     final = results["final"]
     assert final["auc"] >= 0.80
     for hospital in ("cleveland", "hungarian", "switzerland", "va"):
