@@ -79,10 +79,16 @@ def run(cfg: DictConfig) -> None:
         detail = outcome.details or "no results.json was written"
         fail(f"run {outcome.run_id} ended with status {outcome.status}: {detail} "
              f"(logs: {out_dir / 'superlink.log'})", 1)
-    final = json.loads(results.read_text())["final"]
+    recorded = json.loads(results.read_text())
+    final = recorded["final"]
     summary = "  ".join(f"{k}={final[k]:.4f}" for k in HEADLINE if final.get(k) is not None)
     print(f"fedsilo: run {outcome.run_id} completed in {outcome.seconds:.1f}s", flush=True)
     print(f"fedsilo: final test {summary}", flush=True)
+    if "privacy" in recorded:
+        p = recorded["privacy"]
+        spent = p.get("max_epsilon", p.get("epsilon"))
+        print(f"fedsilo: privacy ({p['mechanism']}): epsilon {spent:.3f} at delta={p['delta']:g}"
+              + (" (largest over sites)" if p["mechanism"] == "dpsgd" else ""), flush=True)
     if typed.audit:
         from app.audit_cli import audit_run
 

@@ -33,6 +33,15 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
 
 
+def _privacy_note(entry: dict) -> str:  # type: ignore[type-arg]
+    """`` | epsilon ...`` for a round's log line when DP is on."""
+    if "privacy" in entry:
+        return f" | DP-SGD epsilon max {max(r['epsilon'] for r in entry['privacy'].values()):.3f}"
+    if "privacy_central" in entry and "epsilon" in entry["privacy_central"]:
+        return f" | central DP epsilon {entry['privacy_central']['epsilon']:.3f}"
+    return ""
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num_rounds`` of the configured strategy and write results.json."""
@@ -77,9 +86,10 @@ def main(grid: Grid, context: Context) -> None:
         recorder.record_server(server_round, metrics)
         part = strategy.participation.get(server_round, {}).get("train", {})
         secs = recorder.seconds.get(server_round)
-        log(INFO, "fedsilo round %s/%s: sites %s/%s replied, %s rejected | test %s%s",
+        log(INFO, "fedsilo round %s/%s: sites %s/%s replied, %s rejected | test %s%s%s",
             server_round, cfg.num_rounds, part.get("replied", "-"), part.get("sampled", "-"),
-            len(part.get("rejected", [])), _fmt(metrics), f" | {secs:.1f}s" if secs else "")
+            len(part.get("rejected", [])), _fmt(metrics), _privacy_note(strategy.participation.get(server_round, {})),
+            f" | {secs:.1f}s" if secs else "")
         return MetricRecord({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
 
     result = strategy.start(
