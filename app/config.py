@@ -235,9 +235,14 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     _check(p.name in PARTITIONS, "partition.name", p.name, f"one of {list(PARTITIONS)}")
     _check(p.alpha > 0, "partition.alpha", p.alpha, "a number > 0")
     _check(p.min_partition_size >= 1, "partition.min_partition_size", p.min_partition_size, "an integer >= 1")
+    _check(p.natural_sites >= 0, "partition.natural_sites", p.natural_sites, "0 (all) or a number of sites >= 2")
     if p.name == "natural":
         _check(task_cls.natural_sites is not None, "partition.name", p.name,
                f"iid or dirichlet: task {t.name} has no natural split")
+        n_natural = len(task_cls.natural_sites or ())
+        _check(p.natural_sites == 0 or 2 <= p.natural_sites <= n_natural, "partition.natural_sites", p.natural_sites,
+               f"0 (all {n_natural}) or 2..{n_natural}: the first k of task {t.name}'s natural sites "
+               f"{list(task_cls.natural_sites or ())}")
     _check(s.name in STRATEGIES, "strategy.name", s.name, f"one of {list(STRATEGIES)}")
     _check(0 < s.fraction_train <= 1, "strategy.fraction_train", s.fraction_train, "0 < fraction <= 1")
     _check(0 <= s.fraction_evaluate <= 1, "strategy.fraction_evaluate", s.fraction_evaluate, "0 <= fraction <= 1")

@@ -148,14 +148,15 @@ def speed(quick: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     reps, inner = (3, 20) if quick else (7, 50)
     rows = []
-    for label, hidden in (("finance MLP 23-64-32-1 (3.6k)", [64, 32]), ("MLP 23-64-64-1 (5.8k)", [64, 64])):
+    for label, features, hidden in (("finance task MLP 28-64-32-1 (4.0k)", 28, [64, 32]),
+                                    ("issue's MLP 23-64-64-1 (5.8k)", 23, [64, 64])):
         for batch in (64, 256, 1024):
             torch.manual_seed(0)
-            x, y = torch.randn(batch, 23), (torch.rand(batch) < 0.22).float()
+            x, y = torch.randn(batch, features), (torch.rand(batch) < 0.22).float()
             fns: dict[str, Callable[[], None]] = {}
             for name in ("non-private", "opacus-hooks", "opacus-functorch", "opacus-ghost", "fedsilo"):
                 torch.manual_seed(1)
-                model = MLP(23, hidden)
+                model = MLP(features, hidden)
                 if name == "non-private":
                     fns[name] = _plain_step(model, x, y)
                 elif name == "fedsilo":
@@ -258,7 +259,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["# DP-SGD benchmark", "", f"Command: `{result['command']}`", "",
+    lines = ["# DP-SGD benchmark", "", f"Command: `{result['command']}` (utility runs: `{result['utility_command']}`)", "",
              "## Speed per optimiser step (min over interleaved repetitions, 1 thread; ratio to non-private)", "",
              "| model | batch | non-private | Opacus hooks | Opacus functorch | Opacus ghost | fedsilo |",
              "|---|---|---|---|---|---|---|"]
@@ -318,20 +319,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--skip-utility", action="store_true")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="re-measure speed only; keep the utility runs of the existing results file")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     result: dict[str, Any] = {"command": "python benchmarks/dp.py" + (" --quick" if args.quick else "")}
     result["speed"] = speed(args.quick)
-    if not args.skip_utility:
-        result["runs"] = utility(args.quick)
-        result["summary"] = summarize(result["runs"])
-        OUT.mkdir(parents=True, exist_ok=True)
-        suffix = "_quick" if args.quick else ""
-        (OUT / f"dp{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (OUT / f"dp{suffix}.md").write_text(markdown(result))
-        plot(result, OUT / f"dp{suffix}.png")
-        print(markdown(result))
+    suffix = "_quick" if args.quick else ""
+    if args.speed_only:
+        previous = json.loads((OUT / f"dp{suffix}.json").read_text())
+        result["runs"], result["utility_command"] = previous["runs"], previous.get("utility_command", previous["command"])
+    else:
+        result["runs"], result["utility_command"] = utility(args.quick), result["command"]
+    result["summary"] = summarize(result["runs"])
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"dp{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / f"dp{suffix}.md").write_text(markdown(result))
+    plot(result, OUT / f"dp{suffix}.png")
+    print(markdown(result))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class PartitionConfig:
     name: str = "iid"
     alpha: float = 0.5
     min_partition_size: int = 10
+    natural_sites: int = 0       # natural split only: the first k natural sites take part (0 = all)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class Task(ABC):
     models: ClassVar[tuple[str, ...]]
     #: Names of the natural sites (one per group code), or None if there is no natural split.
     natural_sites: ClassVar[tuple[str, ...] | None] = None
+    #: Shape of one preprocessed example; models are built from it without loading data.
+    input_shape: ClassVar[tuple[int, ...]]
     #: Files (relative to ``data_dir``) the task reads; checked before a run starts.
     data_files: ClassVar[tuple[str, ...]] = ()
 
@@ -141,7 +144,8 @@ class Task(ABC):
                     f"partition.name='natural': task {cls.name!r} has no natural split; "
                     "use iid or dirichlet"
                 )
-            return len(cls.natural_sites)
+            return min(partition.natural_sites, len(cls.natural_sites)) if partition.natural_sites > 0 \
+                else len(cls.natural_sites)
         return num_sites
 
     def sites(self, partition: PartitionConfig, num_sites: int, seed: int) -> list[SiteData]:
@@ -149,6 +153,7 @@ class Task(ABC):
         key = (
             type(self), str(self.data_dir.resolve()), partition.name, num_sites, seed,
             partition.alpha, partition.min_partition_size, self.cfg.val_fraction, self.cfg.train_rows,
+            partition.natural_sites,
         )
         if key not in _SITES_CACHE:
             try:
@@ -167,6 +172,8 @@ class Task(ABC):
             labels, pool.group, partition.name, num_sites, seed,
             alpha=partition.alpha, min_partition_size=partition.min_partition_size,
         )
+        if partition.name == "natural" and partition.natural_sites > 0:
+            parts = parts[: partition.natural_sites]  # the other natural sites stay out of the federation
         sites = []
         for site_id, rows in enumerate(parts):
             tr, va = split_train_val(rows, labels, self.cfg.val_fraction, seed=seed * 7919 + site_id)

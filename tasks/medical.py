@@ -59,6 +59,7 @@ class MedicalTask(Task):
     """Heart-disease prediction; logistic regression (FLamby's model) by default."""
 
     name: ClassVar[str] = "medical"
+    input_shape: ClassVar[tuple[int, ...]] = (13,)  # one example (a test checks it against the data)
     models: ClassVar[tuple[str, ...]] = ("logreg", "mlp")
     natural_sites: ClassVar[tuple[str, ...] | None] = HOSPITALS
     data_files: ClassVar[tuple[str, ...]] = tuple(f"uci_heart_disease/processed.{h}.data" for h in HOSPITALS)
@@ -97,7 +98,7 @@ class MedicalTask(Task):
         return TaskData(split(~test), split(test), names, HOSPITALS)
 
     def build_model(self) -> nn.Module:
-        n = len(self.data().feature_names)
+        n = self.input_shape[0]
         if self.cfg.model == "mlp":
             return MLP(n, self.cfg.hidden, self.cfg.dropout)
         return LogisticRegression(n)

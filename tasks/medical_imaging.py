@@ -36,6 +36,7 @@ class MedicalImagingTask(Task):
     """Benign/normal vs malignant ultrasound images with a small GroupNorm CNN."""
 
     name: ClassVar[str] = "medical_imaging"
+    input_shape: ClassVar[tuple[int, ...]] = (1, 28, 28)  # one example (a test checks it against the data)
     models: ClassVar[tuple[str, ...]] = ("cnn",)
     natural_sites: ClassVar[tuple[str, ...] | None] = None
     data_files: ClassVar[tuple[str, ...]] = (FILE,)

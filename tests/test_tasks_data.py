@@ -120,3 +120,10 @@ def test_local_training_is_deterministic_and_learns() -> None:
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k])
     assert task.evaluate(a, site.train)["loss"] < before
+
+
+@pytest.mark.parametrize("name", ["finance", "medical", "medical_imaging"])
+def test_declared_input_shape_matches_the_data(name: str) -> None:
+    """Models are built from ``input_shape`` alone (a site in a deployment has no bundled data)."""
+    task = make_task(name)
+    assert tuple(task.data().pool.x.shape[1:]) == task.input_shape == tuple(task.data().test.x.shape[1:])
