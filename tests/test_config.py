@@ -64,9 +64,9 @@ def test_wrong_type_and_unknown_key_fail_at_composition() -> None:
         config.compose(["task=banking"])
 
 
-def test_not_yet_available_options_are_named() -> None:
-    with pytest.raises(MissingConfigException, match="privacy/dpsgd"):
-        config.compose(["privacy=dpsgd"])
+def test_unknown_option_of_a_group_is_named() -> None:
+    with pytest.raises(MissingConfigException, match="privacy/laplace"):
+        config.compose(["privacy=laplace"])
 
 
 @pytest.mark.parametrize("override, key", [
