@@ -107,6 +107,18 @@ def main() -> None:
         from app import audit_cli
 
         sys.exit(audit_cli.main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "certs":
+        from app import keys_cli
+
+        sys.exit(keys_cli.certs_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "data":
+        from app import data_cli
+
+        sys.exit(data_cli.main(sys.argv[2:]))
+    if len(sys.argv) > 2 and sys.argv[1:3] == ["deploy", "local"]:
+        from app import deploy
+
+        sys.exit(deploy.main(sys.argv[3:]))
     run()
 
 

@@ -22,6 +22,7 @@ from strategies import client_penalty, heterogeneity
 from strategies.secagg import client as secagg
 from strategies.secagg.vector import Layout, WeightedUpdateCodec
 from strategies.validation import SITE_KEY, WEIGHT_KEY
+from tasks import site_file
 from tasks.base import SiteData, Task, seed_for
 from tasks.metrics import site_summary
 from tasks.training import predict, steps_per_epoch
@@ -33,14 +34,23 @@ app = ClientApp()
 
 
 def load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData]:
-    """This node's config, task and data; a clear error if the federation does not fit."""
+    """This node's config, task and data; a clear error if the federation does not fit.
+
+    A deployed site names its own data file in its node config (``data-path``, written by
+    ``fedsilo data split`` or by the site itself); otherwise (simulation) the node's
+    ``partition-id`` selects its share of the task's bundled data.
+    """
     cfg = config.from_run_config(context.run_config)
     task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
     n_sites = config.num_sites(cfg)
     node = context.node_config
+    if "data-path" in node:
+        return cfg, task, site_file.load(str(node["data-path"]), task=cfg.task.name, num_sites=n_sites,
+                                         input_shape=task.input_shape)
     if "partition-id" not in node:
-        raise ValueError("node config has no 'partition-id': start the SuperNode with "
-                         "--node-config 'partition-id=<i> num-partitions=<n>'")
+        raise ValueError("node config has neither 'data-path' nor 'partition-id': start the SuperNode with "
+                         "--node-config 'data-path=\"/path/to/site.npz\"' (fedsilo data split) or "
+                         "'partition-id=<i> num-partitions=<n>'")
     pid, n_parts = int(node["partition-id"]), int(node.get("num-partitions", n_sites))
     if n_parts != n_sites or not 0 <= pid < n_sites:
         raise ValueError(

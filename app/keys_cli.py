@@ -1,9 +1,14 @@
 """``fedsilo keys ...``: provisioning commands (run before a job, out of band).
 
     fedsilo keys paillier --out DIR [--bits 2048]
+    fedsilo keys supernode --out DIR --sites N
+    fedsilo certs --out DIR --host NAME [--host ...] [--ip ADDR ...]
 
-writes ``DIR/paillier_keypair.json`` (for the sites only; mode 0600) and
-``DIR/paillier_public.json`` (for the server). Exit codes: 0 written, 2 bad arguments.
+``paillier`` writes ``DIR/paillier_keypair.json`` (for the sites only; mode 0600) and
+``DIR/paillier_public.json`` (for the server). ``supernode`` writes one SuperNode
+authentication key pair per site (``site-<i>``, stays at the site; ``site-<i>.pub``,
+registered at the SuperLink). ``certs`` writes a CA and a SuperLink TLS certificate
+(:mod:`app.pki`). Exit codes: 0 written, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +24,21 @@ def main(argv: list[str]) -> int:
     pai = sub.add_parser("paillier", help="a Paillier key pair for aggregation=paillier")
     pai.add_argument("--out", type=Path, required=True, help="folder to write the two key files to")
     pai.add_argument("--bits", type=int, default=2048, help="modulus size in bits (>= 2048)")
+    sn = sub.add_parser("supernode", help="SuperNode authentication key pairs (ECDSA P-384, OpenSSH format)")
+    sn.add_argument("--out", type=Path, required=True)
+    sn.add_argument("--sites", type=int, required=True)
     args = parser.parse_args(argv)
+    if args.kind == "supernode":
+        from app.pki import make_supernode_keys
+
+        try:
+            pairs = make_supernode_keys(args.out, args.sites)
+        except ValueError as err:
+            print(f"fedsilo keys: {err}", file=sys.stderr)
+            return 2
+        for private, public in pairs:
+            print(f"{private} (keep at the site)  {public} (register: flwr supernode register {public} <connection>)")
+        return 0
     from strategies.paillier.keys import PaillierKeyError, fingerprint, generate, load_public
 
     try:
@@ -30,4 +49,25 @@ def main(argv: list[str]) -> int:
     fp = fingerprint(load_public(public_path).n)
     print(f"key pair (sites only, keep secret): {private_path}\npublic key (server): {public_path}\n"
           f"fingerprint: {fp}")
+    return 0
+
+
+def certs_main(argv: list[str]) -> int:
+    """``fedsilo certs``: a CA and a SuperLink certificate."""
+    parser = argparse.ArgumentParser(prog="fedsilo certs", description="TLS certificates for a SuperLink.")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the files to")
+    parser.add_argument("--host", action="append", default=[], help="DNS name the SuperLink is reached at (repeat)")
+    parser.add_argument("--ip", action="append", default=[], help="IP address the SuperLink is reached at (repeat)")
+    parser.add_argument("--days", type=int, default=365, help="validity of the SuperLink certificate")
+    args = parser.parse_args(argv)
+    from app.pki import make_certificates
+
+    try:
+        files = make_certificates(args.out, args.host, args.ip, args.days)
+    except ValueError as err:
+        print(f"fedsilo certs: {err}", file=sys.stderr)
+        return 2
+    print(f"CA certificate (every SuperNode and CLI user): {files.ca_cert}\n"
+          f"CA key (keep offline; signs new certificates): {files.ca_key}\n"
+          f"SuperLink certificate and key: {files.server_cert} {files.server_key}")
     return 0

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from app.pki import Certificates
 
 CONNECTION = "fedsilo"
 FINAL_PREFIX = "finished:"
@@ -85,12 +88,18 @@ class LocalSuperLink:
 
     ``simulation=True`` (default): Flower's simulation engine runs the ClientApps.
     ``simulation=False``: a deployment SuperLink; :meth:`add_supernodes` starts SuperNodes
-    as separate processes (insecure, on loopback: a local stand-in for real sites, used to
-    test that the app works over the deployment runtime).
+    as separate processes on loopback (a local stand-in for real sites). With ``certs`` every
+    connection (SuperNodes, the ``flwr`` CLI) uses TLS under that CA; with ``supernode_auth``
+    only SuperNodes whose public key was registered (:meth:`register`) may connect.
     """
 
-    def __init__(self, log_path: Path, startup_timeout: float = 60.0, simulation: bool = True) -> None:
+    def __init__(self, log_path: Path, startup_timeout: float = 60.0, simulation: bool = True,
+                 certs: Certificates | None = None, supernode_auth: bool = False) -> None:
+        if supernode_auth and certs is None:
+            raise SimulationError("SuperNode authentication needs TLS (certs)")
         self.simulation = simulation
+        self.certs, self.supernode_auth = certs, supernode_auth
+        self.node_logs: list[Path] = []
         self.supernodes: list[subprocess.Popen[bytes]] = []
         self.log_path = log_path
         self.startup_timeout = startup_timeout
@@ -113,13 +122,22 @@ class LocalSuperLink:
 
     def start(self) -> None:
         """Start the SuperLink, write the connection into FLWR_HOME, wait until healthy."""
-        (self.home / "config.toml").write_text(tomli_w.dumps({
-            "superlink": {"default": CONNECTION, CONNECTION: {"address": self.address, "insecure": True}}
-        }))
+        connection: dict[str, Any] = {"address": self.address}
+        if self.certs is None:
+            connection["insecure"] = True
+        else:
+            connection["root-certificates"] = str(self.certs.ca_cert.resolve())
+        (self.home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        if self.certs is None:
+            security = ["--insecure"]
+        else:
+            security = ["--ssl-ca-certfile", str(self.certs.ca_cert), "--ssl-certfile", str(self.certs.server_cert),
+                        "--ssl-keyfile", str(self.certs.server_key)]
         cmd = [
-            _flwr_bin("flower-superlink"), "--insecure", *(["--simulation"] if self.simulation else []),
+            _flwr_bin("flower-superlink"), *security, *(["--enable-supernode-auth"] if self.supernode_auth else []),
+            *(["--simulation"] if self.simulation else []),
             "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(self.port),
             "--disable-runtime-dependency-installation",
         ]
@@ -139,21 +157,61 @@ class LocalSuperLink:
         self.stop()
         raise SimulationError(f"flower-superlink not healthy after {self.startup_timeout:.0f}s; see {self.log_path}")
 
-    def add_supernodes(self, node_configs: list[str]) -> None:
-        """Start one ``flower-supernode`` per node config (e.g. ``"partition-id=0 num-partitions=3"``)."""
+    def add_supernodes(self, node_configs: list[str], private_keys: list[Path] | None = None,
+                       insecure: bool | None = None) -> list[subprocess.Popen[bytes]]:
+        """Start one ``flower-supernode`` per node config (e.g. ``'data-path="/x/site-0.npz"'``).
+
+        ``private_keys[i]`` authenticates node ``i`` (``--enable-supernode-auth``); nodes use
+        TLS with this SuperLink's CA unless ``insecure`` (default: insecure iff no certs).
+        Each node logs to ``supernode-<i>.log`` beside the SuperLink's log.
+        """
         if self.simulation:
             raise SimulationError("SuperNodes belong to a deployment SuperLink (simulation=False)")
-        for node_config in node_configs:
-            self.supernodes.append(subprocess.Popen(
-                [_flwr_bin("flower-supernode"), "--insecure", "--superlink", self.address,
-                 "--port", str(free_port()), "--node-config", node_config, "--max-retries", "20"],
-                env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            ))
+        insecure = self.certs is None if insecure is None else insecure
+        started = []
+        for i, node_config in enumerate(node_configs):
+            n = len(self.supernodes)
+            security = ["--insecure"] if insecure else ["--root-certificates", str(self.certs.ca_cert)]  # type: ignore[union-attr]
+            auth = ["--auth-supernode-private-key", str(private_keys[i])] if private_keys else []
+            log_path = self.log_path.with_name(f"supernode-{n}.log")
+            self.node_logs.append(log_path)
+            with open(log_path, "ab") as log_file:
+                proc = subprocess.Popen(
+                    [_flwr_bin("flower-supernode"), *security, *auth, "--superlink", self.address,
+                     "--port", str(free_port()), "--node-config", node_config, "--max-retries", "20"],
+                    env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                )
+            self.supernodes.append(proc)
+            started.append(proc)
+        return started
+
+    def register(self, public_key: Path) -> int:
+        """Register a SuperNode's public key with this SuperLink; return its node id."""
+        proc = self.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json")
+        try:
+            reply = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            reply = {}
+        if proc.returncode != 0 or not reply.get("success", False):
+            raise SimulationError(f"flwr supernode register {public_key} failed: {(proc.stdout + proc.stderr).strip()[-1000:]}")
+        return int(reply.get("node-id", 0))
+
+    def connected_nodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode ls`` as a list of nodes (id, status, ...)."""
+        proc = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
+        try:
+            return list(json.loads(proc.stdout).get("nodes", []))
+        except json.JSONDecodeError:
+            return []
 
     def _healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.address}/health", timeout=1) as r:
+            if self.certs is None:
+                url, context = f"http://{self.address}/health", None
+            else:
+                url, context = f"https://{self.address}/health", ssl.create_default_context(cafile=str(self.certs.ca_cert))
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 return bool(r.status == 200)
         except OSError:
             return False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,9 @@ class FedAvg(FlowerFedAvg):
         self._global: ArrayRecord | None = None
         #: Nodes that said their privacy budget is spent: never sampled again.
         self.exhausted: dict[int, str] = {}
+        #: node id -> site name, learned from replies (for logs about nodes that left).
+        self.node_names: dict[int, str] = {}
+        self._connected: set[int] | None = None
 
     # ---- training ----------------------------------------------------------------
     def configure_train(
@@ -118,7 +122,10 @@ class FedAvg(FlowerFedAvg):
             self.encrypted.set_size(Layout.of({k: v.numpy() for k, v in arrays.items()}).size)
         if not encrypted:
             self.reference = {k: (tuple(v.shape), np.dtype(v.numpy().dtype)) for k, v in arrays.items()}
+        self._track_nodes(server_round, grid)
         messages = self._without_exhausted(server_round, super().configure_train(server_round, arrays, config, grid))
+        # The first round waits for every site; later rounds go on with the sites still connected.
+        self.min_available_nodes = self.min_train_nodes
         self._entry(server_round)["train"] = {"sampled": len(messages)}
         if self.secure is None:
             return messages
@@ -135,6 +142,7 @@ class FedAvg(FlowerFedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop bad replies (logged), then average the rest in site order."""
         replies = list(replies)
+        self._learn_names(replies)
         self._note_privacy(server_round, replies)
         if self.secure is not None:
             return self._aggregate_secure(server_round, replies)
@@ -197,6 +205,27 @@ class FedAvg(FlowerFedAvg):
         entry["secagg"]["aborted"] = str(err)
         entry["train"].update({"replied": 0, "rejected": _secagg_rejections(entry["secagg"])})
         log(WARNING, "round %s: secure aggregation aborted (%s); the global model is unchanged", server_round, err)
+
+    # ---- sites joining and leaving -----------------------------------------------------
+    def _track_nodes(self, server_round: int, grid: Grid) -> None:
+        """Log (and record in ``participation``) the sites that left or joined since the last round."""
+        now = set(grid.get_node_ids())
+        if self._connected is not None:
+            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            for node in sorted(self._connected - now):
+                site = self.node_names.get(node, f"node {node}")
+                log(WARNING, "round %s: site %s (node %s) left the federation (not connected at %s); "
+                    "continuing with %s site(s)", server_round, site, node, stamp, len(now))
+                self._entry(server_round).setdefault("left", []).append({"site": site, "node": node, "noticed": stamp})
+            for node in sorted(now - self._connected):
+                log(INFO, "round %s: node %s joined the federation", server_round, node)
+                self._entry(server_round).setdefault("joined", []).append({"node": node, "noticed": stamp})
+        self._connected = now
+
+    def _learn_names(self, replies: Iterable[Message]) -> None:
+        for m in replies:
+            if not m.has_error() and SITE_KEY in m.content.config_records:
+                self.node_names[m.metadata.src_node_id] = str(m.content.config_records[SITE_KEY].get("name", "?"))
 
     # ---- privacy budgets (privacy=dpsgd) ----------------------------------------------
     def _note_privacy(self, server_round: int, replies: list[Message]) -> None:

@@ -50,8 +50,8 @@ def write(path: Path, site: SiteData, *, task: str, num_sites: int, partition: s
     return path
 
 
-def load(path: str | Path, *, task: str, num_sites: int, num_features: int) -> SiteData:
-    """The site in ``path``, checked against the federation's task, size and feature count."""
+def load(path: str | Path, *, task: str, num_sites: int, input_shape: tuple[int, ...]) -> SiteData:
+    """The site in ``path``, checked against the federation's task, size and example shape."""
     p = Path(path).expanduser()
     where = f"site data file {p} (node config data-path)"
     if not p.is_file():
@@ -83,9 +83,9 @@ def load(path: str | Path, *, task: str, num_sites: int, num_features: int) -> S
     splits = {}
     for part in ("train", "val"):
         x, y = contents[f"x_{part}"], contents[f"y_{part}"]
-        if x.ndim < 2 or x.shape[1] != num_features or x.shape[0] != y.shape[0] or y.ndim != 1:
+        if tuple(x.shape[1:]) != tuple(input_shape) or y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise SiteDataError(f"{where}: x_{part} has shape {x.shape} and y_{part} {y.shape}; expected "
-                                f"(rows, {num_features}, ...) and (rows,)")
+                                f"(rows, {', '.join(map(str, input_shape))}) and (rows,)")
         if x.dtype != np.float32 or y.dtype != np.float32:
             raise SiteDataError(f"{where}: x_{part}/y_{part} must be float32, got {x.dtype}/{y.dtype}")
         if not (np.isfinite(x).all() and np.isin(y, (0.0, 1.0)).all()):

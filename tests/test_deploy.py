@@ -1,0 +1,103 @@
+"""A real deployment on loopback: SuperLink + SuperNodes as separate processes, TLS, node
+authentication, each site reading its own data file; a site leaving mid-run; the refusals."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from app import deploy
+from app.local_grid import run_inprocess
+from app.paths import resolve_data_dir
+from app.simulation import LocalSuperLink
+from tests.conftest import REPO
+from tests.test_e2e import leftover_processes
+
+pytestmark = pytest.mark.e2e
+
+
+def _wait_for(path: Path, text: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_tls_authenticated_sites_with_own_files_survive_a_site_leaving(tmp_path: Path) -> None:
+    """Four hospitals, TLS and SuperNode authentication, each with its own data file; one
+    SuperNode is stopped after round 1. The run completes with the other three, the log and
+    results.json say which site left and when, and nothing is left running."""
+    overrides, _ = deploy.site_overrides(["task=medical", "num_rounds=3", "strategy.fraction_evaluate=0"], 4)
+    dep = deploy.prepare(tmp_path, overrides, 4)
+    assert [s["name"] for s in dep.sites] == ["cleveland", "hungarian", "switzerland", "va"]
+    run_config = {"overrides": shlex.join([*overrides, f"data_dir={resolve_data_dir(None)}"]),
+                  "output-dir": str(tmp_path)}
+    link = deploy.start(dep, tmp_path)
+    try:
+        assert "root-certificates" in (link.home / "config.toml").read_text()
+        run_id = link.submit(REPO, run_config, {})
+        assert _wait_for(link.log_path, "fedsilo round 1/3", 240), link.log_path.read_text()[-3000:]
+        va = link.supernodes[3]
+        va.send_signal(signal.SIGTERM)  # the site's operator stops its SuperNode mid-run
+        va.wait(timeout=60)
+        outcome = link.follow(run_id, timeout=600, stream=False, poll=2.0)
+        log = link.log_path.read_text(errors="replace")
+    finally:
+        link.stop()
+    assert not leftover_processes(), leftover_processes()
+    assert outcome.ok, (outcome, log[-3000:])
+    assert "left the federation" in log and "va (node" in log
+    results = json.loads((tmp_path / "results.json").read_text())
+    left = [e for h in results["history"] for e in h["participation"].get("left", [])]
+    assert [e["site"] for e in left] == ["va"] and left[0]["noticed"]
+    assert results["history"][0]["participation"]["train"]["replied"] == 4
+    assert results["history"][-1]["participation"]["train"]["replied"] == 3
+    assert results["history"][-1]["server"]["auc"] > 0.75
+
+
+def test_deploy_local_matches_the_simulation(tmp_path: Path) -> None:
+    """`fedsilo deploy local --sites 3 task=medical aggregation=secagg num_rounds=3`: TLS,
+    authenticated nodes, the first three hospitals; same final AUC as the in-process
+    simulation of the same overrides (which the engine matches bit for bit)."""
+    args = ["task=medical", "aggregation=secagg", "num_rounds=3"]
+    outcome, results = deploy.run(args, 3, tmp_path / "deploy", stream=False)
+    assert not leftover_processes(), leftover_processes()
+    assert outcome.ok and results is not None, outcome
+    assert results["deployment"]["tls"] and results["deployment"]["supernode_auth"]
+    assert all(h["participation"]["secagg"]["survivors"] == 3 for h in results["history"])
+    simulated = run_inprocess([*args, "num_sites=3", "partition.natural_sites=3"], tmp_path / "sim")
+    assert abs(results["final"]["auc"] - simulated["final"]["auc"]) < 0.01
+    assert abs(results["final"]["auc"] - simulated["final"]["auc"]) < 1e-4  # in fact equal up to secagg rounding
+
+
+def test_unregistered_key_and_plaintext_node_are_refused(tmp_path: Path) -> None:
+    """A SuperNode whose key was not registered, and one without TLS, never join."""
+    from app import pki
+
+    certs = pki.make_certificates(tmp_path / "pki", ["localhost"], ["127.0.0.1"])
+    (registered, registered_pub), (stranger, _) = pki.make_supernode_keys(tmp_path / "keys", 2)
+    with LocalSuperLink(tmp_path / "superlink.log", simulation=False, certs=certs, supernode_auth=True) as link:
+        link.register(registered_pub)
+        link.add_supernodes(["partition-id=0"], [registered])
+        link.add_supernodes(["partition-id=1"], [stranger])
+        link.add_supernodes(["partition-id=2"], [registered], insecure=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            online = [n for n in link.connected_nodes() if str(n.get("status", "")).lower() == "online"]
+            if online:
+                break
+            time.sleep(1)
+        time.sleep(5)
+        nodes = link.connected_nodes()
+        logs = [p.read_text(errors="replace") for p in link.node_logs]
+    assert not leftover_processes(), leftover_processes()
+    statuses = [str(n.get("status", "")).lower() for n in nodes]
+    assert statuses.count("online") == 1, nodes  # only the registered, TLS node
+    assert logs[1] and logs[2], "the refused nodes say why"
