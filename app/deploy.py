@@ -38,6 +38,7 @@ class Deployment:
     sites: list[dict[str, Any]]
     certs: Any  # app.pki.Certificates | None
     keys: list[tuple[Path, Path]]
+    paillier_keypair: str | None = None
 
 
 def site_overrides(overrides: list[str], sites: int) -> tuple[list[str], str]:
@@ -76,12 +77,18 @@ def prepare(out: Path, overrides: list[str], sites: int, secure: bool = True) ->
         raise ValueError(f"the config yields {len(entries)} sites, not --sites {sites}")
     certs = pki.make_certificates(out / "pki", hosts=["localhost"], ips=["127.0.0.1"]) if secure else None
     keys = pki.make_supernode_keys(out / "pki" / "supernodes", sites) if secure else []
-    return Deployment(overrides, entries, certs, keys)
+    from app import config
+
+    a = config.compose(overrides).aggregation
+    keypair = a.keypair if isinstance(a, config.PaillierConfig) else None
+    return Deployment(overrides, entries, certs, keys, keypair)
 
 
-def node_config(entry: dict[str, Any]) -> str:
-    """A SuperNode's ``--node-config``: the path of its own data file."""
-    return f'data-path="{entry["file"]}"'
+def node_config(entry: dict[str, Any], paillier_keypair: str | None = None) -> str:
+    """A SuperNode's ``--node-config``: the path of its own data file (and, under
+    ``aggregation=paillier``, of the sites' key pair, which the server never gets)."""
+    extra = f' paillier-keypair="{Path(paillier_keypair).resolve()}"' if paillier_keypair else ""
+    return f'data-path="{entry["file"]}"{extra}'
 
 
 def start(dep: Deployment, out: Path) -> Any:
@@ -93,7 +100,7 @@ def start(dep: Deployment, out: Path) -> Any:
     try:
         for _, public in dep.keys:
             link.register(public)
-        link.add_supernodes([node_config(e) for e in dep.sites], [k for k, _ in dep.keys] or None)
+        link.add_supernodes([node_config(e, dep.paillier_keypair) for e in dep.sites], [k for k, _ in dep.keys] or None)
     except BaseException:
         link.stop()
         raise

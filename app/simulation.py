@@ -292,6 +292,11 @@ class LocalSuperLink:
             raise SimulationError(f"flwr run failed: {(proc.stdout + proc.stderr).strip()[-2000:]}")
         return int(reply["run-id"])
 
+    def logs(self, run_id: int) -> str:
+        """The run's log so far (the ServerApp's and Flower's lines), from ``flwr log --show``."""
+        proc = self.flwr("log", str(run_id), CONNECTION, "--show")
+        return proc.stdout + proc.stderr
+
     def status(self, run_id: int) -> tuple[str, str]:
         """(status, status details) of a run, from ``flwr ls --format json``."""
         proc = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")

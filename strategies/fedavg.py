@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
@@ -111,6 +112,7 @@ class FedAvg(FlowerFedAvg):
         #: node id -> site name, learned from replies (for logs about nodes that left).
         self.node_names: dict[int, str] = {}
         self._connected: set[int] | None = None
+        self._sent: list[Message] = []  # this round's training instructions (their ids are set when pushed)
 
     # ---- training ----------------------------------------------------------------
     def configure_train(
@@ -128,11 +130,13 @@ class FedAvg(FlowerFedAvg):
         self.min_available_nodes = self.min_train_nodes
         self._entry(server_round)["train"] = {"sampled": len(messages)}
         if self.secure is None:
+            self._sent = messages
             return messages
         self._global = arrays
         size = Layout.of({k: v.numpy() for k, v in arrays.items()}).size
         try:
-            return self.secure.open(server_round, messages, grid, size)
+            self._sent = list(self.secure.open(server_round, messages, grid, size))
+            return self._sent
         except SecAggAbort as err:
             self._abort(server_round, err)
             return []
@@ -222,6 +226,19 @@ class FedAvg(FlowerFedAvg):
                 self._entry(server_round).setdefault("joined", []).append({"node": node, "noticed": stamp})
         self._connected = now
 
+    def _label(self, msg: Message) -> str:
+        """:func:`site_label`, naming the site of an error reply when an earlier reply told us.
+
+        An error the SuperLink generated for an unreachable node comes from the SuperLink
+        (node 1); the instruction it answers names the node."""
+        node = msg.metadata.src_node_id
+        if msg.has_error() and node == SUPERLINK_NODE_ID:
+            node = next((m.metadata.dst_node_id for m in self._sent
+                         if m.metadata.message_id == msg.metadata.reply_to_message_id), node)
+        if msg.has_error() and node in self.node_names:
+            return f"{self.node_names[node]} (node {node})"
+        return site_label(msg) if node == msg.metadata.src_node_id else f"node {node}"
+
     def _learn_names(self, replies: Iterable[Message]) -> None:
         for m in replies:
             if not m.has_error() and SITE_KEY in m.content.config_records:
@@ -277,8 +294,9 @@ class FedAvg(FlowerFedAvg):
             if reason is None:
                 good.append(msg)
             else:
-                rejected.append({"site": site_label(msg), "reason": reason})
-                log(WARNING, "round %s %s: rejected reply from %s: %s", server_round, phase, site_label(msg), reason)
+                label = self._label(msg)
+                rejected.append({"site": label, "reason": reason})
+                log(WARNING, "round %s %s: rejected reply from %s: %s", server_round, phase, label, reason)
         good.sort(key=site_order)
         entry = self._entry(server_round).setdefault(phase, {})
         entry["replied"] = len(good)

@@ -178,7 +178,7 @@ def test_budget_enforcement_in_a_run(tmp_path: Path) -> None:
     assert (cleveland["last_round"], cleveland["total_steps"]) == (2, 2 * int(1 / rate))
     assert cleveland["epsilon"] == pytest.approx(eps2, rel=1e-9)
     rejected = {r["site"]: r["reason"] for r in res["history"][2]["participation"]["train"]["rejected"]}
-    assert "privacy budget exhausted" in rejected["node 1000"] and "1000" in res["privacy"]["budget_exhausted"]
+    assert "privacy budget exhausted" in rejected["cleveland (node 1000)"] and "1000" in res["privacy"]["budget_exhausted"]
     assert res["history"][3]["participation"]["budget_exhausted"] >= 1  # no longer sampled
     for site, eps in res["privacy"]["epsilon_per_site"].items():
         assert eps <= eps2 * 1.05, site  # nobody ever passes the target

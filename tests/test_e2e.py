@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -150,35 +149,6 @@ def test_secure_aggregation_through_the_simulation_engine(tmp_path: Path) -> Non
         assert h["train"]["clipped_values"] == 0
     assert abs(sec["final"]["auc"] - plain["final"]["auc"]) < 1e-4
     assert sec["history"][0]["participation"]["train"]["replied"] == plain["history"][0]["participation"]["train"]["replied"] == 4
-
-
-def test_secure_aggregation_over_superlink_and_supernodes(tmp_path: Path) -> None:
-    """The same app on Flower's deployment runtime: a SuperLink and three SuperNodes as separate
-    processes (each message runs in a fresh ClientApp process, so the protocol state and the
-    DP-SGD privacy ledger must live in context.state). Matches plain FedAvg with the same DP-SGD in
-    process within 1e-4 AUC; each site's epsilon is cumulative over both rounds; nothing is left running."""
-    from app.paths import resolve_data_dir
-
-    common = ["task=finance", "num_sites=3", "num_rounds=2", "strategy.fraction_evaluate=0", "privacy=dpsgd",
-              "privacy.target_epsilon=4"]
-    run_config = {"overrides": shlex.join([*common, "aggregation=secagg", f"data_dir={resolve_data_dir(None)}"]),
-                  "output-dir": str(tmp_path / "deploy")}
-    with LocalSuperLink(tmp_path / "superlink.log", simulation=False) as link:
-        link.add_supernodes([f"partition-id={i} num-partitions=3" for i in range(3)])
-        run_id = link.submit(REPO, run_config, {})
-        outcome = link.follow(run_id, timeout=600, stream=False, poll=2.0)
-        assert outcome.ok, (outcome, (tmp_path / "superlink.log").read_text()[-3000:])
-    assert not leftover_processes(), leftover_processes()
-    deployed = json.loads((tmp_path / "deploy" / "results.json").read_text())
-    for h in deployed["history"]:
-        s = h["participation"]["secagg"]
-        assert (s["sites"], s["survivors"], s["pipelined"]) == (3, 3, h["round"] > 1)
-    first, second = (h["participation"]["privacy"] for h in deployed["history"])
-    for site, rec in second.items():  # the ledger survived the fresh ClientApp processes
-        assert rec["total_steps"] == 2 * first[site]["steps"] and rec["epsilon"] > first[site]["epsilon"]
-    plain = run_inprocess(common, tmp_path / "plain")
-    assert abs(deployed["final"]["auc"] - plain["final"]["auc"]) < 1e-4
-    assert sorted(deployed["privacy"]["epsilon_per_site"].values()) == sorted(plain["privacy"]["epsilon_per_site"].values())
 
 
 def test_paillier_aggregation_through_the_simulation_engine(tmp_path: Path) -> None:

@@ -111,3 +111,36 @@ def test_federated_evaluation_pools_counts() -> None:
     assert out["accuracy"] == pytest.approx((5 + 3 + 8) / 20)
     assert out["sensitivity"] == pytest.approx(5 / 6)
     assert out["loss"] == pytest.approx(0.3)
+
+
+class _Grid:
+    """Just enough of a Grid for node tracking: the connected node ids."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def test_a_site_that_leaves_is_named_and_recorded() -> None:
+    s = _strategy()
+    s.aggregate_train(1, [_reply(11, 0, _arrays(1.0)), _reply(12, 1, _arrays(1.0))])  # learns the names
+    s._track_nodes(1, _Grid([11, 12]))
+    s._track_nodes(2, _Grid([11]))
+    left = s.participation[2]["left"]
+    assert [(e["site"], e["node"]) for e in left] == [("site-1", 12)] and left[0]["noticed"]
+
+
+def test_superlink_error_for_an_unreachable_node_names_the_site() -> None:
+    """Flower's SuperLink answers for a dead node itself (source node 1); the instruction it
+    replies to says which site that was."""
+    s = _strategy()
+    s.aggregate_train(1, [_reply(11, 0, _arrays(1.0)), _reply(12, 1, _arrays(1.0))])
+    ins = Message(RecordDict(), dst_node_id=12, message_type="train")
+    ins.metadata.__dict__["_message_id"] = "m-12"
+    s._sent = [ins]
+    err = Message(Error(code=5, reason="Node Unavailable"), reply_to=ins)
+    err.metadata.__dict__["_src_node_id"] = 1
+    s.aggregate_train(2, [_reply(11, 0, _arrays(1.0), rnd=2), err])
+    assert s.participation[2]["train"]["rejected"] == [{"site": "site-1 (node 12)", "reason": "error reply: Node Unavailable"}]
