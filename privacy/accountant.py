@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from flwr.app import ConfigRecord
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
 #: Key of the ledger in ``context.state`` (a ConfigRecord).
@@ -79,6 +77,8 @@ def epsilon_of(accountant: str, history: tuple[tuple[float, float, int], ...], d
     """Epsilon of a history under an Opacus accountant (``rdp`` or ``prv``)."""
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant  # lazy: opacus costs every ClientApp process 1 s
+
     acc = create_accountant(accountant)
     acc.history = list(history)
     with warnings.catch_warnings():  # at small epsilon the best RDP order is Opacus' largest: the bound is conservative
@@ -90,6 +90,8 @@ def epsilon_of(accountant: str, history: tuple[tuple[float, float, int], ...], d
 def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """The smallest noise multiplier (Opacus' binary search, tolerance 0.01) whose
     ``steps`` steps at ``sample_rate`` stay within ``(target_epsilon, delta)``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():  # the search visits tiny multipliers whose best RDP order is the largest
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,

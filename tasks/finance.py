@@ -13,13 +13,14 @@ all standardised with the pool's mean and standard deviation.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 from torch import nn
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from tasks.base import Split, Task, TaskData
 from tasks.models import MLP, LogisticRegression
@@ -71,6 +72,8 @@ class FinanceTask(Task):
         path = self.data_dir / FILE
         if not path.is_file():
             raise FileNotFoundError(f"finance data not found at {path} (data_dir={self.data_dir})")
+        import pandas as pd  # lazy: only where data is loaded
+
         df = pd.read_csv(path)
         missing = {TARGET, "LIMIT_BAL", "EDUCATION", "PAY_AMT6"} - set(df.columns)
         if missing:
@@ -78,7 +81,7 @@ class FinanceTask(Task):
         x, names = engineer(df)
         y = df[TARGET].to_numpy(np.int64)
         group = education_group(df["EDUCATION"].to_numpy())
-        idx_pool, idx_test = train_test_split(
+        idx_pool, idx_test = _train_test_split(
             np.arange(len(y)), test_size=TEST_FRACTION, stratify=y, random_state=TEST_SPLIT_SEED
         )
         mean = x[idx_pool].mean(axis=0)
@@ -97,3 +100,10 @@ class FinanceTask(Task):
         if self.cfg.model == "logreg":
             return LogisticRegression(n)
         return MLP(n, self.cfg.hidden, self.cfg.dropout)
+
+
+def _train_test_split(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """sklearn's, imported when the data is loaded (not by every ClientApp process)."""
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(*args, **kwargs)

@@ -15,13 +15,14 @@ pooled and per hospital.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 from torch import nn
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from tasks.base import Split, Task, TaskData
 from tasks.models import MLP, LogisticRegression
@@ -37,6 +38,8 @@ SPLIT_SEED = 43
 
 def read_hospital(path: str) -> pd.DataFrame:
     """One ``processed.<hospital>.data`` file, cleaned as FLamby does."""
+    import pandas as pd  # lazy: only where data is loaded
+
     df = pd.read_csv(path, header=None, names=list(COLUMNS), na_values="?")
     if df.shape[1] != len(COLUMNS):
         raise ValueError(f"{path}: expected {len(COLUMNS)} columns, found {df.shape[1]}")
@@ -73,7 +76,7 @@ class MedicalTask(Task):
             df = read_hospital(str(path))
             y = (df["num"].to_numpy() > 0).astype(np.int64)
             stratify = y if min(np.bincount(y, minlength=2)) > 2 else None
-            tr, te = train_test_split(
+            tr, te = _train_test_split(
                 np.arange(len(df)), test_size=1.0 - TRAIN_FRACTION, train_size=TRAIN_FRACTION,
                 random_state=SPLIT_SEED, shuffle=True, stratify=stratify,
             )
@@ -81,6 +84,8 @@ class MedicalTask(Task):
             df["is_test"] = False
             df.loc[te, "is_test"] = True
             frames.append(df)
+        import pandas as pd
+
         df = pd.concat(frames, ignore_index=True)
         x, names = encode(df)
         y = (df["num"].to_numpy() > 0).astype(np.float32)
@@ -102,3 +107,10 @@ class MedicalTask(Task):
         if self.cfg.model == "mlp":
             return MLP(n, self.cfg.hidden, self.cfg.dropout)
         return LogisticRegression(n)
+
+
+def _train_test_split(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """sklearn's, imported when the data is loaded (not by every ClientApp process)."""
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(*args, **kwargs)

@@ -13,7 +13,13 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+
+def _sk():  # type: ignore[no-untyped-def]
+    """``sklearn.metrics``, imported on first use: it costs every ClientApp process 1.5 s."""
+    from sklearn import metrics
+
+    return metrics
 
 
 def confusion_counts(
@@ -57,7 +63,7 @@ def ks_statistic(y_true: np.ndarray, scores: np.ndarray) -> float:
     y = np.asarray(y_true)
     if y.min() == y.max():
         return float("nan")
-    fpr, tpr, _ = roc_curve(y, scores)
+    fpr, tpr, _ = _sk().roc_curve(y, scores)
     return float(np.max(tpr - fpr))
 
 
@@ -73,8 +79,8 @@ def binary_metrics(
     s = np.asarray(scores, dtype=np.float64)
     both_classes = y.size > 0 and y.min() != y.max()
     out: dict[str, float] = {
-        "auc": float(roc_auc_score(y, s)) if both_classes else float("nan"),
-        "pr_auc": float(average_precision_score(y, s)) if both_classes else float("nan"),
+        "auc": float(_sk().roc_auc_score(y, s)) if both_classes else float("nan"),
+        "pr_auc": float(_sk().average_precision_score(y, s)) if both_classes else float("nan"),
         "ks": ks_statistic(y, s) if both_classes else float("nan"),
     }
     out.update(metrics_from_counts(confusion_counts(y, s, threshold)))
@@ -103,7 +109,7 @@ def group_metrics(
             continue
         y, s = y_true[mask], scores[mask]
         acc = metrics_from_counts(confusion_counts(y, s, threshold))["accuracy"]
-        auc = float(roc_auc_score(y, s)) if y.min() != y.max() else float("nan")
+        auc = float(_sk().roc_auc_score(y, s)) if y.min() != y.max() else float("nan")
         out[f"accuracy_{name}"] = acc
         out[f"auc_{name}"] = auc
         accs.append(acc)
@@ -128,7 +134,7 @@ def site_summary(
     both = y.size > 0 and y.min() != y.max()
     out: dict[str, float] = {k: float(v) for k, v in confusion_counts(y, scores, threshold).items()}
     out["loss"] = float(loss)
-    out["auc"] = float(roc_auc_score(y, scores)) if both else 0.0
+    out["auc"] = float(_sk().roc_auc_score(y, scores)) if both else 0.0
     out["auc_weight"] = float(y.size) if both else 0.0
     return out
 
