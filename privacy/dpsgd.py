@@ -11,9 +11,10 @@ One round at one site (Abadi et al. 2016, as Opacus implements it):
 * data-independent terms (FedProx's proximal term, weight decay, momentum) act on the
   privatised gradient: they cost no privacy.
 
-The noise multiplier comes from :func:`plan`: given, or the smallest one that keeps the
-site within ``target_epsilon`` after ``num_rounds`` full rounds. :func:`plan` also refuses
-a round that would take the site past its budget.
+The noise multiplier comes from :func:`site_params`: given, or the smallest one that keeps
+the site within ``target_epsilon`` after ``num_rounds`` full rounds. :func:`private_round`
+keeps the site's ledger in ``context.state`` and refuses (:func:`check_budget`) a round
+that would take the site past its budget.
 """
 
 from __future__ import annotations
