@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -312,7 +314,9 @@ class LocalSuperLink:
         logs = None
         if stream:
             logs = subprocess.Popen([_flwr_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
-                                    env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
+                                    env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    start_new_session=True)
+            threading.Thread(target=_relay_log, args=(logs.stdout,), daemon=True).start()
         try:
             status, details = "unknown", ""
             while time.monotonic() - t0 < timeout:
@@ -334,6 +338,19 @@ class LocalSuperLink:
                 os.killpg(logs.pid, signal.SIGTERM)
                 logs.wait(timeout=10)
         return RunOutcome(run_id, status, details, time.monotonic() - t0)
+
+
+#: A deployed ServerApp's log reaches ``flwr log`` twice: as the console line and again in
+#: Flower's file format (``11/22/2026 10:39:00:INFO:...``); the second copy is dropped.
+_FILE_FORMAT_LINE = re.compile(rb"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
+
+
+def _relay_log(pipe: Any) -> None:
+    """Copy a ``flwr log --stream`` to stdout, without the duplicate file-format lines."""
+    for line in iter(pipe.readline, b""):
+        if not _FILE_FORMAT_LINE.match(line):
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()
 
 
 def run_simulation(
