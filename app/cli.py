@@ -13,7 +13,6 @@ directory: ``results.json``, ``model.pt``, ``metrics.png``, ``superlink.log`` an
 from __future__ import annotations
 
 import json
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -36,12 +35,6 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def app_overrides(task_overrides: list[str], data_dir: Path) -> str:
-    """The Hydra overrides the ServerApp/ClientApps compose: the user's, plus the data path."""
-    tokens = [o for o in task_overrides if not o.lstrip("+~").startswith("data_dir=")]
-    return shlex.join([*tokens, f"data_dir={data_dir}"])
-
-
 @hydra.main(config_path=str(config.CONF_DIR), config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
     """Hydra task function: one fedsilo job."""
@@ -57,7 +50,7 @@ def run(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir).resolve()
     run_config = {
-        "overrides": app_overrides(list(hc.overrides.task), data_dir),
+        "overrides": config.run_overrides(list(hc.overrides.task), data_dir),
         "output-dir": str(out_dir),
     }
     print(f"fedsilo: task={typed.task.name} strategy={typed.strategy.name} "

@@ -317,6 +317,13 @@ def parse_overrides(text: str) -> list[str]:
     return shlex.split(text)
 
 
+def run_overrides(overrides: list[str], data_dir: str | Path) -> str:
+    """The run-config ``overrides`` string the ServerApp and ClientApps compose: the user's
+    overrides with ``data_dir`` pinned to the resolved data folder (inverse of :func:`parse_overrides`)."""
+    tokens = [o for o in overrides if not o.lstrip("+~").startswith("data_dir=")]
+    return shlex.join([*tokens, f"data_dir={data_dir}"])
+
+
 @lru_cache(maxsize=32)
 def _compose_cached(overrides: tuple[str, ...]) -> FedsiloConfig:
     from hydra import compose, initialize_config_dir

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import signal
 import sys
 import time
@@ -120,9 +119,7 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
     data_dir = preflight(cfg)
     out.mkdir(parents=True, exist_ok=True)
     dep = prepare(out, overrides, sites, secure)
-    run_config = {"overrides": shlex.join([*(o for o in overrides if not o.startswith("data_dir=")),
-                                           f"data_dir={data_dir}"]),
-                  "output-dir": str(out.resolve())}
+    run_config = {"overrides": config.run_overrides(overrides, data_dir), "output-dir": str(out.resolve())}
     print(f"fedsilo deploy: {sites} SuperNodes, {'TLS + SuperNode authentication' if secure else 'INSECURE'}, "
           f"output {out}", flush=True)
     t0 = time.monotonic()
