@@ -16,7 +16,7 @@ Differences from ``flwr.serverapp.strategy.FedAvg``:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
@@ -62,9 +62,9 @@ def _stragglers(replies: Iterable[Message]) -> list[str]:
             and bool(m.content.config_records.get(SITE_KEY, {}).get("straggler", False))]
 
 
-def _secagg_rejections(secagg_log: dict[str, Any]) -> list[dict[str, str]]:
-    """A secure round's dropped sites in the participation format."""
-    return [{"site": f"node {r['node']}", "reason": f"{r['stage']}: {r['reason']}"} for r in secagg_log.get("rejected", [])]
+def _secagg_rejections(secagg_log: dict[str, Any], label: Callable[[int], str]) -> list[dict[str, str]]:
+    """A secure round's dropped sites in the participation format (``label`` names a node)."""
+    return [{"site": label(r["node"]), "reason": f"{r['stage']}: {r['reason']}"} for r in secagg_log.get("rejected", [])]
 
 
 def _privacy_records(replies: Iterable[Message]) -> dict[str, dict[str, Any]]:
@@ -181,7 +181,7 @@ class FedAvg(FlowerFedAvg):
         new = layout.unflatten(layout.flatten(base) + agg.mean_update)
         log_ = self.secure.log[server_round]
         entry["train"].update({"replied": log_.get("survivors", 0), "stragglers": stragglers,
-                               "rejected": _secagg_rejections(log_)})
+                               "rejected": _secagg_rejections(log_, self._node_label)})
         metrics = MetricRecord({WEIGHT_KEY: agg.total_weight, "train_loss": agg.mean_loss,
                                 "clipped_values": agg.clipped})
         return ArrayRecord(OrderedDict((k, Array(v)) for k, v in new.items())), metrics
@@ -194,7 +194,7 @@ class FedAvg(FlowerFedAvg):
 
         assert self.encrypted is not None
         replies = sorted(replies, key=site_order)
-        good, rejected, sites = paillier_screen(self.encrypted, server_round, replies, site_label)
+        good, rejected, sites = paillier_screen(self.encrypted, server_round, replies, self._label)
         entry = self._entry(server_round)["train"]
         entry.update({"replied": len(good), "rejected": rejected, "sites": sites, "stragglers": _stragglers(replies)})
         if not good:
@@ -207,7 +207,7 @@ class FedAvg(FlowerFedAvg):
         entry = self._entry(server_round)
         entry["secagg"] = self.secure.log.setdefault(server_round, {"rejected": [], "stages": {}})
         entry["secagg"]["aborted"] = str(err)
-        entry["train"].update({"replied": 0, "rejected": _secagg_rejections(entry["secagg"])})
+        entry["train"].update({"replied": 0, "rejected": _secagg_rejections(entry["secagg"], self._node_label)})
         log(WARNING, "round %s: secure aggregation aborted (%s); the global model is unchanged", server_round, err)
 
     # ---- sites joining and leaving -----------------------------------------------------
@@ -217,7 +217,7 @@ class FedAvg(FlowerFedAvg):
         if self._connected is not None:
             stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
             for node in sorted(self._connected - now):
-                site = self.node_names.get(node, f"node {node}")
+                site = self.node_names.get(node, f"node {node}")  # the name alone: participation also records the node
                 log(WARNING, "round %s: site %s (node %s) left the federation (not connected at %s); "
                     "continuing with %s site(s)", server_round, site, node, stamp, len(now))
                 self._entry(server_round).setdefault("left", []).append({"site": site, "node": node, "noticed": stamp})
@@ -226,18 +226,22 @@ class FedAvg(FlowerFedAvg):
                 self._entry(server_round).setdefault("joined", []).append({"node": node, "noticed": stamp})
         self._connected = now
 
+    def _node_label(self, node: int) -> str:
+        """``site-name (node N)`` once a reply has told us the node's site, else ``node N``."""
+        return f"{self.node_names[node]} (node {node})" if node in self.node_names else f"node {node}"
+
     def _label(self, msg: Message) -> str:
-        """:func:`site_label`, naming the site of an error reply when an earlier reply told us.
+        """:func:`site_label`, naming the site of an error reply too when an earlier reply told us.
 
         An error the SuperLink generated for an unreachable node comes from the SuperLink
         (node 1); the instruction it answers names the node."""
+        if not msg.has_error():
+            return site_label(msg)
         node = msg.metadata.src_node_id
-        if msg.has_error() and node == SUPERLINK_NODE_ID:
+        if node == SUPERLINK_NODE_ID:
             node = next((m.metadata.dst_node_id for m in self._sent
                          if m.metadata.message_id == msg.metadata.reply_to_message_id), node)
-        if msg.has_error() and node in self.node_names:
-            return f"{self.node_names[node]} (node {node})"
-        return site_label(msg) if node == msg.metadata.src_node_id else f"node {node}"
+        return self._node_label(node)
 
     def _learn_names(self, replies: Iterable[Message]) -> None:
         for m in replies:
@@ -255,8 +259,7 @@ class FedAvg(FlowerFedAvg):
         for m in replies:
             if m.has_error() and m.error.code == BUDGET_EXHAUSTED_CODE:
                 self.exhausted[m.metadata.src_node_id] = m.error.reason
-                log(WARNING, "round %s: node %s stops training: %s", server_round, m.metadata.src_node_id,
-                    m.error.reason)
+                log(WARNING, "round %s: %s stops training: %s", server_round, self._label(m), m.error.reason)
 
     def _without_exhausted(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)

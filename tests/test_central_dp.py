@@ -12,14 +12,11 @@ from opacus.accountants import RDPAccountant
 from app import config
 from app.local_grid import run_inprocess
 from privacy.central import PARTICIPATION_KEY, CentralDP
-from strategies.fedavg import FedAvg
-from tests.test_strategy import SHAPES, _arrays, _reply
+from tests.test_strategy import SHAPES, _arrays, _reply, _strategy
 
 
 def _wrapped(sigma: float, clip: float) -> CentralDP:
-    inner = FedAvg(num_sites=3)
-    inner.reference = {k: (shape, np.dtype(np.float32)) for k, shape in SHAPES.items()}
-    dp = CentralDP(inner, sigma, clip, num_sites=3, delta=1e-5)
+    dp = CentralDP(_strategy(), sigma, clip, num_sites=3, delta=1e-5)
     dp.current_arrays = _arrays(0.0)
     return dp
 
