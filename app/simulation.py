@@ -299,6 +299,15 @@ class LocalSuperLink:
         proc = self.flwr("log", str(run_id), CONNECTION, "--show")
         return proc.stdout + proc.stderr
 
+    def wait_for_log(self, run_id: int, text: str, timeout: float, poll: float = 2.0) -> bool:
+        """Poll the run's log until ``text`` appears; False after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.logs(run_id):
+                return True
+            time.sleep(poll)
+        return False
+
     def status(self, run_id: int) -> tuple[str, str]:
         """(status, status details) of a run, from ``flwr ls --format json``."""
         proc = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")

@@ -21,16 +21,6 @@ from tests.test_e2e import leftover_processes
 pytestmark = pytest.mark.e2e
 
 
-def _wait_for_log(link: LocalSuperLink, run_id: int, text: str, timeout: float) -> bool:
-    """Poll the run's log (``flwr log --show``) until ``text`` appears."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in link.logs(run_id):
-            return True
-        time.sleep(2)
-    return False
-
-
 def test_tls_authenticated_sites_with_own_files_survive_a_site_leaving(tmp_path: Path) -> None:
     """Four hospitals, TLS and SuperNode authentication, each with its own data file, DP-SGD;
     one SuperNode is stopped after round 1. The run completes with the other three, the log
@@ -46,7 +36,7 @@ def test_tls_authenticated_sites_with_own_files_survive_a_site_leaving(tmp_path:
     try:
         assert "root-certificates" in (link.home / "config.toml").read_text()
         run_id = link.submit(REPO, run_config, {})
-        assert _wait_for_log(link, run_id, "fedsilo round 1/3", 180), link.logs(run_id)[-3000:]
+        assert link.wait_for_log(run_id, "fedsilo round 1/3", 180), link.logs(run_id)[-3000:]
         va = link.supernodes[3]
         va.send_signal(signal.SIGTERM)  # the site's operator stops its SuperNode mid-run
         va.wait(timeout=60)
