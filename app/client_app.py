@@ -16,9 +16,9 @@ from flwr.clientapp import ClientApp
 import tasks
 from app import config
 from app.paths import resolve_data_dir
-from app import faults
+from app import attacks, faults
 from privacy import dpsgd
-from strategies import client_penalty, heterogeneity
+from strategies import client_penalty, heterogeneity, robust
 from strategies.secagg import client as secagg
 from strategies.secagg.vector import Layout, WeightedUpdateCodec
 from strategies.validation import SITE_KEY, WEIGHT_KEY
@@ -80,18 +80,23 @@ def _local_update(msg: Message, context: Context, stage: str | None) -> tuple[Me
         return Message(Error(code=MISSED_DEADLINE_CODE, reason=f"{site.name}: {heterogeneity.MISSED_DEADLINE}"),
                        reply_to=msg), {}
     model = task.build_model()
-    model.load_state_dict(_global_state(msg, cfg, context, model))
+    glob = _global_state(msg, cfg, context, model)
+    model.load_state_dict(glob)
     seed, penalty = seed_for(cfg.seed, server_round, site.site_id), client_penalty(train_config, model)
+    byzantine = attacks.is_attacker(cfg, site.site_id)
+    train_rows = attacks.poison_data(cfg, site.train) if byzantine else site.train
     dp_record = None
     if isinstance(cfg.privacy, config.DPSGDConfig):  # DP-SGD, accounted over every round in context.state
         params = dpsgd.site_params(cfg.privacy, len(site.train), cfg.task.batch_size, cfg.num_rounds, work.epochs)
         try:
-            stats, dp_record = task.train_private(model, site.train, seed, context, params, epochs=work.epochs,
+            stats, dp_record = task.train_private(model, train_rows, seed, context, params, epochs=work.epochs,
                                                   max_steps=work.max_steps, penalty=penalty)
         except dpsgd.BudgetExhausted as err:
             return Message(Error(code=dpsgd.BUDGET_EXHAUSTED_CODE, reason=f"{site.name}: {err}"), reply_to=msg), {}
     else:
-        stats = task.train(model, site.train, seed, epochs=work.epochs, max_steps=work.max_steps, penalty=penalty)
+        stats = task.train(model, train_rows, seed, epochs=work.epochs, max_steps=work.max_steps, penalty=penalty)
+    if byzantine:  # faults.byzantine_fraction: this site corrupts what it sends (for robustness studies)
+        model.load_state_dict(attacks.poison_model(cfg, model.state_dict(), glob, server_round, site.site_id))
     return None, {"cfg": cfg, "site": site, "model": model, "stats": stats, "round": server_round,
                   "straggler": work.straggler, "privacy": dp_record}
 
@@ -204,6 +209,8 @@ def train_secagg(msg: Message, context: Context) -> Message:
     layout = Layout.of(base)
     local = {k: v.detach().cpu().numpy() for k, v in r["model"].state_dict().items()}
     update = layout.flatten(local) - layout.flatten(base)
+    if cfg.strategy.norm_bound > 0 and not attacks.is_attacker(cfg, site.site_id):  # honest sites bound themselves
+        update, _ = robust.bound_norm(update, cfg.strategy.norm_bound)
     rng = np.random.default_rng(seed_for(cfg.seed, r["round"], site.site_id, 0x5EC))
 
     def encode(codec: WeightedUpdateCodec) -> np.ndarray:

@@ -36,6 +36,8 @@ PRIVACY = ("none", "dpsgd", "central")
 DP_ACCOUNTANTS = ("rdp", "prv")
 DP_ENGINES = ("auto", "fast", "opacus", "functorch")
 OPTIMIZERS = ("sgd", "adam")
+ROBUST_RULES = ("none", "krum", "multikrum", "trimmed_mean", "median")  # strategies/robust.py
+ATTACKS = ("sign_flip", "scale", "gaussian", "label_flip")  # app/attacks.py
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,9 @@ class StrategyConfig:
     local_epochs: list[int] = field(default_factory=list)
     stragglers: float = 0.0
     straggler_policy: str = "drop"
+    robust: str = "none"            # Byzantine-robust rule: none | krum | multikrum | trimmed_mean | median
+    assumed_byzantine: float = 0.2  # f = floor(share * replies) the robust rule tolerates
+    norm_bound: float = 0.0         # L2 bound on each site's update (secagg: on the mean update too); 0 = off
 
 
 @dataclass
@@ -123,6 +128,9 @@ class FaultsConfig:
 
     drop_rate: float = 0.0     # share of the sites that drop out of each round (chosen from the seed)
     drop_stage: str = "masked_input"  # secagg stage at which they drop (plain: they send no update)
+    byzantine_fraction: float = 0.0   # share of the sites that attack (a fixed set, drawn from the seed)
+    attack: str = "sign_flip"         # sign_flip | scale | gaussian | label_flip (app/attacks.py)
+    attack_scale: float = 0.0         # the attack's strength; 0 = its default
 
 
 @dataclass
@@ -252,6 +260,18 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     _check(0 <= s.stragglers < 1, "strategy.stragglers", s.stragglers, "0 <= fraction < 1")
     _check(s.straggler_policy in STRAGGLER_POLICIES, "strategy.straggler_policy", s.straggler_policy,
            f"one of {list(STRAGGLER_POLICIES)}")
+    _check(s.robust in ROBUST_RULES, "strategy.robust", s.robust, f"one of {list(ROBUST_RULES)}")
+    _check(0 <= s.assumed_byzantine < 0.5, "strategy.assumed_byzantine", s.assumed_byzantine,
+           "0 <= share < 0.5 (robust rules need an honest majority)")
+    _check(s.norm_bound >= 0, "strategy.norm_bound", s.norm_bound, "0 (off) or an L2 norm > 0")
+    if s.robust != "none":
+        _check(cfg.aggregation.name == "plain", "strategy.robust", s.robust,
+               f"none with aggregation={cfg.aggregation.name}: the server cannot see single updates there, so no "
+               "robust rule can run; bound every update's norm instead (strategy.norm_bound=B)")
+    if s.norm_bound > 0:
+        _check(cfg.aggregation.name != "paillier", "strategy.norm_bound", s.norm_bound,
+               "0 with aggregation=paillier (the server holds only ciphertexts and cannot bound the aggregate); "
+               "use aggregation=secagg or plain")
     if isinstance(s, FedProxConfig):
         _check(s.mu >= 0, "strategy.mu", s.mu, "a number >= 0")
         _check(s.mu_step > 0, "strategy.mu_step", s.mu_step, "a number > 0")
@@ -276,6 +296,9 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     f = cfg.faults
     _check(0 <= f.drop_rate < 1, "faults.drop_rate", f.drop_rate, "0 <= fraction < 1")
     _check(f.drop_stage in DROP_STAGES, "faults.drop_stage", f.drop_stage, f"one of {list(DROP_STAGES)}")
+    _check(0 <= f.byzantine_fraction < 1, "faults.byzantine_fraction", f.byzantine_fraction, "0 <= fraction < 1")
+    _check(f.attack in ATTACKS, "faults.attack", f.attack, f"one of {list(ATTACKS)}")
+    _check(f.attack_scale >= 0, "faults.attack_scale", f.attack_scale, "0 (the attack's default) or a number > 0")
     _check(cfg.privacy.name in PRIVACY, "privacy.name", cfg.privacy.name, f"one of {list(PRIVACY)}")
     _validate_privacy(cfg)
     _check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "an integer >= 1")
@@ -302,6 +325,9 @@ def _validate_privacy(cfg: FedsiloConfig) -> None:
         _check(0 < d.delta < 1, "privacy.delta", d.delta, "0 < delta < 1")
         _check(d.target_epsilon is None or d.target_epsilon > 0, "privacy.target_epsilon", d.target_epsilon,
                "null (no limit) or a number > 0")
+        _check(cfg.strategy.robust == "none" and cfg.strategy.norm_bound == 0, "strategy.robust",
+               cfg.strategy.robust, "none (and strategy.norm_bound=0) with privacy=central, which already clips every "
+               "update to privacy.clipping_norm and averages with equal weights")
         _check(cfg.aggregation.name == "plain", "aggregation.name", cfg.aggregation.name,
                "plain with privacy=central (the server clips each site's update, so it must see them; "
                "use privacy=dpsgd with secagg or paillier)")

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from strategies.fedavg import FedAvg
 from strategies.fedprox import FedProx, client_penalty
+from strategies.robust import Robustness
 from strategies.secagg.server import SecureAggregator
 
 if TYPE_CHECKING:
@@ -68,16 +69,18 @@ def _build(cfg: FedsiloConfig, num_sites: int) -> FedAvg:
     s = cfg.strategy
     fraction_evaluate = s.fraction_evaluate if cfg.task.val_fraction > 0 else 0.0
     secure, encrypted = secure_aggregator(cfg), encrypted_aggregator(cfg)
+    robust = Robustness(s.robust, s.assumed_byzantine, s.norm_bound)
     if s.name == "fedavg":
         return FedAvg(num_sites, fraction_train=s.fraction_train, fraction_evaluate=fraction_evaluate, secure=secure,
-                      encrypted=encrypted)
+                      encrypted=encrypted, robust=robust)
     if s.name == "fedprox":
         from app.config import FedProxConfig
 
         assert isinstance(s, FedProxConfig)
         return FedProx(num_sites, mu=s.mu, fraction_train=s.fraction_train,
                        fraction_evaluate=fraction_evaluate, adaptive_mu=s.adaptive_mu,
-                       mu_step=s.mu_step, mu_patience=s.mu_patience, secure=secure, encrypted=encrypted)
+                       mu_step=s.mu_step, mu_patience=s.mu_patience, secure=secure, encrypted=encrypted,
+                       robust=robust)
     raise ValueError(f"strategy.name={s.name!r} is not implemented")
 
 

@@ -28,6 +28,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
+from strategies import robust
+from strategies.robust import Robustness
 from strategies.secagg.protocol import SecAggAbort
 from strategies.secagg.server import SecureAggregator
 from strategies.secagg.vector import Layout
@@ -88,10 +90,13 @@ class FedAvg(FlowerFedAvg):
         Aggregate the training replies by secure aggregation instead of in the clear.
     encrypted : EncryptedAggregator, optional
         Paillier: the sites send encrypted weighted models, the server adds ciphertexts.
+    robust : Robustness, optional
+        A Byzantine-robust rule and/or a norm bound on updates (:mod:`strategies.robust`).
     """
 
     def __init__(self, num_sites: int, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
-                 secure: SecureAggregator | None = None, encrypted: EncryptedAggregator | None = None) -> None:
+                 secure: SecureAggregator | None = None, encrypted: EncryptedAggregator | None = None,
+                 robust: Robustness | None = None) -> None:
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -106,6 +111,7 @@ class FedAvg(FlowerFedAvg):
         self.participation: dict[int, dict[str, Any]] = {}
         self.secure = secure
         self.encrypted = encrypted
+        self.robust = robust or Robustness()
         self._global: ArrayRecord | None = None
         #: Nodes that said their privacy budget is spent: never sampled again.
         self.exhausted: dict[int, str] = {}
@@ -129,10 +135,11 @@ class FedAvg(FlowerFedAvg):
         # The first round waits for every site; later rounds go on with the sites still connected.
         self.min_available_nodes = self.min_train_nodes
         self._entry(server_round)["train"] = {"sampled": len(messages)}
+        if not encrypted:
+            self._global = arrays
         if self.secure is None:
             self._sent = messages
             return messages
-        self._global = arrays
         size = Layout.of({k: v.numpy() for k, v in arrays.items()}).size
         try:
             self._sent = list(self.secure.open(server_round, messages, grid, size))
@@ -144,7 +151,21 @@ class FedAvg(FlowerFedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop bad replies (logged), then average the rest in site order."""
+        """Drop bad replies (logged), then average the rest in site order.
+
+        An aggregate that is not finite (updates that were each finite can still overflow
+        float32 together) is refused: the global model stays as it was."""
+        arrays, metrics = self._aggregate_train(server_round, replies)
+        if arrays is not None and "ct" not in arrays and not all(np.all(np.isfinite(a.numpy())) for a in arrays.values()):
+            log(WARNING, "round %s: the aggregated model is not finite (overflow); the global model is unchanged",
+                server_round)
+            self._entry(server_round)["train"]["refused"] = "aggregate not finite"
+            return None, metrics
+        return arrays, metrics
+
+    def _aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._learn_names(replies)
         self._note_privacy(server_round, replies)
@@ -158,7 +179,31 @@ class FedAvg(FlowerFedAvg):
         if not good:
             log(WARNING, "round %s: no usable training reply; the global model is unchanged", server_round)
             return None, None
-        return super().aggregate_train(server_round, good)
+        if not self.robust.active:
+            return super().aggregate_train(server_round, good)
+        return self._aggregate_robust(server_round, good)
+
+    def _aggregate_robust(
+        self, server_round: int, good: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """``strategy.norm_bound`` on each update, then ``strategy.robust``'s rule (or the weighted mean)."""
+        r, entry = self.robust, self._entry(server_round)["train"]
+        if r.norm_bound > 0:
+            assert self._global is not None
+            bounded = [site_label(m) for m in good if robust.bound_reply(m, self._global, r.norm_bound)]
+            entry["norm_bounded"] = bounded
+            if bounded:
+                log(INFO, "round %s: update norm bounded to %g for %s", server_round, r.norm_bound, ", ".join(bounded))
+        if r.rule == "none":
+            return super().aggregate_train(server_round, good)
+        arrays, used = robust.aggregate(r.rule, good, r.assumed_byzantine)
+        f = robust.byzantine_count(r.rule, len(good), r.assumed_byzantine)
+        entry["robust"] = {"rule": r.rule, "f": f, "used": [site_label(good[i]) for i in used]}
+        if len(used) < len(good):
+            log(INFO, "round %s: %s (f=%s) used %s of %s updates: %s", server_round, r.rule, f, len(used),
+                len(good), ", ".join(site_label(good[i]) for i in used))
+        metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
+        return arrays, metrics
 
     def _aggregate_secure(
         self, server_round: int, replies: Iterable[Message]
@@ -178,7 +223,12 @@ class FedAvg(FlowerFedAvg):
         entry["secagg"] = self.secure.log[server_round]
         base = {k: v.numpy() for k, v in self._global.items()}
         layout = Layout.of(base)
-        new = layout.unflatten(layout.flatten(base) + agg.mean_update)
+        step, bounded = robust.bound_norm(agg.mean_update, self.robust.norm_bound)
+        if bounded:  # the sites clip their own updates; this bounds what any attacker adds too
+            log(INFO, "round %s: mean update norm %.4g bounded to %g", server_round,
+                float(np.linalg.norm(agg.mean_update)), self.robust.norm_bound)
+            self._entry(server_round)["train"]["norm_bounded"] = ["aggregate"]
+        new = layout.unflatten(layout.flatten(base) + step)
         log_ = self.secure.log[server_round]
         entry["train"].update({"replied": log_.get("survivors", 0), "stragglers": stragglers,
                                "rejected": _secagg_rejections(log_, self._node_label)})

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from strategies.fedavg import FedAvg
+from strategies.robust import Robustness
 from strategies.secagg.server import SecureAggregator
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class FedProx(FedAvg):
 
     Parameters
     ----------
-    num_sites, fraction_train, fraction_evaluate, secure, encrypted : as for :class:`FedAvg`.
+    num_sites, fraction_train, fraction_evaluate, secure, encrypted, robust : as for :class:`FedAvg`.
     mu : float
         Proximal coefficient for the first round.
     adaptive_mu : bool
@@ -75,8 +76,8 @@ class FedProx(FedAvg):
     def __init__(self, num_sites: int, mu: float, fraction_train: float = 1.0,
                  fraction_evaluate: float = 1.0, adaptive_mu: bool = False,
                  mu_step: float = 0.1, mu_patience: int = 5, secure: SecureAggregator | None = None,
-                 encrypted: EncryptedAggregator | None = None) -> None:
-        super().__init__(num_sites, fraction_train, fraction_evaluate, secure, encrypted)
+                 encrypted: EncryptedAggregator | None = None, robust: Robustness | None = None) -> None:
+        super().__init__(num_sites, fraction_train, fraction_evaluate, secure, encrypted, robust)
         self.mu = float(mu)
         self.adaptive_mu, self.mu_step, self.mu_patience = adaptive_mu, mu_step, mu_patience
         self._last_loss: float | None = None

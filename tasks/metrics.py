@@ -55,6 +55,12 @@ def metrics_from_counts(counts: Mapping[str, float]) -> dict[str, float]:
     }
 
 
+def rankable(y: np.ndarray, scores: np.ndarray) -> bool:
+    """Whether ranking metrics (AUC, KS) are defined: both classes present and every score finite
+    (a diverged model's NaN scores make them undefined: NaN, written as null)."""
+    return bool(y.size > 0 and y.min() != y.max() and np.all(np.isfinite(scores)))
+
+
 def ks_statistic(y_true: np.ndarray, scores: np.ndarray) -> float:
     """Kolmogorov-Smirnov statistic: max distance between the score CDFs of the classes.
 
@@ -77,7 +83,7 @@ def binary_metrics(
     """
     y = np.asarray(y_true)
     s = np.asarray(scores, dtype=np.float64)
-    both_classes = y.size > 0 and y.min() != y.max()
+    both_classes = rankable(y, s)
     out: dict[str, float] = {
         "auc": float(_sk().roc_auc_score(y, s)) if both_classes else float("nan"),
         "pr_auc": float(_sk().average_precision_score(y, s)) if both_classes else float("nan"),
@@ -109,7 +115,7 @@ def group_metrics(
             continue
         y, s = y_true[mask], scores[mask]
         acc = metrics_from_counts(confusion_counts(y, s, threshold))["accuracy"]
-        auc = float(_sk().roc_auc_score(y, s)) if y.min() != y.max() else float("nan")
+        auc = float(_sk().roc_auc_score(y, s)) if rankable(y, s) else float("nan")
         out[f"accuracy_{name}"] = acc
         out[f"auc_{name}"] = auc
         accs.append(acc)
@@ -131,7 +137,7 @@ def site_summary(
     the site's AUC with ``auc_weight`` = number of examples when the AUC is defined, else 0.
     """
     y = np.asarray(y_true)
-    both = y.size > 0 and y.min() != y.max()
+    both = rankable(y, scores)
     out: dict[str, float] = {k: float(v) for k, v in confusion_counts(y, scores, threshold).items()}
     out["loss"] = float(loss)
     out["auc"] = float(_sk().roc_auc_score(y, scores)) if both else 0.0
