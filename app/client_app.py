@@ -88,6 +88,7 @@ def _local_update(msg: Message, context: Context, stage: str | None) -> tuple[Me
     dp_record = None
     if isinstance(cfg.privacy, config.DPSGDConfig):  # DP-SGD, accounted over every round in context.state
         params = dpsgd.site_params(cfg.privacy, len(site.train), cfg.task.batch_size, cfg.num_rounds, work.epochs)
+        dpsgd.adopt_restored(context, train_config, site.name, params.accountant)  # after a coordinator restart
         try:
             stats, dp_record = task.train_private(model, train_rows, seed, context, params, epochs=work.epochs,
                                                   max_steps=work.max_steps, penalty=penalty)

@@ -131,6 +131,7 @@ class FaultsConfig:
     byzantine_fraction: float = 0.0   # share of the sites that attack (a fixed set, drawn from the seed)
     attack: str = "sign_flip"         # sign_flip | scale | gaussian | label_flip (app/attacks.py)
     attack_scale: float = 0.0         # the attack's strength; 0 = its default
+    crash_after_round: int = 0        # the coordinator dies after writing this round's checkpoint (0 = never)
 
 
 @dataclass
@@ -188,6 +189,8 @@ class FedsiloConfig:
     num_sites: int = 5
     seed: int = 0
     data_dir: str | None = None
+    resume: str | None = None      # a run directory (or its checkpoint.npz) to continue from
+    checkpoint: bool = True        # write checkpoint.npz after every round
     audit: bool = False            # membership-inference audit of the final model after the run (fedsilo audit)
     audit_references: int = 8      # reference models of the offline LiRA attack (0 = loss threshold only)
     simulation: dict[str, Any] = field(default_factory=dict)
@@ -298,6 +301,8 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     _check(f.drop_stage in DROP_STAGES, "faults.drop_stage", f.drop_stage, f"one of {list(DROP_STAGES)}")
     _check(0 <= f.byzantine_fraction < 1, "faults.byzantine_fraction", f.byzantine_fraction, "0 <= fraction < 1")
     _check(f.attack in ATTACKS, "faults.attack", f.attack, f"one of {list(ATTACKS)}")
+    _check(f.crash_after_round >= 0, "faults.crash_after_round", f.crash_after_round,
+           "0 (never) or a round number >= 1")
     _check(f.attack_scale >= 0, "faults.attack_scale", f.attack_scale, "0 (the attack's default) or a number > 0")
     _check(cfg.privacy.name in PRIVACY, "privacy.name", cfg.privacy.name, f"one of {list(PRIVACY)}")
     _validate_privacy(cfg)

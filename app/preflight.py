@@ -33,6 +33,13 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
     if missing:
         raise PreflightError(f"{cfg.task.name} data not found in {data_dir}: missing {missing}")
     check_keys(cfg)
+    if cfg.resume:
+        from app import checkpoint
+
+        try:
+            checkpoint.resumable(cfg.resume, config.to_dict(cfg), cfg.num_rounds)
+        except checkpoint.CheckpointError as err:
+            raise PreflightError(str(err)) from err
     if cfg.partition.name != "dirichlet":
         return data_dir
     task = task_cls(cfg.task, data_dir)

@@ -77,6 +77,20 @@ class Recorder:
             self.seconds[server_round] = now - self._last
         self._last = now
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the recorder (JSON-serialisable)."""
+        return {"server": {str(r): clean(m) for r, m in self.server.items()},
+                "seconds": {str(r): s for r, s in self.seconds.items()},
+                "elapsed": time.monotonic() - self._t0}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's :meth:`state`: earlier rounds' metrics and time count too."""
+        self.server = {int(r): {k: (float("nan") if v is None else v) for k, v in m.items()}
+                       for r, m in state["server"].items()}
+        self.seconds = {int(r): float(v) for r, v in state["seconds"].items()}
+        self._last = time.monotonic()
+        self._t0 = self._last - float(state["elapsed"])
+
     def history(self, result: Result, participation: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
         rounds = sorted(r for r in self.server if r > 0)
         return [

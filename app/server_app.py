@@ -8,6 +8,7 @@ command sets it to Hydra's run directory).
 
 from __future__ import annotations
 
+import random
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -16,12 +17,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
 
 import strategies
 import tasks
-from app import config
+from app import checkpoint, config
 from app.paths import default_output_dir, resolve_data_dir
 from app.results import ENCRYPTED_MODEL_FILE, Recorder
+from strategies.loop import run_rounds
 
 app = ServerApp()
 
@@ -42,6 +45,28 @@ def _privacy_note(entry: dict) -> str:  # type: ignore[type-arg]
     return ""
 
 
+class CoordinatorCrash(RuntimeError):
+    """``faults.crash_after_round``: the ServerApp dies on purpose (after its checkpoint)."""
+
+
+def _resume(cfg: config.FedsiloConfig, strategy: strategies.FedAvg, recorder: Recorder,
+            train_config: ConfigRecord) -> tuple[int, Result, ArrayRecord]:
+    """Load ``cfg.resume``'s checkpoint into the strategy, recorder and RNGs; return
+    (next round, the rounds' Result so far, the global model to continue from)."""
+    ckpt = checkpoint.resumable(str(cfg.resume), config.to_dict(cfg), cfg.num_rounds)
+    strategy.load_state_dict(ckpt.strategy)
+    recorder.restore(ckpt.recorder)
+    checkpoint.set_rng_state(ckpt.rng["meta"], ckpt.rng["arrays"])
+    if isinstance(cfg.privacy, config.DPSGDConfig):  # each site's ledger, as its replies reported it
+        from privacy import dpsgd
+
+        for key, value in dpsgd.restore_config(dpsgd.ledgers_from_participation(strategy.participation)).items():
+            train_config[key] = value
+    log(INFO, "fedsilo: resuming from %s after round %s of %s", checkpoint.locate(str(cfg.resume)), ckpt.round,
+        cfg.num_rounds)
+    return ckpt.round + 1, ckpt.to_result(), ckpt.arrays
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num_rounds`` of the configured strategy and write results.json."""
@@ -56,6 +81,8 @@ def main(grid: Grid, context: Context) -> None:
     task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
     test = task.data().test
     n_sites = config.num_sites(cfg)
+    random.seed(cfg.seed)  # Flower samples sites with Python's random: seeded, and checkpointed, for reproducibility
+    np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = task.build_model()
     initial = ArrayRecord(model.state_dict())
@@ -92,14 +119,21 @@ def main(grid: Grid, context: Context) -> None:
             f" | {secs:.1f}s" if secs else "")
         return MetricRecord({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.strategy.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_fn=evaluate_fn,
-    )
+    first_round, result, train_config = 1, None, ConfigRecord()
+    if cfg.resume:
+        first_round, result, initial = _resume(cfg, strategy, recorder, train_config)
+    fault_round = cfg.faults.crash_after_round
+
+    def after_round(server_round: int, arrays: ArrayRecord, res: Result) -> None:
+        if cfg.checkpoint:
+            checkpoint.save(out_dir, server_round, arrays, res, config.to_dict(cfg), recorder.state(),
+                            strategy.state_dict())
+        if server_round == fault_round:
+            raise CoordinatorCrash(f"fault injection: the coordinator dies after round {server_round} "
+                                   f"(faults.crash_after_round); resume with: fedsilo resume={out_dir}")
+
+    result = run_rounds(strategy, grid, initial, cfg.num_rounds, cfg.strategy.round_timeout, first_round=first_round,
+                        result=result, train_config=train_config, evaluate_fn=evaluate_fn, after_round=after_round)
     trained = len(result.arrays) > 0
     final_arrays = result.arrays if trained else initial
     extra = {"run_id": context.run_id, "status": "completed" if trained else "failed",

@@ -148,6 +148,19 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
                 server_round, len(good), stdv, self.epsilon(), self.delta)
         return arrays, metrics
 
+    def state_dict(self) -> dict[str, Any]:
+        """The inner strategy's state plus this wrapper's releases (each one's noise and sites)."""
+        entries = [e.get(PARTICIPATION_KEY, {}) for _, e in sorted(self.inner.participation.items())]
+        releases = [[e["noise_multiplier"], e["sites"]] for e in entries if "sites" in e]
+        return {**self.inner.state_dict(), "central_releases": releases, "central_stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the inner strategy and replay the releases into the accountant."""
+        self.inner.load_state_dict(state)
+        for noise, sites in state["central_releases"]:
+            self.ledger.compose(GaussianPrivacyEvent(float(noise), int(sites), self.num_sites))
+        self.stopped_at = state["central_stopped_at"]
+
     def summary_record(self) -> dict[str, Any]:
         """``results.json``'s ``privacy`` section."""
         return {

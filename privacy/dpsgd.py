@@ -209,14 +209,61 @@ def private_round(
     return stats, record
 
 
+# ---- resuming a run: ledgers carried over by the server's checkpoint ---------------------
+#: Prefix of the train-config keys that carry restored ledgers (``<prefix><site name>/<column>``).
+RESTORE_PREFIX = "dp-ledger/"
+
+
+def site_name(label: str) -> str:
+    """The site's name in a reply label ``name (node N)``."""
+    return label.rsplit(" (node ", 1)[0]
+
+
+def ledgers_from_participation(participation: dict[int, dict[str, Any]]) -> dict[str, PrivacyLedger]:
+    """Each site's ledger rebuilt from the privacy records its replies carried, round by round."""
+    ledgers: dict[str, PrivacyLedger] = {}
+    for _, entry in sorted(participation.items()):
+        for label, rec in entry.get("privacy", {}).items():
+            name = site_name(label)
+            ledger = ledgers.get(name, PrivacyLedger(str(rec["accountant"])))
+            ledgers[name] = ledger.with_steps(float(rec["noise_multiplier"]), float(rec["sample_rate"]),
+                                              int(rec["steps"]))
+    return ledgers
+
+
+def restore_config(ledgers: dict[str, PrivacyLedger]) -> dict[str, Any]:
+    """Train-config entries that hand every site its ledger after a coordinator restart."""
+    out: dict[str, Any] = {}
+    for name, ledger in ledgers.items():
+        record = ledger.to_record()
+        for column in ("noise", "rate", "steps"):
+            out[f"{RESTORE_PREFIX}{name}/{column}"] = record[column]
+    return out
+
+
+def adopt_restored(context: Context, train_config: ConfigRecord, name: str, accountant: str) -> None:
+    """Take over the ledger the server restored for site ``name`` when it records more steps
+    than the site's own (a resumed run starts with empty node state). A site keeping its own
+    ledger across runs never lowers it this way."""
+    key = f"{RESTORE_PREFIX}{name}/"
+    if f"{key}steps" not in train_config:
+        return
+    restored = PrivacyLedger.from_record(ConfigRecord({c: train_config[f"{key}{c}"] for c in ("noise", "rate", "steps")}),
+                                         accountant)
+    own = PrivacyLedger.from_record(context.state.config_records.get(STATE_KEY), accountant)
+    if restored.steps > own.steps:
+        context.state[STATE_KEY] = restored.to_record()
+
+
 # ---- the server's record of it ------------------------------------------------------------
 def summarize(dp: DPSGDConfig, participation: dict[int, dict[str, Any]], exhausted: dict[int, str]) -> dict[str, Any]:
     """``results.json``'s ``privacy`` section: each site's cumulative epsilon after its last
-    round, per round, and the sites that stopped because their budget was spent."""
+    round, per round, and the sites that stopped because their budget was spent. Sites are
+    keyed by name (a resumed run reaches them under new node ids)."""
     per_site: dict[str, dict[str, Any]] = {}
     for server_round in sorted(participation):
-        for site, rec in participation[server_round].get("privacy", {}).items():
-            per_site[site] = {**rec, "last_round": server_round}
+        for label, rec in participation[server_round].get("privacy", {}).items():
+            per_site[site_name(label)] = {**rec, "last_round": server_round, "label": label}
     return {
         "mechanism": "dpsgd",
         "guarantee": ("example-level (epsilon, delta)-DP for every training row of each site, with respect to "

@@ -335,6 +335,25 @@ class FedAvg(FlowerFedAvg):
         good = self._screen(server_round, "evaluate", replies, lambda m: check_evaluate_reply(m, EVAL_KEYS))
         return super().aggregate_evaluate(server_round, good) if good else None
 
+    # ---- checkpoints ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume this strategy (JSON-serialisable)."""
+        return {
+            "participation": {str(r): e for r, e in self.participation.items()},
+            "node_names": {str(n): name for n, name in self.node_names.items()},
+            "reference": {k: [list(shape), str(dtype)] for k, (shape, dtype) in self.reference.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (resume). Budget-exhausted nodes are not restored:
+        node ids change between runs, and a site whose budget is spent refuses again by itself."""
+        self.participation = {int(r): e for r, e in state["participation"].items()}
+        self.node_names = {int(n): name for n, name in state["node_names"].items()}
+        self.reference = {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in state["reference"].items()}
+        if self.encrypted is not None:  # the model is a ciphertext now: its plaintext size comes from the reference
+            self.encrypted.set_size(int(sum(np.prod(shape, dtype=np.int64) for shape, _ in self.reference.values())))
+        self.min_available_nodes = self.min_train_nodes  # as after round 1: go on with the connected sites
+
     # ---- helpers ---------------------------------------------------------------------
     def _entry(self, server_round: int) -> dict[str, Any]:
         return self.participation.setdefault(server_round, {})

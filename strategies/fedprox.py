@@ -15,7 +15,7 @@ bit for bit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from collections.abc import Iterable
 from logging import INFO
@@ -101,6 +101,13 @@ class FedProx(FedAvg):
         if metrics is not None and "loss" in metrics:
             self._adapt(server_round, float(metrics["loss"]))  # type: ignore[arg-type]
         return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "mu": self.mu, "last_loss": self._last_loss, "decreases": self._decreases}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.mu, self._last_loss, self._decreases = float(state["mu"]), state["last_loss"], int(state["decreases"])
 
     def _adapt(self, server_round: int, loss: float) -> None:
         """The paper's heuristic; a no-op unless ``adaptive_mu``."""

@@ -244,3 +244,19 @@ def test_killed_command_stops_everything_it_started(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert not leftover_processes()
+
+
+def test_coordinator_dies_and_the_fedsilo_command_resumes_it(tmp_path: Path) -> None:
+    """Through the simulation engine: the ServerApp dies after round 2 of 4 (the run fails, exit 1,
+    checkpoint on disk); ``fedsilo resume=DIR`` finishes it with the uninterrupted run's metrics."""
+    from app import checkpoint
+
+    common = ("task=medical", "num_rounds=4", "privacy=dpsgd")
+    proc, _ = fedsilo(tmp_path / "crash", *common, "faults.crash_after_round=2", expect_ok=False)
+    assert proc.returncode == 1 and "failed" in proc.stderr
+    assert checkpoint.load(tmp_path / "crash").round == 2
+    _, resumed = fedsilo(tmp_path / "resumed", *common, f"resume={tmp_path / 'crash'}")
+    full = run_inprocess(list(common), tmp_path / "full")
+    assert resumed["final"] == full["final"] and len(resumed["history"]) == 4
+    assert len(resumed["privacy"]["epsilon_per_site"]) == 4
+    assert sorted(resumed["privacy"]["epsilon_per_site"].values()) == sorted(full["privacy"]["epsilon_per_site"].values())
