@@ -21,11 +21,12 @@ class PreflightError(ValueError):
 
 
 def preflight(cfg: config.FedsiloConfig) -> Path:
-    """Check the task's data files; for Dirichlet partitions, load the data and make the
-    partition (the one split that can fail by chance). Return the resolved data folder.
+    """Check the task's data files, the keys and the checkpoint to resume from; for IID and
+    Dirichlet partitions, load the data and make the partition (it fails for more sites than
+    rows, and by chance for Dirichlet). Return the resolved data folder.
 
-    IID and natural splits cannot fail for the bundled data, so they skip the (seconds-long)
-    loading here; a malformed data file still fails the run with a clear status.
+    Natural splits cannot fail for the bundled data, so they skip the loading here; a
+    malformed data file still fails the run with a clear status.
     """
     data_dir = resolve_data_dir(cfg.data_dir)
     task_cls = tasks.get(cfg.task.name)
@@ -40,17 +41,17 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
             checkpoint.resumable(cfg.resume, config.to_dict(cfg), cfg.num_rounds)
         except checkpoint.CheckpointError as err:
             raise PreflightError(str(err)) from err
-    if cfg.partition.name != "dirichlet":
+    if cfg.partition.name == "natural":
         return data_dir
     task = task_cls(cfg.task, data_dir)
     n_sites = config.num_sites(cfg)
     try:
         sites = task.sites(cfg.partition, n_sites, cfg.seed)
     except PartitionError as err:
-        raise PreflightError(
-            f"{err} (task={cfg.task.name}, num_sites={n_sites}, seed={cfg.seed}); raise partition.alpha, "
-            "lower num_sites or partition.min_partition_size, or try another seed"
-        ) from err
+        hint = ("raise partition.alpha, lower num_sites or partition.min_partition_size, or try another seed"
+                if cfg.partition.name == "dirichlet" else "lower num_sites")
+        raise PreflightError(f"{err} (task={cfg.task.name}, partition={cfg.partition.name}, num_sites={n_sites}, "
+                             f"seed={cfg.seed}); {hint}") from err
     empty = [s.name for s in sites if len(s.train) == 0]
     if empty:
         raise PreflightError(f"sites {empty} have no training rows after the validation split "

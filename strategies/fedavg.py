@@ -151,21 +151,7 @@ class FedAvg(FlowerFedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop bad replies (logged), then average the rest in site order.
-
-        An aggregate that is not finite (updates that were each finite can still overflow
-        float32 together) is refused: the global model stays as it was."""
-        arrays, metrics = self._aggregate_train(server_round, replies)
-        if arrays is not None and "ct" not in arrays and not all(np.all(np.isfinite(a.numpy())) for a in arrays.values()):
-            log(WARNING, "round %s: the aggregated model is not finite (overflow); the global model is unchanged",
-                server_round)
-            self._entry(server_round)["train"]["refused"] = "aggregate not finite"
-            return None, metrics
-        return arrays, metrics
-
-    def _aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop bad replies (logged), then average the rest in site order."""
         replies = list(replies)
         self._learn_names(replies)
         self._note_privacy(server_round, replies)

@@ -31,6 +31,29 @@ def site_order(msg: Message) -> int:
     return int(rec["id"]) if rec is not None and "id" in rec else msg.metadata.src_node_id
 
 
+#: Most bytes a reply may carry besides the model's arrays (metrics, site and privacy records).
+MAX_RECORD_BYTES = 256 * 1024
+
+
+def record_bytes(msg: Message) -> int:
+    """Approximate size of a reply's metric and config records (keys, numbers at 8 bytes, strings, bytes)."""
+    def size(value: object) -> int:
+        if isinstance(value, (str, bytes)):
+            return len(value)
+        if isinstance(value, list):
+            return sum(size(v) for v in value)
+        return 8
+    records = [*msg.content.metric_records.values(), *msg.content.config_records.values()]
+    return sum(len(k) + size(v) for r in records for k, v in r.items())
+
+
+def check_size(msg: Message) -> str | None:
+    n = record_bytes(msg)
+    if n > MAX_RECORD_BYTES:
+        return f"oversized reply: {n} bytes of metrics and config records (limit {MAX_RECORD_BYTES})"
+    return None
+
+
 def _check_metrics(msg: Message, required: tuple[str, ...]) -> str | None:
     metrics = msg.content.metric_records
     if len(metrics) != 1:
@@ -56,6 +79,9 @@ def check_train_reply(
     """
     if msg.has_error():
         return f"error reply: {msg.error.reason}"
+    oversized = check_size(msg)
+    if oversized:
+        return oversized
     site = msg.content.config_records.get(SITE_KEY)
     if site is not None and "round" in site and int(site["round"]) != server_round:
         return f"reply is for round {site['round']}, not round {server_round}"
@@ -82,4 +108,7 @@ def check_evaluate_reply(msg: Message, required: tuple[str, ...]) -> str | None:
     """Return why a federated-evaluation reply must be rejected, or None."""
     if msg.has_error():
         return f"error reply: {msg.error.reason}"
+    oversized = check_size(msg)
+    if oversized:
+        return oversized
     return _check_metrics(msg, (WEIGHT_KEY, *required))

@@ -79,6 +79,18 @@ def test_unknown_option_of_a_group_is_named() -> None:
     ("faults.drop_stage=train", "faults.drop_stage"),
     ("aggregation=paillier aggregation.value_bits=4", "aggregation.value_bits"),
     ("aggregation=paillier aggregation.max_sites=2", "aggregation.max_sites"),
+    ("aggregation=plain strategy.robust=geomed", "strategy.robust"),
+    ("strategy.robust=median", "strategy.robust"),  # under secagg: no rule can see single updates
+    ("aggregation=plain strategy.assumed_byzantine=0.5", "strategy.assumed_byzantine"),
+    ("aggregation=plain strategy.norm_bound=-1", "strategy.norm_bound"),
+    ("aggregation=paillier strategy.norm_bound=1", "strategy.norm_bound"),
+    ("aggregation=plain faults.byzantine_fraction=1", "faults.byzantine_fraction"),
+    ("aggregation=plain faults.attack=backdoor", "faults.attack"),
+    ("aggregation=plain faults.attack_scale=-2", "faults.attack_scale"),
+    ("aggregation=plain faults.crash_after_round=-1", "faults.crash_after_round"),
+    ("aggregation=plain privacy=central strategy.robust=krum", "strategy.robust"),
+    ("aggregation=plain privacy=dpsgd privacy.target_epsilon=0", "privacy.target_epsilon"),
+    ("aggregation=plain privacy=dpsgd privacy.delta=1", "privacy.delta"),
 ])
 def test_secagg_and_fault_options_are_range_checked(override: str, key: str) -> None:
     with pytest.raises(config.ConfigError) as err:
@@ -131,3 +143,19 @@ def test_missing_data_is_refused_before_flower_starts(tmp_path) -> None:
     )
     assert proc.returncode == 2
     assert "finance data not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_more_sites_than_rows_is_refused_before_flower_starts(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "task=medical", "partition=iid", "num_sites=5000",
+         f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "num_sites=5000 exceeds the 486 training rows" in proc.stderr and "lower num_sites" in proc.stderr
+
+
+def test_a_bad_resume_path_is_refused_before_flower_starts(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "task=medical", f"resume={tmp_path / 'gone'}",
+         f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no checkpoint there" in proc.stderr and not (tmp_path / "run" / "superlink.log").exists()

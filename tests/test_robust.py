@@ -115,3 +115,13 @@ def test_norm_bound_under_secure_aggregation_contains_a_scaling_attack(tmp_path:
     assert unbounded < clean - 0.1
     assert abs(bounded["final"]["auc"] - clean) < 0.02
     assert all(h["participation"]["train"].get("norm_bounded") == ["aggregate"] for h in bounded["history"])
+
+
+def test_a_model_driven_to_divergence_ends_the_run_cleanly(tmp_path: Path) -> None:
+    """Scaled sign flips blow the model up until its scores are NaN and every site's update is
+    rejected as non-finite: the run still completes, AUC is reported as undefined (null)."""
+    res = run_inprocess(["task=finance", "num_sites=10", "num_rounds=10", "faults.byzantine_fraction=0.2",
+                         "faults.attack_scale=10"], tmp_path)
+    assert res["status"] == "completed" and res["final"]["auc"] is None
+    last = res["history"][-1]["participation"]["train"]
+    assert last["replied"] == 0 and all("NaN or Inf" in r["reason"] for r in last["rejected"])

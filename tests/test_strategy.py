@@ -62,6 +62,8 @@ def test_weighted_average_of_good_replies() -> None:
         (_reply(13, 2, _arrays(1.0), metrics={"train_loss": 0.1}), "num-examples"),
         (_reply(13, 2, _arrays(1.0), n=0), "num-examples"),
         (_reply(13, 2, _arrays(1.0), metrics={"num-examples": float("inf")}), "finite"),
+        (_reply(13, 2, _arrays(1.0), metrics={"num-examples": 10, **{f"m{i}": 0.0 for i in range(40000)}}),
+         "oversized reply"),
     ],
 )
 def test_malformed_reply_is_rejected_and_the_round_goes_on(bad: Message, reason: str) -> None:
@@ -144,3 +146,18 @@ def test_superlink_error_for_an_unreachable_node_names_the_site() -> None:
     err.metadata.__dict__["_src_node_id"] = 1
     s.aggregate_train(2, [_reply(11, 0, _arrays(1.0), rnd=2), err])
     assert s.participation[2]["train"]["rejected"] == [{"site": "site-1 (node 12)", "reason": "error reply: Node Unavailable"}]
+
+
+def test_oversized_config_record_and_evaluate_reply_are_rejected() -> None:
+    s = _strategy()
+    big = _reply(13, 2, _arrays(1.0))
+    big.content["site"]["note"] = "x" * 300_000
+    assert "oversized reply" in (check_train_reply(big, s.reference, 1) or "")
+    ins = Message(RecordDict(), dst_node_id=13, message_type="evaluate")
+    ev = Message(RecordDict({"metrics": MetricRecord({"num-examples": 5, "tp": 1, "fp": 1, "tn": 1, "fn": 2,
+                                                      "loss": 0.5, "auc": 0.5, "auc_weight": 5}),
+                             "site": ConfigRecord({"id": 2, "name": "site-2", "blob": ["y" * 1000] * 300})}),
+                 reply_to=ins)
+    assert s.aggregate_evaluate(1, [ev]) is None
+    assert "oversized" in s.participation[1]["evaluate"]["rejected"][0]["reason"]
+

@@ -24,6 +24,7 @@ from phe import paillier
 from strategies.paillier.crypto import add_ciphertexts, check_ciphertexts
 from strategies.paillier.keys import fingerprint
 from strategies.paillier.packing import Packer
+from strategies.validation import check_size
 
 ENCRYPTED_KEY = "encrypted"
 META_KEY = "encrypted-meta"  # ConfigRecord: the fingerprint of the key the site encrypted under
@@ -97,7 +98,8 @@ def screen(aggregator: EncryptedAggregator, server_round: int, replies: Iterable
     """Accepted (cts, rows) in reply order, the rejections with reasons, the accepted sites."""
     good, rejected, sites = [], [], []
     for msg in replies:
-        reason, cts, rows = aggregator.check(msg)
+        oversized = None if msg.has_error() else check_size(msg)
+        reason, cts, rows = (oversized, [], []) if oversized else aggregator.check(msg)
         if reason is None:
             good.append((cts, rows))
             sites.append(label(msg))
