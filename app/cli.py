@@ -7,7 +7,9 @@ directory: ``results.json``, ``model.pt``, ``metrics.png``, ``superlink.log`` an
 ``.hydra/``. ``--multirun`` sweeps work as in any Hydra app. Exit codes: 0 completed,
 1 the run failed, 2 the config is invalid. ``fedsilo keys ...`` provisions keys
 (:mod:`app.keys_cli`); ``fedsilo audit RUN_DIR`` audits a run's model (:mod:`app.audit_cli`);
-``audit=true`` runs that audit right after the job.
+``audit=true`` runs that audit right after the job; ``fedsilo report RUN_DIR`` (also written
+after every job, ``report=false`` to skip) and ``fedsilo compare DIR...`` (:mod:`app.report`,
+:mod:`app.compare`).
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ def run(cfg: DictConfig) -> None:
 
         section = audit_run(out_dir, typed.audit_references, typed.seed)
         print(f"fedsilo: membership-inference audit: attack AUC {section['max_auc']:.4f} (0.5 = no leak)", flush=True)
+    if typed.report:
+        from app import report
+
+        _, page = report.write(out_dir)
+        print(f"fedsilo: report in {page}", flush=True)
     print(f"fedsilo: results in {results}", flush=True)
 
 
@@ -108,6 +115,14 @@ def main() -> None:
         from app import data_cli
 
         sys.exit(data_cli.main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        from app import report
+
+        sys.exit(report.main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "compare":
+        from app import compare
+
+        sys.exit(compare.main(sys.argv[2:]))
     if len(sys.argv) > 2 and sys.argv[1:3] == ["deploy", "local"]:
         from app import deploy
 

@@ -191,6 +191,8 @@ class FedsiloConfig:
     data_dir: str | None = None
     resume: str | None = None      # a run directory (or its checkpoint.npz) to continue from
     checkpoint: bool = True        # write checkpoint.npz after every round
+    report: bool = True            # write report.html and report.md after the run (fedsilo command)
+    logger: str = "none"           # none | tensorboard (round figures as TensorBoard scalars)
     audit: bool = False            # membership-inference audit of the final model after the run (fedsilo audit)
     audit_references: int = 8      # reference models of the offline LiRA attack (0 = loss threshold only)
     simulation: dict[str, Any] = field(default_factory=dict)
@@ -309,6 +311,7 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     _check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "an integer >= 1")
     _check(cfg.num_sites >= 2, "num_sites", cfg.num_sites, "an integer >= 2")
     _check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+    _check(cfg.logger in ("none", "tensorboard"), "logger", cfg.logger, "one of ['none', 'tensorboard']")
     _check(cfg.audit_references >= 0, "audit_references", cfg.audit_references, "an integer >= 0")
     return cfg
 

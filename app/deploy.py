@@ -172,5 +172,9 @@ def main(argv: list[str]) -> int:
     final = results["final"]
     print(f"fedsilo deploy: run {outcome.run_id} completed in {results['deployment']['seconds']:.1f}s; final "
           + " ".join(f"{k}={final[k]:.4f}" for k in ("auc", "accuracy", "loss") if final.get(k) is not None), flush=True)
+    if config.compose(list(args.overrides)).report:
+        from app import report
+
+        print(f"fedsilo deploy: report in {report.write(out)[1]}", flush=True)
     print(f"fedsilo deploy: results in {out / 'results.json'}", flush=True)
     return 0

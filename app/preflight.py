@@ -34,6 +34,11 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
     if missing:
         raise PreflightError(f"{cfg.task.name} data not found in {data_dir}: missing {missing}")
     check_keys(cfg)
+    if cfg.logger == "tensorboard":
+        from app.tensorboard_log import available
+
+        if not available():
+            raise PreflightError("logger=tensorboard needs TensorBoard: pip install -e '.[tensorboard]'")
     if cfg.resume:
         from app import checkpoint
 

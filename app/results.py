@@ -7,7 +7,8 @@
     initial     server-side test metrics of the initial model (round 0)
     history     one entry per round: round, seconds, server (test metrics of the new
                 global model), train (aggregated site training metrics),
-                federated_evaluate (pooled site validation metrics), participation
+                federated_evaluate (pooled site validation metrics), participation, traffic
+                (payload bytes and messages each way, app/traffic.py)
     final       the last round's server-side test metrics (auc, accuracy, loss, ...)
     final_federated_evaluate   the last round's pooled validation metrics
     timing      total and per-round seconds
@@ -67,6 +68,7 @@ class Recorder:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.server: dict[int, dict[str, float]] = {}
         self.seconds: dict[int, float] = {}
+        self.traffic: dict[int, dict[str, int]] = {}
         self._t0 = self._last = time.monotonic()
 
     def record_server(self, server_round: int, metrics: dict[str, float]) -> None:
@@ -81,6 +83,7 @@ class Recorder:
         """What a checkpoint keeps of the recorder (JSON-serialisable)."""
         return {"server": {str(r): clean(m) for r, m in self.server.items()},
                 "seconds": {str(r): s for r, s in self.seconds.items()},
+                "traffic": {str(r): t for r, t in self.traffic.items()},
                 "elapsed": time.monotonic() - self._t0}
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -88,6 +91,7 @@ class Recorder:
         self.server = {int(r): {k: (float("nan") if v is None else v) for k, v in m.items()}
                        for r, m in state["server"].items()}
         self.seconds = {int(r): float(v) for r, v in state["seconds"].items()}
+        self.traffic = {int(r): t for r, t in state.get("traffic", {}).items()}
         self._last = time.monotonic()
         self._t0 = self._last - float(state["elapsed"])
 
@@ -101,6 +105,7 @@ class Recorder:
                 "train": dict(result.train_metrics_clientapp.get(r, {})),
                 "federated_evaluate": dict(result.evaluate_metrics_clientapp.get(r, {})),
                 "participation": participation.get(r, {}),
+                "traffic": self.traffic.get(r, {}),
             }
             for r in rounds
         ]

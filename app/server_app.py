@@ -24,6 +24,7 @@ import tasks
 from app import checkpoint, config
 from app.paths import default_output_dir, resolve_data_dir
 from app.results import ENCRYPTED_MODEL_FILE, Recorder
+from app.traffic import MeteredGrid
 from strategies.loop import run_rounds
 
 app = ServerApp()
@@ -75,6 +76,7 @@ def main(grid: Grid, context: Context) -> None:
         # Flower's in-memory grid (the simulation engine's) polls for replies every 0.1 s, a
         # floor on every message round trip; secure aggregation makes four per round.
         grid.pull_interval = min(grid.pull_interval, PULL_INTERVAL)  # type: ignore[attr-defined]
+    grid = MeteredGrid(grid)  # bytes and messages per round, into results.json
     cfg = config.from_run_config(context.run_config)
     out = str(context.run_config.get("output-dir", "") or "")
     out_dir = Path(out) if out else default_output_dir(context.run_id)
@@ -124,7 +126,20 @@ def main(grid: Grid, context: Context) -> None:
         first_round, result, initial = _resume(cfg, strategy, recorder, train_config)
     fault_round = cfg.faults.crash_after_round
 
+    board = None
+    if cfg.logger == "tensorboard":
+        from app.tensorboard_log import TensorBoardLogger
+
+        board = TensorBoardLogger(out_dir)
+
     def after_round(server_round: int, arrays: ArrayRecord, res: Result) -> None:
+        recorder.traffic[server_round] = grid.take().as_dict()
+        if board is not None:
+            board.log_round(server_round, recorder.server.get(server_round, {}),
+                            dict(res.train_metrics_clientapp.get(server_round, {})),
+                            dict(res.evaluate_metrics_clientapp.get(server_round, {})),
+                            strategy.participation.get(server_round, {}), recorder.traffic[server_round],
+                            recorder.seconds.get(server_round))
         if cfg.checkpoint:
             checkpoint.save(out_dir, server_round, arrays, res, config.to_dict(cfg), recorder.state(),
                             strategy.state_dict())
@@ -132,8 +147,13 @@ def main(grid: Grid, context: Context) -> None:
             raise CoordinatorCrash(f"fault injection: the coordinator dies after round {server_round} "
                                    f"(faults.crash_after_round); resume with: fedsilo resume={out_dir}")
 
-    result = run_rounds(strategy, grid, initial, cfg.num_rounds, cfg.strategy.round_timeout, first_round=first_round,
-                        result=result, train_config=train_config, evaluate_fn=evaluate_fn, after_round=after_round)
+    try:
+        result = run_rounds(strategy, grid, initial, cfg.num_rounds, cfg.strategy.round_timeout,
+                            first_round=first_round, result=result, train_config=train_config,
+                            evaluate_fn=evaluate_fn, after_round=after_round)
+    finally:
+        if board is not None:
+            board.close()
     trained = len(result.arrays) > 0
     final_arrays = result.arrays if trained else initial
     extra = {"run_id": context.run_id, "status": "completed" if trained else "failed",

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, RecordDict
 
 WEIGHT_KEY = "num-examples"
 SITE_KEY = "site"
@@ -35,20 +35,20 @@ def site_order(msg: Message) -> int:
 MAX_RECORD_BYTES = 256 * 1024
 
 
-def record_bytes(msg: Message) -> int:
-    """Approximate size of a reply's metric and config records (keys, numbers at 8 bytes, strings, bytes)."""
+def record_bytes(content: RecordDict) -> int:
+    """Approximate size of a message's metric and config records (keys, numbers at 8 bytes, strings, bytes)."""
     def size(value: object) -> int:
         if isinstance(value, (str, bytes)):
             return len(value)
         if isinstance(value, list):
             return sum(size(v) for v in value)
         return 8
-    records = [*msg.content.metric_records.values(), *msg.content.config_records.values()]
+    records = [*content.metric_records.values(), *content.config_records.values()]
     return sum(len(k) + size(v) for r in records for k, v in r.items())
 
 
 def check_size(msg: Message) -> str | None:
-    n = record_bytes(msg)
+    n = record_bytes(msg.content)
     if n > MAX_RECORD_BYTES:
         return f"oversized reply: {n} bytes of metrics and config records (limit {MAX_RECORD_BYTES})"
     return None

@@ -1,0 +1,55 @@
+"""``logger=tensorboard``: each round's figures as TensorBoard scalars, in ``<run dir>/tensorboard``.
+
+For users who follow runs in TensorBoard (``tensorboard --logdir outputs``): test metrics
+(``test/auc``, ...), aggregated site metrics (``train/…``, ``federated_evaluate/…``), each
+site's cumulative epsilon under DP-SGD (``epsilon/<site>``), replies and rejections,
+seconds and payload bytes per round. Needs the ``tensorboard`` extra.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+LOGGERS = ("none", "tensorboard")
+
+
+def available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TensorBoardLogger:
+    """Writes one step per round; ``close()`` flushes the event file."""
+
+    def __init__(self, out_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = out_dir / "tensorboard"
+        self.writer = SummaryWriter(log_dir=str(self.dir))
+
+    def _scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
+
+    def log_round(self, server_round: int, server: dict[str, Any], train: dict[str, Any], evaluate: dict[str, Any],
+                  participation: dict[str, Any], traffic: dict[str, Any], seconds: float | None) -> None:
+        self._scalars("test", server, server_round)
+        self._scalars("train", train, server_round)
+        self._scalars("federated_evaluate", evaluate, server_round)
+        t = participation.get("train", {})
+        self._scalars("sites", {"replied": t.get("replied", 0), "rejected": len(t.get("rejected", []))}, server_round)
+        for label, rec in participation.get("privacy", {}).items():
+            self.writer.add_scalar(f"epsilon/{label.rsplit(' (node ', 1)[0]}", float(rec["epsilon"]), server_round)
+        self._scalars("traffic", traffic, server_round)
+        if seconds is not None:
+            self.writer.add_scalar("time/round_seconds", seconds, server_round)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

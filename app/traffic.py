@@ -1,0 +1,90 @@
+"""Bytes and messages per round between the server and the sites (``results.json``: ``history[].traffic``).
+
+:class:`MeteredGrid` wraps the ServerApp's Flower ``Grid`` and counts the payload of every
+message the strategy sends and every reply it receives, whatever the protocol (FedAvg's
+two phases, secure aggregation's four stages, Paillier's ciphertexts). Payload is what
+the records carry: array bytes as serialised by Flower, numbers at 8 bytes, strings and
+bytes at their length; transport framing (gRPC, TLS) is not included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from strategies.validation import record_bytes
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes a message's records carry (see the module docstring)."""
+    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values()) + record_bytes(content)
+
+
+@dataclass
+class Traffic:
+    """What went each way since the meter was last read."""
+
+    bytes_to_sites: int = 0
+    bytes_from_sites: int = 0
+    messages_to_sites: int = 0
+    replies: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class MeteredGrid(Grid):
+    """A ``Grid`` that forwards everything to ``inner`` and counts the payload both ways."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+        self.traffic = Traffic()
+
+    def take(self) -> Traffic:
+        """The traffic since the last call (the ServerApp calls it once per round)."""
+        out, self.traffic = self.traffic, Traffic()
+        return out
+
+    def _sent(self, messages: list[Message]) -> None:
+        self.traffic.messages_to_sites += len(messages)
+        self.traffic.bytes_to_sites += sum(payload_bytes(m.content) for m in messages)
+
+    def _received(self, replies: list[Message]) -> None:
+        self.traffic.replies += len(replies)
+        self.traffic.bytes_from_sites += sum(payload_bytes(m.content) for m in replies if not m.has_error())
+
+    # ---- Grid, forwarded ---------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:  # type: ignore[override]
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._sent(messages)
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.inner.pull_messages(message_ids))
+        self._received(replies)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self._sent(messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        self._received(replies)
+        return replies
