@@ -40,6 +40,22 @@ def load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData]:
     ``fedsilo data split`` or by the site itself); otherwise (simulation) the node's
     ``partition-id`` selects its share of the task's bundled data.
     """
+    node = context.node_config
+    if "data-path" not in node:  # simulation: the same few sites answer many messages per process
+        key = (str(context.run_config.get("overrides", "")), str(node.get("partition-id")),
+               str(node.get("num-partitions")))
+        if key not in _SITES:
+            if len(_SITES) >= 4096:
+                _SITES.clear()
+            _SITES[key] = _load_site(context)
+        return _SITES[key]
+    return _load_site(context)
+
+
+_SITES: dict[tuple[str, str, str], tuple[config.FedsiloConfig, Task, SiteData]] = {}
+
+
+def _load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData]:
     cfg = config.from_run_config(context.run_config)
     task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
     n_sites = config.num_sites(cfg)

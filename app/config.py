@@ -378,8 +378,14 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> FedsiloConfig:
 
 
 def from_run_config(run_config: dict[str, Any]) -> FedsiloConfig:
-    """The config of a Flower run: composes ``run_config["overrides"]``."""
-    return compose(parse_overrides(str(run_config.get("overrides", ""))))
+    """The config of a Flower run: composes ``run_config["overrides"]`` (cached by its text:
+    every message a site handles asks for it)."""
+    return _from_overrides_text(str(run_config.get("overrides", "")))
+
+
+@lru_cache(maxsize=32)
+def _from_overrides_text(text: str) -> FedsiloConfig:
+    return compose(parse_overrides(text))
 
 
 def to_dict(cfg: FedsiloConfig) -> dict[str, Any]:

@@ -46,6 +46,25 @@ def _privacy_note(entry: dict) -> str:  # type: ignore[type-arg]
     return ""
 
 
+def progress_line(server_round: int, num_rounds: int, entry: dict, recorder: Recorder,  # type: ignore[type-arg]
+                  federated: dict[str, float]) -> str:
+    """One line a person can follow: round k/n, sites sampled/replied/failed, the round's
+    metrics, its time and traffic, and the time left at the mean pace so far."""
+    part = entry.get("train", {})
+    failed = len(part.get("rejected", []))
+    sampled = part.get("sampled", "-")
+    metrics = recorder.server.get(server_round, {})
+    shown = f"test {_fmt(metrics)}" if metrics else f"sites' validation {_fmt(federated) or '-'} (encrypted model)"
+    secs = recorder.seconds.get(server_round, 0.0)
+    done = [s for r, s in recorder.seconds.items() if r > 0]
+    left = (num_rounds - server_round) * (sum(done) / len(done)) if done else 0.0
+    traffic = recorder.traffic.get(server_round, {})
+    kb = (traffic.get("bytes_to_sites", 0) + traffic.get("bytes_from_sites", 0)) / 1024
+    return (f"fedsilo round {server_round}/{num_rounds} | sites {sampled} sampled, {part.get('replied', '-')} replied, "
+            f"{failed} failed | {shown}{_privacy_note(entry)} | {secs:.1f} s, {kb:,.0f} KiB"
+            + (f", about {left:.0f} s left" if server_round < num_rounds else ""))
+
+
 class CoordinatorCrash(RuntimeError):
     """``faults.crash_after_round``: the ServerApp dies on purpose (after its checkpoint)."""
 
@@ -105,20 +124,12 @@ def main(grid: Grid, context: Context) -> None:
         if encrypted and server_round > 0:
             # Paillier: the server holds only ciphertexts; the sites' federated evaluation scores the model
             recorder.record_server(server_round, {})
-            part = strategy.participation.get(server_round, {}).get("train", {})
-            log(INFO, "fedsilo round %s/%s: sites %s/%s replied, %s rejected | encrypted aggregate | %.1fs",
-                server_round, cfg.num_rounds, part.get("replied", "-"), part.get("sampled", "-"),
-                len(part.get("rejected", [])), recorder.seconds.get(server_round, 0.0))
             return None
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = task.evaluate(model, test)
         recorder.record_server(server_round, metrics)
-        part = strategy.participation.get(server_round, {}).get("train", {})
-        secs = recorder.seconds.get(server_round)
-        log(INFO, "fedsilo round %s/%s: sites %s/%s replied, %s rejected | test %s%s%s",
-            server_round, cfg.num_rounds, part.get("replied", "-"), part.get("sampled", "-"),
-            len(part.get("rejected", [])), _fmt(metrics), _privacy_note(strategy.participation.get(server_round, {})),
-            f" | {secs:.1f}s" if secs else "")
+        if server_round == 0:
+            log(INFO, "fedsilo round 0/%s (initial model) | test %s", cfg.num_rounds, _fmt(metrics))
         return MetricRecord({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
 
     first_round, result, train_config = 1, None, ConfigRecord()
@@ -134,6 +145,8 @@ def main(grid: Grid, context: Context) -> None:
 
     def after_round(server_round: int, arrays: ArrayRecord, res: Result) -> None:
         recorder.traffic[server_round] = grid.take().as_dict()
+        log(INFO, "%s", progress_line(server_round, cfg.num_rounds, strategy.participation.get(server_round, {}),
+                                      recorder, dict(res.evaluate_metrics_clientapp.get(server_round, {}))))
         if board is not None:
             board.log_round(server_round, recorder.server.get(server_round, {}),
                             dict(res.train_metrics_clientapp.get(server_round, {})),

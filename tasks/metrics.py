@@ -22,6 +22,21 @@ def _sk():  # type: ignore[no-untyped-def]
     return metrics
 
 
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney, ties counted half): equal to ``sklearn.metrics.roc_auc_score``
+    for binary labels, without its input validation (which costs a site 2 ms per message).
+    Callers check :func:`rankable` first."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(s, kind="stable")
+    s, y = s[order], y[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    pos = np.add.reduceat(y.astype(np.float64), starts)
+    neg = np.add.reduceat((~y).astype(np.float64), starts)
+    below = np.cumsum(neg) - neg
+    return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
+
+
 def confusion_counts(
     y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5
 ) -> dict[str, int]:
@@ -140,7 +155,7 @@ def site_summary(
     both = rankable(y, scores)
     out: dict[str, float] = {k: float(v) for k, v in confusion_counts(y, scores, threshold).items()}
     out["loss"] = float(loss)
-    out["auc"] = float(_sk().roc_auc_score(y, scores)) if both else 0.0
+    out["auc"] = roc_auc(y, scores) if both else 0.0
     out["auc_weight"] = float(y.size) if both else 0.0
     return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -182,6 +183,11 @@ def test_medical_run_on_four_hospitals(tmp_path: Path) -> None:
         assert 0 <= final[f"accuracy_{hospital}"] <= 1
     assert final["accuracy_site_mean"] >= 0.65
     assert results["history"][0]["participation"]["train"]["sites"][0].startswith("cleveland")
+    # progress a person can follow, and the report written after the run
+    for r in (1, 2, 3):
+        assert re.search(rf"fedsilo round {r}/3 \| sites 4 sampled, 4 replied, 0 failed \| test auc=0\.\d+", proc.stdout)
+    assert "about" in proc.stdout and "s left" in proc.stdout
+    assert (tmp_path / "run" / "report.html").is_file() and "report in" in proc.stdout
 
 
 def test_medical_imaging_run_learns(tmp_path: Path) -> None:

@@ -60,3 +60,16 @@ def test_pooled_site_summaries_equal_metrics_of_the_union() -> None:
         assert pooled[key] == pytest.approx(whole[key]), key
     site_aucs = [skm.roc_auc_score(y, s) for y, s in parts]
     assert pooled["auc_site_weighted"] == pytest.approx(np.average(site_aucs, weights=[300, 800, 900]))
+
+
+def test_fast_roc_auc_equals_sklearn_with_ties_and_nan_scores_are_undefined() -> None:
+    from tasks.metrics import roc_auc
+
+    rng = np.random.default_rng(4)
+    for n in (2, 17, 3000):
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        scores = np.round(rng.random(n), 1)  # heavy ties
+        assert roc_auc(y, scores) == pytest.approx(skm.roc_auc_score(y, scores), abs=1e-12)
+    bad = binary_metrics(np.array([0, 1, 1]), np.array([0.2, np.nan, 0.9]), 0.5)
+    assert math.isnan(bad["auc"]) and math.isnan(bad["ks"])  # a diverged model: undefined, not a crash

@@ -161,3 +161,19 @@ def test_oversized_config_record_and_evaluate_reply_are_rejected() -> None:
     assert s.aggregate_evaluate(1, [ev]) is None
     assert "oversized" in s.participation[1]["evaluate"]["rejected"][0]["reason"]
 
+
+
+def test_fast_array_reader_equals_flower_and_distrusts_odd_headers() -> None:
+    from strategies.validation import values
+
+    for a in (np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros(0), np.array(2.5), np.ones(3, ">f4"),
+              np.asfortranarray(np.ones((3, 2)))):
+        arr = Array(a)
+        assert np.array_equal(values(arr), arr.numpy()) and values(arr).dtype == arr.numpy().dtype
+    forged = Array(np.ones((3, 2), np.float32))
+    forged.shape = (2, 3)  # metadata that disagrees with the payload's own header
+    assert values(forged).shape == forged.numpy().shape == (3, 2)  # falls back to Flower's reader
+    s = _strategy()
+    bad = _reply(13, 2, _arrays(1.0))
+    bad.content["arrays"]["w"].shape = (2, 3)
+    assert "inconsistent" in (check_train_reply(bad, s.reference, 1) or "")

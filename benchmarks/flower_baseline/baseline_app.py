@@ -7,6 +7,10 @@ in place, so the app measures what Flower itself costs.
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -76,10 +80,15 @@ def main(grid: Grid, context: Context) -> None:
     model = make_model(features)
     xt, yt = make_data(99, int(c["test-rows"]), features)
 
+    stamps: list[float] = []  # when each server-side evaluation ran: round k took stamps[k] - stamps[k-1]
+
     def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
+        stamps.append(time.monotonic())
         return MetricRecord({"loss": loss_of(model, xt, yt)})
 
     FedAvg(min_available_nodes=int(c["num-sites"])).start(
         grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=int(c["num-server-rounds"]), evaluate_fn=central)
+    if str(c.get("timing-file", "")):  # benchmarks/scale.py: seconds per round, measured as fedsilo's Recorder does
+        Path(str(c["timing-file"])).write_text(json.dumps([b - a for a, b in zip(stamps, stamps[1:])]))

@@ -1,0 +1,162 @@
+"""Simulation at scale: seconds per round and peak memory at 10, 100 and 1000 sites, beside plain Flower.
+
+    python benchmarks/scale.py [--sites 10 100 1000] [--rounds 3] [--secagg 100]
+
+For each number of sites, run interleaved in this one process through the same private
+SuperLink helper (:func:`app.simulation.run_simulation`, runtime dependency installation
+off):
+
+* fedsilo: ``task=finance partition=dirichlet partition.alpha=2 partition.min_partition_size=2``
+  (alpha 2 so that 1000 sites can each get rows), FedAvg, federated and server-side evaluation;
+* the plain Flower 1.41 FedAvg app in ``benchmarks/flower_baseline`` with the same MLP, the
+  same training and validation rows in total, the same sites, rounds and evaluation.
+
+Seconds per round are measured the same way for both: the time between consecutive
+server-side evaluations (round 1 includes each worker's start-up: imports, data). Peak
+memory is the largest sum of resident memory of every process of the run (SuperLink,
+simulation, Ray, workers), sampled every 0.25 s. ``--secagg N`` also runs
+``aggregation=secagg`` at N sites. Writes ``benchmarks/results/scale.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from app import config  # noqa: E402
+from app.simulation import run_simulation  # noqa: E402
+
+BASELINE = REPO / "benchmarks" / "flower_baseline"
+OUT = REPO / "benchmarks" / "results"
+FEDSILO = ["task=finance", "partition=dirichlet", "partition.alpha=2", "partition.min_partition_size=2",
+           "report=false", "checkpoint=true"]
+POOL_ROWS, VAL_FRACTION, TEST_ROWS, FEATURES = 24_000, 0.1, 6_000, 28
+
+
+class MemorySampler:
+    """Peak total RSS of the processes whose environment names ``FLWR_HOME=/tmp/fedsilo-flwr-``."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.sample())
+            time.sleep(self.interval)
+
+    @staticmethod
+    def sample() -> int:
+        total = 0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if b"FLWR_HOME=/tmp/fedsilo-flwr-" not in Path(f"/proc/{pid}/environ").read_bytes():
+                    continue
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                continue
+        return total
+
+
+def run_baseline(n: int, rounds: int, tmp: Path) -> dict:
+    timing = tmp / f"baseline-{n}.json"
+    cfg = {"num-sites": n, "num-server-rounds": rounds, "rows-per-site": int(POOL_ROWS * (1 - VAL_FRACTION)) // n,
+           "val-rows": max(1, int(POOL_ROWS * VAL_FRACTION) // n), "test-rows": TEST_ROWS, "features": FEATURES,
+           "timing-file": str(timing)}
+    t0 = time.monotonic()
+    with MemorySampler() as mem:
+        outcome = run_simulation(BASELINE, cfg, n, tmp / f"baseline-{n}.log", stream=False, timeout=7200)
+    if not outcome.ok:
+        raise RuntimeError(f"baseline at {n} sites: {outcome}")
+    return {"wall_s": time.monotonic() - t0, "round_s": json.loads(timing.read_text()), "peak_rss_mb": mem.peak / 2**20}
+
+
+def run_fedsilo(n: int, rounds: int, tmp: Path, extra: list[str] = ()) -> dict:
+    overrides = [*FEDSILO, f"num_sites={n}", f"num_rounds={rounds}", *extra]
+    out = tmp / f"fedsilo-{n}-{'-'.join(extra) or 'plain'}"
+    data_dir = REPO / "tasks" / "data"
+    run_config = {"overrides": config.run_overrides(overrides, data_dir), "output-dir": str(out)}
+    t0 = time.monotonic()
+    with MemorySampler() as mem:
+        outcome = run_simulation(REPO, run_config, n, out / "superlink.log", stream=False, timeout=7200)
+    if not outcome.ok:
+        raise RuntimeError(f"fedsilo at {n} sites ({extra}): {outcome}")
+    res = json.loads((out / "results.json").read_text())
+    return {"wall_s": time.monotonic() - t0, "round_s": res["timing"]["round_seconds"], "peak_rss_mb": mem.peak / 2**20,
+            "final_auc": res["final"].get("auc")}
+
+
+def summary(r: dict) -> dict:
+    rs = r["round_s"]
+    return {**r, "mean_round_s": statistics.mean(rs), "mean_round_s_after_first": statistics.mean(rs[1:]) if len(rs) > 1
+            else rs[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--secagg", type=int, default=100, help="also run aggregation=secagg at this many sites (0: no)")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sites:
+            base = summary(run_baseline(n, args.rounds, Path(tmp)))
+            ours = summary(run_fedsilo(n, args.rounds, Path(tmp)))
+            row = {"sites": n, "flower": base, "fedsilo": ours,
+                   "ratio_mean_round": ours["mean_round_s"] / base["mean_round_s"],
+                   "ratio_after_first": ours["mean_round_s_after_first"] / base["mean_round_s_after_first"],
+                   "ratio_wall": ours["wall_s"] / base["wall_s"]}
+            rows.append(row)
+            print(f"{n} sites: Flower {base['mean_round_s']:.2f} s/round ({base['peak_rss_mb']:.0f} MB), fedsilo "
+                  f"{ours['mean_round_s']:.2f} s/round ({ours['peak_rss_mb']:.0f} MB): ratio "
+                  f"{row['ratio_mean_round']:.2f} (after round 1: {row['ratio_after_first']:.2f})", flush=True)
+        sec = summary(run_fedsilo(args.secagg, args.rounds, Path(tmp), ["aggregation=secagg"])) if args.secagg else None
+        if sec:
+            print(f"secagg at {args.secagg} sites: {sec['mean_round_s']:.2f} s/round, peak {sec['peak_rss_mb']:.0f} MB, "
+                  f"AUC {sec['final_auc']:.4f}", flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    payload = {"rounds": args.rounds, "fedsilo_overrides": FEDSILO, "rows": rows,
+               "secagg": {"sites": args.secagg, **sec} if sec else None}
+    (OUT / "scale.json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [f"# Simulation at scale ({args.rounds} rounds, finance, Dirichlet alpha 2)", "",
+             "`python benchmarks/scale.py`: fedsilo and a plain Flower 1.41 FedAvg app (same MLP, rows, sites, "
+             "rounds, evaluation) through the same private SuperLink, interleaved in one process. Seconds per round "
+             "= time between server-side evaluations; peak memory = largest total RSS of the run's processes.", "",
+             "| sites | Flower s/round | fedsilo s/round | ratio | ratio after round 1 | Flower wall s | fedsilo wall s "
+             "| Flower peak MB | fedsilo peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, f = r["flower"], r["fedsilo"]
+        lines.append(f"| {r['sites']} | {b['mean_round_s']:.2f} | {f['mean_round_s']:.2f} | {r['ratio_mean_round']:.2f} "
+                     f"| {r['ratio_after_first']:.2f} | {b['wall_s']:.1f} | {f['wall_s']:.1f} | {b['peak_rss_mb']:.0f} "
+                     f"| {f['peak_rss_mb']:.0f} |")
+    if sec:
+        lines += ["", f"`aggregation=secagg` at {args.secagg} sites: {sec['mean_round_s']:.2f} s per round "
+                  f"(rounds: {', '.join(f'{s:.1f}' for s in sec['round_s'])}), peak {sec['peak_rss_mb']:.0f} MB, "
+                  f"final AUC {sec['final_auc']:.4f}."]
+    (OUT / "scale.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
