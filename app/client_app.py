@@ -178,24 +178,31 @@ def _global_state(msg: Message, cfg: config.FedsiloConfig, context: Context, mod
 
 
 # ---- secure aggregation (aggregation=secagg): one handler per protocol stage -------------------
-def _secagg_stage(stage: str, handler):  # type: ignore[no-untyped-def]
-    """Wrap a protocol stage: fault injection first; refused messages become error replies."""
-    def run(msg: Message, context: Context) -> Message:
-        cfg, _, site = load_site(context)
-        server_round = int(msg.content.config_records[secagg.WIRE_KEY]["round"]) \
-            if secagg.WIRE_KEY in msg.content.config_records else 0
-        if faults.drops(cfg, server_round, site.site_id, stage):
-            return Message(Error(code=faults.DROPPED_CODE, reason=f"{site.name}: {faults.reason(stage)}"), reply_to=msg)
-        try:
-            return handler(msg, context)
-        except (secagg.ProtocolError, secagg.SecAggAbort) as err:
-            return secagg.refuse(msg, err)
-    run.__doc__ = handler.__doc__
-    return run
+# Module-level functions, not closures: the simulation engine pickles the ClientApp with every
+# message, and a closure is pickled by value (1.6 ms a message), a module function by name.
+def _secagg_stage(stage: str, handler, msg: Message, context: Context) -> Message:  # type: ignore[no-untyped-def]
+    """Run a protocol stage: fault injection first; refused messages become error replies."""
+    cfg, _, site = load_site(context)
+    server_round = int(msg.content.config_records[secagg.WIRE_KEY]["round"]) \
+        if secagg.WIRE_KEY in msg.content.config_records else 0
+    if faults.drops(cfg, server_round, site.site_id, stage):
+        return Message(Error(code=faults.DROPPED_CODE, reason=f"{site.name}: {faults.reason(stage)}"), reply_to=msg)
+    try:
+        return handler(msg, context)
+    except (secagg.ProtocolError, secagg.SecAggAbort) as err:
+        return secagg.refuse(msg, err)
 
 
-app.query("secagg_keys")(_secagg_stage("keys", secagg.advertise_keys))
-app.query("secagg_share")(_secagg_stage("share", secagg.share_keys))
+@app.query("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Stage 0: advertise this round's public keys."""
+    return _secagg_stage("keys", secagg.advertise_keys, msg, context)
+
+
+@app.query("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    """Stage 1: Shamir-share the secrets with the neighbours."""
+    return _secagg_stage("share", secagg.share_keys, msg, context)
 
 
 def _unmask(msg: Message, context: Context) -> Message:
@@ -205,7 +212,10 @@ def _unmask(msg: Message, context: Context) -> Message:
     return secagg.unmask(msg, context, share_next=not faults.drops(cfg, server_round + 1, site.site_id, "share"))
 
 
-app.query("secagg_unmask")(_secagg_stage("unmask", _unmask))
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Stage 3: reveal the shares that remove the survivors' and the dropped sites' masks."""
+    return _secagg_stage("unmask", _unmask, msg, context)
 
 
 @app.train("secagg")
