@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks import cache
 from tasks.metrics import binary_metrics, group_metrics
 from tasks.partition import PartitionError, partition_indices, split_train_val
 from tasks.training import Augment, LocalTrainConfig, Penalty, predict, train_local
@@ -132,7 +133,11 @@ class Task(ABC):
         """The task's data, loaded once per process."""
         key = (type(self), str(self.data_dir.resolve()))
         if key not in _DATA_CACHE:
-            _DATA_CACHE[key] = self.load()
+            data = cache.load_data(self)  # prepared by another process of the run (tasks/cache.py)
+            if data is None:
+                data = self.load()
+                cache.save_data(self, data)
+            _DATA_CACHE[key] = data
         return _DATA_CACHE[key]
 
     @classmethod
@@ -167,6 +172,17 @@ class Task(ABC):
 
     def _make_sites(self, partition: PartitionConfig, num_sites: int, seed: int) -> list[SiteData]:
         pool = self.data().pool
+        key = ("sites", partition.name, num_sites, seed, partition.alpha, partition.min_partition_size,
+               partition.natural_sites, self.cfg.val_fraction, self.cfg.train_rows)
+        rows = cache.load_sites(self, key)  # made by another process of the run (tasks/cache.py)
+        if rows is None:
+            rows = self._site_rows(pool, partition, num_sites, seed)
+            cache.save_sites(self, key, rows)
+        return [SiteData(i, name, pool.take(tr), pool.take(va)) for i, (name, tr, va) in enumerate(rows)]
+
+    def _site_rows(self, pool: Split, partition: PartitionConfig, num_sites: int, seed: int
+                   ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Each site's name and its training and validation rows of the pool."""
         labels = pool.labels()
         parts = partition_indices(
             labels, pool.group, partition.name, num_sites, seed,
@@ -174,7 +190,7 @@ class Task(ABC):
         )
         if partition.name == "natural" and partition.natural_sites > 0:
             parts = parts[: partition.natural_sites]  # the other natural sites stay out of the federation
-        sites = []
+        out = []
         for site_id, rows in enumerate(parts):
             tr, va = split_train_val(rows, labels, self.cfg.val_fraction, seed=seed * 7919 + site_id)
             if 0 < self.cfg.train_rows < tr.size:  # a seeded subset, in the original order
@@ -186,8 +202,8 @@ class Task(ABC):
                 if partition.name == "natural" and self.natural_sites
                 else f"site-{site_id}"
             )
-            sites.append(SiteData(site_id, name, pool.take(tr), pool.take(va)))
-        return sites
+            out.append((name, tr, va))
+        return out
 
     def local_train_config(self, epochs: int | None = None) -> LocalTrainConfig:
         c = self.cfg

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# The prepared-data cache (tasks/cache.py) of this test session only: hermetic, and exercised.
+os.environ.setdefault("FEDSILO_CACHE_DIR", tempfile.mkdtemp(prefix="fedsilo-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / "tasks" / "data"
