@@ -1,6 +1,6 @@
 """Simulation at scale: seconds per round and peak memory at 10, 100 and 1000 sites, beside plain Flower.
 
-    python benchmarks/scale.py [--sites 10 100 1000] [--rounds 3] [--secagg 100]
+    python benchmarks/scale.py [--sites 10 100 1000] [--rounds 3] [--secagg 100] [--reps 2]
 
 For each number of sites, run interleaved in this one process through the same private
 SuperLink helper (:func:`app.simulation.run_simulation`, runtime dependency installation
@@ -112,18 +112,32 @@ def summary(r: dict) -> dict:
             else rs[0]}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Per figure, the median over repetitions."""
+    keys = ("wall_s", "peak_rss_mb", "mean_round_s", "mean_round_s_after_first")
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["round_s"] = [statistics.median(r["round_s"][i] for r in runs) for i in range(len(runs[0]["round_s"]))]
+    if "final_auc" in runs[0]:
+        out["final_auc"] = runs[0]["final_auc"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--secagg", type=int, default=100, help="also run aggregation=secagg at this many sites (0: no)")
+    ap.add_argument("--reps", type=int, default=2, help="repetitions, interleaved; medians are reported")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sites:
-            base = summary(run_baseline(n, args.rounds, Path(tmp)))
-            ours = summary(run_fedsilo(n, args.rounds, Path(tmp)))
-            row = {"sites": n, "flower": base, "fedsilo": ours,
+            bases, ours_ = [], []
+            for _ in range(args.reps):  # interleaved: drift of the machine hits both alike
+                bases.append(summary(run_baseline(n, args.rounds, Path(tmp))))
+                ours_.append(summary(run_fedsilo(n, args.rounds, Path(tmp))))
+            base, ours = median_run(bases), median_run(ours_)
+            row = {"sites": n, "flower": base, "fedsilo": ours, "reps": {"flower": bases, "fedsilo": ours_},
                    "ratio_mean_round": ours["mean_round_s"] / base["mean_round_s"],
                    "ratio_after_first": ours["mean_round_s_after_first"] / base["mean_round_s_after_first"],
                    "ratio_wall": ours["wall_s"] / base["wall_s"]}
@@ -136,10 +150,11 @@ def main() -> None:
             print(f"secagg at {args.secagg} sites: {sec['mean_round_s']:.2f} s/round, peak {sec['peak_rss_mb']:.0f} MB, "
                   f"AUC {sec['final_auc']:.4f}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    payload = {"rounds": args.rounds, "fedsilo_overrides": FEDSILO, "rows": rows,
+    payload = {"rounds": args.rounds, "reps": args.reps, "fedsilo_overrides": FEDSILO, "rows": rows,
                "secagg": {"sites": args.secagg, **sec} if sec else None}
     (OUT / "scale.json").write_text(json.dumps(payload, indent=2) + "\n")
-    lines = [f"# Simulation at scale ({args.rounds} rounds, finance, Dirichlet alpha 2)", "",
+    lines = [f"# Simulation at scale ({args.rounds} rounds, finance, Dirichlet alpha 2, median of {args.reps} "
+             "interleaved repetitions)", "",
              "`python benchmarks/scale.py`: fedsilo and a plain Flower 1.41 FedAvg app (same MLP, rows, sites, "
              "rounds, evaluation) through the same private SuperLink, interleaved in one process. Seconds per round "
              "= time between server-side evaluations; peak memory = largest total RSS of the run's processes.", "",

@@ -35,12 +35,12 @@ from strategies.secagg.server import SecureAggregator
 from strategies.secagg.vector import Layout
 
 from strategies.validation import (
-    SITE_KEY,
     WEIGHT_KEY,
     check_evaluate_reply,
     check_train_reply,
     site_label,
     site_order,
+    site_record,
 )
 from tasks.metrics import pool_site_summaries
 
@@ -60,8 +60,7 @@ def pooled_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) -> 
 
 def _stragglers(replies: Iterable[Message]) -> list[str]:
     """Labels of the sites whose reply says they finished only part of their work."""
-    return [site_label(m) for m in replies if not m.has_error()
-            and bool(m.content.config_records.get(SITE_KEY, {}).get("straggler", False))]
+    return [site_label(m) for m in replies if bool((site_record(m) or {}).get("straggler", False))]
 
 
 def _secagg_rejections(secagg_log: dict[str, Any], label: Callable[[int], str]) -> list[dict[str, str]]:
@@ -281,8 +280,9 @@ class FedAvg(FlowerFedAvg):
 
     def _learn_names(self, replies: Iterable[Message]) -> None:
         for m in replies:
-            if not m.has_error() and SITE_KEY in m.content.config_records:
-                self.node_names[m.metadata.src_node_id] = str(m.content.config_records[SITE_KEY].get("name", "?"))
+            rec = site_record(m)
+            if rec is not None:
+                self.node_names[m.metadata.src_node_id] = str(rec.get("name", "?"))
 
     # ---- privacy budgets (privacy=dpsgd) ----------------------------------------------
     def _note_privacy(self, server_round: int, replies: list[Message]) -> None:
