@@ -100,7 +100,7 @@ def binary_metrics(
     s = np.asarray(scores, dtype=np.float64)
     both_classes = rankable(y, s)
     out: dict[str, float] = {
-        "auc": float(_sk().roc_auc_score(y, s)) if both_classes else float("nan"),
+        "auc": roc_auc(y, s) if both_classes else float("nan"),
         "pr_auc": float(_sk().average_precision_score(y, s)) if both_classes else float("nan"),
         "ks": ks_statistic(y, s) if both_classes else float("nan"),
     }
@@ -130,7 +130,7 @@ def group_metrics(
             continue
         y, s = y_true[mask], scores[mask]
         acc = metrics_from_counts(confusion_counts(y, s, threshold))["accuracy"]
-        auc = float(_sk().roc_auc_score(y, s)) if rankable(y, s) else float("nan")
+        auc = roc_auc(y, s) if rankable(y, s) else float("nan")
         out[f"accuracy_{name}"] = acc
         out[f"auc_{name}"] = auc
         accs.append(acc)
