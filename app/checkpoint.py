@@ -35,8 +35,9 @@ from flwr.serverapp.strategy import Result
 
 FILE = "checkpoint.npz"
 FORMAT = 1
-#: Config keys that may differ between the interrupted and the resumed run.
-MAY_DIFFER = ("resume", "data_dir", "faults.crash_after_round")
+#: Config keys that may differ between the interrupted and the resumed run (none changes what is trained).
+MAY_DIFFER = ("resume", "data_dir", "faults.crash_after_round", "checkpoint", "report", "logger", "audit",
+              "audit_references", "simulation")
 
 
 class CheckpointError(ValueError):
@@ -160,7 +161,7 @@ def resumable(path: str | Path, config: dict[str, Any], num_rounds: int) -> Chec
     diffs = config_differences(ckpt.config, config)
     if diffs:
         raise CheckpointError(f"resume={path}: the checkpoint was made with another config; resume with the same "
-                              f"overrides (only resume and data_dir may differ). Differences: {'; '.join(diffs)}")
+                              f"overrides (only {', '.join(MAY_DIFFER)} may differ). Differences: {'; '.join(diffs)}")
     if ckpt.round >= num_rounds:
         raise CheckpointError(f"resume={path}: the run already completed all {num_rounds} rounds (checkpoint "
                               f"after round {ckpt.round}); nothing to resume")

@@ -92,8 +92,12 @@ def run(cfg: DictConfig) -> None:
     if typed.report:
         from app import report
 
-        _, page = report.write(out_dir)
-        print(f"fedsilo: report in {page}", flush=True)
+        try:
+            _, page = report.write(out_dir)
+            print(f"fedsilo: report in {page}", flush=True)
+        except Exception as err:  # noqa: BLE001 - the run succeeded; a report failure must not hide that
+            print(f"fedsilo: warning: the report could not be written ({type(err).__name__}: {err}); "
+                  f"retry with: fedsilo report {out_dir}", file=sys.stderr, flush=True)
     print(f"fedsilo: results in {results}", flush=True)
 
 

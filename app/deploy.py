@@ -175,6 +175,10 @@ def main(argv: list[str]) -> int:
     if config.compose(list(args.overrides)).report:
         from app import report
 
-        print(f"fedsilo deploy: report in {report.write(out)[1]}", flush=True)
+        try:
+            print(f"fedsilo deploy: report in {report.write(out)[1]}", flush=True)
+        except Exception as err:  # noqa: BLE001 - the run succeeded; a report failure must not hide that
+            print(f"fedsilo deploy: warning: the report could not be written ({type(err).__name__}: {err}); "
+                  f"retry with: fedsilo report {out}", file=sys.stderr, flush=True)
     print(f"fedsilo deploy: results in {out / 'results.json'}", flush=True)
     return 0
