@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--secagg", type=int, default=100, help="also run aggregation=secagg at this many sites (0: no)")
     ap.add_argument("--reps", type=int, default=2, help="repetitions, interleaved; medians are reported")
+    ap.add_argument("--merge", action="store_true", help="replace only these sizes' rows in the existing results")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,23 +151,29 @@ def main() -> None:
             print(f"secagg at {args.secagg} sites: {sec['mean_round_s']:.2f} s/round, peak {sec['peak_rss_mb']:.0f} MB, "
                   f"AUC {sec['final_auc']:.4f}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    payload = {"rounds": args.rounds, "reps": args.reps, "fedsilo_overrides": FEDSILO, "rows": rows,
-               "secagg": {"sites": args.secagg, **sec} if sec else None}
+    secagg = {"sites": args.secagg, **sec} if sec else None
+    if args.merge and (OUT / "scale.json").is_file():
+        old = json.loads((OUT / "scale.json").read_text())
+        rows = sorted([r for r in old["rows"] if r["sites"] not in args.sites] + rows, key=lambda r: r["sites"])
+        secagg = secagg or old.get("secagg")
+    sec = secagg
+    payload = {"rounds": args.rounds, "fedsilo_overrides": FEDSILO, "rows": rows, "secagg": secagg}
     (OUT / "scale.json").write_text(json.dumps(payload, indent=2) + "\n")
-    lines = [f"# Simulation at scale ({args.rounds} rounds, finance, Dirichlet alpha 2, median of {args.reps} "
-             "interleaved repetitions)", "",
+    lines = [f"# Simulation at scale ({args.rounds} rounds, finance, Dirichlet alpha 2, medians of interleaved "
+             "repetitions)", "",
              "`python benchmarks/scale.py`: fedsilo and a plain Flower 1.41 FedAvg app (same MLP, rows, sites, "
              "rounds, evaluation) through the same private SuperLink, interleaved in one process. Seconds per round "
              "= time between server-side evaluations; peak memory = largest total RSS of the run's processes.", "",
-             "| sites | Flower s/round | fedsilo s/round | ratio | ratio after round 1 | Flower wall s | fedsilo wall s "
-             "| Flower peak MB | fedsilo peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| sites | repetitions | Flower s/round | fedsilo s/round | ratio | ratio after round 1 | Flower wall s "
+             "| fedsilo wall s | Flower peak MB | fedsilo peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, f = r["flower"], r["fedsilo"]
-        lines.append(f"| {r['sites']} | {b['mean_round_s']:.2f} | {f['mean_round_s']:.2f} | {r['ratio_mean_round']:.2f} "
+        lines.append(f"| {r['sites']} | {len(r['reps']['flower'])} | {b['mean_round_s']:.2f} | {f['mean_round_s']:.2f} "
+                     f"| {r['ratio_mean_round']:.2f} "
                      f"| {r['ratio_after_first']:.2f} | {b['wall_s']:.1f} | {f['wall_s']:.1f} | {b['peak_rss_mb']:.0f} "
                      f"| {f['peak_rss_mb']:.0f} |")
     if sec:
-        lines += ["", f"`aggregation=secagg` at {args.secagg} sites: {sec['mean_round_s']:.2f} s per round "
+        lines += ["", f"`aggregation=secagg` at {sec['sites']} sites: {sec['mean_round_s']:.2f} s per round "
                   f"(rounds: {', '.join(f'{s:.1f}' for s in sec['round_s'])}), peak {sec['peak_rss_mb']:.0f} MB, "
                   f"final AUC {sec['final_auc']:.4f}."]
     (OUT / "scale.md").write_text("\n".join(lines) + "\n")
