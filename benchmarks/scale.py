@@ -122,6 +122,15 @@ def median_run(runs: list[dict]) -> dict:
     return out
 
 
+def row_of(n: int, bases: list[dict], ours_: list[dict]) -> dict:
+    """One table row: medians over the repetitions of each app, and their ratios."""
+    base, ours = median_run(bases), median_run(ours_)
+    return {"sites": n, "flower": base, "fedsilo": ours, "reps": {"flower": bases, "fedsilo": ours_},
+            "ratio_mean_round": ours["mean_round_s"] / base["mean_round_s"],
+            "ratio_after_first": ours["mean_round_s_after_first"] / base["mean_round_s_after_first"],
+            "ratio_wall": ours["wall_s"] / base["wall_s"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
@@ -137,11 +146,8 @@ def main() -> None:
             for _ in range(args.reps):  # interleaved: drift of the machine hits both alike
                 bases.append(summary(run_baseline(n, args.rounds, Path(tmp))))
                 ours_.append(summary(run_fedsilo(n, args.rounds, Path(tmp))))
-            base, ours = median_run(bases), median_run(ours_)
-            row = {"sites": n, "flower": base, "fedsilo": ours, "reps": {"flower": bases, "fedsilo": ours_},
-                   "ratio_mean_round": ours["mean_round_s"] / base["mean_round_s"],
-                   "ratio_after_first": ours["mean_round_s_after_first"] / base["mean_round_s_after_first"],
-                   "ratio_wall": ours["wall_s"] / base["wall_s"]}
+            row = row_of(n, bases, ours_)
+            base, ours = row["flower"], row["fedsilo"]
             rows.append(row)
             print(f"{n} sites: Flower {base['mean_round_s']:.2f} s/round ({base['peak_rss_mb']:.0f} MB), fedsilo "
                   f"{ours['mean_round_s']:.2f} s/round ({ours['peak_rss_mb']:.0f} MB): ratio "
@@ -152,10 +158,14 @@ def main() -> None:
                   f"AUC {sec['final_auc']:.4f}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     secagg = {"sites": args.secagg, **sec} if sec else None
-    if args.merge and (OUT / "scale.json").is_file():
-        old = json.loads((OUT / "scale.json").read_text())
-        rows = sorted([r for r in old["rows"] if r["sites"] not in args.sites] + rows, key=lambda r: r["sites"])
-        secagg = secagg or old.get("secagg")
+    if args.merge and (OUT / "scale.json").is_file():  # add these repetitions to the recorded ones
+        old = {r["sites"]: r for r in json.loads((OUT / "scale.json").read_text())["rows"]}
+        for r in rows:
+            if r["sites"] in old:
+                r.update(row_of(r["sites"], old[r["sites"]]["reps"]["flower"] + r["reps"]["flower"],
+                                old[r["sites"]]["reps"]["fedsilo"] + r["reps"]["fedsilo"]))
+        rows = sorted([r for n, r in old.items() if n not in args.sites] + rows, key=lambda r: r["sites"])
+        secagg = secagg or json.loads((OUT / "scale.json").read_text()).get("secagg")
     sec = secagg
     payload = {"rounds": args.rounds, "fedsilo_overrides": FEDSILO, "rows": rows, "secagg": secagg}
     (OUT / "scale.json").write_text(json.dumps(payload, indent=2) + "\n")
