@@ -61,6 +61,18 @@ def fingerprint(task: Task, *extra: Any) -> str:
     return h.hexdigest()[:32]
 
 
+def _entry(task: Task, kind: str, *extra: Any) -> Path | None:
+    """Where ``task``'s entry of ``kind`` lives, or None (cache off, or a data file missing: the
+    task's own loading then fails with its clear message)."""
+    d = directory()
+    if d is None:
+        return None
+    try:
+        return d / f"{kind}-{fingerprint(task, *extra)}.npz"
+    except OSError:
+        return None
+
+
 def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -83,10 +95,8 @@ def _read(path: Path) -> dict[str, np.ndarray] | None:
 def load_data(task: Task) -> TaskData | None:
     from tasks.base import Split, TaskData
 
-    d = directory()
-    if d is None:
-        return None
-    z = _read(d / f"data-{fingerprint(task)}.npz")
+    path = _entry(task, "data")
+    z = None if path is None else _read(path)
     if z is None:
         return None
 
@@ -98,8 +108,8 @@ def load_data(task: Task) -> TaskData | None:
 
 
 def save_data(task: Task, data: TaskData) -> None:
-    d = directory()
-    if d is None:
+    path = _entry(task, "data")
+    if path is None:
         return
     arrays: dict[str, np.ndarray] = {"feature_names": np.array(data.feature_names, dtype=str),
                                      "group_names": np.array(data.group_names or (), dtype=str),
@@ -109,30 +119,28 @@ def save_data(task: Task, data: TaskData) -> None:
         if s.group is not None:
             arrays[f"{prefix}_group"] = np.asarray(s.group)
     try:
-        _write(d / f"data-{fingerprint(task)}.npz", arrays)
+        _write(path, arrays)
     except OSError:  # a read-only home: the cache is an optimisation, never a requirement
         pass
 
 
 # ---- a partition: each site's name and training/validation rows of the pool ---------------
 def load_sites(task: Task, key: tuple[Any, ...]) -> list[tuple[str, np.ndarray, np.ndarray]] | None:
-    d = directory()
-    if d is None:
-        return None
-    z = _read(d / f"sites-{fingerprint(task, *key)}.npz")
+    path = _entry(task, "sites", *key)
+    z = None if path is None else _read(path)
     if z is None:
         return None
     return [(str(name), z[f"train_{i}"], z[f"val_{i}"]) for i, name in enumerate(z["names"])]
 
 
 def save_sites(task: Task, key: tuple[Any, ...], sites: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
-    d = directory()
-    if d is None:
+    path = _entry(task, "sites", *key)
+    if path is None:
         return
     arrays: dict[str, np.ndarray] = {"names": np.array([s[0] for s in sites], dtype=str)}
     for i, (_, tr, va) in enumerate(sites):
         arrays[f"train_{i}"], arrays[f"val_{i}"] = np.asarray(tr, np.int64), np.asarray(va, np.int64)
     try:
-        _write(d / f"sites-{fingerprint(task, *key)}.npz", arrays)
+        _write(path, arrays)
     except OSError:
         pass
