@@ -93,7 +93,8 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``num_rounds`` of the configured strategy and write results.json."""
     torch.set_num_threads(1)
     cfg = config.from_run_config(context.run_config)
-    if isinstance(getattr(grid, "pull_interval", None), float) and config.num_sites(cfg) <= SMALL_FEDERATION:
+    n_sites = config.num_sites(cfg)
+    if isinstance(getattr(grid, "pull_interval", None), float) and n_sites <= SMALL_FEDERATION:
         # Flower's in-memory grid (the simulation engine's) polls for replies every 0.1 s, a floor on
         # every message round trip (secure aggregation makes four per round): small federations poll
         # every 5 ms. Larger ones keep Flower's interval: a poll costs in proportion to the replies
@@ -104,7 +105,6 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = Path(out) if out else default_output_dir(context.run_id)
     task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
     test = task.data().test
-    n_sites = config.num_sites(cfg)
     random.seed(cfg.seed)  # Flower samples sites with Python's random: seeded, and checkpointed, for reproducibility
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -148,14 +148,13 @@ def main(grid: Grid, context: Context) -> None:
 
     def after_round(server_round: int, arrays: ArrayRecord, res: Result) -> None:
         recorder.traffic[server_round] = grid.take().as_dict()
-        log(INFO, "%s", progress_line(server_round, cfg.num_rounds, strategy.participation.get(server_round, {}),
-                                      recorder, dict(res.evaluate_metrics_clientapp.get(server_round, {}))))
+        entry = strategy.participation.get(server_round, {})
+        federated = dict(res.evaluate_metrics_clientapp.get(server_round, {}))
+        log(INFO, "%s", progress_line(server_round, cfg.num_rounds, entry, recorder, federated))
         if board is not None:
             board.log_round(server_round, recorder.server.get(server_round, {}),
-                            dict(res.train_metrics_clientapp.get(server_round, {})),
-                            dict(res.evaluate_metrics_clientapp.get(server_round, {})),
-                            strategy.participation.get(server_round, {}), recorder.traffic[server_round],
-                            recorder.seconds.get(server_round))
+                            dict(res.train_metrics_clientapp.get(server_round, {})), federated, entry,
+                            recorder.traffic[server_round], recorder.seconds.get(server_round))
         if cfg.checkpoint:
             checkpoint.save(out_dir, server_round, arrays, res, config.to_dict(cfg), recorder.state(),
                             strategy.state_dict())

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -20,8 +20,10 @@ from strategies.validation import record_bytes
 
 
 def payload_bytes(content: RecordDict) -> int:
-    """Bytes a message's records carry (see the module docstring)."""
-    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values()) + record_bytes(content)
+    """Bytes a message's records carry (see the module docstring). Iterates the records directly:
+    ``content.array_records`` rebuilds a filtered dict on every access."""
+    arrays = sum(len(a.data) for rec in content.values() if isinstance(rec, ArrayRecord) for a in rec.values())
+    return arrays + record_bytes(content)
 
 
 @dataclass
