@@ -15,12 +15,13 @@ from flwr.clientapp import ClientApp
 
 import tasks
 from app import config
-from app.paths import resolve_data_dir
-from app import attacks, faults
+from app.runtime.paths import resolve_data_dir
+from app.faults import attacks
+from app.faults import dropouts as faults
 from privacy import dpsgd
 from strategies import client_penalty, heterogeneity, robust
-from strategies.secagg import client as secagg
-from strategies.secagg.vector import Layout, WeightedUpdateCodec
+from aggregation.secagg import client as secagg
+from aggregation.secagg.vector import Layout, WeightedUpdateCodec
 from strategies.validation import SITE_KEY, WEIGHT_KEY
 from tasks import site_file
 from tasks.base import SiteData, Task, seed_for
@@ -141,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
         return error
     site = r["site"]
     if isinstance(r["cfg"].aggregation, config.PaillierConfig):  # encrypted weighted model and rows only
-        from strategies.paillier import client as pai
+        from aggregation.paillier import client as pai
 
         codec, private, encryptor = _paillier(r["cfg"], context)
         records = pai.reply_records(r["model"].state_dict(), len(site.train), codec, encryptor, private, context,
@@ -158,7 +159,7 @@ def train(msg: Message, context: Context) -> Message:
 def _paillier(cfg: config.FedsiloConfig, context: Context):  # type: ignore[no-untyped-def]
     """(model codec factory, private key, encryptor) of this site under ``aggregation=paillier``."""
     from strategies import paillier_packer
-    from strategies.paillier import client as pai
+    from aggregation.paillier import client as pai
 
     a = cfg.aggregation
     assert isinstance(a, config.PaillierConfig)
@@ -171,7 +172,7 @@ def _global_state(msg: Message, cfg: config.FedsiloConfig, context: Context, mod
     arrays = msg.content["arrays"]
     if not isinstance(cfg.aggregation, config.PaillierConfig):
         return arrays.to_torch_state_dict()
-    from strategies.paillier import client as pai
+    from aggregation.paillier import client as pai
 
     codec, private, _ = _paillier(cfg, context)
     return pai.global_state(arrays, model.state_dict(), codec, private, cfg.aggregation.workers, context)
@@ -223,7 +224,7 @@ def train_secagg(msg: Message, context: Context) -> Message:
     """Local training as :func:`train`, replying with the masked weighted update only.
 
     The site encodes ``n_k * (w_local - w_global)``, its row count and its training loss
-    into one field vector (:mod:`strategies.secagg.vector`) and masks it; its row count
+    into one field vector (:mod:`aggregation.secagg.vector`) and masks it; its row count
     and update never leave the site in the clear.
     """
     torch.set_num_threads(1)
@@ -266,7 +267,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         SITE_KEY: _site_record(site, server_round),
     })
     if isinstance(cfg.aggregation, config.PaillierConfig):  # next round's obfuscators, ahead of training
-        from strategies.paillier import client as pai
+        from aggregation.paillier import client as pai
 
         codec, private, _ = _paillier(cfg, context)
         pai.prepare_next_round(context, model.state_dict(), codec, private, cfg.aggregation.workers)

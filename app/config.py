@@ -98,7 +98,7 @@ class AggregationConfig:
 
 @dataclass
 class SecAggConfig(AggregationConfig):
-    """Schema of ``aggregation=secagg`` (:mod:`strategies.secagg`)."""
+    """Schema of ``aggregation=secagg`` (:mod:`aggregation.secagg`)."""
 
     name: str = "secagg"
     clip: float = 4.0          # each site's update (local - global weights) clipped to [-clip, clip]
@@ -110,7 +110,7 @@ class SecAggConfig(AggregationConfig):
 
 @dataclass
 class PaillierConfig(AggregationConfig):
-    """Schema of ``aggregation=paillier`` (:mod:`strategies.paillier`)."""
+    """Schema of ``aggregation=paillier`` (:mod:`aggregation.paillier`)."""
 
     name: str = "paillier"
     public_key: str | None = None  # the server's public-key file (fedsilo keys paillier --out DIR)

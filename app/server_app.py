@@ -21,10 +21,11 @@ from flwr.serverapp.strategy import Result
 
 import strategies
 import tasks
-from app import checkpoint, config
-from app.paths import default_output_dir, resolve_data_dir
-from app.results import ENCRYPTED_MODEL_FILE, Recorder
-from app.traffic import MeteredGrid
+from app import config
+from app.runtime import checkpoint
+from app.runtime.paths import default_output_dir, resolve_data_dir
+from app.reporting.results import ENCRYPTED_MODEL_FILE, Recorder
+from app.runtime.traffic import MeteredGrid
 from strategies.loop import run_rounds
 
 app = ServerApp()
@@ -142,7 +143,7 @@ def main(grid: Grid, context: Context) -> None:
 
     board = None
     if cfg.logger == "tensorboard":
-        from app.tensorboard_log import TensorBoardLogger
+        from app.reporting.tensorboard import TensorBoardLogger
 
         board = TensorBoardLogger(out_dir)
 

@@ -30,8 +30,8 @@ FIGURE = ["task=medical", "aggregation=secagg", "num_rounds=3"]
 
 
 def figure_run(tmp: Path) -> dict[str, Any]:
-    from app import deploy
-    from app.local_grid import run_inprocess
+    from app.runtime import deploy
+    from app.runtime.local_grid import run_inprocess
 
     outcome, results = deploy.run(FIGURE, 3, tmp / "deploy", stream=False)
     assert results is not None, outcome
@@ -44,8 +44,9 @@ def figure_run(tmp: Path) -> dict[str, Any]:
 
 
 def leave_run(tmp: Path, sig: signal.Signals) -> dict[str, Any]:
-    from app import config, deploy
-    from app.paths import resolve_data_dir
+    from app import config
+    from app.runtime import deploy
+    from app.runtime.paths import resolve_data_dir
 
     overrides, _ = deploy.site_overrides(["task=medical", "num_rounds=3", "strategy.fraction_evaluate=0"], 4)
     dep = deploy.prepare(tmp, overrides, 4)

@@ -177,7 +177,7 @@ def epoch_speed(quick: bool) -> list[dict[str, Any]]:
     from app import config
     from privacy.dpsgd import DPSGDParams, sample_rate, train_private
     import tasks
-    from app.paths import resolve_data_dir
+    from app.runtime.paths import resolve_data_dir
     from tasks.training import LocalTrainConfig, train_local
 
     cfg = config.compose(["task=finance"])
@@ -209,8 +209,8 @@ def epoch_speed(quick: bool) -> list[dict[str, Any]]:
 
 # ---- part 2: utility and leakage vs epsilon ----------------------------------------------
 def utility(quick: bool) -> list[dict[str, Any]]:
-    from app.audit_cli import audit_run
-    from app.local_grid import run_inprocess
+    from app.cli.audit import audit_run
+    from app.runtime.local_grid import run_inprocess
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     seeds = [0] if quick else [0, 1, 2]

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
-from app.paths import resolve_data_dir  # noqa: E402
+from app.runtime.paths import resolve_data_dir  # noqa: E402
 import tasks  # noqa: E402
 
 JOBS = {
@@ -46,7 +46,7 @@ TARGETS = {
 
 def run_fedsilo(overrides: list[str], seed: int, out: Path) -> dict:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "app.cli", *overrides, f"seed={seed}",
+    proc = subprocess.run([sys.executable, "-m", "app.cli.main", *overrides, f"seed={seed}",
                            f"hydra.run.dir={out}"], cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])

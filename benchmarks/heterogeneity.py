@@ -15,7 +15,7 @@ last 5 rounds (robust to round-to-round oscillation), and the test AUC of the ro
 would ship when selecting by federated validation loss (no test data used in the choice).
 
 Every run is a real fedsilo job (the ServerApp and ClientApp code) driven in-process by
-:mod:`app.local_grid`, which ``tests/test_e2e.py`` shows to be bit-identical to Flower's
+:mod:`app.runtime.local_grid`, which ``tests/test_e2e.py`` shows to be bit-identical to Flower's
 simulation engine; two runs go in parallel on two cores.
 
 Writes ``benchmarks/results/heterogeneity.{json,md,png}``: final test AUC (mean, std
@@ -66,7 +66,7 @@ STRAGGLERS = (0.0, 0.5)
 def one_run(job: tuple[str, str, float, int, int]) -> dict[str, Any]:
     """Run one configuration in this (worker) process; return its AUC curve."""
     scenario, method, stragglers, seed, rounds = job
-    from app.local_grid import run_inprocess
+    from app.runtime.local_grid import run_inprocess
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     overrides = [*SCENARIOS[scenario], *METHODS[method], f"num_rounds={rounds}",

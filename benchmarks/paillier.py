@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from phe import paillier  # noqa: E402
 
-from strategies.paillier.crypto import (  # noqa: E402
+from aggregation.paillier.crypto import (  # noqa: E402
     Encryptor,
     add_ciphertexts,
     chunks,
@@ -47,7 +47,7 @@ from strategies.paillier.crypto import (  # noqa: E402
     obfuscators_job,
     parallel_map,
 )
-from strategies.paillier.packing import Packer  # noqa: E402
+from aggregation.paillier.packing import Packer  # noqa: E402
 
 SITES = 10
 KEY_BITS = 2048
@@ -61,7 +61,7 @@ def cpu() -> float:
 
 
 def _timed(job: str, p: int, q: int, n: int, arg: object) -> tuple[list[int], float]:
-    """Run a :mod:`strategies.paillier.crypto` worker job; return its result and CPU seconds."""
+    """Run a :mod:`aggregation.paillier.crypto` worker job; return its result and CPU seconds."""
     t0 = time.process_time()
     out = (obfuscators_job if job == "obf" else decrypt_job)(p, q, n, arg)  # type: ignore[arg-type]
     return out, time.process_time() - t0

@@ -2,7 +2,7 @@
 
     python benchmarks/robustness.py [--seeds 3] [--rounds 10] [--workers 2]
 
-Every run is fedsilo's real ServerApp and ClientApp in one process (:mod:`app.local_grid`,
+Every run is fedsilo's real ServerApp and ClientApp in one process (:mod:`app.runtime.local_grid`,
 the same results as the simulation engine): finance, 10 sites (iid split), 10 rounds.
 For each attack (``faults.attack``) and attacker share (``faults.byzantine_fraction`` 0.1,
 0.2, 0.3; the 0 % run is shared) it runs plain FedAvg and every ``strategy.robust`` rule
@@ -42,7 +42,7 @@ NORM_BOUND = 0.5  # honest finance updates are shorter: a clean secagg run with 
 def _run(job: tuple[str, float, str, int, int]) -> dict:
     attack, fraction, rule, seed, rounds = job
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    from app.local_grid import run_inprocess
+    from app.runtime.local_grid import run_inprocess
 
     robust = [f"strategy.robust={rule}"] if not rule.startswith("secagg") else \
         ["aggregation=secagg", f"strategy.norm_bound={NORM_BOUND if rule == 'secagg+norm_bound' else 0}"]

@@ -3,7 +3,7 @@
     python benchmarks/scale.py [--sites 10 100 1000] [--rounds 3] [--secagg 100] [--reps 2]
 
 For each number of sites, run interleaved in this one process through the same private
-SuperLink helper (:func:`app.simulation.run_simulation`, runtime dependency installation
+SuperLink helper (:func:`app.runtime.superlink.run_simulation`, runtime dependency installation
 off):
 
 * fedsilo: ``task=finance partition=dirichlet partition.alpha=2 partition.min_partition_size=2``
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
-from app.simulation import run_simulation  # noqa: E402
+from app.runtime.superlink import run_simulation  # noqa: E402
 
 BASELINE = REPO / "benchmarks" / "flower_baseline"
 OUT = REPO / "benchmarks" / "results"

@@ -48,8 +48,8 @@ from flwr.common.serde import message_from_proto, message_to_proto  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from app import config  # noqa: E402
-from app.local_grid import LocalGrid  # noqa: E402
-from app.preflight import preflight  # noqa: E402
+from app.runtime.local_grid import LocalGrid  # noqa: E402
+from app.runtime.preflight import preflight  # noqa: E402
 
 BASE = ["task=finance", "partition=iid", "task.local_epochs=1", "strategy.fraction_evaluate=0"]
 
@@ -112,7 +112,7 @@ def engine(sites: int, rounds: int) -> dict[str, float]:
     out = {}
     for kind in ("plain", "secagg"):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "app.cli", *BASE, f"num_sites={sites}", f"num_rounds={rounds}",
+            cmd = [sys.executable, "-m", "app.cli.main", *BASE, f"num_sites={sites}", f"num_rounds={rounds}",
                    f"aggregation={kind}", f"hydra.run.dir={tmp}"]
             subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=1800)
             res = json.loads((Path(tmp) / "results.json").read_text())

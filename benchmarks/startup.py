@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.simulation import run_simulation  # noqa: E402
+from app.runtime.superlink import run_simulation  # noqa: E402
 
 BASELINE = REPO / "benchmarks" / "flower_baseline"
 COMMAND = ["task=finance", "num_rounds=3", "num_sites=5"]
@@ -31,7 +31,7 @@ COMMAND = ["task=finance", "num_rounds=3", "num_sites=5"]
 
 def time_fedsilo(out: Path) -> float:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "app.cli", *COMMAND, f"hydra.run.dir={out}"],
+    proc = subprocess.run([sys.executable, "-m", "app.cli.main", *COMMAND, f"hydra.run.dir={out}"],
                           cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])

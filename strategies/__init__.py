@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 from strategies.fedavg import FedAvg
 from strategies.fedprox import FedProx, client_penalty
 from strategies.robust import Robustness
-from strategies.secagg.server import SecureAggregator
+from aggregation.secagg.server import SecureAggregator
 
 if TYPE_CHECKING:
     from app.config import FedsiloConfig, PaillierConfig
-    from strategies.paillier.packing import Packer
-    from strategies.paillier.server import EncryptedAggregator
+    from aggregation.paillier.packing import Packer
+    from aggregation.paillier.server import EncryptedAggregator
 
 
 def secure_aggregator(cfg: FedsiloConfig) -> SecureAggregator | None:
@@ -32,8 +32,8 @@ def encrypted_aggregator(cfg: FedsiloConfig) -> EncryptedAggregator | None:
     a = cfg.aggregation
     if not isinstance(a, PaillierConfig):
         return None
-    from strategies.paillier.keys import PaillierKeyError, load_public
-    from strategies.paillier.server import EncryptedAggregator
+    from aggregation.paillier.keys import PaillierKeyError, load_public
+    from aggregation.paillier.server import EncryptedAggregator
 
     if not a.public_key:
         raise PaillierKeyError("aggregation=paillier needs aggregation.public_key=PATH (the server gets the public "
@@ -44,7 +44,7 @@ def encrypted_aggregator(cfg: FedsiloConfig) -> EncryptedAggregator | None:
 
 def paillier_packer(a: PaillierConfig, key_bits: int) -> Packer:
     """The packing both halves use: plaintexts below the modulus."""
-    from strategies.paillier.packing import Packer
+    from aggregation.paillier.packing import Packer
 
     return Packer(a.clip, a.value_bits, a.max_sites, key_bits - 1)
 

@@ -8,7 +8,7 @@ Differences from ``flwr.serverapp.strategy.FedAvg``:
 * replies are aggregated in a fixed site order, so the same seed gives the same model;
 * federated evaluation pools the sites' confusion counts into exact pooled metrics;
 * per round it keeps who was sampled, who replied and who was rejected (``participation``);
-* with a :class:`~strategies.secagg.server.SecureAggregator` the training phase runs the
+* with a :class:`~aggregation.secagg.server.SecureAggregator` the training phase runs the
   secure aggregation protocol: the server receives only masked vectors and learns only the
   weighted sum of the updates and the total weight (``aggregation=secagg``).
 """
@@ -30,9 +30,9 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from strategies import robust
 from strategies.robust import Robustness
-from strategies.secagg.protocol import SecAggAbort
-from strategies.secagg.server import SecureAggregator
-from strategies.secagg.vector import Layout
+from aggregation.secagg.protocol import SecAggAbort
+from aggregation.secagg.server import SecureAggregator
+from aggregation.secagg.vector import Layout
 
 from strategies.validation import (
     WEIGHT_KEY,
@@ -45,7 +45,7 @@ from strategies.validation import (
 from tasks.metrics import pool_site_summaries
 
 if TYPE_CHECKING:  # phe (GPL) is an optional extra: imported only when Paillier is used
-    from strategies.paillier.server import EncryptedAggregator
+    from aggregation.paillier.server import EncryptedAggregator
 
 EVAL_KEYS = ("tp", "fp", "tn", "fn", "loss", "auc", "auc_weight")
 
@@ -225,7 +225,7 @@ class FedAvg(FlowerFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Multiply the accepted ciphertexts; the encrypted sum becomes the next global record."""
-        from strategies.paillier.server import screen as paillier_screen
+        from aggregation.paillier.server import screen as paillier_screen
 
         assert self.encrypted is not None
         replies = sorted(replies, key=site_order)

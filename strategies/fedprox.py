@@ -28,10 +28,10 @@ from torch import nn
 
 from strategies.fedavg import FedAvg
 from strategies.robust import Robustness
-from strategies.secagg.server import SecureAggregator
+from aggregation.secagg.server import SecureAggregator
 
 if TYPE_CHECKING:
-    from strategies.paillier.server import EncryptedAggregator
+    from aggregation.paillier.server import EncryptedAggregator
 
 MU_KEY = "proximal-mu"
 

@@ -87,8 +87,8 @@ def _decrypt(arrays: ArrayRecord, overrides: list[str], key_pair: Path) -> dict[
     import tasks
     from app import config
     from strategies import paillier_packer as packer_for
-    from strategies.paillier import keys
-    from strategies.paillier.client import ModelCodecFactory, global_state
+    from aggregation.paillier import keys
+    from aggregation.paillier.client import ModelCodecFactory, global_state
 
     cfg = config.compose(overrides)
     model = tasks.get(cfg.task.name)(cfg.task, DATA_DIR).build_model()
@@ -103,7 +103,7 @@ def run_case(case_id: str, out_dir: Path, key_files: tuple[Path, Path] | None = 
     """Run one grid case in process; return its summary (see the module docstring)."""
     from app import client_app, server_app
     from app import config
-    from app.local_grid import LocalGrid
+    from app.runtime.local_grid import LocalGrid
 
     key_pair, public_key = key_files if key_files is not None else (None, None)
     overrides = overrides_of(case_id, public_key)
@@ -154,13 +154,13 @@ def run_case(case_id: str, out_dir: Path, key_files: tuple[Path, Path] | None = 
 
 def normalise(summary: dict[str, Any]) -> Any:
     """The summary as JSON would store it (NaN as null, tuples as lists): what is compared."""
-    from app.results import clean
+    from app.reporting.results import clean
 
     return json.loads(json.dumps(clean(summary)))
 
 
 def make_keys(folder: Path) -> tuple[Path, Path]:
-    from strategies.paillier import keys
+    from aggregation.paillier import keys
 
     return keys.generate(folder)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.audit_cli import audit_run
-from app.local_grid import run_inprocess
+from app.cli.audit import audit_run
+from app.runtime.local_grid import run_inprocess
 from privacy.audit import score_attack
 
 #: A deliberately overfit federation: 5 sites x 50 rows, 400 local epochs in all, a wide MLP.

@@ -10,7 +10,7 @@ from flwr.app import Error, Message, RecordDict
 from opacus.accountants import RDPAccountant
 
 from app import config
-from app.local_grid import run_inprocess
+from app.runtime.local_grid import run_inprocess
 from privacy.central import PARTICIPATION_KEY, CentralDP
 from tests.test_strategy import SHAPES, _arrays, _reply, _strategy
 

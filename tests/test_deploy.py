@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from app import deploy
-from app.local_grid import run_inprocess
-from app.paths import resolve_data_dir
-from app.simulation import LocalSuperLink
+from app.runtime import deploy
+from app.runtime.local_grid import run_inprocess
+from app.runtime.paths import resolve_data_dir
+from app.runtime.superlink import LocalSuperLink
 from tests.conftest import REPO
 from tests.test_e2e import leftover_processes
 
@@ -75,7 +75,7 @@ def test_deploy_local_matches_the_simulation(tmp_path: Path) -> None:
 
 def test_unregistered_key_and_plaintext_node_are_refused(tmp_path: Path) -> None:
     """A SuperNode whose key was not registered, and one without TLS, never join."""
-    from app import pki
+    from app.runtime import pki
 
     certs = pki.make_certificates(tmp_path / "pki", ["localhost"], ["127.0.0.1"])
     (registered, registered_pub), (stranger, _) = pki.make_supernode_keys(tmp_path / "keys", 2)

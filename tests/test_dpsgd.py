@@ -17,7 +17,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from app import config
-from app.local_grid import run_inprocess
+from app.runtime.local_grid import run_inprocess
 from privacy.accountant import STATE_KEY, PrivacyLedger
 from privacy.clipping import LinearClipper, OpacusClipper, linear_supported, make_clipper
 from privacy.dpsgd import BudgetExhausted, DPSGDParams, check_budget, private_round, site_name, train_private

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import torch
 
-from app.local_grid import run_inprocess
-from app.simulation import LocalSuperLink
+from app.runtime.local_grid import run_inprocess
+from app.runtime.superlink import LocalSuperLink
 from tests.conftest import REPO, make_task
 
 pytestmark = pytest.mark.e2e
@@ -100,7 +100,7 @@ def test_same_seed_gives_identical_results(finance_run: tuple[Path, dict[str, An
 
 
 def test_inprocess_runner_matches_the_simulation_engine(finance_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
-    """The sweep runner (app.local_grid) gives the simulation engine's results bit for bit."""
+    """The sweep runner (app.runtime.local_grid) gives the simulation engine's results bit for bit."""
     flower_dir, flower = finance_run
     local = run_inprocess(["task=finance", "num_rounds=2", "num_sites=3"], tmp_path)
     assert local["final"] == flower["final"]
@@ -156,7 +156,7 @@ def test_paillier_aggregation_through_the_simulation_engine(tmp_path: Path) -> N
     """aggregation=paillier with DP-SGD in Flower's engine: sites encrypt their DP-SGD models, the
     server adds ciphertexts and keeps only the encrypted model; results come from federated
     evaluation; each site's epsilon accumulates across the rounds."""
-    from strategies.paillier.keys import generate
+    from aggregation.paillier.keys import generate
 
     private, public = generate(tmp_path / "keys")
     _, results = fedsilo(tmp_path / "run", "task=finance", "num_sites=3", "num_rounds=2", "aggregation=paillier",
@@ -255,7 +255,7 @@ def test_killed_command_stops_everything_it_started(tmp_path: Path) -> None:
 def test_coordinator_dies_and_the_fedsilo_command_resumes_it(tmp_path: Path) -> None:
     """Through the simulation engine: the ServerApp dies after round 2 of 4 (the run fails, exit 1,
     checkpoint on disk); ``fedsilo resume=DIR`` finishes it with the uninterrupted run's metrics."""
-    from app import checkpoint
+    from app.runtime import checkpoint
 
     common = ("task=medical", "num_rounds=4", "privacy=dpsgd")
     proc, _ = fedsilo(tmp_path / "crash", *common, "faults.crash_after_round=2", expect_ok=False)

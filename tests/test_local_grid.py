@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from app import server_app
-from app.local_grid import LocalGrid, run_inprocess
+from app.runtime.local_grid import LocalGrid, run_inprocess
 from tests.conftest import DATA_DIR
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from strategies.paillier import keys
-from strategies.paillier.crypto import Encryptor, add_ciphertexts, check_ciphertexts
-from strategies.paillier.packing import Packer
+from aggregation.paillier import keys
+from aggregation.paillier.crypto import Encryptor, add_ciphertexts, check_ciphertexts
+from aggregation.paillier.packing import Packer
 
 PACKER = Packer(clip=2.0, value_bits=16, max_sites=16, plaintext_bits=2047)
 
@@ -114,7 +114,7 @@ def test_fedsilo_keys_command_writes_both_files_and_refuses_short_keys(tmp_path:
 
 
 def test_encrypted_weighted_models_decode_to_fedavg_within_the_bound(keypair: tuple[Path, Path]) -> None:
-    from strategies.paillier.vector import ModelCodec
+    from aggregation.paillier.vector import ModelCodec
 
     private = keys.load_private(keypair[0])
     enc = Encryptor(private)

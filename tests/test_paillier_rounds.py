@@ -16,12 +16,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import tasks
 from app import client_app, config, server_app
-from app.local_grid import LocalGrid, run_inprocess
-from app.paths import resolve_data_dir
+from app.runtime.local_grid import LocalGrid, run_inprocess
+from app.runtime.paths import resolve_data_dir
 from strategies import paillier_packer
-from strategies.paillier import keys
-from strategies.paillier.client import ModelCodecFactory, global_state
-from strategies.paillier.server import ENCRYPTED_KEY
+from aggregation.paillier import keys
+from aggregation.paillier.client import ModelCodecFactory, global_state
+from aggregation.paillier.server import ENCRYPTED_KEY
 from tests.conftest import DATA_DIR
 
 COMMON = ["task=finance", "num_sites=3", "num_rounds=3"]
@@ -112,7 +112,7 @@ def test_a_site_with_another_key_pair_is_rejected_by_fingerprint(tmp_path: Path,
 
 
 def test_missing_keys_fail_at_start_with_a_clear_message(tmp_path: Path, key_files: tuple[Path, Path]) -> None:
-    from app.preflight import PreflightError
+    from app.runtime.preflight import PreflightError
 
     with pytest.raises(PreflightError, match="aggregation.public_key"):
         run_inprocess([*COMMON, "aggregation=paillier"], tmp_path / "nokey")
@@ -144,7 +144,7 @@ def test_paillier_composes_with_fedprox(tmp_path: Path, key_files: tuple[Path, P
 def test_obfuscators_made_during_evaluation_are_used_once(tmp_path: Path, key_files: tuple[Path, Path]) -> None:
     """Sites precompute the next round's obfuscators while evaluating; training consumes them, and
     the ciphertexts still decrypt to the right model (the run matches the one without)."""
-    from strategies.paillier.client import OBFUSCATORS_KEY
+    from aggregation.paillier.client import OBFUSCATORS_KEY
 
     class Watching(LocalGrid):
         seen: list[tuple[str, bool]] = []
@@ -177,7 +177,7 @@ def test_sites_can_spread_encryption_and_decryption_over_processes(tmp_path: Pat
 def test_each_aggregate_is_decrypted_once_per_site(tmp_path: Path, key_files: tuple[Path, Path],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The aggregate evaluated after round 1 is the one trained on in round 2: decrypted once."""
-    from strategies.paillier import client as pai
+    from aggregation.paillier import client as pai
 
     calls = []
     original = pai.decrypt_all

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app import compare, report
-from app.local_grid import run_inprocess
+from app.reporting import compare
+from app.reporting import report
+from app.runtime.local_grid import run_inprocess
 from tasks.metrics import binary_metrics
 
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")

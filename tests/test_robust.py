@@ -10,8 +10,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from app import attacks, config
-from app.local_grid import run_inprocess
+from app import config
+from app.faults import attacks
+from app.runtime.local_grid import run_inprocess
 from strategies import robust
 from strategies.fedavg import FedAvg
 from tasks.base import Split

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.crypto import shamir as flower_shamir
 
-from strategies.secagg import keys, prg
-from strategies.secagg.codec import FieldCodec
-from strategies.secagg.shamir import combine_shares, create_shares
+from aggregation.secagg import keys, prg
+from aggregation.secagg.codec import FieldCodec
+from aggregation.secagg.shamir import combine_shares, create_shares
 
 
 def test_key_agreement_is_symmetric_and_purpose_bound() -> None:
@@ -124,7 +124,7 @@ def test_shamir_needs_the_threshold() -> None:
 
 
 def test_neighbour_graph_is_a_symmetric_ring_or_complete() -> None:
-    from strategies.secagg.graph import auto_neighbours, ring
+    from aggregation.secagg.graph import auto_neighbours, ring
 
     ids = list(range(1, 31))
     graph = ring(ids, 6)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strategies.secagg.codec import FieldCodec
-from strategies.secagg.protocol import SecAggAbort, SecAggClient, SecAggServer
+from aggregation.secagg.codec import FieldCodec
+from aggregation.secagg.protocol import SecAggAbort, SecAggClient, SecAggServer
 
 N, T, D = 5, 3, 400
 CODEC = FieldCodec(clip=2.0, value_bits=20, max_sites=8)

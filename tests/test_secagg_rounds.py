@@ -18,10 +18,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from app import client_app, config, server_app
-from app.local_grid import LocalGrid
-from strategies.secagg import vector
-from strategies.secagg.client import MASKED_KEY, WIRE_KEY
-from strategies.secagg.vector import Layout
+from app.runtime.local_grid import LocalGrid
+from aggregation.secagg import vector
+from aggregation.secagg.client import MASKED_KEY, WIRE_KEY
+from aggregation.secagg.vector import Layout
 from tests.conftest import DATA_DIR
 
 
@@ -233,7 +233,7 @@ def test_pipelined_rounds_need_two_exchanges_and_stay_exact(tmp_path: Path, monk
         assert secure["history"][r - 1]["participation"]["secagg"]["pipelined"] is (r > 1)
     assert_rounds_equal_survivors_mean(grid, tmp_path / "secagg", updates)
     monkeypatch.undo()
-    from app.local_grid import run_inprocess
+    from app.runtime.local_grid import run_inprocess
 
     plain = run_inprocess(common, tmp_path / "plain")
     assert abs(secure["final"]["auc"] - plain["final"]["auc"]) < 1e-4

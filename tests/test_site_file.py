@@ -14,7 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from app import config, data_cli, pki
+from app import config
+from app.cli import data as data_cli
+from app.runtime import pki
 from tasks import site_file
 from tasks.site_file import SiteDataError
 from tests.conftest import make_task

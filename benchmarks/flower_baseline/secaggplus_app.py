@@ -21,9 +21,9 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from app import config
-from app.paths import resolve_data_dir
+from app.runtime.paths import resolve_data_dir
 from tasks import get as get_task
-from strategies.secagg.graph import auto_neighbours
+from aggregation.secagg.graph import auto_neighbours
 from tasks.base import seed_for
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.paillier.packing import Packer
+from aggregation.paillier.packing import Packer
 
 
 @dataclass(frozen=True)

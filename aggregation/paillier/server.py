@@ -21,9 +21,9 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common import log
 from phe import paillier
 
-from strategies.paillier.crypto import add_ciphertexts, check_ciphertexts
-from strategies.paillier.keys import fingerprint
-from strategies.paillier.packing import Packer
+from aggregation.paillier.crypto import add_ciphertexts, check_ciphertexts
+from aggregation.paillier.keys import fingerprint
+from aggregation.paillier.packing import Packer
 from strategies.validation import check_size
 
 ENCRYPTED_KEY = "encrypted"

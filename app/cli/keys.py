@@ -8,7 +8,7 @@
 ``DIR/paillier_public.json`` (for the server). ``supernode`` writes one SuperNode
 authentication key pair per site (``site-<i>``, stays at the site; ``site-<i>.pub``,
 registered at the SuperLink). ``certs`` writes a CA and a SuperLink TLS certificate
-(:mod:`app.pki`). Exit codes: 0 written, 2 bad arguments.
+(:mod:`app.runtime.pki`). Exit codes: 0 written, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     sn.add_argument("--sites", type=int, required=True)
     args = parser.parse_args(argv)
     if args.kind == "supernode":
-        from app.pki import make_supernode_keys
+        from app.runtime.pki import make_supernode_keys
 
         try:
             pairs = make_supernode_keys(args.out, args.sites)
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
         for private, public in pairs:
             print(f"{private} (keep at the site)  {public} (register: flwr supernode register {public} <connection>)")
         return 0
-    from strategies.paillier.keys import PaillierKeyError, fingerprint, generate, load_public
+    from aggregation.paillier.keys import PaillierKeyError, fingerprint, generate, load_public
 
     try:
         private_path, public_path = generate(args.out, args.bits)
@@ -60,7 +60,7 @@ def certs_main(argv: list[str]) -> int:
     parser.add_argument("--ip", action="append", default=[], help="IP address the SuperLink is reached at (repeat)")
     parser.add_argument("--days", type=int, default=365, help="validity of the SuperLink certificate")
     args = parser.parse_args(argv)
-    from app.pki import make_certificates
+    from app.runtime.pki import make_certificates
 
     try:
         files = make_certificates(args.out, args.host, args.ip, args.days)

@@ -54,7 +54,7 @@ def resolve_data_dir(configured: str | None) -> Path:
     candidates: list[tuple[str, Path]] = []
     if os.environ.get("FEDSILO_DATA_DIR"):
         candidates.append(("FEDSILO_DATA_DIR", Path(os.environ["FEDSILO_DATA_DIR"])))
-    candidates.append(("source tree", Path(__file__).resolve().parents[1] / DATA_SUBDIR))
+    candidates.append(("source tree", Path(__file__).resolve().parents[2] / DATA_SUBDIR))
     tree = _installed_source_tree()
     if tree is not None:
         candidates.append(("installed fedsilo", tree / DATA_SUBDIR))

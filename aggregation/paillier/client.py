@@ -4,7 +4,7 @@ A site finds its key pair in its node config (``paillier-keypair=PATH``, a deplo
 in ``aggregation.keypair`` (simulation); the server is never given that path. The global
 model arrives either as the public initial model (round 1, plaintext) or as the encrypted
 aggregate the server returned (``ct``, ``rows``, ``sites``): the site decrypts it and
-decodes FedAvg's weighted average (:class:`~strategies.paillier.vector.ModelCodec`). After
+decodes FedAvg's weighted average (:class:`~aggregation.paillier.vector.ModelCodec`). After
 local training it encrypts ``(rows / weight_unit) * w`` and ``rows`` with the CRT shortcut,
 using obfuscators it made ahead (during federated evaluation) when it has them.
 """
@@ -20,12 +20,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from phe import paillier
 
-from strategies.paillier.crypto import Encryptor, decrypt_all, many_obfuscators
-from strategies.paillier.keys import PaillierKeyError, fingerprint, load_private
-from strategies.paillier.packing import Packer
-from strategies.paillier.server import ENCRYPTED_KEY, META_KEY, ct_width, from_array, is_encrypted, to_array
-from strategies.paillier.vector import ModelCodec
-from strategies.secagg.vector import Layout
+from aggregation.paillier.crypto import Encryptor, decrypt_all, many_obfuscators
+from aggregation.paillier.keys import PaillierKeyError, fingerprint, load_private
+from aggregation.paillier.packing import Packer
+from aggregation.paillier.server import ENCRYPTED_KEY, META_KEY, ct_width, from_array, is_encrypted, to_array
+from aggregation.paillier.vector import ModelCodec
+from aggregation.secagg.vector import Layout
 
 NODE_CONFIG_KEY = "paillier-keypair"
 

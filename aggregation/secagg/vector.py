@@ -5,7 +5,7 @@ one vector of ``Z_(2^53)``:
 
     [ n_k * q(w_k - w)  (one per model value) | n_k | n_k * round(loss_k * 2^16) | clipped_k ]
 
-where ``q`` is :class:`~strategies.secagg.codec.FieldCodec`'s clipped, stochastically
+where ``q`` is :class:`~aggregation.secagg.codec.FieldCodec`'s clipped, stochastically
 rounded quantisation. The server unmasks only the sum over the round's survivors, so it
 learns the weighted sum of updates, the *total* weight ``N = sum n_k``, the weighted mean
 training loss and how many values were clipped in total, never a site's own count,
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.secagg.codec import FieldCodec
+from aggregation.secagg.codec import FieldCodec
 
 FIELD_BITS = 53
 LOSS_SCALE = 1 << 16

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.report import Section, _png, to_html, to_markdown
-from app.results import RESULTS_FILE
+from app.reporting.report import Section, _png, to_html, to_markdown
+from app.reporting.results import RESULTS_FILE
 
 COLUMNS = ("auc", "accuracy", "f1", "ks", "loss")
 

@@ -34,9 +34,9 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
-from strategies.secagg.codec import FieldCodec
-from strategies.secagg.protocol import SecAggAbort, SecAggClient
-from strategies.secagg.vector import FIELD_BITS, WeightedUpdateCodec
+from aggregation.secagg.codec import FieldCodec
+from aggregation.secagg.protocol import SecAggAbort, SecAggClient
+from aggregation.secagg.vector import FIELD_BITS, WeightedUpdateCodec
 
 WIRE_KEY = "secagg"
 STATE_KEY = "secagg-state"
@@ -152,7 +152,7 @@ def share_keys(msg: Message, context: Context) -> Message:
 
 
 def _own_public(client: SecAggClient) -> tuple[bytes, bytes]:
-    from strategies.secagg.keys import public_of
+    from aggregation.secagg.keys import public_of
 
     return public_of(client.c_sk), public_of(client.s_sk)
 

@@ -26,7 +26,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from app import config
-from app.preflight import preflight
+from app.runtime.preflight import preflight
 
 CLIENT_EXCEPTION = 1  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tasks
 from app import config
-from app.paths import resolve_data_dir
+from app.runtime.paths import resolve_data_dir
 from tasks.partition import PartitionError
 
 
@@ -35,12 +35,12 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
         raise PreflightError(f"{cfg.task.name} data not found in {data_dir}: missing {missing}")
     check_keys(cfg)
     if cfg.logger == "tensorboard":
-        from app.tensorboard_log import available
+        from app.reporting.tensorboard import available
 
         if not available():
             raise PreflightError("logger=tensorboard needs TensorBoard: pip install -e '.[tensorboard]'")
     if cfg.resume:
-        from app import checkpoint
+        from app.runtime import checkpoint
 
         try:
             checkpoint.resumable(cfg.resume, config.to_dict(cfg), cfg.num_rounds)
@@ -75,7 +75,7 @@ def check_keys(cfg: config.FedsiloConfig) -> None:
     except ImportError:
         raise PreflightError("aggregation=paillier needs the optional paillier extra (GPL-3.0 python-paillier): "
                              "pip install 'fedsilo[paillier]'") from None
-    from strategies.paillier.keys import PaillierKeyError, check_pair, load_private, load_public
+    from aggregation.paillier.keys import PaillierKeyError, check_pair, load_private, load_public
 
     try:
         if not a.public_key:

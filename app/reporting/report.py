@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from app.results import MODEL_FILE, RESULTS_FILE
+from app.reporting.results import MODEL_FILE, RESULTS_FILE
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 BOOTSTRAP_METRICS = ("auc", "accuracy", "f1", "ks", "sensitivity", "specificity", "precision")
@@ -125,7 +125,7 @@ def site_rows(results: dict[str, Any]) -> list[list[str]]:
     """Rows and label balance per site, from the run's own partition of its data."""
     import tasks
     from app import config
-    from app.paths import resolve_data_dir
+    from app.runtime.paths import resolve_data_dir
 
     cfg = _config(results)
     task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
@@ -183,7 +183,7 @@ def final_intervals(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) 
     import torch
 
     import tasks
-    from app.paths import resolve_data_dir
+    from app.runtime.paths import resolve_data_dir
     from tasks.training import predict
 
     if results.get("artifacts", {}).get("model") != MODEL_FILE or not (run_dir / MODEL_FILE).is_file():

@@ -32,7 +32,7 @@ from typing import Any
 
 import tomli_w
 
-from app.pki import Certificates
+from app.runtime.pki import Certificates
 
 CONNECTION = "fedsilo"
 FINAL_PREFIX = "finished:"

@@ -7,7 +7,7 @@ strategy built on it, FedProx included) when ``aggregation=secagg``:
   ``query.secagg_share`` to the sampled sites and turns the strategy's training messages
   into ``train.secagg`` messages that carry each site's encrypted shares;
 * ``close`` (from ``aggregate_train``): screens the masked replies, sends
-  ``query.secagg_unmask`` and returns the decoded :class:`~strategies.secagg.vector.Aggregate`.
+  ``query.secagg_unmask`` and returns the decoded :class:`~aggregation.secagg.vector.Aggregate`.
 
 A site that fails to answer a stage (timeout, error reply, malformed or misaddressed
 reply) is logged with the reason and counts as dropped from then on. With fewer than
@@ -29,10 +29,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from strategies.secagg.client import MASKED_KEY, WIRE_KEY, field_codec
-from strategies.secagg.graph import auto_neighbours, ring
-from strategies.secagg.protocol import SecAggAbort, SecAggServer
-from strategies.secagg.vector import Aggregate, WeightedUpdateCodec
+from aggregation.secagg.client import MASKED_KEY, WIRE_KEY, field_codec
+from aggregation.secagg.graph import auto_neighbours, ring
+from aggregation.secagg.protocol import SecAggAbort, SecAggServer
+from aggregation.secagg.vector import Aggregate, WeightedUpdateCodec
 
 
 def _key_list(public: dict[int, tuple[bytes, bytes]], members: frozenset[int], prefix: str) -> dict[str, Any]:
@@ -52,10 +52,10 @@ class SecureAggregator:
 
     Parameters
     ----------
-    clip, value_bits : the quantisation (see :mod:`strategies.secagg.vector`).
+    clip, value_bits : the quantisation (see :mod:`aggregation.secagg.vector`).
     threshold : Shamir threshold as a share of a site's neighbourhood (itself included).
     stage_timeout : seconds to wait for the replies of each stage.
-    neighbours : neighbours per site in the SecAgg+ graph (:mod:`strategies.secagg.graph`);
+    neighbours : neighbours per site in the SecAgg+ graph (:mod:`aggregation.secagg.graph`);
         0 = automatic (complete graph up to 20 sites).
     """
 

@@ -21,7 +21,7 @@ def split(overrides: list[str], out: Path) -> list[dict[str, Any]]:
     """Write every site's file for the config ``overrides``; return the ``sites.json`` entries."""
     import tasks
     from app import config
-    from app.preflight import preflight
+    from app.runtime.preflight import preflight
     from tasks import site_file
 
     cfg = config.compose(overrides)
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     sp.add_argument("overrides", nargs="*", help="Hydra overrides, as for a job: task=medical partition=natural ...")
     args = parser.parse_args(argv)
     from app import config
-    from app.preflight import PreflightError
+    from app.runtime.preflight import PreflightError
 
     try:
         entries = split(args.overrides, args.out)

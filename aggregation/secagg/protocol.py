@@ -32,9 +32,9 @@ import numpy as np
 from cryptography.fernet import InvalidToken
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 
-from strategies.secagg import keys, prg
-from strategies.secagg.codec import FieldCodec
-from strategies.secagg.shamir import combine_shares, create_shares
+from aggregation.secagg import keys, prg
+from aggregation.secagg.codec import FieldCodec
+from aggregation.secagg.shamir import combine_shares, create_shares
 
 SEED_BYTES = keys.SHARED_SECRET_BYTES
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from app.results import MODEL_FILE, RESULTS_FILE, write_json_atomic
+from app.reporting.results import MODEL_FILE, RESULTS_FILE, write_json_atomic
 
 AUDIT_FILE = "audit.json"
 
@@ -27,7 +27,7 @@ def audit_run(run_dir: Path, references: int = 8, seed: int = 0) -> dict[str, An
     """Audit the model in ``run_dir``; returns and records the ``audit`` section."""
     import tasks
     from app import config
-    from app.paths import resolve_data_dir
+    from app.runtime.paths import resolve_data_dir
     from privacy.audit import audit
     from tasks.base import Split
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Deployment:
 
     overrides: list[str]
     sites: list[dict[str, Any]]
-    certs: Any  # app.pki.Certificates | None
+    certs: Any  # app.runtime.pki.Certificates | None
     keys: list[tuple[Path, Path]]
     paillier_keypair: str | None = None
 
@@ -69,7 +69,8 @@ def site_overrides(overrides: list[str], sites: int) -> tuple[list[str], str]:
 
 def prepare(out: Path, overrides: list[str], sites: int, secure: bool = True) -> Deployment:
     """Site data files, and (``secure``) a CA, SuperLink certificate and one key pair per site."""
-    from app import data_cli, pki
+    from app.cli import data as data_cli
+    from app.runtime import pki
 
     entries = data_cli.split(overrides, out / "sites")
     if len(entries) != sites:
@@ -92,7 +93,7 @@ def node_config(entry: dict[str, Any], paillier_keypair: str | None = None) -> s
 
 def start(dep: Deployment, out: Path) -> Any:
     """Start the SuperLink (TLS, node authentication) and one SuperNode per site; return the link."""
-    from app.simulation import LocalSuperLink
+    from app.runtime.superlink import LocalSuperLink
 
     link = LocalSuperLink(out / "superlink.log", simulation=False, certs=dep.certs, supernode_auth=dep.certs is not None)
     link.start()
@@ -109,7 +110,7 @@ def start(dep: Deployment, out: Path) -> Any:
 def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeout: float = 4 * 3600,
         stream: bool = True) -> tuple[Any, dict[str, Any] | None]:
     """Prepare, start, submit, follow and stop a local deployment; return (outcome, results)."""
-    from app.preflight import preflight
+    from app.runtime.preflight import preflight
     from app import config
 
     overrides, note = site_overrides(overrides, sites)
@@ -135,7 +136,7 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
         results["deployment"] = {"sites": sites, "tls": secure, "supernode_auth": secure,
                                  "seconds": time.monotonic() - t0, "run_id": outcome.run_id,
                                  "status": outcome.status}
-        from app.results import write_json_atomic
+        from app.reporting.results import write_json_atomic
 
         write_json_atomic(results_path, results)
     return outcome, results
@@ -154,8 +155,8 @@ def main(argv: list[str]) -> int:
     out = args.out or Path("outputs") / "deploy" / time.strftime("%Y-%m-%d_%H-%M-%S")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through LocalSuperLink.stop()
     from app import config
-    from app.preflight import PreflightError
-    from app.simulation import SimulationError
+    from app.runtime.preflight import PreflightError
+    from app.runtime.superlink import SimulationError
 
     try:
         outcome, results = run(args.overrides, args.sites, out, secure=not args.insecure)
@@ -173,7 +174,7 @@ def main(argv: list[str]) -> int:
     print(f"fedsilo deploy: run {outcome.run_id} completed in {results['deployment']['seconds']:.1f}s; final "
           + " ".join(f"{k}={final[k]:.4f}" for k in ("auc", "accuracy", "loss") if final.get(k) is not None), flush=True)
     if config.compose(list(args.overrides)).report:
-        from app import report
+        from app.reporting import report
 
         try:
             print(f"fedsilo deploy: report in {report.write(out)[1]}", flush=True)

@@ -2,14 +2,14 @@
 
 ``fedsilo task=medical num_rounds=20`` composes ``conf/`` with the overrides, validates
 them, runs the job in Flower's simulation engine on a private SuperLink (see
-:mod:`app.simulation`), follows it to its final status and leaves in Hydra's run
+:mod:`app.runtime.superlink`), follows it to its final status and leaves in Hydra's run
 directory: ``results.json``, ``model.pt``, ``metrics.png``, ``superlink.log`` and Hydra's
 ``.hydra/``. ``--multirun`` sweeps work as in any Hydra app. Exit codes: 0 completed,
 1 the run failed, 2 the config is invalid. ``fedsilo keys ...`` provisions keys
-(:mod:`app.keys_cli`); ``fedsilo audit RUN_DIR`` audits a run's model (:mod:`app.audit_cli`);
+(:mod:`app.cli.keys`); ``fedsilo audit RUN_DIR`` audits a run's model (:mod:`app.cli.audit`);
 ``audit=true`` runs that audit right after the job; ``fedsilo report RUN_DIR`` (also written
-after every job, ``report=false`` to skip) and ``fedsilo compare DIR...`` (:mod:`app.report`,
-:mod:`app.compare`).
+after every job, ``report=false`` to skip) and ``fedsilo compare DIR...`` (:mod:`app.reporting.report`,
+:mod:`app.reporting.compare`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from app import config
-from app.preflight import PreflightError, preflight
-from app.results import RESULTS_FILE
-from app.simulation import SimulationError, run_simulation
+from app.runtime.preflight import PreflightError, preflight
+from app.reporting.results import RESULTS_FILE
+from app.runtime.superlink import SimulationError, run_simulation
 
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[2]
 HEADLINE = ("auc", "accuracy", "f1", "ks", "sensitivity", "specificity", "loss", "accuracy_site_mean")
 
 
@@ -85,12 +85,12 @@ def run(cfg: DictConfig) -> None:
         print(f"fedsilo: privacy ({p['mechanism']}): epsilon {spent:.3f} at delta={p['delta']:g}"
               + (" (largest over sites)" if p["mechanism"] == "dpsgd" else ""), flush=True)
     if typed.audit:
-        from app.audit_cli import audit_run
+        from app.cli.audit import audit_run
 
         section = audit_run(out_dir, typed.audit_references, typed.seed)
         print(f"fedsilo: membership-inference audit: attack AUC {section['max_auc']:.4f} (0.5 = no leak)", flush=True)
     if typed.report:
-        from app import report
+        from app.reporting import report
 
         try:
             _, page = report.write(out_dir)
@@ -104,31 +104,31 @@ def run(cfg: DictConfig) -> None:
 def main() -> None:
     """Console-script entry point: ``fedsilo keys ...`` or a job (Hydra overrides)."""
     if len(sys.argv) > 1 and sys.argv[1] == "keys":
-        from app import keys_cli
+        from app.cli import keys as keys_cli
 
         sys.exit(keys_cli.main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "audit":
-        from app import audit_cli
+        from app.cli import audit as audit_cli
 
         sys.exit(audit_cli.main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "certs":
-        from app import keys_cli
+        from app.cli import keys as keys_cli
 
         sys.exit(keys_cli.certs_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "data":
-        from app import data_cli
+        from app.cli import data as data_cli
 
         sys.exit(data_cli.main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "report":
-        from app import report
+        from app.reporting import report
 
         sys.exit(report.main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "compare":
-        from app import compare
+        from app.reporting import compare
 
         sys.exit(compare.main(sys.argv[2:]))
     if len(sys.argv) > 2 and sys.argv[1:3] == ["deploy", "local"]:
-        from app import deploy
+        from app.runtime import deploy
 
         sys.exit(deploy.main(sys.argv[3:]))
     run()
