@@ -1,4 +1,7 @@
-"""fedsilo's ServerApp: composes the config, runs the strategy, writes the results.
+"""fedsilo's ServerApp: composes the config, runs the strategy stack, writes the results.
+
+The stack (strategy, privacy layer, aggregation option's coordinator half) comes from the
+composition root (:mod:`app.composition`); this module only drives rounds and reports.
 
 The server holds the task's held-out test set and scores the global model on it after
 every round (and once before training); the sites' own validation rows are scored by
@@ -19,13 +22,13 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
-import strategies
 import tasks
-from app import config
+from app import composition, config
+from app.reporting.results import ENCRYPTED_MODEL_FILE, Recorder
 from app.runtime import checkpoint
 from app.runtime.paths import default_output_dir, resolve_data_dir
-from app.reporting.results import ENCRYPTED_MODEL_FILE, Recorder
 from app.runtime.traffic import MeteredGrid
+from core.records import PhaseRecord, RoundRecord
 from strategies.loop import run_rounds
 
 app = ServerApp()
@@ -39,22 +42,14 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
 
 
-def _privacy_note(entry: dict) -> str:  # type: ignore[type-arg]
-    """`` | epsilon ...`` for a round's log line when DP is on."""
-    if "privacy" in entry:
-        return f" | DP-SGD epsilon max {max(r['epsilon'] for r in entry['privacy'].values()):.3f}"
-    if "privacy_central" in entry and "epsilon" in entry["privacy_central"]:
-        return f" | central DP epsilon {entry['privacy_central']['epsilon']:.3f}"
-    return ""
-
-
-def progress_line(server_round: int, num_rounds: int, entry: dict, recorder: Recorder,  # type: ignore[type-arg]
-                  federated: dict[str, float]) -> str:
+def progress_line(server_round: int, num_rounds: int, rec: RoundRecord, recorder: Recorder,
+                  federated: dict[str, float], privacy_note: str = "") -> str:
     """One line a person can follow: round k/n, sites sampled/replied/failed, the round's
-    metrics, its time and traffic, and the time left at the mean pace so far."""
-    part = entry.get("train", {})
-    failed = len(part.get("rejected", []))
-    sampled = part.get("sampled", "-")
+    metrics, its privacy figure, its time and traffic, and the time left at the mean pace so far."""
+    part = rec.train or PhaseRecord()
+    failed = len(part.rejected or [])
+    sampled = "-" if part.sampled is None else part.sampled
+    replied = "-" if part.replied is None else part.replied
     metrics = recorder.server.get(server_round, {})
     shown = f"test {_fmt(metrics)}" if metrics else f"sites' validation {_fmt(federated) or '-'} (encrypted model)"
     secs = recorder.seconds.get(server_round, 0.0)
@@ -62,8 +57,8 @@ def progress_line(server_round: int, num_rounds: int, entry: dict, recorder: Rec
     left = (num_rounds - server_round) * (sum(done) / len(done)) if done else 0.0
     traffic = recorder.traffic.get(server_round, {})
     kb = (traffic.get("bytes_to_sites", 0) + traffic.get("bytes_from_sites", 0)) / 1024
-    return (f"fedsilo round {server_round}/{num_rounds} | sites {sampled} sampled, {part.get('replied', '-')} replied, "
-            f"{failed} failed | {shown}{_privacy_note(entry)} | {secs:.1f} s, {kb:,.0f} KiB"
+    return (f"fedsilo round {server_round}/{num_rounds} | sites {sampled} sampled, {replied} replied, "
+            f"{failed} failed | {shown}{privacy_note} | {secs:.1f} s, {kb:,.0f} KiB"
             + (f", about {left:.0f} s left" if server_round < num_rounds else ""))
 
 
@@ -71,19 +66,15 @@ class CoordinatorCrash(RuntimeError):
     """``faults.crash_after_round``: the ServerApp dies on purpose (after its checkpoint)."""
 
 
-def _resume(cfg: config.FedsiloConfig, strategy: strategies.FedAvg, recorder: Recorder,
+def _resume(cfg: config.FedsiloConfig, stack: composition.CoordinatorStack, recorder: Recorder,
             train_config: ConfigRecord) -> tuple[int, Result, ArrayRecord]:
-    """Load ``cfg.resume``'s checkpoint into the strategy, recorder and RNGs; return
+    """Load ``cfg.resume``'s checkpoint into the strategy stack, recorder and RNGs; return
     (next round, the rounds' Result so far, the global model to continue from)."""
     ckpt = checkpoint.resumable(str(cfg.resume), config.to_dict(cfg), cfg.num_rounds)
-    strategy.load_state_dict(ckpt.strategy)
+    stack.strategy.load_state_dict(ckpt.strategy)  # type: ignore[attr-defined]
     recorder.restore(ckpt.recorder)
     checkpoint.set_rng_state(ckpt.rng["meta"], ckpt.rng["arrays"])
-    if isinstance(cfg.privacy, config.DPSGDConfig):  # each site's ledger, as its replies reported it
-        from privacy import dpsgd
-
-        for key, value in dpsgd.restore_config(dpsgd.ledgers_from_participation(strategy.participation)).items():
-            train_config[key] = value
+    stack.privacy.resume(train_config)  # e.g. each site's DP-SGD ledger, as its replies reported it
     log(INFO, "fedsilo: resuming from %s after round %s of %s", checkpoint.locate(str(cfg.resume)), ckpt.round,
         cfg.num_rounds)
     return ckpt.round + 1, ckpt.to_result(), ckpt.arrays
@@ -111,21 +102,20 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(cfg.seed)
     model = task.build_model()
     initial = ArrayRecord(model.state_dict())
-    strategy = strategies.build(cfg, n_sites)
+    stack = composition.coordinator(cfg, n_sites, initial)
+    strategy = stack.strategy
     recorder = Recorder(cfg, n_sites, out_dir)
     log(INFO, "fedsilo: task=%s strategy=%s aggregation=%s privacy=%s partition=%s sites=%s rounds=%s",
         cfg.task.name, cfg.strategy.name, cfg.aggregation.name, cfg.privacy.name,
         cfg.partition.name, n_sites, cfg.num_rounds)
-    if strategy.secure is not None and strategy.fraction_evaluate > 0:
-        log(WARNING, "fedsilo: secure aggregation protects the training updates only; federated evaluation "
+    if stack.evaluation_in_clear_warning:
+        log(WARNING, "fedsilo: aggregation=%s protects the training updates only; federated evaluation "
             "replies (each site's validation counts, loss and AUC) still reach the server in the clear. "
             "Set strategy.fraction_evaluate=0 to keep them at the sites (the server's test-set "
-            "evaluation is unaffected).")
-
-    encrypted = strategy.encrypted is not None
+            "evaluation is unaffected).", cfg.aggregation.name)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if encrypted and server_round > 0:
+        if not stack.holds_plaintext_model and server_round > 0:
             # Paillier: the server holds only ciphertexts; the sites' federated evaluation scores the model
             recorder.record_server(server_round, {})
             return None
@@ -138,7 +128,7 @@ def main(grid: Grid, context: Context) -> None:
 
     first_round, result, train_config = 1, None, ConfigRecord()
     if cfg.resume:
-        first_round, result, initial = _resume(cfg, strategy, recorder, train_config)
+        first_round, result, initial = _resume(cfg, stack, recorder, train_config)
     fault_round = cfg.faults.crash_after_round
 
     board = None
@@ -149,16 +139,17 @@ def main(grid: Grid, context: Context) -> None:
 
     def after_round(server_round: int, arrays: ArrayRecord, res: Result) -> None:
         recorder.traffic[server_round] = grid.take().as_dict()
-        entry = strategy.participation.get(server_round, {})
+        rec = stack.record.round(server_round)
         federated = dict(res.evaluate_metrics_clientapp.get(server_round, {}))
-        log(INFO, "%s", progress_line(server_round, cfg.num_rounds, entry, recorder, federated))
+        log(INFO, "%s", progress_line(server_round, cfg.num_rounds, rec, recorder, federated, stack.privacy.note(rec)))
         if board is not None:
             board.log_round(server_round, recorder.server.get(server_round, {}),
-                            dict(res.train_metrics_clientapp.get(server_round, {})), federated, entry,
-                            recorder.traffic[server_round], recorder.seconds.get(server_round))
+                            dict(res.train_metrics_clientapp.get(server_round, {})), federated, rec.to_dict(),
+                            recorder.traffic[server_round], recorder.seconds.get(server_round),
+                            stack.record.sites.names_by_label())
         if cfg.checkpoint:
             checkpoint.save(out_dir, server_round, arrays, res, config.to_dict(cfg), recorder.state(),
-                            strategy.state_dict())
+                            strategy.state_dict())  # type: ignore[attr-defined]
         if server_round == fault_round:
             raise CoordinatorCrash(f"fault injection: the coordinator dies after round {server_round} "
                                    f"(faults.crash_after_round); resume with: fedsilo resume={out_dir}")
@@ -174,21 +165,20 @@ def main(grid: Grid, context: Context) -> None:
     final_arrays = result.arrays if trained else initial
     extra = {"run_id": context.run_id, "status": "completed" if trained else "failed",
              "overrides": str(context.run_config.get("overrides", ""))}
-    if isinstance(cfg.privacy, config.DPSGDConfig):
-        from privacy import dpsgd
-
-        extra["privacy"] = dpsgd.summarize(cfg.privacy, strategy.participation, strategy.exhausted)
-        log(INFO, "fedsilo: DP-SGD epsilon per site at delta=%g: %s", cfg.privacy.delta,
-            {k: round(v, 3) for k, v in extra["privacy"]["epsilon_per_site"].items()})
-    if isinstance(cfg.privacy, config.CentralDPConfig):
-        extra["privacy"] = strategy.summary_record()  # type: ignore[attr-defined]
-        log(INFO, "fedsilo: central DP epsilon %.3f at delta=%g", extra["privacy"]["epsilon"], cfg.privacy.delta)
-    path = recorder.write(result, strategy.participation, final_arrays.to_torch_state_dict(), extra=extra,
-                          model_file=ENCRYPTED_MODEL_FILE if encrypted else None)
+    summary = stack.privacy.summary()
+    if summary is not None:
+        extra["privacy"] = summary
+        spent = summary.get("epsilon_per_site", summary.get("epsilon"))
+        log(INFO, "fedsilo: privacy (%s): epsilon %s at delta=%g", summary["mechanism"],
+            {k: round(v, 3) for k, v in spent.items()} if isinstance(spent, dict) else f"{spent:.3f}",
+            summary["delta"])
+    participation = stack.record.to_dict()
+    path = recorder.write(result, participation, final_arrays.to_torch_state_dict(), extra=extra,
+                          model_file=None if stack.holds_plaintext_model else ENCRYPTED_MODEL_FILE)
     log(INFO, "fedsilo: results written to %s", path)
     if not trained:
-        reasons = sorted({r["reason"] for p in strategy.participation.values()
-                          for r in p.get("train", {}).get("rejected", [])})
+        reasons = sorted({r.reason for rec in stack.record.rounds.values()
+                          for r in ((rec.train.rejected or []) if rec.train else [])})
         raise RuntimeError(f"no site returned a usable update in any of {cfg.num_rounds} rounds; "
                            f"the model was never trained. Reasons: {reasons[:3]}")
     log(INFO, "fedsilo: final test %s", _fmt(recorder.server.get(cfg.num_rounds, {})))

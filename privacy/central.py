@@ -25,6 +25,7 @@ Differences from using Flower's wrapper directly, each needed by a cross-silo jo
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -37,25 +38,56 @@ from flwr.supercore.differential_privacy import compute_clip_model_update, compu
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
     NeighboringRelation,
-    PrivacyConfig,
     SamplingMethod,
+)
+from flwr.supercore.privacy_accounting import (
+    PrivacyConfig as AccountingConfig,
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from strategies.fedavg import FedAvg
-from strategies.validation import WEIGHT_KEY, check_train_reply
+from core.config import check
+from core.records import RoundRecord, RunRecord
+from core.sites import WEIGHT_KEY
+from privacy.base import Coordinator, PrivacyConfig, PrivacyOption
 
-#: Where each round's central-DP figures go in the strategy's participation log.
+#: Where each round's central-DP figures go in the run record (``history[].participation``).
 PARTICIPATION_KEY = "privacy_central"
 
 
+@dataclass
+class CentralDPConfig(PrivacyConfig):
+    """Schema of ``privacy=central``: site-level DP at the server.
+
+    Each site's update (local - global) is clipped to L2 norm ``clipping_norm``, the
+    updates are averaged with equal weights, and Gaussian noise of standard deviation
+    ``noise_multiplier * clipping_norm / sampled sites`` is added (DP-FedAvg).
+    """
+
+    name: str = "central"
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-5
+    target_epsilon: float | None = None    # stop training before the next round would exceed it
+
+
+def validate(d: CentralDPConfig) -> None:
+    check(d.noise_multiplier > 0, "privacy.noise_multiplier", d.noise_multiplier, "a number > 0")
+    check(d.clipping_norm > 0, "privacy.clipping_norm", d.clipping_norm, "a number > 0")
+    check(0 < d.delta < 1, "privacy.delta", d.delta, "0 < delta < 1")
+    check(d.target_epsilon is None or d.target_epsilon > 0, "privacy.target_epsilon", d.target_epsilon,
+          "null (no limit) or a number > 0")
+
+
 class CentralDP(DifferentialPrivacyServerSideFixedClipping):
-    """Wrap a fedsilo :class:`~strategies.fedavg.FedAvg` (or FedProx) with DP-FedAvg.
+    """Wrap a fedsilo strategy (FedAvg, FedProx, ...) with DP-FedAvg, through its public hooks only.
+
+    The wrapped strategy must offer ``observe``, ``screen_train``, ``combine_train`` and
+    ``finish_train`` (:mod:`strategies.fedavg`) and a ``fraction_train``.
 
     Parameters
     ----------
-    strategy : FedAvg
-        The strategy whose rounds are privatised; its attributes stay reachable here.
+    strategy : FedAvg-like
+        The strategy whose rounds are privatised.
     noise_multiplier, clipping_norm : float
         ``sigma`` and ``C``: noise standard deviation ``sigma * C / m`` on the mean.
     num_sites : int
@@ -64,27 +96,24 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         The delta epsilon is reported at.
     target_epsilon : float or None
         Stop training before a round would exceed it (None: no limit).
+    record : RunRecord
+        Where each round's release is recorded (``privacy_central``).
     """
 
-    def __init__(self, strategy: FedAvg, noise_multiplier: float, clipping_norm: float, num_sites: int,
-                 delta: float, target_epsilon: float | None = None) -> None:
+    def __init__(self, strategy: Any, noise_multiplier: float, clipping_norm: float, num_sites: int,
+                 delta: float, target_epsilon: float | None = None, record: RunRecord | None = None) -> None:
         sampled = max(1, int(round(strategy.fraction_train * num_sites)))
         super().__init__(strategy, noise_multiplier, clipping_norm, sampled)  # Flower's accounted mode needs its own FedAvg
         self.num_sites = num_sites
         self.delta, self.target_epsilon = delta, target_epsilon
-        self.ledger = RdpAccountant(PrivacyConfig(
+        self.ledger = RdpAccountant(AccountingConfig(
             target_delta=delta, population_size=num_sites, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=target_epsilon))
         self.stopped_at: int | None = None
-
-    def __getattr__(self, name: str) -> Any:  # participation, secure, encrypted, ... of the inner strategy
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
+        self.record = record if record is not None else RunRecord()
 
     @property
-    def inner(self) -> FedAvg:
-        assert isinstance(self.strategy, FedAvg)
+    def inner(self) -> Any:
         return self.strategy
 
     def epsilon(self) -> float:
@@ -101,8 +130,8 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
                 log(WARNING, "round %s: central DP budget reached (epsilon %.3f of %.3f at delta=%g): no more "
                     "training, the global model stays as it is", server_round, self.epsilon(), self.target_epsilon,
                     self.delta)
-            self.inner._entry(server_round)[PARTICIPATION_KEY] = {"skipped": "privacy budget reached",
-                                                                  "epsilon": self.epsilon()}
+            self.record.round(server_round).privacy_central = {"skipped": "privacy budget reached",
+                                                                "epsilon": self.epsilon()}
             self.current_arrays = arrays
             return []
         return super().configure_train(server_round, arrays, config, grid)
@@ -116,8 +145,9 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         all-zero update (a site sending the global model back) dividing by zero.
         """
         inner = self.inner
-        good = inner._screen(server_round, "train",
-                             list(replies), lambda m: check_train_reply(m, inner.reference, server_round))
+        replies = list(replies)
+        inner.observe(server_round, replies)
+        good = inner.screen_train(server_round, replies)
         if not good:
             log(WARNING, "round %s: no usable training reply; the global model is unchanged", server_round)
             return None, None
@@ -133,14 +163,12 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
                 compute_clip_model_update(param1=local, param2=current, clipping_norm=self.clipping_norm)
                 msg.content["arrays"] = ArrayRecord(dict(zip(record.keys(), (Array(np.asarray(v)) for v in local),
                                                              strict=True)))
-        screened = dict(inner._entry(server_round)["train"])
-        arrays, metrics = inner.aggregate_train(server_round, good)
-        inner._entry(server_round)["train"].update(screened)  # keep the first screening's rejections
+        arrays, metrics = inner.finish_train(server_round, *inner.combine_train(server_round, good))
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)
             self.ledger.compose(GaussianPrivacyEvent(self.noise_multiplier, len(good), self.num_sites))
             stdv = compute_stdv(self.noise_multiplier, self.clipping_norm, len(good))
-            inner._entry(server_round)[PARTICIPATION_KEY] = {
+            self.record.round(server_round).privacy_central = {
                 "epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "clipping_norm": self.clipping_norm, "sites": len(good), "noise_std": stdv,
                 "releases": self.ledger.num_releases}
@@ -150,7 +178,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
 
     def state_dict(self) -> dict[str, Any]:
         """The inner strategy's state plus this wrapper's releases (each one's noise and sites)."""
-        entries = [e.get(PARTICIPATION_KEY, {}) for _, e in sorted(self.inner.participation.items())]
+        entries = [rec.privacy_central or {} for _, rec in sorted(self.record.rounds.items())]
         releases = [[e["noise_multiplier"], e["sites"]] for e in entries if "sites" in e]
         return {**self.inner.state_dict(), "central_releases": releases, "central_stopped_at": self.stopped_at}
 
@@ -172,3 +200,43 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
             "releases": self.ledger.num_releases, "accountant": "rdp (Flower RdpAccountant, no sampling amplification)",
             "stopped_at_round": self.stopped_at,
         }
+
+
+class CentralCoordinator(Coordinator):
+    """``privacy=central``'s coordinator half: :class:`CentralDP` around the strategy."""
+
+    def __init__(self, cfg: CentralDPConfig, num_sites: int, record: RunRecord) -> None:
+        self.cfg, self.num_sites, self.record = cfg, num_sites, record
+        self.dp: CentralDP | None = None
+
+    def wrap(self, strategy: Any) -> Any:
+        c = self.cfg
+        self.dp = CentralDP(strategy, c.noise_multiplier, c.clipping_norm, self.num_sites, c.delta, c.target_epsilon,
+                            self.record)
+        return self.dp
+
+    def summary(self) -> dict[str, Any] | None:
+        return self.dp.summary_record() if self.dp is not None else None
+
+    def note(self, rnd: RoundRecord) -> str:
+        e = rnd.privacy_central
+        return f" | central DP epsilon {e['epsilon']:.3f}" if e and "epsilon" in e else ""
+
+
+class Central(PrivacyOption):
+    name = "central"
+    schema = CentralDPConfig
+    needs = {"sees_individual_updates": "the server clips each site's update, so it must see them; use "
+                                        "privacy=dpsgd with secagg or paillier"}
+
+    def validate(self, cfg: Any) -> None:
+        validate(cfg)
+
+    def check_strategy(self, s: Any) -> None:
+        """Central DP already clips every update and weighs sites equally: no robust rule or norm bound on top."""
+        check(s.robust == "none" and s.norm_bound == 0, "strategy.robust", s.robust,
+              "none (and strategy.norm_bound=0) with privacy=central, which already clips every update to "
+              "privacy.clipping_norm and averages with equal weights")
+
+    def coordinator(self, cfg: Any, num_sites: int, record: RunRecord) -> Coordinator:
+        return CentralCoordinator(cfg, num_sites, record)

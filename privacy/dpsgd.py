@@ -20,21 +20,59 @@ that would take the site past its budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from logging import WARNING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from flwr.app import ConfigRecord, Context, Message
+from flwr.common import log
 from torch import nn
 
-from flwr.app import ConfigRecord, Context
-
-from app.config import DPSGDConfig
-from privacy.accountant import STATE_KEY, PrivacyLedger, noise_for_budget
-from privacy.clipping import LinearClipper, make_clipper
+from core.config import check
+from core.records import RoundRecord, RunRecord
+from core.replies import ReplyError, SiteRefusal
+from core.sites import site_label
+from privacy.accountant import ACCOUNTANTS, STATE_KEY, PrivacyLedger, noise_for_budget
+from privacy.base import Coordinator, LocalTrainer, PrivacyConfig, PrivacyOption, task_generator
+from privacy.clipping import ENGINES, LinearClipper, make_clipper
+from tasks.base import Split, Task
 from tasks.training import Augment, LocalTrainConfig, Penalty, make_optimizer
 
+if TYPE_CHECKING:
+    from strategies.fedavg import FedAvg
+
 #: Error code of a site's reply when the round would exceed its privacy budget.
-BUDGET_EXHAUSTED_CODE = 429
+BUDGET_EXHAUSTED_CODE = int(ReplyError.BUDGET_EXHAUSTED)
 BUDGET_EXHAUSTED = "privacy budget exhausted"
+
+
+@dataclass
+class DPSGDConfig(PrivacyConfig):
+    """Schema of ``privacy=dpsgd``: example-level DP at every site.
+
+    Each site's epsilon is cumulative over every round it trains in; a site whose next
+    round would exceed ``target_epsilon`` does not train.
+    """
+
+    name: str = "dpsgd"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None  # null = derived from target_epsilon over num_rounds x local epochs
+    batch_size: int = 0                    # expected Poisson batch size; 0 = the task's batch_size
+    accountant: str = "rdp"                # rdp | prv (Opacus accountants)
+    engine: str = "auto"                   # per-sample clipping: auto | fast | opacus | functorch
+
+
+def validate(d: DPSGDConfig) -> None:
+    check(d.target_epsilon > 0, "privacy.target_epsilon", d.target_epsilon, "a number > 0")
+    check(0 < d.delta < 1, "privacy.delta", d.delta, "0 < delta < 1 (well below 1/rows per site)")
+    check(d.max_grad_norm > 0, "privacy.max_grad_norm", d.max_grad_norm, "a number > 0")
+    check(d.noise_multiplier is None or d.noise_multiplier > 0, "privacy.noise_multiplier",
+          d.noise_multiplier, "null (derived from target_epsilon) or a number > 0")
+    check(d.batch_size >= 0, "privacy.batch_size", d.batch_size, "0 (the task's batch_size) or an integer >= 1")
+    check(d.accountant in ACCOUNTANTS, "privacy.accountant", d.accountant, f"one of {list(ACCOUNTANTS)}")
+    check(d.engine in ENGINES, "privacy.engine", d.engine, f"one of {list(ENGINES)}")
 
 
 @dataclass(frozen=True)
@@ -214,17 +252,14 @@ def private_round(
 RESTORE_PREFIX = "dp-ledger/"
 
 
-def site_name(label: str) -> str:
-    """The site's name in a reply label ``name (node N)``."""
-    return label.rsplit(" (node ", 1)[0]
-
-
-def ledgers_from_participation(participation: dict[int, dict[str, Any]]) -> dict[str, PrivacyLedger]:
-    """Each site's ledger rebuilt from the privacy records its replies carried, round by round."""
+def ledgers_from_participation(participation: dict[int, dict[str, Any]],
+                               names: dict[str, str]) -> dict[str, PrivacyLedger]:
+    """Each site's ledger rebuilt from the privacy records its replies carried, round by round
+    (``names``: reply label -> site name, :meth:`core.sites.SiteDirectory.names_by_label`)."""
     ledgers: dict[str, PrivacyLedger] = {}
     for _, entry in sorted(participation.items()):
         for label, rec in entry.get("privacy", {}).items():
-            name = site_name(label)
+            name = names.get(label, label)
             ledger = ledgers.get(name, PrivacyLedger(str(rec["accountant"])))
             ledgers[name] = ledger.with_steps(float(rec["noise_multiplier"]), float(rec["sample_rate"]),
                                               int(rec["steps"]))
@@ -256,14 +291,15 @@ def adopt_restored(context: Context, train_config: ConfigRecord, name: str, acco
 
 
 # ---- the server's record of it ------------------------------------------------------------
-def summarize(dp: DPSGDConfig, participation: dict[int, dict[str, Any]], exhausted: dict[int, str]) -> dict[str, Any]:
+def summarize(dp: DPSGDConfig, participation: dict[int, dict[str, Any]], exhausted: dict[int, str],
+              names: dict[str, str]) -> dict[str, Any]:
     """``results.json``'s ``privacy`` section: each site's cumulative epsilon after its last
     round, per round, and the sites that stopped because their budget was spent. Sites are
     keyed by name (a resumed run reaches them under new node ids)."""
     per_site: dict[str, dict[str, Any]] = {}
     for server_round in sorted(participation):
         for label, rec in participation[server_round].get("privacy", {}).items():
-            per_site[site_name(label)] = {**rec, "last_round": server_round, "label": label}
+            per_site[names.get(label, label)] = {**rec, "last_round": server_round, "label": label}
     return {
         "mechanism": "dpsgd",
         "guarantee": ("example-level (epsilon, delta)-DP for every training row of each site, with respect to "
@@ -278,3 +314,75 @@ def summarize(dp: DPSGDConfig, participation: dict[int, dict[str, Any]], exhaust
         "sites": per_site,
         "budget_exhausted": {str(node): reason for node, reason in exhausted.items()},
     }
+
+
+# ---- the option: site trainer and coordinator half ---------------------------------------
+class DPSGDTrainer(LocalTrainer):
+    """A round of DP-SGD at the site (:func:`private_round`); a spent budget is refused."""
+
+    def __init__(self, dp: DPSGDConfig, num_rounds: int, batch_size: int) -> None:
+        self.dp, self.num_rounds, self.batch_size = dp, num_rounds, batch_size
+
+    def train(self, task: Task, model: nn.Module, split: Split, seed: int, context: Context,
+              train_config: ConfigRecord, site_name: str, epochs: int, max_steps: int | None,
+              penalty: Penalty | None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
+        params = site_params(self.dp, len(split), self.batch_size, self.num_rounds, epochs)
+        adopt_restored(context, train_config, site_name, params.accountant)  # after a coordinator restart
+        generator, augment = task_generator(task, seed)
+        try:
+            stats, record = private_round(context, params, model, split.x, split.y, task.local_train_config(epochs),
+                                          generator, penalty=penalty, max_steps=max_steps, augment=augment)
+        except BudgetExhausted as err:
+            raise SiteRefusal(ReplyError.BUDGET_EXHAUSTED, str(err)) from err
+        return stats, {REPLY_KEY: record}
+
+
+class BudgetLedger(Coordinator):
+    """DP-SGD's coordinator half: records each site's reported epsilon every round, stops
+    sending training work to a site whose budget is spent, and summarises the run."""
+
+    def __init__(self, dp: DPSGDConfig, record: RunRecord) -> None:
+        self.dp, self.record = dp, record
+        self.exhausted: dict[int, str] = {}  # node -> the site's refusal
+
+    def observers(self) -> list[Any]:
+        return [self]
+
+    def observe(self, server_round: int, replies: list[Message], strategy: FedAvg) -> None:
+        spent = {site_label(m): dict(m.content.config_records[REPLY_KEY]) for m in replies
+                 if not m.has_error() and REPLY_KEY in m.content.config_records}
+        if spent:
+            self.record.round(server_round).privacy = spent
+        for m in replies:
+            if m.has_error() and m.error.code == BUDGET_EXHAUSTED_CODE:
+                self.exhausted[m.metadata.src_node_id] = m.error.reason
+                strategy.exclude(m.metadata.src_node_id, m.error.reason)
+                log(WARNING, "round %s: %s stops training: %s", server_round, strategy.label(m), m.error.reason)
+
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.dp, self.record.to_dict(), self.exhausted, self.record.sites.names_by_label())
+
+    def resume(self, train_config: ConfigRecord) -> None:
+        """Each site's ledger, as its replies reported it, into the resumed round's instructions."""
+        ledgers = ledgers_from_participation(self.record.to_dict(), self.record.sites.names_by_label())
+        for key, value in restore_config(ledgers).items():
+            train_config[key] = value
+
+    def note(self, rnd: RoundRecord) -> str:
+        if not rnd.privacy:
+            return ""
+        return f" | DP-SGD epsilon max {max(r['epsilon'] for r in rnd.privacy.values()):.3f}"
+
+
+class DPSGD(PrivacyOption):
+    name = "dpsgd"
+    schema = DPSGDConfig
+
+    def validate(self, cfg: Any) -> None:
+        validate(cfg)
+
+    def trainer(self, cfg: Any, num_rounds: int, batch_size: int) -> LocalTrainer:
+        return DPSGDTrainer(cfg, num_rounds, batch_size)
+
+    def coordinator(self, cfg: Any, num_sites: int, record: RunRecord) -> Coordinator:
+        return BudgetLedger(cfg, record)

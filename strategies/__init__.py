@@ -1,87 +1,50 @@
-"""Server-side strategies. ``build(cfg, num_sites)`` -> a Message-API Strategy."""
+"""Strategies: what is aggregated, with which weights, and what a site adds to its objective.
+
+A registry maps ``strategy.name`` to a builder; :func:`build` makes the Message-API strategy
+for a config. Aggregation options (:mod:`aggregation`) and privacy layers (:mod:`privacy`)
+wrap the strategy built here; the composition root (``app/config.py``, ``app/composition.py``)
+stacks them.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from strategies.fedavg import FedAvg
+from core.records import RunRecord
+from strategies.combine import from_config as combine_from_config
+from strategies.config import FedProxConfig, StrategyConfig
+from strategies.fedavg import FedAvg, ReplyObserver
 from strategies.fedprox import FedProx, client_penalty
-from strategies.robust import Robustness
-from aggregation.secagg.server import SecureAggregator
 
-if TYPE_CHECKING:
-    from app.config import FedsiloConfig, PaillierConfig
-    from aggregation.paillier.packing import Packer
-    from aggregation.paillier.server import EncryptedAggregator
+Builder = Callable[[StrategyConfig, int, float, RunRecord, list[ReplyObserver]], FedAvg]
 
 
-def secure_aggregator(cfg: FedsiloConfig) -> SecureAggregator | None:
-    """The secure-aggregation driver ``cfg.aggregation`` asks for, or None (plain)."""
-    from app.config import SecAggConfig
-
-    a = cfg.aggregation
-    if isinstance(a, SecAggConfig):
-        return SecureAggregator(a.clip, a.value_bits, a.threshold, a.stage_timeout, a.neighbours)
-    return None
+def _fedavg(s: StrategyConfig, num_sites: int, fraction_evaluate: float, record: RunRecord,
+            observers: list[ReplyObserver]) -> FedAvg:
+    return FedAvg(num_sites, fraction_train=s.fraction_train, fraction_evaluate=fraction_evaluate,
+                  combine=combine_from_config(s), record=record, observers=observers)
 
 
-def encrypted_aggregator(cfg: FedsiloConfig) -> EncryptedAggregator | None:
-    """The Paillier aggregator ``cfg.aggregation`` asks for (public key only), or None."""
-    from app.config import PaillierConfig
-
-    a = cfg.aggregation
-    if not isinstance(a, PaillierConfig):
-        return None
-    from aggregation.paillier.keys import PaillierKeyError, load_public
-    from aggregation.paillier.server import EncryptedAggregator
-
-    if not a.public_key:
-        raise PaillierKeyError("aggregation=paillier needs aggregation.public_key=PATH (the server gets the public "
-                               "key only; make the files with: fedsilo keys paillier --out DIR)")
-    public = load_public(a.public_key)
-    return EncryptedAggregator(public, paillier_packer(a, public.n.bit_length()))
+def _fedprox(s: StrategyConfig, num_sites: int, fraction_evaluate: float, record: RunRecord,
+             observers: list[ReplyObserver]) -> FedAvg:
+    assert isinstance(s, FedProxConfig)
+    return FedProx(num_sites, mu=s.mu, fraction_train=s.fraction_train, fraction_evaluate=fraction_evaluate,
+                   adaptive_mu=s.adaptive_mu, mu_step=s.mu_step, mu_patience=s.mu_patience,
+                   combine=combine_from_config(s), record=record, observers=observers)
 
 
-def paillier_packer(a: PaillierConfig, key_bits: int) -> Packer:
-    """The packing both halves use: plaintexts below the modulus."""
-    from aggregation.paillier.packing import Packer
-
-    return Packer(a.clip, a.value_bits, a.max_sites, key_bits - 1)
+#: strategy.name -> builder. A new strategy adds its module, one line here and its schema.
+REGISTRY: dict[str, Builder] = {"fedavg": _fedavg, "fedprox": _fedprox}
 
 
-def build(cfg: FedsiloConfig, num_sites: int) -> FedAvg:
-    """The strategy named by ``cfg.strategy.name`` for ``num_sites`` sites; wrapped in
-    :class:`privacy.central.CentralDP` under ``privacy=central`` (it forwards every
-    attribute of the strategy it wraps)."""
-    from app.config import CentralDPConfig
-
-    strategy = _build(cfg, num_sites)
-    p = cfg.privacy
-    if isinstance(p, CentralDPConfig):
-        from privacy.central import CentralDP
-
-        return CentralDP(strategy, p.noise_multiplier, p.clipping_norm, num_sites, p.delta,  # type: ignore[return-value]
-                         p.target_epsilon)
-    return strategy
+def build(s: StrategyConfig, num_sites: int, evaluates: bool, record: RunRecord | None = None,
+          observers: list[ReplyObserver] | None = None) -> FedAvg:
+    """The strategy ``s`` names for ``num_sites`` sites; federated evaluation only if the sites
+    hold validation rows (``evaluates``)."""
+    if s.name not in REGISTRY:
+        raise ValueError(f"strategy.name={s.name!r} is not one of {sorted(REGISTRY)}")
+    return REGISTRY[s.name](s, num_sites, s.fraction_evaluate if evaluates else 0.0, record or RunRecord(),
+                            list(observers or []))
 
 
-def _build(cfg: FedsiloConfig, num_sites: int) -> FedAvg:
-    s = cfg.strategy
-    fraction_evaluate = s.fraction_evaluate if cfg.task.val_fraction > 0 else 0.0
-    secure, encrypted = secure_aggregator(cfg), encrypted_aggregator(cfg)
-    robust = Robustness(s.robust, s.assumed_byzantine, s.norm_bound)
-    if s.name == "fedavg":
-        return FedAvg(num_sites, fraction_train=s.fraction_train, fraction_evaluate=fraction_evaluate, secure=secure,
-                      encrypted=encrypted, robust=robust)
-    if s.name == "fedprox":
-        from app.config import FedProxConfig
-
-        assert isinstance(s, FedProxConfig)
-        return FedProx(num_sites, mu=s.mu, fraction_train=s.fraction_train,
-                       fraction_evaluate=fraction_evaluate, adaptive_mu=s.adaptive_mu,
-                       mu_step=s.mu_step, mu_patience=s.mu_patience, secure=secure, encrypted=encrypted,
-                       robust=robust)
-    raise ValueError(f"strategy.name={s.name!r} is not implemented")
-
-
-__all__ = ["FedAvg", "FedProx", "build", "client_penalty"]
+__all__ = ["REGISTRY", "FedAvg", "FedProx", "build", "client_penalty"]

@@ -26,12 +26,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from torch import nn
 
+from strategies.combine import Combine
 from strategies.fedavg import FedAvg
-from strategies.robust import Robustness
-from aggregation.secagg.server import SecureAggregator
 
 if TYPE_CHECKING:
-    from aggregation.paillier.server import EncryptedAggregator
+    from core.records import RunRecord
+    from strategies.fedavg import ReplyObserver
 
 MU_KEY = "proximal-mu"
 
@@ -64,7 +64,7 @@ class FedProx(FedAvg):
 
     Parameters
     ----------
-    num_sites, fraction_train, fraction_evaluate, secure, encrypted, robust : as for :class:`FedAvg`.
+    num_sites, fraction_train, fraction_evaluate, combine, record, observers : as for :class:`FedAvg`.
     mu : float
         Proximal coefficient for the first round.
     adaptive_mu : bool
@@ -75,9 +75,9 @@ class FedProx(FedAvg):
 
     def __init__(self, num_sites: int, mu: float, fraction_train: float = 1.0,
                  fraction_evaluate: float = 1.0, adaptive_mu: bool = False,
-                 mu_step: float = 0.1, mu_patience: int = 5, secure: SecureAggregator | None = None,
-                 encrypted: EncryptedAggregator | None = None, robust: Robustness | None = None) -> None:
-        super().__init__(num_sites, fraction_train, fraction_evaluate, secure, encrypted, robust)
+                 mu_step: float = 0.1, mu_patience: int = 5, combine: Combine | None = None,
+                 record: RunRecord | None = None, observers: list[ReplyObserver] | None = None) -> None:
+        super().__init__(num_sites, fraction_train, fraction_evaluate, combine, record, observers)
         self.mu = float(mu)
         self.adaptive_mu, self.mu_step, self.mu_patience = adaptive_mu, mu_step, mu_patience
         self._last_loss: float | None = None
@@ -87,11 +87,12 @@ class FedProx(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config[MU_KEY] = self.mu
-        self._entry(server_round)["mu"] = self.mu
+        self.record.round(server_round).mu = self.mu
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)
+    def finish_train(self, server_round: int, arrays: ArrayRecord | None,
+                     metrics: MetricRecord | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Adapt ``mu`` from the round's training loss when the sites do not evaluate."""
         if self.fraction_evaluate == 0.0 and metrics is not None and "train_loss" in metrics:
             self._adapt(server_round, float(metrics["train_loss"]))  # type: ignore[arg-type]
         return arrays, metrics

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.config import StrategyConfig
-from tasks.base import seed_for
+from core.seeding import chosen_sites, seed_for
+from strategies.config import StrategyConfig
 
 #: Reason a dropped straggler gives; the server logs it as the reply's rejection reason.
 MISSED_DEADLINE = "straggler: did not finish its local work before the round deadline"
@@ -31,15 +31,6 @@ class LocalWork:
     max_steps: int | None = None  # None = all steps of ``epochs`` epochs
     straggler: bool = False
     dropped: bool = False
-
-
-def chosen_sites(seed: int, server_round: int, num_sites: int, fraction: float, salt: int) -> set[int]:
-    """``round(fraction * num_sites)`` site ids drawn for ``server_round`` from the seed and ``salt``."""
-    count = int(round(fraction * num_sites))
-    if count == 0:
-        return set()
-    rng = np.random.default_rng(seed_for(seed, server_round, salt))
-    return {int(i) for i in rng.choice(num_sites, size=count, replace=False)}
 
 
 def stragglers(seed: int, server_round: int, num_sites: int, fraction: float) -> set[int]:

@@ -1,6 +1,7 @@
 """Byzantine-robust aggregation (``strategy.robust``) and update norm bounding (``strategy.norm_bound``).
 
-Server half only: robust rules need nothing from honest sites. They replace the weighted
+Server half only: robust rules need nothing from honest sites. The rules are functions
+here; :mod:`strategies.combine` stacks them as combine steps of any strategy. They replace the weighted
 mean of the screened replies by a rule a minority of arbitrary updates cannot drag far:
 
 ``krum``          the one update closest to its ``n - f - 2`` nearest others (Blanchard et al., 2017)
@@ -16,7 +17,7 @@ FedProx's proximal term composes with every rule (it acts at the sites).
 
 Every rule needs the server to see each site's update, so none is possible under
 ``aggregation=secagg`` or ``paillier``. What remains there is **norm bounding**
-(:func:`bound_norm`): under plain aggregation each site's update is clipped to L2 norm
+(:func:`core.clipping.bound_norm`): under plain aggregation each site's update is clipped to L2 norm
 ``norm_bound`` before aggregation; under secure aggregation the honest sites clip their
 own updates and the server clips the unmasked mean update, so one round can never move
 the global model by more than ``norm_bound`` whatever the attackers send.
@@ -26,30 +27,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
-
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from strategies.validation import WEIGHT_KEY
-
-
-from app.config import ROBUST_RULES as RULES
-
-
-@dataclass(frozen=True)
-class Robustness:
-    """What the server does against Byzantine sites: a rule, its ``f`` share, a norm bound (0 = off)."""
-
-    rule: str = "none"
-    assumed_byzantine: float = 0.2
-    norm_bound: float = 0.0
-
-    @property
-    def active(self) -> bool:
-        return self.rule != "none" or self.norm_bound > 0
+from core.sites import WEIGHT_KEY
+from strategies.config import ROBUST_RULES as RULES
 
 
 def _arrays(msg: Message) -> ArrayRecord:
@@ -95,14 +79,6 @@ def aggregate(rule: str, replies: list[Message], assumed: float) -> tuple[ArrayR
             out[name] = Array(np.asarray(value, dtype=stacked.dtype))
         return ArrayRecord(out), list(range(n))
     raise ValueError(f"strategy.robust={rule!r}: allowed {list(RULES)}")
-
-
-def bound_norm(update: np.ndarray, bound: float) -> tuple[np.ndarray, bool]:
-    """``update`` scaled down to L2 norm ``bound`` if it is longer; (result, whether it was)."""
-    norm = float(np.linalg.norm(update))
-    if bound <= 0 or norm <= bound:
-        return update, False
-    return update * (bound / norm), True
 
 
 def bound_reply(msg: Message, glob: ArrayRecord, bound: float) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from core.config import check
 from tasks.base import PartitionConfig, SiteData, Split, Task, TaskConfig, TaskData
 from tasks.finance import FinanceTask
 from tasks.medical import MedicalTask
 from tasks.medical_imaging import MedicalImagingTask
+from tasks.partition import PARTITIONS
 
 REGISTRY: dict[str, type[Task]] = {
     t.name: t for t in (FinanceTask, MedicalTask, MedicalImagingTask)
@@ -20,4 +22,35 @@ def get(name: str) -> type[Task]:
         raise ValueError(f"task.name={name!r} is not one of {sorted(REGISTRY)}") from None
 
 
-__all__ = ["REGISTRY", "PartitionConfig", "SiteData", "Split", "Task", "TaskConfig", "TaskData", "get"]
+OPTIMIZERS = ("sgd", "adam")
+
+
+def validate(t: TaskConfig, p: PartitionConfig) -> None:
+    """Range and choice checks of the ``task`` and ``partition`` groups."""
+    check(t.name in REGISTRY, "task.name", t.name, f"one of {sorted(REGISTRY)}")
+    task_cls = get(t.name)
+    check(t.model in task_cls.models, "task.model", t.model, f"one of {list(task_cls.models)} for task {t.name}")
+    check(t.lr > 0, "task.lr", t.lr, "a number > 0")
+    check(0 <= t.momentum < 1, "task.momentum", t.momentum, "0 <= momentum < 1")
+    check(t.weight_decay >= 0, "task.weight_decay", t.weight_decay, "a number >= 0")
+    check(0 <= t.dropout < 1, "task.dropout", t.dropout, "0 <= dropout < 1")
+    check(t.batch_size >= 1, "task.batch_size", t.batch_size, "an integer >= 1")
+    check(t.local_epochs >= 1, "task.local_epochs", t.local_epochs, "an integer >= 1")
+    check(0 <= t.val_fraction < 1, "task.val_fraction", t.val_fraction, "0 <= val_fraction < 1")
+    check(t.train_rows >= 0, "task.train_rows", t.train_rows, "0 (all rows) or an integer >= 1")
+    check(all(h >= 1 for h in t.hidden), "task.hidden", t.hidden, "a list of layer widths >= 1")
+    check(t.optimizer in OPTIMIZERS, "task.optimizer", t.optimizer, f"one of {list(OPTIMIZERS)}")
+    check(p.name in PARTITIONS, "partition.name", p.name, f"one of {list(PARTITIONS)}")
+    check(p.alpha > 0, "partition.alpha", p.alpha, "a number > 0")
+    check(p.min_partition_size >= 1, "partition.min_partition_size", p.min_partition_size, "an integer >= 1")
+    check(p.natural_sites >= 0, "partition.natural_sites", p.natural_sites, "0 (all) or a number of sites >= 2")
+    if p.name == "natural":
+        check(task_cls.natural_sites is not None, "partition.name", p.name,
+              f"iid or dirichlet: task {t.name} has no natural split")
+        n_natural = len(task_cls.natural_sites or ())
+        check(p.natural_sites == 0 or 2 <= p.natural_sites <= n_natural, "partition.natural_sites", p.natural_sites,
+              f"0 (all {n_natural}) or 2..{n_natural}: the first k of task {t.name}'s natural sites "
+              f"{list(task_cls.natural_sites or ())}")
+
+
+__all__ = ["REGISTRY", "PartitionConfig", "SiteData", "Split", "Task", "TaskConfig", "TaskData", "get", "validate"]

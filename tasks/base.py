@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.seeding import seed_cpu, seed_for
 from tasks import cache
 from tasks.metrics import binary_metrics, group_metrics
 from tasks.partition import PartitionError, partition_indices, split_train_val
@@ -233,28 +234,6 @@ class Task(ABC):
         return train_local(model, split.x, split.y, self.local_train_config(epochs), gen, aug,
                            penalty=penalty, max_steps=max_steps)
 
-    def train_private(
-        self,
-        model: nn.Module,
-        split: Split,
-        seed: int,
-        context: Any,
-        params: Any,
-        *,
-        epochs: int | None = None,
-        max_steps: int | None = None,
-        penalty: Penalty | None = None,
-    ) -> tuple[dict[str, float], Any]:
-        """:meth:`train` with DP-SGD (:func:`privacy.dpsgd.private_round`): the site's
-        privacy ledger lives in ``context.state``; returns (stats, the reply's privacy record)."""
-        from privacy.dpsgd import private_round
-
-        seed_cpu(seed)
-        gen = torch.Generator().manual_seed(seed)
-        aug = self.augmentation() if self.cfg.augment else None
-        return private_round(context, params, model, split.x, split.y, self.local_train_config(epochs), gen,
-                             penalty=penalty, max_steps=max_steps, augment=aug)
-
     def evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:
         """All test metrics of ``model`` on ``split`` (pooled, and per group if any)."""
         scores, loss = predict(model, split.x, split.y)
@@ -265,14 +244,3 @@ class Task(ABC):
             out.update(group_metrics(y, scores, split.group, names))
         return out
 
-
-def seed_cpu(seed: int) -> None:
-    """``torch.manual_seed`` for the CPU generator only: the same draws on a CPU, without the
-    accelerator seeding ``torch.manual_seed`` queues on every call (a traceback captured per
-    device, 1 ms per call: a cost per message at hundreds of sites)."""
-    torch.default_generator.manual_seed(seed)
-
-
-def seed_for(seed: int, *parts: int) -> int:
-    """Derive an independent 31-bit seed from the run seed and e.g. (round, site)."""
-    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)

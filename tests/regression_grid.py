@@ -86,7 +86,7 @@ def _decrypt(arrays: ArrayRecord, overrides: list[str], key_pair: Path) -> dict[
     """What a key holder reads from an encrypted aggregate (``ct``, ``rows``, ``sites``)."""
     import tasks
     from app import config
-    from strategies import paillier_packer as packer_for
+    from aggregation.paillier.config import packer_for
     from aggregation.paillier import keys
     from aggregation.paillier.client import ModelCodecFactory, global_state
 

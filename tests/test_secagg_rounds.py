@@ -21,7 +21,7 @@ from app import client_app, config, server_app
 from app.runtime.local_grid import LocalGrid
 from aggregation.secagg import vector
 from aggregation.secagg.client import MASKED_KEY, WIRE_KEY
-from aggregation.secagg.vector import Layout
+from core.layout import Layout
 from tests.conftest import DATA_DIR
 
 

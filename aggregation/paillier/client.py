@@ -25,9 +25,9 @@ from aggregation.paillier.keys import PaillierKeyError, fingerprint, load_privat
 from aggregation.paillier.packing import Packer
 from aggregation.paillier.server import ENCRYPTED_KEY, META_KEY, ct_width, from_array, is_encrypted, to_array
 from aggregation.paillier.vector import ModelCodec
-from aggregation.secagg.vector import Layout
+from core.layout import Layout
 
-NODE_CONFIG_KEY = "paillier-keypair"
+from aggregation.paillier.config import NODE_CONFIG_KEY
 
 
 @lru_cache(maxsize=4)

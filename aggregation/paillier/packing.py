@@ -1,6 +1,7 @@
 """Many quantised values per Paillier plaintext, with room for the sum over all sites.
 
-A site's weighted update ``u`` (clipped to ``[-clip, clip]``) is quantised to unsigned
+A site's weighted update ``u`` (clipped to ``[-clip, clip]``) is quantised by
+:class:`core.quantise.AffineQuantiser` (nearest rounding) to unsigned
 integers ``q = round((u + clip) / delta)`` in ``[0, 2^value_bits - 1]`` (signed values by
 offset), and ``slots`` of them are laid side by side in one plaintext, each in a slot of
 ``slot_bits`` bits. Adding the plaintexts of up
@@ -20,6 +21,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from core.quantise import AffineQuantiser
 
 
 @dataclass(frozen=True)
@@ -63,19 +66,20 @@ class Packer:
         return self.plaintext_bits // self.slot_bits
 
     @property
+    def quantiser(self) -> AffineQuantiser:
+        return AffineQuantiser(self.clip, self.value_bits)
+
+    @property
     def delta(self) -> float:
-        return 2 * self.clip / ((1 << self.value_bits) - 1)
+        return self.quantiser.delta
 
     def count(self, size: int) -> int:
         """Plaintexts needed for ``size`` values."""
         return -(-size // self.slots)
 
     def quantise(self, values: np.ndarray) -> tuple[np.ndarray, int]:
-        """Unsigned integers (uint64) of ``values`` and how many were clipped."""
-        x = np.asarray(values, dtype=np.float64)
-        clipped = int(np.count_nonzero(np.abs(x) > self.clip))
-        q = np.rint((np.clip(x, -self.clip, self.clip) + self.clip) / self.delta)
-        return np.minimum(q, (1 << self.value_bits) - 1).astype(np.uint64), clipped
+        """Unsigned integers (uint64, nearest rounding) of ``values`` and how many were clipped."""
+        return self.quantiser.nearest(values)
 
     def pack(self, q: np.ndarray) -> list[int]:
         """Plaintext integers holding ``q`` (values < ``2^value_bits``), ``slots`` per integer."""
@@ -101,4 +105,4 @@ class Packer:
         """Real-valued sum of ``sites`` quantised vectors whose slot sums are ``sums``."""
         if not 1 <= sites <= self.max_sites:
             raise ValueError(f"sites must be in 1..{self.max_sites}, got {sites}")
-        return sums.astype(np.float64) * self.delta - sites * self.clip
+        return self.quantiser.decode_sum(sums, sites)

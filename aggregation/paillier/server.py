@@ -24,7 +24,7 @@ from phe import paillier
 from aggregation.paillier.crypto import add_ciphertexts, check_ciphertexts
 from aggregation.paillier.keys import fingerprint
 from aggregation.paillier.packing import Packer
-from strategies.validation import check_size
+from core.replies import check_size
 
 ENCRYPTED_KEY = "encrypted"
 META_KEY = "encrypted-meta"  # ConfigRecord: the fingerprint of the key the site encrypted under

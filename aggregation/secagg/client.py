@@ -37,13 +37,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from aggregation.secagg.codec import FieldCodec
 from aggregation.secagg.protocol import SecAggAbort, SecAggClient
 from aggregation.secagg.vector import FIELD_BITS, WeightedUpdateCodec
+from core.replies import ReplyError
 
 WIRE_KEY = "secagg"
 STATE_KEY = "secagg-state"
 NEXT_KEY = "secagg-next"    # the next round's keys, advertised early (pipelining)
 GUARD_KEY = "secagg-guard"  # the last round this site masked an input for
 MASKED_KEY = "masked"
-PROTOCOL_ERROR = 409  # Error code of a refused (out-of-order, replayed, forged) stage message
+PROTOCOL_ERROR = int(ReplyError.PROTOCOL_ERROR)  # a refused (out-of-order, replayed, forged) stage message
 
 STAGES = ("keys", "share", "masked_input", "unmask")
 

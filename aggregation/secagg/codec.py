@@ -1,6 +1,6 @@
 """Fixed-point codec: real-valued updates <-> elements of Z_(2^bits) that can be summed.
 
-Encoding clips each value to ``[-clip, clip]``, maps it to ``[0, 2^value_bits - 1]`` and
+Built on :class:`core.quantise.AffineQuantiser` (stochastic rounding). Encoding clips each value to ``[-clip, clip]``, maps it to ``[0, 2^value_bits - 1]`` and
 rounds stochastically with a seeded generator (unbiased: E[decode(encode(x))] = x for
 ``|x| <= clip``). Summing ``n`` encoded vectors modulo 2^bits, with
 ``bits >= value_bits + ceil(log2(max_sites))``, never wraps, so the sum decodes exactly
@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from core.quantise import AffineQuantiser
 
 
 @dataclass(frozen=True)
@@ -54,18 +56,17 @@ class FieldCodec:
         return 1 << self.bits
 
     @property
+    def quantiser(self) -> AffineQuantiser:
+        return AffineQuantiser(self.clip, self.value_bits)
+
+    @property
     def delta(self) -> float:
         """Quantisation step."""
-        return 2 * self.clip / ((1 << self.value_bits) - 1)
+        return self.quantiser.delta
 
     def encode(self, values: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        """Field elements of ``values`` (uint64) and how many values were clipped."""
-        x = np.asarray(values, dtype=np.float64)
-        clipped = int(np.count_nonzero(np.abs(x) > self.clip))
-        scaled = (np.clip(x, -self.clip, self.clip) + self.clip) / self.delta
-        floor = np.floor(scaled)
-        q = floor + (rng.random(x.shape) < (scaled - floor))
-        return np.minimum(q, (1 << self.value_bits) - 1).astype(np.uint64), clipped
+        """Field elements of ``values`` (uint64, stochastic rounding) and how many values were clipped."""
+        return self.quantiser.stochastic(values, rng)
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """``a + b`` in Z_(2^bits)."""
@@ -79,4 +80,4 @@ class FieldCodec:
         """The real-valued sum of ``count`` encoded vectors whose field sum is ``total``."""
         if not 1 <= count <= self.max_sites:
             raise ValueError(f"count must be in 1..{self.max_sites}, got {count}")
-        return total.astype(np.float64) * self.delta - count * self.clip
+        return self.quantiser.decode_sum(total, count)

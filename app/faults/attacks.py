@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from app.config import ATTACKS
-from strategies.heterogeneity import chosen_sites
-from tasks.base import Split, seed_for
+from app.faults.config import ATTACKS
+from core.seeding import chosen_sites
+from core.seeding import seed_for
+from tasks.base import Split
 
 if TYPE_CHECKING:
     from app.config import FedsiloConfig

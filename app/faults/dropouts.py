@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from strategies.heterogeneity import chosen_sites
+from core.replies import ReplyError
+from core.seeding import chosen_sites
 
 if TYPE_CHECKING:
     from app.config import FedsiloConfig
 
-DROPPED_CODE = 503
+DROPPED_CODE = int(ReplyError.DROPPED)
 
 
 def drops(cfg: FedsiloConfig, server_round: int, site_id: int, stage: str | None) -> bool:

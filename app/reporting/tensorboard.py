@@ -38,14 +38,17 @@ class TensorBoardLogger:
                 self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
 
     def log_round(self, server_round: int, server: dict[str, Any], train: dict[str, Any], evaluate: dict[str, Any],
-                  participation: dict[str, Any], traffic: dict[str, Any], seconds: float | None) -> None:
+                  participation: dict[str, Any], traffic: dict[str, Any], seconds: float | None,
+                  names: dict[str, str] | None = None) -> None:
+        """One step of scalars; ``names`` maps reply labels to site names (per-site epsilon curves)."""
+        names = names or {}
         self._scalars("test", server, server_round)
         self._scalars("train", train, server_round)
         self._scalars("federated_evaluate", evaluate, server_round)
         t = participation.get("train", {})
         self._scalars("sites", {"replied": t.get("replied", 0), "rejected": len(t.get("rejected", []))}, server_round)
         for label, rec in participation.get("privacy", {}).items():
-            self.writer.add_scalar(f"epsilon/{label.rsplit(' (node ', 1)[0]}", float(rec["epsilon"]), server_round)
+            self.writer.add_scalar(f"epsilon/{names.get(label, label)}", float(rec["epsilon"]), server_round)
         self._scalars("traffic", traffic, server_round)
         if seconds is not None:
             self.writer.add_scalar("time/round_seconds", seconds, server_round)

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from strategies.validation import record_bytes
+from core.replies import record_bytes
 
 
 def payload_bytes(content: RecordDict) -> int:

@@ -1,42 +1,43 @@
-"""Checks that a site's reply is well formed before it may touch the global model.
+"""What every reply must pass before it may touch the global model, and why one is refused.
 
 Flower's FedAvg ends the whole ServerApp when one reply is inconsistent. Here each reply
 is checked on its own; a bad one is dropped with a logged reason naming the site, and the
-round aggregates the rest.
+round aggregates the rest. :class:`ReplyError` lists every error code a fedsilo site sends.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from enum import IntEnum
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 
-WEIGHT_KEY = "num-examples"
-SITE_KEY = "site"
-
-
-def site_record(msg: Message) -> ConfigRecord | None:
-    """The reply's ``site`` ConfigRecord, or None (read directly: ``content.config_records``
-    rebuilds a filtered dict on every access, a cost per reply at hundreds of sites)."""
-    if msg.has_error():
-        return None
-    rec = msg.content.get(SITE_KEY)
-    return rec if isinstance(rec, ConfigRecord) else None
+from core.sites import WEIGHT_KEY, site_record
 
 
-def site_label(msg: Message) -> str:
-    """``site-name (node N)`` for logs; falls back to the node id."""
-    node = msg.metadata.src_node_id
-    rec = site_record(msg)
-    return f"{rec.get('name', '?')} (node {node})" if rec is not None else f"node {node}"
+class ReplyError(IntEnum):
+    """Error codes of the replies a site sends instead of a result (``Message(Error(code, reason))``)."""
+
+    CLIENT_EXCEPTION = 1       #: the ClientApp raised (Flower's ``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``)
+    MISSED_DEADLINE = 408      #: a straggler dropped under ``strategy.straggler_policy=drop``
+    PROTOCOL_ERROR = 409       #: a secure-aggregation stage refused (out of order, replayed, forged)
+    BUDGET_EXHAUSTED = 429     #: DP-SGD: this round would take the site past its target epsilon
+    DROPPED = 503              #: fault injection: the site drops out (``faults.drop_rate``)
 
 
-def site_order(msg: Message) -> int:
-    """Sort key giving a fixed aggregation order, hence bit-identical runs for one seed."""
-    rec = site_record(msg)
-    return int(rec["id"]) if rec is not None and "id" in rec else msg.metadata.src_node_id
+class SiteRefusal(Exception):
+    """Raised by a site-side layer that will not produce a result this round; the ClientApp
+    replies with ``Error(code, reason)`` and the coordinator logs it as the reply's rejection."""
+
+    def __init__(self, code: ReplyError, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+    def reply(self, msg: Message, site_name: str | None = None) -> Message:
+        reason = f"{site_name}: {self.reason}" if site_name else self.reason
+        return Message(Error(code=int(self.code), reason=reason), reply_to=msg)
 
 
 #: Most bytes a reply may carry besides the model's arrays (metrics, site and privacy records).
@@ -100,14 +101,15 @@ def _check_metrics(msg: Message, required: tuple[str, ...]) -> str | None:
         value = record[key]
         if isinstance(value, list) or not math.isfinite(float(value)):
             return f"metric {key!r} is not a finite number: {value!r}"
-    if float(record[WEIGHT_KEY]) <= 0:
+    if float(record[WEIGHT_KEY]) <= 0:  # type: ignore[arg-type]
         return f"{WEIGHT_KEY} must be > 0, got {record[WEIGHT_KEY]!r}"
     return None
 
 
-def check_train_reply(
-    msg: Message, reference: Mapping[str, tuple[tuple[int, ...], np.dtype]], server_round: int
-) -> str | None:
+Reference = Mapping[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def check_train_reply(msg: Message, reference: Reference, server_round: int) -> str | None:
     """Return why a train reply must be rejected, or None if it is usable.
 
     ``reference`` maps each array name of the global model to its (shape, dtype).
@@ -118,7 +120,7 @@ def check_train_reply(
     if oversized:
         return oversized
     site = site_record(msg)
-    if site is not None and "round" in site and int(site["round"]) != server_round:
+    if site is not None and "round" in site and int(site["round"]) != server_round:  # type: ignore[call-overload]
         return f"reply is for round {site['round']}, not round {server_round}"
     arrays = msg.content.array_records
     if len(arrays) != 1:

@@ -1,0 +1,72 @@
+"""``aggregation=paillier`` as an option of the aggregation axis (registered in :mod:`aggregation`).
+
+phe (GPL-3.0) is an optional extra: the coordinator and site halves import it only when
+the option is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from aggregation.base import AggregationOption, Capabilities, SiteHalf
+from aggregation.paillier import config
+from aggregation.paillier.config import NODE_CONFIG_KEY
+from core.records import RunRecord
+
+
+def _missing_public_key() -> str:
+    return ("aggregation=paillier needs aggregation.public_key=PATH (the server gets the public key only; "
+            "make the files with: fedsilo keys paillier --out DIR)")
+
+
+class Paillier(AggregationOption):
+    name = "paillier"
+    schema = config.PaillierConfig
+    capabilities = Capabilities(sees_individual_updates=False, holds_plaintext_model=False)
+    sees = ("only ciphertexts: the sites' weighted models encrypted under a key the server does not hold; "
+            "it never has a trained model in the clear")
+
+    def validate(self, cfg: Any, num_sites: int) -> None:
+        config.validate(cfg, num_sites)
+
+    def preflight(self, cfg: Any) -> None:
+        """The optional extra is installed; the public key (and, in simulation, the sites' key pair)
+        can be read, are at least 2048 bits, and are one pair."""
+        try:
+            import phe  # noqa: F401
+        except ImportError:
+            raise ValueError("aggregation=paillier needs the optional paillier extra (GPL-3.0 python-paillier): "
+                             "pip install 'fedsilo[paillier]'") from None
+        from aggregation.paillier.keys import PaillierKeyError, check_pair, load_private, load_public
+
+        try:
+            if not cfg.public_key:
+                raise PaillierKeyError(_missing_public_key())
+            public = load_public(Path(cfg.public_key))
+            if cfg.keypair:
+                check_pair(public, load_private(Path(cfg.keypair)), Path(cfg.public_key), Path(cfg.keypair))
+        except PaillierKeyError as err:
+            raise ValueError(str(err)) from err
+
+    def node_config(self, cfg: Any) -> dict[str, str]:
+        return {NODE_CONFIG_KEY: str(Path(cfg.keypair).resolve())} if cfg.keypair else {}
+
+    def server(self, strategy: Strategy, cfg: Any, initial: ArrayRecord, record: RunRecord) -> Strategy:
+        from aggregation.paillier.keys import PaillierKeyError, load_public
+        from aggregation.paillier.server import EncryptedAggregator
+        from aggregation.paillier.strategy import PaillierStrategy
+
+        if not cfg.public_key:
+            raise PaillierKeyError(_missing_public_key())
+        public = load_public(cfg.public_key)
+        aggregator = EncryptedAggregator(public, config.packer_for(cfg, public.n.bit_length()))
+        return PaillierStrategy(strategy, aggregator, initial, record)
+
+    def site(self, cfg: Any) -> SiteHalf:
+        from aggregation.paillier.site import PaillierSite
+
+        return PaillierSite(cfg)

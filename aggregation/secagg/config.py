@@ -1,0 +1,30 @@
+"""Schema and range checks of ``aggregation=secagg``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aggregation.base import AggregationConfig
+from core.config import check
+
+
+@dataclass
+class SecAggConfig(AggregationConfig):
+    """Schema of ``aggregation=secagg`` (:mod:`aggregation.secagg`)."""
+
+    name: str = "secagg"
+    clip: float = 4.0          # each site's update (local - global weights) clipped to [-clip, clip]
+    value_bits: int = 24       # quantisation bits per value: step 2*clip/(2^bits - 1)
+    threshold: float = 0.6     # Shamir threshold as a share of a site's neighbourhood (> 0.5)
+    neighbours: int = 0        # SecAgg+ neighbours per site; 0 = complete graph up to 20 sites, then O(log n)
+    stage_timeout: float = 120.0  # seconds to wait for the sites' replies in each protocol stage
+
+
+def validate(a: SecAggConfig) -> None:
+    check(a.clip > 0, "aggregation.clip", a.clip, "a number > 0")
+    check(8 <= a.value_bits <= 32, "aggregation.value_bits", a.value_bits, "an integer in 8..32")
+    check(0.5 < a.threshold <= 1, "aggregation.threshold", a.threshold,
+          "0.5 < threshold <= 1 (a majority of the round's sites)")
+    check(a.stage_timeout > 0, "aggregation.stage_timeout", a.stage_timeout, "seconds > 0")
+    check(a.neighbours == 0 or (a.neighbours >= 2 and a.neighbours % 2 == 0), "aggregation.neighbours",
+          a.neighbours, "0 (automatic) or an even number >= 2")

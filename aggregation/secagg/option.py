@@ -1,0 +1,35 @@
+"""``aggregation=secagg`` as an option of the aggregation axis (registered in :mod:`aggregation`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from aggregation.base import AggregationOption, Capabilities, SiteHalf
+from aggregation.secagg import config
+from aggregation.secagg.server import SecureAggregator
+from aggregation.secagg.site import SecAggSite
+from aggregation.secagg.strategy import SecAggStrategy
+from core.records import RunRecord
+
+
+class SecAgg(AggregationOption):
+    name = "secagg"
+    schema = config.SecAggConfig
+    capabilities = Capabilities(sees_individual_updates=False, holds_plaintext_model=True)
+    sees = ("only the sum of the sites' weighted updates, their total number of rows and their mean loss "
+            "(secure aggregation: each update is masked, and the masks cancel only in the sum)")
+    train_names = ("secagg",)
+    queries = ("secagg_keys", "secagg_share", "secagg_unmask")
+
+    def validate(self, cfg: Any, num_sites: int) -> None:
+        config.validate(cfg)
+
+    def server(self, strategy: Strategy, cfg: Any, initial: ArrayRecord, record: RunRecord) -> Strategy:
+        protocol = SecureAggregator(cfg.clip, cfg.value_bits, cfg.threshold, cfg.stage_timeout, cfg.neighbours)
+        return SecAggStrategy(strategy, protocol, record)
+
+    def site(self, cfg: Any) -> SiteHalf:
+        return SecAggSite()

@@ -1,0 +1,68 @@
+"""The site half of ``aggregation=secagg``: the protocol stages and the masked training reply.
+
+The stage functions themselves (state in ``context.state``, checks against replay and
+out-of-order messages) are in :mod:`aggregation.secagg.client`; this class adapts them to
+the ClientApp's :class:`~aggregation.base.SiteHalf` interface and applies fault injection
+(``faults.drop_stage``) at each stage.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+
+from aggregation.base import LocalResult, SiteEnv, SiteHalf
+from aggregation.secagg import client
+from aggregation.secagg.vector import WeightedUpdateCodec
+from core.clipping import bound_norm
+from core.layout import Layout
+from core.seeding import seed_for
+
+#: query message type -> protocol stage
+STAGE_OF = {"query.secagg_keys": "keys", "query.secagg_share": "share", "query.secagg_unmask": "unmask"}
+
+
+class SecAggSite(SiteHalf):
+    """Masks the site's weighted update ``n_k * (w_local - w_global)`` (:mod:`aggregation.secagg.vector`);
+    its row count and update never leave the site in the clear."""
+
+    train_stage = "masked_input"
+
+    def reply(self, msg: Message, context: Context, result: LocalResult, env: SiteEnv) -> Message:
+        glob: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
+        base = {k: v.numpy() for k, v in glob.items()}
+        layout = Layout.of(base)
+        local = {k: v.detach().cpu().numpy() for k, v in result.state.items()}
+        update = layout.flatten(local) - layout.flatten(base)
+        if env.norm_bound > 0:  # honest sites bound their own updates (strategy.norm_bound)
+            update, _ = bound_norm(update, env.norm_bound)
+        rng = np.random.default_rng(seed_for(env.seed, result.server_round, env.index, 0x5EC))
+
+        def encode(codec: WeightedUpdateCodec) -> np.ndarray:
+            return codec.encode(update, env.rows, float(result.stats["train_loss"]), rng)
+
+        extra = RecordDict(dict(result.records))
+        advertise_next = not env.drops(result.server_round + 1, "keys")
+        try:
+            return client.masked_input(msg, context, encode, extra, advertise_next)
+        except (client.ProtocolError, client.SecAggAbort, ValueError) as err:
+            return client.refuse(msg, err)
+
+    def query(self, msg: Message, context: Context, env: SiteEnv) -> Message:
+        """Stage 0 (keys), 1 (shares) or 3 (unmask; pipelined: stage 1 of the next round too)."""
+        stage = STAGE_OF.get(msg.metadata.message_type)
+        if stage is None:
+            return super().query(msg, context, env)
+        records = msg.content.config_records
+        server_round = int(records[client.WIRE_KEY]["round"]) if client.WIRE_KEY in records else 0  # type: ignore[call-overload]
+        if env.drops(server_round, stage):
+            return env.dropped_reply(msg, stage)
+        try:
+            if stage == "keys":
+                return client.advertise_keys(msg, context)
+            if stage == "share":
+                return client.share_keys(msg, context)
+            nxt = int(msg.content[client.WIRE_KEY]["round"]) + 1  # type: ignore[index,call-overload]
+            return client.unmask(msg, context, share_next=not env.drops(nxt, "share"))
+        except (client.ProtocolError, client.SecAggAbort) as err:
+            return client.refuse(msg, err)

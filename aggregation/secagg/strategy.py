@@ -1,0 +1,99 @@
+"""The coordinator half of ``aggregation=secagg`` as a Flower Strategy wrapping any strategy.
+
+:class:`SecAggStrategy` takes the wrapped strategy's training instructions and runs the
+protocol around them (:class:`~aggregation.secagg.server.SecureAggregator`: key
+advertisement and sharing, ``train.secagg`` messages, unmasking); what the coordinator
+learns is the sum of the survivors' weighted updates, their total weight and mean loss. It
+hands the *mean update* to the wrapped strategy (:func:`aggregation.base.hand_over`): a
+fedsilo strategy applies its combine step's norm bound and its own step to it. A round
+that cannot finish securely (fewer than the threshold of sites at any stage) is aborted
+and the global model stays as it was. Federated evaluation passes through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from aggregation.base import StrategyWrapper, hand_over
+from aggregation.secagg.protocol import SecAggAbort
+from aggregation.secagg.server import SecureAggregator
+from core.handover import ProtectedAggregate
+from core.layout import Layout
+from core.records import Rejection, RunRecord
+from core.sites import WEIGHT_KEY, stragglers
+
+
+class SecAggStrategy(StrategyWrapper):
+    """Secure aggregation of the training replies of ``strategy``.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        Any Message-API strategy; fedsilo's take the mean update through ``aggregate_protected``.
+    protocol : SecureAggregator
+        The protocol driver (clip, value bits, threshold, neighbours, stage timeout).
+    record : RunRecord
+        The run's record: this half writes each round's ``secagg`` log and the training
+        phase's replies, rejections and stragglers.
+    """
+
+    def __init__(self, strategy: Strategy, protocol: SecureAggregator, record: RunRecord) -> None:
+        super().__init__(strategy)
+        self.protocol, self.record = protocol, record
+        self._current: ArrayRecord | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        """The wrapped strategy's instructions, turned into ``train.secagg`` messages (after the key stages)."""
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self._current = arrays
+        size = Layout.of({k: v.numpy() for k, v in arrays.items()}).size
+        try:
+            return list(self.protocol.open(server_round, messages, grid, size))
+        except SecAggAbort as err:
+            self._abort(server_round, err)
+            return []
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask the survivors' sum and hand the mean update to the wrapped strategy."""
+        replies = list(replies)
+        observe = getattr(self.strategy, "observe", None)
+        if callable(observe):
+            observe(server_round, replies)
+        rec = self.record.round(server_round)
+        if self._current is None or (rec.secagg is not None and "aborted" in rec.secagg):
+            return None, None
+        self.record.sites.learn(replies)
+        late = stragglers(replies)
+        try:
+            agg = self.protocol.close(replies)
+        except SecAggAbort as err:
+            self._abort(server_round, err)
+            return None, None
+        log_ = rec.secagg = self.protocol.log[server_round]
+        phase = rec.phase("train")
+        phase.replied, phase.stragglers, phase.rejected = log_.get("survivors", 0), late, self._rejections(log_)
+        metrics = MetricRecord({WEIGHT_KEY: agg.total_weight, "train_loss": agg.mean_loss,
+                                "clipped_values": agg.clipped})
+        return hand_over(self.strategy, server_round, replies, ProtectedAggregate(metrics, mean_update=agg.mean_update),
+                         self._current)
+
+    def _rejections(self, log_: dict) -> list[Rejection]:  # type: ignore[type-arg]
+        """A secure round's dropped sites, named once a reply has told us their names."""
+        return [Rejection(self.record.sites.label(r["node"]), f"{r['stage']}: {r['reason']}")
+                for r in log_.get("rejected", [])]
+
+    def _abort(self, server_round: int, err: Exception) -> None:
+        rec = self.record.round(server_round)
+        log_ = rec.secagg = self.protocol.log.setdefault(server_round, {"rejected": [], "stages": {}})
+        log_["aborted"] = str(err)
+        phase = rec.phase("train")
+        phase.replied, phase.rejected = 0, self._rejections(log_)
+        log(WARNING, "round %s: secure aggregation aborted (%s); the global model is unchanged", server_round, err)

@@ -1,0 +1,89 @@
+"""The ``strategy`` config group: its schemas, option lists and range checks (owned here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.config import check
+
+STRATEGIES = ("fedavg", "fedprox")
+STRAGGLER_POLICIES = ("partial", "drop")
+ROBUST_RULES = ("none", "krum", "multikrum", "trimmed_mean", "median")  # strategies/combine.py
+
+
+@dataclass
+class StrategyConfig:
+    """Schema of the ``strategy`` group: what every strategy accepts.
+
+    Systems heterogeneity (FedProx paper, section 5.2) is part of every strategy:
+    ``local_epochs`` gives each site its own amount of local work (site ``i`` uses entry
+    ``i % len``; empty = the task's ``local_epochs``), and each round a ``stragglers``
+    fraction of the sites, drawn from the seed, only manages part of its work. Their
+    partial updates are aggregated (``straggler_policy=partial``) or they miss the round
+    and are dropped (``drop``, FedAvg's behaviour in the paper).
+    """
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    round_timeout: float = 600.0
+    local_epochs: list[int] = field(default_factory=list)
+    stragglers: float = 0.0
+    straggler_policy: str = "drop"
+    robust: str = "none"            # Byzantine-robust rule: none | krum | multikrum | trimmed_mean | median
+    assumed_byzantine: float = 0.2  # f = floor(share * replies) the robust rule tolerates
+    norm_bound: float = 0.0         # L2 bound on each site's update (secagg: on the mean update too); 0 = off
+
+
+@dataclass
+class FedProxConfig(StrategyConfig):
+    """Schema of ``strategy=fedprox``: FedAvg plus the proximal term ``mu/2 ||w - w_global||^2``.
+
+    With ``adaptive_mu`` the server raises ``mu`` by ``mu_step`` when the global loss
+    rises and lowers it by ``mu_step`` after ``mu_patience`` consecutive decreases (the
+    FedProx paper's heuristic), never below 0.
+    """
+
+    name: str = "fedprox"
+    mu: float = 0.01
+    adaptive_mu: bool = False
+    mu_step: float = 0.1
+    mu_patience: int = 5
+    straggler_policy: str = "partial"
+
+
+#: What the coordinator must be able to do for a strategy setting (checked against the
+#: aggregation option's capabilities by the composition root, ``app/config.py``).
+def needs(s: StrategyConfig) -> dict[str, tuple[str, object, str, str]]:
+    """capability -> (key, value, the value that needs none, what to do instead) for every
+    setting of ``s`` that needs a capability of the aggregation option."""
+    out: dict[str, tuple[str, object, str, str]] = {}
+    if s.robust != "none":
+        out["sees_individual_updates"] = (
+            "strategy.robust", s.robust, "none",
+            "no robust rule can run; bound every update's norm instead (strategy.norm_bound=B)")
+    if s.norm_bound > 0:
+        out["holds_plaintext_model"] = ("strategy.norm_bound", s.norm_bound, "0",
+                                        "it cannot bound the aggregate; use aggregation=secagg or plain")
+    return out
+
+
+def validate(s: StrategyConfig) -> None:
+    """Range and choice checks of the ``strategy`` group."""
+    check(s.name in STRATEGIES, "strategy.name", s.name, f"one of {list(STRATEGIES)}")
+    check(0 < s.fraction_train <= 1, "strategy.fraction_train", s.fraction_train, "0 < fraction <= 1")
+    check(0 <= s.fraction_evaluate <= 1, "strategy.fraction_evaluate", s.fraction_evaluate, "0 <= fraction <= 1")
+    check(s.round_timeout > 0, "strategy.round_timeout", s.round_timeout, "seconds > 0")
+    check(all(e >= 1 for e in s.local_epochs), "strategy.local_epochs", s.local_epochs,
+          "a list of epochs >= 1 (one per site, cycled), or [] for the task's local_epochs")
+    check(0 <= s.stragglers < 1, "strategy.stragglers", s.stragglers, "0 <= fraction < 1")
+    check(s.straggler_policy in STRAGGLER_POLICIES, "strategy.straggler_policy", s.straggler_policy,
+          f"one of {list(STRAGGLER_POLICIES)}")
+    check(s.robust in ROBUST_RULES, "strategy.robust", s.robust, f"one of {list(ROBUST_RULES)}")
+    check(0 <= s.assumed_byzantine < 0.5, "strategy.assumed_byzantine", s.assumed_byzantine,
+          "0 <= share < 0.5 (robust rules need an honest majority)")
+    check(s.norm_bound >= 0, "strategy.norm_bound", s.norm_bound, "0 (off) or an L2 norm > 0")
+    if isinstance(s, FedProxConfig):
+        check(s.mu >= 0, "strategy.mu", s.mu, "a number >= 0")
+        check(s.mu_step > 0, "strategy.mu_step", s.mu_step, "a number > 0")
+        check(s.mu_patience >= 1, "strategy.mu_patience", s.mu_patience, "an integer >= 1")
