@@ -105,8 +105,16 @@ class SiteHalf(ABC):
         """The training reply: the update in this option's form, plus ``result.records``."""
 
     def query(self, msg: Message, context: Context, env: SiteEnv) -> Message:
-        """Answer one of the option's protocol messages (:attr:`AggregationOption.queries`)."""
-        raise ValueError(f"{type(self).__name__} answers no {msg.metadata.message_type!r} message")
+        """Answer one of the option's protocol messages (:attr:`AggregationOption.queries`); a
+        message of another option is refused with a clear error reply."""
+        from flwr.app import Error
+
+        from core.replies import ReplyError
+
+        return Message(Error(code=int(ReplyError.PROTOCOL_ERROR),
+                             reason=f"{env.name}: {type(self).__name__} answers no {msg.metadata.message_type!r} "
+                                    "message (the site's aggregation option differs from the coordinator's)"),
+                       reply_to=msg)
 
     def after_evaluate(self, context: Context, model: torch.nn.Module) -> None:
         """Work to do after federated evaluation, ahead of the next training round."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def progress_line(server_round: int, num_rounds: int, rec: RoundRecord, recorder: Recorder,
-                  federated: dict[str, float], privacy_note: str = "") -> str:
+                  federated: dict[str, Any], privacy_note: str = "") -> str:
     """One line a person can follow: round k/n, sites sampled/replied/failed, the round's
     metrics, its privacy figure, its time and traffic, and the time left at the mean pace so far."""
     part = rec.train or PhaseRecord()
@@ -163,7 +164,7 @@ def main(grid: Grid, context: Context) -> None:
             board.close()
     trained = len(result.arrays) > 0
     final_arrays = result.arrays if trained else initial
-    extra = {"run_id": context.run_id, "status": "completed" if trained else "failed",
+    extra: dict[str, Any] = {"run_id": context.run_id, "status": "completed" if trained else "failed",
              "overrides": str(context.run_config.get("overrides", ""))}
     summary = stack.privacy.summary()
     if summary is not None:

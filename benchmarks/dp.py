@@ -30,8 +30,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -174,10 +175,10 @@ def speed(quick: bool) -> dict[str, Any]:
 
 def epoch_speed(quick: bool) -> list[dict[str, Any]]:
     """One local epoch on finance site 0: fedsilo's non-private loop vs its DP-SGD loop."""
-    from app import config
-    from privacy.dpsgd import DPSGDParams, sample_rate, train_private
     import tasks
+    from app import config
     from app.runtime.paths import resolve_data_dir
+    from privacy.dpsgd import DPSGDParams, sample_rate, train_private
     from tasks.training import LocalTrainConfig, train_local
 
     cfg = config.compose(["task=finance"])
@@ -272,12 +273,14 @@ def markdown(result: dict[str, Any]) -> str:
               "|---|---|---|---|---|"]
     for r in result["speed"]["epoch"]:
         s = r["seconds"]
-        lines.append(f"| {r['rows']} | {r['batch']} | {s['non-private'] * 1e3:.1f} ms | {s['dpsgd'] * 1e3:.1f} ms | {r['ratio']:.2f}x |")
+        lines.append(f"| {r['rows']} | {r['batch']} | {s['non-private'] * 1e3:.1f} ms | {s['dpsgd'] * 1e3:.1f} ms "
+                     f"| {r['ratio']:.2f}x |")
     err = result["speed"]["correctness_max_abs_error"]
     lines += ["", "Largest deviation from the per-example definition of the clipped sum: "
               + ", ".join(f"{k} {v:.1e}" for k, v in err.items()), "",
               "## Utility and membership-inference leakage vs epsilon (delta = 1e-5)", "",
-              "| setting | epsilon | final AUC (mean ± std) | Δ vs no DP | spent ε (max site) | attack AUC loss | attack AUC LiRA | TPR@1%FPR |",
+              "| setting | epsilon | final AUC (mean ± std) | Δ vs no DP | spent ε (max site) | attack AUC loss "
+              "| attack AUC LiRA | TPR@1%FPR |",
               "|---|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:g}"

@@ -27,9 +27,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import tasks  # noqa: E402
 from app import config  # noqa: E402
 from app.runtime.paths import resolve_data_dir  # noqa: E402
-import tasks  # noqa: E402
 
 JOBS = {
     "finance": ["task=finance", "num_rounds=10", "num_sites=5"],
@@ -104,7 +104,7 @@ def main() -> None:
                 c = [m[key] for m in cent]
                 target = TARGETS[name].get(key)
                 lines.append(f"| {name} | `fedsilo {' '.join(overrides)}` | {key} | {summarize(fed)} | "
-                             f"{summarize(c)} | {'>= %.2f' % target if target else ''} |")
+                             f"{summarize(c)} | {f'>= {target:.2f}' if target else ''} |")
             if name == "finance":
                 lr = [m["auc"] for m in extra["centralized_logreg"]]
                 lines.append(f"| finance | centralized logistic regression | auc | | {summarize(lr)} | |")

@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -148,7 +147,8 @@ def main() -> None:
     eng = engine(10, args.rounds) if args.engine else None
     command = " ".join(["python benchmarks/secagg.py", *sys.argv[1:]])
     text = (f"Produced by `{command}`: finance, IID, 1 local epoch, {args.rounds} rounds, in-process "
-            f"(real ServerApp/ClientApp objects, every message through Flower's protobuf serialisation, no Ray or gRPC); s/round is the median of rounds 2..{args.rounds}.\n\n" + "\n".join(lines) + "\n")
+            f"(real ServerApp/ClientApp objects, every message through Flower's protobuf serialisation, no Ray or gRPC); "
+            f"s/round is the median of rounds 2..{args.rounds}.\n\n" + "\n".join(lines) + "\n")
     if eng:
         text += (f"\nSimulation engine, 10 sites (`fedsilo`): plain {eng['plain']:.3f} s/round, secagg "
                  f"{eng['secagg']:.3f} s/round, ratio {eng['secagg'] / eng['plain']:.2f}.\n")

@@ -94,7 +94,7 @@ def offline_lira(model: nn.Module, members: Split, non_members: Split, populatio
     audited = Split(torch.cat([members.x, non_members.x]), torch.cat([members.y, non_members.y]))
     rng = np.random.default_rng(seed)
     ref_conf = []
-    for k in range(references):
+    for _k in range(references):
         size = min(len(population) // 2, train_size or len(population))
         half = np.sort(rng.choice(len(population), size, replace=False))
         ref = train_reference(population.take(half), int(rng.integers(2**31)))

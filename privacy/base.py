@@ -100,6 +100,14 @@ class PrivacyOption(ABC):
     def check_strategy(self, s: Any) -> None:
         """Refuse strategy settings this option cannot be combined with (raise ConfigError)."""
 
+    def headline(self, summary: dict[str, Any]) -> str:
+        """One line for the command's output from ``results.json``'s ``privacy`` section."""
+        return f"epsilon {summary['epsilon']:.3f} at delta={summary['delta']:g}"
+
+    def tables(self, summary: dict[str, Any]) -> tuple[list[str], list[tuple[list[str], list[list[str]]]]]:
+        """(paragraphs, tables) for the report's privacy section from ``results.json``'s ``privacy``."""
+        return [], []
+
     def trainer(self, cfg: Any, num_rounds: int, batch_size: int) -> LocalTrainer:
         return PlainTrainer()
 

@@ -110,7 +110,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
             target_delta=delta, population_size=num_sites, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=target_epsilon))
         self.stopped_at: int | None = None
-        self.record = record if record is not None else RunRecord()
+        self.record = record if record is not None else getattr(strategy, "record", None) or RunRecord()
 
     @property
     def inner(self) -> Any:
@@ -231,6 +231,13 @@ class Central(PrivacyOption):
 
     def validate(self, cfg: Any) -> None:
         validate(cfg)
+
+    def tables(self, summary: dict[str, Any]) -> tuple[list[str], list[tuple[list[str], list[list[str]]]]]:
+        def fmt(v: Any) -> str:
+            return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+        return [], [(["epsilon", "delta", "noise multiplier", "clipping norm", "releases"], [[
+            f"{summary['epsilon']:.3f}", f"{summary['delta']:g}", fmt(summary["noise_multiplier"]),
+            fmt(summary["clipping_norm"]), str(summary["releases"])]])]
 
     def check_strategy(self, s: Any) -> None:
         """Central DP already clips every update and weighs sites equally: no robust rule or norm bound on top."""

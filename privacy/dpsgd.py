@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from logging import WARNING
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from flwr.app import ConfigRecord, Context, Message
@@ -38,8 +38,13 @@ from privacy.clipping import ENGINES, LinearClipper, make_clipper
 from tasks.base import Split, Task
 from tasks.training import Augment, LocalTrainConfig, Penalty, make_optimizer
 
-if TYPE_CHECKING:
-    from strategies.fedavg import FedAvg
+
+class _Strategy(Protocol):
+    """What the ledger needs of the strategy it observes (:class:`strategies.fedavg.FedAvg` has it)."""
+
+    def exclude(self, node: int, reason: str) -> None: ...
+
+    def label(self, msg: Message) -> str: ...
 
 #: Error code of a site's reply when the round would exceed its privacy budget.
 BUDGET_EXHAUSTED_CODE = int(ReplyError.BUDGET_EXHAUSTED)
@@ -190,6 +195,7 @@ def train_private(
                 extra = torch.autograd.grad(penalty(model), step.params, allow_unused=True)
                 for p, e in zip(step.params, extra, strict=True):
                     if e is not None:
+                        assert p.grad is not None  # set by step.set_grads above
                         p.grad += e
             optimizer.step()
             total += loss
@@ -348,15 +354,16 @@ class BudgetLedger(Coordinator):
     def observers(self) -> list[Any]:
         return [self]
 
-    def observe(self, server_round: int, replies: list[Message], strategy: FedAvg) -> None:
+    def observe(self, server_round: int, replies: list[Message], strategy: _Strategy) -> None:
         spent = {site_label(m): dict(m.content.config_records[REPLY_KEY]) for m in replies
                  if not m.has_error() and REPLY_KEY in m.content.config_records}
         if spent:
             self.record.round(server_round).privacy = spent
         for m in replies:
             if m.has_error() and m.error.code == BUDGET_EXHAUSTED_CODE:
-                self.exhausted[m.metadata.src_node_id] = m.error.reason
-                strategy.exclude(m.metadata.src_node_id, m.error.reason)
+                reason = m.error.reason or ""
+                self.exhausted[m.metadata.src_node_id] = reason
+                strategy.exclude(m.metadata.src_node_id, reason)
                 log(WARNING, "round %s: %s stops training: %s", server_round, strategy.label(m), m.error.reason)
 
     def summary(self) -> dict[str, Any]:
@@ -380,6 +387,16 @@ class DPSGD(PrivacyOption):
 
     def validate(self, cfg: Any) -> None:
         validate(cfg)
+
+    def headline(self, summary: dict[str, Any]) -> str:
+        return f"epsilon {summary['max_epsilon']:.3f} at delta={summary['delta']:g} (largest over sites)"
+
+    def tables(self, summary: dict[str, Any]) -> tuple[list[str], list[tuple[list[str], list[list[str]]]]]:
+        rows = [[site, f"{r['epsilon']:.3f}", f"{r['delta']:g}", str(r["last_round"]), f"{r['noise_multiplier']:.3f}",
+                 f"{r['sample_rate']:.4f}"] for site, r in sorted(summary["sites"].items())]
+        paragraphs = ([f"Sites that stopped because their budget was spent: {summary['budget_exhausted']}."]
+                      if summary.get("budget_exhausted") else [])
+        return paragraphs, [(["site", "epsilon", "delta", "last round", "noise multiplier", "sample rate"], rows)]
 
     def trainer(self, cfg: Any, num_rounds: int, batch_size: int) -> LocalTrainer:
         return DPSGDTrainer(cfg, num_rounds, batch_size)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from logging import INFO, WARNING
 from typing import Any, Protocol
 
@@ -173,6 +173,11 @@ class FedAvg(FlowerFedAvg):
             lambda good: self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key),
             self.record.round(server_round).phase("train"))
 
+    @property
+    def participation(self) -> dict[int, dict[str, Any]]:
+        """The rounds as ``results.json`` stores them (``history[].participation``); read-only view."""
+        return self.record.to_dict()
+
     # ---- sites joining, leaving, excluded ----------------------------------------------
     def exclude(self, node: int, reason: str) -> None:
         """Send ``node`` no training work from now on (it is still evaluated)."""
@@ -194,7 +199,7 @@ class FedAvg(FlowerFedAvg):
         """Log (and record) the sites that left or joined since the last round."""
         now = set(grid.get_node_ids())
         if self._connected is not None:
-            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            stamp = datetime.now(UTC).isoformat(timespec="seconds")
             rec = self.record.round(server_round)
             for node in sorted(self._connected - now):
                 site = self.record.sites.names.get(node, f"node {node}")  # the name alone: the node is recorded too

@@ -15,10 +15,9 @@ bit for bit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from collections.abc import Iterable
 from logging import INFO
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -55,7 +54,7 @@ class ProximalTerm:
 
 def client_penalty(train_config: ConfigRecord, model: nn.Module) -> ProximalTerm | None:
     """The client half: the proximal term the server asked for, or None (FedAvg, ``mu=0``)."""
-    mu = float(train_config.get(MU_KEY, 0.0))
+    mu = float(train_config.get(MU_KEY, 0.0))  # type: ignore[arg-type]
     return ProximalTerm(model, mu) if mu > 0 else None
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
@@ -62,7 +63,8 @@ def aggregate(rule: str, replies: list[Message], assumed: float) -> tuple[ArrayR
         contents = [m.content for m in replies]
         chosen = select_multikrum(contents, num_malicious_nodes=f, num_nodes_to_select=1 if rule == "krum" else n - f)
         used = sorted(next(i for i, c in enumerate(contents) if c is s) for s in chosen)
-        weights = np.array([float(next(iter(replies[i].content.metric_records.values()))[WEIGHT_KEY]) for i in used])
+        weights = np.array([float(next(iter(replies[i].content.metric_records.values()))[WEIGHT_KEY])  # type: ignore[arg-type]
+                            for i in used])
         weights = weights / weights.sum()
         first = _arrays(replies[used[0]])
         out = OrderedDict()
@@ -72,12 +74,12 @@ def aggregate(rule: str, replies: list[Message], assumed: float) -> tuple[ArrayR
         return ArrayRecord(OrderedDict((k, Array(v)) for k, v in out.items())), used
     if rule in ("trimmed_mean", "median"):
         first = _arrays(replies[0])
-        out = OrderedDict()
+        robust_out: OrderedDict[str, Array] = OrderedDict()
         for name in first.keys():
             stacked = np.stack([_arrays(m)[name].numpy() for m in replies])
             value = trim_mean(stacked, f / n) if rule == "trimmed_mean" else np.median(stacked, axis=0)
-            out[name] = Array(np.asarray(value, dtype=stacked.dtype))
-        return ArrayRecord(out), list(range(n))
+            robust_out[name] = Array(np.asarray(value, dtype=stacked.dtype))
+        return ArrayRecord(robust_out), list(range(n))
     raise ValueError(f"strategy.robust={rule!r}: allowed {list(RULES)}")
 
 

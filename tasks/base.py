@@ -21,6 +21,7 @@ from torch import nn
 
 from core.seeding import seed_cpu, seed_for
 from tasks import cache
+from tasks.data import SiteData, Split, TaskData
 from tasks.metrics import binary_metrics, group_metrics
 from tasks.partition import PartitionError, partition_indices, split_train_val
 from tasks.training import Augment, LocalTrainConfig, Penalty, predict, train_local
@@ -54,46 +55,6 @@ class PartitionConfig:
     alpha: float = 0.5
     min_partition_size: int = 10
     natural_sites: int = 0       # natural split only: the first k natural sites take part (0 = all)
-
-
-@dataclass(frozen=True)
-class Split:
-    """Preprocessed examples: features ``x`` (float32), labels ``y`` (float32 0/1) and,
-    where the task has natural groups, the integer group code of each row."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    group: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def take(self, idx: np.ndarray) -> Split:
-        t = torch.as_tensor(idx, dtype=torch.long)
-        return Split(self.x[t], self.y[t], None if self.group is None else self.group[idx])
-
-    def labels(self) -> np.ndarray:
-        return self.y.numpy().astype(np.int64)
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """A task's preprocessed data: the pool sites are drawn from and the held-out test set."""
-
-    pool: Split
-    test: Split
-    feature_names: tuple[str, ...] = ()
-    group_names: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class SiteData:
-    """One site's local data: its training rows and its validation rows."""
-
-    site_id: int
-    name: str
-    train: Split
-    val: Split
 
 
 _DATA_CACHE: dict[tuple[Any, ...], TaskData] = {}

@@ -27,8 +27,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tasks import partition
+from tasks.data import Split, TaskData
+
 if TYPE_CHECKING:
-    from tasks.base import Task, TaskData
+    from tasks.base import Task
 
 ENV = "FEDSILO_CACHE_DIR"
 
@@ -42,10 +45,11 @@ def directory() -> Path | None:
 
 
 def _source_digest(task: Task) -> str:
-    from tasks import base, partition
-
+    """Digest of the code that prepares ``task``'s data: every module of its class hierarchy
+    (the task's own module and ``tasks.base``), the partitioning and the data containers."""
+    modules = {c.__module__ for c in type(task).__mro__ if c.__module__.startswith("tasks")}
     h = hashlib.sha256()
-    for module in (sys.modules[type(task).__module__], base, partition):
+    for module in [*(sys.modules[m] for m in sorted(modules)), partition, sys.modules[Split.__module__]]:
         h.update(Path(inspect.getfile(module)).read_bytes())
     return h.hexdigest()
 
@@ -77,7 +81,7 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     os.replace(tmp, path)
 
 
@@ -93,8 +97,6 @@ def _read(path: Path) -> dict[str, np.ndarray] | None:
 
 # ---- a task's prepared data ----------------------------------------------------------------
 def load_data(task: Task) -> TaskData | None:
-    from tasks.base import Split, TaskData
-
     path = _entry(task, "data")
     z = None if path is None else _read(path)
     if z is None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,10 +85,10 @@ def _strip(value: Any) -> Any:
 def _decrypt(arrays: ArrayRecord, overrides: list[str], key_pair: Path) -> dict[str, np.ndarray]:
     """What a key holder reads from an encrypted aggregate (``ct``, ``rows``, ``sites``)."""
     import tasks
-    from app import config
-    from aggregation.paillier.config import packer_for
     from aggregation.paillier import keys
     from aggregation.paillier.client import ModelCodecFactory, global_state
+    from aggregation.paillier.config import packer_for
+    from app import config
 
     cfg = config.compose(overrides)
     model = tasks.get(cfg.task.name)(cfg.task, DATA_DIR).build_model()
@@ -101,8 +101,7 @@ def _decrypt(arrays: ArrayRecord, overrides: list[str], key_pair: Path) -> dict[
 
 def run_case(case_id: str, out_dir: Path, key_files: tuple[Path, Path] | None = None) -> dict[str, Any]:
     """Run one grid case in process; return its summary (see the module docstring)."""
-    from app import client_app, server_app
-    from app import config
+    from app import client_app, config, server_app
     from app.runtime.local_grid import LocalGrid
 
     key_pair, public_key = key_files if key_files is not None else (None, None)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from app.cli.audit import audit_run
 from app.runtime.local_grid import run_inprocess

@@ -33,7 +33,7 @@ def test_updates_are_clipped_and_averaged_with_equal_weights() -> None:
     assert arrays is not None
     expected = (10.0 / (10.0 * np.sqrt(8)) + 0.1) / 2  # clipped big update + small update, equal weights
     np.testing.assert_allclose(arrays["w"].numpy(), expected, atol=1e-6)
-    part = dp.participation[1]
+    part = dp.record.to_dict()[1]
     assert part["train"]["replied"] == 2 and len(part["train"]["rejected"]) == 2
     assert part[PARTICIPATION_KEY]["sites"] == 2 and part[PARTICIPATION_KEY]["noise_std"] == pytest.approx(1e-9 / 2)
 

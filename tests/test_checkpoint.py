@@ -13,11 +13,11 @@ import pytest
 from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from aggregation.paillier import keys
 from app import client_app, server_app
 from app.runtime import checkpoint
 from app.runtime.local_grid import LocalGrid, run_inprocess
 from app.server_app import CoordinatorCrash
-from aggregation.paillier import keys
 from tests.conftest import DATA_DIR
 
 MEDICAL = ["task=medical", "num_rounds=4"]

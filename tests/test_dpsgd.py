@@ -20,7 +20,7 @@ from app import config
 from app.runtime.local_grid import run_inprocess
 from privacy.accountant import STATE_KEY, PrivacyLedger
 from privacy.clipping import LinearClipper, OpacusClipper, linear_supported, make_clipper
-from privacy.dpsgd import BudgetExhausted, DPSGDParams, check_budget, private_round, site_name, train_private
+from privacy.dpsgd import BudgetExhausted, DPSGDParams, check_budget, private_round, train_private
 from tasks.medical import MedicalTask
 from tasks.models import MLP, LogisticRegression, SmallCNN
 from tasks.training import LocalTrainConfig
@@ -154,7 +154,9 @@ def test_reported_epsilon_matches_opacus_recomputation(accountant: str, tmp_path
     summary = res["privacy"]
     assert summary["mechanism"] == "dpsgd" and summary["budget_exhausted"] == {}
     assert 2.0 < summary["max_epsilon"] <= 3.0  # the budget is spread over the run, not spent per round
-    assert set(summary["epsilon_per_site"]) == {site_name(label) for label in per_site} == set(MedicalTask.natural_sites or ())
+    assert set(summary["epsilon_per_site"]) == set(MedicalTask.natural_sites or ())  # keyed by name, not label
+    assert {rec["label"] for rec in summary["sites"].values()} == set(per_site)
+    assert all(rec["label"] == f"{name} (node {rec['label'].split('node ')[1]}" for name, rec in summary["sites"].items())
 
 
 def test_budget_enforcement_in_a_run(tmp_path: Path) -> None:

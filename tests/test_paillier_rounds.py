@@ -8,20 +8,19 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import tasks
+from aggregation.paillier import keys
+from aggregation.paillier.client import ModelCodecFactory, global_state
+from aggregation.paillier.config import packer_for as paillier_packer
+from aggregation.paillier.server import ENCRYPTED_KEY
 from app import client_app, config, server_app
 from app.runtime.local_grid import LocalGrid, run_inprocess
 from app.runtime.paths import resolve_data_dir
-from strategies import paillier_packer
-from aggregation.paillier import keys
-from aggregation.paillier.client import ModelCodecFactory, global_state
-from aggregation.paillier.server import ENCRYPTED_KEY
 from tests.conftest import DATA_DIR
 
 COMMON = ["task=finance", "num_sites=3", "num_rounds=3"]

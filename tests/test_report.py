@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.reporting import compare
-from app.reporting import report
+from app.reporting import compare, report
 from app.runtime.local_grid import run_inprocess
 from tasks.metrics import binary_metrics
 

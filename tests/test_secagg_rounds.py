@@ -17,10 +17,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from app import client_app, config, server_app
-from app.runtime.local_grid import LocalGrid
 from aggregation.secagg import vector
 from aggregation.secagg.client import MASKED_KEY, WIRE_KEY
+from app import client_app, config, server_app
+from app.runtime.local_grid import LocalGrid
 from core.layout import Layout
 from tests.conftest import DATA_DIR
 
@@ -172,8 +172,8 @@ def test_tampered_share_is_refused_and_the_round_goes_on(tmp_path: Path, monkeyp
     assert any("failed authentication" in r["reason"] and r["node"] == 1002 for r in sec["rejected"])
 
 
-def _context() -> Context:
-    overrides = shlex.join(["task=medical", f"data_dir={DATA_DIR}"])
+def _context(aggregation: str = "secagg") -> Context:
+    overrides = shlex.join(["task=medical", f"aggregation={aggregation}", f"data_dir={DATA_DIR}"])
     return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 4},
                    state=RecordDict(), run_config={"overrides": overrides})
 
@@ -193,6 +193,9 @@ def test_replayed_and_out_of_order_stage_messages_are_refused(tmp_path: Path, mo
     assert skip.has_error() and "must follow 'masked_input'" in skip.error.reason
     stale = client_app.app(_msg("query.secagg_share", round=2, id=1, ids=[1], **{"c-pks": [], "s-pks": []}), ctx)
     assert stale.has_error() and "stale" in stale.error.reason
+    # a site configured for plain aggregation refuses the protocol's messages with the reason
+    other = client_app.app(_msg("query.secagg_keys", **keys), _context("plain"))
+    assert other.has_error() and "answers no 'query.secagg_keys' message" in other.error.reason
     # after a real round, replaying its messages to a site is refused: no second set of keys
     # for a round it has masked its input for, no second unmasking
     grid, results, _ = run(tmp_path, ["task=medical", "num_rounds=1", "aggregation=secagg",

@@ -7,8 +7,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from core.replies import check_train_reply
 from strategies.fedavg import FedAvg
-from strategies.validation import check_train_reply
 
 SHAPES = {"w": (3, 2), "b": (2,)}
 # In a ServerApp process Flower sets this identity before any Message is built.
@@ -164,7 +164,7 @@ def test_oversized_config_record_and_evaluate_reply_are_rejected() -> None:
 
 
 def test_fast_array_reader_equals_flower_and_distrusts_odd_headers() -> None:
-    from strategies.validation import values
+    from core.replies import values
 
     for a in (np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros(0), np.array(2.5), np.ones(3, ">f4"),
               np.asfortranarray(np.ones((3, 2)))):

@@ -20,14 +20,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from phe import paillier
 
+from aggregation.paillier.config import NODE_CONFIG_KEY
 from aggregation.paillier.crypto import Encryptor, decrypt_all, many_obfuscators
 from aggregation.paillier.keys import PaillierKeyError, fingerprint, load_private
 from aggregation.paillier.packing import Packer
 from aggregation.paillier.server import ENCRYPTED_KEY, META_KEY, ct_width, from_array, is_encrypted, to_array
 from aggregation.paillier.vector import ModelCodec
 from core.layout import Layout
-
-from aggregation.paillier.config import NODE_CONFIG_KEY
 
 
 @lru_cache(maxsize=4)
@@ -121,7 +120,7 @@ def encrypt_model(state: dict[str, torch.Tensor], rows: int, codec_for: ModelCod
     plain, clipped = codec_for(layout.size).encode(layout.flatten(arrays), rows)
     obf = _take_obfuscators(context, len(plain) + 1) if context is not None else []
     if not obf or obf[0] is None:
-        obf = many_obfuscators(private, len(plain) + 1, workers)
+        obf = many_obfuscators(private, len(plain) + 1, workers)  # type: ignore[assignment]
     width = ct_width(private.public_key)
     record = ArrayRecord(OrderedDict([
         ("ct", Array(to_array([encryptor.encrypt(m, o) for m, o in zip(plain, obf)], width))),
@@ -147,5 +146,5 @@ class ModelCodecFactory:
         return ModelCodec(self.packer, self.weight_unit, size)
 
 
-__all__ = ["ENCRYPTED_KEY", "META_KEY", "OBFUSCATORS_KEY", "precompute_obfuscators",
-           "prepare_next_round", "reply_records", "NODE_CONFIG_KEY", "ModelCodecFactory", "encrypt_model", "global_state", "site_key"]
+__all__ = ["ENCRYPTED_KEY", "META_KEY", "OBFUSCATORS_KEY", "precompute_obfuscators", "prepare_next_round",
+           "reply_records", "NODE_CONFIG_KEY", "ModelCodecFactory", "encrypt_model", "global_state", "site_key"]

@@ -143,6 +143,6 @@ def parallel_map(fn: Callable[..., R], jobs: list[tuple], workers: int | None = 
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) < 2:
         return [fn(*job) for job in jobs]
-    if _POOL is None or _POOL._max_workers != workers:  # noqa: SLF001
+    if _POOL is None or _POOL._max_workers != workers:  # type: ignore[attr-defined]  # noqa: SLF001
         _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
     return list(_POOL.map(_call, [(fn, job) for job in jobs]))

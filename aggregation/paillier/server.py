@@ -1,13 +1,13 @@
 """The server's half of Paillier aggregation: it adds ciphertexts it cannot read.
 
-Used by :class:`strategies.fedavg.FedAvg` (hence FedProx) with ``aggregation=paillier``.
-Each site replies with ``ENCRYPTED_KEY``: its weighted model as ``ct`` (ciphertexts, fixed
-width, big-endian, one row each), its row count as ``rows``, and (ConfigRecord) the
-fingerprint of the key it encrypted under. The server checks every reply (same key pair,
-count, range, unit mod n^2; a bad one is rejected with the reason and the round goes on), multiplies the ciphertexts (adds the plaintexts) and returns the encrypted aggregate
-as the next global "model": ``ct``, ``rows`` and the plaintext number of sites summed. The
-only plaintext model the server ever holds is the random initialisation, derived from the
-public seed.
+Used by :class:`~aggregation.paillier.strategy.PaillierStrategy` (``aggregation=paillier``). Each
+site replies with ``ENCRYPTED_KEY``: its weighted model as ``ct`` (ciphertexts, fixed width,
+big-endian, one row each), its row count as ``rows``, and (ConfigRecord) the fingerprint of the
+key it encrypted under. The server checks every reply (same key pair, count, range, unit mod
+n^2; a bad one is rejected with the reason and the round goes on), multiplies the ciphertexts
+(adds the plaintexts) and returns the encrypted aggregate as the next global "model": ``ct``,
+``rows`` and the plaintext number of sites summed. The only plaintext model the server ever
+holds is the random initialisation, derived from the public seed.
 """
 
 from __future__ import annotations

@@ -2,13 +2,16 @@
 
 The server learns only the sum of the sampled sites' weighted updates and their total
 weight (SecAgg, Bonawitz et al. CCS 2017, with the dropout recovery of SecAgg+, Bell et
-al. CCS 2020; complete masking graph). Any strategy built on :class:`strategies.FedAvg`
-(FedAvg, FedProx) composes with it.
+al. CCS 2020; complete masking graph). It wraps any Message-API strategy.
 
-Server half and client half, one module each, the primitives below them:
+The option, its two halves, the primitives below them:
 
+* :mod:`aggregation.secagg.option`   the option: schema, capabilities, its two halves
+* :mod:`aggregation.secagg.config`   ``aggregation.*`` keys and their checks
+* :mod:`aggregation.secagg.strategy` coordinator half: SecAggStrategy wraps any strategy
 * :mod:`aggregation.secagg.server`   SecureAggregator: runs the stages as Flower messages
-* :mod:`aggregation.secagg.client`   the ClientApp's stage handlers, state in ``context.state``
+* :mod:`aggregation.secagg.site`     site half: the masked reply, the stage messages, fault injection
+* :mod:`aggregation.secagg.client`   the stage functions, state in ``context.state``
 * :mod:`aggregation.secagg.protocol` SecAggClient / SecAggServer state machines (no transport)
 * :mod:`aggregation.secagg.vector`   weighted update + weight + loss as one field vector; error bound
 * :mod:`aggregation.secagg.codec`    clipping + seeded stochastic quantisation into Z_(2^k)

@@ -1,10 +1,10 @@
 """Fixed-point codec: real-valued updates <-> elements of Z_(2^bits) that can be summed.
 
-Built on :class:`core.quantise.AffineQuantiser` (stochastic rounding). Encoding clips each value to ``[-clip, clip]``, maps it to ``[0, 2^value_bits - 1]`` and
-rounds stochastically with a seeded generator (unbiased: E[decode(encode(x))] = x for
-``|x| <= clip``). Summing ``n`` encoded vectors modulo 2^bits, with
-``bits >= value_bits + ceil(log2(max_sites))``, never wraps, so the sum decodes exactly
-to the sum of the quantised values.
+Built on :class:`core.quantise.AffineQuantiser` (stochastic rounding). Encoding clips each
+value to ``[-clip, clip]``, maps it to ``[0, 2^value_bits - 1]`` and rounds stochastically with
+a seeded generator (unbiased: E[decode(encode(x))] = x for ``|x| <= clip``). Summing ``n``
+encoded vectors modulo 2^bits, with ``bits >= value_bits + ceil(log2(max_sites))``, never
+wraps, so the sum decodes exactly to the sum of the quantised values.
 
 Error bound (documented contract, tested): with step ``delta = 2*clip / (2^value_bits - 1)``,
 each site's quantisation error per value is below ``delta`` and the decoded sum of ``n``

@@ -1,7 +1,7 @@
 """The server's half of secure aggregation: runs the protocol stages as Flower messages.
 
-:class:`SecureAggregator` is used by :class:`strategies.fedavg.FedAvg` (hence by every
-strategy built on it, FedProx included) when ``aggregation=secagg``:
+:class:`SecureAggregator` is the protocol driver of
+:class:`~aggregation.secagg.strategy.SecAggStrategy`, which wraps any strategy:
 
 * ``open`` (from ``configure_train``): sends ``query.secagg_keys`` and
   ``query.secagg_share`` to the sampled sites and turns the strategy's training messages
@@ -199,7 +199,7 @@ class SecureAggregator:
             if reason is not None:
                 self._reject(node, "masked_input", reason)
                 continue
-            masked[self._ids[node]] = y
+            masked[self._ids[node]] = y  # type: ignore[assignment]  # not None: checked above
             w = msg.content.config_records[WIRE_KEY]
             if "next-c-pk" in w and "next-s-pk" in w:
                 next_keys[node] = (bytes(w["next-c-pk"]), bytes(w["next-s-pk"]))  # type: ignore[arg-type]

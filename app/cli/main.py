@@ -24,8 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from app import config
-from app.runtime.preflight import PreflightError, preflight
 from app.reporting.results import RESULTS_FILE
+from app.runtime.preflight import PreflightError, preflight
 from app.runtime.superlink import SimulationError, run_simulation
 
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -79,11 +79,11 @@ def run(cfg: DictConfig) -> None:
     summary = "  ".join(f"{k}={final[k]:.4f}" for k in HEADLINE if final.get(k) is not None)
     print(f"fedsilo: run {outcome.run_id} completed in {outcome.seconds:.1f}s", flush=True)
     print(f"fedsilo: final test {summary}", flush=True)
-    if "privacy" in recorded:
-        p = recorded["privacy"]
-        spent = p.get("max_epsilon", p.get("epsilon"))
-        print(f"fedsilo: privacy ({p['mechanism']}): epsilon {spent:.3f} at delta={p['delta']:g}"
-              + (" (largest over sites)" if p["mechanism"] == "dpsgd" else ""), flush=True)
+    p = recorded.get("privacy")
+    if p:
+        import privacy
+
+        print(f"fedsilo: privacy ({p['mechanism']}): {privacy.get(p['mechanism']).headline(p)}", flush=True)
     if typed.audit:
         from app.cli.audit import audit_run
 

@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from app.faults.config import ATTACKS
-from core.seeding import chosen_sites
-from core.seeding import seed_for
+from core.seeding import chosen_sites, seed_for
 from tasks.base import Split
 
 if TYPE_CHECKING:

@@ -30,20 +30,14 @@ from typing import Any
 
 import numpy as np
 
+import aggregation
+import privacy as privacy_options
 from app.reporting.results import MODEL_FILE, RESULTS_FILE
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 BOOTSTRAP_METRICS = ("auc", "accuracy", "f1", "ks", "sensitivity", "specificity", "precision")
 SECTIONS = ("Summary", "Configuration", "Data per site", "Metrics per round", "Final metrics", "Privacy",
             "Participation", "Timing and traffic")
-
-_SEES = {
-    "plain": "each sampled site's full model update, its number of training rows and its training loss",
-    "secagg": ("only the sum of the sites' weighted updates, their total number of rows and their mean loss "
-               "(secure aggregation: each update is masked, and the masks cancel only in the sum)"),
-    "paillier": ("only ciphertexts: the sites' weighted models encrypted under a key the server does not hold; "
-                 "it never has a trained model in the clear"),
-}
 
 
 @dataclass
@@ -267,7 +261,8 @@ def sections(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) -> list
         fin.tables.append((["metric", "value"], [[k, _fmt(v)] for k, v in final.items()]))
 
     privacy = Section("Privacy")
-    privacy.paragraphs.append(f"What the coordinator could see of the training: {_SEES.get(agg, agg)}.")
+    sees = aggregation.REGISTRY[agg].sees if agg in aggregation.REGISTRY else agg
+    privacy.paragraphs.append(f"What the coordinator could see of the training: {sees}.")
     if cfg["strategy"].get("fraction_evaluate", 0) > 0 and cfg["task"].get("val_fraction", 0) > 0:
         privacy.paragraphs.append("Federated evaluation was on: each site's validation counts, loss and AUC reached "
                                   "the coordinator in the clear.")
@@ -277,16 +272,9 @@ def sections(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) -> list
                                   "about any one record.")
     else:
         privacy.paragraphs.append(f"Differential privacy ({p['mechanism']}): {p['guarantee']}.")
-        if p["mechanism"] == "dpsgd":
-            privacy.tables.append((["site", "epsilon", "delta", "last round", "noise multiplier", "sample rate"], [
-                [site, f"{r['epsilon']:.3f}", f"{r['delta']:g}", str(r["last_round"]), f"{r['noise_multiplier']:.3f}",
-                 f"{r['sample_rate']:.4f}"] for site, r in sorted(p["sites"].items())]))
-            if p.get("budget_exhausted"):
-                privacy.paragraphs.append(f"Sites that stopped because their budget was spent: {p['budget_exhausted']}.")
-        else:
-            privacy.tables.append((["epsilon", "delta", "noise multiplier", "clipping norm", "releases"], [[
-                f"{p['epsilon']:.3f}", f"{p['delta']:g}", _fmt(p["noise_multiplier"]), _fmt(p["clipping_norm"]),
-                str(p["releases"])]]))
+        paragraphs, tables = privacy_options.get(p["mechanism"]).tables(p)
+        privacy.paragraphs.extend(paragraphs)
+        privacy.tables.extend(tables)
     a = results.get("audit")
     if a:
         privacy.paragraphs.append(f"Membership-inference audit of the final model: best attack AUC {a['max_auc']:.4f} "

@@ -104,7 +104,7 @@ def save(out_dir: Path, server_round: int, arrays: ArrayRecord, result: Result, 
     path = out_dir / FILE
     tmp = out_dir / f".{FILE}.tmp"
     with open(tmp, "wb") as fh:
-        np.savez(fh, **payload)
+        np.savez(fh, **payload)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

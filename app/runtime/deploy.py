@@ -22,7 +22,7 @@ import json
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ class Deployment:
     sites: list[dict[str, Any]]
     certs: Any  # app.runtime.pki.Certificates | None
     keys: list[tuple[Path, Path]]
-    paillier_keypair: str | None = None
+    option_node_config: dict[str, str] = field(default_factory=dict)  # the aggregation option's node-config entries
 
 
 def site_overrides(overrides: list[str], sites: int) -> tuple[list[str], str]:
@@ -77,17 +77,17 @@ def prepare(out: Path, overrides: list[str], sites: int, secure: bool = True) ->
         raise ValueError(f"the config yields {len(entries)} sites, not --sites {sites}")
     certs = pki.make_certificates(out / "pki", hosts=["localhost"], ips=["127.0.0.1"]) if secure else None
     keys = pki.make_supernode_keys(out / "pki" / "supernodes", sites) if secure else []
+    import aggregation
     from app import config
 
     a = config.compose(overrides).aggregation
-    keypair = a.keypair if isinstance(a, config.PaillierConfig) else None
-    return Deployment(overrides, entries, certs, keys, keypair)
+    return Deployment(overrides, entries, certs, keys, aggregation.get(a.name).node_config(a))
 
 
-def node_config(entry: dict[str, Any], paillier_keypair: str | None = None) -> str:
-    """A SuperNode's ``--node-config``: the path of its own data file (and, under
-    ``aggregation=paillier``, of the sites' key pair, which the server never gets)."""
-    extra = f' paillier-keypair="{Path(paillier_keypair).resolve()}"' if paillier_keypair else ""
+def node_config(entry: dict[str, Any], option_config: dict[str, str] | None = None) -> str:
+    """A SuperNode's ``--node-config``: the path of its own data file, and what the aggregation
+    option needs at the site (``aggregation=paillier``: the sites' key pair, which the server never gets)."""
+    extra = "".join(f' {k}="{v}"' for k, v in (option_config or {}).items())
     return f'data-path="{entry["file"]}"{extra}'
 
 
@@ -100,7 +100,7 @@ def start(dep: Deployment, out: Path) -> Any:
     try:
         for _, public in dep.keys:
             link.register(public)
-        link.add_supernodes([node_config(e, dep.paillier_keypair) for e in dep.sites], [k for k, _ in dep.keys] or None)
+        link.add_supernodes([node_config(e, dep.option_node_config) for e in dep.sites], [k for k, _ in dep.keys] or None)
     except BaseException:
         link.stop()
         raise
@@ -110,8 +110,8 @@ def start(dep: Deployment, out: Path) -> Any:
 def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeout: float = 4 * 3600,
         stream: bool = True) -> tuple[Any, dict[str, Any] | None]:
     """Prepare, start, submit, follow and stop a local deployment; return (outcome, results)."""
-    from app.runtime.preflight import preflight
     from app import config
+    from app.runtime.preflight import preflight
 
     overrides, note = site_overrides(overrides, sites)
     if note:

@@ -89,7 +89,8 @@ def run_inprocess(overrides: list[str], out_dir: Path, run_id: int = 1) -> dict[
 
     cfg = config.compose(overrides)
     data_dir = preflight(cfg)
-    run_config = {"overrides": config.run_overrides(overrides, data_dir), "output-dir": str(out_dir)}
+    run_config: dict[str, bool | float | int | str] = {"overrides": config.run_overrides(overrides, data_dir),
+                                                       "output-dir": str(out_dir)}
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, run_id
     grid = LocalGrid(client_app.app, config.num_sites(cfg), run_config, run_id)
     server_app.app(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))

@@ -56,7 +56,7 @@ def make_certificates(out: Path, hosts: list[str], ips: list[str], days: int = 3
         addresses = [ipaddress.ip_address(ip) for ip in ips]
     except ValueError as err:
         raise ValueError(f"--ip: {err}") from err
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedsilo federation"),
                          x509.NameAttribute(NameOID.COMMON_NAME, "fedsilo federation CA")])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import aggregation
 import tasks
 from app import config
 from app.runtime.paths import resolve_data_dir
@@ -65,24 +66,9 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
 
 
 def check_keys(cfg: config.FedsiloConfig) -> None:
-    """``aggregation=paillier``: the public key (and, in simulation, the sites' key pair) can be
-    read, are at least 2048 bits, and are one pair."""
-    if not isinstance(cfg.aggregation, config.PaillierConfig):
-        return
-    a = cfg.aggregation
+    """The aggregation option's own checks (``aggregation=paillier``: the optional extra, and key
+    files that can be read, are at least 2048 bits, and are one pair)."""
     try:
-        import phe  # noqa: F401
-    except ImportError:
-        raise PreflightError("aggregation=paillier needs the optional paillier extra (GPL-3.0 python-paillier): "
-                             "pip install 'fedsilo[paillier]'") from None
-    from aggregation.paillier.keys import PaillierKeyError, check_pair, load_private, load_public
-
-    try:
-        if not a.public_key:
-            raise PaillierKeyError("aggregation=paillier needs aggregation.public_key=PATH (make the key files "
-                                   "with: fedsilo keys paillier --out DIR)")
-        public = load_public(Path(a.public_key))
-        if a.keypair:
-            check_pair(public, load_private(Path(a.keypair)), Path(a.public_key), Path(a.keypair))
-    except PaillierKeyError as err:
+        aggregation.get(cfg.aggregation.name).preflight(cfg.aggregation)
+    except ValueError as err:
         raise PreflightError(str(err)) from err

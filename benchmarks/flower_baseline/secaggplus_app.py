@@ -20,10 +20,10 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
+from aggregation.secagg.graph import auto_neighbours
 from app import config
 from app.runtime.paths import resolve_data_dir
 from tasks import get as get_task
-from aggregation.secagg.graph import auto_neighbours
 from tasks.base import seed_for
 
 
