@@ -69,7 +69,6 @@ def test_deploy_local_matches_the_simulation(tmp_path: Path) -> None:
     assert results["deployment"]["tls"] and results["deployment"]["supernode_auth"]
     assert all(h["participation"]["secagg"]["survivors"] == 3 for h in results["history"])
     simulated = run_inprocess([*args, "num_sites=3", "partition.natural_sites=3"], tmp_path / "sim")
-    assert abs(results["final"]["auc"] - simulated["final"]["auc"]) < 0.01
     assert abs(results["final"]["auc"] - simulated["final"]["auc"]) < 1e-4  # in fact equal up to secagg rounding
 
 

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,11 @@ from tests.conftest import REPO, make_task
 pytestmark = pytest.mark.e2e
 
 
+#: What the environment of every process a run starts holds: its private FLWR_HOME, made by
+#: ``tempfile.mkdtemp(prefix="fedsilo-flwr-")`` (so under ``$TMPDIR`` when that is set).
+FLWR_HOME_MARK = f"FLWR_HOME={os.path.join(tempfile.gettempdir(), 'fedsilo-flwr-')}".encode()
+
+
 def leftover_processes() -> list[str]:
     """Processes whose environment points at a fedsilo-private FLWR_HOME."""
     found = []
@@ -37,7 +43,7 @@ def leftover_processes() -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
         except OSError:
             continue
-        if b"FLWR_HOME=/tmp/fedsilo-flwr-" in env:
+        if FLWR_HOME_MARK in env:
             found.append(f"{pid}: {cmd}")
     return found
 
@@ -266,3 +272,19 @@ def test_coordinator_dies_and_the_fedsilo_command_resumes_it(tmp_path: Path) -> 
     assert resumed["final"] == full["final"] and len(resumed["history"]) == 4
     assert len(resumed["privacy"]["epsilon_per_site"]) == 4
     assert sorted(resumed["privacy"]["epsilon_per_site"].values()) == sorted(full["privacy"]["epsilon_per_site"].values())
+
+
+def test_the_leftover_check_sees_a_process_under_a_private_flwr_home(tmp_path: Path) -> None:
+    """The check every run's test relies on finds a process whose FLWR_HOME is made the way the
+    runtime makes it (``mkdtemp`` under ``$TMPDIR``), and stops seeing it once it is gone."""
+    home = tempfile.mkdtemp(prefix="fedsilo-flwr-")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, "FLWR_HOME": home})
+    try:
+        deadline = time.monotonic() + 10
+        while not any(line.startswith(f"{proc.pid}:") for line in leftover_processes()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(line.startswith(f"{proc.pid}:") for line in leftover_processes())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not any(line.startswith(f"{proc.pid}:") for line in leftover_processes())

@@ -66,3 +66,5 @@ class SecAggSite(SiteHalf):
             return client.unmask(msg, context, share_next=not env.drops(nxt, "share"))
         except (client.ProtocolError, client.SecAggAbort) as err:
             return client.refuse(msg, err)
+        except (KeyError, TypeError, ValueError) as err:  # a field missing or of the wrong type
+            return client.refuse(msg, client.ProtocolError(f"malformed {stage!r} stage message ({err!r})"))
