@@ -25,14 +25,10 @@ import privacy
 import strategies
 import tasks
 from aggregation.base import AggregationConfig
-from aggregation.paillier.config import PaillierConfig
-from aggregation.secagg.config import SecAggConfig
 from app.faults import config as faults_config
 from app.faults.config import FaultsConfig
 from core.config import ConfigError, check
 from privacy.base import PrivacyConfig
-from privacy.central import CentralDPConfig
-from privacy.dpsgd import DPSGDConfig
 from strategies import config as strategy_config
 from strategies.config import FedProxConfig, StrategyConfig
 from tasks.base import PartitionConfig, TaskConfig
@@ -174,8 +170,7 @@ def _from_overrides_text(text: str) -> FedsiloConfig:
     return compose(parse_overrides(text))
 
 
-__all__ = ["AGGREGATIONS", "CONF_DIR", "PRIVACY", "STRATEGIES", "CentralDPConfig", "ConfigError", "DPSGDConfig",
-           "FaultsConfig", "FedProxConfig", "FedsiloConfig", "PaillierConfig", "SecAggConfig", "StrategyConfig",
+__all__ = ["AGGREGATIONS", "CONF_DIR", "PRIVACY", "STRATEGIES", "ConfigError", "FaultsConfig", "FedsiloConfig",
            "compose", "from_run_config", "num_sites", "parse_overrides", "run_overrides", "to_dict", "validate"]
 
 

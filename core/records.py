@@ -15,7 +15,7 @@ field                         written by
 ``budget_exhausted``          the strategy, for sites a privacy layer excluded
 ``privacy``                   DP-SGD's coordinator half (:class:`privacy.dpsgd.BudgetLedger`)
 ``privacy_central``           central DP (:class:`privacy.central.CentralDP`)
-``secagg``                    secure aggregation's protocol log
+``secagg`` (any option name)  that aggregation option's protocol log (:attr:`RoundRecord.protocol`)
 ``mu``                        FedProx
 ============================  ==============================================================
 """
@@ -114,8 +114,9 @@ class RoundRecord:
     budget_exhausted: int | None = None
     privacy: dict[str, dict[str, Any]] | None = None       # DP-SGD: each site's report, by label
     privacy_central: dict[str, Any] | None = None
-    secagg: dict[str, Any] | None = None                    # the secure-aggregation protocol's log
     mu: float | None = None
+    #: protocol logs of the aggregation option, under its name (``secagg``: stages, survivors, timings)
+    protocol: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def phase(self, name: str) -> PhaseRecord:
         """The ``train`` or ``evaluate`` record, created on first use."""
@@ -128,6 +129,9 @@ class RoundRecord:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "protocol":
+                out.update(value)
+                continue
             if value is None or (isinstance(value, list) and not value):
                 continue
             if isinstance(value, PhaseRecord):
@@ -139,7 +143,9 @@ class RoundRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
-        rec = cls(**{k: v for k, v in d.items() if k not in ("train", "evaluate", "left", "joined")})
+        known = {f.name for f in fields(cls)} - {"protocol"}
+        rec = cls(**{k: v for k, v in d.items() if k in known and k not in ("train", "evaluate", "left", "joined")})
+        rec.protocol = {k: v for k, v in d.items() if k not in known}
         for name in ("train", "evaluate"):
             if name in d:
                 setattr(rec, name, PhaseRecord.from_dict(d[name]))

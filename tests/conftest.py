@@ -17,6 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / "tasks" / "data"
 
 
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test carries its tier's marker from its folder: ``tests/unit`` (no federated run),
+    ``tests/integration`` (the real ServerApp and ClientApp in process), ``tests/e2e`` (real
+    Flower processes). The fast loop is ``python -m pytest -m "not e2e"`` (README)."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA_DIR

@@ -28,6 +28,9 @@ from core.layout import Layout
 from core.records import Rejection, RunRecord
 from core.sites import WEIGHT_KEY, stragglers
 
+#: Where each round's protocol log goes in the run record (``history[].participation.secagg``).
+LOG_KEY = "secagg"
+
 
 class SecAggStrategy(StrategyWrapper):
     """Secure aggregation of the training replies of ``strategy``.
@@ -68,7 +71,7 @@ class SecAggStrategy(StrategyWrapper):
         if callable(observe):
             observe(server_round, replies)
         rec = self.record.round(server_round)
-        if self._current is None or (rec.secagg is not None and "aborted" in rec.secagg):
+        if self._current is None or "aborted" in rec.protocol.get(LOG_KEY, {}):
             return None, None
         self.record.sites.learn(replies)
         late = stragglers(replies)
@@ -77,7 +80,7 @@ class SecAggStrategy(StrategyWrapper):
         except SecAggAbort as err:
             self._abort(server_round, err)
             return None, None
-        log_ = rec.secagg = self.protocol.log[server_round]
+        log_ = rec.protocol[LOG_KEY] = self.protocol.log[server_round]
         phase = rec.phase("train")
         phase.replied, phase.stragglers, phase.rejected = log_.get("survivors", 0), late, self._rejections(log_)
         metrics = MetricRecord({WEIGHT_KEY: agg.total_weight, "train_loss": agg.mean_loss,
@@ -92,7 +95,7 @@ class SecAggStrategy(StrategyWrapper):
 
     def _abort(self, server_round: int, err: Exception) -> None:
         rec = self.record.round(server_round)
-        log_ = rec.secagg = self.protocol.log.setdefault(server_round, {"rejected": [], "stages": {}})
+        log_ = rec.protocol[LOG_KEY] = self.protocol.log.setdefault(server_round, {"rejected": [], "stages": {}})
         log_["aborted"] = str(err)
         phase = rec.phase("train")
         phase.replied, phase.rejected = 0, self._rejections(log_)

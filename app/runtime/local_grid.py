@@ -27,8 +27,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from app import config
 from app.runtime.preflight import preflight
+from core.replies import ReplyError
 
-CLIENT_EXCEPTION = 1  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+CLIENT_EXCEPTION = int(ReplyError.CLIENT_EXCEPTION)  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 class LocalGrid(Grid):

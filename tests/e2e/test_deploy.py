@@ -16,7 +16,7 @@ from app.runtime.local_grid import run_inprocess
 from app.runtime.paths import resolve_data_dir
 from app.runtime.superlink import LocalSuperLink
 from tests.conftest import REPO
-from tests.test_e2e import leftover_processes
+from tests.e2e.test_e2e import leftover_processes
 
 pytestmark = pytest.mark.e2e
 

@@ -32,7 +32,7 @@ from core.sites import SiteDirectory, SiteId
 from strategies.combine import NormBound, RobustRule, WeightedMean
 from strategies.loop import run_rounds
 from tests.conftest import DATA_DIR
-from tests.test_strategy import SHAPES, _arrays, _reply, _strategy
+from tests.unit.test_strategy import SHAPES, _arrays, _reply, _strategy
 
 # ---- options and the config rules their capabilities imply --------------------------------
 
@@ -168,7 +168,7 @@ def test_round_record_round_trips_through_its_results_json_form() -> None:
                           robust=RobustUse("krum", 0, ["a (node 4)"])),
         evaluate=PhaseRecord(sampled=3, replied=3, rejected=[], sites=[], stragglers=[]),
         left=[Departure("c", 7, "2026-12-01T00:00:00+00:00")], joined=[Arrival(8, "2026-12-01T00:00:00+00:00")],
-        budget_exhausted=1, privacy={"a (node 4)": {"epsilon": 1.0}}, secagg={"survivors": 2}, mu=0.1)
+        budget_exhausted=1, privacy={"a (node 4)": {"epsilon": 1.0}}, mu=0.1, protocol={"secagg": {"survivors": 2}})
     as_json = rec.to_dict()
     assert RoundRecord.from_dict(as_json).to_dict() == as_json
     assert set(as_json) == {"train", "evaluate", "left", "joined", "budget_exhausted", "privacy", "secagg", "mu"}
@@ -209,3 +209,15 @@ def test_the_client_app_answers_every_registered_options_messages(tmp_path: Path
     with pytest.raises(Exception):  # noqa: B017 - Flower: no handler registered for this message
         client_app.app(ins, ctx)
     assert Error(code=1, reason="x").code == 1
+
+
+def test_the_old_runner_path_still_works_and_says_where_it_moved() -> None:
+    import importlib
+    import sys
+
+    sys.modules.pop("app.local_grid", None)
+    with pytest.warns(DeprecationWarning, match="app.runtime.local_grid"):
+        old = importlib.import_module("app.local_grid")
+    from app.runtime import local_grid
+
+    assert old.run_inprocess is local_grid.run_inprocess and old.LocalGrid is local_grid.LocalGrid

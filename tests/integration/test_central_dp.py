@@ -12,7 +12,7 @@ from opacus.accountants import RDPAccountant
 from app import config
 from app.runtime.local_grid import run_inprocess
 from privacy.central import PARTICIPATION_KEY, CentralDP
-from tests.test_strategy import SHAPES, _arrays, _reply, _strategy
+from tests.unit.test_strategy import SHAPES, _arrays, _reply, _strategy
 
 
 def _wrapped(sigma: float, clip: float) -> CentralDP:
