@@ -23,7 +23,7 @@ TIERS = ("unit", "integration", "e2e")
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Each test carries its tier's marker from its folder: ``tests/unit`` (no federated run),
     ``tests/integration`` (the real ServerApp and ClientApp in process), ``tests/e2e`` (real
-    Flower processes). The fast loop is ``python -m pytest -m "not e2e"`` (README)."""
+    Flower processes). The fast loop is ``python -m pytest -m "not e2e and not slow"`` (README)."""
     for item in items:
         tier = Path(str(item.fspath)).parent.name
         if tier in TIERS:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from app.cli.audit import audit_run
 from app.runtime.local_grid import run_inprocess
@@ -25,6 +26,7 @@ def test_attack_scoring() -> None:
     assert abs(chance.auc - 0.5) < 0.05 and chance.tpr_at_1pct_fpr < 0.05
 
 
+@pytest.mark.slow
 def test_audit_detects_overfitting_and_dp_removes_it(tmp_path: Path) -> None:
     run_inprocess(OVERFIT, tmp_path / "plain")
     leaky = audit_run(tmp_path / "plain", references=4)

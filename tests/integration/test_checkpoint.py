@@ -57,6 +57,7 @@ def test_resumed_run_ends_exactly_as_the_uninterrupted_one(tmp_path: Path, extra
         assert [h["participation"]["mu"] for h in resumed["history"]] == [h["participation"]["mu"] for h in full["history"]]
 
 
+@pytest.mark.slow
 def test_dpsgd_ledgers_survive_a_coordinator_restart(tmp_path: Path) -> None:
     """The resumed run's sites start with empty node state; the checkpoint gives them back their
     ledgers, so epsilon is cumulative over all 4 rounds, not over the 2 after the restart."""
@@ -69,6 +70,7 @@ def test_dpsgd_ledgers_survive_a_coordinator_restart(tmp_path: Path) -> None:
                for k, r in last.items())
 
 
+@pytest.mark.slow
 def test_paillier_resumes_from_the_encrypted_model(tmp_path: Path) -> None:
     key_pair, public = keys.generate(tmp_path / "keys")
 

@@ -135,6 +135,7 @@ def test_ledger_persists_in_context_state_and_budget_stops_the_site() -> None:
         check_budget(stored, params, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_reported_epsilon_matches_opacus_recomputation(accountant: str, tmp_path: Path) -> None:
     """results.json's per-round epsilon equals Opacus' accountant stepped through the logged

@@ -56,6 +56,7 @@ def decrypt_final(tmp_path: Path, key_path: Path) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_paillier_run_matches_plain_fedavg_and_the_server_holds_no_model(tmp_path: Path,
                                                                           key_files: tuple[Path, Path]) -> None:
     results = run(tmp_path / "paillier", key_files)
@@ -165,6 +166,7 @@ def test_obfuscators_made_during_evaluation_are_used_once(tmp_path: Path, key_fi
     assert task.evaluate(model, task.data().test)["auc"] > 0.7
 
 
+@pytest.mark.slow
 def test_sites_can_spread_encryption_and_decryption_over_processes(tmp_path: Path,
                                                                    key_files: tuple[Path, Path]) -> None:
     one = run(tmp_path / "one", key_files, ["num_rounds=2"])

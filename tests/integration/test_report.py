@@ -16,6 +16,8 @@ from app.reporting import compare, report
 from app.runtime.local_grid import run_inprocess
 from tasks.metrics import binary_metrics
 
+pytestmark = pytest.mark.slow  # real runs and a headless browser; the full suite runs them
+
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 
 

@@ -92,6 +92,7 @@ def test_attackers_are_a_fixed_seeded_set_and_attacks_do_what_they_say() -> None
     assert attacks.poison_data(config.compose(["faults.attack=label_flip"]), split).y.tolist() == [1.0, 0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_sign_flip_attackers_break_fedavg_and_median_holds(tmp_path: Path) -> None:
     common = ["task=finance", "num_sites=10", "num_rounds=5"]
     clean = run_inprocess(common, tmp_path / "clean")["final"]["auc"]

@@ -63,6 +63,7 @@ def test_the_cache_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cache.directory() is None and not list(tmp_path.rglob("*.npz"))
 
 
+@pytest.mark.slow
 def test_a_worker_with_a_warm_cache_never_imports_the_preparation_libraries(tmp_path: Path) -> None:
     """What the cache is for: a site process reads its rows without pandas, scikit-learn or datasets."""
     code = ("import sys; from app import config, client_app; from flwr.app import Context, RecordDict; "

@@ -122,6 +122,7 @@ def test_fedsilo_command_reports_wrong_type_with_the_key(tmp_path) -> None:
     assert "num_rounds" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_infeasible_partition_is_refused_before_flower_starts(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "app.cli", "partition=dirichlet", "partition.alpha=0.1", "num_sites=10",

@@ -107,6 +107,7 @@ def test_supernode_keys_are_p384_openssh(tmp_path: Path) -> None:
     assert private.stat().st_mode & 0o077 == 0
 
 
+@pytest.mark.slow
 def test_cli_errors_are_clear(tmp_path: Path) -> None:
     for args, text in ((["data", "split", "--out", str(tmp_path), "task=medical", "partition.alpha=-1"], "partition.alpha"),
                        (["certs", "--out", str(tmp_path)], "at least one --host"),
