@@ -116,9 +116,11 @@ def test_inprocess_runner_matches_the_simulation_engine(finance_run: tuple[Path,
 
 
 def test_fedprox_with_zero_mu_is_exactly_fedavg(finance_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """FedProx with mu=0 run in process equals FedAvg run by the simulation engine, bit for bit
+    (the in-process runner matches the engine: test_inprocess_runner_matches_the_simulation_engine)."""
     fedavg_dir, fedavg = finance_run
-    _, prox = fedsilo(tmp_path / "prox", "task=finance", "strategy=fedprox", "strategy.mu=0",
-                      "num_rounds=2", "num_sites=3")
+    prox = run_inprocess(["task=finance", "strategy=fedprox", "strategy.mu=0", "num_rounds=2", "num_sites=3"],
+                         tmp_path / "prox")
     assert prox["config"]["strategy"]["name"] == "fedprox"
     assert prox["final"] == fedavg["final"]
     a, b = torch.load(fedavg_dir / "model.pt"), torch.load(tmp_path / "prox" / "model.pt")
@@ -194,13 +196,6 @@ def test_medical_run_on_four_hospitals(tmp_path: Path) -> None:
         assert re.search(rf"fedsilo round {r}/3 \| sites 4 sampled, 4 replied, 0 failed \| test auc=0\.\d+", proc.stdout)
     assert "about" in proc.stdout and "s left" in proc.stdout
     assert (tmp_path / "run" / "report.html").is_file() and "report in" in proc.stdout
-
-
-def test_medical_imaging_run_learns(tmp_path: Path) -> None:
-    _, results = fedsilo(tmp_path / "run", "task=medical_imaging", "num_rounds=2", "num_sites=3")
-    check_layout(results, rounds=2, sites=3)
-    assert results["final"]["auc"] >= 0.65
-    assert results["final"]["loss"] < results["initial"]["loss"]
 
 
 def test_multirun_sweeps_tasks(tmp_path: Path) -> None:

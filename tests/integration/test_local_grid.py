@@ -39,3 +39,14 @@ def test_run_where_no_site_ever_delivers_fails_loudly(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "failed"
     assert all(h["participation"]["train"]["replied"] == 0 for h in results["history"])
+
+
+def test_medical_imaging_run_learns(tmp_path: Path) -> None:
+    """The CNN task (BreastMNIST) learns through the real ServerApp and ClientApp."""
+    results = run_inprocess(["task=medical_imaging", "num_rounds=2", "num_sites=3"], tmp_path)
+    assert len(results["history"]) == 2 and results["status"] == "completed"
+    for h in results["history"]:
+        assert h["participation"]["train"]["replied"] == 3 and h["participation"]["train"]["rejected"] == []
+        assert 0 <= h["federated_evaluate"]["accuracy"] <= 1
+    assert results["final"]["auc"] >= 0.65
+    assert results["final"]["loss"] < results["initial"]["loss"]
