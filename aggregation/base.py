@@ -176,6 +176,13 @@ class StrategyWrapper(Strategy):
     def summary(self) -> None:
         self.strategy.summary()
 
+    def observe(self, server_round: int, replies: list[Message]) -> None:
+        """Show a round's raw replies to the wrapped strategy (site names, reply observers such as
+        DP-SGD's ledger) before this layer aggregates them; a strategy without the hook is skipped."""
+        observe = getattr(self.strategy, "observe", None)
+        if callable(observe):
+            observe(server_round, replies)
+
     def state_dict(self) -> dict[str, Any]:
         inner = getattr(self.strategy, "state_dict", None)
         return dict(inner()) if callable(inner) else {}

@@ -67,9 +67,7 @@ class PaillierStrategy(StrategyWrapper):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen the encrypted replies, add the accepted ones, hand the sum on."""
         replies = list(replies)
-        observe = getattr(self.strategy, "observe", None)
-        if callable(observe):
-            observe(server_round, replies)
+        self.observe(server_round, replies)
         self.record.sites.learn(replies)
         replies = sorted(replies, key=site_order)
         label = getattr(self.strategy, "label", site_label)

@@ -67,9 +67,7 @@ class SecAggStrategy(StrategyWrapper):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Unmask the survivors' sum and hand the mean update to the wrapped strategy."""
         replies = list(replies)
-        observe = getattr(self.strategy, "observe", None)
-        if callable(observe):
-            observe(server_round, replies)
+        self.observe(server_round, replies)
         rec = self.record.round(server_round)
         if self._current is None or "aborted" in rec.protocol.get(LOG_KEY, {}):
             return None, None
