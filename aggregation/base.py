@@ -76,6 +76,7 @@ class SiteEnv:
     norm_bound: float          # L2 bound the site applies to its own update where the option asks (0 = none)
     drops: Callable[[int, str | None], bool]           # fault injection: drop at (round, stage)?
     dropped_reply: Callable[[Message, str | None], Message]  # the error reply of a site that drops
+    attacker: bool = False     # fault injection: this site corrupts what it sends (faults.byzantine_fraction)
 
 
 @dataclass

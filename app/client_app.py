@@ -40,9 +40,6 @@ from tasks.base import SiteData, Task
 from tasks.metrics import site_summary
 from tasks.training import predict, steps_per_epoch
 
-#: Error code of a reply from a straggler that missed the round (``straggler_policy=drop``).
-MISSED_DEADLINE_CODE = int(ReplyError.MISSED_DEADLINE)
-
 app = ClientApp()
 
 
@@ -101,7 +98,7 @@ def site_env(cfg: config.FedsiloConfig, site: SiteData) -> SiteEnv:
 
     # Honest sites bound their own updates where the option asks them to (strategy.norm_bound under secagg).
     return SiteEnv(site.site_id, site.name, cfg.seed, len(site.train), 0.0 if attacker else cfg.strategy.norm_bound,
-                   drops, dropped_reply)
+                   drops, dropped_reply, attacker)
 
 
 def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, task: Task, site: SiteData,
@@ -122,7 +119,7 @@ def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, tas
     glob = layers.aggregation.global_state(msg, context, model.state_dict())
     model.load_state_dict(glob)
     seed, penalty = seed_for(cfg.seed, server_round, site.site_id), client_penalty(train_config, model)  # type: ignore[arg-type]
-    byzantine = attacks.is_attacker(cfg, site.site_id)
+    byzantine = env.attacker
     train_rows = attacks.poison_data(cfg, site.train) if byzantine else site.train
     stats, records = layers.trainer.train(task, model, train_rows, seed, context, train_config,  # type: ignore[arg-type]
                                           site.name, work.epochs, work.max_steps, penalty)
