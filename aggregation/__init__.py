@@ -33,4 +33,9 @@ def query_names() -> list[str]:
     return sorted({n for o in REGISTRY.values() for n in o.queries})
 
 
-__all__ = ["REGISTRY", "AggregationConfig", "AggregationOption", "get", "query_names", "train_names"]
+def sum_names() -> list[str]:
+    """Every ``query.<name>`` message some option's site half answers with its share of a sum."""
+    return sorted({o.sum_message for o in REGISTRY.values()})
+
+
+__all__ = ["REGISTRY", "AggregationConfig", "AggregationOption", "get", "query_names", "sum_names", "train_names"]

@@ -11,6 +11,11 @@ pairs, like Flower's DP wrappers with their client mods:
   (decrypt) and with its update before it leaves (clip, quantise, mask, encrypt), plus the
   protocol messages it answers. The ClientApp calls it through this interface only.
 
+Every option also sums small vectors for the task, outside the training rounds, with the
+same protection (:class:`SumCoordinator` and :meth:`SiteHalf.sum_reply`): the federated
+preprocessing statistics and the pooled test metrics of ``task=tabular``
+(:mod:`core.fixedpoint` makes every option's total the same, bit for bit).
+
 Each option declares its :class:`Capabilities`; the config rules (which strategy settings
 and privacy mechanisms it allows) are derived from them by the composition root, never
 from option names.
@@ -20,16 +25,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from core import fixedpoint
 from core.handover import ProtectedAggregate
 from core.records import RunRecord
+
+#: The ConfigRecord of a sum request: {"id": the sum's number in the run, "what": what to sum, "length": values}.
+SUM_REQUEST = "fedsilo-sum"
+#: The ArrayRecord of a plain sum reply: the site's fixed-point values as uint64 limbs.
+SUM_REPLY = "fedsilo-sum-limbs"
 
 
 @dataclass
@@ -120,6 +132,102 @@ class SiteHalf(ABC):
     def after_evaluate(self, context: Context, model: torch.nn.Module) -> None:
         """Work to do after federated evaluation, ahead of the next training round."""
 
+    def sum_reply(self, msg: Message, context: Context, values: np.ndarray, env: SiteEnv) -> Message:
+        """This site's share of a sum (:class:`SumCoordinator`); plain: its values, as limbs, in the clear."""
+        limbs = fixedpoint.limbs(fixedpoint.encode(values))
+        return Message(RecordDict({SUM_REPLY: ArrayRecord({"limbs": Array(limbs)})}), reply_to=msg)
+
+    def open_total(self, context: Context, record: ConfigRecord, key: str) -> np.ndarray:
+        """The totals a :class:`SumResult` sent to the sites under ``key`` (Paillier: decrypted here)."""
+        return np.asarray(record[key], dtype=np.float64)
+
+
+@dataclass
+class SumResult:
+    """The outcome of one protected sum."""
+
+    sites: int                                    # how many sites' vectors the total holds
+    values: np.ndarray | None                     # the totals, if the coordinator may know them
+    sealed: list[bytes] | None = None             # the totals only the sites can open (Paillier)
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (node, reason) of the sites left out
+
+    def put(self, record: ConfigRecord, key: str) -> None:
+        """Write the totals into ``record`` for the sites (:meth:`SiteHalf.open_total` reads them)."""
+        if self.values is not None:
+            record[key] = [float(v) for v in self.values]
+        else:
+            record[key + "-ct"] = list(self.sealed or [])
+
+
+class SumCoordinator(ABC):
+    """The coordinator half of an option's sums: each site's vector in, the total out."""
+
+    #: what the coordinator learns from a sum, in plain words (docs, reports)
+    learns: ClassVar[str] = "every site's vector"
+
+    def __init__(self, message_type: str, timeout: float) -> None:
+        self.message_type, self.timeout = message_type, timeout
+
+    @abstractmethod
+    def collect(self, grid: Grid, nodes: list[int], content: RecordDict, length: int, sum_id: int) -> SumResult:
+        """Send ``content`` (with its :data:`SUM_REQUEST`) to ``nodes``; sum the ``length`` values they return."""
+
+    def reveal(self, grid: Grid, nodes: list[int], result: SumResult) -> np.ndarray:
+        """The totals in the clear (the coordinator's own where it may know them; Paillier asks a key holder)."""
+        assert result.values is not None
+        return result.values
+
+    def send(self, grid: Grid, nodes: list[int], content: RecordDict, message_type: str | None = None
+             ) -> list[Message]:
+        msgs = [Message(RecordDict(dict(content.items())), dst_node_id=n, message_type=message_type or self.message_type)
+                for n in nodes]
+        return list(grid.send_and_receive(msgs, timeout=self.timeout))
+
+
+def screen_sum_replies(replies: list[Message], nodes: list[int], check: Callable[[Message], str | None]
+                       ) -> tuple[dict[int, Message], list[tuple[int, str]]]:
+    """The well-formed replies by node, and (node, reason) for every other node."""
+    good: dict[int, Message] = {}
+    rejected: list[tuple[int, str]] = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if node not in nodes or node in good:
+            rejected.append((node, "unexpected or duplicate reply"))
+        elif msg.has_error():
+            rejected.append((node, msg.error.reason))
+        else:
+            reason = check(msg)
+            if reason is None:
+                good[node] = msg
+            else:
+                rejected.append((node, reason))
+    answered = set(good) | {n for n, _ in rejected}
+    rejected += [(n, "no reply in time") for n in nodes if n not in answered]
+    return good, rejected
+
+
+class PlainSum(SumCoordinator):
+    """Each site's limbs in the clear; the coordinator adds them (it sees every site's vector)."""
+
+    def collect(self, grid: Grid, nodes: list[int], content: RecordDict, length: int, sum_id: int) -> SumResult:
+        size = length * fixedpoint.LIMBS
+
+        def check(msg: Message) -> str | None:
+            rec = msg.content.array_records.get(SUM_REPLY)
+            if rec is None or "limbs" not in rec:
+                return f"reply has no {SUM_REPLY!r} record"
+            y = rec["limbs"].numpy()
+            if y.shape != (size,) or y.dtype != np.uint64 or (y.size and int(y.max()) >> fixedpoint.LIMB_BITS):
+                return f"limbs of shape {y.shape} and dtype {y.dtype}, expected ({size},) uint64 below 2^20"
+            return None
+
+        good, rejected = screen_sum_replies(self.send(grid, nodes, content), nodes, check)
+        if not good:
+            return SumResult(0, None, None, rejected)
+        total = np.sum([m.content.array_records[SUM_REPLY]["limbs"].numpy() for m in good.values()], axis=0,
+                       dtype=np.uint64)
+        return SumResult(len(good), fixedpoint.decode(fixedpoint.join(total)), None, rejected)
+
 
 class AggregationOption(ABC):
     """One value of ``aggregation``: schema, capabilities, coordinator half, site half."""
@@ -133,6 +241,12 @@ class AggregationOption(ABC):
     train_names: ClassVar[tuple[str, ...]] = ()
     #: names of the ``query.<name>`` protocol messages the site half answers
     queries: ClassVar[tuple[str, ...]] = ()
+    #: the message a site answers with its share of a sum (:meth:`SiteHalf.sum_reply`)
+    sum_message: ClassVar[str] = "query.fedsilo_sum"
+
+    def summer(self, cfg: Any, timeout: float) -> SumCoordinator:
+        """The coordinator half of this option's sums (plain: the sites' vectors in the clear)."""
+        return PlainSum(self.sum_message, timeout)
 
     def validate(self, cfg: Any, num_sites: int) -> None:
         """Range checks of this option's keys (raise :class:`core.config.ConfigError`)."""

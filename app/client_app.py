@@ -20,6 +20,9 @@ pickles the ClientApp with every message, and a closure would be pickled by valu
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,7 +30,7 @@ from flwr.clientapp import ClientApp
 import aggregation
 import tasks
 from aggregation.base import LocalResult, SiteEnv
-from app import composition, config
+from app import composition, config, federated
 from app.faults import attacks
 from app.faults import dropouts as faults
 from app.runtime.paths import resolve_data_dir
@@ -36,20 +39,40 @@ from core.seeding import seed_for
 from core.sites import SITE_KEY, WEIGHT_KEY, site_record_for
 from strategies import client_penalty, heterogeneity
 from tasks import site_file
+from tasks.tabular.schema import SchemaError
+from tasks.tabular.table import SiteInputError
+from tasks.tabular.task import RawSite, TabularTask
 from tasks.base import SiteData, Task
 from tasks.metrics import site_summary
 from tasks.training import predict, steps_per_epoch
 
 app = ClientApp()
 
+#: A site's own data or schema not fitting the federation: refused with the reason, never a crash.
+DATA_ERRORS = (SiteInputError, SchemaError, federated.SchemaMismatch, site_file.SiteDataError)
 
-def load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData]:
+
+def load_site(context: Context, msg: Message | None = None) -> tuple[config.FedsiloConfig, Task, SiteData]:
     """This node's config, task and data; a clear error if the federation does not fit.
 
     A deployed site names its own data file in its node config (``data-path``, written by
     ``fedsilo data split`` or by the site itself); otherwise (simulation) the node's
-    ``partition-id`` selects its share of the task's bundled data.
+    ``partition-id`` selects its share of the task's bundled data. A task whose rows are
+    preprocessed federally (``task=tabular``) applies the transform the message's config
+    carries (:mod:`app.federated`).
     """
+    cfg, task, source = load_source(context)
+    if isinstance(source, SiteData):
+        return cfg, task, source
+    if msg is None or "config" not in msg.content.config_records:
+        raise ValueError(f"task={cfg.task.name}: a message without the preprocessing config reached the site")
+    assert isinstance(task, TabularTask)
+    prep = federated.site_prep(task, msg.content.config_records["config"], composition.site(cfg).aggregation, context)
+    return cfg, task, task.prepared(source, prep)[0]
+
+
+def load_source(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData | RawSite]:
+    """This node's config, task and data as the task keeps them (raw rows for ``task=tabular``)."""
     node = context.node_config
     if "data-path" not in node:  # simulation: the same few sites answer many messages per process
         key = (str(context.run_config.get("overrides", "")), str(node.get("partition-id")),
@@ -62,14 +85,22 @@ def load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData]:
     return _load_site(context)
 
 
-_SITES: dict[tuple[str, str, str], tuple[config.FedsiloConfig, Task, SiteData]] = {}
+_SITES: dict[tuple[str, str, str], tuple[config.FedsiloConfig, Task, SiteData | RawSite]] = {}
 
 
-def _load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData]:
+def _load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData | RawSite]:
     cfg = config.from_run_config(context.run_config)
-    task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
-    n_sites = config.num_sites(cfg)
     node = context.node_config
+    task_cfg = replace(cfg.task, schema=str(node["schema-path"])) if "schema-path" in node else cfg.task
+    task = tasks.get(cfg.task.name)(task_cfg, resolve_data_dir(cfg.data_dir))
+    n_sites = config.num_sites(cfg)
+    if isinstance(task, TabularTask):
+        if "data-path" in node:  # a deployed site's own table
+            path = Path(str(node["data-path"])).expanduser()
+            site_id = int(node.get("partition-id", 0))  # type: ignore[call-overload]
+            return cfg, task, task.raw_site_file(path, site_id, str(node.get("site-name", path.stem)), cfg.seed)
+        pid = int(node.get("partition-id", -1))  # type: ignore[call-overload]
+        return cfg, task, task.raw_site(cfg.partition, n_sites, cfg.seed, pid)
     if "data-path" in node:
         return cfg, task, site_file.load(str(node["data-path"]), task=cfg.task.name, num_sites=n_sites,
                                          input_shape=task.input_shape)
@@ -129,6 +160,12 @@ def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, tas
     return LocalResult(model.state_dict(), stats, {SITE_KEY: site_rec, **records}, server_round)
 
 
+def refused(msg: Message, context: Context, err: Exception) -> Message:
+    """The reply of a site whose own data or schema do not fit (named reason; never its data)."""
+    name = str(context.node_config.get("site-name", context.node_config.get("partition-id", "site")))
+    return SiteRefusal(ReplyError.BAD_DATA, str(err)).reply(msg, name)
+
+
 def train(msg: Message, context: Context) -> Message:
     """Load the global model, do this round's local work, reply through the aggregation option.
 
@@ -138,7 +175,10 @@ def train(msg: Message, context: Context) -> Message:
     number of training rows, whatever share of its work it managed.
     """
     torch.set_num_threads(1)
-    cfg, task, site = load_site(context)
+    try:
+        cfg, task, site = load_site(context, msg)
+    except DATA_ERRORS as err:
+        return refused(msg, context, err)
     layers = composition.site(cfg)
     env = site_env(cfg, site)
     try:
@@ -150,15 +190,21 @@ def train(msg: Message, context: Context) -> Message:
 
 def query(msg: Message, context: Context) -> Message:
     """A protocol message of the aggregation option (e.g. secure aggregation's key stages)."""
-    cfg, _, site = load_site(context)
-    return composition.site(cfg).aggregation.query(msg, context, site_env(cfg, site))
+    try:
+        cfg, _, site = load_source(context)
+    except DATA_ERRORS as err:
+        return refused(msg, context, err)
+    return composition.site(cfg).aggregation.query(msg, context, site_env(cfg, site))  # type: ignore[arg-type]
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on the site's validation rows (counts, loss, site AUC)."""
     torch.set_num_threads(1)
-    cfg, task, site = load_site(context)
+    try:
+        cfg, task, site = load_site(context, msg)
+    except DATA_ERRORS as err:
+        return refused(msg, context, err)
     layers = composition.site(cfg)
     server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[union-attr,call-overload]
     model = task.build_model()
@@ -173,9 +219,37 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-# Every option's messages reach the same two handlers: the ClientApp knows no option by name.
+def sum_query(msg: Message, context: Context) -> Message:
+    """This site's share of a protected sum: preprocessing statistics or test metrics (:mod:`app.federated`)."""
+    torch.set_num_threads(1)
+    try:
+        cfg, task, source = load_source(context)
+        if not isinstance(source, RawSite) or not isinstance(task, TabularTask):
+            raise ValueError(f"task={cfg.task.name} has no federated statistics")
+        half = composition.site(cfg).aggregation
+        values = federated.site_vector(task, source, msg, half, context)
+    except DATA_ERRORS as err:
+        return refused(msg, context, err)
+    return half.sum_reply(msg, context, values, site_env(cfg, source))  # type: ignore[arg-type]
+
+
+@app.query("fedsilo_vocab")
+def vocab_query(msg: Message, context: Context) -> Message:
+    """The category names this site has, for the features whose categories are discovered."""
+    try:
+        cfg, task, source = load_source(context)
+        if not isinstance(source, RawSite) or not isinstance(task, TabularTask):
+            raise ValueError(f"task={cfg.task.name} has no federated vocabulary")
+        return federated.vocab_reply(task, source, msg)
+    except DATA_ERRORS as err:
+        return refused(msg, context, err)
+
+
+# Every option's messages reach the same handlers: the ClientApp knows no option by name.
 app.train()(train)
 for _name in aggregation.train_names():
     app.train(_name)(train)
 for _name in aggregation.query_names():
     app.query(_name)(query)
+for _name in aggregation.sum_names():
+    app.query(_name.removeprefix("query."))(sum_query)

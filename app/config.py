@@ -125,7 +125,12 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
 
 def num_sites(cfg: FedsiloConfig) -> int:
     """The number of sites this config trains with (natural splits have their own count)."""
-    return tasks.get(cfg.task.name).num_sites(cfg.partition, cfg.num_sites)
+    from app.runtime.paths import resolve_data_dir
+
+    task_cls = tasks.get(cfg.task.name)
+    if cfg.partition.name != "natural" or not getattr(task_cls, "federated_data", False):
+        return task_cls.num_sites(cfg.partition, cfg.num_sites)
+    return task_cls.num_sites(cfg.partition, cfg.num_sites, cfg.task, resolve_data_dir(cfg.data_dir))
 
 
 def parse_overrides(text: str) -> list[str]:

@@ -3,9 +3,11 @@
 The stack (strategy, privacy layer, aggregation option's coordinator half) comes from the
 composition root (:mod:`app.composition`); this module only drives rounds and reports.
 
-The server holds the task's held-out test set and scores the global model on it after
-every round (and once before training); the sites' own validation rows are scored by
-federated evaluation. Results go to the run config's ``output-dir`` (the ``fedsilo``
+For the bundled research tasks the server holds the task's held-out test set and scores
+the global model on it after every round (and once before training). For ``task=tabular``
+it holds no data at all: the sites' statistics are combined before round 1 and the test
+metrics pooled from the sites' held-out rows (:mod:`app.federated`). The sites' own
+validation rows are scored by federated evaluation either way. Results go to the run config's ``output-dir`` (the ``fedsilo``
 command sets it to Hydra's run directory).
 """
 
@@ -23,14 +25,17 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
+import aggregation
 import tasks
 from app import composition, config
+from app.federated import FederatedData
 from app.reporting.results import ENCRYPTED_MODEL_FILE, Recorder
 from app.runtime import checkpoint
 from app.runtime.paths import default_output_dir, resolve_data_dir
 from app.runtime.traffic import MeteredGrid
 from core.records import PhaseRecord, RoundRecord
 from strategies.loop import run_rounds
+from tasks.tabular.task import TabularTask
 
 app = ServerApp()
 
@@ -97,7 +102,16 @@ def main(grid: Grid, context: Context) -> None:
     out = str(context.run_config.get("output-dir", "") or "")
     out_dir = Path(out) if out else default_output_dir(context.run_id)
     task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
-    test = task.data().test
+    fed: FederatedData | None = None
+    prep_config = ConfigRecord()
+    if getattr(task, "federated_data", False):  # the rows stay at the sites: no test set here
+        assert isinstance(task, TabularTask)
+        fed = FederatedData(task, aggregation.get(cfg.aggregation.name), cfg.aggregation, cfg.strategy.round_timeout,
+                            cfg.task.standardize)
+        prep_config = fed.prepare(grid, n_sites)
+        prep_traffic = grid.take().as_dict()
+    else:
+        test = task.data().test
     random.seed(cfg.seed)  # Flower samples sites with Python's random: seeded, and checkpointed, for reproducibility
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -106,6 +120,9 @@ def main(grid: Grid, context: Context) -> None:
     stack = composition.coordinator(cfg, n_sites, initial)
     strategy = stack.strategy
     recorder = Recorder(cfg, n_sites, out_dir)
+    if fed is not None:
+        recorder.test_source = (f"sites' held-out test rows, pooled by aggregation={cfg.aggregation.name} "
+                                f"(the coordinator learns {fed.summer.learns})")
     log(INFO, "fedsilo: task=%s strategy=%s aggregation=%s privacy=%s partition=%s sites=%s rounds=%s",
         cfg.task.name, cfg.strategy.name, cfg.aggregation.name, cfg.privacy.name,
         cfg.partition.name, n_sites, cfg.num_rounds)
@@ -116,6 +133,12 @@ def main(grid: Grid, context: Context) -> None:
             "evaluation is unaffected).", cfg.aggregation.name)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if fed is not None:  # pooled from the sites' own test rows, under the run's protection
+            metrics = fed.evaluate(grid, arrays)
+            recorder.record_server(server_round, metrics)
+            if server_round == 0:
+                log(INFO, "fedsilo round 0/%s (initial model) | test %s", cfg.num_rounds, _fmt(metrics))
+            return MetricRecord({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
         if not stack.holds_plaintext_model and server_round > 0:
             # Paillier: the server holds only ciphertexts; the sites' federated evaluation scores the model
             recorder.record_server(server_round, {})
@@ -127,7 +150,7 @@ def main(grid: Grid, context: Context) -> None:
             log(INFO, "fedsilo round 0/%s (initial model) | test %s", cfg.num_rounds, _fmt(metrics))
         return MetricRecord({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
 
-    first_round, result, train_config = 1, None, ConfigRecord()
+    first_round, result, train_config = 1, None, ConfigRecord(dict(prep_config.items()))
     if cfg.resume:
         first_round, result, initial = _resume(cfg, stack, recorder, train_config)
     fault_round = cfg.faults.crash_after_round
@@ -158,6 +181,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         result = run_rounds(strategy, grid, initial, cfg.num_rounds, cfg.strategy.round_timeout,
                             first_round=first_round, result=result, train_config=train_config,
+                            evaluate_config=ConfigRecord(dict(prep_config.items())),
                             evaluate_fn=evaluate_fn, after_round=after_round)
     finally:
         if board is not None:
@@ -173,6 +197,8 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedsilo: privacy (%s): epsilon %s at delta=%g", summary["mechanism"],
             {k: round(v, 3) for k, v in spent.items()} if isinstance(spent, dict) else f"{spent:.3f}",
             summary["delta"])
+    if fed is not None:
+        extra["preprocessing"] = {**fed.phase.to_dict(), "traffic": prep_traffic}
     participation = stack.record.to_dict()
     path = recorder.write(result, participation, final_arrays.to_torch_state_dict(), extra=extra,
                           model_file=None if stack.holds_plaintext_model else ENCRYPTED_MODEL_FILE)

@@ -23,6 +23,7 @@ class ReplyError(IntEnum):
     CLIENT_EXCEPTION = 1       #: the ClientApp raised (Flower's ``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``)
     MISSED_DEADLINE = 408      #: a straggler dropped under ``strategy.straggler_policy=drop``
     PROTOCOL_ERROR = 409       #: a secure-aggregation stage refused (out of order, replayed, forged)
+    BAD_DATA = 422             #: the site's own data or schema do not fit the federation (task=tabular)
     BUDGET_EXHAUSTED = 429     #: DP-SGD: this round would take the site past its target epsilon
     DROPPED = 503              #: fault injection: the site drops out (``faults.drop_rate``)
 

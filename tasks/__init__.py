@@ -8,9 +8,10 @@ from tasks.finance import FinanceTask
 from tasks.medical import MedicalTask
 from tasks.medical_imaging import MedicalImagingTask
 from tasks.partition import PARTITIONS
+from tasks.tabular.task import TabularTask
 
 REGISTRY: dict[str, type[Task]] = {
-    t.name: t for t in (FinanceTask, MedicalTask, MedicalImagingTask)
+    t.name: t for t in (FinanceTask, MedicalTask, MedicalImagingTask, TabularTask)
 }
 
 
@@ -23,6 +24,14 @@ def get(name: str) -> type[Task]:
 
 
 OPTIMIZERS = ("sgd", "adam")
+STANDARDIZE = ("numeric", "all")
+
+
+def _validate_tabular(t: TaskConfig, p: PartitionConfig) -> None:
+    """task=tabular: its files are named (they are read, and checked, where the data are)."""
+    check(bool(t.schema), "task.schema", t.schema, "the path of a schema YAML (fedsilo data schema infer FILE)")
+    check(bool(t.data), "task.data", t.data, "a CSV/Parquet file, or a folder with one file per site")
+    check(p.name in ("iid", "dirichlet", "natural"), "partition.name", p.name, "iid, dirichlet or natural")
 
 
 def validate(t: TaskConfig, p: PartitionConfig) -> None:
@@ -44,6 +53,11 @@ def validate(t: TaskConfig, p: PartitionConfig) -> None:
     check(p.alpha > 0, "partition.alpha", p.alpha, "a number > 0")
     check(p.min_partition_size >= 1, "partition.min_partition_size", p.min_partition_size, "an integer >= 1")
     check(p.natural_sites >= 0, "partition.natural_sites", p.natural_sites, "0 (all) or a number of sites >= 2")
+    check(0 < t.test_fraction < 1, "task.test_fraction", t.test_fraction, "0 < test_fraction < 1")
+    check(t.standardize in STANDARDIZE, "task.standardize", t.standardize, f"one of {list(STANDARDIZE)}")
+    if getattr(task_cls, "federated_data", False):
+        _validate_tabular(t, p)
+        return
     if p.name == "natural":
         check(task_cls.natural_sites is not None, "partition.name", p.name,
               f"iid or dirichlet: task {t.name} has no natural split")

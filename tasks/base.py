@@ -45,6 +45,11 @@ class TaskConfig:
     augment: bool = False
     default_partition: str = "iid"
     train_rows: int = 0          # keep at most this many training rows per site (0 = all); e.g. for audits
+    # task=tabular (a site's own table; paths relative to data_dir):
+    schema: str = ""             # the schema YAML (tasks/tabular/schema.py)
+    data: str = ""               # one CSV/Parquet file (split by partition) or a folder of one file per site
+    test_fraction: float = 0.2   # each site's seeded, stratified held-out test rows (unless the schema has a split column)
+    standardize: str = "numeric"  # numeric: numeric features only | all: booleans and one-hot codes too
 
 
 @dataclass
@@ -103,7 +108,8 @@ class Task(ABC):
         return _DATA_CACHE[key]
 
     @classmethod
-    def num_sites(cls, partition: PartitionConfig, num_sites: int) -> int:
+    def num_sites(cls, partition: PartitionConfig, num_sites: int, cfg: TaskConfig | None = None,
+                  data_dir: str | Path | None = None) -> int:
         """How many sites a partition yields: natural splits have their own count."""
         if partition.name == "natural":
             if cls.natural_sites is None:

@@ -69,6 +69,7 @@ class Recorder:
         self.server: dict[int, dict[str, float]] = {}
         self.seconds: dict[int, float] = {}
         self.traffic: dict[int, dict[str, int]] = {}
+        self.test_source = "server test set"  # where the per-round test metrics come from (the report says so)
         self._t0 = self._last = time.monotonic()
 
     def record_server(self, server_round: int, metrics: dict[str, float]) -> None:
@@ -131,9 +132,10 @@ class Recorder:
             "initial": self.server.get(0, {}),
             "history": history,
             "final": (history[-1]["server"] or history[-1]["federated_evaluate"]) if history else {},
-            "final_source": ("server test set" if history[-1]["server"] else "federated evaluation (sites' validation rows)")
+            "final_source": (self.test_source if history[-1]["server"] else "federated evaluation (sites' validation rows)")
             if history else None,
             "final_federated_evaluate": history[-1]["federated_evaluate"] if history else {},
+            "test_source": self.test_source,
             "timing": {"total_seconds": time.monotonic() - self._t0,
                        "round_seconds": [h["seconds"] for h in history]},
             "artifacts": artifacts,

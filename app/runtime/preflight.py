@@ -47,6 +47,8 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
             checkpoint.resumable(cfg.resume, config.to_dict(cfg), cfg.num_rounds)
         except checkpoint.CheckpointError as err:
             raise PreflightError(str(err)) from err
+    if getattr(task_cls, "federated_data", False):
+        return _check_own_data(cfg, data_dir)
     if cfg.partition.name == "natural":
         return data_dir
     task = task_cls(cfg.task, data_dir)
@@ -62,6 +64,27 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
     if empty:
         raise PreflightError(f"sites {empty} have no training rows after the validation split "
                              f"(task.val_fraction={cfg.task.val_fraction}); lower num_sites or val_fraction")
+    return data_dir
+
+
+def _check_own_data(cfg: config.FedsiloConfig, data_dir: Path) -> Path:
+    """``task=tabular``: the schema parses and the data path exists. The sites' files are checked
+    where they are read, each by its own site (a bad file leaves that site out, not the run)."""
+    from tasks.tabular.schema import SchemaError
+    from tasks.tabular.table import SiteInputError
+    from tasks.tabular.task import TabularTask
+
+    task = TabularTask(cfg.task, data_dir)
+    try:
+        task.schema  # noqa: B018 - parsing is the check
+        data = task.path(cfg.task.data, "data")
+        if not data.exists():
+            raise PreflightError(f"task.data={cfg.task.data!r}: {data} does not exist")
+        if cfg.partition.name == "natural" and not task.site_files():
+            raise PreflightError(f"partition=natural with task=tabular needs task.data to be a folder of per-site "
+                                 f"files; {data} is a file")
+    except (SchemaError, SiteInputError, ValueError) as err:
+        raise PreflightError(str(err)) from err
     return data_dir
 
 

@@ -1,0 +1,213 @@
+"""Federated data for tasks whose rows never leave the sites (``task=tabular``): both halves.
+
+Coordinator half (:class:`FederatedData`), before round 1:
+
+1. ``vocab``: the names of the categories the schema leaves to discovery (in the clear);
+2. ``moments`` and 3. ``spread``: sums of the sites' statistics through the aggregation
+   option's :class:`~aggregation.base.SumCoordinator` (plain: every site's vector; secagg:
+   only the totals; paillier: nothing, the totals stay encrypted and each site decrypts them).
+
+The totals ride in every later message's config (``prep-*`` keys); every site derives the
+same :class:`~tasks.tabular.prep.Preprocessor` from them. After every round (and for the
+initial model) the test metrics are pooled the same way from each site's held-out rows
+(:mod:`tasks.tabular.evaluation`); under Paillier one key-holding site decrypts the metric
+totals (never a single site's contribution).
+
+Site half (:func:`site_vector`, :func:`site_prep`): the ClientApp's answers to those requests.
+Every request carries the coordinator's schema fingerprint; a site whose own schema differs
+refuses with a reason, and the run goes on with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from aggregation.base import SUM_REQUEST, AggregationOption, SiteHalf, SumCoordinator, SumResult, screen_sum_replies
+from tasks.tabular import evaluation
+from tasks.tabular.prep import Preprocessor, local_vocab, merge_vocab
+from tasks.tabular.task import RawSite, TabularTask
+
+VOCAB_MESSAGE = "query.fedsilo_vocab"
+VOCAB_KEY = "fedsilo-vocab"
+PREP_KEYS = ("prep-fingerprint", "prep-vocab", "prep-moments", "prep-spread", "prep-standardize")
+WAIT_SECONDS = 600.0
+
+
+class SchemaMismatch(ValueError):
+    """A site's schema is not the coordinator's (a different fingerprint)."""
+
+
+@dataclass
+class PrepPhase:
+    """What the coordinator learned and spent in the preprocessing phase (into results.json)."""
+
+    sites: int = 0
+    seconds: float = 0.0
+    vocab: dict[str, list[str]] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    totals_known: bool = True
+    rows: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sites": self.sites, "seconds": round(self.seconds, 3), "discovered_categories": self.vocab,
+                "rejected": self.rejected, "coordinator_knows_totals": self.totals_known, "rows": self.rows}
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float = WAIT_SECONDS) -> list[int]:
+    """The connected nodes, once ``count`` are there (no random draw: the run's RNG stays untouched)."""
+    t0 = time.monotonic()
+    while len(nodes := sorted(grid.get_node_ids())) < count:
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"only {len(nodes)} of {count} sites connected within {timeout:g} s")
+        time.sleep(0.5)
+    return nodes
+
+
+class FederatedData:
+    """The coordinator half: preprocessing before round 1, pooled test metrics after each round."""
+
+    def __init__(self, task: TabularTask, option: AggregationOption, agg_cfg: Any, timeout: float,
+                 standardize: str) -> None:
+        self.task, self.option = task, option
+        self.summer: SumCoordinator = option.summer(agg_cfg, timeout)
+        self.timeout = timeout
+        self.standardize = standardize
+        self.sum_id = 0
+        self.config = ConfigRecord()  # the prep-* keys every message carries
+        self.phase = PrepPhase()
+        self.nodes: list[int] = []
+        self.preprocessor: Preprocessor | None = None  # the fitted transform, where the coordinator may know it
+
+    def _request(self, what: str, length: int, extra: dict[str, Any] | None = None) -> RecordDict:
+        self.sum_id += 1
+        rec = ConfigRecord({"id": self.sum_id, "what": what, "length": length, **dict(self.config.items()),
+                            **(extra or {})})
+        if "prep-fingerprint" not in rec:
+            rec["prep-fingerprint"] = self.task.schema.fingerprint()
+        return RecordDict({SUM_REQUEST: rec})
+
+    def _reject(self, result: SumResult, step: str) -> None:
+        for node, reason in result.rejected:
+            self.phase.rejected.append({"node": node, "step": step, "reason": reason})
+            log(WARNING, "fedsilo preprocessing (%s): site %s left out: %s", step, node, reason)
+
+    def prepare(self, grid: Grid, num_sites: int) -> ConfigRecord:
+        """Run the three steps; return the ``prep-*`` config every later message carries."""
+        t0 = time.monotonic()
+        self.nodes = wait_for_nodes(grid, num_sites)
+        schema = self.task.schema
+        fingerprint = schema.fingerprint()
+        self.config = ConfigRecord({"prep-fingerprint": fingerprint, "prep-standardize": self.standardize})
+        vocab: dict[str, list[str]] = {}
+        if schema.discovered():
+            request = RecordDict({SUM_REQUEST: ConfigRecord({"what": "vocab", "prep-fingerprint": fingerprint})})
+            replies = self.summer.send(grid, self.nodes, request, VOCAB_MESSAGE)
+
+            def check(msg: Message) -> str | None:
+                rec = msg.content.config_records.get(VOCAB_KEY)
+                return None if rec is not None and "vocab" in rec else f"reply has no {VOCAB_KEY!r} record"
+
+            good, rejected = screen_sum_replies(replies, self.nodes, check)
+            self._reject(SumResult(len(good), None, None, rejected), "vocab")
+            vocab = merge_vocab([json.loads(str(m.content.config_records[VOCAB_KEY]["vocab"])) for m in good.values()],
+                                schema)
+        self.config["prep-vocab"] = json.dumps(vocab, sort_keys=True)
+        layout = self.task.layout(vocab)
+        moments = self.summer.collect(grid, self.nodes, self._request("moments", layout.moments_size),
+                                      layout.moments_size, self.sum_id)
+        self._reject(moments, "moments")
+        if moments.sites == 0:
+            raise RuntimeError(f"no site contributed statistics; reasons: {[r for _, r in moments.rejected][:3]}")
+        moments.put(self.config, "prep-moments")
+        spread = self.summer.collect(grid, self.nodes, self._request("spread", layout.spread_size),
+                                     layout.spread_size, self.sum_id)
+        self._reject(spread, "spread")
+        spread.put(self.config, "prep-spread")
+        self.task.use(self._width(vocab))
+        self.phase = PrepPhase(moments.sites, time.monotonic() - t0, vocab, self.phase.rejected,
+                               moments.values is not None,
+                               int(round(moments.values[0])) if moments.values is not None else None)
+        if moments.values is not None and spread.values is not None:
+            self.preprocessor = Preprocessor(schema, vocab, tuple(moments.values), tuple(spread.values), self.standardize)
+        log(INFO, "fedsilo preprocessing: statistics of %s sites combined (%s) in %.1f s; %s model inputs",
+            moments.sites, self.summer.learns, self.phase.seconds, self.task.width)
+        return self.config
+
+    def _width(self, vocab: dict[str, list[str]]) -> int:
+        empty = Preprocessor(self.task.schema, vocab, (), (), self.standardize)
+        return empty.width
+
+    def evaluate(self, grid: Grid, arrays: ArrayRecord) -> dict[str, float]:
+        """Pooled test metrics of the global model ``arrays`` (plaintext or, under Paillier, encrypted)."""
+        content = self._request("evaluate", evaluation.SIZE)
+        content["arrays"] = arrays
+        result = self.summer.collect(grid, self.nodes, content, evaluation.SIZE, self.sum_id)
+        for node, reason in result.rejected:
+            log(WARNING, "fedsilo test metrics: site %s left out: %s", node, reason)
+        if result.sites == 0:
+            return {}
+        total = self.summer.reveal(grid, self.nodes, result)
+        out = evaluation.metrics(total)
+        out["test_sites"] = float(result.sites)
+        return out
+
+
+# ---- the site half ----------------------------------------------------------------------------
+def check_fingerprint(task: TabularTask, request: ConfigRecord) -> None:
+    mine, theirs = task.schema.fingerprint(), str(request.get("prep-fingerprint", ""))
+    if mine != theirs:
+        raise SchemaMismatch(f"this site's schema ({task.schema.source}, fingerprint {mine}) differs from the "
+                             f"coordinator's (fingerprint {theirs}): every site must use the same schema file")
+
+
+def site_prep(task: TabularTask, config: ConfigRecord, half: SiteHalf, context: Context) -> Preprocessor:
+    """The transform the ``prep-*`` entries of a message's config describe (decrypted if need be)."""
+    check_fingerprint(task, config)
+    vocab = {k: list(v) for k, v in json.loads(str(config["prep-vocab"])).items()}
+    moments = half.open_total(context, config, "prep-moments")
+    spread = half.open_total(context, config, "prep-spread")
+    prep = Preprocessor(task.schema, vocab, tuple(moments), tuple(spread), str(config.get("prep-standardize", "numeric")))
+    task.use(prep.width)
+    return prep
+
+
+def vocab_reply(task: TabularTask, raw: RawSite, msg: Message) -> Message:
+    check_fingerprint(task, msg.content.config_records[SUM_REQUEST])
+    parts = [local_vocab(t, task.schema) for t in raw.fit_rows]
+    vocab = merge_vocab(parts, task.schema)
+    return Message(RecordDict({VOCAB_KEY: ConfigRecord({"vocab": json.dumps(vocab, sort_keys=True)})}), reply_to=msg)
+
+
+def site_vector(task: TabularTask, raw: RawSite, msg: Message, half: SiteHalf, context: Context) -> np.ndarray:
+    """This site's vector for a sum request (``moments``, ``spread`` or ``evaluate``)."""
+    request = msg.content.config_records[SUM_REQUEST]
+    check_fingerprint(task, request)
+    what = str(request["what"])
+    vocab = {k: list(v) for k, v in json.loads(str(request.get("prep-vocab", "{}"))).items()}
+    layout = task.layout(vocab)
+    if what == "moments":
+        return np.sum([layout.moments(t) for t in raw.fit_rows], axis=0)
+    if what == "spread":
+        means = layout.means(half.open_total(context, request, "prep-moments"))
+        return np.sum([layout.spread(t, means) for t in raw.fit_rows], axis=0)
+    if what == "evaluate":
+        prep = site_prep(task, request, half, context)
+        _, test = task.prepared(raw, prep)
+        model = task.build_model()
+        model.load_state_dict(half.global_state(msg, context, model.state_dict()))
+        model.eval()
+        with torch.no_grad():
+            logits = model(test.x).double()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, test.y.double(), reduction="sum")
+        return evaluation.site_vector(logits.numpy(), test.labels(), float(loss))
+    raise ValueError(f"unknown sum request {what!r}")

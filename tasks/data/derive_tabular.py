@@ -1,0 +1,60 @@
+"""Derive the tabular forms of the bundled data sets (run once; the outputs are committed).
+
+* ``uci_credit_default_taiwan/credit_default.csv``: the original file plus a ``split``
+  column holding finance's fixed held-out test rows (stratified 20 %, random_state=2009),
+  so that ``task=tabular`` is scored on the same clients as ``task=finance``.
+* ``uci_heart_disease/sites/<hospital>.csv``: each hospital's ``processed.*.data`` with a
+  header, a ``patient`` id and FLamby's per-hospital ``split`` (train_size 0.66,
+  random_state 43, stratified where both classes have more than two patients, over the
+  rows without missing values in the 10 columns FLamby keeps; rows with a missing value
+  are kept, with split ``train``, and dropped by the schema's ``missing: drop_row``).
+
+    python tasks/data/derive_tabular.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+HERE = Path(__file__).resolve().parent
+
+
+def credit() -> None:
+    src = HERE / "uci_credit_default_taiwan" / "default_of_credit_card_clients.csv"
+    df = pd.read_csv(src, dtype=str, keep_default_na=False)
+    y = df["default.payment.next.month"].astype(int).to_numpy()
+    _, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=2009)
+    split = np.array(["train"] * len(y), dtype=object)
+    split[test] = "test"
+    df.insert(1, "split", split)
+    df.to_csv(src.parent / "credit_default.csv", index=False)
+
+
+def heart() -> None:
+    cols = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca",
+            "thal", "num"]
+    out = HERE / "uci_heart_disease" / "sites"
+    out.mkdir(exist_ok=True)
+    for h in ("cleveland", "hungarian", "switzerland", "va"):
+        df = pd.read_csv(HERE / "uci_heart_disease" / f"processed.{h}.data", header=None, names=cols, dtype=str,
+                         keep_default_na=False)
+        complete = ~df.drop(columns=["slope", "ca", "thal"]).isin(["?"]).any(axis=1).to_numpy()
+        idx = np.flatnonzero(complete)
+        y = (df["num"].astype(float).to_numpy()[idx] > 0).astype(int)
+        stratify = y if min(np.bincount(y, minlength=2)) > 2 else None
+        _, te = train_test_split(np.arange(idx.size), test_size=1 - 0.66, train_size=0.66, random_state=43,
+                                 shuffle=True, stratify=stratify)
+        split = np.array(["train"] * len(df), dtype=object)
+        split[idx[te]] = "test"
+        df.insert(0, "split", split)
+        df.insert(0, "patient", [f"{h}-{k + 1}" for k in range(len(df))])
+        df.to_csv(out / f"{h}.csv", index=False)
+
+
+if __name__ == "__main__":
+    credit()
+    heart()

@@ -1,0 +1,249 @@
+"""Read one site's table (CSV or Parquet) and check it against the schema.
+
+Everything is read as text first, so that each cell can be checked with a message naming
+the file, the column and the row (CSV rows are counted as lines of the file, the header
+being line 1; Parquet rows from 1). :func:`read` returns a :class:`Table` of raw values
+(numbers not yet transformed or standardised); :mod:`tasks.tabular.prep` does the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.tabular.schema import Feature, Schema
+
+MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
+SUFFIXES = (".csv", ".parquet", ".pq")
+OTHER = "(other)"
+MISSING_LEVEL = "(missing)"
+
+
+class SiteInputError(ValueError):
+    """A site's file does not fit the schema: the message names the file, the column and the row."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A site's rows, checked: raw numeric values (NaN = missing), category texts, labels."""
+
+    path: str
+    numeric: dict[str, np.ndarray]       # numeric and boolean features: float64, NaN where missing
+    categorical: dict[str, np.ndarray]   # categorical features: the cell texts (object), MISSING_LEVEL if missing
+    label: np.ndarray                    # binary 0/1, multiclass class index (int64), regression float64
+    is_test: np.ndarray | None           # the schema's split column: True for 'test' rows
+    line: np.ndarray                     # each row's line (CSV) or row number (Parquet) in the file
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def take(self, idx: np.ndarray) -> Table:
+        return Table(self.path, {k: v[idx] for k, v in self.numeric.items()},
+                     {k: v[idx] for k, v in self.categorical.items()}, self.label[idx],
+                     None if self.is_test is None else self.is_test[idx], self.line[idx])
+
+
+def _frame(path: Path, where: str):  # type: ignore[no-untyped-def]
+    import pandas as pd
+
+    if not path.is_file():
+        raise SiteInputError(f"{where} does not exist")
+    if path.suffix.lower() not in SUFFIXES:
+        raise SiteInputError(f"{where}: unsupported file type {path.suffix!r}; use one of {list(SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise SiteInputError(f"{where} is empty (0 bytes)")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            df = pd.read_parquet(path)
+        except Exception as err:  # noqa: BLE001  # pyarrow raises many types for a corrupt file
+            raise SiteInputError(f"{where} is not a readable Parquet file: {err}") from err
+        return df.astype(object).where(df.notna(), "").astype(str), 1, [str(c) for c in df.columns]
+    raw = path.read_bytes()
+    try:
+        text_head = raw[:65536].decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SiteInputError(f"{where} is not UTF-8 text (byte {err.start} of the file: {raw[err.start:err.start + 1]!r}); "
+                             "save it as UTF-8 CSV") from err
+    header = text_head.splitlines()[0] if text_head.strip() else ""
+    if not header:
+        raise SiteInputError(f"{where} has no header line")
+    if "," not in header:
+        for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "pipes")):
+            if sep in header:
+                raise SiteInputError(f"{where}: the header is separated by {name}, not commas; fedsilo reads "
+                                     "comma-separated files (save as CSV with ',' as the delimiter)")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True)
+    except UnicodeDecodeError as err:
+        raise SiteInputError(f"{where} is not UTF-8 text ({err}); save it as UTF-8 CSV") from err
+    except pd.errors.ParserError as err:
+        raise SiteInputError(f"{where} is not well-formed CSV: {err}") from err
+    except pd.errors.EmptyDataError as err:
+        raise SiteInputError(f"{where} has no columns") from err
+    return df, 2, [c.strip() for c in next(csv.reader([header]))]
+
+
+def _missing(col: np.ndarray) -> np.ndarray:
+    import pandas as pd
+
+    return pd.Series(col, dtype=object).astype(str).str.strip().str.lower().isin(MISSING_TOKENS).to_numpy()
+
+
+def read(path: str | Path, schema: Schema) -> Table:
+    """The site's table in ``path``, checked against ``schema`` (:class:`SiteInputError` otherwise)."""
+    p = Path(path).expanduser()
+    where = f"site file {p}"
+    df, first_line, header = _frame(p, where)
+    cols = [str(c) for c in df.columns]
+    dupes = sorted({c for c in header if header.count(c) > 1})
+    if dupes:
+        raise SiteInputError(f"{where}: column(s) {dupes} appear more than once in the header")
+    missing = [c for c in schema.columns if c not in cols]
+    if missing:
+        raise SiteInputError(f"{where}: missing column(s) {missing} named by the schema ({schema.source or 'schema'}); "
+                             f"the file has {cols[:12]}{' ...' if len(cols) > 12 else ''}")
+    extra = [c for c in cols if c not in schema.columns]
+    if extra:
+        raise SiteInputError(f"{where}: column(s) {extra} are not in the schema; add them to its features or "
+                             "to 'drop' so that nothing is used by accident")
+    if len(df) == 0:
+        raise SiteInputError(f"{where} has a header but no rows")
+    line = np.arange(len(df), dtype=np.int64) + first_line
+    cells = {c: df[c].to_numpy(dtype=object) for c in schema.columns}
+    miss = {c: _missing(cells[c]) for c in schema.columns}
+
+    used = [schema.label.column, *(f.name for f in schema.features)]
+    for c in used:
+        if miss[c].all():
+            raise SiteInputError(f"{where}: column {c!r} has no values at all (all {len(df)} rows missing)")
+    if schema.missing == "drop_row":
+        keep = ~np.any([miss[c] for c in used], axis=0)
+        if not keep.any():
+            raise SiteInputError(f"{where}: every row has a missing value in some column (missing: drop_row)")
+        cells = {c: v[keep] for c, v in cells.items()}
+        miss = {c: v[keep] for c, v in miss.items()}
+        line = line[keep]
+    else:
+        for c in used if schema.missing == "error" else [schema.label.column]:
+            if miss[c].any():
+                k = int(np.argmax(miss[c]))
+                what = "the label" if c == schema.label.column else f"column {c!r}"
+                raise SiteInputError(f"{where}: {what} is missing at row {line[k]} (missing: {schema.missing}; "
+                                     "use 'missing: drop_row' to skip such rows)")
+
+    numeric: dict[str, np.ndarray] = {}
+    categorical: dict[str, np.ndarray] = {}
+    for f in schema.features:
+        if f.type == "numeric":
+            numeric[f.name] = _numbers(cells[f.name], miss[f.name], line, where, f.name)
+        elif f.type == "boolean":
+            numeric[f.name] = _booleans(cells[f.name], miss[f.name], line, where, f)
+        else:
+            categorical[f.name] = _categories(cells[f.name], miss[f.name], line, where, f)
+    label = _labels(cells[schema.label.column], line, where, schema)
+    is_test = None
+    if schema.split:
+        s = np.array([str(v).strip().lower() for v in cells[schema.split]], dtype=object)
+        bad = ~np.isin(s, ["train", "test"])
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise SiteInputError(f"{where}: column {schema.split!r} (the schema's split) has {cells[schema.split][k]!r} at "
+                                 f"row {line[k]}; expected 'train' or 'test'")
+        is_test = s == "test"
+    if schema.id:
+        ids = cells[schema.id]
+        _, first, counts = np.unique(ids.astype(str), return_index=True, return_counts=True)
+        if (counts > 1).any():
+            k = int(first[np.argmax(counts > 1)])
+            raise SiteInputError(f"{where}: id column {schema.id!r} repeats {ids[k]!r} (first at row {line[k]}); "
+                                 "each row must be one record")
+    return Table(str(p), numeric, categorical, label, is_test, line)
+
+
+def _numbers(col: np.ndarray, miss: np.ndarray, line: np.ndarray, where: str, name: str) -> np.ndarray:
+    import pandas as pd
+
+    parsed = pd.to_numeric(pd.Series(col, dtype=object).astype(str).str.strip(), errors="coerce").to_numpy(np.float64)
+    bad = ~miss & np.isnan(parsed)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise SiteInputError(f"{where}: column {name!r} is numeric but row {line[k]} holds {str(col[k]).strip()!r}")
+    inf = ~miss & np.isinf(parsed)
+    if inf.any():
+        k = int(np.argmax(inf))
+        raise SiteInputError(f"{where}: column {name!r} holds {str(col[k]).strip()!r} at row {line[k]}; values must "
+                             "be finite")
+    parsed[miss] = np.nan
+    return parsed
+
+
+def _booleans(col: np.ndarray, miss: np.ndarray, line: np.ndarray, where: str, f: Feature) -> np.ndarray:
+    text = _canon_all(col)
+    true, false = np.isin(text, list(f.true)), np.isin(text, list(f.false))
+    bad = ~miss & ~true & ~false
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise SiteInputError(f"{where}: column {f.name!r} is boolean (true: {list(f.true)}, false: {list(f.false)}) "
+                             f"but row {line[k]} holds {col[k]!r}")
+    return np.where(miss, np.nan, true.astype(np.float64))
+
+
+def _categories(col: np.ndarray, miss: np.ndarray, line: np.ndarray, where: str, f: Feature) -> np.ndarray:
+    out = _canon_all(col)
+    out[miss] = MISSING_LEVEL
+    if f.categories is not None and not f.other:
+        bad = ~miss & ~np.isin(out, list(f.categories))
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise SiteInputError(f"{where}: column {f.name!r} holds {col[k]!r} at row {line[k]}, which is not one of "
+                                 f"its categories {list(f.categories)} (add it, or set other: true)")
+    return out
+
+
+def _canon_all(col: np.ndarray) -> np.ndarray:
+    """:func:`_canon` of every cell (vectorised for the common all-integer column)."""
+    import pandas as pd
+
+    text = pd.Series(col, dtype=object).astype(str).str.strip()
+    num = pd.to_numeric(text, errors="coerce").to_numpy(np.float64)
+    whole = np.isfinite(num) & (np.mod(num, 1) == 0) & (np.abs(num) < 2**53)
+    out = text.to_numpy(dtype=object)
+    if whole.any():
+        out[whole] = num[whole].astype(np.int64).astype(str).astype(object)
+    return out
+
+
+def _canon(v: object) -> str:
+    """A cell's text as schema values are written: '2.0' and '2' are the same category."""
+    text = str(v).strip()
+    try:
+        x = float(text)
+    except ValueError:
+        return text
+    return str(int(x)) if np.isfinite(x) and x.is_integer() else text
+
+
+def _labels(col: np.ndarray, line: np.ndarray, where: str, schema: Schema) -> np.ndarray:
+    lab = schema.label
+    if lab.kind == "regression":
+        return _numbers(col, np.zeros(col.shape[0], bool), line, where, lab.column)
+    texts = _canon_all(col)
+    if lab.kind == "binary":
+        pos = np.isin(texts, list(lab.positive))
+        if lab.negative is not None:
+            bad = ~pos & ~np.isin(texts, list(lab.negative))
+            if bad.any():
+                k = int(np.argmax(bad))
+                raise SiteInputError(f"{where}: label {lab.column!r} holds {col[k]!r} at row {line[k]}; the schema's "
+                                     f"values are positive {list(lab.positive)} and negative {list(lab.negative)}")
+        return pos.astype(np.int64)
+    bad = ~np.isin(texts, list(lab.classes))
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise SiteInputError(f"{where}: label {lab.column!r} holds {col[k]!r} at row {line[k]}, which is not one "
+                             f"of the schema's classes {list(lab.classes)}")
+    index = {c: i for i, c in enumerate(lab.classes)}
+    return np.array([index[t] for t in texts], dtype=np.int64)
