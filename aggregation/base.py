@@ -134,7 +134,8 @@ class SiteHalf(ABC):
 
     def sum_reply(self, msg: Message, context: Context, values: np.ndarray, env: SiteEnv) -> Message:
         """This site's share of a sum (:class:`SumCoordinator`); plain: its values, as limbs, in the clear."""
-        limbs = fixedpoint.limbs(fixedpoint.encode(values))
+        enc = request_encoding(msg.content)
+        limbs = enc.limbs(enc.encode(values))
         return Message(RecordDict({SUM_REPLY: ArrayRecord({"limbs": Array(limbs)})}), reply_to=msg)
 
     def open_total(self, context: Context, record: ConfigRecord, key: str) -> np.ndarray:
@@ -150,6 +151,8 @@ class SumResult:
     values: np.ndarray | None                     # the totals, if the coordinator may know them
     sealed: list[bytes] | None = None             # the totals only the sites can open (Paillier)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (node, reason) of the sites left out
+    length: int = 0                               # values in the total
+    encoding: fixedpoint.Encoding = fixedpoint.STATS  # how the values were encoded (Paillier: to decrypt them)
 
     def put(self, record: ConfigRecord, key: str) -> None:
         """Write the totals into ``record`` for the sites (:meth:`SiteHalf.open_total` reads them)."""
@@ -157,6 +160,7 @@ class SumResult:
             record[key] = [float(v) for v in self.values]
         else:
             record[key + "-ct"] = list(self.sealed or [])
+            record[key + "-n"] = self.length
 
 
 class SumCoordinator(ABC):
@@ -182,6 +186,12 @@ class SumCoordinator(ABC):
         msgs = [Message(RecordDict(dict(content.items())), dst_node_id=n, message_type=message_type or self.message_type)
                 for n in nodes]
         return list(grid.send_and_receive(msgs, timeout=self.timeout))
+
+
+def request_encoding(content: RecordDict) -> fixedpoint.Encoding:
+    """The fixed-point encoding a sum request asks for (:mod:`core.fixedpoint`)."""
+    rec = content.config_records.get(SUM_REQUEST)
+    return fixedpoint.Encoding.from_record(rec if rec is not None else {})
 
 
 def screen_sum_replies(replies: list[Message], nodes: list[int], check: Callable[[Message], str | None]
@@ -210,7 +220,8 @@ class PlainSum(SumCoordinator):
     """Each site's limbs in the clear; the coordinator adds them (it sees every site's vector)."""
 
     def collect(self, grid: Grid, nodes: list[int], content: RecordDict, length: int, sum_id: int) -> SumResult:
-        size = length * fixedpoint.LIMBS
+        enc = request_encoding(content)
+        size = length * enc.limbs_per_value
 
         def check(msg: Message) -> str | None:
             rec = msg.content.array_records.get(SUM_REPLY)
@@ -226,7 +237,7 @@ class PlainSum(SumCoordinator):
             return SumResult(0, None, None, rejected)
         total = np.sum([m.content.array_records[SUM_REPLY]["limbs"].numpy() for m in good.values()], axis=0,
                        dtype=np.uint64)
-        return SumResult(len(good), fixedpoint.decode(fixedpoint.join(total)), None, rejected)
+        return SumResult(len(good), enc.decode(enc.join(total)), None, rejected, length)
 
 
 class AggregationOption(ABC):

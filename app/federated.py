@@ -33,6 +33,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from aggregation.base import SUM_REQUEST, AggregationOption, SiteHalf, SumCoordinator, SumResult, screen_sum_replies
+from core.fixedpoint import COUNTS
 from tasks.tabular import evaluation
 from tasks.tabular.prep import Preprocessor, local_vocab, merge_vocab
 from tasks.tabular.task import RawSite, TabularTask
@@ -149,15 +150,17 @@ class FederatedData:
 
     def evaluate(self, grid: Grid, arrays: ArrayRecord) -> dict[str, float]:
         """Pooled test metrics of the global model ``arrays`` (plaintext or, under Paillier, encrypted)."""
-        content = self._request("evaluate", evaluation.SIZE)
+        bins = self.task.cfg.auc_bins
+        length = evaluation.size(bins)
+        content = self._request("evaluate", length, {"bins": bins, **COUNTS.to_record()})
         content["arrays"] = arrays
-        result = self.summer.collect(grid, self.nodes, content, evaluation.SIZE, self.sum_id)
+        result = self.summer.collect(grid, self.nodes, content, length, self.sum_id)
         for node, reason in result.rejected:
             log(WARNING, "fedsilo test metrics: site %s left out: %s", node, reason)
         if result.sites == 0:
             return {}
         total = self.summer.reveal(grid, self.nodes, result)
-        out = evaluation.metrics(total)
+        out = evaluation.metrics(total, bins)
         out["test_sites"] = float(result.sites)
         return out
 
@@ -209,5 +212,5 @@ def site_vector(task: TabularTask, raw: RawSite, msg: Message, half: SiteHalf, c
         with torch.no_grad():
             logits = model(test.x).double()
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, test.y.double(), reduction="sum")
-        return evaluation.site_vector(logits.numpy(), test.labels(), float(loss))
+        return evaluation.site_vector(logits.numpy(), test.labels(), float(loss), int(request["bins"]))  # type: ignore[call-overload]
     raise ValueError(f"unknown sum request {what!r}")

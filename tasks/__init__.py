@@ -54,6 +54,7 @@ def validate(t: TaskConfig, p: PartitionConfig) -> None:
     check(p.min_partition_size >= 1, "partition.min_partition_size", p.min_partition_size, "an integer >= 1")
     check(p.natural_sites >= 0, "partition.natural_sites", p.natural_sites, "0 (all) or a number of sites >= 2")
     check(0 < t.test_fraction < 1, "task.test_fraction", t.test_fraction, "0 < test_fraction < 1")
+    check(64 <= t.auc_bins <= 65536, "task.auc_bins", t.auc_bins, "an integer in 64..65536")
     check(t.standardize in STANDARDIZE, "task.standardize", t.standardize, f"one of {list(STANDARDIZE)}")
     if getattr(task_cls, "federated_data", False):
         _validate_tabular(t, p)

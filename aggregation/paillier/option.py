@@ -12,7 +12,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from aggregation.base import AggregationOption, Capabilities, SiteHalf
+from aggregation.base import AggregationOption, Capabilities, SiteHalf, SumCoordinator
 from aggregation.paillier import config
 from aggregation.paillier.config import NODE_CONFIG_KEY
 from core.records import RunRecord
@@ -30,8 +30,16 @@ class Paillier(AggregationOption):
     sees = ("only ciphertexts: the sites' weighted models encrypted under a key the server does not hold; "
             "it never has a trained model in the clear")
 
+    sum_message = "query.paillier_sum"
+    queries = ("paillier_reveal",)
+
     def validate(self, cfg: Any, num_sites: int) -> None:
         config.validate(cfg, num_sites)
+
+    def summer(self, cfg: Any, timeout: float) -> SumCoordinator:
+        from aggregation.paillier.sums import PaillierSum
+
+        return PaillierSum(self.sum_message, cfg, timeout)
 
     def preflight(self, cfg: Any) -> None:
         """The optional extra is installed; the public key (and, in simulation, the sites' key pair)

@@ -7,14 +7,22 @@ site makes the next round's obfuscators ahead, off the training round's critical
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from phe import paillier
 
-from aggregation.base import LocalResult, SiteEnv, SiteHalf
+from aggregation.base import LocalResult, SiteEnv, SiteHalf, request_encoding
 from aggregation.paillier import client as pai
 from aggregation.paillier.config import PaillierConfig, packer_for
 from aggregation.paillier.crypto import Encryptor
+from core.fixedpoint import STATS, Encoding
+from aggregation.paillier.sums import REPLY_KEY, REVEAL_KEY, REVEAL_MESSAGE, IntPacker, site_decrypt, site_encrypt
+
+
+_OPENED: dict[str, np.ndarray] = {}
 
 
 class PaillierSite(SiteHalf):
@@ -40,6 +48,39 @@ class PaillierSite(SiteHalf):
         codec, private, encryptor = self._keys(context)
         records = pai.reply_records(result.state, env.rows, codec, encryptor, private, context, self.cfg.workers)
         return Message(RecordDict({**records, **result.records}), reply_to=msg)
+
+    def _sum_packer(self, private: paillier.PaillierPrivateKey, enc: Encoding = STATS) -> IntPacker:
+        return IntPacker(private.public_key.n.bit_length() - 1, self.cfg.max_sites, enc)
+
+    def sum_reply(self, msg: Message, context: Context, values: np.ndarray, env: SiteEnv) -> Message:
+        """This site's values, encrypted (:mod:`aggregation.paillier.sums`); nothing in the clear."""
+        from aggregation.paillier.server import ct_width
+
+        private, encryptor = pai.site_key(context, self.cfg.keypair)
+        packer = self._sum_packer(private, request_encoding(msg.content))
+        cts = site_encrypt(values, packer, encryptor, ct_width(private.public_key))
+        return Message(RecordDict({REPLY_KEY: ConfigRecord({"ct": cts})}), reply_to=msg)
+
+    def open_total(self, context: Context, record: ConfigRecord, key: str) -> np.ndarray:
+        """Encrypted totals (``<key>-ct``), decrypted with this site's key (once per process and total)."""
+        if key in record:
+            return super().open_total(context, record, key)
+        blobs = list(record[key + "-ct"])  # type: ignore[arg-type]
+        digest = hashlib.sha256(b"".join(bytes(b) for b in blobs)).hexdigest()  # type: ignore[arg-type]
+        if digest not in _OPENED:
+            private, _ = pai.site_key(context, self.cfg.keypair)
+            _OPENED[digest] = site_decrypt(blobs, int(record[key + "-n"]), self._sum_packer(private), private)  # type: ignore[call-overload]
+        return _OPENED[digest]
+
+    def query(self, msg: Message, context: Context, env: SiteEnv) -> Message:
+        """``query.paillier_reveal``: decrypt the totals the coordinator sends (its sum of all sites' vectors)."""
+        if msg.metadata.message_type != REVEAL_MESSAGE or REVEAL_KEY not in msg.content.config_records:
+            return super().query(msg, context, env)
+        rec = msg.content.config_records[REVEAL_KEY]
+        private, _ = pai.site_key(context, self.cfg.keypair)
+        packer = self._sum_packer(private, Encoding.from_record(rec))
+        values = site_decrypt(list(rec["ct"]), int(rec["length"]), packer, private)  # type: ignore[arg-type,call-overload]
+        return Message(RecordDict({REVEAL_KEY: ConfigRecord({"values": [float(v) for v in values]})}), reply_to=msg)
 
     def after_evaluate(self, context: Context, model: torch.nn.Module) -> None:
         codec, private, _ = self._keys(context)

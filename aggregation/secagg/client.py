@@ -47,6 +47,16 @@ MASKED_KEY = "masked"
 PROTOCOL_ERROR = int(ReplyError.PROTOCOL_ERROR)  # a refused (out-of-order, replayed, forged) stage message
 
 STAGES = ("keys", "share", "masked_input", "unmask")
+#: A protocol instance outside the training rounds (``channel`` in the wire record): the sums of
+#: federated statistics and test metrics number their own rounds and keep their own state.
+SUM_CHANNEL = "sum"
+
+
+def _state_keys(w: ConfigRecord) -> tuple[str, str]:
+    """(state key, replay-guard key) of the protocol instance a message belongs to."""
+    if str(w.get("channel", "")) == SUM_CHANNEL:
+        return STATE_KEY + "-sum", GUARD_KEY + "-sum"
+    return STATE_KEY, GUARD_KEY
 
 
 class ProtocolError(RuntimeError):
@@ -117,16 +127,17 @@ def advertise_keys(msg: Message, context: Context) -> Message:
     """Stage 0: open this round's state and publish two fresh public keys."""
     w = _wire(msg)
     server_round = int(w["round"])
-    _check_fresh(context, server_round)
+    state, guard = _state_keys(w)
+    _check_fresh(context, server_round, guard)
     client = SecAggClient(int(w["id"]), int(w["threshold"]), field_codec(float(w["clip"]), int(w["value-bits"])))
     c_pk, s_pk = client.advertise()
-    _save(context, client, server_round, "keys", float(w["clip"]), int(w["value-bits"]))
+    _save(context, client, server_round, "keys", float(w["clip"]), int(w["value-bits"]), key=state)
     return _reply(msg, {"round": server_round, "id": client.site, "c-pk": c_pk, "s-pk": s_pk})
 
 
-def _check_fresh(context: Context, server_round: int) -> None:
+def _check_fresh(context: Context, server_round: int, key: str = GUARD_KEY) -> None:
     """Keys may be (re)made for a round until this site has masked its input for it."""
-    guard = context.state.config_records.get(GUARD_KEY)
+    guard = context.state.config_records.get(key)
     if guard is not None and int(guard["masked-round"]) >= server_round:
         raise ProtocolError(f"key advertisement for round {server_round}, but this site already sent its masked "
                             f"input for round {guard['masked-round']} (replayed message)")
@@ -145,9 +156,10 @@ def share_keys(msg: Message, context: Context) -> Message:
     """Stage 1: Shamir-share the self-mask seed and mask key, encrypted per recipient."""
     w = _wire(msg)
     server_round = int(w["round"])
-    client, st = _load(context, server_round, "share")
+    state, _ = _state_keys(w)
+    client, st = _load(context, server_round, "share", key=state)
     shares = _share(client, [int(i) for i in w["ids"]], list(w["c-pks"]), list(w["s-pks"]))  # type: ignore[arg-type]
-    _save(context, client, server_round, "share", float(st["clip"]), int(st["value-bits"]))
+    _save(context, client, server_round, "share", float(st["clip"]), int(st["value-bits"]), key=state)
     to = sorted(shares)
     return _reply(msg, {"round": server_round, "id": client.site, "to": to, "shares": [shares[j] for j in to]})
 
@@ -169,12 +181,13 @@ def masked_input(msg: Message, context: Context, encode: Callable[[WeightedUpdat
     """
     w = _wire(msg)
     server_round = int(w["round"])
-    client, st = _load(context, server_round, "masked_input")
+    state, guard = _state_keys(w)
+    client, st = _load(context, server_round, "masked_input", key=state)
     inbox = {int(i): ct for i, ct in zip(w["from"], w["shares"])}  # type: ignore[arg-type]
     vector = encode(WeightedUpdateCodec(float(st["clip"]), int(st["value-bits"]), int(w["size"])))
     y = client.masked_input(inbox, vector)
-    _save(context, client, server_round, "masked_input", float(st["clip"]), int(st["value-bits"]))
-    context.state[GUARD_KEY] = ConfigRecord({"masked-round": server_round})
+    _save(context, client, server_round, "masked_input", float(st["clip"]), int(st["value-bits"]), key=state)
+    context.state[guard] = ConfigRecord({"masked-round": server_round})
     extra[MASKED_KEY] = ArrayRecord({"y": Array(y)})
     record: dict = {"round": server_round, "id": client.site}
     if bool(w.get("pipeline", False)) and advertise_next:
@@ -193,23 +206,24 @@ def unmask(msg: Message, context: Context, share_next: bool = True) -> Message:
     """
     w = _wire(msg)
     server_round = int(w["round"])
-    client, st = _load(context, server_round, "unmask")
+    state, _ = _state_keys(w)
+    client, st = _load(context, server_round, "unmask", key=state)
     out = client.unmask([int(i) for i in w["survivors"]], [int(i) for i in w["dropped"]])  # type: ignore[union-attr]
-    _save(context, client, server_round, "unmask", float(st["clip"]), int(st["value-bits"]))
+    _save(context, client, server_round, "unmask", float(st["clip"]), int(st["value-bits"]), key=state)
     owners = sorted(out)
     record: dict = {"round": server_round, "id": client.site, "owners": owners,
                     "kinds": [out[o][0] for o in owners], "shares": [out[o][1] for o in owners]}
-    if "next-ids" in w and share_next and NEXT_KEY in context.state.config_records:
+    if "next-ids" in w and share_next and NEXT_KEY in context.state.config_records and state == STATE_KEY:
         nxt, nst = _load(context, server_round + 1, "share", key=NEXT_KEY)
         nxt.site, nxt.threshold = int(w["next-id"]), int(w["next-threshold"])
         shares = _share(nxt, [int(i) for i in w["next-ids"]], list(w["next-c-pks"]), list(w["next-s-pks"]))  # type: ignore[arg-type]
         _save(context, nxt, server_round + 1, "share", float(nst["clip"]), int(nst["value-bits"]))
         record["next-to"] = sorted(shares)
         record["next-shares"] = [shares[j] for j in record["next-to"]]
-    if NEXT_KEY in context.state.config_records:
+    if NEXT_KEY in context.state.config_records and state == STATE_KEY:
         del context.state[NEXT_KEY]
     return _reply(msg, record)
 
 
-__all__ = ["GUARD_KEY", "NEXT_KEY", "MASKED_KEY", "PROTOCOL_ERROR", "STAGES", "STATE_KEY", "WIRE_KEY", "ProtocolError",
+__all__ = ["GUARD_KEY", "NEXT_KEY", "MASKED_KEY", "PROTOCOL_ERROR", "STAGES", "STATE_KEY", "SUM_CHANNEL", "WIRE_KEY", "ProtocolError",
            "SecAggAbort", "advertise_keys", "field_codec", "masked_input", "refuse", "share_keys", "unmask"]

@@ -7,11 +7,12 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from aggregation.base import AggregationOption, Capabilities, SiteHalf
+from aggregation.base import AggregationOption, Capabilities, SiteHalf, SumCoordinator
 from aggregation.secagg import config
 from aggregation.secagg.server import SecureAggregator
 from aggregation.secagg.site import SecAggSite
 from aggregation.secagg.strategy import SecAggStrategy
+from aggregation.secagg.sums import SecAggSum
 from core.records import RunRecord
 
 
@@ -23,6 +24,10 @@ class SecAgg(AggregationOption):
             "(secure aggregation: each update is masked, and the masks cancel only in the sum)")
     train_names = ("secagg",)
     queries = ("secagg_keys", "secagg_share", "secagg_unmask")
+    sum_message = "query.secagg_sum"
+
+    def summer(self, cfg: Any, timeout: float) -> SumCoordinator:
+        return SecAggSum(self.sum_message, cfg, timeout)
 
     def validate(self, cfg: Any, num_sites: int) -> None:
         config.validate(cfg)

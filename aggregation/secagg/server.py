@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -60,8 +61,9 @@ class SecureAggregator:
     """
 
     def __init__(self, clip: float, value_bits: int, threshold: float, stage_timeout: float,
-                 neighbours: int = 0) -> None:
+                 neighbours: int = 0, channel: str = "") -> None:
         self.clip, self.value_bits, self.neighbours = clip, value_bits, neighbours
+        self.channel = channel  # "" = the training rounds; "sum" = the task's sums (own state at the sites)
         self.threshold, self.stage_timeout = threshold, stage_timeout
         self._grid: Grid | None = None
         self._round = 0
@@ -87,7 +89,7 @@ class SecureAggregator:
         t0 = time.monotonic()
         msgs = []
         for node, rec in records.items():
-            content = RecordDict({WIRE_KEY: ConfigRecord({"round": self._round, **rec})})
+            content = RecordDict({WIRE_KEY: ConfigRecord({"round": self._round, **self._tag(), **rec})})
             msgs.append(Message(content, dst_node_id=node, message_type=message_type))
         replies = self._grid.send_and_receive(msgs, timeout=self.stage_timeout)
         good = self._screen(stage, replies, set(records))
@@ -117,6 +119,9 @@ class SecureAggregator:
         for node in sorted(expected - set(good) - {r["node"] for r in self._entry()["rejected"] if r["stage"] == stage}):
             self._reject(node, stage, f"no reply within {self.stage_timeout:g} s")
         return good
+
+    def _tag(self) -> dict[str, str]:
+        return {"channel": self.channel} if self.channel else {}
 
     def _node_of(self, pid: int) -> int:
         return next(n for n, p in self._ids.items() if p == pid)
@@ -235,6 +240,53 @@ class SecureAggregator:
         if next_t:
             self._prepare_next(next_ids, next_keys, next_t, next_graph, min(next_k, len(next_ids) - 1), shares)
         return aggregate
+
+    def secure_sum(self, grid: Grid, nodes: list[int], content: RecordDict, message_type: str, length: int,
+                   sum_round: int) -> tuple[np.ndarray, list[int]]:
+        """One secure sum outside the training rounds: every stage, no pipelining.
+
+        ``content`` goes to each node with its shares in a ``message_type`` message; each
+        site replies with its masked vector of ``length`` field elements. Returns the
+        survivors' field sum and their node ids; :class:`SecAggAbort` below the threshold.
+        """
+        self._grid, self._round = grid, sum_round
+        if len(nodes) < 2:
+            raise SecAggAbort(f"{len(nodes)} site connected: a secure sum needs at least 2")
+
+        @dataclass(frozen=True)
+        class _Length:
+            length: int
+
+        inbox = self._handshake(sum_round, sorted(nodes), _Length(length))  # type: ignore[arg-type]
+        msgs = []
+        for i in sorted(inbox):
+            node = self._node_of(i)
+            body = RecordDict(dict(content.items()))
+            senders = sorted(inbox[i])
+            body[WIRE_KEY] = ConfigRecord({"round": sum_round, **self._tag(), "id": i, "size": length,
+                                           "pipeline": False, "from": senders,
+                                           "shares": [inbox[i][j] for j in senders]})
+            msgs.append(Message(body, dst_node_id=node, message_type=message_type))
+        self._trained = {m.metadata.dst_node_id for m in msgs}
+        assert self._server is not None
+        good = self._screen("masked_input", self._grid.send_and_receive(msgs, timeout=self.stage_timeout),
+                            self._trained)
+        masked: dict[int, np.ndarray] = {}
+        for node, msg in good.items():
+            record = msg.content.array_records.get(MASKED_KEY)
+            y = record["y"].numpy() if record is not None and "y" in record else None
+            reason = "reply has no masked vector" if y is None else self._server.check_masked(y)
+            if reason is not None:
+                self._reject(node, "masked_input", reason)
+                continue
+            masked[self._ids[node]] = y  # type: ignore[assignment]
+        survivors, dropped = self._server.collect_masked(masked)
+        shares = self._exchange("unmask", "query.secagg_unmask", {
+            self._node_of(i): {"id": i, "survivors": survivors, "dropped": dropped} for i in survivors})
+        total = self._server.unmask({i: {int(o): (str(k), bytes(v)) for o, k, v in zip(r["owners"], r["kinds"], r["shares"])}  # type: ignore[arg-type]
+                                     for i, r in shares.items()})
+        self._entry().update({"survivors": len(survivors), "dropped": len(dropped)})
+        return total, [self._node_of(i) for i in survivors]
 
     def _prepare_next(self, ids: dict[int, int], public: dict[int, tuple[bytes, bytes]], t: int,
                       graph: dict[int, frozenset[int]], k: int, replies: dict[int, ConfigRecord]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
-from aggregation.base import LocalResult, SiteEnv, SiteHalf
+from aggregation.base import LocalResult, SiteEnv, SiteHalf, request_encoding
 from aggregation.secagg import client
 from aggregation.secagg.vector import WeightedUpdateCodec
 from core.clipping import bound_norm
@@ -45,6 +45,15 @@ class SecAggSite(SiteHalf):
         advertise_next = not env.drops(result.server_round + 1, "keys")
         try:
             return client.masked_input(msg, context, encode, extra, advertise_next)
+        except (client.ProtocolError, client.SecAggAbort, ValueError) as err:
+            return client.refuse(msg, err)
+
+    def sum_reply(self, msg: Message, context: Context, values: np.ndarray, env: SiteEnv) -> Message:
+        """The masked limbs of this site's values (:mod:`aggregation.secagg.sums`); never in the clear."""
+        enc = request_encoding(msg.content)
+        limbs = enc.limbs(enc.encode(values))
+        try:
+            return client.masked_input(msg, context, lambda codec: limbs, RecordDict(), advertise_next=False)
         except (client.ProtocolError, client.SecAggAbort, ValueError) as err:
             return client.refuse(msg, err)
 
