@@ -43,7 +43,7 @@ from tasks.tabular.schema import SchemaError
 from tasks.tabular.table import SiteInputError
 from tasks.tabular.task import RawSite, TabularTask
 from tasks.base import SiteData, Task
-from tasks.metrics import site_summary
+from tasks.metrics import summary_for
 from tasks.training import predict, steps_per_epoch
 
 app = ClientApp()
@@ -209,8 +209,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[union-attr,call-overload]
     model = task.build_model()
     model.load_state_dict(layers.aggregation.global_state(msg, context, model.state_dict()))
-    scores, loss = predict(model, site.val.x, site.val.y)
-    summary = site_summary(site.val.labels(), scores, loss)
+    scores, loss = predict(model, site.val.x, site.val.y, kind=task.label_kind)
+    summary = summary_for(task.label_kind, site.val.y.numpy(), scores, loss)
     content = RecordDict({
         "metrics": MetricRecord({WEIGHT_KEY: len(site.val), **summary}),
         SITE_KEY: site_record_for(site.site_id, site.name, server_round),

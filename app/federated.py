@@ -33,7 +33,6 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from aggregation.base import SUM_REQUEST, AggregationOption, SiteHalf, SumCoordinator, SumResult, screen_sum_replies
-from core.fixedpoint import COUNTS
 from tasks.tabular import evaluation
 from tasks.tabular.prep import Preprocessor, local_vocab, merge_vocab
 from tasks.tabular.task import RawSite, TabularTask
@@ -150,19 +149,23 @@ class FederatedData:
 
     def evaluate(self, grid: Grid, arrays: ArrayRecord) -> dict[str, float]:
         """Pooled test metrics of the global model ``arrays`` (plaintext or, under Paillier, encrypted)."""
-        bins = self.task.cfg.auc_bins
-        length = evaluation.size(bins)
-        content = self._request("evaluate", length, {"bins": bins, **COUNTS.to_record()})
+        spec = evaluation_spec(self.task)
+        content = self._request("evaluate", spec.size, {"bins": spec.bins, **spec.encoding.to_record()})
         content["arrays"] = arrays
-        result = self.summer.collect(grid, self.nodes, content, length, self.sum_id)
+        result = self.summer.collect(grid, self.nodes, content, spec.size, self.sum_id)
         for node, reason in result.rejected:
             log(WARNING, "fedsilo test metrics: site %s left out: %s", node, reason)
         if result.sites == 0:
             return {}
         total = self.summer.reveal(grid, self.nodes, result)
-        out = evaluation.metrics(total, bins)
+        out = spec.metrics(total)
         out["test_sites"] = float(result.sites)
         return out
+
+
+def evaluation_spec(task: TabularTask, bins: int | None = None) -> evaluation.Spec:
+    lab = task.schema.label
+    return evaluation.Spec(lab.kind, max(2, len(lab.classes)), task.cfg.auc_bins if bins is None else bins)
 
 
 # ---- the site half ----------------------------------------------------------------------------
@@ -210,7 +213,7 @@ def site_vector(task: TabularTask, raw: RawSite, msg: Message, half: SiteHalf, c
         model.load_state_dict(half.global_state(msg, context, model.state_dict()))
         model.eval()
         with torch.no_grad():
-            logits = model(test.x).double()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, test.y.double(), reduction="sum")
-        return evaluation.site_vector(logits.numpy(), test.labels(), float(loss), int(request["bins"]))  # type: ignore[call-overload]
+            outputs = model(test.x).double().numpy()
+        spec = evaluation_spec(task, int(request["bins"]))  # type: ignore[call-overload]
+        return spec.site_vector(outputs, raw.test.label.astype(np.float64), prep.label_scale())
     raise ValueError(f"unknown sum request {what!r}")

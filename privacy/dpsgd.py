@@ -36,7 +36,7 @@ from privacy.accountant import ACCOUNTANTS, STATE_KEY, PrivacyLedger, noise_for_
 from privacy.base import Coordinator, LocalTrainer, PrivacyConfig, PrivacyOption, task_generator
 from privacy.clipping import ENGINES, LinearClipper, make_clipper
 from tasks.base import Split, Task
-from tasks.training import Augment, LocalTrainConfig, Penalty, make_optimizer
+from tasks.training import Augment, LocalTrainConfig, Penalty, loss_fn, make_optimizer
 
 
 class _Strategy(Protocol):
@@ -132,8 +132,9 @@ class PrivateStep:
     """Sets ``p.grad`` of every trainable parameter to one batch's privatised gradient:
     ``(sum_i clip(g_i) + N(0, (sigma*C)^2 I)) / (q*n)``; the caller steps the optimiser."""
 
-    def __init__(self, model: nn.Module, params: DPSGDParams, rows: int, generator: torch.Generator) -> None:
-        self.clipper = make_clipper(model, nn.BCEWithLogitsLoss(reduction="sum"), params.engine)
+    def __init__(self, model: nn.Module, params: DPSGDParams, rows: int, generator: torch.Generator,
+                 loss: str = "binary") -> None:
+        self.clipper = make_clipper(model, loss_fn(loss, reduction="sum"), params.engine)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.sizes = [p.numel() for p in self.params]
         self.max_grad_norm, self.generator = params.max_grad_norm, generator
@@ -182,7 +183,7 @@ def train_private(
     model.train()
     n = x.shape[0]
     optimizer = make_optimizer(model, cfg)
-    step = PrivateStep(model, params, n, generator)
+    step = PrivateStep(model, params, n, generator, cfg.loss)
     budget = steps_per_epoch(params.sample_rate) * cfg.epochs if max_steps is None else max_steps
     total, seen, clipped, steps = 0.0, 0, 0, 0
     try:

@@ -44,9 +44,15 @@ from core.records import Arrival, Departure, PhaseRecord, Rejection, RunRecord
 from core.replies import Reference, check_evaluate_reply, check_train_reply
 from core.sites import WEIGHT_KEY, site_label, site_order, stragglers
 from strategies.combine import Aggregated, Combine, CombineContext, WeightedMean
-from tasks.metrics import pool_site_summaries
+from tasks.metrics import SUMMARY_KEYS, pool_site_summaries
 
-EVAL_KEYS = ("tp", "fp", "tn", "fn", "loss", "auc", "auc_weight")
+EVAL_KEYS = SUMMARY_KEYS["binary"]
+
+
+def check_summary(msg: Message) -> str | None:
+    """A federated-evaluation reply must carry every key of one label kind's summary (binary first)."""
+    reasons = [check_evaluate_reply(msg, keys) for keys in SUMMARY_KEYS.values()]
+    return None if any(r is None for r in reasons) else reasons[0]
 
 
 def pooled_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -233,7 +239,7 @@ class FedAvg(FlowerFedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        good = self._screen(server_round, "evaluate", replies, lambda m: check_evaluate_reply(m, EVAL_KEYS))
+        good = self._screen(server_round, "evaluate", replies, check_summary)
         return super().aggregate_evaluate(server_round, good) if good else None
 
     # ---- checkpoints ----------------------------------------------------------------

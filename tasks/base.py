@@ -174,11 +174,16 @@ class Task(ABC):
             out.append((name, tr, va))
         return out
 
+    @property
+    def label_kind(self) -> str:
+        """binary | multiclass | regression: the loss, scores and metrics of this task's labels."""
+        return "binary"
+
     def local_train_config(self, epochs: int | None = None) -> LocalTrainConfig:
         c = self.cfg
         return LocalTrainConfig(
             epochs=c.local_epochs if epochs is None else epochs, batch_size=c.batch_size, lr=c.lr,
-            momentum=c.momentum, weight_decay=c.weight_decay, optimizer=c.optimizer,
+            momentum=c.momentum, weight_decay=c.weight_decay, optimizer=c.optimizer, loss=self.label_kind,
         )
 
     def train(

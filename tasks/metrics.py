@@ -160,15 +160,42 @@ def site_summary(
     return out
 
 
+#: The keys of a site's validation summary, by label kind (a reply must carry one kind's keys).
+SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
+    "binary": ("tp", "fp", "tn", "fn", "loss", "auc", "auc_weight"),
+    "multiclass": ("loss", "correct"),
+    "regression": ("loss", "sse"),
+}
+
+
+def summary_for(kind: str, y: np.ndarray, scores: np.ndarray, loss: float, threshold: float = 0.5) -> dict[str, float]:
+    """A site's validation summary for its label kind: :func:`site_summary` (binary); the loss and
+    the count of correct predictions (multiclass); the loss and the sum of squared errors (regression,
+    in the units the model predicts)."""
+    if kind == "multiclass":
+        correct = float(np.sum(np.argmax(scores, axis=1) == y)) if len(y) else 0.0
+        return {"loss": float(loss), "correct": correct}
+    if kind == "regression":
+        return {"loss": float(loss), "sse": float(np.sum((np.asarray(scores) - y) ** 2))}
+    return site_summary(y.astype(np.int64), scores, loss, threshold)
+
+
 def pool_site_summaries(
     summaries: Sequence[Mapping[str, float]], weights: Sequence[float]
 ) -> dict[str, float]:
-    """Combine :func:`site_summary` outputs: summed counts, weighted loss and site AUC."""
-    counts = {k: float(sum(s[k] for s in summaries)) for k in ("tp", "fp", "tn", "fn")}
+    """Combine :func:`summary_for` outputs: summed counts, weighted loss and site AUC (binary),
+    accuracy (multiclass), mean squared error (regression)."""
     total = float(sum(weights))
-    out = metrics_from_counts(counts)
+    out: dict[str, float] = {}
+    if all("tp" in s for s in summaries):
+        counts = {k: float(sum(s[k] for s in summaries)) for k in ("tp", "fp", "tn", "fn")}
+        out.update(metrics_from_counts(counts))
+        auc_w = sum(s["auc_weight"] for s in summaries)
+        out["auc_site_weighted"] = _ratio(sum(s["auc"] * s["auc_weight"] for s in summaries), auc_w)
+    elif all("correct" in s for s in summaries):
+        out["accuracy"] = _ratio(sum(s["correct"] for s in summaries), total)
+    elif all("sse" in s for s in summaries):
+        out["mse"] = _ratio(sum(s["sse"] for s in summaries), total)
     out["loss"] = _ratio(sum(s["loss"] * w for s, w in zip(summaries, weights)), total)
-    auc_w = sum(s["auc_weight"] for s in summaries)
-    out["auc_site_weighted"] = _ratio(sum(s["auc"] * s["auc_weight"] for s in summaries), auc_w)
     out["num_examples"] = total
     return out

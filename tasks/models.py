@@ -1,4 +1,4 @@
-"""Models for binary tasks. Each returns one logit per example.
+"""Models. Each returns one logit (or value) per example, or one logit per class (``outputs > 1``).
 
 No BatchNorm anywhere: per-sample-gradient DP (Opacus) cannot use it, so the CNN uses
 GroupNorm, which Opacus' ``ModuleValidator`` accepts.
@@ -15,18 +15,19 @@ from torch import nn
 class LogisticRegression(nn.Module):
     """``sigmoid(w.x + b)``, as in FLamby's Fed-Heart-Disease baseline."""
 
-    def __init__(self, num_features: int) -> None:
+    def __init__(self, num_features: int, outputs: int = 1) -> None:
         super().__init__()
-        self.linear = nn.Linear(num_features, 1)
+        self.linear = nn.Linear(num_features, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x).squeeze(-1)
+        out = self.linear(x)
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
 class MLP(nn.Module):
     """Fully connected ReLU network with optional dropout."""
 
-    def __init__(self, num_features: int, hidden: Sequence[int], dropout: float = 0.0) -> None:
+    def __init__(self, num_features: int, hidden: Sequence[int], dropout: float = 0.0, outputs: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = num_features
@@ -35,11 +36,12 @@ class MLP(nn.Module):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, outputs))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+        out = self.net(x)
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
 class SmallCNN(nn.Module):

@@ -28,6 +28,32 @@ class LocalTrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     optimizer: str = "sgd"
+    loss: str = "binary"     # binary (BCE on one logit) | multiclass (cross-entropy) | regression (squared error)
+
+
+LOSSES = ("binary", "multiclass", "regression")
+
+
+class ClassLoss(nn.Module):
+    """Cross-entropy with the class index carried as a float label (as every Split stores labels)."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, y.long(), reduction=self.reduction)
+
+
+def loss_fn(kind: str, reduction: str = "mean") -> nn.Module:
+    """The training loss of a label kind (``LocalTrainConfig.loss``)."""
+    if kind == "multiclass":
+        return ClassLoss(reduction)
+    if kind == "regression":
+        return nn.MSELoss(reduction=reduction)
+    if kind != "binary":
+        raise ValueError(f"loss {kind!r} is not one of {list(LOSSES)}")
+    return nn.BCEWithLogitsLoss(reduction=reduction)
 
 
 def make_optimizer(model: nn.Module, cfg: LocalTrainConfig) -> torch.optim.Optimizer:
@@ -58,7 +84,7 @@ def train_local(
     """
     model.train()
     optimizer = make_optimizer(model, cfg)
-    loss_fn = nn.BCEWithLogitsLoss()
+    criterion = loss_fn(cfg.loss)
     n = x.shape[0]
     total, seen, steps = 0.0, 0, 0
     budget = steps_per_epoch(n, cfg.batch_size) * cfg.epochs if max_steps is None else max_steps
@@ -74,7 +100,7 @@ def train_local(
             if augment is not None:
                 xb = augment(xb, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
+            loss = criterion(model(xb), yb)
             objective = loss if penalty is None else loss + penalty(model)
             objective.backward()
             optimizer.step()
@@ -90,11 +116,19 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8192) -> tuple[np.ndarray, float]:
-    """Return (probabilities of class 1, mean BCE loss) for a whole split."""
+def predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8192,
+            kind: str = "binary") -> tuple[np.ndarray, float]:
+    """Return (scores, mean loss) for a whole split: the probability of class 1 (binary), the
+    class probabilities (multiclass, rows x classes) or the predictions (regression)."""
     model.eval()
     if x.shape[0] == 0:
         return np.zeros(0), float("nan")
-    logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
-    return torch.sigmoid(logits).numpy().astype(np.float64), float(loss)
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    loss = loss_fn(kind)(out, y).item()
+    if kind == "multiclass":
+        scores = torch.softmax(out, dim=-1)
+    elif kind == "regression":
+        scores = out
+    else:
+        scores = torch.sigmoid(out)
+    return scores.numpy().astype(np.float64), float(loss)

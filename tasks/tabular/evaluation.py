@@ -1,23 +1,37 @@
 """Pooled test metrics from sums: what each site adds, and the metrics of the totals.
 
 Each site scores the global model on its own held-out test rows and contributes one
-vector of integers (binary labels; :data:`core.fixedpoint.COUNTS`)::
+vector, summed under the run's protection like the preprocessing statistics
+(:class:`Spec` says which, for a label kind). Binary labels, integers
+(:data:`core.fixedpoint.COUNTS`)::
 
     [rows, round(loss sum * 2^20), tp, fp, tn, fn, positives' logit histogram (bins + 2), negatives' (bins + 2)]
 
-summed under the run's protection like the preprocessing statistics. The histograms have
+The histograms have
 ``bins`` equal bins of the logit over ``[-LOGIT_RANGE, LOGIT_RANGE]`` and one bin for each
 tail (``task.auc_bins``, 8192 by default). From the totals: accuracy, precision,
 sensitivity, specificity, F1 and loss exactly (the loss to 1e-6 of a row's loss); ROC AUC
 and KS from the histograms. The AUC counts a positive and a negative in the same bin as
 half a correct pair, so it is within ``auc_bound = sum_b pos_b * neg_b / (2 P N)`` of the
 exact pooled AUC (reported with the metrics; 3e-4 for the bundled credit task).
+
+Multiclass labels (``K`` classes), integers: ``[rows, round(log-loss sum * 2^20), the K x K
+confusion matrix (true x predicted), and per class the histograms of logit(p_c) of its rows and
+of the others]``: accuracy, macro F1, log loss exactly; the macro one-vs-rest AUC (the mean
+over classes present with other classes) from the histograms, within the largest class's bound.
+
+Regression labels, fixed point (:data:`core.fixedpoint.STATS`), on the label's own scale:
+``[rows, sum of squared errors, sum of absolute errors, sum y, sum y^2, loss sum]``: MSE, RMSE,
+MAE and R^2 = 1 - SSE / (sum y^2 - (sum y)^2 / n) exactly.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from dataclasses import dataclass
+
+from core.fixedpoint import COUNTS, STATS, Encoding
 from tasks.metrics import metrics_from_counts
 
 BINS = 8192
@@ -71,3 +85,92 @@ def metrics(total: np.ndarray, bins: int = BINS) -> dict[str, float]:
     else:
         out["auc"] = out["auc_bound"] = out["ks"] = float("nan")
     return out
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
+    """(AUC, its bound) of two histograms over the same ascending bins; NaN without both classes."""
+    p, q = pos.sum(), neg.sum()
+    if p <= 0 or q <= 0:
+        return float("nan"), float("nan")
+    neg_below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+    return float((np.dot(pos, neg_below) + 0.5 * np.dot(pos, neg)) / (p * q)), float(0.5 * np.dot(pos, neg) / (p * q))
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The test-metric sum of one label kind: its size, encoding, site vector and metrics."""
+
+    kind: str = "binary"
+    classes: int = 2
+    bins: int = BINS
+
+    @property
+    def size(self) -> int:
+        if self.kind == "multiclass":
+            return 2 + self.classes * self.classes + self.classes * 2 * (self.bins + 2)
+        if self.kind == "regression":
+            return 6
+        return size(self.bins)
+
+    @property
+    def encoding(self) -> Encoding:
+        return STATS if self.kind == "regression" else COUNTS
+
+    def site_vector(self, outputs: np.ndarray, y: np.ndarray, label_scale: tuple[float, float] = (0.0, 1.0)
+                    ) -> np.ndarray:
+        """One site's vector from the model's raw outputs on its test rows and their labels
+        (binary 0/1, class index, or the regression label on its own scale)."""
+        out = np.asarray(outputs, dtype=np.float64)
+        if self.kind == "binary":
+            loss = float(np.sum(np.logaddexp(0.0, out) - y * out))  # BCE with logits, summed
+            return site_vector(out, y, loss, self.bins)
+        if self.kind == "regression":
+            mean, std = label_scale
+            pred = out * std + mean
+            err = pred - y
+            loss = float(np.sum(((y - mean) / std - out) ** 2))
+            return np.array([len(y), np.dot(err, err), np.abs(err).sum(), y.sum(), np.dot(y, y), loss])
+        k = self.classes
+        logp = out - np.logaddexp.reduce(out, axis=1, keepdims=True)
+        yi = np.asarray(y).astype(np.int64)
+        loss = float(-logp[np.arange(len(yi)), yi].sum())
+        confusion = np.zeros((k, k))
+        np.add.at(confusion, (yi, np.argmax(out, axis=1)), 1.0)
+        logit = logp - np.log(-np.expm1(np.minimum(logp, -1e-12)))  # log p - log(1 - p)
+        hists = []
+        for c in range(k):
+            b = bin_of(logit[:, c], self.bins)
+            hists += [np.bincount(b[yi == c], minlength=self.bins + 2), np.bincount(b[yi != c], minlength=self.bins + 2)]
+        return np.concatenate([[len(yi), round(loss * LOSS_SCALE)], confusion.ravel(), *hists]).astype(np.float64)
+
+    def metrics(self, total: np.ndarray) -> dict[str, float]:
+        """Pooled metrics of the summed vectors."""
+        if total.shape != (self.size,):
+            raise ValueError(f"evaluation sum has shape {total.shape}, expected ({self.size},)")
+        if self.kind == "binary":
+            return metrics(total, self.bins)
+        if self.kind == "regression":
+            n, sse, sae, sy, syy, loss = (float(v) for v in total)
+            sst = syy - sy * sy / n if n > 0 else float("nan")
+            return {"mse": sse / n, "rmse": float(np.sqrt(sse / n)), "mae": sae / n,
+                    "r2": 1.0 - sse / sst if sst > 0 else float("nan"), "loss": loss / n, "num_examples": n}
+        k = self.classes
+        n, loss = float(total[0]), float(total[1]) / LOSS_SCALE
+        confusion = np.rint(total[2: 2 + k * k]).reshape(k, k)
+        tp = np.diag(confusion)
+        f1 = [2 * tp[c] / (confusion[c].sum() + confusion[:, c].sum()) for c in range(k)
+              if confusion[c].sum() + confusion[:, c].sum() > 0]
+        aucs, bounds = [], []
+        base = 2 + k * k
+        for c in range(k):
+            pos = np.rint(total[base + 2 * c * (self.bins + 2): base + (2 * c + 1) * (self.bins + 2)])
+            neg = np.rint(total[base + (2 * c + 1) * (self.bins + 2): base + (2 * c + 2) * (self.bins + 2)])
+            auc, bound = _auc(pos, neg)
+            if np.isfinite(auc):
+                aucs.append(auc)
+                bounds.append(bound)
+        macro_auc = float(np.mean(aucs)) if aucs else float("nan")
+        return {"accuracy": float(tp.sum() / n) if n > 0 else float("nan"), "macro_f1": float(np.mean(f1)),
+                "f1": float(np.mean(f1)), "macro_auc": macro_auc, "auc": macro_auc,
+                "auc_bound": float(max(bounds)) if bounds else float("nan"), "loss": loss / n if n > 0 else float("nan"),
+                "num_examples": n}

@@ -30,6 +30,8 @@ import numpy as np
 from tasks.tabular.schema import Feature, Schema
 from tasks.tabular.table import MISSING_LEVEL, OTHER, SiteInputError, Table
 
+LABEL = "(label)"  # the regression label's key among the means
+
 
 def transformed(table: Table, f: Feature) -> np.ndarray:
     """A numeric feature after its transform (NaN stays NaN); a clear error for values outside its domain."""
@@ -87,7 +89,13 @@ class StatLayout:
 
     @property
     def spread_size(self) -> int:
-        return len(self.numeric)
+        return len(self.numeric) + (1 if self.schema.label.kind == "regression" else 0)
+
+    def label_mean(self, moments: np.ndarray) -> float:
+        """Regression: the federated mean of the label (0 for classes)."""
+        if self.schema.label.kind != "regression" or moments[0] <= 0:
+            return 0.0
+        return float(moments[1] / moments[0])
 
     def moments(self, table: Table) -> np.ndarray:
         """This site's moments vector (over the rows it is given: its non-test rows)."""
@@ -121,11 +129,15 @@ class StatLayout:
             x = transformed(table, f)
             d = x[~np.isnan(x)] - means[f.name]
             out.append(float(np.dot(d, d)))
+        if self.schema.label.kind == "regression":
+            d = table.label - means[LABEL]
+            out.append(float(np.dot(d, d)))
         return np.asarray(out, dtype=np.float64)
 
     def means(self, moments: np.ndarray) -> dict[str, float]:
+        """The federated mean of every numeric feature (and of a regression label, under :data:`LABEL`)."""
         base = 1 + self.label_slots
-        out = {}
+        out = {LABEL: self.label_mean(moments)}
         for k, f in enumerate(self.numeric):
             n, s = moments[base + 2 * k], moments[base + 2 * k + 1]
             out[f.name] = float(s / n) if n > 0 else 0.0
@@ -149,6 +161,21 @@ class Preprocessor:
     @property
     def rows(self) -> int:
         return int(round(self.moments[0]))
+
+    def label_scale(self) -> tuple[float, float]:
+        """(mean, std) the model's regression target is standardised with; (0, 1) for classes."""
+        if self.schema.label.kind != "regression":
+            return 0.0, 1.0
+        m = np.asarray(self.moments)
+        n = m[0]
+        std = float(np.sqrt(self.spread[-1] / n)) if n > 0 else 1.0
+        return self.layout.label_mean(m), std if std > 0 else 1.0
+
+    def target(self, table: Table) -> np.ndarray:
+        """The model's training target of each row: the label, standardised for regression."""
+        mean, std = self.label_scale()
+        return ((table.label - mean) / std).astype(np.float32) if self.schema.label.kind == "regression" \
+            else table.label.astype(np.float32)
 
     def columns(self) -> list[tuple[str, str, str | None]]:
         """(output name, feature, level) of every model input, in order."""

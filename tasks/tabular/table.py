@@ -166,7 +166,8 @@ def read(path: str | Path, schema: Schema) -> Table:
 def _numbers(col: np.ndarray, miss: np.ndarray, line: np.ndarray, where: str, name: str) -> np.ndarray:
     import pandas as pd
 
-    parsed = pd.to_numeric(pd.Series(col, dtype=object).astype(str).str.strip(), errors="coerce").to_numpy(np.float64)
+    parsed = np.array(pd.to_numeric(pd.Series(col, dtype=object).astype(str).str.strip(), errors="coerce"),
+                      dtype=np.float64)  # a writable copy
     bad = ~miss & np.isnan(parsed)
     if bad.any():
         k = int(np.argmax(bad))
@@ -208,9 +209,9 @@ def _canon_all(col: np.ndarray) -> np.ndarray:
     import pandas as pd
 
     text = pd.Series(col, dtype=object).astype(str).str.strip()
-    num = pd.to_numeric(text, errors="coerce").to_numpy(np.float64)
+    num = np.array(pd.to_numeric(text, errors="coerce"), dtype=np.float64)
     whole = np.isfinite(num) & (np.mod(num, 1) == 0) & (np.abs(num) < 2**53)
-    out = text.to_numpy(dtype=object)
+    out = np.array(text.to_numpy(dtype=object), dtype=object)  # a writable copy
     if whole.any():
         out[whole] = num[whole].astype(np.int64).astype(str).astype(object)
     return out

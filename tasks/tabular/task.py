@@ -128,12 +128,22 @@ class TabularTask(Task):
         raise RuntimeError("task=tabular has no pooled data: each site reads its own file and the coordinator "
                            "sees only federated totals (tasks/tabular)")
 
+    @property
+    def label_kind(self) -> str:
+        return self.schema.label.kind
+
+    @property
+    def outputs(self) -> int:
+        """Model outputs: one logit per class (multiclass), else one."""
+        lab = self.schema.label
+        return len(lab.classes) if lab.kind == "multiclass" else 1
+
     def build_model(self) -> nn.Module:
         if self.width <= 0:
             raise RuntimeError("task=tabular: the model's width is known after federated preprocessing")
-        if self.cfg.model == "logreg":
-            return LogisticRegression(self.width)
-        return MLP(self.width, self.cfg.hidden, self.cfg.dropout)
+        if self.cfg.model == "logreg":  # multinomial logistic regression for multiclass labels, linear for regression
+            return LogisticRegression(self.width, self.outputs)
+        return MLP(self.width, self.cfg.hidden, self.cfg.dropout, self.outputs)
 
     def use(self, width: int) -> TabularTask:
         self.width = width
@@ -148,7 +158,8 @@ class TabularTask(Task):
         if table.is_test is not None:
             test = table.is_test
         else:
-            test = stratified_holdout(table.label, self.cfg.test_fraction, seed)
+            strata = table.label if self.schema.label.kind != "regression" else np.zeros(len(table), np.int64)
+            test = stratified_holdout(strata, self.cfg.test_fraction, seed)
         return table.take(np.flatnonzero(~test)), table.take(np.flatnonzero(test))
 
     def _site(self, site_id: int, name: str, rest: Table, test: Table, seed: int) -> RawSite:
@@ -238,7 +249,7 @@ class TabularTask(Task):
                 _PREPARED.clear()
 
             def split(t: Table) -> Split:
-                return Split(torch.from_numpy(prep.transform(t)), torch.from_numpy(t.label.astype(np.float32)))
+                return Split(torch.from_numpy(prep.transform(t)), torch.from_numpy(prep.target(t)))
 
             _PREPARED[key] = (SiteData(raw.site_id, raw.name, split(raw.train), split(raw.val)), split(raw.test), raw)
         site, test, _ = _PREPARED[key]
