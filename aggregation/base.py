@@ -111,6 +111,11 @@ class SiteHalf(ABC):
                      ) -> dict[str, torch.Tensor]:
         """The global model the message carries, as a state dict (plain: as sent)."""
         arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
+        return self.open_model(context, arrays, template)
+
+    def open_model(self, context: Context, arrays: ArrayRecord, template: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+        """A global model as the coordinator holds it, as a state dict (Paillier: decrypted here)."""
         return arrays.to_torch_state_dict()
 
     @abstractmethod

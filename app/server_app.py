@@ -35,6 +35,7 @@ from app.runtime.paths import default_output_dir, resolve_data_dir
 from app.runtime.traffic import MeteredGrid
 from core.records import PhaseRecord, RoundRecord
 from strategies.loop import run_rounds
+from tasks.tabular import artefact
 from tasks.tabular.task import TabularTask
 
 app = ServerApp()
@@ -66,6 +67,22 @@ def progress_line(server_round: int, num_rounds: int, rec: RoundRecord, recorder
     return (f"fedsilo round {server_round}/{num_rounds} | sites {sampled} sampled, {replied} replied, "
             f"{failed} failed | {shown}{privacy_note} | {secs:.1f} s, {kb:,.0f} KiB"
             + (f", about {left:.0f} s left" if server_round < num_rounds else ""))
+
+
+def write_artefact(out_dir: Path, cfg: config.FedsiloConfig, fed: FederatedData, arrays: ArrayRecord) -> Path:
+    """``model.fedsilo.npz``: the final model, the fitted preprocessing (or, under Paillier, the encrypted
+    totals only a site can open) and the schema (:mod:`tasks.tabular.artefact`)."""
+    task = fed.task
+    sealed = None
+    if fed.preprocessor is None:  # the coordinator holds only ciphertexts
+        sealed = {k: ([bytes(b).hex() for b in v] if isinstance(v, list) and v and isinstance(v[0], bytes) else v)
+                  for k, v in fed.config.items()}
+    meta = {"model": {"name": cfg.task.model, "hidden": list(cfg.task.hidden), "dropout": cfg.task.dropout,
+                      "width": task.width, "outputs": task.outputs},
+            "kind": task.label_kind, "schema": task.schema.to_dict(),
+            "preprocessor": None if fed.preprocessor is None else fed.preprocessor.to_dict(),
+            "sealed": sealed, "aggregation": config.to_dict(cfg)["aggregation"], "encrypted": sealed is not None}
+    return artefact.write(out_dir / artefact.FILE, {k: v.numpy() for k, v in arrays.items()}, meta)
 
 
 class CoordinatorCrash(RuntimeError):
@@ -202,6 +219,9 @@ def main(grid: Grid, context: Context) -> None:
     participation = stack.record.to_dict()
     path = recorder.write(result, participation, final_arrays.to_torch_state_dict(), extra=extra,
                           model_file=None if stack.holds_plaintext_model else ENCRYPTED_MODEL_FILE)
+    if fed is not None:
+        model_path = write_artefact(out_dir, cfg, fed, final_arrays)
+        log(INFO, "fedsilo: model with its preprocessing and schema in %s (fedsilo predict %s FILE)", model_path, out_dir)
     log(INFO, "fedsilo: results written to %s", path)
     if not trained:
         reasons = sorted({r.reason for rec in stack.record.rounds.values()

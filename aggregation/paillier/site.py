@@ -39,8 +39,12 @@ class PaillierSite(SiteHalf):
     def global_state(self, msg: Message, context: Context, template: dict[str, torch.Tensor]
                      ) -> dict[str, torch.Tensor]:
         """The public initial model as sent, or the encrypted aggregate decrypted (once per aggregate)."""
-        codec, private, _ = self._keys(context)
         arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
+        return self.open_model(context, arrays, template)
+
+    def open_model(self, context: Context, arrays: ArrayRecord, template: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+        codec, private, _ = self._keys(context)
         return pai.global_state(arrays, template, codec, private, self.cfg.workers, context)
 
     def reply(self, msg: Message, context: Context, result: LocalResult, env: SiteEnv) -> Message:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+import numpy as np
 import os
 import sys
 from pathlib import Path
@@ -40,6 +42,39 @@ def split(overrides: list[str], out: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def _own_data(args: argparse.Namespace) -> int:
+    """``schema infer`` and ``check``: run at the site, on its own file; nothing leaves the machine."""
+    from tasks.tabular.schema import Schema, SchemaError
+    from tasks.tabular.table import SiteInputError, read
+
+    try:
+        if args.command == "schema":
+            from tasks.tabular.infer import infer, to_yaml
+
+            schema, notes = infer(args.file, args.label)
+            text = to_yaml(schema, notes, str(args.file))
+            Schema.parse(schema, "drafted schema")  # the draft must itself be valid
+            if args.out:
+                args.out.write_text(text)
+                print(f"fedsilo data: schema drafted in {args.out}; review it, then share it with every site")
+            else:
+                print(text, end="")
+            return 0
+        schema = Schema.load(args.schema)
+        table = read(args.file, schema)
+        labels = table.label
+        kind = schema.label.kind
+        balance = (f"{int(labels.sum())} positive" if kind == "binary" else
+                   f"classes {np.bincount(labels, minlength=len(schema.label.classes)).tolist()}" if kind == "multiclass"
+                   else f"label mean {float(labels.mean()):.4g}")
+        print(f"fedsilo data: {args.file} fits {args.schema} (fingerprint {schema.fingerprint()}): {len(table)} rows, "
+              f"{balance}" + ("" if len(table) >= schema.min_rows else f"; BELOW min_rows={schema.min_rows}"))
+        return 0 if len(table) >= schema.min_rows else 2
+    except (SchemaError, SiteInputError) as err:
+        print(f"fedsilo data: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str]) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # Flower Datasets' partitioners draw progress bars
     parser = argparse.ArgumentParser(prog="fedsilo data", description="Prepare per-site data files.")
@@ -47,7 +82,17 @@ def main(argv: list[str]) -> int:
     sp = sub.add_parser("split", help="one .npz per site from a task's bundled data")
     sp.add_argument("--out", type=Path, required=True, help="folder for the site files")
     sp.add_argument("overrides", nargs="*", help="Hydra overrides, as for a job: task=medical partition=natural ...")
+    sc = sub.add_parser("schema", help="draft a schema from a site's own file (task=tabular)")
+    sc.add_argument("action", choices=["infer"])
+    sc.add_argument("file", type=Path, help="the site's CSV or Parquet file")
+    sc.add_argument("--label", default=None, help="the label column (default: the last column)")
+    sc.add_argument("--out", type=Path, default=None, help="write the schema here (default: print it)")
+    ck = sub.add_parser("check", help="check a site's file against a schema before the site joins")
+    ck.add_argument("file", type=Path)
+    ck.add_argument("--schema", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.command in ("schema", "check"):
+        return _own_data(args)
     from app import config
     from app.runtime.preflight import PreflightError
 

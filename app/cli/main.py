@@ -119,6 +119,10 @@ def main() -> None:
         from app.cli import data as data_cli
 
         sys.exit(data_cli.main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "predict":
+        from app.cli import predict as predict_cli
+
+        sys.exit(predict_cli.main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         from app.reporting import report
 

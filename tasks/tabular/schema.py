@@ -101,6 +101,8 @@ class Schema:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("source")
+        if d["label"]["negative"] is None:
+            d["label"]["negative"] = "rest"
         return {"format": FORMAT, **d}
 
     def fingerprint(self) -> str:

@@ -36,6 +36,7 @@ class Table:
     label: np.ndarray                    # binary 0/1, multiclass class index (int64), regression float64
     is_test: np.ndarray | None           # the schema's split column: True for 'test' rows
     line: np.ndarray                     # each row's line (CSV) or row number (Parquet) in the file
+    ids: np.ndarray | None = None        # the schema's id column (never a feature)
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -43,7 +44,8 @@ class Table:
     def take(self, idx: np.ndarray) -> Table:
         return Table(self.path, {k: v[idx] for k, v in self.numeric.items()},
                      {k: v[idx] for k, v in self.categorical.items()}, self.label[idx],
-                     None if self.is_test is None else self.is_test[idx], self.line[idx])
+                     None if self.is_test is None else self.is_test[idx], self.line[idx],
+                     None if self.ids is None else self.ids[idx])
 
 
 def _frame(path: Path, where: str):  # type: ignore[no-untyped-def]
@@ -86,17 +88,34 @@ def _frame(path: Path, where: str):  # type: ignore[no-untyped-def]
     return df, 2, [c.strip() for c in next(csv.reader([header]))]
 
 
+def _placeholder(schema: Schema) -> str:
+    """A label value that reads without error, for rows that have none (scoring)."""
+    lab = schema.label
+    if lab.kind == "binary":
+        return lab.negative[0] if lab.negative else "__negative__"
+    return lab.classes[0] if lab.kind == "multiclass" else "0"
+
+
 def _missing(col: np.ndarray) -> np.ndarray:
     import pandas as pd
 
     return pd.Series(col, dtype=object).astype(str).str.strip().str.lower().isin(MISSING_TOKENS).to_numpy()
 
 
-def read(path: str | Path, schema: Schema) -> Table:
-    """The site's table in ``path``, checked against ``schema`` (:class:`SiteInputError` otherwise)."""
+def read(path: str | Path, schema: Schema, labelled: bool = True) -> Table:
+    """The site's table in ``path``, checked against ``schema`` (:class:`SiteInputError` otherwise).
+
+    ``labelled=False`` reads rows to score (``fedsilo predict``): the label and split columns
+    may be absent (labels then read as 0).
+    """
     p = Path(path).expanduser()
-    where = f"site file {p}"
+    where = f"site file {p}" if labelled else f"file {p}"
     df, first_line, header = _frame(p, where)
+    if not labelled:  # the label (and split) are not needed to score rows: whatever is there is not read
+        for c in (schema.label.column, schema.split):
+            if c:
+                df[c] = "train" if c == schema.split else _placeholder(schema)
+        header = [*header, *(c for c in (schema.label.column, schema.split) if c and c not in header)]
     cols = [str(c) for c in df.columns]
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
@@ -160,7 +179,7 @@ def read(path: str | Path, schema: Schema) -> Table:
             k = int(first[np.argmax(counts > 1)])
             raise SiteInputError(f"{where}: id column {schema.id!r} repeats {ids[k]!r} (first at row {line[k]}); "
                                  "each row must be one record")
-    return Table(str(p), numeric, categorical, label, is_test, line)
+    return Table(str(p), numeric, categorical, label, is_test, line, cells[schema.id] if schema.id else None)
 
 
 def _numbers(col: np.ndarray, miss: np.ndarray, line: np.ndarray, where: str, name: str) -> np.ndarray:
