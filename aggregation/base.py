@@ -209,7 +209,7 @@ def screen_sum_replies(replies: list[Message], nodes: list[int], check: Callable
         if node not in nodes or node in good:
             rejected.append((node, "unexpected or duplicate reply"))
         elif msg.has_error():
-            rejected.append((node, msg.error.reason))
+            rejected.append((node, str(msg.error.reason)))
         else:
             reason = check(msg)
             if reason is None:
@@ -240,8 +240,8 @@ class PlainSum(SumCoordinator):
         good, rejected = screen_sum_replies(self.send(grid, nodes, content), nodes, check)
         if not good:
             return SumResult(0, None, None, rejected)
-        total = np.sum([m.content.array_records[SUM_REPLY]["limbs"].numpy() for m in good.values()], axis=0,
-                       dtype=np.uint64)
+        total = np.asarray(np.sum([m.content.array_records[SUM_REPLY]["limbs"].numpy() for m in good.values()], axis=0,
+                                  dtype=np.uint64))
         return SumResult(len(good), enc.decode(enc.join(total)), None, rejected, length)
 
 

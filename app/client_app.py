@@ -39,11 +39,11 @@ from core.seeding import seed_for
 from core.sites import SITE_KEY, WEIGHT_KEY, site_record_for
 from strategies import client_penalty, heterogeneity
 from tasks import site_file
+from tasks.base import SiteData, Task
+from tasks.metrics import summary_for
 from tasks.tabular.schema import SchemaError
 from tasks.tabular.table import SiteInputError
 from tasks.tabular.task import RawSite, TabularTask
-from tasks.base import SiteData, Task
-from tasks.metrics import summary_for
 from tasks.training import predict, steps_per_epoch
 
 app = ClientApp()

@@ -214,6 +214,6 @@ def site_vector(task: TabularTask, raw: RawSite, msg: Message, half: SiteHalf, c
         model.eval()
         with torch.no_grad():
             outputs = model(test.x).double().numpy()
-        spec = evaluation_spec(task, int(request["bins"]))  # type: ignore[call-overload]
+        spec = evaluation_spec(task, int(request["bins"]))  # type: ignore[arg-type]
         return spec.site_vector(outputs, raw.test.label.astype(np.float64), prep.label_scale())
     raise ValueError(f"unknown sum request {what!r}")

@@ -21,8 +21,9 @@ that secure aggregation's 53-bit field can carry them: the limb sums of up to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -99,9 +100,9 @@ class Encoding:
         return {"fraction-bits": self.fraction_bits, "bits": self.bits}
 
     @classmethod
-    def from_record(cls, rec: object) -> Encoding:
-        get = getattr(rec, "get")  # a ConfigRecord or a dict
-        enc = cls(int(get("fraction-bits", STATS.fraction_bits)), int(get("bits", STATS.bits)))
+    def from_record(cls, rec: Mapping[str, Any]) -> Encoding:
+        """The encoding a request names (a ConfigRecord or a dict; STATS if it names none)."""
+        enc = cls(int(rec.get("fraction-bits", STATS.fraction_bits)), int(rec.get("bits", STATS.bits)))
         if enc not in ENCODINGS:
             raise FixedPointError(f"unknown encoding {enc}; known: {ENCODINGS}")
         return enc

@@ -18,9 +18,8 @@ from aggregation.base import LocalResult, SiteEnv, SiteHalf, request_encoding
 from aggregation.paillier import client as pai
 from aggregation.paillier.config import PaillierConfig, packer_for
 from aggregation.paillier.crypto import Encryptor
-from core.fixedpoint import STATS, Encoding
 from aggregation.paillier.sums import REPLY_KEY, REVEAL_KEY, REVEAL_MESSAGE, IntPacker, site_decrypt, site_encrypt
-
+from core.fixedpoint import STATS, Encoding
 
 _OPENED: dict[str, np.ndarray] = {}
 
@@ -70,10 +69,11 @@ class PaillierSite(SiteHalf):
         if key in record:
             return super().open_total(context, record, key)
         blobs = list(record[key + "-ct"])  # type: ignore[arg-type]
-        digest = hashlib.sha256(b"".join(bytes(b) for b in blobs)).hexdigest()  # type: ignore[arg-type]
+        digest = hashlib.sha256(b"".join(bytes(b) for b in blobs)).hexdigest()  # type: ignore[call-overload]
         if digest not in _OPENED:
             private, _ = pai.site_key(context, self.cfg.keypair)
-            _OPENED[digest] = site_decrypt(blobs, int(record[key + "-n"]), self._sum_packer(private), private)  # type: ignore[call-overload]
+            length = int(record[key + "-n"])  # type: ignore[arg-type]
+            _OPENED[digest] = site_decrypt(blobs, length, self._sum_packer(private), private)
         return _OPENED[digest]
 
     def query(self, msg: Message, context: Context, env: SiteEnv) -> Message:

@@ -225,5 +225,5 @@ def unmask(msg: Message, context: Context, share_next: bool = True) -> Message:
     return _reply(msg, record)
 
 
-__all__ = ["GUARD_KEY", "NEXT_KEY", "MASKED_KEY", "PROTOCOL_ERROR", "STAGES", "STATE_KEY", "SUM_CHANNEL", "WIRE_KEY", "ProtocolError",
-           "SecAggAbort", "advertise_keys", "field_codec", "masked_input", "refuse", "share_keys", "unmask"]
+__all__ = ["GUARD_KEY", "NEXT_KEY", "MASKED_KEY", "PROTOCOL_ERROR", "STAGES", "STATE_KEY", "SUM_CHANNEL", "WIRE_KEY",
+           "ProtocolError", "SecAggAbort", "advertise_keys", "field_codec", "masked_input", "refuse", "share_keys", "unmask"]

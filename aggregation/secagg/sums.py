@@ -16,9 +16,9 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
+from flwr.app import RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.app import RecordDict
 
 from aggregation.base import SumCoordinator, SumResult, request_encoding
 from aggregation.secagg.client import SUM_CHANNEL

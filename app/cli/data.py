@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import numpy as np
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def split(overrides: list[str], out: Path) -> list[dict[str, Any]]:
@@ -51,9 +51,9 @@ def _own_data(args: argparse.Namespace) -> int:
         if args.command == "schema":
             from tasks.tabular.infer import infer, to_yaml
 
-            schema, notes = infer(args.file, args.label)
-            text = to_yaml(schema, notes, str(args.file))
-            Schema.parse(schema, "drafted schema")  # the draft must itself be valid
+            draft, notes = infer(args.file, args.label)
+            text = to_yaml(draft, notes, str(args.file))
+            Schema.parse(draft, "drafted schema")  # the draft must itself be valid
             if args.out:
                 args.out.write_text(text)
                 print(f"fedsilo data: schema drafted in {args.out}; review it, then share it with every site")

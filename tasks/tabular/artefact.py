@@ -42,7 +42,7 @@ def write(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> Pat
     arrays = {f"w/{k}": np.asarray(v) for k, v in state.items()}
     arrays["meta"] = np.array(json.dumps({"format": FORMAT, **meta}, sort_keys=True))
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
     return path
 

@@ -27,9 +27,9 @@ MAE and R^2 = 1 - SSE / (sum y^2 - (sum y)^2 / n) exactly.
 
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import dataclass
+
+import numpy as np
 
 from core.fixedpoint import COUNTS, STATS, Encoding
 from tasks.metrics import metrics_from_counts

@@ -32,6 +32,14 @@ def _is_number(values: np.ndarray) -> bool:
     return True
 
 
+def _order(v: str) -> tuple[bool, float, str]:
+    """Numbers first, in numeric order, then text."""
+    try:
+        return False, float(v), v
+    except ValueError:
+        return True, 0.0, v
+
+
 def infer(path: str | Path, label: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """(the schema as a dict, a note per decision)."""
     p = Path(path).expanduser()
@@ -52,7 +60,7 @@ def infer(path: str | Path, label: str | None = None) -> tuple[dict[str, Any], l
         present = np.array([str(v).strip().lower() not in MISSING_TOKENS for v in raw])
         missing_any |= not present.all()
         values = _canon_all(raw[present])
-        distinct = sorted(set(values), key=lambda v: (not _is_number(np.array([v])), float(v) if _is_number(np.array([v])) else 0, v))
+        distinct = sorted(set(values), key=_order)
         numeric = _is_number(values)
         if c == label:
             if len(distinct) == 2:

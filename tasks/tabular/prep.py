@@ -225,7 +225,7 @@ class Preprocessor:
         """The model inputs (float32, rows x width) of a site's raw rows."""
         num, cat = self._stats()
         cols = []
-        for out_name, feat, level in self.columns():
+        for _name, feat, level in self.columns():
             f = self.schema.feature(feat)
             if level is None:
                 x = transformed(table, f)
