@@ -30,6 +30,8 @@ def split(overrides: list[str], out: Path) -> list[dict[str, Any]]:
     data_dir = preflight(cfg)
     task = tasks.get(cfg.task.name)(cfg.task, data_dir)
     n = config.num_sites(cfg)
+    if getattr(task, "federated_data", False):
+        return _split_tables(task, cfg, n, out)
     entries = []
     for site in task.sites(cfg.partition, n, cfg.seed):
         path = site_file.write(out / f"{site.name}.npz", site, task=cfg.task.name, num_sites=n,
@@ -37,6 +39,36 @@ def split(overrides: list[str], out: Path) -> list[dict[str, Any]]:
         entries.append({"site_id": site.site_id, "name": site.name, "file": str(path.resolve()),
                         "rows_train": len(site.train), "rows_val": len(site.val),
                         "positive_share_train": float(site.train.y.mean()) if len(site.train) else None})
+    (out / "sites.json").write_text(json.dumps({"task": cfg.task.name, "partition": cfg.partition.name,
+                                                 "seed": cfg.seed, "sites": entries}, indent=2) + "\n")
+    return entries
+
+
+def _split_tables(task: Any, cfg: Any, n: int, out: Path) -> list[dict[str, Any]]:
+    """``task=tabular``: each site's own raw table (its rows of the shared file, or its own file), as CSV.
+
+    The rows keep every column (the split column too, so a site holds out the same test rows
+    as in simulation); nothing is preprocessed: each site is preprocessed federally at run time.
+    """
+    import shutil
+
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = task.site_files()
+    entries = []
+    for k in range(n):
+        site = task.raw_site(cfg.partition, n, cfg.seed, k)
+        dest = out / f"{site.name}.csv"
+        if files:
+            shutil.copyfile(files[k], dest)
+        else:
+            source = pd.read_csv(task.path(cfg.task.data, "data"), dtype=str, keep_default_na=False)
+            lines = np.sort(np.concatenate([site.train.line, site.val.line, site.test.line]))
+            source.iloc[lines - 2].to_csv(dest, index=False)
+        entries.append({"site_id": k, "name": site.name, "file": str(dest.resolve()),
+                        "rows_train": len(site.train), "rows_val": len(site.val), "rows_test": len(site.test),
+                        "node": {"partition-id": k, "site-name": site.name}})
     (out / "sites.json").write_text(json.dumps({"task": cfg.task.name, "partition": cfg.partition.name,
                                                  "seed": cfg.seed, "sites": entries}, indent=2) + "\n")
     return entries

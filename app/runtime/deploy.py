@@ -56,6 +56,11 @@ def site_overrides(overrides: list[str], sites: int) -> tuple[list[str], str]:
         import tasks
 
         natural = tasks.get(cfg.task.name).natural_sites or ()
+        if _own_data(cfg):  # one site per file of task.data
+            from app.runtime.paths import resolve_data_dir
+            from tasks.tabular.task import TabularTask
+
+            natural = tuple(f.stem for f in TabularTask(cfg.task, resolve_data_dir(cfg.data_dir)).site_files())
         if sites > len(natural):
             raise ValueError(f"--sites {sites}: task {cfg.task.name}'s natural split has only {len(natural)} sites "
                              f"{list(natural)}; use --sites {len(natural)} or partition=iid")
@@ -88,6 +93,7 @@ def node_config(entry: dict[str, Any], option_config: dict[str, str] | None = No
     """A SuperNode's ``--node-config``: the path of its own data file, and what the aggregation
     option needs at the site (``aggregation=paillier``: the sites' key pair, which the server never gets)."""
     extra = "".join(f' {k}="{v}"' for k, v in (option_config or {}).items())
+    extra += "".join(f' {k}={v}' if isinstance(v, int) else f' {k}="{v}"' for k, v in entry.get("node", {}).items())
     return f'data-path="{entry["file"]}"{extra}'
 
 
@@ -120,7 +126,15 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
     data_dir = preflight(cfg)
     out.mkdir(parents=True, exist_ok=True)
     dep = prepare(out, overrides, sites, secure)
-    run_config = {"overrides": config.run_overrides(overrides, data_dir), "output-dir": str(out.resolve())}
+    coordinator_data = data_dir
+    if _own_data(cfg):  # the coordinator gets an empty folder: it holds no data, only the schema
+        from tasks.tabular.task import TabularTask
+
+        schema = TabularTask(cfg.task, data_dir).path(cfg.task.schema, "schema").resolve()
+        overrides = [o for o in overrides if not o.startswith("task.schema=")] + [f"task.schema={schema}"]
+        coordinator_data = (out / "coordinator").resolve()
+        coordinator_data.mkdir(exist_ok=True)
+    run_config = {"overrides": config.run_overrides(overrides, coordinator_data), "output-dir": str(out.resolve())}
     print(f"fedsilo deploy: {sites} SuperNodes, {'TLS + SuperNode authentication' if secure else 'INSECURE'}, "
           f"output {out}", flush=True)
     t0 = time.monotonic()
@@ -140,6 +154,12 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
 
         write_json_atomic(results_path, results)
     return outcome, results
+
+
+def _own_data(cfg: Any) -> bool:
+    import tasks
+
+    return bool(getattr(tasks.get(cfg.task.name), "federated_data", False))
 
 
 def main(argv: list[str]) -> int:

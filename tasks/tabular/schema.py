@@ -11,6 +11,7 @@ refused). Example (``tasks/data/schemas/heart.yaml``)::
     split: split              # optional: a column of 'train'/'test' values that fixes the held-out rows
     missing: drop_row         # impute (numeric: the federated mean; categorical: a 'missing' level) | drop_row | error
     min_rows: 20              # a site with fewer usable rows is refused (tiny sites leak through their updates)
+    single_class: refuse      # refuse | allow a site whose training rows all have one class (it reveals them)
     features:
       - {name: age, type: numeric}
       - {name: oldpeak, type: numeric, transform: signed_log1p}
@@ -82,6 +83,7 @@ class Schema:
     split: str | None = None
     missing: str = "impute"
     min_rows: int = 20
+    single_class: str = "refuse"   # refuse | allow: a site whose training rows all have one class
     source: str = field(default="", compare=False)
 
     # ---- derived ---------------------------------------------------------------------------
@@ -103,7 +105,7 @@ class Schema:
         d.pop("source")
         if d["label"]["negative"] is None:
             d["label"]["negative"] = "rest"
-        return {"format": FORMAT, **d}
+        return json.loads(json.dumps({"format": FORMAT, **d}))  # plain lists and dicts, as YAML or JSON give them
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical schema: equal at every site, or the site is refused."""
@@ -119,7 +121,7 @@ class Schema:
         if not p.is_file():
             raise SchemaError(f"schema file {p} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_loader())  # noqa: S506 - a SafeLoader subclass
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise SchemaError(f"schema file {p} does not parse as YAML: {err}") from err
         return cls.parse(raw, str(p))
@@ -131,7 +133,7 @@ class Schema:
 
         if not isinstance(raw, dict):
             raise fail("(top level)", "expected a mapping with 'label' and 'features'")
-        known = {"format", "label", "features", "id", "drop", "split", "missing", "min_rows"}
+        known = {"format", "label", "features", "id", "drop", "split", "missing", "min_rows", "single_class"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise fail(str(unknown[0]), f"unknown key; allowed keys are {sorted(known)}")
@@ -148,11 +150,14 @@ class Schema:
         min_rows = raw.get("min_rows", 20)
         if not isinstance(min_rows, int) or isinstance(min_rows, bool) or min_rows < 1:
             raise fail("min_rows", f"{min_rows!r} is not an integer >= 1")
+        single = raw.get("single_class", "refuse")
+        if single not in ("refuse", "allow"):
+            raise fail("single_class", f"{single!r} is not one of ['refuse', 'allow']")
         drop = raw.get("drop") or []
         if not isinstance(drop, list):
             raise fail("drop", "expected a list of column names")
         schema = cls(label, features, _opt_str(raw.get("id"), "id", fail), tuple(map(str, drop)),
-                     _opt_str(raw.get("split"), "split", fail), missing, min_rows, source)
+                     _opt_str(raw.get("split"), "split", fail), missing, min_rows, single, source)
         seen: set[str] = set()
         for c in schema.columns:
             if c in seen:
@@ -160,6 +165,23 @@ class Schema:
                                        "must be distinct)")
             seen.add(c)
         return schema
+
+
+def _loader() -> type:
+    """PyYAML's SafeLoader with YAML 1.2 booleans: ``yes``, ``no``, ``on``, ``off`` stay text (label values
+    such as ``positive: [yes]`` mean what they say); only ``true`` and ``false`` are booleans."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    return Loader
 
 
 def _opt_str(v: Any, key: str, fail: Any) -> str | None:

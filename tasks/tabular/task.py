@@ -35,8 +35,14 @@ from tasks.tabular.table import SUFFIXES, SiteInputError, Table, read
 TEST_SEED = 0x7E57
 
 
-@lru_cache(maxsize=16)
 def load_schema(path: str) -> Schema:
+    """The schema in ``path``, parsed once per process and content (an edited file is parsed again)."""
+    p = Path(path).expanduser()
+    return _schema(str(p), p.read_bytes() if p.is_file() else b"")
+
+
+@lru_cache(maxsize=16)
+def _schema(path: str, content: bytes) -> Schema:
     return Schema.load(path)
 
 
@@ -117,10 +123,10 @@ class TabularTask(Task):
         """Natural split: one site per file of ``task.data`` (the first ``natural_sites`` of them)."""
         if partition.name != "natural" or cfg is None or data_dir is None:
             return num_sites
-        count = cls(cfg, data_dir).natural_count()
-        if count == 0:
-            raise PartitionError("partition.name='natural' with task=tabular needs task.data to be a folder of "
-                                 "per-site files")
+        task = cls(cfg, data_dir)
+        if not task.path(cfg.data, "data").is_dir():  # a coordinator without data: the sites are the nodes
+            return partition.natural_sites or num_sites
+        count = task.natural_count()
         return min(partition.natural_sites, count) if partition.natural_sites > 0 else count
 
     # ---- Task contract ------------------------------------------------------------------------
@@ -177,12 +183,12 @@ class TabularTask(Task):
         if rows < schema.min_rows:
             raise SiteInputError(f"{where}: {rows} usable rows, below the schema's min_rows={schema.min_rows}; "
                                  "a site this small would leak its records through its updates")
-        if schema.label.kind != "regression":
+        if schema.label.kind != "regression" and schema.single_class == "refuse":
             present = np.unique(np.concatenate([site.train.label, site.val.label]))
             if present.size < 2:
                 raise SiteInputError(f"{where}: every training row has the same label "
                                      f"({schema.label.column!r} class {int(present[0])}); a site needs at least two "
-                                     "classes to train a classifier")
+                                     "classes to train a classifier (or the schema's single_class: allow)")
 
     def raw_sites(self, partition: PartitionConfig, num_sites: int, seed: int) -> list[RawSite]:
         """Simulation: every site's rows (one file split by ``partition``, or one file per site)."""
