@@ -200,14 +200,17 @@ def test_medical_run_on_four_hospitals(tmp_path: Path) -> None:
 
 def test_multirun_sweeps_tasks(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "app.cli", "--multirun", "task=finance,medical", "num_rounds=1",
+        [sys.executable, "-m", "app.cli", "--multirun", "task=medical,tabular", "num_rounds=1",
          "num_sites=2", f"hydra.sweep.dir={tmp_path}"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    names = sorted(json.loads((d / "results.json").read_text())["config"]["task"]["name"]
-                   for d in tmp_path.iterdir() if (d / "results.json").is_file())
-    assert names == ["finance", "medical"]
+    runs = {r["config"]["task"]["name"]: r for r in (json.loads((d / "results.json").read_text())
+                                                     for d in tmp_path.iterdir() if (d / "results.json").is_file())}
+    assert sorted(runs) == ["medical", "tabular"]
+    # task=tabular through the engine: federated preprocessing and pooled test metrics from the sites
+    assert runs["tabular"]["preprocessing"]["sites"] == 2 and runs["tabular"]["final"]["test_sites"] == 2
+    assert runs["tabular"]["test_source"].startswith("sites' held-out test rows")
     assert not leftover_processes()
 
 
