@@ -228,7 +228,7 @@ def sum_query(msg: Message, context: Context) -> Message:
             raise ValueError(f"task={cfg.task.name} has no federated statistics")
         half = composition.site(cfg).aggregation
         values = federated.site_vector(task, source, msg, half, context)
-    except DATA_ERRORS as err:
+    except (*DATA_ERRORS, ValueError) as err:
         return refused(msg, context, err)
     return half.sum_reply(msg, context, values, site_env(cfg, source))  # type: ignore[arg-type]
 
@@ -241,7 +241,7 @@ def vocab_query(msg: Message, context: Context) -> Message:
         if not isinstance(source, RawSite) or not isinstance(task, TabularTask):
             raise ValueError(f"task={cfg.task.name} has no federated vocabulary")
         return federated.vocab_reply(task, source, msg)
-    except DATA_ERRORS as err:
+    except (*DATA_ERRORS, ValueError) as err:
         return refused(msg, context, err)
 
 

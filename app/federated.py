@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 
 from aggregation.base import SUM_REQUEST, AggregationOption, SiteHalf, SumCoordinator, SumResult, screen_sum_replies
 from tasks.tabular import evaluation
-from tasks.tabular.prep import Preprocessor, local_vocab, merge_vocab
+from tasks.tabular.prep import Preprocessor
 from tasks.tabular.task import RawSite, TabularTask
 
 VOCAB_MESSAGE = "query.fedsilo_vocab"
@@ -93,7 +93,7 @@ class FederatedData:
         rec = ConfigRecord({"id": self.sum_id, "what": what, "length": length, **dict(self.config.items()),
                             **(extra or {})})
         if "prep-fingerprint" not in rec:
-            rec["prep-fingerprint"] = self.task.schema.fingerprint()
+            rec["prep-fingerprint"] = self.task.fingerprint()
         return RecordDict({SUM_REQUEST: rec})
 
     def _reject(self, result: SumResult, step: str) -> None:
@@ -105,11 +105,10 @@ class FederatedData:
         """Run the three steps; return the ``prep-*`` config every later message carries."""
         t0 = time.monotonic()
         self.nodes = wait_for_nodes(grid, num_sites)
-        schema = self.task.schema
-        fingerprint = schema.fingerprint()
+        fingerprint = self.task.fingerprint()
         self.config = ConfigRecord({"prep-fingerprint": fingerprint, "prep-standardize": self.standardize})
         vocab: dict[str, list[str]] = {}
-        if schema.discovered():
+        if self.task.discovers():
             request = RecordDict({SUM_REQUEST: ConfigRecord({"what": "vocab", "prep-fingerprint": fingerprint})})
             replies = self.summer.send(grid, self.nodes, request, VOCAB_MESSAGE)
 
@@ -119,8 +118,8 @@ class FederatedData:
 
             good, rejected = screen_sum_replies(replies, self.nodes, check)
             self._reject(SumResult(len(good), None, None, rejected), "vocab")
-            vocab = merge_vocab([json.loads(str(m.content.config_records[VOCAB_KEY]["vocab"])) for m in good.values()],
-                                schema)
+            vocab = self.task.merge_vocab([json.loads(str(m.content.config_records[VOCAB_KEY]["vocab"]))
+                                           for m in good.values()])
         self.config["prep-vocab"] = json.dumps(vocab, sort_keys=True)
         layout = self.task.layout(vocab)
         moments = self.summer.collect(grid, self.nodes, self._request("moments", layout.moments_size),
@@ -138,14 +137,14 @@ class FederatedData:
                                moments.values is not None,
                                int(round(moments.values[0])) if moments.values is not None else None)
         if moments.values is not None and spread.values is not None:
-            self.preprocessor = Preprocessor(schema, vocab, tuple(moments.values), tuple(spread.values), self.standardize)
+            self.preprocessor = self.task.preprocessor(vocab, tuple(moments.values), tuple(spread.values),
+                                                       self.standardize)
         log(INFO, "fedsilo preprocessing: statistics of %s sites combined (%s) in %.1f s; %s model inputs",
             moments.sites, self.summer.learns, self.phase.seconds, self.task.width)
         return self.config
 
     def _width(self, vocab: dict[str, list[str]]) -> int:
-        empty = Preprocessor(self.task.schema, vocab, (), (), self.standardize)
-        return empty.width
+        return self.task.preprocessor(vocab, (), (), self.standardize).width
 
     def evaluate(self, grid: Grid, arrays: ArrayRecord) -> dict[str, float]:
         """Pooled test metrics of the global model ``arrays`` (plaintext or, under Paillier, encrypted)."""
@@ -164,15 +163,14 @@ class FederatedData:
 
 
 def evaluation_spec(task: TabularTask, bins: int | None = None) -> evaluation.Spec:
-    lab = task.schema.label
-    return evaluation.Spec(lab.kind, max(2, len(lab.classes)), task.cfg.auc_bins if bins is None else bins)
+    return task.eval_spec(task.cfg.auc_bins if bins is None else bins)
 
 
 # ---- the site half ----------------------------------------------------------------------------
 def check_fingerprint(task: TabularTask, request: ConfigRecord) -> None:
-    mine, theirs = task.schema.fingerprint(), str(request.get("prep-fingerprint", ""))
+    mine, theirs = task.fingerprint(), str(request.get("prep-fingerprint", ""))
     if mine != theirs:
-        raise SchemaMismatch(f"this site's schema ({task.schema.source}, fingerprint {mine}) differs from the "
+        raise SchemaMismatch(f"this site's schema ({task.described_by()}, fingerprint {mine}) differs from the "
                              f"coordinator's (fingerprint {theirs}): every site must use the same schema file")
 
 
@@ -182,15 +180,14 @@ def site_prep(task: TabularTask, config: ConfigRecord, half: SiteHalf, context: 
     vocab = {k: list(v) for k, v in json.loads(str(config["prep-vocab"])).items()}
     moments = half.open_total(context, config, "prep-moments")
     spread = half.open_total(context, config, "prep-spread")
-    prep = Preprocessor(task.schema, vocab, tuple(moments), tuple(spread), str(config.get("prep-standardize", "numeric")))
+    prep = task.preprocessor(vocab, tuple(moments), tuple(spread), str(config.get("prep-standardize", "numeric")))
     task.use(prep.width)
     return prep
 
 
 def vocab_reply(task: TabularTask, raw: RawSite, msg: Message) -> Message:
     check_fingerprint(task, msg.content.config_records[SUM_REQUEST])
-    parts = [local_vocab(t, task.schema) for t in raw.fit_rows]
-    vocab = merge_vocab(parts, task.schema)
+    vocab = task.merge_vocab([task.local_vocab(t) for t in raw.fit_rows])
     return Message(RecordDict({VOCAB_KEY: ConfigRecord({"vocab": json.dumps(vocab, sort_keys=True)})}), reply_to=msg)
 
 

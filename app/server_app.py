@@ -79,7 +79,7 @@ def write_artefact(out_dir: Path, cfg: config.FedsiloConfig, fed: FederatedData,
                   for k, v in fed.config.items()}
     meta = {"model": {"name": cfg.task.model, "hidden": list(cfg.task.hidden), "dropout": cfg.task.dropout,
                       "width": task.width, "outputs": task.outputs},
-            "kind": task.label_kind, "schema": task.schema.to_dict(),
+            **task.artefact_meta(),
             "preprocessor": None if fed.preprocessor is None else fed.preprocessor.to_dict(),
             "sealed": sealed, "aggregation": config.to_dict(cfg)["aggregation"], "encrypted": sealed is not None}
     return artefact.write(out_dir / artefact.FILE, {k: v.numpy() for k, v in arrays.items()}, meta)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from core.config import check
 from tasks.base import PartitionConfig, SiteData, Split, Task, TaskConfig, TaskData
 from tasks.finance import FinanceTask
+from tasks.images import ImagesTask
 from tasks.medical import MedicalTask
 from tasks.medical_imaging import MedicalImagingTask
 from tasks.partition import PARTITIONS
 from tasks.tabular.task import TabularTask
 
 REGISTRY: dict[str, type[Task]] = {
-    t.name: t for t in (FinanceTask, MedicalTask, MedicalImagingTask, TabularTask)
+    t.name: t for t in (FinanceTask, MedicalTask, MedicalImagingTask, TabularTask, ImagesTask)
 }
 
 
@@ -27,11 +28,6 @@ OPTIMIZERS = ("sgd", "adam")
 STANDARDIZE = ("numeric", "all")
 
 
-def _validate_tabular(t: TaskConfig, p: PartitionConfig) -> None:
-    """task=tabular: its files are named (they are read, and checked, where the data are)."""
-    check(bool(t.schema), "task.schema", t.schema, "the path of a schema YAML (fedsilo data schema infer FILE)")
-    check(bool(t.data), "task.data", t.data, "a CSV/Parquet file, or a folder with one file per site")
-    check(p.name in ("iid", "dirichlet", "natural"), "partition.name", p.name, "iid, dirichlet or natural")
 
 
 def validate(t: TaskConfig, p: PartitionConfig) -> None:
@@ -57,7 +53,8 @@ def validate(t: TaskConfig, p: PartitionConfig) -> None:
     check(64 <= t.auc_bins <= 65536, "task.auc_bins", t.auc_bins, "an integer in 64..65536")
     check(t.standardize in STANDARDIZE, "task.standardize", t.standardize, f"one of {list(STANDARDIZE)}")
     if getattr(task_cls, "federated_data", False):
-        _validate_tabular(t, p)
+        check(p.name in ("iid", "dirichlet", "natural"), "partition.name", p.name, "iid, dirichlet or natural")
+        task_cls.validate_config(t, p)  # type: ignore[attr-defined]
         return
     if p.name == "natural":
         check(task_cls.natural_sites is not None, "partition.name", p.name,

@@ -51,6 +51,11 @@ class TaskConfig:
     test_fraction: float = 0.2   # each site's seeded, stratified held-out test rows (unless the schema has a split column)
     standardize: str = "numeric"  # numeric: numeric features only | all: booleans and one-hot codes too
     auc_bins: int = 8192         # logit histogram bins of the pooled test AUC (finer: tighter bound, bigger sums)
+    # task=images (folders of images per site):
+    classes: list[str] = field(default_factory=list)  # the class folder names, in order (binary: [negative, positive])
+    image_size: int = 28         # every image is resized to image_size x image_size
+    channels: int = 1            # 1 (grey) or 3 (RGB)
+    min_rows: int = 20           # task=images: a site with fewer images is refused
 
 
 @dataclass

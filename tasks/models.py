@@ -45,18 +45,21 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks (conv, GroupNorm, ReLU, max-pool) and a small classifier, 28x28 input."""
+    """Two conv blocks (conv, GroupNorm, ReLU, max-pool) and a small classifier (28x28 grey input by default)."""
 
-    def __init__(self, channels: Sequence[int] = (16, 32), hidden: int = 64, dropout: float = 0.0) -> None:
+    def __init__(self, channels: Sequence[int] = (16, 32), hidden: int = 64, dropout: float = 0.0,
+                 in_channels: int = 1, size: int = 28, outputs: int = 1) -> None:
         super().__init__()
         c1, c2 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.GroupNorm(4, c1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, c1, 3, padding=1), nn.GroupNorm(4, c1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(c1, c2, 3, padding=1), nn.GroupNorm(4, c2), nn.ReLU(), nn.MaxPool2d(2),
         )
+        side = size // 4
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(c2 * 7 * 7, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+            nn.Flatten(), nn.Linear(c2 * side * side, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, outputs)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)).squeeze(-1)
+        out = self.head(self.features(x))
+        return out.squeeze(-1) if out.shape[-1] == 1 else out

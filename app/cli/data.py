@@ -60,8 +60,14 @@ def _split_tables(task: Any, cfg: Any, n: int, out: Path) -> list[dict[str, Any]
     for k in range(n):
         site = task.raw_site(cfg.partition, n, cfg.seed, k)
         dest = out / f"{site.name}.csv"
-        if files:
+        if files and files[k].is_dir():  # a site's folder (task=images)
+            dest = out / site.name
+            shutil.copytree(files[k], dest, dirs_exist_ok=True)
+        elif files:
             shutil.copyfile(files[k], dest)
+        elif not task.path(cfg.task.data, "data").is_file():
+            raise ValueError(f"task={cfg.task.name}: to give each site its own data, make task.data a folder of "
+                             "site folders (partition=natural)")
         else:
             source = pd.read_csv(task.path(cfg.task.data, "data"), dtype=str, keep_default_na=False)
             lines = np.sort(np.concatenate([site.train.line, site.val.line, site.test.line]))

@@ -44,8 +44,6 @@ def _decrypted(state: dict[str, np.ndarray], meta: dict[str, Any], keypair: Path
 
     import aggregation
     from tasks.tabular import artefact
-    from tasks.tabular.prep import Preprocessor
-    from tasks.tabular.schema import Schema
 
     option = aggregation.get(meta["aggregation"]["name"])
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(option.schema), meta["aggregation"]))
@@ -54,10 +52,9 @@ def _decrypted(state: dict[str, np.ndarray], meta: dict[str, Any], keypair: Path
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     sealed = ConfigRecord({k: ([bytes.fromhex(x) for x in v] if k.endswith("-ct") else v)
                            for k, v in meta["sealed"].items()})
-    schema = Schema.parse(meta["schema"], "saved model")
     vocab = {k: list(v) for k, v in json.loads(str(sealed["prep-vocab"])).items()}
-    prep = Preprocessor(schema, vocab, tuple(half.open_total(context, sealed, "prep-moments")),
-                        tuple(half.open_total(context, sealed, "prep-spread")), str(sealed["prep-standardize"]))
+    prep = artefact.preprocessor(meta, vocab, tuple(half.open_total(context, sealed, "prep-moments")),
+                                 tuple(half.open_total(context, sealed, "prep-spread")), str(sealed["prep-standardize"]))
     template = artefact.build(meta).state_dict()
     plain = half.open_model(context, ArrayRecord({k: Array(v) for k, v in state.items()}), template)
     return artefact.Predictor.from_parts({k: v.numpy() for k, v in plain.items()}, meta, prep)
@@ -83,8 +80,8 @@ def main(argv: list[str]) -> int:
         return 2
     out = args.out or args.file.with_name(args.file.stem + ".scores.csv")
     frame = pd.DataFrame(scores)
-    if table.ids is not None:
-        frame.insert(0, pred.schema.id, table.ids)
+    if table.ids is not None and pred.id_column:
+        frame.insert(0, pred.id_column, table.ids)
     frame.to_csv(out, index=False)
     print(f"fedsilo predict: {len(table)} rows scored -> {out}")
     return 0

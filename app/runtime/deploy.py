@@ -58,9 +58,9 @@ def site_overrides(overrides: list[str], sites: int) -> tuple[list[str], str]:
         natural = tasks.get(cfg.task.name).natural_sites or ()
         if _own_data(cfg):  # one site per file of task.data
             from app.runtime.paths import resolve_data_dir
-            from tasks.tabular.task import TabularTask
 
-            natural = tuple(f.stem for f in TabularTask(cfg.task, resolve_data_dir(cfg.data_dir)).site_files())
+            own = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
+            natural = tuple(f.stem for f in own.site_files())  # type: ignore[attr-defined]
         if sites > len(natural):
             raise ValueError(f"--sites {sites}: task {cfg.task.name}'s natural split has only {len(natural)} sites "
                              f"{list(natural)}; use --sites {len(natural)} or partition=iid")
@@ -128,10 +128,11 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
     dep = prepare(out, overrides, sites, secure)
     coordinator_data = data_dir
     if _own_data(cfg):  # the coordinator gets an empty folder: it holds no data, only the schema
-        from tasks.tabular.task import TabularTask
+        import tasks
 
-        schema = TabularTask(cfg.task, data_dir).path(cfg.task.schema, "schema").resolve()
-        overrides = [o for o in overrides if not o.startswith("task.schema=")] + [f"task.schema={schema}"]
+        if cfg.task.schema:
+            schema = tasks.get(cfg.task.name)(cfg.task, data_dir).path(cfg.task.schema, "schema").resolve()  # type: ignore[attr-defined]
+            overrides = [o for o in overrides if not o.startswith("task.schema=")] + [f"task.schema={schema}"]
         coordinator_data = (out / "coordinator").resolve()
         coordinator_data.mkdir(exist_ok=True)
     run_config = {"overrides": config.run_overrides(overrides, coordinator_data), "output-dir": str(out.resolve())}

@@ -30,7 +30,7 @@ def has_data(path: Path) -> bool:
     """
     import tasks
 
-    return any(all((path / f).is_file() for f in t.data_files) for t in tasks.REGISTRY.values())
+    return any(t.data_files and all((path / f).is_file() for f in t.data_files) for t in tasks.REGISTRY.values())
 
 
 def _installed_source_tree() -> Path | None:

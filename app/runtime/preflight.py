@@ -74,7 +74,8 @@ def _check_own_data(cfg: config.FedsiloConfig, data_dir: Path) -> Path:
     from tasks.tabular.table import SiteInputError
     from tasks.tabular.task import TabularTask
 
-    task = TabularTask(cfg.task, data_dir)
+    task = tasks.get(cfg.task.name)(cfg.task, data_dir)
+    assert isinstance(task, TabularTask)
     try:
         task.schema  # noqa: B018 - parsing is the check
         data = task.path(cfg.task.data, "data")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.models import MLP, LogisticRegression
+from tasks.models import MLP, LogisticRegression, SmallCNN
 from tasks.tabular.prep import Preprocessor
 from tasks.tabular.schema import Schema
 from tasks.tabular.table import Table, read
@@ -66,51 +66,95 @@ def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 def build(meta: dict[str, Any]) -> nn.Module:
     m = meta["model"]
+    if meta.get("task") == "images":
+        img = meta["image"]
+        return SmallCNN(hidden=int(m["hidden"][0]) if m["hidden"] else 64, dropout=float(m["dropout"]),
+                        in_channels=int(img["channels"]), size=int(img["size"]), outputs=int(m["outputs"]))
     if m["name"] == "logreg":
         return LogisticRegression(int(m["width"]), int(m["outputs"]))
     return MLP(int(m["width"]), list(m["hidden"]), float(m["dropout"]), int(m["outputs"]))
 
 
+def preprocessor(meta: dict[str, Any], vocab: dict[str, list[str]], moments: tuple[float, ...],
+                 spread: tuple[float, ...], standardize: str) -> Any:
+    """The fitted preprocessing of a model file's task from its totals (decrypted at a site under Paillier)."""
+    if meta.get("task") == "images":
+        from tasks.images import ImagePreprocessor
+
+        img = meta["image"]
+        return ImagePreprocessor(tuple(meta["classes"]), int(img["channels"]), int(img["size"]), moments, spread)
+    return Preprocessor(Schema.parse(meta["schema"], "saved model"), vocab, moments, spread, standardize)
+
+
+def _preprocessor_from_dict(meta: dict[str, Any]) -> Any:
+    if meta.get("task") == "images":
+        from tasks.images import ImagePreprocessor
+
+        return ImagePreprocessor.from_dict(meta["preprocessor"])
+    return Preprocessor.from_dict(meta["preprocessor"])
+
+
 @dataclass
 class Predictor:
-    """A model and its preprocessing, ready to score raw rows."""
+    """A model and its preprocessing, ready to score raw rows (or, for task=images, a folder of images)."""
 
     model: nn.Module
-    prep: Preprocessor
+    prep: Any          # tasks.tabular.prep.Preprocessor or tasks.images.ImagePreprocessor
+    meta: dict[str, Any]
 
     @classmethod
-    def from_parts(cls, state: dict[str, np.ndarray], meta: dict[str, Any], prep: Preprocessor | None = None
-                   ) -> Predictor:
+    def from_parts(cls, state: dict[str, np.ndarray], meta: dict[str, Any], prep: Any = None) -> Predictor:
         if prep is None:
             if meta.get("preprocessor") is None:
                 raise ArtefactError("this model's preprocessing is encrypted (aggregation=paillier): score rows "
                                     "at a site with its key pair: fedsilo predict RUN_DIR FILE --keypair KEYPAIR")
-            prep = Preprocessor.from_dict(meta["preprocessor"])
+            prep = _preprocessor_from_dict(meta)
         model = build(meta)
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
         model.eval()
-        return cls(model, prep)
+        return cls(model, prep, meta)
 
     @property
     def schema(self) -> Schema:
-        return self.prep.schema
+        return self.prep.schema  # type: ignore[no-any-return]
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("kind", "binary"))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        if self.meta.get("task") == "images":
+            return tuple(self.meta["classes"])
+        return tuple(self.schema.label.classes)
+
+    @property
+    def id_column(self) -> str | None:
+        return self.meta.get("id") if self.meta.get("task") == "images" else self.schema.id
 
     def score_table(self, table: Table) -> dict[str, np.ndarray]:
         """Columns of scores: ``score`` (binary: probability of the positive class), ``p_<class>`` and
         ``predicted`` (multiclass), ``prediction`` (regression, on the label's scale)."""
         with torch.no_grad():
             out = self.model(torch.from_numpy(self.prep.transform(table))).double()
-        lab = self.schema.label
-        if lab.kind == "binary":
+        if self.kind == "binary":
             return {"score": torch.sigmoid(out).numpy()}
-        if lab.kind == "regression":
+        if self.kind == "regression":
             mean, std = self.prep.label_scale()
             return {"prediction": out.numpy() * std + mean}
         p = torch.softmax(out, dim=-1).numpy()
-        cols = {f"p_{c}": p[:, k] for k, c in enumerate(lab.classes)}
-        cols["predicted"] = np.asarray(lab.classes, dtype=object)[np.argmax(p, axis=1)]
+        cols = {f"p_{c}": p[:, k] for k, c in enumerate(self.classes)}
+        cols["predicted"] = np.asarray(self.classes, dtype=object)[np.argmax(p, axis=1)]
         return cols
 
-    def score_file(self, path: str | Path) -> tuple[Table, dict[str, np.ndarray]]:
-        table = read(path, self.schema, labelled=False)
+    def score_file(self, path: str | Path) -> tuple[Any, dict[str, np.ndarray]]:
+        """Score a file of raw rows (or, for task=images, a folder of images)."""
+        if self.meta.get("task") == "images":
+            from tasks.images import read_folder
+
+            img = self.meta["image"]
+            table: Any = read_folder(Path(path).expanduser(), list(self.classes), int(img["channels"]),
+                                     int(img["size"]), labelled=False)
+        else:
+            table = read(path, self.schema, labelled=False)
         return table, self.score_table(table)

@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.config import check
 from core.seeding import seed_for
 from tasks.base import PartitionConfig, SiteData, Split, Task, TaskConfig, TaskData
 from tasks.models import MLP, LogisticRegression
 from tasks.partition import PartitionError, partition_indices, split_train_val
-from tasks.tabular.prep import Preprocessor, StatLayout
+from tasks.tabular.evaluation import Spec
+from tasks.tabular.prep import Preprocessor, StatLayout, local_vocab, merge_vocab
 from tasks.tabular.schema import Schema
 from tasks.tabular.table import SUFFIXES, SiteInputError, Table, read
 
@@ -114,6 +116,10 @@ class TabularTask(Task):
             raise SiteInputError(f"task.data folder {p} holds no {list(SUFFIXES)} files (one per site)")
         return files
 
+    def read_site(self, path: str | Path) -> Table:
+        """One site's checked rows (cached per process)."""
+        return read_table(path, self.schema)
+
     def natural_count(self) -> int:
         return len(self.site_files())
 
@@ -196,7 +202,7 @@ class TabularTask(Task):
         if files:
             chosen = files[: partition.natural_sites] if partition.natural_sites > 0 else files
             return [self.raw_site(partition, num_sites, seed, k) for k in range(len(chosen))]
-        table = read_table(self.path(self.cfg.data, "data"), self.schema)
+        table = self.read_site(self.path(self.cfg.data, "data"))
         if partition.name == "natural":
             raise PartitionError("partition.name='natural' with task=tabular needs task.data to be a folder of "
                                  "per-site files")
@@ -222,7 +228,7 @@ class TabularTask(Task):
         files = self.site_files()
         if files:
             f = files[site_id]
-            rest, test = self._holdout(read_table(f, self.schema), seed_for(seed, site_id, TEST_SEED))
+            rest, test = self._holdout(self.read_site(f), seed_for(seed, site_id, TEST_SEED))
             return self._site(site_id, f.stem, rest, test, seed)
         key = (str(self.path(self.cfg.data, "data")), self.cfg.schema, partition.name, num_sites, seed, partition.alpha,
                partition.min_partition_size, self.cfg.val_fraction, self.cfg.test_fraction)
@@ -240,12 +246,47 @@ class TabularTask(Task):
 
     def raw_site_file(self, path: str | Path, site_id: int, name: str, seed: int) -> RawSite:
         """Deployment: this SuperNode's own file (its ``data-path``)."""
-        rest, test = self._holdout(read_table(path, self.schema), seed_for(seed, TEST_SEED))
+        rest, test = self._holdout(self.read_site(path), seed_for(seed, TEST_SEED))
         return self._site(site_id, name, rest, test, seed)
 
-    # ---- preprocessing ---------------------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, t: TaskConfig, p: PartitionConfig) -> None:
+        """Range checks of this task's keys (its files are read, and checked, where the data are)."""
+        check(bool(t.schema), "task.schema", t.schema, "the path of a schema YAML (fedsilo data schema infer FILE)")
+        check(bool(t.data), "task.data", t.data, "a CSV/Parquet file, or a folder with one file per site")
+
+    # ---- the federated-data contract (app/federated.py) -------------------------------------------
+    def fingerprint(self) -> str:
+        """Equal at every site of a federation, or the site is refused."""
+        return self.schema.fingerprint()
+
+    def described_by(self) -> str:
+        return self.schema.source
+
+    def discovers(self) -> bool:
+        """Whether a vocabulary step (names in the clear) comes before the statistics."""
+        return bool(self.schema.discovered())
+
+    def local_vocab(self, table: Table) -> dict[str, list[str]]:
+        return local_vocab(table, self.schema)
+
+    def merge_vocab(self, parts: list[dict[str, list[str]]]) -> dict[str, list[str]]:
+        return merge_vocab(parts, self.schema)
+
     def layout(self, vocab: dict[str, list[str]]) -> StatLayout:
         return StatLayout(self.schema, vocab)
+
+    def preprocessor(self, vocab: dict[str, list[str]], moments: tuple[float, ...], spread: tuple[float, ...],
+                     standardize: str) -> Preprocessor:
+        return Preprocessor(self.schema, vocab, moments, spread, standardize)
+
+    def eval_spec(self, bins: int) -> Spec:
+        lab = self.schema.label
+        return Spec(lab.kind, max(2, len(lab.classes)), bins)
+
+    def artefact_meta(self) -> dict[str, Any]:
+        """What the model file keeps to rebuild this task's model and read its inputs."""
+        return {"task": self.name, "schema": self.schema.to_dict(), "kind": self.label_kind}
 
     def prepared(self, raw: RawSite, prep: Preprocessor) -> tuple[SiteData, Split]:
         """The site's training and validation data and its test split, preprocessed by ``prep``."""
