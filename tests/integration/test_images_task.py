@@ -29,6 +29,7 @@ def task_for(data: Path) -> ImagesTask:
     return ImagesTask(TaskConfig(name="images", data=str(data), classes=["benign", "malignant"], model="cnn"), DATA_DIR)
 
 
+@pytest.mark.slow
 def test_png_folders_train_and_pool_their_test_metrics(folders: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in folders.iterdir()) == ["site-0", "site-1", "site-2"]
     results = run_inprocess(["task=images", f"task.data={folders}", "partition=natural", CLASSES, "num_rounds=3",

@@ -129,6 +129,7 @@ def test_a_site_with_another_schema_is_refused() -> None:
         federated.check_fingerprint(theirs, ConfigRecord({"prep-fingerprint": mine.schema.fingerprint()}))
 
 
+@pytest.mark.slow
 def test_multiclass_and_regression_labels_run_end_to_end(tmp_path: Path) -> None:
     multi = run_inprocess(["task=tabular", "task.schema=schemas/heart_multiclass.yaml",
                            "task.data=uci_heart_disease/sites", "partition=natural", "num_rounds=3",

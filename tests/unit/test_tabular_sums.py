@@ -75,6 +75,7 @@ def _fit(task: TabularTask, sites: list) -> Preprocessor:
     return Preprocessor(task.schema, {}, tuple(moments), tuple(STATS.decode(acc)), "all")
 
 
+@pytest.mark.slow
 def test_federated_statistics_equal_the_pooled_ones_and_reproduce_the_finance_features() -> None:
     task, sites = _credit_sites()
     prep = _fit(task, sites)
