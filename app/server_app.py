@@ -124,7 +124,7 @@ def main(grid: Grid, context: Context) -> None:
     if getattr(task, "federated_data", False):  # the rows stay at the sites: no test set here
         assert isinstance(task, TabularTask)
         fed = FederatedData(task, aggregation.get(cfg.aggregation.name), cfg.aggregation, cfg.strategy.round_timeout,
-                            cfg.task.standardize)
+                            task.schema.standardize)
         prep_config = fed.prepare(grid, n_sites)
         prep_traffic = grid.take().as_dict()
     else:

@@ -25,7 +25,6 @@ def get(name: str) -> type[Task]:
 
 
 OPTIMIZERS = ("sgd", "adam")
-STANDARDIZE = ("numeric", "all")
 
 
 
@@ -51,7 +50,6 @@ def validate(t: TaskConfig, p: PartitionConfig) -> None:
     check(p.natural_sites >= 0, "partition.natural_sites", p.natural_sites, "0 (all) or a number of sites >= 2")
     check(0 < t.test_fraction < 1, "task.test_fraction", t.test_fraction, "0 < test_fraction < 1")
     check(64 <= t.auc_bins <= 65536, "task.auc_bins", t.auc_bins, "an integer in 64..65536")
-    check(t.standardize in STANDARDIZE, "task.standardize", t.standardize, f"one of {list(STANDARDIZE)}")
     if getattr(task_cls, "federated_data", False):
         check(p.name in ("iid", "dirichlet", "natural"), "partition.name", p.name, "iid, dirichlet or natural")
         task_cls.validate_config(t, p)  # type: ignore[attr-defined]

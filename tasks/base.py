@@ -49,7 +49,6 @@ class TaskConfig:
     schema: str = ""             # the schema YAML (tasks/tabular/schema.py)
     data: str = ""               # one CSV/Parquet file (split by partition) or a folder of one file per site
     test_fraction: float = 0.2   # each site's seeded, stratified held-out test rows (unless the schema has a split column)
-    standardize: str = "numeric"  # numeric: numeric features only | all: booleans and one-hot codes too
     auc_bins: int = 8192         # logit histogram bins of the pooled test AUC (finer: tighter bound, bigger sums)
     # task=images (folders of images per site):
     classes: list[str] = field(default_factory=list)  # the class folder names, in order (binary: [negative, positive])

@@ -183,6 +183,8 @@ def final_intervals(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) 
     if results.get("artifacts", {}).get("model") != MODEL_FILE or not (run_dir / MODEL_FILE).is_file():
         return {}
     cfg = _config(results)
+    if getattr(tasks.get(cfg.task.name), "federated_data", False):
+        return {}  # the test rows stay at the sites: the metrics are pooled sums, no rows to resample
     task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
     model = task.build_model()
     model.load_state_dict(torch.load(run_dir / MODEL_FILE, weights_only=True))
@@ -255,6 +257,11 @@ def sections(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) -> list
         fin.tables.append((["metric", "value", "95 % CI"],
                            [[k, f"{v[0]:.4f}", f"{v[1]:.4f} - {v[2]:.4f}"] for k, v in ci.items()]
                            + [["loss", _fmt(final.get("loss")), ""]]))
+    elif str(results.get("test_source", "")).startswith("sites'"):
+        fin.paragraphs.append(f"Pooled from the {results.get('test_source')}. The coordinator holds no test rows, so "
+                              "there are no bootstrap intervals; the AUC comes from logit histograms and is within "
+                              f"auc_bound = {_fmt(final.get('auc_bound'), 6)} of the exact pooled AUC.")
+        fin.tables.append((["metric", "value"], [[k, _fmt(v)] for k, v in final.items()]))
     else:
         fin.paragraphs.append("No plaintext model at the coordinator (Paillier keeps it encrypted) or the run did not "
                               f"train: figures from {results.get('final_source') or 'the last round'}, no intervals.")

@@ -12,6 +12,7 @@ refused). Example (``tasks/data/schemas/heart.yaml``)::
     missing: drop_row         # impute (numeric: the federated mean; categorical: a 'missing' level) | drop_row | error
     min_rows: 20              # a site with fewer usable rows is refused (tiny sites leak through their updates)
     single_class: refuse      # refuse | allow a site whose training rows all have one class (it reveals them)
+    standardize: numeric      # numeric | all: booleans and one-hot codes standardised too
     features:
       - {name: age, type: numeric}
       - {name: oldpeak, type: numeric, transform: signed_log1p}
@@ -84,6 +85,7 @@ class Schema:
     missing: str = "impute"
     min_rows: int = 20
     single_class: str = "refuse"   # refuse | allow: a site whose training rows all have one class
+    standardize: str = "numeric"   # numeric: numeric features only | all: booleans and one-hot codes too
     source: str = field(default="", compare=False)
 
     # ---- derived ---------------------------------------------------------------------------
@@ -133,7 +135,8 @@ class Schema:
 
         if not isinstance(raw, dict):
             raise fail("(top level)", "expected a mapping with 'label' and 'features'")
-        known = {"format", "label", "features", "id", "drop", "split", "missing", "min_rows", "single_class"}
+        known = {"format", "label", "features", "id", "drop", "split", "missing", "min_rows", "single_class",
+                 "standardize"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise fail(str(unknown[0]), f"unknown key; allowed keys are {sorted(known)}")
@@ -153,11 +156,14 @@ class Schema:
         single = raw.get("single_class", "refuse")
         if single not in ("refuse", "allow"):
             raise fail("single_class", f"{single!r} is not one of ['refuse', 'allow']")
+        standardize = raw.get("standardize", "numeric")
+        if standardize not in ("numeric", "all"):
+            raise fail("standardize", f"{standardize!r} is not one of ['numeric', 'all']")
         drop = raw.get("drop") or []
         if not isinstance(drop, list):
             raise fail("drop", "expected a list of column names")
         schema = cls(label, features, _opt_str(raw.get("id"), "id", fail), tuple(map(str, drop)),
-                     _opt_str(raw.get("split"), "split", fail), missing, min_rows, single, source)
+                     _opt_str(raw.get("split"), "split", fail), missing, min_rows, single, standardize, source)
         seen: set[str] = set()
         for c in schema.columns:
             if c in seen:

@@ -154,3 +154,13 @@ def test_the_credit_table_through_the_tabular_path_trains_the_finance_model(tmp_
     for k in ("auc", "accuracy", "loss", "ks"):
         assert abs(tab["final"][k] - fin["final"][k]) < 1e-4, k
     assert tab["final"]["num_examples"] == fin["final"]["num_examples"] == 6000
+
+
+def test_the_report_says_where_the_test_metrics_come_from(runs: dict[str, tuple[Path, Any]]) -> None:
+    from app.reporting import report
+
+    run_dir, _ = runs["secagg"]
+    md, _ = report.write(run_dir, n_boot=10)
+    text = md.read_text()
+    assert "Pooled from the sites' held-out test rows, pooled by aggregation=secagg" in text
+    assert "auc_bound" in text and "Not available to the coordinator" in text  # no rows per site at the coordinator

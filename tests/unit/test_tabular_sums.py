@@ -55,7 +55,7 @@ def test_paillier_slots_hold_the_sum_of_every_site() -> None:
 
 def _credit_sites() -> tuple[TabularTask, list]:
     cfg = TaskConfig(name="tabular", schema="schemas/credit_default.yaml",
-                     data="uci_credit_default_taiwan/credit_default.csv", standardize="all")
+                     data="uci_credit_default_taiwan/credit_default.csv")
     task = TabularTask(cfg, DATA)
     return task, task.raw_sites(PartitionConfig(name="iid"), 5, 0)
 
