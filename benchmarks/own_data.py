@@ -5,7 +5,7 @@ runner, which matches the simulation engine bit for bit), baselines beside:
 
 1. credit default through ``task=tabular`` (CSV + schema, 5 IID sites, 10 rounds) beside
    ``task=finance``; heart disease through ``task=tabular`` (4 hospitals' CSV files, 20
-   rounds) beside ``task=medical``; seeds 0-2;
+   rounds, ``task=medical``'s batch size 32) beside ``task=medical``; seeds 0-2;
 2. the federated statistics against the pooled ones (relative error of every mean and
    variance) under plain, secagg and paillier;
 3. the pooled federated test AUC against scikit-learn's AUC on the pooled test scores;
@@ -45,7 +45,7 @@ from tasks.tabular.task import TabularTask  # noqa: E402
 DATA = REPO / "tasks" / "data"
 CREDIT = ["task=tabular", "num_rounds=10", "num_sites=5"]
 HEART = ["task=tabular", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
-         "task.model=logreg", "num_rounds=20"]
+         "task.model=logreg", "task.batch_size=32", "num_rounds=20"]  # task=medical's training settings
 HEART5 = ["task=tabular", "task.schema=schemas/heart_multiclass.yaml", "task.data=uci_heart_disease/sites",
           "partition=natural", "task.model=logreg", "num_rounds=20"]
 DIABETES = ["task=tabular", "task.schema=schemas/diabetes.yaml", "task.data=diabetes/diabetes.csv", "num_sites=3",
