@@ -28,6 +28,8 @@ from app.reporting.report import Section, _png, to_html, to_markdown
 from app.reporting.results import RESULTS_FILE
 
 COLUMNS = ("auc", "accuracy", "f1", "ks", "loss")
+#: Shown when some compared run has them: regression runs (task=tabular with a numeric label).
+REGRESSION_COLUMNS = ("r2", "mae", "rmse")
 
 
 @dataclass
@@ -71,7 +73,8 @@ def _name(runs: list[Run]) -> None:
 
 
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    head = ["run", "status", "rounds", *COLUMNS, "best AUC (round)", "max epsilon", "seconds", "MB to sites", "path"]
+    columns = [*COLUMNS, *(k for k in REGRESSION_COLUMNS if any(k in (r.results.get("final") or {}) for r in runs))]
+    head = ["run", "status", "rounds", *columns, "best AUC (round)", "max epsilon", "seconds", "MB to sites", "path"]
     rows = []
     for r in runs:
         res = r.results
@@ -82,7 +85,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         eps = p.get("max_epsilon", p.get("epsilon"))
         mb = sum(h.get("traffic", {}).get("bytes_to_sites", 0) for h in hist) / 1e6
         rows.append([r.name, str(res.get("status", "?")), str(len(hist)),
-                     *[("n/a" if final.get(k) is None else f"{final[k]:.4f}") for k in COLUMNS],
+                     *[("n/a" if final.get(k) is None else f"{final[k]:.4f}") for k in columns],
                      f"{best[0]:.4f} ({best[1]})" if best else "n/a", "-" if eps is None else f"{eps:.3f}",
                      f"{res.get('timing', {}).get('total_seconds', 0):.1f}", f"{mb:.2f}", str(r.path)])
     return head, rows

@@ -144,6 +144,10 @@ def test_multiclass_and_regression_labels_run_end_to_end(tmp_path: Path) -> None
     assert {"mse", "mae", "r2"} <= set(r) and np.isfinite(r["r2"]) and reg["privacy"]["max_epsilon"] <= 50
     model_state, meta = artefact.load(tmp_path / "reg")
     assert meta["kind"] == "regression" and meta["model"]["outputs"] == 1 and model_state
+    from app.reporting import compare
+
+    head, rows = compare.table([compare.Run(tmp_path / "multi", multi, "multi"), compare.Run(tmp_path / "reg", reg, "reg")])
+    assert "r2" in head and rows[1][head.index("r2")] == f"{r['r2']:.4f}" and rows[0][head.index("r2")] == "n/a"
 
 
 @pytest.mark.slow
