@@ -123,6 +123,27 @@ class SecureAggregator:
     def _tag(self) -> dict[str, str]:
         return {"channel": self.channel} if self.channel else {}
 
+    def _masked_vectors(self, good: dict[int, Message]) -> dict[int, np.ndarray]:
+        """Stage 2's well-formed masked vectors by protocol id; a reply without one is rejected with its reason."""
+        assert self._server is not None
+        masked: dict[int, np.ndarray] = {}
+        for node, msg in good.items():
+            record = msg.content.array_records.get(MASKED_KEY)
+            y = record["y"].numpy() if record is not None and "y" in record else None
+            reason = "reply has no masked vector" if y is None else self._server.check_masked(y)
+            if reason is not None:
+                self._reject(node, "masked_input", reason)
+                continue
+            masked[self._ids[node]] = y  # type: ignore[assignment]  # not None: checked above
+        return masked
+
+    def _unmask(self, shares: dict[int, ConfigRecord]) -> np.ndarray:
+        """Stage 3: the survivors' field sum from the unmasking shares."""
+        assert self._server is not None
+        return self._server.unmask({i: {int(o): (str(k), bytes(v))  # type: ignore[arg-type]
+                                        for o, k, v in zip(r["owners"], r["kinds"], r["shares"])}  # type: ignore[arg-type]
+                                    for i, r in shares.items()})
+
     def _node_of(self, pid: int) -> int:
         return next(n for n, p in self._ids.items() if p == pid)
 
@@ -195,18 +216,11 @@ class SecureAggregator:
         assert self._server is not None and self._codec is not None
         t0 = time.monotonic()
         good = self._screen("masked_input", replies, self._trained)
-        masked: dict[int, np.ndarray] = {}
+        masked = self._masked_vectors(good)
         next_keys: dict[int, tuple[bytes, bytes]] = {}
         for node, msg in good.items():
-            record = msg.content.array_records.get(MASKED_KEY)
-            y = record["y"].numpy() if record is not None and "y" in record else None
-            reason = "reply has no masked vector" if y is None else self._server.check_masked(y)
-            if reason is not None:
-                self._reject(node, "masked_input", reason)
-                continue
-            masked[self._ids[node]] = y  # type: ignore[assignment]  # not None: checked above
             w = msg.content.config_records[WIRE_KEY]
-            if "next-c-pk" in w and "next-s-pk" in w:
+            if self._ids[node] in masked and "next-c-pk" in w and "next-s-pk" in w:
                 next_keys[node] = (bytes(w["next-c-pk"]), bytes(w["next-s-pk"]))  # type: ignore[arg-type]
         self._entry()["stages"]["masked_input"] = {"sent": len(self._trained), "ok": len(masked),
                                                    "seconds": round(t0 - self._t_masked, 4)}
@@ -227,8 +241,7 @@ class SecureAggregator:
 
         shares = self._exchange("unmask", "query.secagg_unmask", {self._node_of(i): request(i) for i in survivors})
         t1 = time.monotonic()
-        total = self._server.unmask({i: {int(o): (str(k), bytes(v)) for o, k, v in zip(r["owners"], r["kinds"], r["shares"])}  # type: ignore[arg-type]
-                                     for i, r in shares.items()})
+        total = self._unmask(shares)
         aggregate = self._codec.decode(total)
         self._entry().update({"survivors": len(survivors), "dropped": len(dropped),
                               "unmask_seconds": round(time.monotonic() - t1, 4), "clipped": aggregate.clipped})
@@ -271,20 +284,11 @@ class SecureAggregator:
         assert self._server is not None
         good = self._screen("masked_input", self._grid.send_and_receive(msgs, timeout=self.stage_timeout),
                             self._trained)
-        masked: dict[int, np.ndarray] = {}
-        for node, msg in good.items():
-            record = msg.content.array_records.get(MASKED_KEY)
-            y = record["y"].numpy() if record is not None and "y" in record else None
-            reason = "reply has no masked vector" if y is None else self._server.check_masked(y)
-            if reason is not None:
-                self._reject(node, "masked_input", reason)
-                continue
-            masked[self._ids[node]] = y  # type: ignore[assignment]
+        masked = self._masked_vectors(good)
         survivors, dropped = self._server.collect_masked(masked)
         shares = self._exchange("unmask", "query.secagg_unmask", {
             self._node_of(i): {"id": i, "survivors": survivors, "dropped": dropped} for i in survivors})
-        total = self._server.unmask({i: {int(o): (str(k), bytes(v)) for o, k, v in zip(r["owners"], r["kinds"], r["shares"])}  # type: ignore[arg-type]
-                                     for i, r in shares.items()})
+        total = self._unmask(shares)
         self._entry().update({"survivors": len(survivors), "dropped": len(dropped)})
         return total, [self._node_of(i) for i in survivors]
 
