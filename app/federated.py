@@ -39,7 +39,6 @@ from tasks.tabular.task import RawSite, TabularTask
 
 VOCAB_MESSAGE = "query.fedsilo_vocab"
 VOCAB_KEY = "fedsilo-vocab"
-PREP_KEYS = ("prep-fingerprint", "prep-vocab", "prep-moments", "prep-spread", "prep-standardize")
 WAIT_SECONDS = 600.0
 
 
