@@ -25,7 +25,7 @@ OPTION_RECORDS = {"privacy", "privacy_central", "secagg", "ct"}
 #: Option packages (old and new layouts): a branch inside is the option's own business.
 OWN = ("strategies/secagg/", "strategies/paillier/", "aggregation/", "privacy/dpsgd", "privacy/central")
 COMPOSITION_ROOT = ("app/config.py", "app/composition.py")
-PACKAGES = ("app", "strategies", "privacy", "tasks", "aggregation", "core")
+PACKAGES = ("app", "strategies", "privacy", "tasks", "aggregation", "core", "vertical")
 
 
 def _mentions_mode(test: ast.AST) -> bool:

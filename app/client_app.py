@@ -245,6 +245,15 @@ def vocab_query(msg: Message, context: Context) -> Message:
         return refused(msg, context, err)
 
 
+@app.query("fedsilo_vertical")
+def vertical_query(msg: Message, context: Context) -> Message:
+    """A step of a vertical federation (:mod:`app.vertical`)."""
+    torch.set_num_threads(1)
+    from app import vertical
+
+    return vertical.answer(msg, context)
+
+
 # Every option's messages reach the same handlers: the ClientApp knows no option by name.
 app.train()(train)
 for _name in aggregation.train_names():

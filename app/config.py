@@ -32,6 +32,8 @@ from privacy.base import PrivacyConfig
 from strategies import config as strategy_config
 from strategies.config import FedProxConfig, StrategyConfig
 from tasks.base import PartitionConfig, TaskConfig
+from vertical import config as vertical_config
+from vertical.config import VerticalConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -51,6 +53,7 @@ class FedsiloConfig:
     aggregation: AggregationConfig = MISSING
     privacy: PrivacyConfig = MISSING
     partition: PartitionConfig = MISSING
+    vertical: VerticalConfig = MISSING
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     num_rounds: int = 10
     num_sites: int = 5
@@ -78,6 +81,7 @@ def register_schemas() -> None:
         if agg.schema is not AggregationConfig:
             cs.store(group="aggregation", name=f"{agg.name}_schema", node=agg.schema)
     cs.store(group="privacy", name="privacy_schema", node=PrivacyConfig)
+    cs.store(group="vertical", name="vertical_schema", node=VerticalConfig)
     for opt in privacy.REGISTRY.values():
         if opt.schema is not PrivacyConfig:
             cs.store(group="privacy", name=f"{opt.name}_schema", node=opt.schema)
@@ -115,6 +119,15 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     for need, why in mechanism.needs.items():
         check(not caps.missing([need]), "aggregation.name", cfg.aggregation.name,
               f"one whose coordinator {need.replace('_', ' ')} with privacy={mechanism.name} ({why})")
+    vertical_config.validate(cfg.vertical)
+    if cfg.vertical.name != "none":  # a vertical run has its own protocols: the horizontal axes stay default
+        for key, value, default in (("aggregation.name", cfg.aggregation.name, "plain"),
+                                    ("privacy.name", cfg.privacy.name, "none"),
+                                    ("strategy.name", cfg.strategy.name, "fedavg")):
+            check(value == default, key, value, f"{default} with vertical={cfg.vertical.name} (vertical runs carry "
+                  "their own protection: Paillier for hetero_lr, vertical.protection for split_nn)")
+        check(len(cfg.vertical.parties) >= 2, "vertical.parties", len(cfg.vertical.parties),
+              "an active party and at least one passive party")
     check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "an integer >= 1")
     check(cfg.num_sites >= 2, "num_sites", cfg.num_sites, "an integer >= 2")
     check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
@@ -127,6 +140,8 @@ def num_sites(cfg: FedsiloConfig) -> int:
     """The number of sites this config trains with (natural splits have their own count)."""
     from app.runtime.paths import resolve_data_dir
 
+    if cfg.vertical.name != "none":
+        return len(cfg.vertical.parties)
     task_cls = tasks.get(cfg.task.name)
     if cfg.partition.name != "natural" or not getattr(task_cls, "federated_data", False):
         return task_cls.num_sites(cfg.partition, cfg.num_sites)

@@ -118,6 +118,11 @@ def main(grid: Grid, context: Context) -> None:
     grid = MeteredGrid(grid)  # bytes and messages per round, into results.json
     out = str(context.run_config.get("output-dir", "") or "")
     out_dir = Path(out) if out else default_output_dir(context.run_id)
+    if cfg.vertical.name != "none":  # parties with different columns: their own protocols (vertical/)
+        from app import vertical
+
+        vertical.serve(grid, context, cfg, out_dir)
+        return
     task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
     fed: FederatedData | None = None
     prep_config = ConfigRecord()

@@ -259,3 +259,14 @@ class Preprocessor:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def fit_local(table: Table, schema: Schema, standardize: str | None = None) -> Preprocessor:
+    """The transform fitted on one party's own rows (vertical learning: a party holds every row of
+    its columns, so its statistics need no federation and never leave it)."""
+    vocab = local_vocab(table, schema)
+    layout = StatLayout(schema, vocab)
+    moments = layout.moments(table)
+    spread = layout.spread(table, layout.means(moments))
+    return Preprocessor(schema, vocab, tuple(map(float, moments)), tuple(map(float, spread)),
+                        standardize or schema.standardize)

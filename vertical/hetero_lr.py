@@ -1,0 +1,334 @@
+"""Hetero logistic regression with Paillier (Hardy et al. 2017), every party holding its own key.
+
+The model is ``sigmoid(u)``, ``u = sum_p X_p w_p`` (the active party's part has the bias). The
+gradient uses the second-order Taylor expansion of the logistic loss around 0 (Hardy et al.,
+FATE's hetero LR): the residual of a row is ``r = 0.5 + u/4 - y``, the active party's share is
+``d_A = 0.5 + u_A/4 - y`` and each passive party's ``u_p/4``; party ``p``'s gradient is
+``X_p^T r / |batch| + l2 * w_p``.
+
+One step, for an active party A and passive parties B1..Bk (coordinator: :func:`run_step`):
+
+1. *encrypt*: A packs and encrypts ``d_A`` under its own key; B1 encrypts ``u_1/4`` under its own
+   key; the others keep their share. (Rows packed many per ciphertext: :mod:`vertical.paillier_rows`.)
+2. *add* (k > 1): each passive party in turn adds its share to both running ciphertexts.
+3. *gradient*: every passive party computes ``Enc_A(X_p^T r)`` from A's running ciphertext, A
+   computes ``Enc_B1(X_A^T r)`` from B1's; each adds a fresh random mask.
+4. *decrypt*: A decrypts the passive parties' masked gradients, B1 decrypts A's.
+5. *update* (with the next step's *encrypt*): each party removes its mask and updates its weights.
+
+Who sees what: a key owner decrypts only masked values (statistically hiding, 40 bits); the
+parties exchange ciphertexts under a key they do not hold; the coordinator relays ciphertexts and
+masked values and holds no key. Each party learns its own gradient, which it needs to update
+(the same leakage as Hardy et al.'s protocol). Scoring (after each epoch on held-out customers,
+and in a scoring run) sends each passive party's partial scores sealed to the active party, who
+learns them (it could compute them from the final score and its own part anyway).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from phe import paillier
+
+from tasks.metrics import binary_metrics
+from vertical import paillier_rows as pr
+from vertical.coordinator import Session, Trainer, metrics_of
+from vertical.party import (
+    PartyEnv,
+    StepError,
+    get_array,
+    get_ints,
+    model_path,
+    peer_channel,
+    put_array,
+    put_ints,
+    register,
+    rows,
+)
+
+
+def codec(env: PartyEnv, parties: int) -> pr.RowCodec:
+    """The packing every party uses (the residual's bound is split among the parties' shares)."""
+    return pr.RowCodec(key_bits=env.cfg.key_bits)
+
+
+def share_clip(c: pr.RowCodec, parties: int) -> float:
+    return c.d_clip / parties
+
+
+def batch_rows(env: PartyEnv, n: int, epoch: int, batch: int) -> np.ndarray:
+    """The aligned positions in batch ``batch`` of ``epoch`` (the same at every party)."""
+    size = env.cfg.batch_size or n
+    order = np.random.default_rng([env.seed, epoch]).permutation(n) if env.cfg.seed_batches else np.arange(n)
+    return order[batch * size:(batch + 1) * size]
+
+
+def features(env: PartyEnv, which: str, state: dict[str, Any]) -> np.ndarray:
+    """The party's model inputs of the aligned rows (the active party's with a bias column)."""
+    t = env.table(which)
+    x = t.x[rows(state, which)]
+    return np.column_stack([x, np.ones(len(x))]) if env.role == "active" else x
+
+
+def _private(state: dict[str, Any]) -> paillier.PaillierPrivateKey:
+    p, q = get_ints(state, "lr:pq")
+    public = paillier.PaillierPublicKey(p * q)
+    return paillier.PaillierPrivateKey(public, p, q)
+
+
+def _public(state: dict[str, Any], peer: str) -> paillier.PaillierPublicKey:
+    return paillier.PaillierPublicKey(get_ints(state, f"lr:n:{peer}")[0])
+
+
+def keys(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Make this party's Paillier key pair for the run; publish the modulus; start the weights."""
+    public, private = paillier.generate_paillier_keypair(n_length=env.cfg.key_bits)
+    put_ints(state, "lr:pq", [int(private.p), int(private.q)])
+    width = len(env.table("train").features) + (1 if env.role == "active" else 0)
+    put_array(state, "lr:w", np.zeros(width))
+    state["lr:parties"] = int(payload["parties"])
+    return {"n": hex(public.n)}
+
+
+def _update(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> None:
+    """Remove the mask from the decrypted gradient (if the payload carries it) and take the step."""
+    if "update" not in payload:
+        return
+    c = codec(env, int(state["lr:parties"]))
+    try:
+        values = [int(v, 16) for v in str(payload["update"]).split(",")]
+    except ValueError:
+        raise StepError(f"party {env.name}: the decrypted gradient is not a list of hexadecimal integers") from None
+    masks = get_ints(state, "lr:masks")
+    if len(values) != len(masks):
+        raise StepError(f"party {env.name}: {len(values)} decrypted values for {len(masks)} masked ones")
+    grad = pr.unmask(values, masks, get_ints(state, "lr:mask_n")[0], c) / int(state["lr:batch_rows"])
+    w = get_array(state, "lr:w")
+    penalty = env.cfg.l2 * w
+    if env.role == "active":
+        penalty[-1] = 0.0  # no penalty on the bias
+    put_array(state, "lr:w", w - env.cfg.lr * (grad + penalty))
+    del state["lr:masks"]
+
+
+def encrypt(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Apply the last step's gradient, then this step's share: encrypted (A, B1) or kept (others)."""
+    for k, v in payload.items():
+        if k.startswith("n:"):
+            put_ints(state, f"lr:{k}", [int(str(v), 16)])
+    _update(payload, state, env)
+    if payload.get("only_update"):
+        return {}
+    epoch, batch = int(payload["epoch"]), int(payload["batch"])
+    n = len(rows(state, "train"))
+    idx = batch_rows(env, n, epoch, batch)
+    parties = int(state["lr:parties"])
+    c = codec(env, parties)
+    x = features(env, "train", state)[idx]
+    u = x @ get_array(state, "lr:w")
+    clip = share_clip(c, parties)
+    if env.role == "active":
+        y = env.table("train").y
+        assert y is not None
+        share = np.clip(0.5 + u / 4 - y[rows(state, "train")][idx], -clip, clip)
+    else:
+        share = np.clip(u / 4, -clip, clip)
+    q = c.quantise_d(share)
+    put_array(state, "lr:share", q)
+    put_array(state, "lr:idx", idx)
+    state["lr:batch_rows"] = len(idx)
+    if not payload.get("encrypt"):
+        return {}
+    cts = pr.encrypt_packed(_private(state), c.pack_rows(q), env.cfg.workers)
+    return {"blob": pr.to_bytes(cts, int(_private(state).public_key.n))}
+
+
+def add(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Passive party in the chain: add its share to the running ciphertexts it is given."""
+    c = codec(env, int(state["lr:parties"]))
+    packed = c.pack_rows(get_array(state, "lr:share"))
+    out: dict[str, Any] = {}
+    for key, owner in (("d", str(payload["active"])), ("v", str(payload.get("first", "")))):
+        if key in payload:
+            pub = _public(state, owner)
+            cts = pr.from_bytes(bytes(payload[key]), int(pub.n), f"running {key} ciphertexts")
+            out[key] = pr.to_bytes(pr.add_plain(pub, cts, packed), int(pub.n))
+    return out
+
+
+def gradient(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """``Enc(X^T r) + mask`` under the key of the party whose ciphertext this party received."""
+    out = add(payload, state, env) if payload.get("add") else {}
+    owner = str(payload["owner"])
+    key = "d" if env.role == "passive" else "v"
+    blob = out.get(key, payload[key])
+    pub = _public(state, owner)
+    cts = pr.from_bytes(bytes(blob), int(pub.n), "residual ciphertexts")
+    c = codec(env, int(state["lr:parties"]))
+    if env.role == "active":  # the passive shares' ciphertext plus this party's own share
+        cts = pr.add_plain(pub, cts, c.pack_rows(get_array(state, "lr:share")))
+    idx = get_array(state, "lr:idx")
+    x = c.quantise_x(features(env, "train", state)[idx])
+    if len(cts) != c.ciphertexts(len(idx)):
+        raise StepError(f"party {env.name}: {len(cts)} residual ciphertexts for a batch of {len(idx)} rows")
+    masked, masks = pr.mask(pub, pr.inner_products(pub, cts, c.exponents(x)), c)
+    put_ints(state, "lr:masks", masks)
+    put_ints(state, "lr:mask_n", [int(pub.n)])
+    out["masked"] = pr.to_bytes(masked, int(pub.n))
+    return out
+
+
+def decrypt(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Key owner: decrypt masked gradients addressed to it (each a uniformly masked value)."""
+    private = _private(state)
+    out = {}
+    for k, v in payload.items():
+        if k.startswith("masked:"):
+            cts = pr.from_bytes(bytes(v), int(private.public_key.n), f"masked gradient of {k[7:]}")
+            out[f"plain:{k[7:]}"] = ",".join(hex(m) for m in pr.decrypt(private, cts))
+    return out
+
+
+def partial(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Passive party: its partial scores of the aligned ``which`` rows, sealed to the active party."""
+    which = str(payload["which"])
+    x = features(env, which, state)
+    u = x @ get_array(state, "lr:w")
+    ch = peer_channel(state, env, str(payload["active"]))
+    return {"sealed": ch.seal(u.astype("<f8").tobytes(), f"scores-{which}")}
+
+
+def score(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Active party: combine the partial scores; metrics if the rows have labels; scores kept here."""
+    which = str(payload["which"])
+    u = features(env, which, state) @ get_array(state, "lr:w")
+    for p in str(payload["peers"]).split(","):
+        ch = peer_channel(state, env, p)
+        part = np.frombuffer(ch.open(bytes(payload[f"sealed:{p}"]), f"scores-{which}"), dtype="<f8")
+        if part.shape != u.shape:
+            raise StepError(f"party {p} sent {part.size} partial scores for {u.size} aligned rows")
+        u = u + part
+    return finish_scores(env, state, which, 1 / (1 + np.exp(-u)), payload)
+
+
+def finish_scores(env: PartyEnv, state: dict[str, Any], which: str, p: np.ndarray,
+                  payload: dict[str, Any]) -> dict[str, Any]:
+    """Write the scores at the active party (a scoring run) and return only aggregate metrics."""
+    t = env.table(which)
+    r = rows(state, which)
+    out: dict[str, Any] = {"scored": int(len(r)), "rows": len(t)}
+    if payload.get("write"):
+        path = model_path(env).with_name(f"{env.name}.scores.csv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            f.write("id,score\n")
+            for i, s in zip(t.ids[r], p):
+                f.write(f"{i},{s:.6f}\n")
+        out["scores_file"] = str(path)
+    if t.y is not None:
+        y = t.y[r]
+        eps = 1e-12
+        loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)))
+        out.update({f"m:{k}": float(v) for k, v in binary_metrics(y.astype(np.int64), p, loss).items()})
+    return out
+
+
+def save(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Write this party's part of the model (its weights and preprocessing) where it keeps models."""
+    import json
+
+    path = model_path(env)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = env.table("train")
+    meta = {"model": "hetero_lr", "party": env.name, "role": env.role, "features": list(t.features),
+            "preprocessor": t.prep.to_dict(), "fingerprint": t.fingerprint, "run": env.run}
+    np.savez(path, w=get_array(state, "lr:w"), meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    return {"saved": str(path)}
+
+
+def load(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """A scoring run: this party's saved part of the model."""
+    import json
+
+    path = model_path(env)
+    if not path.is_file():
+        raise StepError(f"party {env.name} has no trained model part at {path}")
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        put_array(state, "lr:w", z["w"])
+    if meta.get("model") != "hetero_lr":
+        raise StepError(f"{path} holds a {meta.get('model')} model part, not hetero_lr")
+    return {"model": "hetero_lr", "run": str(meta.get("run", ""))}
+
+
+register({"lr.keys": keys, "lr.encrypt": encrypt, "lr.add": add, "lr.gradient": gradient,
+          "lr.decrypt": decrypt, "lr.partial": partial, "lr.score": score, "lr.save": save, "lr.load": load})
+
+
+# ---- coordinator half -------------------------------------------------------------------------
+def _setup(s: Session) -> None:
+    keys_ = s.send("lr.keys", {p: {"parties": len(s.parties)} for p in s.parties}, "keys")
+    s.keys = {p: str(r["n"]) for p, r in keys_.items()}
+
+
+def _step(s: Session, epoch: int, batch: int, pending: dict[str, Any] | None) -> dict[str, Any]:
+    a, first, last = s.active, s.passive[0], s.passive[-1]
+    ns = s.keys
+    led = s.ledger
+    enc: dict[str, dict[str, Any]] = {}
+    for p in s.parties:
+        enc[p] = {"epoch": epoch, "batch": batch, "encrypt": p in (a, first)}
+        if pending is not None:
+            enc[p]["update"] = pending[p]
+        if epoch == 1 and batch == 0:  # the peers' public keys, once
+            enc[p].update({f"n:{q}": ns[q] for q in ((first,) if p == a else (a, first)) if q != p})
+    out = s.send("lr.encrypt", enc, "encrypt")
+    d, v = out[a]["blob"], out[first]["blob"]
+    d_from, v_from = a, first
+    for i, p in enumerate(s.passive[:-1]):  # several passive parties: each adds its share in turn
+        payload: dict[str, Any] = {"active": a, "d": led.relay(d_from, p, d)}
+        if i > 0:
+            payload.update({"first": first, "v": led.relay(v_from, p, v)})
+        r = s.send("lr.add", {p: payload}, "add")[p]
+        d, d_from = r["d"], p
+        if i > 0:
+            v, v_from = r["v"], p
+    grad: dict[str, dict[str, Any]] = {last: {"add": True, "owner": a, "active": a, "d": led.relay(d_from, last, d)}}
+    if len(s.passive) > 1:
+        grad[last].update({"first": first, "v": led.relay(v_from, last, v)})
+    else:
+        grad[a] = {"owner": first, "v": led.relay(first, a, v)}
+    r = s.send("lr.gradient", grad, "gradient")
+    masked = {last: r[last]["masked"]}
+    if len(s.passive) > 1:
+        d, v = r[last]["d"], r[last]["v"]
+        more: dict[str, dict[str, Any]] = {p: {"owner": a, "d": led.relay(last, p, d)} for p in s.passive[:-1]}
+        more[a] = {"owner": first, "v": led.relay(last, a, v)}
+        r2 = s.send("lr.gradient", more, "gradient")
+        masked.update({p: r2[p]["masked"] for p in s.passive[:-1]})
+        a_masked = r2[a]["masked"]
+    else:
+        a_masked = r[a]["masked"]
+    dec = s.send("lr.decrypt", {a: {f"masked:{p}": led.relay(p, a, masked[p]) for p in s.passive},
+                                first: {f"masked:{a}": led.relay(a, first, a_masked)}}, "decrypt")
+    nxt = {p: led.relay(a, p, dec[a][f"plain:{p}"]) for p in s.passive}
+    nxt[a] = led.relay(first, a, dec[first][f"plain:{a}"])
+    return nxt
+
+
+def _finish_epoch(s: Session, pending: dict[str, Any] | None) -> None:
+    if pending is not None:
+        s.send("lr.encrypt", {p: {"update": pending[p], "only_update": True} for p in s.parties}, "update")
+
+
+def _score(s: Session, which: str, write: bool) -> dict[str, Any]:
+    parts = s.send("lr.partial", {p: {"which": which, "active": s.active} for p in s.passive}, f"score_{which}")
+    payload: dict[str, Any] = {"which": which, "peers": ",".join(s.passive), "write": write}
+    for p in s.passive:
+        payload[f"sealed:{p}"] = s.ledger.relay(p, s.active, parts[p]["sealed"])
+    return metrics_of(s.send("lr.score", {s.active: payload}, f"score_{which}")[s.active])
+
+
+def trainer() -> Trainer:
+    return Trainer(_setup, _step, _finish_epoch, _score, "lr")

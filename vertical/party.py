@@ -1,0 +1,193 @@
+"""The party half of every vertical protocol: one function per step, state kept between messages.
+
+A party answers the coordinator's steps (:mod:`vertical.coordinator`) with :func:`handle`. Its
+secrets (PSI scalar, channel key, Paillier key, masks) and its model part live in ``state``, a
+flat dict of bytes, strings and numbers that the ClientApp keeps in Flower's ``context.state``
+between messages (in a deployment every message starts a new process). Nothing in a reply is a
+plaintext id, feature, label or individual score: blinded points, ciphertexts, masked values,
+sealed bytes, counts and digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vertical import channel, psi
+from vertical.config import VerticalConfig
+from vertical.data import PartyDataError, PartyTable, cached_party
+
+
+class StepError(ValueError):
+    """A step this party cannot take (wrong role, missing state, malformed payload)."""
+
+
+@dataclass(frozen=True)
+class PartyEnv:
+    """Who this party is and where its files are (node config in a deployment, party config in simulation)."""
+
+    name: str
+    role: str
+    data: str
+    schema: str
+    test: str | None
+    score: str | None
+    model_dir: str
+    run: str
+    seed: int
+    cfg: VerticalConfig
+    deployed: bool = False            # a SuperNode with its own files (not a simulated party)
+    noise_secret: str | None = None   # split NN protection noise: the party's own secret seed
+
+    def table(self, which: str) -> PartyTable:
+        """The party's rows for ``which`` (train | test | score): test and score rows through the
+        transform fitted on its training rows."""
+        train = cached_party(self.name, self.role, self.data, self.schema)
+        if which == "train":
+            return train
+        path = self.test if which == "test" else self.score
+        if not path:
+            raise PartyDataError(f"party {self.name} has no {which} file")
+        if which == "score" and self.role == "active":
+            try:  # rows to score may come without labels
+                return cached_party(self.name, "active", path, self.schema, train)
+            except PartyDataError as err:
+                if "missing column" not in str(err):
+                    raise
+        return cached_party(self.name, "passive" if which == "score" else self.role, path, self.schema, train)
+
+
+# ---- state helpers ------------------------------------------------------------------------------
+def put_array(state: dict[str, Any], key: str, a: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    state[key] = buf.getvalue()
+
+
+def get_array(state: dict[str, Any], key: str) -> np.ndarray:
+    if key not in state:
+        raise StepError(f"missing state {key!r}: the steps before this one did not run at this party")
+    return np.load(io.BytesIO(bytes(state[key])), allow_pickle=False)
+
+
+def put_ints(state: dict[str, Any], key: str, values: list[int]) -> None:
+    state[key] = json.dumps([hex(v) for v in values])
+
+
+def get_ints(state: dict[str, Any], key: str) -> list[int]:
+    if key not in state:
+        raise StepError(f"missing state {key!r}")
+    return [int(v, 16) for v in json.loads(str(state[key]))]
+
+
+def peer_channel(state: dict[str, Any], env: PartyEnv, peer: str) -> channel.Channel:
+    pub = state.get(f"pub:{peer}")
+    if pub is None:
+        raise StepError(f"party {env.name} has no channel key of party {peer}")
+    return channel.Channel.between(bytes(state["chan"]), bytes(pub), env.name, peer, env.run)
+
+
+def rows(state: dict[str, Any], which: str) -> np.ndarray:
+    return get_array(state, f"rows:{which}")
+
+
+# ---- hello and private set intersection ------------------------------------------------------
+def hello(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Role, schema fingerprint, row counts: what the coordinator checks before anything else."""
+    t = env.table("train")
+    out: dict[str, Any] = {"name": env.name, "role": env.role, "fingerprint": t.fingerprint, "rows": len(t),
+                           "features": len(t.features)}
+    if env.test:
+        out["test_rows"] = len(env.table("test"))
+    if "chan" not in state:
+        state["chan"] = channel.new_secret()
+    out["pub"] = channel.public_of(bytes(state["chan"]))
+    return out
+
+
+def psi_setup(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    which = str(payload["which"])
+    ids = env.table(which).ids
+    scalar = psi.new_scalar()
+    perm = np.random.default_rng().permutation(len(ids))
+    state[f"psi:{which}"] = scalar.to_bytes(32, "big")
+    put_array(state, f"perm:{which}", perm)
+    for k, v in payload.items():
+        if k.startswith("pub:"):
+            state[k] = v
+    return {"blob": psi.blind_ids([str(ids[i]) for i in perm], scalar, str(payload["domain"]).encode())}
+
+
+def psi_cross(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    which = str(payload["which"])
+    scalar = int.from_bytes(bytes(state[f"psi:{which}"]), "big")
+    return {"blob": psi.reblind(bytes(payload["blob"]), scalar, f"the active party's {which} ids")}
+
+
+def psi_align(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Active party: the common customers, their order, and each passive party's positions (sealed)."""
+    if env.role != "active":
+        raise StepError(f"party {env.name} is {env.role}; only the active party aligns")
+    which = str(payload["which"])
+    scalar = int.from_bytes(bytes(state[f"psi:{which}"]), "big")
+    peers = json.loads(str(payload["peers"]))
+    pairs = [(bytes(payload[f"own:{p}"]),
+              psi.reblind(bytes(payload[f"blob:{p}"]), scalar, f"party {p}'s {which} ids")) for p in peers]
+    own_pos, peer_pos = psi.intersect(pairs)
+    perm = get_array(state, f"perm:{which}")
+    all_ids = env.table(which).ids
+    # the agreed order: by a hash of the run's seed and the id, so that runs reproduce (the
+    # blinding scalars are fresh every run) and neither party's file order shows through
+    order = np.argsort([hashlib.sha256(f"{env.seed}|{all_ids[r]}".encode()).digest() for r in perm[own_pos]],
+                       kind="stable")
+    own_pos, peer_pos = own_pos[order], [p[order] for p in peer_pos]
+    file_rows = perm[own_pos]
+    put_array(state, f"rows:{which}", file_rows)
+    ids = all_ids[file_rows]
+    out: dict[str, Any] = {"count": int(len(own_pos))}
+    for p, pos in zip(peers, peer_pos):
+        ch = peer_channel(state, env, p)
+        out[f"sealed:{p}"] = ch.seal(pos.astype("<i8").tobytes(), f"psi-{which}")
+        out[f"digest:{p}"] = psi.digest(ch.key, ids)
+    return out
+
+
+def psi_accept(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Passive party: open the positions the active party sent, keep the aligned rows."""
+    which = str(payload["which"])
+    active = str(payload["active"])
+    ch = peer_channel(state, env, active)
+    pos = np.frombuffer(ch.open(bytes(payload["sealed"]), f"psi-{which}"), dtype="<i8")
+    perm = get_array(state, f"perm:{which}")
+    if pos.size and (pos.min() < 0 or pos.max() >= perm.size):
+        raise StepError(f"party {env.name}: the aligned positions point outside its {which} rows")
+    file_rows = perm[pos]
+    put_array(state, f"rows:{which}", file_rows)
+    return {"count": int(pos.size), "digest": psi.digest(ch.key, env.table(which).ids[file_rows])}
+
+
+Step = Callable[[dict[str, Any], dict[str, Any], PartyEnv], dict[str, Any]]
+STEPS: dict[str, Step] = {"hello": hello, "psi.setup": psi_setup, "psi.cross": psi_cross,
+                          "psi.align": psi_align, "psi.accept": psi_accept}
+
+
+def register(steps: dict[str, Step]) -> None:
+    STEPS.update(steps)
+
+
+def handle(step: str, payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Run one step at this party; :class:`StepError` / data errors name what is wrong."""
+    if step not in STEPS:
+        raise StepError(f"unknown vertical step {step!r} (known: {sorted(STEPS)})")
+    return STEPS[step](payload, state, env)
+
+
+def model_path(env: PartyEnv) -> Path:
+    return Path(env.model_dir) / f"{env.name}.vertical.npz"
