@@ -74,6 +74,7 @@ class FlowerRelay:
             if rec is None:
                 raise VerticalError(f"party {who} sent a malformed reply to step {step} (no 'reply' record)")
             if "error" in rec:
+                who = str(rec.get("name", who))
                 raise VerticalError(f"party {who} refused step {step}: {rec['error']}")
             out[r.metadata.src_node_id] = dict(rec.items())
         missing = [names.get(n, n) for n in payloads if n not in out]
@@ -193,11 +194,12 @@ def party_env(context: Context, cfg: config.FedsiloConfig) -> party.PartyEnv:
 def answer(msg: Message, context: Context) -> Message:
     """One coordinator step at this party; a refusal carries the reason (never data)."""
     cfg = config.from_run_config(context.run_config)
-    step = ""
+    step, name = "", ""
     try:
         payload = dict(msg.content["config"].items())  # type: ignore[union-attr]
         step = str(payload.pop("step"))
         env = party_env(context, cfg)
+        name = env.name
         if STATE not in context.state.config_records:
             context.state[STATE] = ConfigRecord()
         state = dict(context.state.config_records[STATE].items())
@@ -207,5 +209,5 @@ def answer(msg: Message, context: Context) -> Message:
         context.state[STATE] = ConfigRecord(state)  # type: ignore[arg-type]
     except PARTY_ERRORS as err:
         log(ERROR, "fedsilo vertical: step %s refused: %s", step, err)
-        reply = {"error": f"{type(err).__name__}: {err}"}
+        reply = {"error": f"{type(err).__name__}: {err}", **({"name": name} if name else {})}
     return Message(RecordDict({"reply": ConfigRecord(reply)}), reply_to=msg)  # type: ignore[arg-type]

@@ -120,6 +120,10 @@ def main(argv: list[str]) -> int:
     sp = sub.add_parser("split", help="one .npz per site from a task's bundled data")
     sp.add_argument("--out", type=Path, required=True, help="folder for the site files")
     sp.add_argument("overrides", nargs="*", help="Hydra overrides, as for a job: task=medical partition=natural ...")
+    sp.add_argument("--vertical", action="store_true",
+                    help="split the credit table by columns: a bank (label + its columns) and a payment platform")
+    sp.add_argument("--overlap", type=float, default=0.85, help="--vertical: share of the customers both parties hold")
+    sp.add_argument("--seed", type=int, default=0, help="--vertical: which customers each party holds")
     sc = sub.add_parser("schema", help="draft a schema from a site's own file (task=tabular)")
     sc.add_argument("action", choices=["infer"])
     sc.add_argument("file", type=Path, help="the site's CSV or Parquet file")
@@ -131,6 +135,20 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.command in ("schema", "check"):
         return _own_data(args)
+    if args.vertical:
+        from app.runtime.paths import resolve_data_dir
+        from vertical.data import split_credit
+
+        try:
+            done = split_credit(resolve_data_dir(None) / "uci_credit_default_taiwan" / "credit_default.csv", args.out,
+                                args.overlap, args.seed)
+        except ValueError as err:
+            print(f"fedsilo data: {err}", file=sys.stderr)
+            return 2
+        print(f"bank: {done['bank_rows']} customers -> {args.out / 'bank.csv'} (+ {done['test_customers']} held out "
+              f"-> bank_test.csv)\nplatform: {done['platform_rows']} customers -> {args.out / 'platform.csv'} "
+              f"(+ platform_test.csv); {done['both']} customers at both")
+        return 0
     from app import config
     from app.runtime.preflight import PreflightError
 

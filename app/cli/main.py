@@ -55,12 +55,19 @@ def run(cfg: DictConfig) -> None:
         "overrides": config.run_overrides(list(hc.overrides.task), data_dir),
         "output-dir": str(out_dir),
     }
-    print(f"fedsilo: task={typed.task.name} strategy={typed.strategy.name} "
-          f"aggregation={typed.aggregation.name} privacy={typed.privacy.name} "
-          f"partition={typed.partition.name} sites={n_sites} rounds={typed.num_rounds} seed={typed.seed}",
-          flush=True)
+    if typed.vertical.name != "none":
+        print(f"fedsilo: vertical={typed.vertical.name} mode={typed.vertical.mode} parties="
+              + ",".join(f"{p.name}({p.role})" for p in typed.vertical.parties)
+              + f" epochs={typed.vertical.epochs} seed={typed.seed}", flush=True)
+    else:
+        print(f"fedsilo: task={typed.task.name} strategy={typed.strategy.name} "
+              f"aggregation={typed.aggregation.name} privacy={typed.privacy.name} "
+              f"partition={typed.partition.name} sites={n_sites} rounds={typed.num_rounds} seed={typed.seed}",
+              flush=True)
     print(f"fedsilo: output directory {out_dir}", flush=True)
     timeout = typed.num_rounds * typed.strategy.round_timeout * 2 + 600
+    if typed.vertical.name != "none":
+        timeout = typed.vertical.epochs * 1200 + 1200
     # A `kill` must clean up like Ctrl-C does: SystemExit unwinds through LocalSuperLink.stop().
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

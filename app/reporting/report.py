@@ -359,8 +359,14 @@ def write(run_dir: Path, n_boot: int = 1000) -> tuple[Path, Path]:
         raise FileNotFoundError(f"{results_path} does not exist: is {run_dir} a fedsilo run directory?")
     results = json.loads(results_path.read_text())
     cfg = results["config"]
-    title = f"fedsilo run: {cfg['task']['name']}, {cfg['strategy']['name']}, {cfg['aggregation']['name']} aggregation"
-    secs = sections(run_dir, results, n_boot)
+    if results.get("kind") == "vertical":
+        from app.reporting import vertical_report
+
+        title = f"fedsilo vertical run: {results['model']} ({results['mode']})"
+        secs = vertical_report.sections(results)
+    else:
+        title = f"fedsilo run: {cfg['task']['name']}, {cfg['strategy']['name']}, {cfg['aggregation']['name']} aggregation"
+        secs = sections(run_dir, results, n_boot)
     for s in secs:
         for stem, png in s.figures:
             (run_dir / f"{stem}.png").write_bytes(png)

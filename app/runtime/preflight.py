@@ -30,6 +30,8 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
     malformed data file still fails the run with a clear status.
     """
     data_dir = resolve_data_dir(cfg.data_dir)
+    if cfg.vertical.name != "none":
+        return _check_vertical(cfg, data_dir)
     task_cls = tasks.get(cfg.task.name)
     missing = [f for f in task_cls.data_files if not (data_dir / f).is_file()]
     if missing:
@@ -96,3 +98,21 @@ def check_keys(cfg: config.FedsiloConfig) -> None:
         aggregation.get(cfg.aggregation.name).preflight(cfg.aggregation)
     except ValueError as err:
         raise PreflightError(str(err)) from err
+
+
+def _check_vertical(cfg: config.FedsiloConfig, data_dir: Path) -> Path:
+    """A simulated vertical federation: every party's files exist (their contents are checked by
+    the parties themselves, which refuse a bad file naming it, its column and its row)."""
+    for k, p in enumerate(cfg.vertical.parties):
+        files = [("data", p.data), ("schema", p.schema), ("test", p.test)]
+        if cfg.vertical.mode == "score" and k < len(cfg.vertical.score):
+            files.append(("score", cfg.vertical.score[k]))
+        for key, value in files:
+            if not value:
+                continue
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else data_dir / path
+            if not path.is_file():
+                raise PreflightError(f"vertical.parties[{k}].{key} ({p.name}): {path} does not exist"
+                                     if key != "score" else f"vertical.score[{k}] ({p.name}): {path} does not exist")
+    return data_dir

@@ -1,0 +1,166 @@
+"""Vertical runs through the real ServerApp and ClientApp (in process): PSI, hetero LR with
+Paillier, split NN, scoring, reproducibility and the errors a consortium meets."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app import config
+from app.runtime.local_grid import run_inprocess
+from tests.conftest import DATA_DIR
+from vertical.coordinator import VerticalError
+
+SRC = DATA_DIR / "credit_vertical"
+NN = ("vertical.epochs=3", "vertical.batch_size=64", "vertical.lr=0.01")
+
+
+def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="") as f:
+        r = list(csv.reader(f))
+    return r[0], r[1:]
+
+
+def _write(path: Path, head: list[str], rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(head)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """600 bank customers, 500 platform customers (400 common), 300 held-out customers at both."""
+    d = tmp_path_factory.mktemp("vertical")
+    bh, bank = _rows(SRC / "bank.csv")
+    ph, plat = _rows(SRC / "platform.csv")
+    bank_ids, plat_ids = {r[0] for r in bank}, {r[0] for r in plat}
+    common = sorted(bank_ids & plat_ids)[:400]
+    bank_only = [r for r in bank if r[0] not in plat_ids][:200]
+    plat_only = [r for r in plat if r[0] not in bank_ids][:100]
+    bi, pi = {r[0]: r for r in bank}, {r[0]: r for r in plat}
+    out = {"bank": _write(d / "bank.csv", bh, [bi[c] for c in common] + bank_only),
+           "platform": _write(d / "platform.csv", ph, [pi[c] for c in common][::-1] + plat_only)}
+    tbh, tb = _rows(SRC / "bank_test.csv")
+    tph, tp = _rows(SRC / "platform_test.csv")
+    out["bank_test"] = _write(d / "bank_test.csv", tbh, tb[:300])
+    out["platform_test"] = _write(d / "platform_test.csv", tph, tp[:300])
+    out["dir"] = d
+    return out
+
+
+def overrides(small: dict[str, Path], model: str, *extra: str) -> list[str]:
+    return [f"vertical={model}", f"vertical.parties.0.data={small['bank']}",
+            f"vertical.parties.0.test={small['bank_test']}", f"vertical.parties.1.data={small['platform']}",
+            f"vertical.parties.1.test={small['platform_test']}", *extra]
+
+
+def test_hetero_lr_trains_and_matches_plain_taylor_gradient_descent(small, tmp_path):
+    res = run_inprocess(overrides(small, "hetero_lr", "vertical.epochs=3"), tmp_path)
+    v = res["vertical"]
+    assert res["status"] == "completed" and v["intersection"] == {"train": 400, "test": 300}
+    aucs = [e["auc"] for e in v["epochs"]]
+    assert aucs[-1] > 0.68 and len(aucs) == 3
+    # the same model trained in the clear (the protocol's fixed point, rows in the protocol's order)
+    from vertical.data import load_party
+
+    bank = load_party("bank", "active", small["bank"], DATA_DIR / "schemas/credit_vertical_bank.yaml")
+    plat = load_party("platform", "passive", small["platform"], DATA_DIR / "schemas/credit_vertical_platform.yaml")
+    with np.load(tmp_path / "parties" / "bank.vertical.npz") as z:
+        w_bank = z["w"]
+    with np.load(tmp_path / "parties" / "platform.vertical.npz") as z:
+        w_plat = z["w"]
+    import hashlib
+
+    common = sorted(set(bank.ids) & set(plat.ids), key=lambda i: hashlib.sha256(f"0|{i}".encode()).digest())
+    bi, pi = {k: i for i, k in enumerate(bank.ids)}, {k: i for i, k in enumerate(plat.ids)}
+    clip = 8.0  # the protocol's fixed point clips features at +-8 standard deviations (RowCodec.x_clip)
+    xa = np.column_stack([np.clip(bank.x[[bi[c] for c in common]], -clip, clip), np.ones(len(common))])
+    xb, y = np.clip(plat.x[[pi[c] for c in common]], -clip, clip), bank.y[[bi[c] for c in common]]
+    wa, wb = np.zeros(xa.shape[1]), np.zeros(xb.shape[1])
+    for epoch in range(1, 4):
+        idx = np.random.default_rng([0, epoch]).permutation(len(common))
+        r = np.clip(0.5 + xa[idx] @ wa / 4 - y[idx], -2, 2) + np.clip(xb[idx] @ wb / 4, -2, 2)
+        wa, wb = wa - 0.5 * xa[idx].T @ r / len(idx), wb - 0.5 * xb[idx].T @ r / len(idx)
+    assert np.abs(w_bank - wa).max() < 1e-3 and np.abs(w_plat - wb).max() < 1e-3  # fixed point only
+    # nothing the coordinator relays holds an id: results name sizes and bytes only
+    text = (tmp_path / "results.json").read_text()
+    assert v["bytes"]["platform->bank"] > 0 and v["bytes"]["bank->platform"] > 0
+    assert all(f'"{c}"' not in text for c in common[:50])
+
+
+def test_split_nn_is_reproducible_and_scores_with_saved_parts(small, tmp_path):
+    one = run_inprocess(overrides(small, "split_nn", *NN), tmp_path / "a")
+    two = run_inprocess(overrides(small, "split_nn", *NN), tmp_path / "b")
+    assert [e["auc"] for e in one["vertical"]["epochs"]] == [e["auc"] for e in two["vertical"]["epochs"]]
+    assert one["final"]["auc"] > 0.6
+    scored = run_inprocess(overrides(small, "split_nn", "vertical.mode=score", f"vertical.model_dir={tmp_path / 'a'}",
+                                     f"vertical.score=[{small['bank_test']},{small['platform_test']}]"),
+                           tmp_path / "score")
+    assert scored["status"] == "completed"
+    assert scored["final"]["auc"] == pytest.approx(one["final"]["auc"], abs=1e-9)
+    lines = (tmp_path / "a" / "parties" / "bank.scores.csv").read_text().splitlines()
+    assert lines[0] == "id,score" and len(lines) == 301
+
+
+def test_split_nn_protection_costs_accuracy_and_reports_epsilon(small, tmp_path):
+    res = run_inprocess(overrides(small, "split_nn", "vertical.epochs=2", "vertical.batch_size=64",
+                                  "vertical.protection=both", "vertical.noise_multiplier=2.0"), tmp_path)
+    p = res["privacy"]
+    assert p["epsilon_features_per_row"] == pytest.approx(p["epsilon_label_per_row"])
+    assert 0 < p["epsilon_features_per_row"] < 10
+    assert "noised embeddings" in res["visibility"]["active"]
+
+
+def test_too_small_an_intersection_is_refused(small, tmp_path):
+    with pytest.raises(VerticalError, match="400 train customers in common, fewer than vertical.min_intersection=1000"):
+        run_inprocess(overrides(small, "split_nn", "vertical.min_intersection=1000"), tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
+def test_coordinator_refuses_a_party_with_another_schema_or_role():
+    from vertical.coordinator import Session, hello
+    from vertical.config import VerticalConfig
+
+    class Replies:  # what the parties' hello replies say (the relay itself is exercised by the runs above)
+        def __init__(self, replies):
+            self.replies = replies
+
+        def hello(self, payload):
+            return self.replies
+
+    ok = {"bank": {"role": "active", "fingerprint": "f1"}, "platform": {"role": "passive", "fingerprint": "f2"}}
+    roles = {"bank": "active", "platform": "passive"}
+    s = Session(Replies(ok), VerticalConfig(name="split_nn"), 0)
+    hello(s, {"bank": "f1", "platform": "f2"}, roles, "d")
+    assert (s.active, s.passive) == ("bank", ["platform"])
+    with pytest.raises(VerticalError, match="party platform reads its file with schema f2; the federation expects "
+                                            "schema f3"):
+        hello(Session(Replies(ok), VerticalConfig(), 0), {"platform": "f3"}, roles, "d")
+    with pytest.raises(VerticalError, match="party bank says its role is 'passive'"):
+        hello(Session(Replies({**ok, "bank": {"role": "passive"}}), VerticalConfig(), 0), {}, roles, "d")
+    with pytest.raises(VerticalError, match=r"\['platform'\] did not answer"):
+        hello(Session(Replies({"bank": ok["bank"]}), VerticalConfig(), 0), {}, roles, "d")
+
+
+def test_bad_files_are_named(small, tmp_path):
+    with pytest.raises(VerticalError, match="party bank refused step hello: .*bank.csv: missing column"):
+        run_inprocess(overrides(small, "split_nn", "vertical.parties.0.schema=schemas/credit_vertical_platform.yaml",
+                                "vertical.parties.1.schema=schemas/credit_vertical_bank.yaml"), tmp_path / "a")
+    h, rows = _rows(small["platform"])
+    rows[5][0] = rows[3][0]
+    dup = _write(tmp_path / "dup.csv", h, rows)
+    with pytest.raises(VerticalError, match=r"party platform refused step hello: .*dup.csv: id column 'ID' repeats .* \(first at row 5\)"):
+        run_inprocess(overrides(small, "split_nn", f"vertical.parties.1.data={dup}"), tmp_path / "b")
+
+
+def test_roles_are_checked_in_the_config():
+    with pytest.raises(config.ConfigError, match="exactly one party with role active"):
+        config.compose(["vertical=split_nn", "vertical.parties.1.role=active"])
+    with pytest.raises(config.ConfigError, match="vertical.protection"):
+        config.compose(["vertical=hetero_lr", "vertical.protection=embeddings", "vertical.noise_multiplier=1"])
