@@ -34,7 +34,7 @@ from vertical.psi import PSIError
 MESSAGE = "query.fedsilo_vertical"
 STATE = "fedsilo.vertical"
 RESULTS_FILE = "results.json"
-PARTY_ERRORS = (PartyDataError, party.StepError, ChannelError, PSIError, ValueError, KeyError)
+PARTY_ERRORS = (PartyDataError, party.StepError, ChannelError, PSIError, ValueError, KeyError, ImportError)
 
 
 def resolved(cfg: config.FedsiloConfig) -> VerticalConfig:
@@ -198,6 +198,7 @@ def answer(msg: Message, context: Context) -> Message:
     try:
         payload = dict(msg.content["config"].items())  # type: ignore[union-attr]
         step = str(payload.pop("step"))
+        vertical.module(cfg.vertical.name)  # registers the model's party steps
         env = party_env(context, cfg)
         name = env.name
         if STATE not in context.state.config_records:

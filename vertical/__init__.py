@@ -1,20 +1,27 @@
 """Vertical federated learning: parties with the same customers and different columns.
 
-``REGISTRY`` maps ``vertical.name`` to the model's coordinator loop (:class:`vertical.coordinator.Trainer`);
-importing the model modules registers their party steps with :mod:`vertical.party`.
+``REGISTRY`` maps ``vertical.name`` to the module holding the model's party steps and coordinator
+loop (``trainer()`` -> :class:`vertical.coordinator.Trainer`). Modules are imported on use:
+``hetero_lr`` needs the ``paillier`` extra (``phe``, ``gmpy2``), ``split_nn`` does not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from types import ModuleType
 
-from vertical import hetero_lr, split_nn
-from vertical.coordinator import Trainer
-
-REGISTRY: dict[str, Callable[[], Trainer]] = {"hetero_lr": hetero_lr.trainer, "split_nn": split_nn.trainer}
+REGISTRY: dict[str, str] = {"hetero_lr": "vertical.hetero_lr", "split_nn": "vertical.split_nn"}
 
 
-def trainer(name: str) -> Trainer:
+def module(name: str) -> ModuleType:
+    """The model's module (importing it registers its party steps)."""
     if name not in REGISTRY:
         raise ValueError(f"vertical.name={name!r} is not one of {sorted(REGISTRY)}")
-    return REGISTRY[name]()
+    try:
+        return importlib.import_module(REGISTRY[name])
+    except ImportError as err:
+        raise ImportError(f"vertical={name} needs the paillier extra: pip install 'fedsilo[paillier]' ({err})") from err
+
+
+def trainer(name: str):  # type: ignore[no-untyped-def]
+    return module(name).trainer()

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.metrics import binary_metrics
 from vertical import channel, psi
 from vertical.config import VerticalConfig
 from vertical.data import PartyDataError, PartyTable, cached_party
@@ -96,6 +97,35 @@ def peer_channel(state: dict[str, Any], env: PartyEnv, peer: str) -> channel.Cha
 
 def rows(state: dict[str, Any], which: str) -> np.ndarray:
     return get_array(state, f"rows:{which}")
+
+
+def batch_rows(env: PartyEnv, n: int, epoch: int, batch: int) -> np.ndarray:
+    """The aligned positions in batch ``batch`` of ``epoch`` (the same at every party)."""
+    size = env.cfg.batch_size or n
+    order = np.random.default_rng([env.seed, epoch]).permutation(n) if env.cfg.seed_batches else np.arange(n)
+    return order[batch * size:(batch + 1) * size]
+
+
+def finish_scores(env: PartyEnv, state: dict[str, Any], which: str, p: np.ndarray,
+                  payload: dict[str, Any]) -> dict[str, Any]:
+    """Write the scores at the active party (a scoring run) and return only aggregate metrics."""
+    t = env.table(which)
+    r = rows(state, which)
+    out: dict[str, Any] = {"scored": int(len(r)), "rows": len(t)}
+    if payload.get("write"):
+        path = model_path(env).with_name(f"{env.name}.scores.csv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            f.write("id,score\n")
+            for i, s in zip(t.ids[r], p):
+                f.write(f"{i},{s:.6f}\n")
+        out["scores_file"] = str(path)
+    if t.y is not None:
+        y = t.y[r]
+        eps = 1e-12
+        loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)))
+        out.update({f"m:{k}": float(v) for k, v in binary_metrics(y.astype(np.int64), p, loss).items()})
+    return out
 
 
 # ---- hello and private set intersection ------------------------------------------------------

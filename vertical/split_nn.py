@@ -38,8 +38,18 @@ import torch
 from torch import nn
 
 from vertical.coordinator import Session, Trainer, metrics_of
-from vertical.hetero_lr import batch_rows, finish_scores
-from vertical.party import PartyEnv, StepError, get_array, model_path, peer_channel, put_array, register, rows
+from vertical.party import (
+    PartyEnv,
+    StepError,
+    batch_rows,
+    finish_scores,
+    get_array,
+    model_path,
+    peer_channel,
+    put_array,
+    register,
+    rows,
+)
 
 
 def mlp(width: int, hidden: list[int], out: int) -> nn.Sequential:

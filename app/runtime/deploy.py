@@ -77,7 +77,7 @@ def prepare(out: Path, overrides: list[str], sites: int, secure: bool = True) ->
     from app.cli import data as data_cli
     from app.runtime import pki
 
-    entries = data_cli.split(overrides, out / "sites")
+    entries = vertical_sites(overrides, out / "sites") if _vertical(overrides) else data_cli.split(overrides, out / "sites")
     if len(entries) != sites:
         raise ValueError(f"the config yields {len(entries)} sites, not --sites {sites}")
     certs = pki.make_certificates(out / "pki", hosts=["localhost"], ips=["127.0.0.1"]) if secure else None
@@ -87,6 +87,35 @@ def prepare(out: Path, overrides: list[str], sites: int, secure: bool = True) ->
 
     a = config.compose(overrides).aggregation
     return Deployment(overrides, entries, certs, keys, aggregation.get(a.name).node_config(a))
+
+
+def _vertical(overrides: list[str]) -> bool:
+    from app import config
+
+    return config.compose(overrides).vertical.name != "none"
+
+
+def vertical_sites(overrides: list[str], out: Path) -> list[dict[str, Any]]:
+    """A vertical federation: each party's files copied into a folder of its own (as each party
+    would hold them), its node config naming its role, schema, held-out file and model folder."""
+    import shutil
+
+    from app import config
+    from app.vertical import resolved
+
+    v = resolved(config.compose(overrides))
+    entries = []
+    for p in v.parties:
+        home = out / p.name
+        home.mkdir(parents=True, exist_ok=True)
+        data = Path(shutil.copy(p.data, home / Path(p.data).name)).resolve()
+        node: dict[str, Any] = {"role": p.role, "party-name": p.name,
+                                "schema-path": str(Path(shutil.copy(p.schema, home / Path(p.schema).name)).resolve()),
+                                "model-dir": str((home / "models").resolve())}
+        if p.test:
+            node["test-path"] = str(Path(shutil.copy(p.test, home / Path(p.test).name)).resolve())
+        entries.append({"name": p.name, "file": str(data), "node": node})
+    return entries
 
 
 def node_config(entry: dict[str, Any], option_config: dict[str, str] | None = None) -> str:
@@ -127,7 +156,14 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
     out.mkdir(parents=True, exist_ok=True)
     dep = prepare(out, overrides, sites, secure)
     coordinator_data = data_dir
-    if _own_data(cfg):  # the coordinator gets an empty folder: it holds no data, only the schema
+    if cfg.vertical.name != "none":  # the coordinator holds no data: an empty folder, the schemas as absolute paths
+        from app.vertical import resolved
+
+        v = resolved(cfg)
+        overrides = [*overrides, *(f"vertical.parties.{k}.schema={p.schema}" for k, p in enumerate(v.parties))]
+        coordinator_data = (out / "coordinator").resolve()
+        coordinator_data.mkdir(exist_ok=True)
+    elif _own_data(cfg):  # the coordinator gets an empty folder: it holds no data, only the schema
         import tasks
 
         if cfg.task.schema:

@@ -35,8 +35,12 @@ def _write(path: Path, head: list[str], rows: list[list[str]]) -> Path:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return small_files(tmp_path_factory.mktemp("vertical"))
+
+
+def small_files(d: Path) -> dict[str, Path]:
     """600 bank customers, 500 platform customers (400 common), 300 held-out customers at both."""
-    d = tmp_path_factory.mktemp("vertical")
+    d.mkdir(parents=True, exist_ok=True)
     bh, bank = _rows(SRC / "bank.csv")
     ph, plat = _rows(SRC / "platform.csv")
     bank_ids, plat_ids = {r[0] for r in bank}, {r[0] for r in plat}
@@ -124,8 +128,8 @@ def test_too_small_an_intersection_is_refused(small, tmp_path):
 
 
 def test_coordinator_refuses_a_party_with_another_schema_or_role():
-    from vertical.coordinator import Session, hello
     from vertical.config import VerticalConfig
+    from vertical.coordinator import Session, hello
 
     class Replies:  # what the parties' hello replies say (the relay itself is exercised by the runs above)
         def __init__(self, replies):
@@ -155,7 +159,8 @@ def test_bad_files_are_named(small, tmp_path):
     h, rows = _rows(small["platform"])
     rows[5][0] = rows[3][0]
     dup = _write(tmp_path / "dup.csv", h, rows)
-    with pytest.raises(VerticalError, match=r"party platform refused step hello: .*dup.csv: id column 'ID' repeats .* \(first at row 5\)"):
+    with pytest.raises(VerticalError,
+                       match=r"party platform refused step hello: .*dup.csv: id column 'ID' repeats .* \(first at row 5\)"):
         run_inprocess(overrides(small, "split_nn", f"vertical.parties.1.data={dup}"), tmp_path / "b")
 
 

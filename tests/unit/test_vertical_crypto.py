@@ -81,7 +81,8 @@ def test_codec_layout_fits_the_key():
     assert (2 * c.rows_per_ciphertext - 1) * c.slot_bits + c.mask_bits < c.key_bits - 1
     assert c.rows_per_ciphertext >= 20
     for v in (0, 5, -5, (1 << (c.slot_bits - 1)) - 1, -(1 << (c.slot_bits - 1)) + 1):
-        packed = sum(k * (1 << (i * c.slot_bits)) for i, k in enumerate([3, -7])) + v * (1 << ((c.rows_per_ciphertext - 1) * c.slot_bits))
+        low = sum(k * (1 << (i * c.slot_bits)) for i, k in enumerate([3, -7]))
+        packed = low + v * (1 << ((c.rows_per_ciphertext - 1) * c.slot_bits))
         assert c.coefficient(packed) == v
 
 
