@@ -45,7 +45,7 @@ class VerticalConfig:
     seed_batches: bool = True      # shuffle the rows every epoch (from the run's seed)
     # hetero_lr: Paillier keys made by each party for the run
     key_bits: int = 2048
-    workers: int = 1               # processes per party for Paillier encryption (0 = all cores)
+    workers: int = 0               # processes per party for Paillier work (0 = all cores)
     # split_nn
     hidden: list[int] = field(default_factory=lambda: [32])   # each party's bottom model
     embedding: int = 8             # width of each party's embedding

@@ -166,7 +166,7 @@ def gradient(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> d
     x = c.quantise_x(features(env, "train", state)[idx])
     if len(cts) != c.ciphertexts(len(idx)):
         raise StepError(f"party {env.name}: {len(cts)} residual ciphertexts for a batch of {len(idx)} rows")
-    masked, masks = pr.mask(pub, pr.inner_products(pub, cts, c.exponents(x)), c)
+    masked, masks = pr.mask(pub, pr.inner_products(pub, cts, c.exponents(x), env.cfg.workers), c)
     put_ints(state, "lr:masks", masks)
     put_ints(state, "lr:mask_n", [int(pub.n)])
     out["masked"] = pr.to_bytes(masked, int(pub.n))

@@ -21,6 +21,7 @@ only the holder, who knows the mask, recovers its coefficient ``m-1``.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import gmpy2
 import numpy as np
 from phe import paillier
 
-from aggregation.paillier.crypto import many_obfuscators
+from aggregation.paillier.crypto import chunks, many_obfuscators, parallel_map
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,9 @@ def signed(value: int, n: int) -> int:
 
 
 def encrypt_packed(private: paillier.PaillierPrivateKey, values: list[int], workers: int = 1) -> list[int]:
-    """Ciphertexts of signed packed plaintexts under the owner's key (CRT obfuscators)."""
+    """Ciphertexts of signed packed plaintexts under the owner's key (CRT obfuscators over
+    ``workers`` processes, 0: all cores)."""
+    workers = workers or os.cpu_count() or 1
     n = int(private.public_key.n)
     n2 = gmpy2.mpz(n * n)
     obf = many_obfuscators(private, len(values), workers)
@@ -180,15 +183,28 @@ def _multiexp(bases: list, inverses: list, exps: list[int], n2):
     return result
 
 
-def inner_products(public: paillier.PaillierPublicKey, cts: list[int], exps: list[list[int]]) -> list[int]:
-    """Per feature ``k``: ``Enc(sum_t D_t * S_tk)`` (coefficient ``m-1`` holds ``sum_j d_j x_jk``)."""
-    n2 = gmpy2.mpz(public.nsquare)
+def products_job(n2: int, cts: list[int], columns: list[list[int]]) -> list[int]:
+    """Worker job: the multi-exponentiation of ``cts`` for each exponent column."""
+    m2 = gmpy2.mpz(n2)
+    bases = [gmpy2.mpz(c) for c in cts]
+    inverses = [gmpy2.invert(b, m2) for b in bases]
+    return [int(_multiexp(bases, inverses, col, m2)) for col in columns]
+
+
+def inner_products(public: paillier.PaillierPublicKey, cts: list[int], exps: list[list[int]],
+                   workers: int = 1) -> list[int]:
+    """Per feature ``k``: ``Enc(sum_t D_t * S_tk)`` (coefficient ``m-1`` holds ``sum_j d_j x_jk``);
+    the features are spread over ``workers`` processes (0: all cores)."""
     if len(cts) != len(exps):
         raise ValueError(f"{len(cts)} ciphertexts for {len(exps)} row groups")
-    bases = [gmpy2.mpz(c) for c in cts]
-    inverses = [gmpy2.invert(b, n2) for b in bases]
     features = len(exps[0]) if exps else 0
-    return [int(_multiexp(bases, inverses, [e[k] for e in exps], n2)) for k in range(features)]
+    columns = [[e[k] for e in exps] for k in range(features)]
+    n2 = int(public.nsquare)
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or features < 2:
+        return products_job(n2, cts, columns)
+    parts = chunks(columns, workers)
+    return [c for part in parallel_map(products_job, [(n2, cts, p) for p in parts], workers) for c in part]
 
 
 def mask(public: paillier.PaillierPublicKey, cts: list[int], codec: RowCodec) -> tuple[list[int], list[int]]:

@@ -64,6 +64,7 @@ def overrides(small: dict[str, Path], model: str, *extra: str) -> list[str]:
             f"vertical.parties.1.test={small['platform_test']}", *extra]
 
 
+@pytest.mark.slow
 def test_hetero_lr_trains_and_matches_plain_taylor_gradient_descent(small, tmp_path):
     res = run_inprocess(overrides(small, "hetero_lr", "vertical.epochs=3"), tmp_path)
     v = res["vertical"]
@@ -98,6 +99,7 @@ def test_hetero_lr_trains_and_matches_plain_taylor_gradient_descent(small, tmp_p
     assert all(f'"{c}"' not in text for c in common[:50])
 
 
+@pytest.mark.slow
 def test_split_nn_is_reproducible_and_scores_with_saved_parts(small, tmp_path):
     one = run_inprocess(overrides(small, "split_nn", *NN), tmp_path / "a")
     two = run_inprocess(overrides(small, "split_nn", *NN), tmp_path / "b")
@@ -112,6 +114,7 @@ def test_split_nn_is_reproducible_and_scores_with_saved_parts(small, tmp_path):
     assert lines[0] == "id,score" and len(lines) == 301
 
 
+@pytest.mark.slow
 def test_split_nn_protection_costs_accuracy_and_reports_epsilon(small, tmp_path):
     res = run_inprocess(overrides(small, "split_nn", "vertical.epochs=2", "vertical.batch_size=64",
                                   "vertical.protection=both", "vertical.noise_multiplier=2.0"), tmp_path)
@@ -169,3 +172,54 @@ def test_roles_are_checked_in_the_config():
         config.compose(["vertical=split_nn", "vertical.parties.1.role=active"])
     with pytest.raises(config.ConfigError, match="vertical.protection"):
         config.compose(["vertical=hetero_lr", "vertical.protection=embeddings", "vertical.noise_multiplier=1"])
+
+
+@pytest.mark.slow
+def test_hetero_lr_with_two_passive_parties_matches_plain_taylor_gradient_descent(small, tmp_path):
+    """Three parties: the platform's columns split between two passive parties (repayment statuses,
+    payment amounts). The residual's ciphertexts pass through both in turn; the weights equal plain
+    gradient descent on the same fixed point."""
+    import yaml
+
+    from vertical.data import load_party
+
+    head, rows = _rows(small["platform"])
+    th, trows = _rows(small["platform_test"])
+    schema = yaml.safe_load((DATA_DIR / "schemas/credit_vertical_platform.yaml").read_text())
+    parties = [f"{{name: bank, role: active, data: {small['bank']}, test: {small['bank_test']}, "
+               f"schema: {DATA_DIR / 'schemas/credit_vertical_bank.yaml'}}}"]
+    for name, prefix in (("status", "PAY_"), ("amounts", "PAY_AMT")):
+        cols = [0] + [k for k, c in enumerate(head) if c.startswith(prefix) and (prefix != "PAY_" or "AMT" not in c)]
+        data = _write(tmp_path / f"{name}.csv", [head[k] for k in cols], [[r[k] for k in cols] for r in rows])
+        test = _write(tmp_path / f"{name}_test.csv", [th[k] for k in cols], [[r[k] for k in cols] for r in trows])
+        part = dict(schema, features=[f for f in schema["features"] if f["name"] in {head[k] for k in cols}])
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(part))
+        parties.append(f"{{name: {name}, role: passive, data: {data}, test: {test}, schema: {tmp_path / (name + '.yaml')}}}")
+    res = run_inprocess(["vertical=hetero_lr", "vertical.epochs=2", f"vertical.parties=[{','.join(parties)}]"],
+                        tmp_path / "run")
+    v = res["vertical"]
+    assert v["passive"] == ["amounts", "status"] and v["intersection"]["train"] == 400
+    assert v["bytes"]["amounts->status"] > 0 or v["bytes"]["status->amounts"] > 0  # the chain between them
+    tabs = {p: load_party(p, r, tmp_path / f"{p}.csv" if p != "bank" else small["bank"],
+                          tmp_path / f"{p}.yaml" if p != "bank" else DATA_DIR / "schemas/credit_vertical_bank.yaml")
+            for p, r in (("bank", "active"), ("status", "passive"), ("amounts", "passive"))}
+    import hashlib
+
+    common = sorted(set(tabs["bank"].ids) & set(tabs["status"].ids),
+                    key=lambda i: hashlib.sha256(f"0|{i}".encode()).digest())
+    xs = {}
+    for p, t in tabs.items():
+        pos = {k: i for i, k in enumerate(t.ids)}
+        xs[p] = np.clip(t.x[[pos[c] for c in common]], -8, 8)
+    xs["bank"] = np.column_stack([xs["bank"], np.ones(len(common))])
+    y = tabs["bank"].y[[{k: i for i, k in enumerate(tabs["bank"].ids)}[c] for c in common]]
+    w = {p: np.zeros(x.shape[1]) for p, x in xs.items()}
+    share = 4.0 / 3
+    for epoch in range(1, 3):
+        idx = np.random.default_rng([0, epoch]).permutation(len(common))
+        r = np.clip(0.5 + xs["bank"][idx] @ w["bank"] / 4 - y[idx], -share, share)
+        r = r + sum(np.clip(xs[p][idx] @ w[p] / 4, -share, share) for p in ("status", "amounts"))
+        w = {p: w[p] - 0.5 * xs[p][idx].T @ r / len(idx) for p in w}
+    for p in w:
+        with np.load(tmp_path / "run" / "parties" / f"{p}.vertical.npz") as z:
+            assert np.abs(z["w"] - w[p]).max() < 1e-3, p
