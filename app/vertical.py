@@ -136,9 +136,14 @@ def serve(grid: Grid, context: Context, cfg: config.FedsiloConfig, out_dir: Path
                               "config": config.to_dict(cfg), "visibility": visibility(v), "status": "running"}
     t0 = time.perf_counter()
 
+    progress: list[dict[str, Any]] = []
+
     def on_epoch(epoch: int, metrics: dict[str, Any], secs: float) -> None:
         shown = " ".join(f"{k}={metrics[k]:.4f}" for k in ("auc", "accuracy", "loss", "train_loss") if k in metrics)
         log(INFO, "fedsilo vertical epoch %s/%s | test %s | %.1f s", epoch, v.epochs, shown or "-", secs)
+        progress.append({"epoch": epoch, "seconds": round(secs, 3), **coordinator.finite(metrics)})
+        (out_dir / RESULTS_FILE).write_text(json.dumps({**record, "epochs_so_far": progress}, indent=1,
+                                                       default=str) + "\n")  # readable while the run goes on
 
     try:
         if v.mode == "score":

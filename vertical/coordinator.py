@@ -197,6 +197,7 @@ def run(relay: Relay, cfg: VerticalConfig, seed: int, run_id: str, trainer: Trai
     trainer.setup(s)
     history: list[dict[str, Any]] = []
     pending: dict[str, Any] | None = None
+    saved: dict[str, dict[str, Any]] = {}
     for epoch in range(1, cfg.epochs + 1):
         e0 = time.perf_counter()
         before = dict(s.ledger.pairs)
@@ -209,9 +210,10 @@ def run(relay: Relay, cfg: VerticalConfig, seed: int, run_id: str, trainer: Trai
         row = {"epoch": epoch, "seconds": round(secs, 3), **metrics,
                "bytes": {k: v - before.get(k, 0) for k, v in s.ledger.pairs.items()}}
         history.append(row)
+        # every party keeps its part of the model after every epoch (its checkpoint, at the party)
+        saved = s.send(f"{trainer.prefix}.save", {p: {"epoch": epoch} for p in s.parties}, "save")
         if on_epoch is not None:
             on_epoch(epoch, metrics, secs)
-    saved = s.send(f"{trainer.prefix}.save", {p: {} for p in s.parties}, "save")
     return {"parties": {p: {k: v for k, v in s.info[p].items() if k in ("role", "rows", "features", "test_rows",
                                                                        "fingerprint")} for p in s.parties},
             "active": s.active, "passive": s.passive, "intersection": {"train": n, "test": n_test},

@@ -24,7 +24,6 @@ import html
 import io
 import json
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +32,12 @@ import numpy as np
 import aggregation
 import privacy as privacy_options
 from app.reporting.results import MODEL_FILE, RESULTS_FILE
+from app.reporting.sections import Section, _fmt
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 BOOTSTRAP_METRICS = ("auc", "accuracy", "f1", "ks", "sensitivity", "specificity", "precision")
 SECTIONS = ("Summary", "Configuration", "Data per site", "Metrics per round", "Final metrics", "Privacy",
             "Participation", "Timing and traffic")
-
-
-@dataclass
-class Section:
-    title: str
-    paragraphs: list[str] = field(default_factory=list)
-    tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)
-    figures: list[tuple[str, bytes]] = field(default_factory=list)  # (file stem, PNG bytes)
 
 
 # ---- figures -------------------------------------------------------------------------------
@@ -194,14 +186,6 @@ def final_intervals(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) 
 
 
 # ---- sections --------------------------------------------------------------------------------
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for k, v in d.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.reporting.report import Section, _fmt
+from app.reporting.sections import Section, _fmt
 
 METRICS = ("auc", "pr_auc", "ks", "accuracy", "f1", "loss", "train_loss")
 
