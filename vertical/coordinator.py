@@ -124,6 +124,10 @@ def hello(s: Session, expected: dict[str, str], roles: dict[str, str], domain: s
         if name in expected and r.get("fingerprint") != expected[name]:
             raise VerticalError(f"party {name} reads its file with schema {r.get('fingerprint')}; the federation "
                                 f"expects schema {expected[name]} (a different schema file?)")
+    unknown = sorted(set(replies) - set(roles)) if roles else []
+    if unknown:
+        raise VerticalError(f"node(s) calling themselves {unknown} are not parties of this federation "
+                            f"(vertical.parties: {sorted(roles)})")
     missing = sorted(set(roles) - set(replies))
     if missing:
         raise VerticalError(f"party/parties {missing} did not answer: the federation needs every party "

@@ -151,6 +151,8 @@ def test_coordinator_refuses_a_party_with_another_schema_or_role():
         hello(Session(Replies(ok), VerticalConfig(), 0), {"platform": "f3"}, roles, "d")
     with pytest.raises(VerticalError, match="party bank says its role is 'passive'"):
         hello(Session(Replies({**ok, "bank": {"role": "passive"}}), VerticalConfig(), 0), {}, roles, "d")
+    with pytest.raises(VerticalError, match=r"\['insurer'\] are not parties of this federation"):
+        hello(Session(Replies({**ok, "insurer": {"role": "passive"}}), VerticalConfig(), 0), {}, roles, "d")
     with pytest.raises(VerticalError, match=r"\['platform'\] did not answer"):
         hello(Session(Replies({"bank": ok["bank"]}), VerticalConfig(), 0), {}, roles, "d")
 
