@@ -40,12 +40,13 @@ from vertical.party import (
     finish_scores,
     get_array,
     get_ints,
-    model_path,
     peer_channel,
     put_array,
     put_ints,
+    read_part,
     register,
     rows,
+    write_part,
 )
 
 
@@ -208,29 +209,13 @@ def score(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict
 
 def save(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
     """Write this party's part of the model (its weights and preprocessing) where it keeps models."""
-    import json
-
-    path = model_path(env)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t = env.table("train")
-    meta = {"model": "hetero_lr", "party": env.name, "role": env.role, "features": list(t.features),
-            "preprocessor": t.prep.to_dict(), "fingerprint": t.fingerprint, "run": env.run}
-    np.savez(path, w=get_array(state, "lr:w"), meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-    return {"saved": str(path)}
+    return write_part(env, "hetero_lr", {"w": get_array(state, "lr:w")})
 
 
 def load(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
     """A scoring run: this party's saved part of the model."""
-    import json
-
-    path = model_path(env)
-    if not path.is_file():
-        raise StepError(f"party {env.name} has no trained model part at {path}")
-    with np.load(path) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        put_array(state, "lr:w", z["w"])
-    if meta.get("model") != "hetero_lr":
-        raise StepError(f"{path} holds a {meta.get('model')} model part, not hetero_lr")
+    meta, arrays = read_part(env, "hetero_lr")
+    put_array(state, "lr:w", arrays["w"])
     return {"model": "hetero_lr", "run": str(meta.get("run", ""))}
 
 

@@ -221,3 +221,28 @@ def handle(step: str, payload: dict[str, Any], state: dict[str, Any], env: Party
 
 def model_path(env: PartyEnv) -> Path:
     return Path(env.model_dir) / f"{env.name}.vertical.npz"
+
+
+def write_part(env: PartyEnv, model: str, arrays: dict[str, np.ndarray], **meta: Any) -> dict[str, Any]:
+    """Save this party's part of the model where it keeps models: its arrays, its fitted
+    preprocessing and schema fingerprint, the run it came from. Returns the ``save`` step's reply."""
+    path = model_path(env)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = env.table("train")
+    info = {"model": model, "party": env.name, "role": env.role, "features": list(t.features),
+            "preprocessor": t.prep.to_dict(), "fingerprint": t.fingerprint, "run": env.run, **meta}
+    np.savez(path, meta=np.frombuffer(json.dumps(info).encode(), dtype=np.uint8), **arrays)  # type: ignore[arg-type]
+    return {"saved": str(path)}
+
+
+def read_part(env: PartyEnv, model: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """This party's saved part of a ``model`` (a scoring run): (its metadata, its arrays)."""
+    path = model_path(env)
+    if not path.is_file():
+        raise StepError(f"party {env.name} has no trained model part at {path}")
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        arrays = {k: z[k] for k in z.files if k != "meta"}
+    if meta.get("model") != model:
+        raise StepError(f"{path} holds a {meta.get('model')} model part, not {model}")
+    return meta, arrays

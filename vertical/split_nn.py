@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from typing import Any
 
@@ -44,11 +43,12 @@ from vertical.party import (
     batch_rows,
     finish_scores,
     get_array,
-    model_path,
     peer_channel,
     put_array,
+    read_part,
     register,
     rows,
+    write_part,
 )
 
 
@@ -235,28 +235,15 @@ def score(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict
 
 def save(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
     model, _ = _load(state, env)
-    t = env.table("train")
-    path = model_path(env)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": "split_nn", "party": env.name, "role": env.role, "features": list(t.features),
-            "preprocessor": t.prep.to_dict(), "fingerprint": t.fingerprint, "run": env.run,
-            "width": int(state["nn:width"]), "parties": int(state["nn:parties"])}
-    arrays = {f"p:{k}": v.numpy() for k, v in model.state_dict().items()}
-    np.savez(path, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)  # type: ignore[arg-type]
-    return {"saved": str(path)}
+    return write_part(env, "split_nn", {f"p:{k}": v.numpy() for k, v in model.state_dict().items()},
+                      width=int(state["nn:width"]), parties=int(state["nn:parties"]))
 
 
 def load(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
-    path = model_path(env)
-    if not path.is_file():
-        raise StepError(f"party {env.name} has no trained model part at {path}")
-    with np.load(path) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        if meta.get("model") != "split_nn":
-            raise StepError(f"{path} holds a {meta.get('model')} model part, not split_nn")
-        state["nn:width"], state["nn:parties"] = int(meta["width"]), int(meta["parties"])
-        model = build(env, int(meta["width"]), int(meta["parties"]))
-        model.load_state_dict({k[2:]: torch.from_numpy(z[k]) for k in z.files if k.startswith("p:")})
+    meta, arrays = read_part(env, "split_nn")
+    state["nn:width"], state["nn:parties"] = int(meta["width"]), int(meta["parties"])
+    model = build(env, int(meta["width"]), int(meta["parties"]))
+    model.load_state_dict({k[2:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("p:")})
     _save(state, model, None)
     return {"model": "split_nn", "run": str(meta.get("run", ""))}
 
