@@ -59,10 +59,11 @@ def share_clip(c: pr.RowCodec, parties: int) -> float:
     return c.d_clip / parties
 
 
-def features(env: PartyEnv, which: str, state: dict[str, Any]) -> np.ndarray:
-    """The party's model inputs of the aligned rows (the active party's with a bias column)."""
-    t = env.table(which)
-    x = t.x[rows(state, which)]
+def features(env: PartyEnv, which: str, state: dict[str, Any], idx: np.ndarray | None = None) -> np.ndarray:
+    """The party's model inputs of the aligned rows, or of batch ``idx`` of them (the active
+    party's with a bias column)."""
+    r = rows(state, which)
+    x = env.table(which).x[r if idx is None else r[idx]]
     return np.column_stack([x, np.ones(len(x))]) if env.role == "active" else x
 
 
@@ -120,7 +121,7 @@ def encrypt(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> di
     idx = batch_rows(env, n, epoch, batch)
     parties = int(state["lr:parties"])
     c = codec(env, parties)
-    x = features(env, "train", state)[idx]
+    x = features(env, "train", state, idx)
     u = x @ get_array(state, "lr:w")
     clip = share_clip(c, parties)
     if env.role == "active":
@@ -164,7 +165,7 @@ def gradient(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> d
     if env.role == "active":  # the passive shares' ciphertext plus this party's own share
         cts = pr.add_plain(pub, cts, c.pack_rows(get_array(state, "lr:share")))
     idx = get_array(state, "lr:idx")
-    x = c.quantise_x(features(env, "train", state)[idx])
+    x = c.quantise_x(features(env, "train", state, idx))
     if len(cts) != c.ciphertexts(len(idx)):
         raise StepError(f"party {env.name}: {len(cts)} residual ciphertexts for a batch of {len(idx)} rows")
     masked, masks = pr.mask(pub, pr.inner_products(pub, cts, c.exponents(x), env.cfg.workers), c)

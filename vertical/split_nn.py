@@ -114,18 +114,25 @@ def noise_source(env: PartyEnv, state: dict[str, Any], label: str) -> torch.Gene
     return g
 
 
+def clip_rows(t: torch.Tensor, c: float) -> torch.Tensor:
+    """Each row scaled down to L2 norm ``c`` at most (inside the autograd graph when ``t`` is in one)."""
+    return t * torch.clamp(c / t.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
+
+
+def noise(t: torch.Tensor, env: PartyEnv, state: dict[str, Any], label: str) -> torch.Tensor:
+    """``t`` plus Gaussian noise of std ``noise_multiplier * clip`` from the party's noise source."""
+    return t + torch.randn(t.shape, generator=noise_source(env, state, label)) * (env.cfg.noise_multiplier * env.cfg.clip)
+
+
 def protect(t: torch.Tensor, env: PartyEnv, state: dict[str, Any], label: str) -> torch.Tensor:
     """Clip each row to ``clip`` (L2) and add Gaussian noise of std ``noise_multiplier * clip``."""
-    c = env.cfg.clip
-    norms = t.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    clipped = t * torch.clamp(c / norms, max=1.0)
-    noise = torch.randn(t.shape, generator=noise_source(env, state, label)) * (env.cfg.noise_multiplier * c)
-    return clipped + noise
+    return noise(clip_rows(t, env.cfg.clip), env, state, label)
 
 
 def _x(env: PartyEnv, which: str, state: dict[str, Any], idx: np.ndarray | None = None) -> torch.Tensor:
-    x = env.table(which).x[rows(state, which)]
-    return torch.from_numpy((x if idx is None else x[idx]).astype(np.float32))
+    """The party's inputs of the aligned ``which`` rows (only batch ``idx`` of them, if given)."""
+    r = rows(state, which)
+    return torch.from_numpy(env.table(which).x[r if idx is None else r[idx]].astype(np.float32))
 
 
 def init(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
@@ -139,8 +146,7 @@ def init(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[
 def _embed(model: nn.ModuleDict, x: torch.Tensor, env: PartyEnv) -> torch.Tensor:
     h = model["bottom"](x)
     if env.cfg.protection in ("embeddings", "both"):  # clip inside the graph; the noise is added after
-        c = env.cfg.clip
-        h = h * torch.clamp(c / h.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
+        h = clip_rows(h, env.cfg.clip)
     return h
 
 
@@ -165,8 +171,7 @@ def forward(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> di
         with torch.no_grad():
             h = _embed(model, _x(env, "train", state, idx), env)
             if env.cfg.protection in ("embeddings", "both"):
-                h = h + torch.randn(h.shape, generator=noise_source(env, state, "emb")) * (
-                    env.cfg.noise_multiplier * env.cfg.clip)
+                h = noise(h, env, state, "emb")
         out["sealed"] = ch.seal(h.numpy().astype("<f4").tobytes(), "nn-emb")
     _save(state, model, opt)
     return out
@@ -217,8 +222,7 @@ def embed(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict
     with torch.no_grad():
         h = _embed(model, _x(env, which, state), env)
         if env.cfg.protection in ("embeddings", "both"):
-            h = h + torch.randn(h.shape, generator=noise_source(env, state, f"emb-{which}")) * (
-                env.cfg.noise_multiplier * env.cfg.clip)
+            h = noise(h, env, state, f"emb-{which}")
     return {"sealed": peer_channel(state, env, str(payload["active"])).seal(h.numpy().astype("<f4").tobytes(),
                                                                              f"nn-score-{which}")}
 
