@@ -23,11 +23,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 import aggregation
+import strategies
 import tasks
 from aggregation.base import LocalResult, SiteEnv
 from app import composition, config, federated
@@ -37,14 +39,16 @@ from app.runtime.paths import resolve_data_dir
 from core.replies import ReplyError, SiteRefusal
 from core.seeding import seed_for
 from core.sites import SITE_KEY, WEIGHT_KEY, site_record_for
-from strategies import client_penalty, heterogeneity
+from strategies import heterogeneity, personal
+from strategies.site import SiteRound, StrategySite, model_part
+from strategies.state import JOB_KEY, SiteStore, default_root
 from tasks import site_file
-from tasks.base import SiteData, Task
+from tasks.base import SiteData, Split, Task
 from tasks.metrics import summary_for
 from tasks.tabular.schema import SchemaError
 from tasks.tabular.table import SiteInputError
 from tasks.tabular.task import RawSite, TabularTask
-from tasks.training import predict, steps_per_epoch
+from tasks.training import Penalty, predict, steps_per_epoch
 
 app = ClientApp()
 
@@ -148,16 +152,37 @@ def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, tas
         raise SiteRefusal(ReplyError.MISSED_DEADLINE, heterogeneity.MISSED_DEADLINE)
     model = task.build_model()
     glob = layers.aggregation.global_state(msg, context, model.state_dict())
-    model.load_state_dict(glob)
-    seed, penalty = seed_for(cfg.seed, server_round, site.site_id), client_penalty(train_config, model)  # type: ignore[arg-type]
+    seed = seed_for(cfg.seed, server_round, site.site_id)
+    half, rnd = strategy_round(cfg, task, site, context, train_config, server_round, seed)  # type: ignore[arg-type]
+    penalty = half.start(glob, model, rnd)  # the model's weights (personal layers too) and the extra term
     byzantine = env.attacker
     train_rows = attacks.poison_data(cfg, site.train) if byzantine else site.train
     stats, records = layers.trainer.train(task, model, train_rows, seed, context, train_config,  # type: ignore[arg-type]
                                           site.name, work.epochs, work.max_steps, penalty)
     if byzantine:  # faults.byzantine_fraction: this site corrupts what it sends (for robustness studies)
-        model.load_state_dict(attacks.poison_model(cfg, model.state_dict(), glob, server_round, site.site_id))
+        model.load_state_dict(attacks.poison_model(cfg, model.state_dict(), model_part(glob, model), server_round,
+                                                   site.site_id))
+    state = half.finish(model, glob, stats, rnd)  # the reply's record: the model and the strategy's side values
     site_rec = site_record_for(site.site_id, site.name, server_round, work.straggler)
-    return LocalResult(model.state_dict(), stats, {SITE_KEY: site_rec, **records}, server_round)
+    return LocalResult(state, stats, {SITE_KEY: site_rec, **records}, server_round)
+
+
+def strategy_round(cfg: config.FedsiloConfig, task: Task, site: SiteData, context: Context,
+                   train_config: ConfigRecord, server_round: int, seed: int) -> tuple[StrategySite, SiteRound]:
+    """The strategy's site half and what it may use this round: the site's own state store (node
+    config ``state-dir``, else :func:`strategies.state.default_root`) under the coordinator's job id,
+    and a trainer for personal models on the site's training rows (plain training, seeded apart
+    from the round's own)."""
+    store = None
+    if JOB_KEY in train_config:
+        root = context.node_config.get("state-dir") or default_root()
+        store = SiteStore(str(root), str(train_config[JOB_KEY]), site.name)
+
+    def train_more(model: torch.nn.Module, penalty: Penalty | None, epochs: int, lr: float) -> dict[str, float]:
+        return task.train(model, site.train, seed_for(seed, 0x9E75), epochs=epochs, penalty=penalty, lr=lr)
+
+    return strategies.site(cfg.strategy), SiteRound(train_config, server_round, store, task.cfg.lr, task.cfg.momentum,
+                                                    train_more)
 
 
 def refused(msg: Message, context: Context, err: Exception) -> Message:
@@ -217,6 +242,67 @@ def evaluate(msg: Message, context: Context) -> Message:
     })
     layers.aggregation.after_evaluate(context, model)  # e.g. Paillier's next obfuscators, ahead of training
     return Message(content, reply_to=msg)
+
+
+def own_test_rows(cfg: config.FedsiloConfig, task: Task, context: Context, msg: Message) -> tuple[SiteData, Split, str]:
+    """(the site's data, the rows it scores personal models on, what they are).
+
+    ``task=tabular``: the site's own held-out test rows. A bundled task split by its natural
+    sites (FLamby's hospitals): that site's share of the task's test set, its local test set. Any
+    other split: the site's validation rows (its only held-out rows of its own distribution)."""
+    cfg, task, source = load_source(context)
+    if isinstance(source, RawSite):
+        assert isinstance(task, TabularTask)
+        prep = federated.site_prep(task, msg.content.config_records["config"], composition.site(cfg).aggregation,
+                                   context)
+        site, test = task.prepared(source, prep)
+        return site, test, "own test rows"
+    if cfg.partition.name == "natural" and "data-path" not in context.node_config:
+        test = task.data().test
+        assert test.group is not None
+        return source, test.take(np.flatnonzero(test.group == source.site_id)), "local test rows"
+    return source, source.val, "validation rows"
+
+
+def _scores(task: Task, model: torch.nn.Module, rows: Split) -> dict[str, float]:
+    scores, loss = predict(model, rows.x, rows.y, kind=task.label_kind)
+    y = rows.y.numpy()
+    out = {"loss": float(loss)}
+    if task.label_kind == "binary":
+        s = summary_for("binary", y, scores, loss)
+        out["accuracy"] = (s["tp"] + s["tn"]) / max(1.0, float(len(y)))
+        if s["auc_weight"] > 0:
+            out["auc"] = s["auc"]
+    elif task.label_kind == "multiclass":
+        out["accuracy"] = float(np.mean(np.argmax(scores, axis=1) == y)) if len(y) else float("nan")
+    return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+@app.query("fedsilo_personal")
+def personal_query(msg: Message, context: Context) -> Message:
+    """Score the final global model and this site's personal model on its own test rows
+    (:mod:`strategies.personal`); the reply holds the two summaries only."""
+    torch.set_num_threads(1)
+    try:
+        cfg, task, _ = load_source(context)
+        site, rows, what = own_test_rows(cfg, task, context, msg)
+        layers = composition.site(cfg)
+        config_rec = msg.content["config"]
+        server_round = int(config_rec["server-round"])  # type: ignore[index,call-overload]
+        model = task.build_model()
+        glob = layers.aggregation.global_state(msg, context, model.state_dict())
+        model.load_state_dict(model_part(glob, model))
+        out: dict[str, float] = {"rows": float(len(rows))}
+        out.update({f"global/{k}": v for k, v in _scores(task, model, rows).items()})
+        seed = seed_for(cfg.seed, server_round, site.site_id)
+        half, rnd = strategy_round(cfg, task, site, context, config_rec, server_round, seed)  # type: ignore[arg-type]
+        own = half.personal_model(glob, model, rnd)
+        out["personalized"] = float(own)
+        out.update({f"personal/{k}": v for k, v in _scores(task, model, rows).items()})
+    except (*DATA_ERRORS, personal.PersonalError, ValueError, KeyError) as err:
+        return refused(msg, context, err)
+    return Message(RecordDict({"personal": MetricRecord(out),  # type: ignore[arg-type]
+                               SITE_KEY: site_record_for(site.site_id, site.name, server_round)}), reply_to=msg)
 
 
 def sum_query(msg: Message, context: Context) -> Message:

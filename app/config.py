@@ -107,7 +107,7 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
           f"one of {list(aggregation.REGISTRY)}")
     option = aggregation.get(cfg.aggregation.name)
     caps = option.capabilities
-    for need, (key, value, neutral, instead) in strategy_config.needs(cfg.strategy).items():
+    for need, (key, value, neutral, instead) in strategy_config.needs(cfg.strategy):
         check(not caps.missing([need]), key, value,
               f"{neutral} with aggregation={option.name}: {caps.WHY_NOT[need]}, so {instead}")
     option.validate(cfg.aggregation, num_sites(cfg))
@@ -119,11 +119,14 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     for need, why in mechanism.needs.items():
         check(not caps.missing([need]), "aggregation.name", cfg.aggregation.name,
               f"one whose coordinator {need.replace('_', ' ')} with privacy={mechanism.name} ({why})")
+    _check_strategy_fits(cfg)
     vertical_config.validate(cfg.vertical)
     if cfg.vertical.name != "none":  # a vertical run has its own protocols: the horizontal axes stay default
         for key, value, default in (("aggregation.name", cfg.aggregation.name, "plain"),
                                     ("privacy.name", cfg.privacy.name, "none"),
-                                    ("strategy.name", cfg.strategy.name, "fedavg")):
+                                    ("strategy.name", cfg.strategy.name, "fedavg"),
+                                    ("strategy.server_opt", cfg.strategy.server_opt, "none"),
+                                    ("strategy.personal", cfg.strategy.personal, "none")):
             check(value == default, key, value, f"{default} with vertical={cfg.vertical.name} (vertical runs carry "
                   "their own protection: Paillier for hetero_lr, vertical.protection for split_nn)")
         check(len(cfg.vertical.parties) >= 2, "vertical.parties", len(cfg.vertical.parties),
@@ -134,6 +137,25 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     check(cfg.logger in LOGGERS, "logger", cfg.logger, f"one of {list(LOGGERS)}")
     check(cfg.audit_references >= 0, "audit_references", cfg.audit_references, "an integer >= 0")
     return cfg
+
+
+def _check_strategy_fits(cfg: FedsiloConfig) -> None:
+    """Strategy settings that depend on the task's model and optimizer or on the privacy option."""
+    s = cfg.strategy
+    if s.name in strategy_config.SIDE_VALUES:
+        check(cfg.task.optimizer == "sgd", "task.optimizer", cfg.task.optimizer,
+              f"sgd with strategy.name={s.name} (its normalizer counts SGD steps; Adam's steps have none)")
+        check(cfg.privacy.name != "central", "privacy.name", cfg.privacy.name,
+              f"none or dpsgd with strategy.name={s.name} (central DP would clip and noise its side values with "
+              "the update)")
+    if s.personal == "fedper":
+        check(cfg.task.model != "logreg", "task.model", cfg.task.model,
+              "mlp (or cnn) with strategy.personal=fedper: a logistic regression is all head, nothing would be "
+              "shared; or use strategy.personal=ditto or finetune")
+    if s.personal == "fedbn":
+        check(cfg.task.model == "cnn", "task.model", cfg.task.model,
+              "cnn with strategy.personal=fedbn (only the CNN has normalization layers); or use strategy.personal="
+              "fedper, ditto or finetune")
 
 
 def num_sites(cfg: FedsiloConfig) -> int:

@@ -34,7 +34,9 @@ from app.runtime import checkpoint
 from app.runtime.paths import default_output_dir, resolve_data_dir
 from app.runtime.traffic import MeteredGrid
 from core.records import PhaseRecord, RoundRecord
+from strategies import personal
 from strategies.loop import run_rounds
+from strategies.state import JOB_KEY
 from tasks.tabular import artefact
 from tasks.tabular.task import TabularTask
 
@@ -83,6 +85,15 @@ def write_artefact(out_dir: Path, cfg: config.FedsiloConfig, fed: FederatedData,
             "preprocessor": None if fed.preprocessor is None else fed.preprocessor.to_dict(),
             "sealed": sealed, "aggregation": config.to_dict(cfg)["aggregation"], "encrypted": sealed is not None}
     return artefact.write(out_dir / artefact.FILE, {k: v.numpy() for k, v in arrays.items()}, meta)
+
+
+def personal_rows(cfg: config.FedsiloConfig, own_data: bool) -> str:
+    """Which rows each site scores the global and its personal model on (``personalization.rows``)."""
+    if own_data:
+        return "each site's own held-out test rows"
+    if cfg.partition.name == "natural":
+        return "each site's local test rows (its share of the task's test split)"
+    return "each site's validation rows"
 
 
 class CoordinatorCrash(RuntimeError):
@@ -210,6 +221,13 @@ def main(grid: Grid, context: Context) -> None:
             board.close()
     trained = len(result.arrays) > 0
     final_arrays = result.arrays if trained else initial
+    personalization = None
+    if trained and stack.inner.personalizes:  # each site: the final global model beside its own
+        config_rec = ConfigRecord({**dict(prep_config.items()), "server-round": cfg.num_rounds + 1})
+        if stack.inner.job is not None:
+            config_rec[JOB_KEY] = stack.inner.job
+        personalization = {"method": cfg.strategy.personal, "rows": personal_rows(cfg, fed is not None),
+                           **personal.evaluate_sites(grid, final_arrays, config_rec, cfg.strategy.round_timeout)}
     extra: dict[str, Any] = {"run_id": context.run_id, "status": "completed" if trained else "failed",
              "overrides": str(context.run_config.get("overrides", ""))}
     summary = stack.privacy.summary()
@@ -219,6 +237,8 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedsilo: privacy (%s): epsilon %s at delta=%g", summary["mechanism"],
             {k: round(v, 3) for k, v in spent.items()} if isinstance(spent, dict) else f"{spent:.3f}",
             summary["delta"])
+    if personalization is not None:
+        extra["personalization"] = personalization
     if fed is not None:
         extra["preprocessing"] = {**fed.phase.to_dict(), "traffic": prep_traffic}
     participation = stack.record.to_dict()

@@ -6,7 +6,11 @@ from dataclasses import dataclass, field
 
 from core.config import check
 
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "scaffold", "fednova")
+SERVER_OPTIMIZERS = ("none", "avgm", "adagrad", "adam", "yogi")  # strategies/server_opt.py
+PERSONAL = ("none", "fedper", "fedbn", "ditto", "finetune")    # strategies/personal.py
+#: Strategies whose sites send side values inside the update (control variates, step counts).
+SIDE_VALUES = ("scaffold", "fednova")
 STRAGGLER_POLICIES = ("partial", "drop")
 ROBUST_RULES = ("none", "krum", "multikrum", "trimmed_mean", "median")  # strategies/combine.py
 
@@ -33,6 +37,17 @@ class StrategyConfig:
     robust: str = "none"            # Byzantine-robust rule: none | krum | multikrum | trimmed_mean | median
     assumed_byzantine: float = 0.2  # f = floor(share * replies) the robust rule tolerates
     norm_bound: float = 0.0         # L2 bound on each site's update (secagg: on the mean update too); 0 = off
+    # Server optimizer over the strategy's aggregate (Reddi et al. 2021; Hsu et al. 2019):
+    server_opt: str = "none"        # none | avgm | adagrad | adam | yogi
+    server_lr: float = 1.0          # eta: the server's step size (avgm: 1 with beta1=0 is FedAvg)
+    server_beta1: float = 0.9       # first-moment decay (avgm: the server momentum)
+    server_beta2: float = 0.99      # second-moment decay (adam, yogi)
+    server_tau: float = 1e-3        # adaptivity: added to sqrt(v) (adagrad, adam, yogi)
+    # Personalization (strategies/personal.py): what stays at each site, evaluated on its own test rows.
+    personal: str = "none"          # none | fedper (head) | fedbn (normalization layers) | ditto | finetune
+    ditto_lambda: float = 0.1       # Ditto: pull of the personal model towards the global one
+    personal_epochs: int = 1        # Ditto: personal epochs per round; finetune: epochs on the final model
+    personal_lr: float = 0.0        # learning rate of personal training; 0 = the task's lr
 
 
 @dataclass
@@ -54,17 +69,26 @@ class FedProxConfig(StrategyConfig):
 
 #: What the coordinator must be able to do for a strategy setting (checked against the
 #: aggregation option's capabilities by the composition root, ``app/config.py``).
-def needs(s: StrategyConfig) -> dict[str, tuple[str, object, str, str]]:
-    """capability -> (key, value, the value that needs none, what to do instead) for every
+def needs(s: StrategyConfig) -> list[tuple[str, tuple[str, object, str, str]]]:
+    """(capability, (key, value, the value that needs none, what to do instead)) for every
     setting of ``s`` that needs a capability of the aggregation option."""
-    out: dict[str, tuple[str, object, str, str]] = {}
+    out: list[tuple[str, tuple[str, object, str, str]]] = []
     if s.robust != "none":
-        out["sees_individual_updates"] = (
+        out.append(("sees_individual_updates", (
             "strategy.robust", s.robust, "none",
-            "no robust rule can run; bound every update's norm instead (strategy.norm_bound=B)")
+            "no robust rule can run; bound every update's norm instead (strategy.norm_bound=B)")))
+    if s.server_opt != "none":
+        out.append(("holds_plaintext_model", (
+            "strategy.server_opt", s.server_opt, "none",
+            "a server optimizer cannot step on ciphertexts; use aggregation=secagg (it acts on the unmasked "
+            "mean update) or plain")))
+    if s.name in SIDE_VALUES:
+        out.append(("holds_plaintext_model", (
+            "strategy.name", s.name, "fedavg or fedprox",
+            f"{s.name} needs the averaged side values in the clear; use aggregation=secagg or plain")))
     if s.norm_bound > 0:
-        out["holds_plaintext_model"] = ("strategy.norm_bound", s.norm_bound, "0",
-                                        "it cannot bound the aggregate; use aggregation=secagg or plain")
+        out.append(("holds_plaintext_model", ("strategy.norm_bound", s.norm_bound, "0",
+                                        "it cannot bound the aggregate; use aggregation=secagg or plain")))
     return out
 
 
@@ -83,6 +107,18 @@ def validate(s: StrategyConfig) -> None:
     check(0 <= s.assumed_byzantine < 0.5, "strategy.assumed_byzantine", s.assumed_byzantine,
           "0 <= share < 0.5 (robust rules need an honest majority)")
     check(s.norm_bound >= 0, "strategy.norm_bound", s.norm_bound, "0 (off) or an L2 norm > 0")
+    check(s.server_opt in SERVER_OPTIMIZERS, "strategy.server_opt", s.server_opt, f"one of {list(SERVER_OPTIMIZERS)}")
+    check(s.server_lr > 0, "strategy.server_lr", s.server_lr, "a step size > 0")
+    check(0 <= s.server_beta1 < 1, "strategy.server_beta1", s.server_beta1, "0 <= beta1 < 1")
+    check(0 <= s.server_beta2 < 1, "strategy.server_beta2", s.server_beta2, "0 <= beta2 < 1")
+    check(s.server_tau > 0, "strategy.server_tau", s.server_tau, "a number > 0")
+    check(s.personal in PERSONAL, "strategy.personal", s.personal, f"one of {list(PERSONAL)}")
+    check(s.ditto_lambda >= 0, "strategy.ditto_lambda", s.ditto_lambda, "a number >= 0")
+    check(s.personal_epochs >= 1, "strategy.personal_epochs", s.personal_epochs, "an integer >= 1")
+    check(s.personal_lr >= 0, "strategy.personal_lr", s.personal_lr, "0 (the task's lr) or a learning rate > 0")
+    if s.name in SIDE_VALUES:
+        check(s.norm_bound == 0, "strategy.norm_bound", s.norm_bound,
+              f"0 with strategy.name={s.name} (a norm bound would clip its side values with the update)")
     if isinstance(s, FedProxConfig):
         check(s.mu >= 0, "strategy.mu", s.mu, "a number >= 0")
         check(s.mu_step > 0, "strategy.mu_step", s.mu_step, "a number > 0")

@@ -18,7 +18,9 @@ Public hooks for the layers around it (aggregation options, central DP, privacy 
 ``observe(rnd, replies)``           learn site names; run the reply observers (e.g. DP-SGD's ledger)
 ``screen_train(rnd, replies)``      the usable replies, in site order; rejections recorded
 ``combine_train(rnd, good)``        the combine step over screened replies
-``finish_train(rnd, arrays, m)``    the strategy's own step after aggregation (FedProx adapts ``mu``)
+``finish_train(rnd, arrays, m)``    the strategy's own step after aggregation (FedNova rescales, SCAFFOLD
+                                    updates its control variate, FedProx adapts ``mu``), then the
+                                    server optimizer (:mod:`strategies.server_opt`)
 ``aggregate_protected(rnd, replies, aggregate)``  a protected option's aggregate (:mod:`core.handover`)
 ``exclude(node, reason)``           never send this node training work again
 """
@@ -44,6 +46,8 @@ from core.records import Arrival, Departure, PhaseRecord, Rejection, RunRecord
 from core.replies import Reference, check_evaluate_reply, check_train_reply
 from core.sites import WEIGHT_KEY, site_label, site_order, stragglers
 from strategies.combine import Aggregated, Combine, CombineContext, WeightedMean
+from strategies.server_opt import ServerOptimizer
+from strategies.state import JOB_KEY
 from tasks.metrics import SUMMARY_KEYS, pool_site_summaries
 
 EVAL_KEYS = SUMMARY_KEYS["binary"]
@@ -84,11 +88,20 @@ class FedAvg(FlowerFedAvg):
         Where the rounds are recorded (shared with the layers around the strategy).
     observers : list of ReplyObserver, optional
         Called with every round's training replies before aggregation.
+    server_opt : ServerOptimizer, optional
+        Turns each round's aggregate into the step taken (FedAdam, FedYogi, FedAdagrad, FedAvgM).
+    job : str, optional
+        The job id sent with every instruction (``fedsilo-job``) when the sites keep state of
+        their own (:mod:`strategies.state`); kept in the checkpoint so a resumed run finds it.
+    personalizes : bool
+        The sites keep personal models (:mod:`strategies.personal`): after the last round the
+        ServerApp asks each to score the final global model beside its own.
     """
 
     def __init__(self, num_sites: int, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                  combine: Combine | None = None, record: RunRecord | None = None,
-                 observers: list[ReplyObserver] | None = None) -> None:
+                 observers: list[ReplyObserver] | None = None, server_opt: ServerOptimizer | None = None,
+                 job: str | None = None, personalizes: bool = False) -> None:
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -108,12 +121,18 @@ class FedAvg(FlowerFedAvg):
         self.excluded: dict[int, str] = {}
         self._connected: set[int] | None = None
         self._sent: list[Message] = []  # this round's training instructions (their ids are set when pushed)
+        self.server_opt = server_opt
+        self.job = job
+        #: whether the sites keep personal models, scored beside the global one after the last round
+        self.personalizes = personalizes
 
     # ---- training ----------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample sites and send them the global model; remember its array layout."""
+        if self.job is not None:
+            config[JOB_KEY] = self.job
         self.reference = {k: (tuple(v.shape), np.dtype(v.numpy().dtype)) for k, v in arrays.items()}
         self.current = arrays
         self._track_nodes(server_round, grid)
@@ -151,7 +170,10 @@ class FedAvg(FlowerFedAvg):
 
     def finish_train(self, server_round: int, arrays: ArrayRecord | None,
                      metrics: MetricRecord | None) -> Aggregated:
-        """The strategy's own step after the aggregate is known; FedAvg has none."""
+        """The strategy's own step after the aggregate is known: the server optimizer's, if any.
+        Subclasses transform the aggregate first, then call this."""
+        if self.server_opt is not None and arrays is not None and self.current is not None:
+            arrays = self.server_opt.step(self.current, arrays)
         return arrays, metrics
 
     def aggregate_protected(self, server_round: int, replies: list[Message],
@@ -249,6 +271,8 @@ class FedAvg(FlowerFedAvg):
             "participation": {str(r): e for r, e in self.record.to_dict().items()},
             "node_names": {str(n): name for n, name in self.record.sites.names.items()},
             "reference": {k: [list(shape), str(dtype)] for k, (shape, dtype) in self.reference.items()},
+            "server_opt": None if self.server_opt is None else self.server_opt.state_dict(),
+            "job": self.job,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -257,6 +281,10 @@ class FedAvg(FlowerFedAvg):
         self.record.load(state["participation"], state["node_names"])
         self.reference = {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in state["reference"].items()}
         self.min_available_nodes = self.min_train_nodes  # as after round 1: go on with the connected sites
+        if self.server_opt is not None and state.get("server_opt") is not None:
+            self.server_opt.load_state_dict(state["server_opt"])
+        if self.job is not None and state.get("job"):
+            self.job = str(state["job"])  # the sites' state of the first run is filed under it
 
     # ---- helpers ---------------------------------------------------------------------
     def _screen(self, server_round: int, phase: str, replies: Iterable[Message], check: Any) -> list[Message]:

@@ -63,7 +63,8 @@ class FedProx(FedAvg):
 
     Parameters
     ----------
-    num_sites, fraction_train, fraction_evaluate, combine, record, observers : as for :class:`FedAvg`.
+    num_sites, fraction_train, fraction_evaluate, combine, record, observers, layers : as for
+        :class:`FedAvg` (``layers``: ``server_opt``, ``job``).
     mu : float
         Proximal coefficient for the first round.
     adaptive_mu : bool
@@ -75,8 +76,9 @@ class FedProx(FedAvg):
     def __init__(self, num_sites: int, mu: float, fraction_train: float = 1.0,
                  fraction_evaluate: float = 1.0, adaptive_mu: bool = False,
                  mu_step: float = 0.1, mu_patience: int = 5, combine: Combine | None = None,
-                 record: RunRecord | None = None, observers: list[ReplyObserver] | None = None) -> None:
-        super().__init__(num_sites, fraction_train, fraction_evaluate, combine, record, observers)
+                 record: RunRecord | None = None, observers: list[ReplyObserver] | None = None,
+                 **layers: Any) -> None:
+        super().__init__(num_sites, fraction_train, fraction_evaluate, combine, record, observers, **layers)
         self.mu = float(mu)
         self.adaptive_mu, self.mu_step, self.mu_patience = adaptive_mu, mu_step, mu_patience
         self._last_loss: float | None = None
@@ -91,10 +93,11 @@ class FedProx(FedAvg):
 
     def finish_train(self, server_round: int, arrays: ArrayRecord | None,
                      metrics: MetricRecord | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Adapt ``mu`` from the round's training loss when the sites do not evaluate."""
+        """Adapt ``mu`` from the round's training loss when the sites do not evaluate; then the
+        server optimizer, if any."""
         if self.fraction_evaluate == 0.0 and metrics is not None and "train_loss" in metrics:
             self._adapt(server_round, float(metrics["train_loss"]))  # type: ignore[arg-type]
-        return arrays, metrics
+        return super().finish_train(server_round, arrays, metrics)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, replies)

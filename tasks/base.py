@@ -183,10 +183,10 @@ class Task(ABC):
         """binary | multiclass | regression: the loss, scores and metrics of this task's labels."""
         return "binary"
 
-    def local_train_config(self, epochs: int | None = None) -> LocalTrainConfig:
+    def local_train_config(self, epochs: int | None = None, lr: float | None = None) -> LocalTrainConfig:
         c = self.cfg
         return LocalTrainConfig(
-            epochs=c.local_epochs if epochs is None else epochs, batch_size=c.batch_size, lr=c.lr,
+            epochs=c.local_epochs if epochs is None else epochs, batch_size=c.batch_size, lr=c.lr if lr is None else lr,
             momentum=c.momentum, weight_decay=c.weight_decay, optimizer=c.optimizer, loss=self.label_kind,
         )
 
@@ -199,16 +199,18 @@ class Task(ABC):
         epochs: int | None = None,
         max_steps: int | None = None,
         penalty: Penalty | None = None,
+        lr: float | None = None,
     ) -> dict[str, float]:
         """One site's local training for one round; deterministic given ``seed``.
 
         ``epochs`` overrides the task's ``local_epochs``; ``max_steps`` caps the optimiser
-        steps (partial work); ``penalty`` is added to the loss (e.g. FedProx's term).
+        steps (partial work); ``penalty`` is added to the loss (e.g. FedProx's term); ``lr``
+        overrides the task's learning rate (personal training).
         """
         seed_cpu(seed)  # dropout draws from the global generator
         gen = torch.Generator().manual_seed(seed)
         aug = self.augmentation() if self.cfg.augment else None
-        return train_local(model, split.x, split.y, self.local_train_config(epochs), gen, aug,
+        return train_local(model, split.x, split.y, self.local_train_config(epochs, lr), gen, aug,
                            penalty=penalty, max_steps=max_steps)
 
     def evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:

@@ -55,8 +55,10 @@ class SecAggStrategy(StrategyWrapper):
                         ) -> Iterable[Message]:
         """The wrapped strategy's instructions, turned into ``train.secagg`` messages (after the key stages)."""
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        self._current = arrays
-        size = Layout.of({k: v.numpy() for k, v in arrays.items()}).size
+        # What the sites received: the model, plus any side values the strategy sends with it
+        # (SCAFFOLD's control variate, FedNova's normalizer), summed inside the same masked vector.
+        self._current = messages[0].content["arrays"] if messages else arrays  # type: ignore[assignment]
+        size = Layout.of({k: v.numpy() for k, v in self._current.items()}).size  # type: ignore[union-attr]
         try:
             return list(self.protocol.open(server_round, messages, grid, size))
         except SecAggAbort as err:

@@ -1,0 +1,73 @@
+"""A site's own strategy state on its own disk: what must outlive a message, a run and a restart.
+
+SCAFFOLD's control variate, FedPer/FedBN's personal layers and Ditto's personal model belong to
+the site and never reach the coordinator. A deployment starts a new ClientApp process for every
+message, and a resumed run (``resume=RUN_DIR``) is a new Flower run with a fresh
+``context.state``, so this state lives in files under the site's state folder (node config
+``state-dir``; in simulation a folder under fedsilo's cache), one folder per *job*: the
+coordinator draws a job id when a run starts, keeps it in its checkpoint and sends it with
+every instruction, so a resumed run finds its sites' state again.
+
+Each entry is saved per round (``<name>-<round>.pt``) and read as "the latest saved before
+round r": a coordinator that died after round k and resumes at k+1 gets the sites' state of
+round k even if some site had already trained round k+1, so a resumed run equals the
+uninterrupted one bit for bit. The last :data:`KEEP` versions of each entry are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+#: Train-config key of the job id (the coordinator's; see module docstring).
+JOB_KEY = "fedsilo-job"
+KEEP = 3
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def default_root() -> Path:
+    """Where sites keep their state when the node config names no ``state-dir`` (simulation)."""
+    cache = os.environ.get("FEDSILO_CACHE_DIR")
+    base = Path(cache) if cache else Path(tempfile.gettempdir())
+    return base / "site-state"
+
+
+class SiteStore:
+    """One site's state files for one job."""
+
+    def __init__(self, root: str | Path, job: str, site: str) -> None:
+        if not job or _SAFE.search(job):
+            raise ValueError(f"job id {job!r}: expected letters, digits, '_', '.', '-'")
+        self.folder = Path(root).expanduser() / job / _SAFE.sub("_", site)
+
+    def _versions(self, name: str) -> list[tuple[int, Path]]:
+        if not self.folder.is_dir():
+            return []
+        out = []
+        for path in self.folder.glob(f"{name}-*.pt"):
+            tail = path.stem[len(name) + 1:]
+            if tail.isdigit():
+                out.append((int(tail), path))
+        return sorted(out)
+
+    def load(self, name: str, before_round: int) -> dict[str, torch.Tensor] | None:
+        """The latest ``name`` saved in a round before ``before_round``, or None."""
+        older = [p for r, p in self._versions(name) if r < before_round]
+        if not older:
+            return None
+        return dict(torch.load(older[-1], weights_only=True))
+
+    def save(self, name: str, server_round: int, tensors: dict[str, torch.Tensor]) -> Path:
+        """Keep ``tensors`` as ``name`` after ``server_round`` (atomic; older versions pruned)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{name}-{server_round}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({k: v.detach().clone() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+        for _, old in self._versions(name)[:-KEEP]:
+            old.unlink(missing_ok=True)
+        return path
