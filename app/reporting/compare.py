@@ -74,7 +74,9 @@ def _name(runs: list[Run]) -> None:
 
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     columns = [*COLUMNS, *(k for k in REGRESSION_COLUMNS if any(k in (r.results.get("final") or {}) for r in runs))]
-    head = ["run", "status", "rounds", *columns, "best AUC (round)", "max epsilon", "seconds", "MB to sites", "path"]
+    personal = any(r.results.get("personalization") for r in runs)
+    head = ["run", "status", "rounds", *columns, "best AUC (round)", "max epsilon",
+            *(["site mean accuracy (global / personal)"] if personal else []), "seconds", "MB to sites", "path"]
     rows = []
     for r in runs:
         res = r.results
@@ -87,8 +89,17 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         rows.append([r.name, str(res.get("status", "?")), str(len(hist)),
                      *[("n/a" if final.get(k) is None else f"{final[k]:.4f}") for k in columns],
                      f"{best[0]:.4f} ({best[1]})" if best else "n/a", "-" if eps is None else f"{eps:.3f}",
+                     *([site_means(res)] if personal else []),
                      f"{res.get('timing', {}).get('total_seconds', 0):.1f}", f"{mb:.2f}", str(r.path)])
     return head, rows
+
+
+def site_means(results: dict[str, Any]) -> str:
+    """The mean over sites of each site's accuracy on its own test rows: global / personal model."""
+    mean = (results.get("personalization") or {}).get("mean") or {}
+    if not mean:
+        return "-"
+    return f"{mean['global'].get('accuracy', float('nan')):.4f} / {mean['personal'].get('accuracy', float('nan')):.4f}"
 
 
 def plot(runs: list[Run]) -> bytes:

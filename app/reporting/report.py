@@ -196,6 +196,33 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def strategy_label(s: dict[str, Any]) -> str:
+    """``fedprox + yogi, personal=ditto, robust=median``: the strategy and its layers."""
+    parts = [s["name"] + (f" + {s['server_opt']}" if s.get("server_opt", "none") != "none" else "")]
+    parts += [f"{k}={s[k]}" for k in ("personal", "robust") if s.get(k, "none") != "none"]
+    return ", ".join(parts)
+
+
+def personal_section(results: dict[str, Any]) -> Section | None:
+    """Per site, the final global model beside the site's personal model (``personalization``)."""
+    p = results.get("personalization")
+    if not p:
+        return None
+    sec = Section("Personalization")
+    sec.paragraphs.append(f"strategy.personal={p['method']}: each site scored the final global model and its own "
+                          f"personal model on {p['rows']}; only these summaries reached the coordinator, never a "
+                          "personal model.")
+    keys = [k for k in ("accuracy", "auc", "loss") if any(k in s["global"] for s in p["sites"].values())]
+    rows = [[name, str(s["rows"]), *[f"{_fmt(s['global'].get(k))} / {_fmt(s['personal'].get(k))}" for k in keys]]
+            for name, s in p["sites"].items()]
+    mean = p.get("mean") or {}
+    if mean:
+        rows.append(["mean over sites", "", *[f"{_fmt(mean['global'].get(k))} / {_fmt(mean['personal'].get(k))}"
+                                              for k in keys]])
+    sec.tables.append((["site", "test rows", *[f"{k} (global / personal)" for k in keys]], rows))
+    return sec
+
+
 def sections(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) -> list[Section]:
     cfg = results["config"]
     agg, priv = cfg["aggregation"]["name"], cfg["privacy"]["name"]
@@ -208,8 +235,7 @@ def sections(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) -> list
     auc_text = (f"{auc[0]:.4f} (95 % CI {auc[1]:.4f}-{auc[2]:.4f})" if auc else _fmt(final.get("auc")))
     summary.tables.append((["", ""], [  # a key-value table: no header
         ["status", results.get("status", "?")], ["task", cfg["task"]["name"]],
-        ["strategy", cfg["strategy"]["name"] + (f", robust={cfg['strategy']['robust']}"
-                                                if cfg["strategy"].get("robust", "none") != "none" else "")],
+        ["strategy", strategy_label(cfg["strategy"])],
         ["aggregation", agg], ["privacy", priv], ["sites", str(results.get("sites"))],
         ["rounds completed", f"{len(hist)} of {cfg['num_rounds']}"], ["seed", str(cfg["seed"])],
         ["final test AUC", auc_text], ["run time", f"{results.get('timing', {}).get('total_seconds', 0):.1f} s"],
@@ -271,6 +297,8 @@ def sections(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) -> list
         privacy.paragraphs.append(f"Membership-inference audit of the final model: best attack AUC {a['max_auc']:.4f} "
                                   "(0.5 = the attacker cannot tell members from non-members).")
 
+    personal = personal_section(results)
+
     part = Section("Participation")
     prow = []
     for h in hist:
@@ -287,7 +315,7 @@ def sections(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) -> list
         [str(h["round"]), _fmt(h.get("seconds"), 2), str(h.get("traffic", {}).get("messages_to_sites", "-")),
          f"{h.get('traffic', {}).get('bytes_to_sites', 0):,}", f"{h.get('traffic', {}).get('bytes_from_sites', 0):,}"]
         for h in hist]))
-    return [summary, conf, data, curves, fin, privacy, part, timing]
+    return [summary, conf, data, curves, fin, *([personal] if personal else []), privacy, part, timing]
 
 
 # ---- rendering -------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Server optimizers, SCAFFOLD, FedNova and personalization in real federated runs (the
+ServerApp and ClientApp in process): they compose with secure aggregation and with
+checkpoint/resume, site state stays at the sites, and personal models are reported per site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tasks
+from app import config
+from app.reporting import compare, report
+from app.runtime import checkpoint
+from app.runtime.local_grid import run_inprocess
+from app.server_app import CoordinatorCrash
+from strategies import personal, scaffold
+from strategies.state import SiteStore, default_root
+from tests.conftest import DATA_DIR
+
+MEDICAL = ["task=medical", "num_rounds=4", "report=false"]
+
+
+def _metric_gap(a: dict, b: dict) -> float:
+    keys = [k for k in a if isinstance(a[k], float) and isinstance(b.get(k), float) and np.isfinite(a[k])]
+    assert len(keys) > 10
+    return max(abs(a[k] - b[k]) for k in keys)
+
+
+@pytest.mark.parametrize("strategy", [
+    ["strategy=fedyogi"], ["strategy=scaffold"], ["strategy=fednova", "strategy.local_epochs=[1,3]"],
+    ["strategy=ditto"], ["strategy=fedprox", "strategy.server_opt=adam", "strategy.server_lr=0.05"],
+], ids=["fedyogi", "scaffold", "fednova-uneven-work", "ditto", "fedprox+fedadam"])
+def test_new_strategies_under_secagg_match_plain_aggregation(tmp_path: Path, strategy: list[str]) -> None:
+    """The same seed under secure aggregation ends within 1e-4 of plain aggregation (SecAgg's
+    quantisation is the only difference): the optimizer steps on the unmasked mean, and the side
+    values (control variates, normalizers) travel inside the same masked vector."""
+    plain = run_inprocess([*MEDICAL, *strategy], tmp_path / "plain")
+    secure = run_inprocess([*MEDICAL, *strategy, "aggregation=secagg"], tmp_path / "secagg")
+    assert plain["status"] == secure["status"] == "completed"
+    assert _metric_gap(plain["final"], secure["final"]) < 1e-4
+    if "strategy=ditto" in strategy:  # Ditto's global model is FedAvg's; its personal models differ
+        assert plain["personalization"]["mean"]["personal"] != plain["personalization"]["mean"]["global"]
+    else:
+        fedavg = run_inprocess(MEDICAL, tmp_path / "fedavg")
+        assert _metric_gap(plain["final"], fedavg["final"]) > 1e-3  # and the strategy did change the model
+    if "personalization" in plain:
+        for site, s in plain["personalization"]["sites"].items():
+            for which in ("global", "personal"):
+                other = secure["personalization"]["sites"][site][which]
+                assert max(abs(v - other[k]) for k, v in s[which].items()) < 1e-4
+
+
+@pytest.mark.parametrize("strategy", [
+    ["strategy=fedyogi"], ["strategy=scaffold"], ["strategy=fednova", "strategy.stragglers=0.5"],
+    ["strategy=ditto"], ["strategy=scaffold", "aggregation=secagg", "strategy.personal=finetune"],
+], ids=["fedyogi", "scaffold", "fednova-stragglers", "ditto", "scaffold-secagg-finetune"])
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path: Path, strategy: list[str]) -> None:
+    """The optimizer's moments and SCAFFOLD's c come back from the checkpoint; the sites' c_i and
+    personal models from their own state folders, found again under the checkpoint's job id."""
+    full = run_inprocess([*MEDICAL, *strategy], tmp_path / "full")
+    with pytest.raises(CoordinatorCrash):
+        run_inprocess([*MEDICAL, *strategy, "faults.crash_after_round=2"], tmp_path / "crash")
+    resumed = run_inprocess([*MEDICAL, *strategy, f"resume={tmp_path / 'crash'}"], tmp_path / "resumed")
+    assert resumed["final"] == full["final"]
+    assert [h["server"] for h in resumed["history"]] == [h["server"] for h in full["history"]]
+    assert resumed.get("personalization") == full.get("personalization")
+    job = checkpoint.load(tmp_path / "crash").strategy.get("job")
+    if "scaffold" in str(strategy) or "ditto" in str(strategy):
+        assert job and (default_root() / job).is_dir()  # the sites' state of the crashed run, used again
+
+
+def test_scaffold_global_control_variate_is_the_mean_of_the_sites_own(tmp_path: Path) -> None:
+    """Full participation: c = sum_i p_i c_i after every round. The coordinator's c (from the
+    checkpoint) equals the row-weighted mean of the c_i each site keeps in its own folder."""
+    res = run_inprocess([*MEDICAL, "num_rounds=3", "strategy=scaffold"], tmp_path / "run")
+    state = checkpoint.load(tmp_path / "run").strategy
+    c = {k: np.asarray(vals, dtype=dtype).reshape(shape) for k, (shape, dtype, vals) in state["scaffold_c"].items()}
+    cfg = config.compose([*MEDICAL, "strategy=scaffold"])
+    task = tasks.get("medical")(cfg.task, DATA_DIR)
+    rows = {s.name: len(s.train) for s in task.sites(cfg.partition, config.num_sites(cfg), cfg.seed)}
+    assert res["status"] == "completed" and len(rows) == 4
+    total = sum(rows.values())
+    mean = {k: sum(rows[name] / total * SiteStore(default_root(), state["job"], name).load(scaffold.STATE, 99)[k]
+                   .double().numpy() for name in rows) for k in c}
+    for k in c:
+        assert np.abs(c[k]).max() > 1e-3  # not trivially zero
+        np.testing.assert_allclose(c[k], mean[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fedper_heads_never_reach_the_coordinator(tmp_path: Path) -> None:
+    """Every site sends its received head back: the global head never moves from the initial one,
+    while each site's own head (in its state folder) does; the body is trained."""
+    over = ["task=finance", "num_sites=3", "num_rounds=2", "report=false", "strategy.personal=fedper",
+            "task.hidden=[8]"]
+    res = run_inprocess(over, tmp_path / "run")
+    ck = checkpoint.load(tmp_path / "run")
+    final = {k: v.numpy() for k, v in ck.arrays.items()}
+    cfg = config.compose(over)
+    task = tasks.get("finance")(cfg.task, DATA_DIR)
+    torch.manual_seed(cfg.seed)  # as the ServerApp draws the public initial model
+    initial = task.build_model().state_dict()
+    head = personal.head_keys(task.build_model())
+    for k in head:  # equal up to the weighted mean's float32 rounding of identical values
+        np.testing.assert_allclose(final[k], initial[k].numpy(), rtol=0, atol=1e-6)
+    assert not np.array_equal(final["net.0.weight"], initial["net.0.weight"].numpy())
+    own = SiteStore(default_root(), ck.strategy["job"], "site-0").load(personal.PERSONAL, 99)
+    assert own is not None and set(own) == set(head)
+    assert float((own[head[0]] - initial[head[0]]).abs().max()) > 1e-2  # the site's own head did learn
+    assert set(res["personalization"]["sites"]) == {"site-0", "site-1", "site-2"}
+
+
+def test_personalization_is_reported_per_site_beside_the_global_model(tmp_path: Path) -> None:
+    res = run_inprocess([*MEDICAL, "num_rounds=5", "strategy=ditto", "strategy.ditto_lambda=0.01",
+                         "strategy.personal_epochs=2"], tmp_path / "run")
+    p = res["personalization"]
+    assert p["method"] == "ditto" and "local test rows" in p["rows"]
+    assert set(p["sites"]) == {"cleveland", "hungarian", "switzerland", "va"}
+    final = res["history"][-1]["server"]
+    for site, s in p["sites"].items():
+        assert s["personalized"] is True
+        assert s["global"]["accuracy"] == pytest.approx(final[f"accuracy_{site}"], abs=1e-12)  # the same rows
+        assert s["personal"] != s["global"]
+    assert p["mean"]["global"]["accuracy"] == pytest.approx(final["accuracy_site_mean"], abs=1e-12)
+    assert sum(s["rows"] for s in p["sites"].values()) == int(final["num_examples"])
+    md = "\n".join(report.to_markdown("r", report.sections(tmp_path / "run", res, n_boot=10)).splitlines())
+    assert "## Personalization" in md and "cleveland" in md and "(global / personal)" in md
+    head, rows = compare.table(compare.find_runs([tmp_path / "run"]))
+    assert "site mean accuracy (global / personal)" in head and "/" in rows[0][head.index(
+        "site mean accuracy (global / personal)")]
