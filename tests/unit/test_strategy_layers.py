@@ -55,9 +55,12 @@ def test_server_optimizer_follows_reddi_et_al(name: str) -> None:
             expect = x.astype(np.float32) + lr * m
         else:
             m = b1 * m + (1 - b1) * delta
-            v = {"adam": lambda: b2 * v + (1 - b2) * delta**2,
-                 "yogi": lambda: v - (1 - b2) * delta**2 * np.sign(v - delta**2),
-                 "adagrad": lambda: v + delta**2}[name]()
+            if name == "adam":
+                v = b2 * v + (1 - b2) * delta**2
+            elif name == "yogi":
+                v = v - (1 - b2) * delta**2 * np.sign(v - delta**2)
+            else:
+                v = v + delta**2
             expect = x.astype(np.float32) + lr * m / (np.sqrt(v) + tau)
         np.testing.assert_allclose(out, expect.astype(np.float32), rtol=1e-6)
         x = out
