@@ -20,6 +20,7 @@ pickles the ClientApp with every message, and a closure would be pickled by valu
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -280,25 +281,34 @@ def _scores(task: Task, model: torch.nn.Module, rows: Split) -> dict[str, float]
 
 @app.query("fedsilo_personal")
 def personal_query(msg: Message, context: Context) -> Message:
-    """Score the final global model and this site's personal model on its own test rows
-    (:mod:`strategies.personal`); the reply holds the two summaries only."""
+    """Score the final global model and this site's personal model on its own test rows and on
+    its validation rows (for choosing hyper-parameters without test rows; :mod:`strategies.personal`).
+    The reply holds these summaries only."""
     torch.set_num_threads(1)
     try:
         cfg, task, _ = load_source(context)
-        site, rows, what = own_test_rows(cfg, task, context, msg)
+        site, rows, _ = own_test_rows(cfg, task, context, msg)
         layers = composition.site(cfg)
         config_rec = msg.content["config"]
         server_round = int(config_rec["server-round"])  # type: ignore[index,call-overload]
         model = task.build_model()
         glob = layers.aggregation.global_state(msg, context, model.state_dict())
         model.load_state_dict(model_part(glob, model))
-        out: dict[str, float] = {"rows": float(len(rows))}
+        model_global = copy.deepcopy(model)
+        out: dict[str, float] = {"rows": float(len(rows)), "val_rows": float(len(site.val))}
         out.update({f"global/{k}": v for k, v in _scores(task, model, rows).items()})
+        out.update({f"val-global/{k}": v for k, v in _scores(task, model, site.val).items()})
         seed = seed_for(cfg.seed, server_round, site.site_id)
         half, rnd = strategy_round(cfg, task, site, context, config_rec, server_round, seed)  # type: ignore[arg-type]
         own = half.personal_model(glob, model, rnd)
+        test, val = _scores(task, model, rows), _scores(task, model, site.val)
+        if own and cfg.strategy.personal_select and val.get("loss", 0.0) > out.get("val-global/loss", float("inf")):
+            # the site's own validation rows prefer the global model: it keeps that one (its raw personal scores too)
+            out.update({f"raw-personal/{k}": v for k, v in test.items()})
+            own, test, val = False, _scores(task, model_global, rows), _scores(task, model_global, site.val)
         out["personalized"] = float(own)
-        out.update({f"personal/{k}": v for k, v in _scores(task, model, rows).items()})
+        out.update({f"personal/{k}": v for k, v in test.items()})
+        out.update({f"val-personal/{k}": v for k, v in val.items()})
     except (*DATA_ERRORS, personal.PersonalError, ValueError, KeyError) as err:
         return refused(msg, context, err)
     return Message(RecordDict({"personal": MetricRecord(out),  # type: ignore[arg-type]

@@ -48,6 +48,7 @@ class StrategyConfig:
     ditto_lambda: float = 0.1       # Ditto: pull of the personal model towards the global one
     personal_epochs: int = 1        # Ditto: personal epochs per round; finetune: epochs on the final model
     personal_lr: float = 0.0        # learning rate of personal training; 0 = the task's lr
+    personal_select: bool = True    # a site keeps its personal model only if its validation loss beats the global's
 
 
 @dataclass

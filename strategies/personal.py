@@ -15,7 +15,10 @@ personal is kept in the site's :class:`~strategies.state.SiteStore` and never se
               being the one received that round;
 ``finetune``  the final global model trained ``personal_epochs`` more epochs at each site.
 
-After the last round the coordinator sends every site the final global model
+With ``strategy.personal_select`` (the default) a site keeps its personal model only if it beats
+the global model on the site's own validation rows (loss); otherwise it keeps the global model,
+and the results say so (``personalized: false``, the personal model's scores under
+``personal_not_kept``). After the last round the coordinator sends every site the final global model
 (``query.fedsilo_personal``, :func:`evaluate_sites`); each site scores the global model and its
 personal model on its own test rows and replies with the two summaries only (counts, loss,
 AUC: what federated evaluation reveals). ``results.json``'s ``personalization`` section, the
@@ -175,10 +178,26 @@ def wrap(inner: StrategySite, s: Any) -> StrategySite:
 
 
 # ---- coordinator half ---------------------------------------------------------------------
+def _prefixed(metrics: Any, prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _means(sites: dict[str, Any], part: str | None = None) -> dict[str, dict[str, float]]:
+    """The mean over sites of each metric, global and personal (of ``part``, e.g. validation)."""
+    out: dict[str, dict[str, float]] = {}
+    for which in ("global", "personal"):
+        rows = [(s[part] if part else s)[which] for s in sites.values()]
+        out[which] = {k: float(np.mean([r[k] for r in rows if k in r]))
+                      for k in ("accuracy", "auc", "loss") if any(k in r for r in rows)}
+    return out
+
+
 def evaluate_sites(grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float,
                    names: dict[int, str] | None = None) -> dict[str, Any]:
     """Ask every connected site to score the final global model and its personal model on its
-    own test rows; ``{"sites": {site: {"global": {...}, "personal": {...}, "rows": n}}, "mean": ...}``.
+    own test rows (and on its validation rows, for tuning without test rows);
+    ``{"sites": {site: {"global": {...}, "personal": {...}, "rows": n, "validation": {...}}}, "mean": ...,
+    "validation_mean": ...}``.
 
     A site that fails or replies without both summaries is logged and left out."""
     nodes = sorted(grid.get_node_ids())
@@ -195,17 +214,18 @@ def evaluate_sites(grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeou
             log(WARNING, "personal evaluation: node %s replied without its summaries; left out", node)
             continue
         name = site_label(reply).split(" (node")[0]
-        both: dict[str, Any] = {"rows": int(metrics["rows"]), "personalized": bool(metrics["personalized"])}  # type: ignore[arg-type]
+        both: dict[str, Any] = {"rows": int(metrics["rows"]), "personalized": bool(metrics["personalized"]),  # type: ignore[arg-type]
+                                "validation": {"rows": int(metrics.get("val_rows", 0))}}  # type: ignore[arg-type]
         for which in ("global", "personal"):
-            both[which] = {k.split("/", 1)[1]: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
-                           if k.startswith(which + "/")}
+            both[which] = _prefixed(metrics, which + "/")
+            both["validation"][which] = _prefixed(metrics, f"val-{which}/")
+        raw = _prefixed(metrics, "raw-personal/")
+        if raw:  # the site kept the global model; its personal model scored this
+            both["personal_not_kept"] = raw
         sites[name] = both
     ordered = dict(sorted(sites.items()))
-    mean = {which: {k: float(np.mean([s[which][k] for s in ordered.values() if k in s[which]]))
-                    for k in ("accuracy", "auc", "loss")
-                    if any(k in s[which] for s in ordered.values())}
-            for which in ("global", "personal")} if ordered else {}
+    mean = _means(ordered) if ordered else {}
     if ordered:
         log(INFO, "personal evaluation: mean over %s sites: global accuracy %.4f, personal accuracy %.4f",
             len(ordered), mean["global"].get("accuracy", float("nan")), mean["personal"].get("accuracy", float("nan")))
-    return {"sites": ordered, "mean": mean}
+    return {"sites": ordered, "mean": mean, "validation_mean": _means(ordered, "validation") if ordered else {}}

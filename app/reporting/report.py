@@ -211,15 +211,17 @@ def personal_section(results: dict[str, Any]) -> Section | None:
     sec = Section("Personalization")
     sec.paragraphs.append(f"strategy.personal={p['method']}: each site scored the final global model and its own "
                           f"personal model on {p['rows']}; only these summaries reached the coordinator, never a "
-                          "personal model.")
+                          "personal model. A site keeps its personal model only where its own validation rows "
+                          "prefer it (strategy.personal_select); otherwise both columns show the global model.")
     keys = [k for k in ("accuracy", "auc", "loss") if any(k in s["global"] for s in p["sites"].values())]
-    rows = [[name, str(s["rows"]), *[f"{_fmt(s['global'].get(k))} / {_fmt(s['personal'].get(k))}" for k in keys]]
+    rows = [[name, str(s["rows"]), "personal" if s.get("personalized") else "global",
+             *[f"{_fmt(s['global'].get(k))} / {_fmt(s['personal'].get(k))}" for k in keys]]
             for name, s in p["sites"].items()]
     mean = p.get("mean") or {}
     if mean:
-        rows.append(["mean over sites", "", *[f"{_fmt(mean['global'].get(k))} / {_fmt(mean['personal'].get(k))}"
+        rows.append(["mean over sites", "", "", *[f"{_fmt(mean['global'].get(k))} / {_fmt(mean['personal'].get(k))}"
                                               for k in keys]])
-    sec.tables.append((["site", "test rows", *[f"{k} (global / personal)" for k in keys]], rows))
+    sec.tables.append((["site", "test rows", "model kept", *[f"{k} (global / personal)" for k in keys]], rows))
     return sec
 
 

@@ -5,6 +5,7 @@ checkpoint/resume, site state stays at the sites, and personal models are report
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,10 +30,17 @@ def _metric_gap(a: dict, b: dict) -> float:
     return max(abs(a[k] - b[k]) for k in keys)
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("strategy", [
-    ["strategy=fedyogi"], ["strategy=scaffold"], ["strategy=fednova", "strategy.local_epochs=[1,3]"],
-    ["strategy=ditto"], ["strategy=fedprox", "strategy.server_opt=adam", "strategy.server_lr=0.05"],
-], ids=["fedyogi", "scaffold", "fednova-uneven-work", "ditto", "fedprox+fedadam"])
+    pytest.param(["strategy=fedyogi"], id="fedyogi"),
+    pytest.param(["strategy=scaffold"], id="scaffold"),
+    pytest.param(["strategy=fednova", "strategy.local_epochs=[1,3]"], id="fednova-uneven-work", marks=SLOW),
+    pytest.param(["strategy=ditto"], id="ditto", marks=SLOW),
+    pytest.param(["strategy=fedprox", "strategy.server_opt=adam", "strategy.server_lr=0.05"], id="fedprox+fedadam",
+                 marks=SLOW),
+])
 def test_new_strategies_under_secagg_match_plain_aggregation(tmp_path: Path, strategy: list[str]) -> None:
     """The same seed under secure aggregation ends within 1e-4 of plain aggregation (SecAgg's
     quantisation is the only difference): the optimizer steps on the unmasked mean, and the side
@@ -54,9 +62,13 @@ def test_new_strategies_under_secagg_match_plain_aggregation(tmp_path: Path, str
 
 
 @pytest.mark.parametrize("strategy", [
-    ["strategy=fedyogi"], ["strategy=scaffold"], ["strategy=fednova", "strategy.stragglers=0.5"],
-    ["strategy=ditto"], ["strategy=scaffold", "aggregation=secagg", "strategy.personal=finetune"],
-], ids=["fedyogi", "scaffold", "fednova-stragglers", "ditto", "scaffold-secagg-finetune"])
+    pytest.param(["strategy=fedyogi"], id="fedyogi", marks=SLOW),
+    pytest.param(["strategy=scaffold"], id="scaffold", marks=SLOW),
+    pytest.param(["strategy=fednova", "strategy.stragglers=0.5"], id="fednova-stragglers", marks=SLOW),
+    pytest.param(["strategy=ditto"], id="ditto"),
+    pytest.param(["strategy=scaffold", "aggregation=secagg", "strategy.personal=finetune"],
+                 id="scaffold-secagg-finetune", marks=SLOW),
+])
 def test_resumed_run_equals_the_uninterrupted_one(tmp_path: Path, strategy: list[str]) -> None:
     """The optimizer's moments and SCAFFOLD's c come back from the checkpoint; the sites' c_i and
     personal models from their own state folders, found again under the checkpoint's job id."""
@@ -90,31 +102,35 @@ def test_scaffold_global_control_variate_is_the_mean_of_the_sites_own(tmp_path: 
         np.testing.assert_allclose(c[k], mean[k], rtol=1e-4, atol=1e-6)
 
 
-def test_fedper_heads_never_reach_the_coordinator(tmp_path: Path) -> None:
-    """Every site sends its received head back: the global head never moves from the initial one,
-    while each site's own head (in its state folder) does; the body is trained."""
-    over = ["task=finance", "num_sites=3", "num_rounds=2", "report=false", "strategy.personal=fedper",
-            "task.hidden=[8]"]
-    res = run_inprocess(over, tmp_path / "run")
+@pytest.mark.parametrize(("over", "keys", "shared"), [
+    pytest.param(["task=finance", "num_sites=3", "num_rounds=2", "strategy.personal=fedper", "task.hidden=[8]"],
+                 personal.head_keys, "net.0.weight", id="fedper-head"),
+    pytest.param(["task=medical_imaging", "num_sites=2", "num_rounds=1", "task.local_epochs=1",
+                  "strategy.personal=fedbn"], personal.norm_keys, "features.0.weight", id="fedbn-groupnorm", marks=SLOW),
+])
+def test_personal_layers_never_reach_the_coordinator(tmp_path: Path, over: list[str], keys: Any, shared: str) -> None:
+    """Every site sends its received personal layers back: the global ones never move from the
+    initial model, while each site's own (in its state folder) do; the shared layers are trained."""
+    res = run_inprocess([*over, "report=false"], tmp_path / "run")
     ck = checkpoint.load(tmp_path / "run")
     final = {k: v.numpy() for k, v in ck.arrays.items()}
     cfg = config.compose(over)
-    task = tasks.get("finance")(cfg.task, DATA_DIR)
+    task = tasks.get(cfg.task.name)(cfg.task, DATA_DIR)
     torch.manual_seed(cfg.seed)  # as the ServerApp draws the public initial model
     initial = task.build_model().state_dict()
-    head = personal.head_keys(task.build_model())
-    for k in head:  # equal up to the weighted mean's float32 rounding of identical values
+    mine = keys(task.build_model())
+    for k in mine:  # equal up to the weighted mean's float32 rounding of identical values
         np.testing.assert_allclose(final[k], initial[k].numpy(), rtol=0, atol=1e-6)
-    assert not np.array_equal(final["net.0.weight"], initial["net.0.weight"].numpy())
+    assert not np.allclose(final[shared], initial[shared].numpy(), atol=1e-4)
     own = SiteStore(default_root(), ck.strategy["job"], "site-0").load(personal.PERSONAL, 99)
-    assert own is not None and set(own) == set(head)
-    assert float((own[head[0]] - initial[head[0]]).abs().max()) > 1e-2  # the site's own head did learn
-    assert set(res["personalization"]["sites"]) == {"site-0", "site-1", "site-2"}
+    assert own is not None and set(own) == set(mine)
+    assert max(float((own[k] - initial[k]).abs().max()) for k in mine) > 1e-3  # the site's own layers did learn
+    assert len(res["personalization"]["sites"]) == config.num_sites(cfg)
 
 
 def test_personalization_is_reported_per_site_beside_the_global_model(tmp_path: Path) -> None:
     res = run_inprocess([*MEDICAL, "num_rounds=5", "strategy=ditto", "strategy.ditto_lambda=0.01",
-                         "strategy.personal_epochs=2"], tmp_path / "run")
+                         "strategy.personal_epochs=2", "strategy.personal_select=false"], tmp_path / "run")
     p = res["personalization"]
     assert p["method"] == "ditto" and "local test rows" in p["rows"]
     assert set(p["sites"]) == {"cleveland", "hungarian", "switzerland", "va"}
@@ -130,3 +146,21 @@ def test_personalization_is_reported_per_site_beside_the_global_model(tmp_path: 
     head, rows = compare.table(compare.find_runs([tmp_path / "run"]))
     assert "site mean accuracy (global / personal)" in head and "/" in rows[0][head.index(
         "site mean accuracy (global / personal)")]
+
+
+@SLOW
+def test_a_site_keeps_its_personal_model_only_where_its_validation_rows_prefer_it(tmp_path: Path) -> None:
+    """Fine-tuning for many epochs helps Switzerland (46 patients, mostly positive) and hurts
+    others; with personal_select each site compares on its own validation rows and keeps the better."""
+    over = [*MEDICAL, "strategy.personal=finetune", "strategy.personal_epochs=20", "task.lr=0.3"]
+    free = run_inprocess([*over, "strategy.personal_select=false"], tmp_path / "free")["personalization"]
+    chosen = run_inprocess(over, tmp_path / "chosen")["personalization"]
+    kept = [name for name, s in chosen["sites"].items() if s["personalized"]]
+    assert 0 < len(kept) < 4, chosen["sites"]  # a real choice on this data: some sites keep it, some do not
+    for name, s in chosen["sites"].items():
+        raw = free["sites"][name]
+        g, p = s["validation"]["global"]["loss"], raw["validation"]["personal"]["loss"]
+        if s["personalized"]:
+            assert p <= g and s["personal"] == raw["personal"]
+        else:
+            assert p > g and s["personal"] == s["global"] and s["personal_not_kept"] == raw["personal"]
