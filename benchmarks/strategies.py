@@ -33,7 +33,10 @@ per site), task defaults (no tuning: the same lr for all). (a) every method: glo
 test AUC and the mean per-site AUC of the global and the personal model on each site's validation
 rows (the only rows of its own distribution a site holds under a Dirichlet split); (b) FedAvg,
 FedProx, SCAFFOLD and FedNova with 3 local epochs and 50 % stragglers: final test AUC and the test
-AUC of the round a user would ship when choosing by federated validation loss.
+AUC of the round a user would ship when choosing by federated validation loss. (c), added after
+(a) and (b) showed SCAFFOLD and FedNova unstable with momentum SGD (``--part finance-sgd``): FedAvg,
+FedProx, SCAFFOLD and FedNova with plain SGD as their papers run them (momentum 0, lr 0.5), with and
+without stragglers.
 
 Every run is a real fedsilo job (ServerApp and ClientApp code, in process via
 ``app.runtime.local_grid``); two runs go in parallel on two cores.
@@ -318,6 +321,34 @@ def finance(workers: int) -> dict[str, Any]:
     return {"runs": run_all(federated, jobs, workers)}
 
 
+SGD = ["task.momentum=0", "task.lr=0.5"]  # the papers' plain SGD, with the effective step of lr 0.05 + momentum 0.9
+
+
+def finance_sgd(workers: int) -> dict[str, Any]:
+    """SCAFFOLD and FedNova as their papers run them (plain SGD), beside FedAvg and FedProx."""
+    methods = {"fedavg": ["strategy=fedavg"], "fedprox": ["strategy=fedprox", "strategy.mu=0.1"],
+               "scaffold": ["strategy=scaffold"], "fednova": ["strategy=fednova"]}
+    jobs = [(f"{strag}|{m}", [*FIN_BASE, *o, *SGD, *(["task.local_epochs=3", "strategy.stragglers=0.5",
+                                                     "strategy.straggler_policy=partial"] if strag else []),
+                             f"seed={s}"])
+            for strag in ("", "stragglers") for m, o in methods.items() for s in FIN_SEEDS]
+    print(f"finance, plain SGD: {len(jobs)} federated runs", flush=True)
+    runs = run_all(federated, jobs, workers)
+    lines = ["| setting | method | final test AUC | test AUC of the round chosen by validation loss |", "|---|---|---|---|"]
+    rows = []
+    for strag in ("", "stragglers"):
+        for m in methods:
+            sel = [r for r in runs if r["tag"] == f"{strag}|{m}"]
+            fin = mean_std([r["auc"] for r in sel])
+            pick = mean_std([r["auc_per_round"][min(range(len(r["val_loss_per_round"])),
+                                                    key=lambda k, r=r: (r["val_loss_per_round"][k], k))] for r in sel])
+            setting = "3 local epochs, 50 % stragglers (partial)" if strag else "1 local epoch, no stragglers"
+            rows.append({"setting": setting, "method": m, "final_auc_mean": fin[0], "final_auc_std": fin[1],
+                         "selected_auc_mean": pick[0], "selected_auc_std": pick[1]})
+            lines.append(f"| {setting} | {m} | {fin[0]:.4f} ± {fin[1]:.4f} | {pick[0]:.4f} ± {pick[1]:.4f} |")
+    return {"runs": runs, "summary": rows, "table": "\n".join(lines)}
+
+
 def finance_tables(f: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     rows, lines = [], ["| method | global test AUC | mean per-site AUC, global model | mean per-site AUC, personal model "
                        "| mean per-site accuracy, global / personal |", "|---|---|---|---|---|"]
@@ -350,7 +381,7 @@ def finance_tables(f: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["heart", "finance", "both"], default="both")
+    parser.add_argument("--part", choices=["heart", "finance", "finance-sgd", "both"], default="both")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     out = REPO / "benchmarks" / "results"
@@ -384,6 +415,20 @@ def main() -> None:
             f"every method (no tuning). Per-site figures: each site scores the final global model and its "
             f"personal model on its own validation rows.\n\n{table}\n")
         print(table)
+
+
+    if args.part in ("finance-sgd", "both"):
+        t0 = time.monotonic()
+        g = finance_sgd(args.workers)
+        secs = time.monotonic() - t0
+        (out / "strategies_finance_sgd.json").write_text(json.dumps({"command": command, "seconds": secs, **g},
+                                                                    indent=1) + "\n")
+        (out / "strategies_finance_sgd.md").write_text(
+            f"Produced by `{command}` ({len(g['runs'])} runs, {secs:.0f} s on 2 cores). Finance, Dirichlet alpha=0.1 "
+            f"over 10 sites, 20 rounds, seeds {FIN_SEEDS}, plain SGD as in the SCAFFOLD and FedNova papers "
+            f"(task.momentum=0, task.lr=0.5: the effective step of the default lr 0.05 with momentum 0.9).\n\n"
+            f"{g['table']}\n")
+        print(g["table"])
 
 
 if __name__ == "__main__":

@@ -164,3 +164,16 @@ def test_a_site_keeps_its_personal_model_only_where_its_validation_rows_prefer_i
             assert p <= g and s["personal"] == raw["personal"]
         else:
             assert p > g and s["personal"] == s["global"] and s["personal_not_kept"] == raw["personal"]
+
+
+@SLOW
+@pytest.mark.parametrize("layer", [["strategy.robust=median"], ["privacy=central", "privacy.noise_multiplier=0.3"]],
+                         ids=["median", "central-dp"])
+def test_server_optimizer_steps_on_a_robust_or_private_aggregate(tmp_path: Path, layer: list[str]) -> None:
+    """FedYogi over the median and over central DP's noised mean: the runs complete, the optimizer changes
+    the model the layer alone gives, and central DP still accounts every release."""
+    alone = run_inprocess([*MEDICAL, *layer], tmp_path / "alone")
+    yogi = run_inprocess([*MEDICAL, *layer, "strategy=fedyogi"], tmp_path / "yogi")
+    assert yogi["status"] == "completed" and _metric_gap(alone["final"], yogi["final"]) > 1e-3
+    if "privacy=central" in layer:
+        assert yogi["privacy"]["releases"] == 4 and yogi["privacy"]["epsilon"] == alone["privacy"]["epsilon"]
