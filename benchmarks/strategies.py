@@ -31,7 +31,8 @@ Finance (``--part finance``): ``task=finance`` (UCI credit default), Dirichlet a
 sites, 20 rounds, seeds 0, 3, 5, 7, 10 (the first five the partitioner can split with >= 10 rows
 per site), task defaults (no tuning: the same lr for all). (a) every method: global
 test AUC and the mean per-site AUC of the global and the personal model on each site's validation
-rows (the only rows of its own distribution a site holds under a Dirichlet split); (b) FedAvg,
+rows (the only rows of its own distribution a site holds under a Dirichlet split; for every method also the
+federated evaluation's row-weighted mean of the sites' validation AUCs); (b) FedAvg,
 FedProx, SCAFFOLD and FedNova with 3 local epochs and 50 % stragglers: final test AUC and the test
 AUC of the round a user would ship when choosing by federated validation loss. (c), added after
 (a) and (b) showed SCAFFOLD and FedNova unstable with momentum SGD (``--part finance-sgd``): FedAvg,
@@ -143,6 +144,7 @@ def federated(job: tuple[str, list[str]]) -> dict[str, Any]:
            "site_mean_accuracy": hist[-1]["server"].get("accuracy_site_mean"),
            "auc": hist[-1]["server"].get("auc"), "auc_per_round": [h["server"].get("auc") for h in hist],
            "val_loss": hist[-1]["federated_evaluate"].get("loss"),
+           "site_auc_weighted": hist[-1]["federated_evaluate"].get("auc_site_weighted"),
            "val_loss_per_round": [h["federated_evaluate"].get("loss", float("inf")) for h in hist]}
     if p:
         out["personal"] = p["mean"]["personal"]
@@ -350,19 +352,23 @@ def finance_sgd(workers: int) -> dict[str, Any]:
 
 
 def finance_tables(f: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
-    rows, lines = [], ["| method | global test AUC | mean per-site AUC, global model | mean per-site AUC, personal model "
-                       "| mean per-site accuracy, global / personal |", "|---|---|---|---|---|"]
+    rows, lines = [], ["| method | global test AUC | per-site validation AUC of the global model, row-weighted mean "
+                       "(federated evaluation) | mean per-site AUC, global model | mean per-site AUC, personal model "
+                       "| mean per-site accuracy, global / personal |", "|---|---|---|---|---|---|"]
     for m in FIN_METHODS:
         runs = [r for r in f["runs"] if r["tag"] == m]
         a = mean_std([r["auc"] for r in runs])
+        w = mean_std([r["site_auc_weighted"] for r in runs])
         has_p = "personal" in runs[0]
         sg = mean_std([r["global_sites"]["auc"] for r in runs]) if has_p else None
         sp = mean_std([r["personal"]["auc"] for r in runs]) if has_p else None
         acc = (statistics.mean(r["global_sites"]["accuracy"] for r in runs),
                statistics.mean(r["personal"]["accuracy"] for r in runs)) if has_p else None
-        rows.append({"method": m, "auc_mean": a[0], "auc_std": a[1], "site_auc_global": sg and sg[0],
+        rows.append({"method": m, "auc_mean": a[0], "auc_std": a[1], "site_auc_weighted": w[0],
+                     "site_auc_global": sg and sg[0],
                      "site_auc_personal": sp and sp[0], "site_accuracy": acc})
-        lines.append(f"| {m} | {a[0]:.4f} ± {a[1]:.4f} | {f'{sg[0]:.4f} ± {sg[1]:.4f}' if sg else '—'} | "
+        lines.append(f"| {m} | {a[0]:.4f} ± {a[1]:.4f} | {w[0]:.4f} ± {w[1]:.4f} | "
+                     f"{f'{sg[0]:.4f} ± {sg[1]:.4f}' if sg else '—'} | "
                      f"{f'{sp[0]:.4f} ± {sp[1]:.4f}' if sp else '—'} | "
                      f"{f'{acc[0]:.4f} / {acc[1]:.4f}' if acc else '—'} |")
     lines += ["", "Dirichlet alpha=0.1, 10 sites, 3 local epochs, 50 % stragglers (their partial work aggregated "

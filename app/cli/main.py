@@ -60,7 +60,9 @@ def run(cfg: DictConfig) -> None:
               + ",".join(f"{p.name}({p.role})" for p in typed.vertical.parties)
               + f" epochs={typed.vertical.epochs} seed={typed.seed}", flush=True)
     else:
-        print(f"fedsilo: task={typed.task.name} strategy={typed.strategy.name} "
+        from app.reporting.report import strategy_label
+
+        print(f"fedsilo: task={typed.task.name} strategy={strategy_label(config.to_dict(typed)['strategy'])} "
               f"aggregation={typed.aggregation.name} privacy={typed.privacy.name} "
               f"partition={typed.partition.name} sites={n_sites} rounds={typed.num_rounds} seed={typed.seed}",
               flush=True)
@@ -86,6 +88,11 @@ def run(cfg: DictConfig) -> None:
     summary = "  ".join(f"{k}={final[k]:.4f}" for k in HEADLINE if final.get(k) is not None)
     print(f"fedsilo: run {outcome.run_id} completed in {outcome.seconds:.1f}s", flush=True)
     print(f"fedsilo: final test {summary}", flush=True)
+    mean = (recorded.get("personalization") or {}).get("mean")
+    if mean:
+        print(f"fedsilo: each site on its own test rows, mean accuracy: global model "
+              f"{mean['global'].get('accuracy', float('nan')):.4f}, personal models "
+              f"{mean['personal'].get('accuracy', float('nan')):.4f}", flush=True)
     p = recorded.get("privacy")
     if p:
         import privacy

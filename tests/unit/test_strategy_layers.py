@@ -270,7 +270,7 @@ def _federate(kind: str, momentum: float, rounds: int = 150, lr: float = 0.02) -
     return x
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("momentum", [0.0, pytest.param(0.9, marks=pytest.mark.slow)])
 def test_scaffold_and_fednova_reach_the_optimum_fedavg_drifts_from(momentum: float) -> None:
     optimum = np.array([-1.0, 0.5])
     drift = np.linalg.norm(_federate("fedavg", momentum) - optimum)
