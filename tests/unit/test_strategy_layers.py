@@ -1,5 +1,5 @@
 """Server optimizers, SCAFFOLD, FedNova and personalization: their maths and their contracts,
-one piece at a time (the federated runs are in ``tests/integration/test_strategy_layers.py``)."""
+one piece at a time (the federated runs are in ``tests/integration/test_strategy_runs.py``)."""
 
 from __future__ import annotations
 
