@@ -70,7 +70,7 @@ class FedNovaSite(StrategySite):
                rnd: SiteRound) -> dict[str, torch.Tensor]:
         state = super().finish(model, glob, stats, rnd)
         x = model_part(glob, model)
-        a = max(step_normalizer(float(stats.get("local_steps", 0.0)), rnd.momentum), 1e-12)
+        a = max(step_normalizer(float(stats["local_steps"]), rnd.momentum), 1e-12)
         out = {k: ((x[k].double() + (v.double() - x[k].double()) / a).to(v.dtype) if v.is_floating_point() else v)
                for k, v in state.items()}
         out[KEY] = torch.tensor([a / SCALE], dtype=glob[KEY].dtype)

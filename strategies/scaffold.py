@@ -116,7 +116,7 @@ class ScaffoldSite(StrategySite):
                rnd: SiteRound) -> dict[str, torch.Tensor]:
         state = super().finish(model, glob, stats, rnd)
         x = model_part(glob, model)
-        a = step_normalizer(float(stats.get("local_steps", 0.0)), rnd.momentum)
+        a = step_normalizer(float(stats["local_steps"]), rnd.momentum)
         new_ci = {}
         for n, c in self._c.items():
             drift = (x[n].double() - state[n].double()) / (a * rnd.lr) if a > 0 else torch.zeros_like(c, dtype=torch.float64)

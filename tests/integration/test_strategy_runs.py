@@ -177,3 +177,47 @@ def test_server_optimizer_steps_on_a_robust_or_private_aggregate(tmp_path: Path,
     assert yogi["status"] == "completed" and _metric_gap(alone["final"], yogi["final"]) > 1e-3
     if "privacy=central" in layer:
         assert yogi["privacy"]["releases"] == 4 and yogi["privacy"]["epsilon"] == alone["privacy"]["epsilon"]
+
+
+@SLOW
+def test_personal_models_under_paillier_match_plain_aggregation(tmp_path: Path) -> None:
+    """FedPer under Paillier: the received head goes back encrypted, the final per-site evaluation
+    opens the encrypted global model at each site, and every figure equals plain aggregation's
+    within Paillier's fixed-point encoding."""
+    import json
+    import shlex
+
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from aggregation.paillier import keys
+    from app import client_app, server_app
+    from app.runtime.local_grid import LocalGrid
+
+    key_pair, public = keys.generate(tmp_path / "keys")
+    over = ["task=finance", "num_sites=3", "num_rounds=2", "report=false", "strategy.personal=fedper",
+            "task.hidden=[8]", "strategy.personal_select=false"]
+    run_config = {"overrides": shlex.join([*over, "aggregation=paillier", f"aggregation.public_key={public}",
+                                           f"data_dir={DATA_DIR}"]), "output-dir": str(tmp_path / "paillier")}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    grid = LocalGrid(client_app.app, 3, run_config, node_config={"paillier-keypair": str(key_pair)})
+    server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    encrypted = json.loads((tmp_path / "paillier" / "results.json").read_text())["personalization"]
+    plain = run_inprocess(over, tmp_path / "plain")["personalization"]
+    assert set(encrypted["sites"]) == set(plain["sites"]) == {"site-0", "site-1", "site-2"}
+    for site, s in plain["sites"].items():
+        for which in ("global", "personal"):
+            for k, v in s[which].items():
+                assert abs(v - encrypted["sites"][site][which][k]) < 1e-4, (site, which, k)
+
+
+@SLOW
+def test_scaffold_and_ditto_train_under_dpsgd(tmp_path: Path) -> None:
+    """SCAFFOLD's correction is a term of the objective, so DP-SGD's clipped, noised steps carry it;
+    every site's ledger still accounts every step and the control variate moves."""
+    res = run_inprocess([*MEDICAL, "num_rounds=2", "strategy=scaffold", "strategy.personal=ditto", "privacy=dpsgd"],
+                        tmp_path / "run")
+    assert res["status"] == "completed" and max(res["privacy"]["epsilon_per_site"].values()) > 0
+    c = checkpoint.load(tmp_path / "run").strategy["scaffold_c"]
+    assert max(abs(v) for _, _, vals in c.values() for v in vals) > 1e-4
+    assert all(s["personalized"] or s["personal"] == s["global"] for s in res["personalization"]["sites"].values())
