@@ -42,8 +42,10 @@ without stragglers.
 Every run is a real fedsilo job (ServerApp and ClientApp code, in process via
 ``app.runtime.local_grid``); two runs go in parallel on two cores.
 
-    python benchmarks/strategies.py                 # both parts (about 25 min on 2 cores)
-    python benchmarks/strategies.py --part heart    # FLamby's benchmark only (about 8 min)
+    python benchmarks/strategies.py                      # every part (about 25 min on 2 cores)
+    python benchmarks/strategies.py --part heart         # FLamby's benchmark only (11 min)
+    python benchmarks/strategies.py --part finance       # (a) and (b) (9 min)
+    python benchmarks/strategies.py --part finance-sgd   # (c) (5.5 min)
 """
 
 from __future__ import annotations
