@@ -20,7 +20,6 @@ pickles the ClientApp with every message, and a closure would be pickled by valu
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -294,18 +293,18 @@ def personal_query(msg: Message, context: Context) -> Message:
         model = task.build_model()
         glob = layers.aggregation.global_state(msg, context, model.state_dict())
         model.load_state_dict(model_part(glob, model))
-        model_global = copy.deepcopy(model)
         out: dict[str, float] = {"rows": float(len(rows)), "val_rows": float(len(site.val))}
-        out.update({f"global/{k}": v for k, v in _scores(task, model, rows).items()})
-        out.update({f"val-global/{k}": v for k, v in _scores(task, model, site.val).items()})
+        global_test, global_val = _scores(task, model, rows), _scores(task, model, site.val)
+        out.update({f"global/{k}": v for k, v in global_test.items()})
+        out.update({f"val-global/{k}": v for k, v in global_val.items()})
         seed = seed_for(cfg.seed, server_round, site.site_id)
         half, rnd = strategy_round(cfg, task, site, context, config_rec, server_round, seed)  # type: ignore[arg-type]
         own = half.personal_model(glob, model, rnd)
         test, val = _scores(task, model, rows), _scores(task, model, site.val)
-        if own and cfg.strategy.personal_select and val.get("loss", 0.0) > out.get("val-global/loss", float("inf")):
+        if own and cfg.strategy.personal_select and val.get("loss", 0.0) > global_val.get("loss", float("inf")):
             # the site's own validation rows prefer the global model: it keeps that one (its raw personal scores too)
             out.update({f"raw-personal/{k}": v for k, v in test.items()})
-            own, test, val = False, _scores(task, model_global, rows), _scores(task, model_global, site.val)
+            own, test, val = False, global_test, global_val
         out["personalized"] = float(own)
         out.update({f"personal/{k}": v for k, v in test.items()})
         out.update({f"val-personal/{k}": v for k, v in val.items()})
