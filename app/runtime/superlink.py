@@ -237,27 +237,12 @@ class LocalSuperLink:
     def stop(self, grace: float = 15.0) -> None:
         """Stop the SuperLink, its SuperNodes and every process they started (SIGTERM, then SIGKILL)."""
         for node in self.supernodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGTERM)
+            _signal_group(node, signal.SIGTERM)
         for node in self.supernodes:
-            try:
-                node.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait(timeout=grace)
+            _end_group(node, grace)
         self.supernodes = []
-        if self.process is not None and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=grace)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
         if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(timeout=grace)
+            _end_group(self.process, grace)
         deadline = time.monotonic() + grace
         while (stragglers := self.own_processes()) and time.monotonic() < deadline:
             for pid in stragglers:
@@ -343,10 +328,38 @@ class LocalSuperLink:
                 self.flwr("stop", str(run_id), CONNECTION)
                 status, details = "timeout", f"run did not finish within {timeout:.0f}s"
         finally:
-            if logs is not None and logs.poll() is None:
-                os.killpg(logs.pid, signal.SIGTERM)
-                logs.wait(timeout=10)
+            if logs is not None:
+                _end_group(logs, grace=10.0)
         return RunOutcome(run_id, status, details, time.monotonic() - t0)
+
+
+def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
+    """Send ``sig`` to the process group ``proc`` leads (started with ``start_new_session``)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _end_group(proc: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM ``proc``'s group, wait ``grace`` seconds, then SIGKILL the group and reap ``proc``.
+
+    Never raises: it runs while a run unwinds (Ctrl-C, ``kill``), where an exception would replace
+    the exit the user asked for (a SIGTERM'd ``fedsilo`` must end with 143, not 1)."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # what is left of the group (children that outlived their leader too)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:  # unkillable (D state): leave it to the straggler sweep
+        pass
 
 
 #: A deployed ServerApp's log reaches ``flwr log`` twice: as the console line and again in

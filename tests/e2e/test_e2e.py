@@ -253,7 +253,8 @@ def test_killed_command_stops_everything_it_started(tmp_path: Path) -> None:
     time.sleep(8)  # let the simulation (and Ray) get going
     assert leftover_processes(), "the run never started"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143
+    code = proc.wait(timeout=60)
+    assert code == 143, f"exit {code}:\n" + proc.stdout.read()[-4000:]  # type: ignore[union-attr]
     assert not leftover_processes()
 
 
