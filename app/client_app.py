@@ -78,18 +78,28 @@ def load_site(context: Context, msg: Message | None = None) -> tuple[config.Feds
 def load_source(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData | RawSite]:
     """This node's config, task and data as the task keeps them (raw rows for ``task=tabular``)."""
     node = context.node_config
-    if "data-path" not in node:  # simulation: the same few sites answer many messages per process
-        key = (str(context.run_config.get("overrides", "")), str(node.get("partition-id")),
-               str(node.get("num-partitions")))
-        if key not in _SITES:
-            if len(_SITES) >= 4096:
-                _SITES.clear()
-            _SITES[key] = _load_site(context)
-        return _SITES[key]
-    return _load_site(context)
+    # The same few sites answer many messages per process (the simulation engine's workers, a
+    # deployed site's long-lived worker, app.runtime.site_worker): keyed by the run's config and the
+    # node's, and for a site's own files by their size and modification time (an edited file is
+    # read again).
+    key = (str(context.run_config.get("overrides", "")), tuple(sorted((k, str(v)) for k, v in node.items())),
+           tuple(_stamp(node[k]) for k in ("data-path", "schema-path") if k in node))
+    if key not in _SITES:
+        if len(_SITES) >= 4096:
+            _SITES.clear()
+        _SITES[key] = _load_site(context)
+    return _SITES[key]
 
 
-_SITES: dict[tuple[str, str, str], tuple[config.FedsiloConfig, Task, SiteData | RawSite]] = {}
+def _stamp(path: object) -> tuple[str, int, int]:
+    try:
+        st = Path(str(path)).expanduser().stat()
+    except OSError:
+        return str(path), -1, -1
+    return str(path), st.st_size, st.st_mtime_ns
+
+
+_SITES: dict[tuple[object, ...], tuple[config.FedsiloConfig, Task, SiteData | RawSite]] = {}
 
 
 def _load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData | RawSite]:

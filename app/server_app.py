@@ -31,8 +31,9 @@ from app import composition, config
 from app.federated import FederatedData
 from app.reporting.results import ENCRYPTED_MODEL_FILE, Recorder
 from app.runtime import checkpoint
+from app.runtime.flower_tuning import fast_object_pulls
 from app.runtime.paths import default_output_dir, resolve_data_dir
-from app.runtime.traffic import MeteredGrid
+from app.runtime.traffic import MeteredGrid, deployed
 from core.records import PhaseRecord, RoundRecord
 from strategies import personal
 from strategies.loop import run_rounds
@@ -126,6 +127,8 @@ def main(grid: Grid, context: Context) -> None:
         # every 5 ms. Larger ones keep Flower's interval: a poll costs in proportion to the replies
         # outstanding and competes with the engine's workers (at 1000 sites 5 ms cost 1.5x per round).
         grid.pull_interval = min(grid.pull_interval, PULL_INTERVAL)  # type: ignore[attr-defined]
+    if deployed(grid):  # replies polled fast (MeteredGrid), object pulls retried after 20 ms, not 1 s
+        fast_object_pulls()
     grid = MeteredGrid(grid)  # bytes and messages per round, into results.json
     out = str(context.run_config.get("output-dir", "") or "")
     out_dir = Path(out) if out else default_output_dir(context.run_id)

@@ -128,8 +128,11 @@ def node_config(entry: dict[str, Any], option_config: dict[str, str] | None = No
     return f'data-path="{entry["file"]}"{extra}'
 
 
-def start(dep: Deployment, out: Path) -> Any:
-    """Start the SuperLink (TLS, node authentication) and one SuperNode per site; return the link."""
+def start(dep: Deployment, out: Path, worker: bool = True) -> Any:
+    """Start the SuperLink (TLS, node authentication) and one SuperNode per site; return the link.
+
+    ``worker``: each SuperNode with its site's long-lived ClientApp worker
+    (:mod:`app.runtime.site_worker`); ``False``: Flower's stock SuperNode (benchmarks)."""
     from app.runtime.superlink import LocalSuperLink
 
     link = LocalSuperLink(out / "superlink.log", simulation=False, certs=dep.certs, supernode_auth=dep.certs is not None)
@@ -137,7 +140,8 @@ def start(dep: Deployment, out: Path) -> Any:
     try:
         for _, public in dep.keys:
             link.register(public)
-        link.add_supernodes([node_config(e, dep.option_node_config) for e in dep.sites], [k for k, _ in dep.keys] or None)
+        link.add_supernodes([node_config(e, dep.option_node_config) for e in dep.sites], [k for k, _ in dep.keys] or None,
+                            worker=worker)
     except BaseException:
         link.stop()
         raise
@@ -145,7 +149,7 @@ def start(dep: Deployment, out: Path) -> Any:
 
 
 def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeout: float = 4 * 3600,
-        stream: bool = True) -> tuple[Any, dict[str, Any] | None]:
+        stream: bool = True, worker: bool = True) -> tuple[Any, dict[str, Any] | None]:
     """Prepare, start, submit, follow and stop a local deployment; return (outcome, results)."""
     from app import config
     from app.runtime.preflight import preflight
@@ -177,7 +181,7 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
     print(f"fedsilo deploy: {sites} SuperNodes, {'TLS + SuperNode authentication' if secure else 'INSECURE'}, "
           f"output {out}", flush=True)
     t0 = time.monotonic()
-    link = start(dep, out)
+    link = start(dep, out, worker)
     try:
         run_id = link.submit(APP_DIR, run_config, {})
         outcome = link.follow(run_id, timeout=timeout, stream=stream)
@@ -186,7 +190,7 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
     if results is not None:
-        results["deployment"] = {"sites": sites, "tls": secure, "supernode_auth": secure,
+        results["deployment"] = {"sites": sites, "tls": secure, "supernode_auth": secure, "site_worker": worker,
                                  "seconds": time.monotonic() - t0, "run_id": outcome.run_id,
                                  "status": outcome.status}
         from app.reporting.results import write_json_atomic

@@ -160,12 +160,15 @@ class LocalSuperLink:
         raise SimulationError(f"flower-superlink not healthy after {self.startup_timeout:.0f}s; see {self.log_path}")
 
     def add_supernodes(self, node_configs: list[str], private_keys: list[Path] | None = None,
-                       insecure: bool | None = None) -> list[subprocess.Popen[bytes]]:
-        """Start one ``flower-supernode`` per node config (e.g. ``'data-path="/x/site-0.npz"'``).
+                       insecure: bool | None = None, worker: bool = True) -> list[subprocess.Popen[bytes]]:
+        """Start one SuperNode per node config (e.g. ``'data-path="/x/site-0.npz"'``).
 
         ``private_keys[i]`` authenticates node ``i`` (``--enable-supernode-auth``); nodes use
         TLS with this SuperLink's CA unless ``insecure`` (default: insecure iff no certs).
-        Each node logs to ``supernode-<i>.log`` beside the SuperLink's log.
+        Each node logs to ``supernode-<i>.log`` beside the SuperLink's log. ``worker`` (the
+        default): Flower's SuperNode through :mod:`app.runtime.supernode`, with the site's
+        long-lived ClientApp worker; ``worker=False``: Flower's stock ``flower-supernode``
+        binary, a new ClientApp process per message (benchmarks compare the two).
         """
         if self.simulation:
             raise SimulationError("SuperNodes belong to a deployment SuperLink (simulation=False)")
@@ -178,8 +181,10 @@ class LocalSuperLink:
             log_path = self.log_path.with_name(f"supernode-{n}.log")
             self.node_logs.append(log_path)
             with open(log_path, "ab") as log_file:
+                launcher = [sys.executable, "-m", "app.runtime.supernode", "--worker"] if worker else \
+                    [_flwr_bin("flower-supernode")]
                 proc = subprocess.Popen(
-                    [_flwr_bin("flower-supernode"), *security, *auth, "--superlink", self.address,
+                    [*launcher, *security, *auth, "--superlink", self.address,
                      "--port", str(free_port()), "--node-config", node_config, "--max-retries", "20"],
                     env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True,
