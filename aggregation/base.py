@@ -26,6 +26,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -273,6 +274,16 @@ class AggregationOption(ABC):
     def node_config(self, cfg: Any) -> dict[str, str]:
         """What a deployed SuperNode's node config needs for this option (e.g. a key-pair path)."""
         return {}
+
+    def simulation_setup(self, cfg: Any, out_dir: Path) -> tuple[list[str], str]:
+        """A simulated run's missing pieces this option can make for itself (overrides to add, and
+        what was made, in a sentence); a deployment never calls this."""
+        return [], ""
+
+    def site_check(self, cfg: Any, node_config: dict[str, Any]) -> list[str]:
+        """Problems a site can find before it joins (``fedsilo site``): what this option needs in the
+        site's node config, one line each with the fix; empty when the site is ready."""
+        return []
 
     @abstractmethod
     def server(self, strategy: Strategy, cfg: Any, initial: ArrayRecord, record: RunRecord) -> Strategy:

@@ -136,6 +136,7 @@ def main(grid: Grid, context: Context) -> None:
         from app import vertical
 
         vertical.serve(grid, context, cfg, out_dir)
+        write_report(cfg, out_dir)
         return
     task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
     fed: FederatedData | None = None
@@ -257,3 +258,20 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError(f"no site returned a usable update in any of {cfg.num_rounds} rounds; "
                            f"the model was never trained. Reasons: {reasons[:3]}")
     log(INFO, "fedsilo: final test %s", _fmt(recorder.server.get(cfg.num_rounds, {})))
+    write_report(cfg, out_dir)
+
+
+def write_report(cfg: config.FedsiloConfig, out_dir: Path) -> None:
+    """``report.md``/``report.html`` beside ``results.json`` (``report=false`` to skip), however the
+    run was started: the ``fedsilo`` command, ``fedsilo deploy local`` or a Flower-native ``flwr run``.
+    A report that cannot be written is a warning: the run itself succeeded."""
+    if not cfg.report:
+        return
+    from app.reporting import report
+
+    try:
+        _, page = report.write(out_dir)
+        log(INFO, "fedsilo: report in %s", page)
+    except Exception as err:  # noqa: BLE001 - the run succeeded; a report failure must not hide that
+        log(WARNING, "fedsilo: the report could not be written (%s: %s); retry with: fedsilo report %s",
+            type(err).__name__, err, out_dir)

@@ -69,7 +69,7 @@ def flower_app_dir(tmp: Path, kind: str) -> Path:
         shutil.copy(base / "secaggplus_app.py", app)
         (app / "timed_secagg.py").write_text(
             "import json\nfrom pathlib import Path\nimport secaggplus_app as s\n"
-            "client, server = s.client, s.server\n_main = s.main\n\n"
+            "client = s.client\nserver = s.server\n_main = s.main\n\n"
             "@server.main()\ndef main(grid, context):\n    _main(grid, context)\n"
             "    stamps = s.STAMPS\n    Path(str(context.run_config['timing-file'])).write_text("
             "json.dumps([b - a for a, b in zip(stamps, stamps[1:])]))\n")
@@ -201,7 +201,7 @@ def rounds_markdown(r: dict[str, Any]) -> list[str]:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    lines = ["# Deployment benchmark", "", "Command: `python benchmarks/deployment.py`", ""]
+    lines = ["# Deployment benchmark", "", f"Command: `{r['command']}`", ""]
     if "rounds" in r:
         lines += rounds_markdown(r["rounds"])
     if "figure" not in r:

@@ -63,6 +63,34 @@ class Paillier(AggregationOption):
     def node_config(self, cfg: Any) -> dict[str, str]:
         return {NODE_CONFIG_KEY: str(Path(cfg.keypair).resolve())} if cfg.keypair else {}
 
+    def simulation_setup(self, cfg: Any, out_dir: Path) -> tuple[list[str], str]:
+        """No key files at all: a fresh key pair for this simulated run, in its output folder."""
+        if cfg.public_key or cfg.keypair:
+            return [], ""
+        try:
+            import phe  # noqa: F401
+        except ImportError:  # preflight names the missing extra
+            return [], ""
+        from aggregation.paillier.keys import generate
+
+        private, public = generate(out_dir / "paillier-keys")
+        return ([f"aggregation.public_key={public}", f"aggregation.keypair={private}"],
+                f"aggregation=paillier: no key files given, so this simulated run made a temporary key pair in "
+                f"{private.parent} (a deployment needs the consortium's keys: fedsilo keys paillier --out DIR)")
+
+    def site_check(self, cfg: Any, node_config: dict[str, Any]) -> list[str]:
+        from aggregation.paillier.keys import PaillierKeyError, load_private
+
+        path = str(node_config.get(NODE_CONFIG_KEY, "") or "")
+        if not path:
+            return [f"aggregation=paillier: the site has no Paillier key pair; give it with --paillier-keypair "
+                    f"(node config '{NODE_CONFIG_KEY}'), the file the consortium's `fedsilo keys paillier` made"]
+        try:
+            load_private(Path(path))
+        except (PaillierKeyError, OSError, ValueError) as err:
+            return [f"aggregation=paillier: the key pair {path} cannot be used: {err}"]
+        return []
+
     def server(self, strategy: Strategy, cfg: Any, initial: ArrayRecord, record: RunRecord) -> Strategy:
         from aggregation.paillier.keys import PaillierKeyError, load_public
         from aggregation.paillier.server import EncryptedAggregator

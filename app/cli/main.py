@@ -6,7 +6,8 @@ them, runs the job in Flower's simulation engine on a private SuperLink (see
 directory: ``results.json``, ``model.pt``, ``metrics.png``, ``superlink.log`` and Hydra's
 ``.hydra/``. ``--multirun`` sweeps work as in any Hydra app. Exit codes: 0 completed,
 1 the run failed, 2 the config is invalid. ``fedsilo keys ...`` provisions keys
-(:mod:`app.cli.keys`); ``fedsilo audit RUN_DIR`` audits a run's model (:mod:`app.cli.audit`);
+(:mod:`app.cli.keys`); ``fedsilo site ...`` checks and starts a site (:mod:`app.cli.site`);
+``fedsilo audit RUN_DIR`` audits a run's model (:mod:`app.cli.audit`);
 ``audit=true`` runs that audit right after the job; ``fedsilo report RUN_DIR`` (also written
 after every job, ``report=false`` to skip) and ``fedsilo compare DIR...`` (:mod:`app.reporting.report`,
 :mod:`app.reporting.compare`).
@@ -23,6 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import aggregation
 from app import config
 from app.reporting.results import RESULTS_FILE
 from app.runtime.preflight import PreflightError, preflight
@@ -40,8 +42,17 @@ def fail(message: str, code: int) -> None:
 @hydra.main(config_path=str(config.CONF_DIR), config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
     """Hydra task function: one fedsilo job."""
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir).resolve()
+    overrides = list(hc.overrides.task)
     try:
         typed = config.validate(cfg)
+        # what a simulated run can make for itself (aggregation=paillier without key files: a key pair)
+        extra, note = aggregation.get(typed.aggregation.name).simulation_setup(typed.aggregation, out_dir)
+        if extra:
+            overrides += extra
+            typed = config.compose(overrides)
+            print(f"fedsilo: {note}", flush=True)
         data_dir = preflight(typed)
         n_sites = config.num_sites(typed)
     except (config.ConfigError, PreflightError, FileNotFoundError, ValueError) as err:
@@ -49,10 +60,8 @@ def run(cfg: DictConfig) -> None:
         return
     if not (APP_DIR / "pyproject.toml").is_file():
         fail(f"the Flower app source is not at {APP_DIR}: install fedsilo with `pip install -e .`", 2)
-    hc = HydraConfig.get()
-    out_dir = Path(hc.runtime.output_dir).resolve()
     run_config = {
-        "overrides": config.run_overrides(list(hc.overrides.task), data_dir),
+        "overrides": config.run_overrides(overrides, data_dir),
         "output-dir": str(out_dir),
     }
     if typed.vertical.name != "none":
@@ -106,8 +115,10 @@ def run(cfg: DictConfig) -> None:
     if typed.report:
         from app.reporting import report
 
-        try:
-            _, page = report.write(out_dir)
+        try:  # the ServerApp wrote it; written again only to add the audit's section
+            page = out_dir / report.REPORT_HTML
+            if typed.audit or not page.is_file():
+                _, page = report.write(out_dir)
             print(f"fedsilo: report in {page}", flush=True)
         except Exception as err:  # noqa: BLE001 - the run succeeded; a report failure must not hide that
             print(f"fedsilo: warning: the report could not be written ({type(err).__name__}: {err}); "
@@ -145,6 +156,10 @@ def main() -> None:
         from app.reporting import compare
 
         sys.exit(compare.main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "site":
+        from app.cli import site as site_cli
+
+        sys.exit(site_cli.main(sys.argv[2:]))
     if len(sys.argv) > 2 and sys.argv[1:3] == ["deploy", "local"]:
         from app.runtime import deploy
 

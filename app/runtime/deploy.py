@@ -205,17 +205,41 @@ def _own_data(cfg: Any) -> bool:
     return bool(getattr(tasks.get(cfg.task.name), "federated_data", False))
 
 
+def output_folder(out: Path | None, overrides: list[str]) -> tuple[Path, list[str]]:
+    """The deployment's output folder and the overrides without ``hydra.run.dir``.
+
+    ``hydra.run.dir=DIR`` names the folder as it does for the ``fedsilo`` command (the same as
+    ``--out DIR``); other ``hydra.*`` settings do not apply to a deployment and are refused, as
+    are ``--out`` and ``hydra.run.dir`` naming different folders."""
+    keys = ("hydra.run.dir=", "+hydra.run.dir=")
+    run_dirs = [Path(o.split("=", 1)[1]) for o in overrides if o.startswith(keys)]
+    rest = [o for o in overrides if not o.startswith(keys)]
+    if run_dirs and out is not None and run_dirs[-1] != out:
+        raise ValueError(f"--out {out} and hydra.run.dir={run_dirs[-1]} name different output folders; give one of them")
+    other = [o for o in rest if o.lstrip("+~").startswith("hydra.")]
+    if other:
+        raise ValueError(f"{other[0]}: of Hydra's settings only hydra.run.dir (the output folder, as --out) "
+                         "applies to a deployment")
+    default = Path("outputs") / "deploy" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    return out or (run_dirs[-1] if run_dirs else default), rest
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fedsilo deploy local", description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, required=True, help="number of SuperNodes (sites)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default outputs/deploy/<time>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: hydra.run.dir= if given, else outputs/deploy/<time>)")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (demos only)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for a job: task=medical aggregation=secagg")
     args = parser.parse_args(argv)
     if args.sites < 2:
         print("fedsilo deploy: --sites must be >= 2", file=sys.stderr)
         return 2
-    out = args.out or Path("outputs") / "deploy" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        out, args.overrides = output_folder(args.out, args.overrides)
+    except ValueError as err:
+        print(f"fedsilo deploy: {err}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through LocalSuperLink.stop()
     from app import config
     from app.runtime.preflight import PreflightError
@@ -239,8 +263,9 @@ def main(argv: list[str]) -> int:
     if config.compose(list(args.overrides)).report:
         from app.reporting import report
 
-        try:
-            print(f"fedsilo deploy: report in {report.write(out)[1]}", flush=True)
+        try:  # the ServerApp wrote it
+            page = out / report.REPORT_HTML
+            print(f"fedsilo deploy: report in {page if page.is_file() else report.write(out)[1]}", flush=True)
         except Exception as err:  # noqa: BLE001 - the run succeeded; a report failure must not hide that
             print(f"fedsilo deploy: warning: the report could not be written ({type(err).__name__}: {err}); "
                   f"retry with: fedsilo report {out}", file=sys.stderr, flush=True)

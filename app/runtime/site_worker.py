@@ -49,10 +49,13 @@ log = logging.getLogger("fedsilo.worker")
 def own_fab_hash(app_dir: Path = APP_DIR) -> str:
     """The FAB hash ``flwr run`` gives this app directory (Flower's deterministic FAB build)."""
     import hashlib
+    import warnings
 
     from flwr.cli.build import build_fab_from_disk
 
-    return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
+    with warnings.catch_warnings():  # pathspec's deprecation notices about Flower's own pattern style
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
 
 
 def load_client_app(app_dir: Path = APP_DIR) -> Any:

@@ -58,6 +58,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # Ray's FutureWarning about accelerator variables under num_gpus=0: opt in to its future default
+        # (leave CUDA_VISIBLE_DEVICES alone), which is what a CPU-only run wants, and silence it
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "HF_DATASETS_OFFLINE": "1",
         "HF_HUB_OFFLINE": "1",
         "TQDM_DISABLE": "1",

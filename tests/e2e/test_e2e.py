@@ -164,12 +164,13 @@ def test_secure_aggregation_through_the_simulation_engine(tmp_path: Path) -> Non
 def test_paillier_aggregation_through_the_simulation_engine(tmp_path: Path) -> None:
     """aggregation=paillier with DP-SGD in Flower's engine: sites encrypt their DP-SGD models, the
     server adds ciphertexts and keeps only the encrypted model; results come from federated
-    evaluation; each site's epsilon accumulates across the rounds."""
-    from aggregation.paillier.keys import generate
-
-    private, public = generate(tmp_path / "keys")
-    _, results = fedsilo(tmp_path / "run", "task=finance", "num_sites=3", "num_rounds=2", "aggregation=paillier",
-                         f"aggregation.public_key={public}", f"aggregation.keypair={private}", "privacy=dpsgd")
+    evaluation; each site's epsilon accumulates across the rounds. No key files given: the simulated
+    run makes a temporary key pair in its output folder and says so (issue #19)."""
+    proc, results = fedsilo(tmp_path / "run", "task=finance", "num_sites=3", "num_rounds=2", "aggregation=paillier",
+                            "privacy=dpsgd")
+    keys = tmp_path / "run" / "paillier-keys"
+    assert f"made a temporary key pair in {keys}" in proc.stdout
+    assert results["config"]["aggregation"]["public_key"] == str(keys / "paillier_public.json")
     assert results["status"] == "completed" and results["artifacts"]["model"] == "model.encrypted.pt"
     assert results["final_source"].startswith("federated") and results["final"]["auc_site_weighted"] > 0.7
     assert all(h["participation"]["train"]["replied"] == 3 for h in results["history"])
@@ -229,6 +230,9 @@ def test_flower_native_run_config(tmp_path: Path) -> None:
     assert outcome.ok, outcome
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["config"]["task"]["name"] == "medical" and len(results["history"]) == 1
+    # the same outputs however the run is started (issue #19): the ServerApp writes the report
+    assert "fedsilo run: medical" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "report.html").is_file()
     assert not leftover_processes()
 
 

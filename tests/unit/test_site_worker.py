@@ -84,7 +84,13 @@ def test_the_worker_recognises_the_installed_fedsilo_fab_and_nothing_else(tmp_pa
     own = site_worker.own_fab_hash(REPO)
     assert own == hashlib.sha256(build_fab_from_disk(REPO)).hexdigest()
     copy = tmp_path / "fedsilo"
-    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", "outputs", "__pycache__", "*.egg-info", ".*_cache"))
+    fab_kinds = {".py", ".toml", ".md", ".yaml", ".json"}  # what a FAB may hold; data files are left behind
+
+    def skip(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if n in {".git", "outputs", "__pycache__"} or n.endswith(("_cache", ".egg-info"))
+                or (Path(folder, n).is_file() and Path(n).suffix not in fab_kinds and n != ".gitignore")}
+
+    shutil.copytree(REPO, copy, ignore=skip)
     assert site_worker.own_fab_hash(copy) == own
     target = copy / "app" / "client_app.py"
     target.write_text(target.read_text() + "\n# a site's local edit\n")
@@ -95,3 +101,20 @@ def test_the_worker_loads_the_clientapp_the_pyproject_names() -> None:
     from app.client_app import app
 
     assert site_worker.load_client_app(REPO) is app
+
+
+def test_deploy_local_takes_its_output_folder_from_hydra_run_dir_or_refuses(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``fedsilo deploy local ... hydra.run.dir=DIR`` writes to DIR (as ``--out DIR``); Hydra settings
+    that cannot apply, and two different folders, are refused with exit 2 and the reason."""
+    from app.runtime import deploy
+
+    out, rest = deploy.output_folder(None, ["task=medical", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert out == tmp_path / "run" and rest == ["task=medical"]
+    assert deploy.output_folder(tmp_path, [f"hydra.run.dir={tmp_path}"])[0] == tmp_path
+    assert deploy.output_folder(None, ["task=medical"])[0].parts[:2] == ("outputs", "deploy")
+    assert deploy.main(["--sites", "2", "--out", str(tmp_path / "a"), f"hydra.run.dir={tmp_path / 'b'}"]) == 2
+    assert "name different output folders" in capsys.readouterr().err
+    assert deploy.main(["--sites", "2", "hydra.job.chdir=true", "task=medical"]) == 2
+    assert "hydra.job.chdir=true: of Hydra's settings only hydra.run.dir" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
