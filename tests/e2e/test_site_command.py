@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -135,10 +136,12 @@ def test_a_good_site_joins_and_stops_everything_on_sigterm(tmp_path: Path) -> No
                                  "--root-certificates", str(certs.ca_cert), "--auth-key", str(key), "--data", data,
                                  "--port", str(free_port()), *FEDERATION],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=link.env)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()  # type: ignore[union-attr]
         try:
             deadline = time.monotonic() + 120
             online: list[dict[str, object]] = []
-            while time.monotonic() < deadline and not online:
+            while time.monotonic() < deadline and not (online and any("fedsilo worker: serving" in x for x in lines)):
                 online = [n for n in link.connected_nodes() if str(n.get("status", "")).lower() == "online"]
                 time.sleep(1)
             assert online, json.dumps(link.connected_nodes())
@@ -147,7 +150,8 @@ def test_a_good_site_joins_and_stops_everything_on_sigterm(tmp_path: Path) -> No
         finally:
             if proc.poll() is None:
                 proc.kill()
-        out = proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.5)
+        out = "".join(lines)
         assert code == 143, out[-3000:]
         assert "checks passed" in out and "joined" in out and "fedsilo worker: serving" in out
     assert not leftover_processes(), leftover_processes()
