@@ -375,10 +375,16 @@ def _end_group(proc: subprocess.Popen[Any], grace: float) -> None:
 _FILE_FORMAT_LINE = re.compile(rb"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
 
 
+#: Flower's notices a fedsilo user cannot act on: fedsilo sets the number of simulated SuperNodes itself.
+_NOT_ACTIONABLE = (b"default simulated SuperNodes changed", b"To change federation size",
+                   b"flwr federation simulation-config", b"Manually terminating ClientAppActor")
+
+
 def _relay_log(pipe: Any) -> None:
-    """Copy a ``flwr log --stream`` to stdout, without the duplicate file-format lines."""
+    """Copy a ``flwr log --stream`` to stdout, without the duplicate file-format lines and without
+    Flower's notices that do not apply to a fedsilo run (:data:`_NOT_ACTIONABLE`)."""
     for line in iter(pipe.readline, b""):
-        if not _FILE_FORMAT_LINE.match(line):
+        if not _FILE_FORMAT_LINE.match(line) and not any(n in line for n in _NOT_ACTIONABLE):
             sys.stdout.buffer.write(line)
             sys.stdout.buffer.flush()
 
