@@ -137,7 +137,8 @@ def check_data(overrides: list[str], node: dict[str, Any]) -> list[str]:
     from app.runtime.paths import resolve_data_dir
 
     cfg = config.compose(overrides)
-    run_config: dict[str, bool | float | int | str] = {"overrides": config.run_overrides(overrides, resolve_data_dir(cfg.data_dir))}
+    run_config: dict[str, bool | float | int | str] = {
+        "overrides": config.run_overrides(overrides, resolve_data_dir(cfg.data_dir))}
     context = Context(run_id=0, node_id=0, node_config=node, state=RecordDict(), run_config=run_config)
     try:
         client_app.load_source(context)
