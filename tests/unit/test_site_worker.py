@@ -84,11 +84,11 @@ def test_the_worker_recognises_the_installed_fedsilo_fab_and_nothing_else(tmp_pa
     own = site_worker.own_fab_hash(REPO)
     assert own == hashlib.sha256(build_fab_from_disk(REPO)).hexdigest()
     copy = tmp_path / "fedsilo"
-    fab_kinds = {".py", ".toml", ".md", ".yaml", ".json"}  # what a FAB may hold; data files are left behind
+    fab_kinds = {".py", ".toml", ".md", ".yaml", ".json"}  # what a FAB may hold besides LICENSE; data are left behind
 
     def skip(folder: str, names: list[str]) -> set[str]:
         return {n for n in names if n in {".git", "outputs", "__pycache__"} or n.endswith(("_cache", ".egg-info"))
-                or (Path(folder, n).is_file() and Path(n).suffix not in fab_kinds and n != ".gitignore")}
+                or (Path(folder, n).is_file() and Path(n).suffix not in {*fab_kinds, ""})}  # LICENSE, .gitignore kept
 
     shutil.copytree(REPO, copy, ignore=skip)
     assert site_worker.own_fab_hash(copy) == own
