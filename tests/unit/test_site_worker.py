@@ -76,6 +76,7 @@ def test_object_pulls_retry_after_20_ms_and_keep_flowers_other_limits() -> None:
             f.__kwdefaults__ = old
 
 
+@pytest.mark.slow  # three FAB builds of the repository (about 4 s)
 def test_the_worker_recognises_the_installed_fedsilo_fab_and_nothing_else(tmp_path: Path) -> None:
     """A run's FAB runs in the worker's process only when it is this checkout byte for byte:
     Flower's own FAB build of the repo gives the same hash; one changed line gives another."""
