@@ -24,7 +24,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import aggregation
 from app import config
 from app.reporting.results import RESULTS_FILE
 from app.runtime.preflight import PreflightError, preflight
@@ -48,6 +47,8 @@ def run(cfg: DictConfig) -> None:
     try:
         typed = config.validate(cfg)
         # what a simulated run can make for itself (aggregation=paillier without key files: a key pair)
+        import aggregation  # here, not at the top: a config error must not wait for torch to import
+
         extra, note = aggregation.get(typed.aggregation.name).simulation_setup(typed.aggregation, out_dir)
         if extra:
             overrides += extra
