@@ -129,16 +129,15 @@ def node_config_of(args: argparse.Namespace) -> dict[str, Any]:
     return node
 
 
-def check_data(overrides: list[str], node: dict[str, Any]) -> list[str]:
+def check_data(overrides: list[str], data_dir: str | None, node: dict[str, Any]) -> list[str]:
     """The site's data file, loaded by the ClientApp's own code for the federation's config."""
     from flwr.app import Context, RecordDict
 
     from app import client_app, config
     from app.runtime.paths import resolve_data_dir
 
-    cfg = config.compose(overrides)
     run_config: dict[str, bool | float | int | str] = {
-        "overrides": config.run_overrides(overrides, resolve_data_dir(cfg.data_dir))}
+        "overrides": config.run_overrides(overrides, resolve_data_dir(data_dir))}
     context = Context(run_id=0, node_id=0, node_config=node, state=RecordDict(), run_config=run_config)
     try:
         client_app.load_source(context)
@@ -169,7 +168,7 @@ def check_all(args: argparse.Namespace) -> list[str]:
         problems.append("--auth-key KEY is required: the SuperLink authenticates its sites (fedsilo keys made one "
                         "per site)")
     node = node_config_of(args)
-    problems += check_data(args.overrides, node)
+    problems += check_data(args.overrides, cfg.data_dir, node)
     problems += aggregation.get(cfg.aggregation.name).site_check(cfg.aggregation, node)
     return problems
 
@@ -191,6 +190,8 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
 
 def run_site(args: argparse.Namespace, join_timeout: float = 120.0) -> int:
     """Start the SuperNode and its worker; return when they end (or on Ctrl-C / SIGTERM)."""
+    from app.runtime.superlink import end_group
+
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     proc = subprocess.Popen(supernode_command(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True, text=True)
@@ -229,19 +230,7 @@ def run_site(args: argparse.Namespace, join_timeout: float = 120.0) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen[str]) -> None:
-    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
+        end_group(proc, 15.0)  # SIGTERM, then SIGKILL: the SuperNode and its worker (one process group)
 
 
 def main(argv: list[str]) -> int:

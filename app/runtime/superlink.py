@@ -247,10 +247,10 @@ class LocalSuperLink:
         for node in self.supernodes:
             _signal_group(node, signal.SIGTERM)
         for node in self.supernodes:
-            _end_group(node, grace)
+            end_group(node, grace)
         self.supernodes = []
         if self.process is not None:
-            _end_group(self.process, grace)
+            end_group(self.process, grace)
         deadline = time.monotonic() + grace
         while (stragglers := self.own_processes()) and time.monotonic() < deadline:
             for pid in stragglers:
@@ -337,7 +337,7 @@ class LocalSuperLink:
                 status, details = "timeout", f"run did not finish within {timeout:.0f}s"
         finally:
             if logs is not None:
-                _end_group(logs, grace=10.0)
+                end_group(logs, grace=10.0)
         return RunOutcome(run_id, status, details, time.monotonic() - t0)
 
 
@@ -350,7 +350,7 @@ def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
             pass
 
 
-def _end_group(proc: subprocess.Popen[Any], grace: float) -> None:
+def end_group(proc: subprocess.Popen[Any], grace: float) -> None:
     """SIGTERM ``proc``'s group, wait ``grace`` seconds, then SIGKILL the group and reap ``proc``.
 
     Never raises: it runs while a run unwinds (Ctrl-C, ``kill``), where an exception would replace
