@@ -39,9 +39,9 @@ from app.runtime.paths import resolve_data_dir
 from core.replies import ReplyError, SiteRefusal
 from core.seeding import seed_for
 from core.sites import SITE_KEY, WEIGHT_KEY, site_record_for
+from core.state import JOB_KEY, SiteStore, default_root
 from strategies import heterogeneity, personal
 from strategies.site import SiteRound, StrategySite, model_part
-from strategies.state import JOB_KEY, SiteStore, default_root
 from tasks import site_file
 from tasks.base import SiteData, Split, Task
 from tasks.metrics import summary_for
@@ -168,7 +168,7 @@ def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, tas
     byzantine = env.attacker
     train_rows = attacks.poison_data(cfg, site.train) if byzantine else site.train
     stats, records = layers.trainer.train(task, model, train_rows, seed, context, train_config,  # type: ignore[arg-type]
-                                          site.name, work.epochs, work.max_steps, penalty)
+                                          site.name, work.epochs, work.max_steps, penalty, rnd.store)
     if byzantine:  # faults.byzantine_fraction: this site corrupts what it sends (for robustness studies)
         model.load_state_dict(attacks.poison_model(cfg, model.state_dict(), model_part(glob, model), server_round,
                                                    site.site_id))
@@ -180,7 +180,7 @@ def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, tas
 def strategy_round(cfg: config.FedsiloConfig, task: Task, site: SiteData, context: Context,
                    train_config: ConfigRecord, server_round: int, seed: int) -> tuple[StrategySite, SiteRound]:
     """The strategy's site half and what it may use this round: the site's own state store (node
-    config ``state-dir``, else :func:`strategies.state.default_root`) under the coordinator's job id,
+    config ``state-dir``, else :func:`core.state.default_root`) under the coordinator's job id,
     and a trainer for personal models on the site's training rows (plain training, seeded apart
     from the round's own)."""
     store = None

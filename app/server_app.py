@@ -35,9 +35,9 @@ from app.runtime.flower_tuning import fast_object_pulls
 from app.runtime.paths import default_output_dir, resolve_data_dir
 from app.runtime.traffic import MeteredGrid, deployed
 from core.records import PhaseRecord, RoundRecord
+from core.state import JOB_KEY
 from strategies import personal
 from strategies.loop import run_rounds
-from strategies.state import JOB_KEY
 from tasks.tabular import artefact
 from tasks.tabular.task import TabularTask
 

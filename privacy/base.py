@@ -24,6 +24,7 @@ from torch import nn
 
 from core.records import RoundRecord, RunRecord
 from core.seeding import seed_cpu
+from core.state import SiteStore
 from tasks.base import Split, Task
 from tasks.training import Penalty
 
@@ -41,9 +42,11 @@ class LocalTrainer(ABC):
     @abstractmethod
     def train(self, task: Task, model: nn.Module, split: Split, seed: int, context: Context,
               train_config: ConfigRecord, site_name: str, epochs: int, max_steps: int | None,
-              penalty: Penalty | None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
+              penalty: Penalty | None, store: SiteStore | None = None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
         """Train ``model`` in place for ``epochs`` (at most ``max_steps`` steps: a straggler's
-        partial work); return the training stats and the records the reply carries.
+        partial work); return the training stats and the records the reply carries. ``store`` is
+        the site's own state folder for the job (:class:`core.state.SiteStore`), where a
+        mechanism keeps what must outlive the process (DP-SGD's ledger).
 
         Raise :class:`core.replies.SiteRefusal` to reply with an error instead (e.g. a spent budget)."""
 
@@ -53,7 +56,7 @@ class PlainTrainer(LocalTrainer):
 
     def train(self, task: Task, model: nn.Module, split: Split, seed: int, context: Context,
               train_config: ConfigRecord, site_name: str, epochs: int, max_steps: int | None,
-              penalty: Penalty | None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
+              penalty: Penalty | None, store: SiteStore | None = None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
         return task.train(model, split, seed, epochs=epochs, max_steps=max_steps, penalty=penalty), {}
 
 
@@ -80,6 +83,12 @@ class Coordinator:
 
     def resume(self, train_config: ConfigRecord) -> None:
         """What a resumed run hands the sites in its first training instructions."""
+
+    @property
+    def keeps_site_state(self) -> bool:
+        """Whether the sites keep state of this option on their disk (the job id goes with every
+        instruction, :mod:`core.state`)."""
+        return False
 
     def note(self, rnd: RoundRecord) -> str:
         """A round's privacy figure for the progress line (`` | ...``), or ''."""

@@ -19,8 +19,9 @@ that would take the site past its budget.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import Any, Protocol
 
 import torch
@@ -32,9 +33,12 @@ from core.config import check
 from core.records import RoundRecord, RunRecord
 from core.replies import ReplyError, SiteRefusal
 from core.sites import site_label
+from core.state import SiteStore
 from privacy.accountant import ACCOUNTANTS, STATE_KEY, PrivacyLedger, noise_for_budget
 from privacy.base import Coordinator, LocalTrainer, PrivacyConfig, PrivacyOption, task_generator
 from privacy.clipping import ENGINES, LinearClipper, make_clipper
+from privacy.site_ledger import Release, SiteLedger, digest_inputs, digest_state
+from privacy.site_secret import noise_seed
 from tasks.base import Split, Task
 from tasks.training import Augment, LocalTrainConfig, Penalty, loss_fn, make_optimizer
 
@@ -233,22 +237,46 @@ def private_round(
     penalty: Penalty | None = None,
     max_steps: int | None = None,
     augment: Augment | None = None,
+    ledger: SiteLedger | None = None,
+    server_round: int = 0,
 ) -> tuple[dict[str, float], ConfigRecord]:
-    """One round of DP-SGD at a site, with its ledger read from and written back to
-    ``context.state``. Raises :class:`BudgetExhausted` (before touching the model) if
-    the round would exceed the target. Returns the training stats and the reply's
-    privacy record (cumulative epsilon and what it was computed from)."""
-    ledger = PrivacyLedger.from_record(context.state.config_records.get(STATE_KEY), params.accountant)
+    """One round of DP-SGD at a site. Raises :class:`BudgetExhausted` (before touching the
+    model) if the round would exceed the target. Returns the training stats and the reply's
+    privacy record (cumulative epsilon and what it was computed from).
+
+    With ``ledger`` (the site's own file, :mod:`privacy.site_ledger`) the release is written
+    there before this returns, a byte-identical replay of a recorded release costs nothing,
+    and any other update that would pass the target is refused and discarded. Without it the
+    ledger lives in ``context.state`` (one process, no disk)."""
     planned = steps_per_epoch(params.sample_rate) * cfg.epochs if max_steps is None else max_steps
-    check_budget(ledger, params, planned)
-    stats = train_private(model, x, y, cfg, params, generator, penalty, max_steps, augment)
-    ledger = ledger.with_steps(params.noise_multiplier, params.sample_rate, int(stats["local_steps"]))
-    context.state[STATE_KEY] = ledger.to_record()
-    epsilon = ledger.epsilon(params.delta)
+    if ledger is None:
+        own = PrivacyLedger.from_record(context.state.config_records.get(STATE_KEY), params.accountant)
+        check_budget(own, params, planned)
+        stats = train_private(model, x, y, cfg, params, generator, penalty, max_steps, augment)
+        own = own.with_steps(params.noise_multiplier, params.sample_rate, int(stats["local_steps"]))
+        context.state[STATE_KEY] = own.to_record()
+    else:
+        own = ledger.ledger()
+        mechanism = (params.noise_multiplier, params.sample_rate, params.max_grad_norm, planned, cfg)
+        inputs = digest_inputs(model, generator, mechanism)
+        prior = ledger.released(server_round, inputs)
+        if prior is None:
+            check_budget(own, params, planned)
+        stats = train_private(model, x, y, cfg, params, generator, penalty, max_steps, augment)
+        update = digest_state(model.state_dict())
+        if prior is None or prior.update != update:
+            steps = int(stats["local_steps"])
+            check_budget(own, params, steps)  # a replay that came out different is a new release
+            ledger.record(Release(server_round, params.noise_multiplier, params.sample_rate, steps, inputs, update,
+                                  time=time.time()))
+            own = ledger.ledger()
+        else:
+            log(INFO, "round %s: the same update as this site's recorded release; no new privacy spend", server_round)
+    epsilon = own.epsilon(params.delta)
     record = ConfigRecord({
         "epsilon": epsilon, "delta": params.delta, "target_epsilon": params.target_epsilon,
         "noise_multiplier": params.noise_multiplier, "sample_rate": params.sample_rate,
-        "max_grad_norm": params.max_grad_norm, "steps": int(stats["local_steps"]), "total_steps": ledger.steps,
+        "max_grad_norm": params.max_grad_norm, "steps": int(stats["local_steps"]), "total_steps": own.steps,
         "accountant": params.accountant, "clipped_share": float(stats["clipped_share"]),
     })
     return stats, record
@@ -283,15 +311,29 @@ def restore_config(ledgers: dict[str, PrivacyLedger]) -> dict[str, Any]:
     return out
 
 
-def adopt_restored(context: Context, train_config: ConfigRecord, name: str, accountant: str) -> None:
-    """Take over the ledger the server restored for site ``name`` when it records more steps
-    than the site's own (a resumed run starts with empty node state). A site keeping its own
-    ledger across runs never lowers it this way."""
+def restored_ledger(train_config: ConfigRecord, name: str, accountant: str) -> PrivacyLedger | None:
+    """The ledger the coordinator rebuilt for site ``name`` after a restart, if it sent one."""
     key = f"{RESTORE_PREFIX}{name}/"
     if f"{key}steps" not in train_config:
+        return None
+    return PrivacyLedger.from_record(ConfigRecord({c: train_config[f"{key}{c}"] for c in ("noise", "rate", "steps")}),
+                                     accountant)
+
+
+def adopt_restored(context: Context, train_config: ConfigRecord, name: str, accountant: str,
+                   ledger: SiteLedger | None = None) -> None:
+    """Take over the ledger the server restored for site ``name`` when it records more steps
+    than the site's own (a resumed run starts with empty node state; a site keeping its
+    ledger on disk has its own record and only adopts the copy if it lost it). Never lowers
+    a ledger."""
+    restored = restored_ledger(train_config, name, accountant)
+    if restored is None:
         return
-    restored = PrivacyLedger.from_record(ConfigRecord({c: train_config[f"{key}{c}"] for c in ("noise", "rate", "steps")}),
-                                         accountant)
+    if ledger is not None:
+        if ledger.adopt(restored):
+            log(WARNING, "site %s had no ledger of its own with %d steps; adopted the coordinator's copy",
+                name, restored.steps)
+        return
     own = PrivacyLedger.from_record(context.state.config_records.get(STATE_KEY), accountant)
     if restored.steps > own.steps:
         context.state[STATE_KEY] = restored.to_record()
@@ -332,13 +374,16 @@ class DPSGDTrainer(LocalTrainer):
 
     def train(self, task: Task, model: nn.Module, split: Split, seed: int, context: Context,
               train_config: ConfigRecord, site_name: str, epochs: int, max_steps: int | None,
-              penalty: Penalty | None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
+              penalty: Penalty | None, store: SiteStore | None = None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
         params = site_params(self.dp, len(split), self.batch_size, self.num_rounds, epochs)
-        adopt_restored(context, train_config, site_name, params.accountant)  # after a coordinator restart
-        generator, augment = task_generator(task, seed)
+        ledger = SiteLedger(store, params.accountant) if store is not None else None
+        adopt_restored(context, train_config, site_name, params.accountant, ledger)  # after a coordinator restart
+        generator, augment = task_generator(task, noise_seed(context.node_config, seed))
+        server_round = int(train_config.get("server-round", 0))  # type: ignore[arg-type]
         try:
             stats, record = private_round(context, params, model, split.x, split.y, task.local_train_config(epochs),
-                                          generator, penalty=penalty, max_steps=max_steps, augment=augment)
+                                          generator, penalty=penalty, max_steps=max_steps, augment=augment,
+                                          ledger=ledger, server_round=server_round)
         except BudgetExhausted as err:
             raise SiteRefusal(ReplyError.BUDGET_EXHAUSTED, str(err)) from err
         return stats, {REPLY_KEY: record}
@@ -354,6 +399,10 @@ class BudgetLedger(Coordinator):
 
     def observers(self) -> list[Any]:
         return [self]
+
+    @property
+    def keeps_site_state(self) -> bool:
+        return True  # each site's own ledger (privacy.site_ledger), filed under the job id
 
     def observe(self, server_round: int, replies: list[Message], strategy: _Strategy) -> None:
         spent = {site_label(m): dict(m.content.config_records[REPLY_KEY]) for m in replies

@@ -66,13 +66,17 @@ SITES: dict[str, type[StrategySite]] = {"scaffold": ScaffoldSite, "fednova": Fed
 
 
 def build(s: StrategyConfig, num_sites: int, evaluates: bool, record: RunRecord | None = None,
-          observers: list[ReplyObserver] | None = None) -> FedAvg:
+          observers: list[ReplyObserver] | None = None, site_state: bool = False) -> FedAvg:
     """The strategy ``s`` names for ``num_sites`` sites; federated evaluation only if the sites
-    hold validation rows (``evaluates``)."""
+    hold validation rows (``evaluates``). ``site_state``: another layer keeps state at the
+    sites (DP-SGD's ledger), so the run needs a job id even if the strategy keeps none."""
     if s.name not in REGISTRY:
         raise ValueError(f"strategy.name={s.name!r} is not one of {sorted(REGISTRY)}")
-    return REGISTRY[s.name](s, num_sites, s.fraction_evaluate if evaluates else 0.0, record or RunRecord(),
-                            list(observers or []))
+    strategy = REGISTRY[s.name](s, num_sites, s.fraction_evaluate if evaluates else 0.0, record or RunRecord(),
+                                list(observers or []))
+    if site_state and strategy.job is None:
+        strategy.job = uuid.uuid4().hex[:16]
+    return strategy
 
 
 def site(s: StrategyConfig) -> StrategySite:

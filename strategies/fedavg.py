@@ -45,9 +45,9 @@ from core.layout import Layout
 from core.records import Arrival, Departure, PhaseRecord, Rejection, RunRecord
 from core.replies import Reference, check_evaluate_reply, check_train_reply
 from core.sites import WEIGHT_KEY, site_label, site_order, stragglers
+from core.state import JOB_KEY
 from strategies.combine import Aggregated, Combine, CombineContext, WeightedMean
 from strategies.server_opt import ServerOptimizer
-from strategies.state import JOB_KEY
 from tasks.metrics import SUMMARY_KEYS, pool_site_summaries
 
 EVAL_KEYS = SUMMARY_KEYS["binary"]
@@ -92,7 +92,7 @@ class FedAvg(FlowerFedAvg):
         Turns each round's aggregate into the step taken (FedAdam, FedYogi, FedAdagrad, FedAvgM).
     job : str, optional
         The job id sent with every instruction (``fedsilo-job``) when the sites keep state of
-        their own (:mod:`strategies.state`); kept in the checkpoint so a resumed run finds it.
+        their own (:mod:`core.state`); kept in the checkpoint so a resumed run finds it.
     personalizes : bool
         The sites keep personal models (:mod:`strategies.personal`): after the last round the
         ServerApp asks each to score the final global model beside its own.

@@ -2,7 +2,7 @@
 
 Hospitals and banks differ in case mix, so the best model for one site is rarely the global
 one. Each option is a layer over any strategy's site half (:mod:`strategies.site`); what is
-personal is kept in the site's :class:`~strategies.state.SiteStore` and never sent:
+personal is kept in the site's :class:`~core.state.SiteStore` and never sent:
 
 ``fedper``    the head (the last layer with weights) stays at the site (Arivazhagan et al. 2019):
               the site trains from the global body and its own head, and its reply carries

@@ -2,7 +2,7 @@
 Learning", ICML 2020), option II, both halves.
 
 The coordinator keeps a control variate ``c`` (one array per model parameter); site ``i``
-keeps its own ``c_i`` (:class:`strategies.state.SiteStore`: it never leaves the site and
+keeps its own ``c_i`` (:class:`core.state.SiteStore`: it never leaves the site and
 survives a restart). In a round:
 
 * coordinator: the training instruction carries the model *and* ``c`` as one record

@@ -13,7 +13,7 @@ configured strategy and calls it around the privacy option's trainer:
                               (:mod:`strategies.personal`); the global model by default.
 
 Halves stack: a personalization layer (:mod:`strategies.personal`) wraps the strategy's own
-half. Site state that outlives the message lives in :class:`strategies.state.SiteStore`.
+half. Site state that outlives the message lives in :class:`core.state.SiteStore`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 from flwr.app import ConfigRecord
 from torch import nn
 
+from core.state import SiteStore
 from strategies.fedprox import client_penalty
-from strategies.state import SiteStore
 from tasks.training import Penalty
 
 #: Train ``model`` in place on the site's training rows: (model, penalty, epochs, lr) -> stats.

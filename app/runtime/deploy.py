@@ -120,7 +120,7 @@ def vertical_sites(overrides: list[str], out: Path) -> list[dict[str, Any]]:
 
 def node_config(entry: dict[str, Any], option_config: dict[str, str] | None = None) -> str:
     """A SuperNode's ``--node-config``: the path of its own data file, its own state folder (SCAFFOLD's
-    control variate, personal models: ``strategies/state.py``), and what the aggregation option needs at
+    control variate, personal models: ``core/state.py``), and what the aggregation option needs at
     the site (``aggregation=paillier``: the sites' key pair, which the server never gets)."""
     state = Path(entry["file"]).with_suffix(".state")
     extra = f' state-dir="{state}"' + "".join(f' {k}="{v}"' for k, v in (option_config or {}).items())

@@ -18,7 +18,7 @@ executor, which this module is: one process per site that
   ``flwr-clientapp`` process with the task's token, as Flower's SuperExec would.
 
 The site's state still lives where Flower keeps it (the ``Context`` the SuperNode stores and
-hands back with every message) and in the site's state folder (:mod:`strategies.state`): a worker
+hands back with every message) and in the site's state folder (:mod:`core.state`): a worker
 restart loses nothing but its cache. It exits when its SuperNode does (``--parent-pid``).
 
     python -m app.runtime.site_worker --runtime-api-address 127.0.0.1:9094 [--parent-pid PID]

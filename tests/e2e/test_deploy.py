@@ -61,6 +61,13 @@ def test_tls_authenticated_sites_with_own_files_survive_a_site_leaving(tmp_path:
     ledgers = [h["participation"]["privacy"] for h in results["history"]]
     for site, rec in ledgers[-1].items():  # cumulative over the rounds
         assert rec["total_steps"] == sum(r[site]["steps"] for r in ledgers) and rec["epsilon"] > ledgers[0][site]["epsilon"]
+    # each site's own ledger, in its own state folder: every release it made, and the figure it reported
+    for entry in dep.sites[:3]:
+        (own,) = Path(entry["file"]).with_suffix(".state").glob("*/*/dp-ledger.json")
+        releases = json.loads(own.read_text())["releases"]
+        assert [r["round"] for r in releases] == list(range(1, 7)), entry["name"]
+        assert results["privacy"]["sites"][entry["name"]]["total_steps"] == sum(r["steps"] for r in releases)
+        assert (Path(entry["file"]).with_suffix(".state") / "dp-noise-secret").stat().st_size == 32
 
 
 def test_deploy_local_matches_the_simulation(tmp_path: Path) -> None:

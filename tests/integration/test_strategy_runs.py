@@ -17,8 +17,8 @@ from app.reporting import compare, report
 from app.runtime import checkpoint
 from app.runtime.local_grid import run_inprocess
 from app.server_app import CoordinatorCrash
+from core.state import SiteStore, default_root
 from strategies import personal, scaffold
-from strategies.state import SiteStore, default_root
 from tests.conftest import DATA_DIR
 
 MEDICAL = ["task=medical", "num_rounds=4", "report=false"]

@@ -14,12 +14,12 @@ from torch import nn
 
 from app import config
 from core.config import ConfigError
+from core.state import SiteStore
 from strategies import fednova, personal, scaffold
 from strategies.fednova import FedNova, FedNovaSite
 from strategies.scaffold import ScaffoldSite
 from strategies.server_opt import ServerOptimizer
 from strategies.site import SiteRound, StrategySite, step_normalizer
-from strategies.state import SiteStore
 from tasks.models import MLP, LogisticRegression, SmallCNN
 
 

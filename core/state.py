@@ -1,7 +1,9 @@
-"""A site's own strategy state on its own disk: what must outlive a message, a run and a restart.
+"""A site's own state on its own disk: what must outlive a message, a run and a restart.
 
-SCAFFOLD's control variate, FedPer/FedBN's personal layers and Ditto's personal model belong to
-the site and never reach the coordinator. A deployment starts a new ClientApp process for every
+SCAFFOLD's control variate, FedPer/FedBN's personal layers, Ditto's personal model and the
+site's DP-SGD ledger (:mod:`privacy.site_ledger`) belong to the site and never reach the
+coordinator (the ledger's figures are reported; the coordinator's view is a copy).
+A deployment starts a new ClientApp process for every
 message, and a resumed run (``resume=RUN_DIR``) is a new Flower run with a fresh
 ``context.state``, so this state lives in files under the site's state folder (node config
 ``state-dir``; in simulation a folder under fedsilo's cache), one folder per *job*: the
@@ -12,14 +14,19 @@ Each entry is saved per round (``<name>-<round>.pt``) and read as "the latest sa
 round r": a coordinator that died after round k and resumes at k+1 gets the sites' state of
 round k even if some site had already trained round k+1, so a resumed run equals the
 uninterrupted one bit for bit. The last :data:`KEEP` versions of each entry are kept.
+Documents that are not per round (the DP-SGD ledger) are JSON files written whole and atomically
+(:meth:`SiteStore.write_json`: temporary file, fsync, rename, fsync of the folder), so a site
+killed mid-write keeps the previous version, never a torn one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,4 +77,35 @@ class SiteStore:
         os.replace(tmp, path)
         for _, old in self._versions(name)[:-KEEP]:
             old.unlink(missing_ok=True)
+        return path
+
+    def read_json(self, name: str) -> Any | None:
+        """The JSON document ``name`` (``<name>.json``), or None if the site has none yet.
+        A file that does not parse raises ValueError naming it: a site never silently
+        starts over from an empty document it cannot read."""
+        path = self.folder / f"{name}.json"
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err}); restore it from a backup or move it away") from err
+
+    def write_json(self, name: str, document: Any) -> Path:
+        """Replace ``<name>.json`` with ``document``, atomically and durably (see module docstring)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{name}.json"
+        tmp = path.with_suffix(".json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(document, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return path
