@@ -128,14 +128,16 @@ def node_config(entry: dict[str, Any], option_config: dict[str, str] | None = No
     return f'data-path="{entry["file"]}"{extra}'
 
 
-def start(dep: Deployment, out: Path, worker: bool = True) -> Any:
+def start(dep: Deployment, out: Path, worker: bool = True, database: Path | None = None) -> Any:
     """Start the SuperLink (TLS, node authentication) and one SuperNode per site; return the link.
 
     ``worker``: each SuperNode with its site's long-lived ClientApp worker
-    (:mod:`app.runtime.site_worker`); ``False``: Flower's stock SuperNode (benchmarks)."""
+    (:mod:`app.runtime.site_worker`); ``False``: Flower's stock SuperNode (benchmarks).
+    ``database``: the SuperLink keeps its state in this file, so it can be restarted."""
     from app.runtime.superlink import LocalSuperLink
 
-    link = LocalSuperLink(out / "superlink.log", simulation=False, certs=dep.certs, supernode_auth=dep.certs is not None)
+    link = LocalSuperLink(out / "superlink.log", simulation=False, certs=dep.certs, supernode_auth=dep.certs is not None,
+                          database=database)
     link.start()
     try:
         for _, public in dep.keys:

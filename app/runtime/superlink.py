@@ -99,11 +99,12 @@ class LocalSuperLink:
     """
 
     def __init__(self, log_path: Path, startup_timeout: float = 60.0, simulation: bool = True,
-                 certs: Certificates | None = None, supernode_auth: bool = False) -> None:
+                 certs: Certificates | None = None, supernode_auth: bool = False, database: Path | None = None) -> None:
         if supernode_auth and certs is None:
             raise SimulationError("SuperNode authentication needs TLS (certs)")
         self.simulation = simulation
         self.certs, self.supernode_auth = certs, supernode_auth
+        self.database = database  # Flower's state (runs, registered nodes) in a file: a restart keeps it
         self.node_logs: list[Path] = []
         self.supernodes: list[subprocess.Popen[bytes]] = []
         self.log_path = log_path
@@ -145,6 +146,7 @@ class LocalSuperLink:
             *(["--simulation"] if self.simulation else []),
             "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(self.port),
             "--disable-runtime-dependency-installation",
+            *(["--database", str(self.database)] if self.database is not None else []),
         ]
         self.process = subprocess.Popen(
             cmd, env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT,
@@ -241,6 +243,18 @@ class LocalSuperLink:
             except OSError:
                 continue
         return [p for p in pids if p != os.getpid()]
+
+    def kill(self) -> None:
+        """SIGKILL the SuperLink's process group (the SuperLink and the ServerApp it runs): a
+        coordinator that dies. The SuperNodes keep running and retry; :meth:`start` brings the
+        SuperLink back on the same port (with ``database``, with the same registered nodes)."""
+        if self.process is not None:
+            _signal_group(self.process, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
     def stop(self, grace: float = 15.0) -> None:
         """Stop the SuperLink, its SuperNodes and every process they started (SIGTERM, then SIGKILL)."""
