@@ -27,6 +27,8 @@ import tasks
 from aggregation.base import AggregationConfig
 from app.faults import config as faults_config
 from app.faults.config import FaultsConfig
+from app.reporting import trackers
+from app.reporting.mlflow_tracker import MlflowConfig
 from core.config import ConfigError, check
 from privacy.base import PrivacyConfig
 from strategies import config as strategy_config
@@ -41,7 +43,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 STRATEGIES = tuple(strategies.REGISTRY)
 AGGREGATIONS = tuple(aggregation.REGISTRY)
 PRIVACY = tuple(privacy.REGISTRY)
-LOGGERS = ("none", "tensorboard")
+LOGGERS = tuple(trackers.REGISTRY)
 
 
 @dataclass
@@ -62,7 +64,8 @@ class FedsiloConfig:
     resume: str | None = None      # a run directory (or its checkpoint.npz) to continue from
     checkpoint: bool = True        # write checkpoint.npz after every round
     report: bool = True            # write report.html and report.md after the run (fedsilo command)
-    logger: str = "none"           # none | tensorboard (round figures as TensorBoard scalars)
+    logger: str = "none"           # none | tensorboard | mlflow (app/reporting/trackers.py)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     audit: bool = False            # membership-inference audit of the final model after the run (fedsilo audit)
     audit_references: int = 8      # reference models of the offline LiRA attack (0 = loss threshold only)
     simulation: dict[str, Any] = field(default_factory=dict)
@@ -135,6 +138,7 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
     check(cfg.num_sites >= 2, "num_sites", cfg.num_sites, "an integer >= 2")
     check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
     check(cfg.logger in LOGGERS, "logger", cfg.logger, f"one of {list(LOGGERS)}")
+    check(bool(cfg.mlflow.experiment.strip()), "mlflow.experiment", cfg.mlflow.experiment, "a non-empty experiment name")
     check(cfg.audit_references >= 0, "audit_references", cfg.audit_references, "an integer >= 0")
     return cfg
 

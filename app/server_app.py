@@ -29,6 +29,7 @@ import aggregation
 import tasks
 from app import composition, config
 from app.federated import FederatedData
+from app.reporting import trackers
 from app.reporting.results import ENCRYPTED_MODEL_FILE, Recorder
 from app.runtime import checkpoint
 from app.runtime.flower_tuning import fast_object_pulls
@@ -192,11 +193,7 @@ def main(grid: Grid, context: Context) -> None:
         first_round, result, initial = _resume(cfg, stack, recorder, train_config)
     fault_round = cfg.faults.crash_after_round
 
-    board = None
-    if cfg.logger == "tensorboard":
-        from app.reporting.tensorboard import TensorBoardLogger
-
-        board = TensorBoardLogger(out_dir)
+    board = trackers.open_tracker(cfg.logger, out_dir, cfg, config.to_dict(cfg), context.run_id)
 
     def after_round(server_round: int, arrays: ArrayRecord, res: Result) -> None:
         recorder.traffic[server_round] = grid.take().as_dict()
@@ -220,45 +217,47 @@ def main(grid: Grid, context: Context) -> None:
                             first_round=first_round, result=result, train_config=train_config,
                             evaluate_config=ConfigRecord(dict(prep_config.items())),
                             evaluate_fn=evaluate_fn, after_round=after_round)
-    finally:
+        trained = len(result.arrays) > 0
+        final_arrays = result.arrays if trained else initial
+        personalization = None
+        if trained and stack.inner.personalizes:  # each site: the final global model beside its own
+            config_rec = ConfigRecord({**dict(prep_config.items()), "server-round": cfg.num_rounds + 1})
+            if stack.inner.job is not None:
+                config_rec[JOB_KEY] = stack.inner.job
+            personalization = {"method": cfg.strategy.personal, "rows": personal_rows(cfg, fed is not None),
+                               **personal.evaluate_sites(grid, final_arrays, config_rec, cfg.strategy.round_timeout)}
+        extra: dict[str, Any] = {"run_id": context.run_id, "status": "completed" if trained else "failed",
+                                 "overrides": str(context.run_config.get("overrides", ""))}
+        summary = stack.privacy.summary()
+        if summary is not None:
+            extra["privacy"] = summary
+            spent = summary.get("epsilon_per_site", summary.get("epsilon"))
+            log(INFO, "fedsilo: privacy (%s): epsilon %s at delta=%g", summary["mechanism"],
+                {k: round(v, 3) for k, v in spent.items()} if isinstance(spent, dict) else f"{spent:.3f}",
+                summary["delta"])
+        if personalization is not None:
+            extra["personalization"] = personalization
+        if fed is not None:
+            extra["preprocessing"] = {**fed.phase.to_dict(), "traffic": prep_traffic}
+        participation = stack.record.to_dict()
+        path = recorder.write(result, participation, final_arrays.to_torch_state_dict(), extra=extra,
+                              model_file=None if stack.holds_plaintext_model else ENCRYPTED_MODEL_FILE)
+        if fed is not None:
+            model_path = write_artefact(out_dir, cfg, fed, final_arrays)
+            log(INFO, "fedsilo: model with its preprocessing and schema in %s (fedsilo predict %s FILE)", model_path, out_dir)
+        log(INFO, "fedsilo: results written to %s", path)
+        if not trained:
+            reasons = sorted({r.reason for rec in stack.record.rounds.values()
+                              for r in ((rec.train.rejected or []) if rec.train else [])})
+            raise RuntimeError(f"no site returned a usable update in any of {cfg.num_rounds} rounds; "
+                               f"the model was never trained. Reasons: {reasons[:3]}")
+        log(INFO, "fedsilo: final test %s", _fmt(recorder.server.get(cfg.num_rounds, {})))
+        write_report(cfg, out_dir)
+        if board is not None:
+            board.finish(out_dir)
+    finally:  # the tracker learns how the run ended (MLflow: FAILED unless finished)
         if board is not None:
             board.close()
-    trained = len(result.arrays) > 0
-    final_arrays = result.arrays if trained else initial
-    personalization = None
-    if trained and stack.inner.personalizes:  # each site: the final global model beside its own
-        config_rec = ConfigRecord({**dict(prep_config.items()), "server-round": cfg.num_rounds + 1})
-        if stack.inner.job is not None:
-            config_rec[JOB_KEY] = stack.inner.job
-        personalization = {"method": cfg.strategy.personal, "rows": personal_rows(cfg, fed is not None),
-                           **personal.evaluate_sites(grid, final_arrays, config_rec, cfg.strategy.round_timeout)}
-    extra: dict[str, Any] = {"run_id": context.run_id, "status": "completed" if trained else "failed",
-             "overrides": str(context.run_config.get("overrides", ""))}
-    summary = stack.privacy.summary()
-    if summary is not None:
-        extra["privacy"] = summary
-        spent = summary.get("epsilon_per_site", summary.get("epsilon"))
-        log(INFO, "fedsilo: privacy (%s): epsilon %s at delta=%g", summary["mechanism"],
-            {k: round(v, 3) for k, v in spent.items()} if isinstance(spent, dict) else f"{spent:.3f}",
-            summary["delta"])
-    if personalization is not None:
-        extra["personalization"] = personalization
-    if fed is not None:
-        extra["preprocessing"] = {**fed.phase.to_dict(), "traffic": prep_traffic}
-    participation = stack.record.to_dict()
-    path = recorder.write(result, participation, final_arrays.to_torch_state_dict(), extra=extra,
-                          model_file=None if stack.holds_plaintext_model else ENCRYPTED_MODEL_FILE)
-    if fed is not None:
-        model_path = write_artefact(out_dir, cfg, fed, final_arrays)
-        log(INFO, "fedsilo: model with its preprocessing and schema in %s (fedsilo predict %s FILE)", model_path, out_dir)
-    log(INFO, "fedsilo: results written to %s", path)
-    if not trained:
-        reasons = sorted({r.reason for rec in stack.record.rounds.values()
-                          for r in ((rec.train.rejected or []) if rec.train else [])})
-        raise RuntimeError(f"no site returned a usable update in any of {cfg.num_rounds} rounds; "
-                           f"the model was never trained. Reasons: {reasons[:3]}")
-    log(INFO, "fedsilo: final test %s", _fmt(recorder.server.get(cfg.num_rounds, {})))
-    write_report(cfg, out_dir)
 
 
 def write_report(cfg: config.FedsiloConfig, out_dir: Path) -> None:

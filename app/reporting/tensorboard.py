@@ -12,18 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-LOGGERS = ("none", "tensorboard")
+from app.reporting.trackers import Tracker
 
 
-def available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class TensorBoardLogger:
+class TensorBoardLogger(Tracker):
     """Writes one step per round; ``close()`` flushes the event file."""
 
     def __init__(self, out_dir: Path) -> None:
@@ -31,6 +23,10 @@ class TensorBoardLogger:
 
         self.dir = out_dir / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(self.dir))
+
+    @classmethod
+    def start(cls, out_dir: Path, cfg: Any, config_dict: dict[str, Any], run_id: int) -> TensorBoardLogger:
+        return cls(out_dir)
 
     def _scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
         for k, v in values.items():

@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Result
 FILE = "checkpoint.npz"
 FORMAT = 1
 #: Config keys that may differ between the interrupted and the resumed run (none changes what is trained).
-MAY_DIFFER = ("resume", "data_dir", "faults.crash_after_round", "checkpoint", "report", "logger", "audit",
+MAY_DIFFER = ("resume", "data_dir", "faults.crash_after_round", "checkpoint", "report", "logger", "mlflow", "audit",
               "audit_references", "simulation")
 
 

@@ -37,11 +37,10 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
     if missing:
         raise PreflightError(f"{cfg.task.name} data not found in {data_dir}: missing {missing}")
     check_keys(cfg)
-    if cfg.logger == "tensorboard":
-        from app.reporting.tensorboard import available
+    from app.reporting.trackers import missing as tracker_missing
 
-        if not available():
-            raise PreflightError("logger=tensorboard needs TensorBoard: pip install -e '.[tensorboard]'")
+    if (why := tracker_missing(cfg.logger)) is not None:
+        raise PreflightError(why)
     if cfg.resume:
         from app.runtime import checkpoint
 

@@ -1,0 +1,72 @@
+"""``logger=...``: where a run's figures go besides ``results.json`` and the report.
+
+One :class:`Tracker` per value of ``logger``, in :data:`REGISTRY`; the ServerApp opens the
+configured one (:func:`open_tracker`), hands it every round (:meth:`Tracker.log_round`) and,
+once ``results.json`` and the report are written, the finished run directory
+(:meth:`Tracker.finish`). A new tracker is a module with a :class:`Tracker` subclass and one
+registry line; the apps do not change.
+
+* ``none``: files only;
+* ``tensorboard``: scalars per round in ``<run dir>/tensorboard`` (:mod:`app.reporting.tensorboard`);
+* ``mlflow``: params, per-round metrics, the final model and the report in an MLflow tracking
+  store (:mod:`app.reporting.mlflow_tracker`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class Tracker(ABC):
+    """Receives a run's figures as they are made."""
+
+    @abstractmethod
+    def log_round(self, server_round: int, server: dict[str, Any], train: dict[str, Any], evaluate: dict[str, Any],
+                  participation: dict[str, Any], traffic: dict[str, Any], seconds: float | None,
+                  names: dict[str, str]) -> None:
+        """One round: test metrics, aggregated site metrics, participation (with per-site privacy
+        records), traffic, seconds; ``names`` maps reply labels to site names."""
+
+    def finish(self, out_dir: Path) -> None:
+        """The run is complete: ``results.json``, the model and the report are in ``out_dir``."""
+
+    def close(self) -> None:
+        """Release what the tracker holds; called once, whether the run succeeded or not."""
+
+
+@dataclass(frozen=True)
+class TrackerInfo:
+    module: str          # the module holding the tracker class
+    cls: str
+    needs: str           # the Python package it imports
+    extra: str           # the pip extra that installs it
+
+
+#: ``logger`` value -> its tracker (``none`` has none).
+REGISTRY: dict[str, TrackerInfo | None] = {
+    "none": None,
+    "tensorboard": TrackerInfo("app.reporting.tensorboard", "TensorBoardLogger", "tensorboard", "tensorboard"),
+    "mlflow": TrackerInfo("app.reporting.mlflow_tracker", "MlflowTracker", "mlflow", "mlflow"),
+}
+
+
+def missing(name: str) -> str | None:
+    """Why ``logger=name`` cannot run here (its package is not installed), or None."""
+    info = REGISTRY.get(name)
+    if info is None or importlib.util.find_spec(info.needs) is not None:
+        return None
+    return f"logger={name} needs {info.needs}: pip install -e '.[{info.extra}]'"
+
+
+def open_tracker(name: str, out_dir: Path, cfg: Any, config_dict: dict[str, Any], run_id: int) -> Tracker | None:
+    """The tracker ``logger=name`` names, started for the run in ``out_dir`` (None for ``none``)."""
+    info = REGISTRY[name]
+    if info is None:
+        return None
+    cls = getattr(importlib.import_module(info.module), info.cls)
+    tracker: Tracker = cls.start(out_dir, cfg, config_dict, run_id)
+    return tracker
