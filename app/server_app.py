@@ -268,9 +268,8 @@ def write_report(cfg: config.FedsiloConfig, out_dir: Path) -> None:
         return
     from app.reporting import report
 
-    try:
-        _, page = report.write(out_dir)
+    page, why = report.ensure(out_dir, rewrite=True)
+    if page is not None:
         log(INFO, "fedsilo: report in %s", page)
-    except Exception as err:  # noqa: BLE001 - the run succeeded; a report failure must not hide that
-        log(WARNING, "fedsilo: the report could not be written (%s: %s); retry with: fedsilo report %s",
-            type(err).__name__, err, out_dir)
+    else:
+        log(WARNING, "fedsilo: %s", why)

@@ -376,7 +376,7 @@ class DPSGDTrainer(LocalTrainer):
               train_config: ConfigRecord, site_name: str, epochs: int, max_steps: int | None,
               penalty: Penalty | None, store: SiteStore | None = None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
         params = site_params(self.dp, len(split), self.batch_size, self.num_rounds, epochs)
-        ledger = SiteLedger(store, params.accountant) if store is not None else None
+        ledger = SiteLedger(store, params.accountant, params.delta, params.target_epsilon) if store is not None else None
         adopt_restored(context, train_config, site_name, params.accountant, ledger)  # after a coordinator restart
         generator, augment = task_generator(task, noise_seed(context.node_config, seed))
         server_round = int(train_config.get("server-round", 0))  # type: ignore[arg-type]

@@ -83,9 +83,11 @@ def digest_inputs(model: torch.nn.Module, generator: torch.Generator, mechanism:
 class SiteLedger:
     """A site's ledger for one job, read from and written to its own disk."""
 
-    def __init__(self, store: SiteStore, accountant: str) -> None:
+    def __init__(self, store: SiteStore, accountant: str, delta: float | None = None,
+                 target_epsilon: float | None = None) -> None:
         self.store, self.accountant = store, accountant
         self.path = store.folder / f"{DOCUMENT}.json"
+        self.delta, self.target_epsilon = delta, target_epsilon
         self.releases = self._read()
 
     def _read(self) -> list[Release]:
@@ -94,6 +96,8 @@ class SiteLedger:
             return []
         if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("releases"), list):
             raise ValueError(f"{self.path}: not a fedsilo DP-SGD ledger (expected version {VERSION} with 'releases')")
+        self.delta = self.delta if self.delta is not None else doc.get("delta")
+        self.target_epsilon = self.target_epsilon if self.target_epsilon is not None else doc.get("target_epsilon")
         out = []
         for i, entry in enumerate(doc["releases"]):
             try:
@@ -108,7 +112,8 @@ class SiteLedger:
         return out
 
     def _write(self) -> None:
-        self.store.write_json(DOCUMENT, {"version": VERSION, "accountant": self.accountant,
+        self.store.write_json(DOCUMENT, {"version": VERSION, "accountant": self.accountant, "delta": self.delta,
+                                         "target_epsilon": self.target_epsilon,
                                          "releases": [asdict(r) for r in self.releases]})
 
     # ---- what the site has spent --------------------------------------------------------

@@ -116,51 +116,36 @@ def run(cfg: DictConfig) -> None:
     if typed.report:
         from app.reporting import report
 
-        try:  # the ServerApp wrote it; written again only to add the audit's section
-            page = out_dir / report.REPORT_HTML
-            if typed.audit or not page.is_file():
-                _, page = report.write(out_dir)
+        page, why = report.ensure(out_dir, rewrite=typed.audit)  # the ServerApp wrote it; again for the audit
+        if page is not None:
             print(f"fedsilo: report in {page}", flush=True)
-        except Exception as err:  # noqa: BLE001 - the run succeeded; a report failure must not hide that
-            print(f"fedsilo: warning: the report could not be written ({type(err).__name__}: {err}); "
-                  f"retry with: fedsilo report {out_dir}", file=sys.stderr, flush=True)
+        else:
+            print(f"fedsilo: warning: {why}", file=sys.stderr, flush=True)
     print(f"fedsilo: results in {results}", flush=True)
 
 
+#: ``fedsilo <command> ...``: the module and function that take the rest of the arguments.
+COMMANDS = {
+    "keys": ("app.cli.keys", "main"),
+    "certs": ("app.cli.keys", "certs_main"),
+    "audit": ("app.cli.audit", "main"),
+    "data": ("app.cli.data", "main"),
+    "predict": ("app.cli.predict", "main"),
+    "report": ("app.reporting.report", "main"),
+    "compare": ("app.reporting.compare", "main"),
+    "site": ("app.cli.site", "main"),
+    "ledger": ("app.cli.ledger", "main"),
+}
+
+
 def main() -> None:
-    """Console-script entry point: ``fedsilo keys ...`` or a job (Hydra overrides)."""
-    if len(sys.argv) > 1 and sys.argv[1] == "keys":
-        from app.cli import keys as keys_cli
+    """Console-script entry point: ``fedsilo <command> ...`` (:data:`COMMANDS`, ``deploy local``) or a
+    job (Hydra overrides)."""
+    import importlib
 
-        sys.exit(keys_cli.main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "audit":
-        from app.cli import audit as audit_cli
-
-        sys.exit(audit_cli.main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "certs":
-        from app.cli import keys as keys_cli
-
-        sys.exit(keys_cli.certs_main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "data":
-        from app.cli import data as data_cli
-
-        sys.exit(data_cli.main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "predict":
-        from app.cli import predict as predict_cli
-
-        sys.exit(predict_cli.main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "report":
-        from app.reporting import report
-
-        sys.exit(report.main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "compare":
-        from app.reporting import compare
-
-        sys.exit(compare.main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "site":
-        from app.cli import site as site_cli
-
-        sys.exit(site_cli.main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        module, function = COMMANDS[sys.argv[1]]
+        sys.exit(getattr(importlib.import_module(module), function)(sys.argv[2:]))
     if len(sys.argv) > 2 and sys.argv[1:3] == ["deploy", "local"]:
         from app.runtime import deploy
 

@@ -390,6 +390,21 @@ def write(run_dir: Path, n_boot: int = 1000) -> tuple[Path, Path]:
     return md, page
 
 
+def ensure(run_dir: Path, rewrite: bool = False) -> tuple[Path | None, str]:
+    """The run's ``report.html``, written if it is missing (or if ``rewrite``); never raises.
+
+    Returns ``(page, "")``, or ``(None, why)`` with a message naming the retry command: a run
+    that succeeded must not look failed because its report could not be made. Every place that
+    finishes a run (the ServerApp, the ``fedsilo`` command, ``fedsilo deploy``) goes through here."""
+    page = run_dir / REPORT_HTML
+    try:
+        if rewrite or not page.is_file():
+            _, page = write(run_dir)
+        return page, ""
+    except Exception as err:  # noqa: BLE001 - see docstring
+        return None, f"the report could not be written ({type(err).__name__}: {err}); retry with: fedsilo report {run_dir}"
+
+
 def main(argv: list[str]) -> int:
     import argparse
     import sys

@@ -265,11 +265,10 @@ def main(argv: list[str]) -> int:
     if config.compose(list(args.overrides)).report:
         from app.reporting import report
 
-        try:  # the ServerApp wrote it
-            page = out / report.REPORT_HTML
-            print(f"fedsilo deploy: report in {page if page.is_file() else report.write(out)[1]}", flush=True)
-        except Exception as err:  # noqa: BLE001 - the run succeeded; a report failure must not hide that
-            print(f"fedsilo deploy: warning: the report could not be written ({type(err).__name__}: {err}); "
-                  f"retry with: fedsilo report {out}", file=sys.stderr, flush=True)
+        page, why = report.ensure(out)  # the ServerApp wrote it
+        if page is not None:
+            print(f"fedsilo deploy: report in {page}", flush=True)
+        else:
+            print(f"fedsilo deploy: warning: {why}", file=sys.stderr, flush=True)
     print(f"fedsilo deploy: results in {out / 'results.json'}", flush=True)
     return 0

@@ -188,6 +188,7 @@ def test_budget_enforcement_in_a_run(tmp_path: Path) -> None:
         assert eps <= eps2 * 1.05, site  # nobody ever passes the target
 
 
+@pytest.mark.slow  # among the heaviest; the full suite runs it (fast tier: README)
 def test_dpsgd_composes_with_secure_aggregation(tmp_path: Path) -> None:
     """Noise is added at the site before masking: the securely aggregated model equals the plain
     one within secagg's documented bound (one quantisation step, plus float32 rounding), and every

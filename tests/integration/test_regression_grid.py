@@ -26,7 +26,12 @@ def test_grid_is_recorded_for_every_case() -> None:
     assert sorted(RECORDED) == sorted(grid.case_ids())
 
 
-@pytest.mark.parametrize("case_id", grid.case_ids())
+#: The heaviest cases run in the full suite only (the fast tier keeps the other 18, README).
+SLOW_CASES = ("medical/dpsgd", "finance/paillier")
+
+
+@pytest.mark.parametrize("case_id", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c
+                                     for c in grid.case_ids()])
 def test_case_matches_its_recorded_numbers(case_id: str, tmp_path: Path, key_files: tuple[Path, Path]) -> None:
     fresh = grid.normalise(grid.run_case(case_id, tmp_path, key_files))
     recorded = RECORDED[case_id]

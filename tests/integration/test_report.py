@@ -111,3 +111,16 @@ def test_traffic_per_round_counts_the_model_both_ways(tmp_path: Path) -> None:
     assert t["messages_to_sites"] == t["replies"] == 4
     assert 4 * model_bytes <= t["bytes_to_sites"] < 4 * model_bytes + 4 * 2000  # the model plus small config
     assert 4 * model_bytes <= t["bytes_from_sites"] < 4 * model_bytes + 4 * 2000
+
+
+def test_a_report_that_cannot_be_made_is_a_message_not_a_failure(dp_run: Path, tmp_path: Path) -> None:
+    """report.ensure, which the ServerApp, `fedsilo` and `fedsilo deploy` all use: an existing page is
+    kept unless asked to rewrite; a run folder it cannot report on gives the retry command, never raises."""
+    page = dp_run / report.REPORT_HTML
+    before = page.stat().st_mtime_ns
+    assert report.ensure(dp_run) == (page, "") and page.stat().st_mtime_ns == before
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text("{not json")
+    got, why = report.ensure(broken)
+    assert got is None and "JSONDecodeError" in why and f"fedsilo report {broken}" in why

@@ -108,6 +108,7 @@ def test_sign_flip_attackers_break_fedavg_and_median_holds(tmp_path: Path) -> No
         assert not used & liars and len(used) == 8  # multikrum keeps n - f = 10 - floor(0.2 * 10)
 
 
+@pytest.mark.slow  # among the heaviest; the full suite runs it (fast tier: README)
 def test_norm_bound_under_secure_aggregation_contains_a_scaling_attack(tmp_path: Path) -> None:
     attacked = ["task=finance", "num_sites=10", "num_rounds=4", "aggregation=secagg", "faults.byzantine_fraction=0.2",
                 "faults.attack=scale"]

@@ -223,3 +223,23 @@ def test_a_deployed_sites_noise_is_beyond_the_coordinators_prediction(tmp_path: 
     assert s1 != 42 and noise_seed({"state-dir": str(state)}, 42) == s1  # kept: the site reproduces itself
     assert noise_seed({"state-dir": str(tmp_path / "other")}, 42) != s1   # another site, another secret
     assert noise_seed({"dp-noise-seed": "x"}, 42) == noise_seed({"dp-noise-seed": "x", "state-dir": str(state)}, 42)
+
+
+def test_fedsilo_ledger_shows_a_sites_spend_from_its_own_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import ledger as ledger_cli
+
+    params = DPSGDParams(sample_rate=0.25, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, target_epsilon=20.0,
+                         accountant="rdp")
+    store = SiteStore(tmp_path, "job1", "site-a")
+    for rnd in (1, 2):
+        record, _ = _round(SiteLedger(store, "rdp", params.delta, params.target_epsilon), rnd, params, seed=rnd)
+    assert ledger_cli.main([str(tmp_path), "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert (entry["job"], entry["site"], entry["rounds"], entry["steps"]) == ("job1", "site-a", [1, 2], 8)
+    assert entry["epsilon"] == pytest.approx(record["epsilon"], rel=1e-12) and entry["target_epsilon"] == 20.0
+    assert entry["epsilon"] == pytest.approx(_opacus_epsilon(json.loads(Path(entry["file"]).read_text())["releases"]))
+    assert ledger_cli.main([str(tmp_path)]) == 0 and "site-a" in capsys.readouterr().out
+    (store.folder / "dp-ledger.json").write_text("{")
+    assert ledger_cli.main([str(tmp_path)]) == 1
+    assert str(store.folder / "dp-ledger.json") in capsys.readouterr().err
+    assert ledger_cli.main([str(tmp_path / "nowhere")]) == 2

@@ -99,6 +99,7 @@ def test_key_files_fail_clearly(keypair: tuple[Path, Path], tmp_path: Path) -> N
         keys.load_public(tmp_path / "altered.json")
 
 
+@pytest.mark.slow  # among the heaviest; the full suite runs it (fast tier: README)
 def test_fedsilo_keys_command_writes_both_files_and_refuses_short_keys(tmp_path: Path) -> None:
     import subprocess
     import sys
