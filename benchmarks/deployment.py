@@ -1,7 +1,8 @@
 """Deployment figures on this machine: real SuperLink and SuperNode processes, TLS, authentication.
 
     python benchmarks/deployment.py                 # all parts; writes benchmarks/results/deployment.{json,md}
-    python benchmarks/deployment.py --part rounds   # issue #19's round times only
+    python benchmarks/deployment.py --part rounds   # issue #19's round times only (deployment_rounds.{json,md})
+    python benchmarks/deployment.py --part figure   # parts 2 and 3 only (deployment.{json,md}, without part 1)
 
 1. **rounds** (issue #19): seconds per deployed round (rounds 2 and later) of ``task=medical``
    on 3 sites with TLS and SuperNode authentication, for ``aggregation=secagg``, plain and
@@ -151,20 +152,26 @@ def figure_run(tmp: Path) -> dict[str, Any]:
             "auc_difference": abs(results["final"]["auc"] - simulated["final"]["auc"])}
 
 
+LEAVE_ROUNDS = 5
+
+
 def leave_run(tmp: Path, sig: signal.Signals) -> dict[str, Any]:
     from app import config
-    from app.runtime import deploy
+    from app.runtime import checkpoint, deploy
     from app.runtime.paths import resolve_data_dir
 
-    overrides, _ = deploy.site_overrides(["task=medical", "num_rounds=3", "strategy.fraction_evaluate=0"], 4)
+    overrides, _ = deploy.site_overrides(["task=medical", f"num_rounds={LEAVE_ROUNDS}", "strategy.fraction_evaluate=0"], 4)
     dep = deploy.prepare(tmp, overrides, 4)
     run_config = {"overrides": config.run_overrides(overrides, resolve_data_dir(None)), "output-dir": str(tmp)}
     link = deploy.start(dep, tmp)
     try:
         t0 = time.monotonic()
         run_id = link.submit(REPO, run_config, {})
-        if not link.wait_for_log(run_id, "fedsilo round 1/3", 300):
-            raise RuntimeError("round 1 never finished")
+        deadline = time.monotonic() + 300  # round 1's checkpoint, watched closely: rounds take a few seconds now
+        while not ((tmp / checkpoint.FILE).is_file() and checkpoint.load(tmp).round >= 1):
+            if time.monotonic() > deadline:
+                raise RuntimeError("round 1 never finished")
+            time.sleep(0.05)
         t_leave = time.monotonic()
         link.supernodes[3].send_signal(sig)
         outcome = link.follow(run_id, timeout=900, stream=False, poll=2.0)
@@ -213,7 +220,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"- end to end {f['seconds']:.1f} s; rounds " + " / ".join(f"{s:.1f}" for s in f["round_seconds"]) + " s",
              f"- final AUC {f['auc']:.6f}; in-process simulation of the same overrides {f['simulated_auc']:.6f} "
              f"(difference {f['auc_difference']:.2e})", "",
-             "## One of 4 SuperNodes leaves after round 1 (medical, 3 rounds)", "",
+             f"## One of 4 SuperNodes leaves after round 1 (medical, {LEAVE_ROUNDS} rounds)", "",
              "| signal | status | replies per round | round seconds | after leaving | log |", "|---|---|---|---|---|---|"]
     for k in r["leaving"]:
         lines.append(f"| {k['signal']} | {k['status']} | {k['replied_per_round']} | "
@@ -229,11 +236,12 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["rounds", "all"], default="all")
+    parser.add_argument("--part", choices=["rounds", "figure", "all"], default="all")
     part = parser.parse_args().part
-    result: dict[str, Any] = {"command": "python benchmarks/deployment.py" + (" --part rounds" if part == "rounds" else "")}
+    result: dict[str, Any] = {"command": "python benchmarks/deployment.py" + (f" --part {part}" if part != "all" else "")}
     with tempfile.TemporaryDirectory() as tmp:
-        result["rounds"] = rounds_part(Path(tmp) / "rounds")
+        if part != "figure":
+            result["rounds"] = rounds_part(Path(tmp) / "rounds")
         if part == "rounds":
             OUT.mkdir(parents=True, exist_ok=True)
             (OUT / "deployment_rounds.json").write_text(json.dumps(result, indent=2) + "\n")
