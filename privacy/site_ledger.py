@@ -83,9 +83,12 @@ def digest_inputs(model: torch.nn.Module, generator: torch.Generator, mechanism:
 class SiteLedger:
     """A site's ledger for one job, read from and written to its own disk."""
 
-    def __init__(self, store: SiteStore, accountant: str, delta: float | None = None,
+    def __init__(self, store: SiteStore, accountant: str | None = None, delta: float | None = None,
                  target_epsilon: float | None = None) -> None:
-        self.store, self.accountant = store, accountant
+        """``accountant``, ``delta``, ``target_epsilon``: the round's (written with every release);
+        None: the file's (``rdp`` for a new file), for readers such as ``fedsilo ledger``."""
+        self.store, self.accountant = store, accountant or "rdp"
+        self._given_accountant = accountant is not None
         self.path = store.folder / f"{DOCUMENT}.json"
         self.delta, self.target_epsilon = delta, target_epsilon
         self.releases = self._read()
@@ -96,6 +99,8 @@ class SiteLedger:
             return []
         if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("releases"), list):
             raise ValueError(f"{self.path}: not a fedsilo DP-SGD ledger (expected version {VERSION} with 'releases')")
+        if not self._given_accountant:
+            self.accountant = str(doc.get("accountant", self.accountant))
         self.delta = self.delta if self.delta is not None else doc.get("delta")
         self.target_epsilon = self.target_epsilon if self.target_epsilon is not None else doc.get("target_epsilon")
         out = []

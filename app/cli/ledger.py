@@ -25,9 +25,7 @@ def read(state_dir: Path) -> list[dict[str, Any]]:
     out = []
     for path in sorted(state_dir.glob(f"*/*/{DOCUMENT}.json")):
         job, site = path.parent.parent.name, path.parent.name
-        store = SiteStore(state_dir, job, site)
-        doc = store.read_json(DOCUMENT)  # a damaged file: ValueError naming it
-        ledger = SiteLedger(store, str(doc.get("accountant", "rdp")) if isinstance(doc, dict) else "rdp")
+        ledger = SiteLedger(SiteStore(state_dir, job, site))  # the file's accountant; a damaged file: ValueError naming it
         history = ledger.ledger()
         delta = ledger.delta if ledger.delta is not None else 1e-5
         out.append({"job": job, "site": site, "file": str(path), "accountant": ledger.accountant,

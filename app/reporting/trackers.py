@@ -24,6 +24,12 @@ from typing import Any
 class Tracker(ABC):
     """Receives a run's figures as they are made."""
 
+    @classmethod
+    @abstractmethod
+    def start(cls, out_dir: Path, cfg: Any, config_dict: dict[str, Any], run_id: int) -> Tracker | None:
+        """The tracker for the run in ``out_dir`` (``cfg`` typed, ``config_dict`` resolved), or None
+        if it cannot start (it says why): a tracker is never worth the run."""
+
     @abstractmethod
     def log_round(self, server_round: int, server: dict[str, Any], train: dict[str, Any], evaluate: dict[str, Any],
                   participation: dict[str, Any], traffic: dict[str, Any], seconds: float | None,
@@ -68,5 +74,5 @@ def open_tracker(name: str, out_dir: Path, cfg: Any, config_dict: dict[str, Any]
     if info is None:
         return None
     cls = getattr(importlib.import_module(info.module), info.cls)
-    tracker: Tracker = cls.start(out_dir, cfg, config_dict, run_id)
+    tracker: Tracker | None = cls.start(out_dir, cfg, config_dict, run_id)
     return tracker
