@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from core import fixedpoint
 from core.handover import ProtectedAggregate
 from core.records import RunRecord
+from core.state import SiteStore
 
 #: The ConfigRecord of a sum request: {"id": the sum's number in the run, "what": what to sum, "length": values}.
 SUM_REQUEST = "fedsilo-sum"
@@ -50,6 +51,11 @@ class AggregationConfig:
     """Schema of the ``aggregation`` group (each option extends it)."""
 
     name: str = "plain"
+    # Update compression (aggregation/compression.py); each option takes the methods in its ``compressions``.
+    compress: str = "none"        # none | fp16 | int8 | int4 | topk | randk
+    keep: float = 0.01            # topk/randk: the share of the update's values that is sent
+    keep_bits: int = 8            # topk/randk: bits per sent value: 8 (stochastic int8), 16 (fp16) or 32
+    error_feedback: bool = True   # add what compression left out to the site's next update (site state)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class LocalResult:
     stats: dict[str, float]              # training metrics (train_loss, local_steps, ...)
     records: dict[str, ConfigRecord]     # what every reply carries besides the update (site, privacy)
     server_round: int
+    store: SiteStore | None = None       # the site's state folder for this job (error feedback's residual)
 
 
 class SiteHalf(ABC):
@@ -260,6 +267,15 @@ class AggregationOption(ABC):
     queries: ClassVar[tuple[str, ...]] = ()
     #: the message a site answers with its share of a sum (:meth:`SiteHalf.sum_reply`)
     sum_message: ClassVar[str] = "query.fedsilo_sum"
+    #: ``aggregation.compress`` methods this option takes (:mod:`aggregation.compression`), and for
+    #: every other method why not (error messages)
+    compressions: ClassVar[tuple[str, ...]] = ("none",)
+    compression_refusals: ClassVar[dict[str, str]] = {}
+
+    def keeps_site_state(self, cfg: Any) -> bool:
+        """Whether the site half keeps state across rounds in the site's state folder (error feedback's
+        residual): the composition root then gives the run a job id."""
+        return str(getattr(cfg, "compress", "none")) != "none" and bool(getattr(cfg, "error_feedback", True))
 
     def summer(self, cfg: Any, timeout: float) -> SumCoordinator:
         """The coordinator half of this option's sums (plain: the sites' vectors in the clear)."""

@@ -20,6 +20,7 @@ pickles the ClientApp with every message, and a closure would be pickled by valu
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import strategies
 import tasks
 from aggregation.base import LocalResult, SiteEnv
 from app import composition, config, federated
-from app.faults import attacks
+from app.faults import attacks, slow
 from app.faults import dropouts as faults
 from app.runtime.paths import resolve_data_dir
 from core.replies import ReplyError, SiteRefusal
@@ -154,9 +155,10 @@ def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, tas
     stage = layers.aggregation.train_stage
     if faults.drops(cfg, server_round, site.site_id, stage):
         raise SiteRefusal(ReplyError.DROPPED, faults.reason(stage))
+    slowdown = slow.slowdown(cfg, site.site_id)
     work = heterogeneity.plan(
         cfg.strategy, cfg.task.local_epochs, steps_per_epoch(len(site.train), cfg.task.batch_size),
-        cfg.seed, server_round, site.site_id, config.num_sites(cfg),
+        cfg.seed, server_round, site.site_id, config.num_sites(cfg), slowdown,
     )
     if work.dropped:
         raise SiteRefusal(ReplyError.MISSED_DEADLINE, heterogeneity.MISSED_DEADLINE)
@@ -167,14 +169,16 @@ def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, tas
     penalty = half.start(glob, model, rnd)  # the model's weights (personal layers too) and the extra term
     byzantine = env.attacker
     train_rows = attacks.poison_data(cfg, site.train) if byzantine else site.train
+    started = time.perf_counter()
     stats, records = layers.trainer.train(task, model, train_rows, seed, context, train_config,  # type: ignore[arg-type]
                                           site.name, work.epochs, work.max_steps, penalty, rnd.store)
+    slow.wait(slowdown, time.perf_counter() - started)  # faults.slow_fraction: this site computes slowly
     if byzantine:  # faults.byzantine_fraction: this site corrupts what it sends (for robustness studies)
         model.load_state_dict(attacks.poison_model(cfg, model.state_dict(), model_part(glob, model), server_round,
                                                    site.site_id))
     state = half.finish(model, glob, stats, rnd)  # the reply's record: the model and the strategy's side values
     site_rec = site_record_for(site.site_id, site.name, server_round, work.straggler)
-    return LocalResult(state, stats, {SITE_KEY: site_rec, **records}, server_round)
+    return LocalResult(state, stats, {SITE_KEY: site_rec, **records}, server_round, rnd.store)
 
 
 def strategy_round(cfg: config.FedsiloConfig, task: Task, site: SiteData, context: Context,

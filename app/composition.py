@@ -53,9 +53,10 @@ def coordinator(cfg: FedsiloConfig, num_sites: int, initial: ArrayRecord) -> Coo
     """The coordinator's strategy stack for ``cfg`` (``initial``: the public initial model)."""
     record = RunRecord()
     mechanism = privacy.get(cfg.privacy.name).coordinator(cfg.privacy, num_sites, record)
-    inner = strategies.build(cfg.strategy, num_sites, evaluates=cfg.task.val_fraction > 0, record=record,
-                             observers=mechanism.observers(), site_state=mechanism.keeps_site_state)
     option = aggregation.get(cfg.aggregation.name)
+    inner = strategies.build(cfg.strategy, num_sites, evaluates=cfg.task.val_fraction > 0, record=record,
+                             observers=mechanism.observers(),
+                             site_state=mechanism.keeps_site_state or option.keeps_site_state(cfg.aggregation))
     top = option.server(mechanism.wrap(inner), cfg.aggregation, initial, record)
     return CoordinatorStack(top, inner, record, option, mechanism)
 

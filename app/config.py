@@ -24,6 +24,7 @@ import aggregation
 import privacy
 import strategies
 import tasks
+from aggregation import compression
 from aggregation.base import AggregationConfig
 from app.faults import config as faults_config
 from app.faults.config import FaultsConfig
@@ -32,6 +33,7 @@ from app.reporting.mlflow_tracker import MlflowConfig
 from core.config import ConfigError, check
 from privacy.base import PrivacyConfig
 from strategies import config as strategy_config
+from strategies.buffered import DISPATCH
 from strategies.config import FedProxConfig, StrategyConfig
 from tasks.base import PartitionConfig, TaskConfig
 from vertical import config as vertical_config
@@ -114,6 +116,7 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
         check(not caps.missing([need]), key, value,
               f"{neutral} with aggregation={option.name}: {caps.WHY_NOT[need]}, so {instead}")
     option.validate(cfg.aggregation, num_sites(cfg))
+    compression.check(option, cfg.aggregation)
     faults_config.validate(cfg.faults)
     check(cfg.privacy.name in privacy.REGISTRY, "privacy.name", cfg.privacy.name, f"one of {list(privacy.REGISTRY)}")
     mechanism = privacy.get(cfg.privacy.name)
@@ -135,6 +138,8 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
         check(len(cfg.vertical.parties) >= 2, "vertical.parties", len(cfg.vertical.parties),
               "an active party and at least one passive party")
     check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "an integer >= 1")
+    check(cfg.strategy.buffer == 0 or cfg.num_rounds < DISPATCH, "num_rounds", cfg.num_rounds,
+          f"fewer than {DISPATCH} model versions with strategy.buffer > 0")
     check(cfg.num_sites >= 2, "num_sites", cfg.num_sites, "an integer >= 2")
     check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
     check(cfg.logger in LOGGERS, "logger", cfg.logger, f"one of {list(LOGGERS)}")

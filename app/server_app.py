@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
 import aggregation
+import strategies
 import tasks
 from app import composition, config
 from app.federated import FederatedData
@@ -212,11 +213,17 @@ def main(grid: Grid, context: Context) -> None:
             raise CoordinatorCrash(f"fault injection: the coordinator dies after round {server_round} "
                                    f"(faults.crash_after_round); resume with: fedsilo resume={out_dir}")
 
+    driver = strategies.buffered(cfg.strategy, strategy, stack.inner)  # strategy.buffer > 0: FedBuff
     try:
-        result = run_rounds(strategy, grid, initial, cfg.num_rounds, cfg.strategy.round_timeout,
-                            first_round=first_round, result=result, train_config=train_config,
-                            evaluate_config=ConfigRecord(dict(prep_config.items())),
-                            evaluate_fn=evaluate_fn, after_round=after_round)
+        if driver is not None:
+            result = driver.run(grid, initial, cfg.num_rounds, cfg.strategy.round_timeout, first_round=first_round,
+                                result=result, train_config=train_config, evaluate_fn=evaluate_fn,
+                                after_round=after_round)
+        else:
+            result = run_rounds(strategy, grid, initial, cfg.num_rounds, cfg.strategy.round_timeout,
+                                first_round=first_round, result=result, train_config=train_config,
+                                evaluate_config=ConfigRecord(dict(prep_config.items())),
+                                evaluate_fn=evaluate_fn, after_round=after_round)
         trained = len(result.arrays) > 0
         final_arrays = result.arrays if trained else initial
         personalization = None

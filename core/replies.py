@@ -21,6 +21,7 @@ class ReplyError(IntEnum):
     """Error codes of the replies a site sends instead of a result (``Message(Error(code, reason))``)."""
 
     CLIENT_EXCEPTION = 1       #: the ClientApp raised (Flower's ``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``)
+    MALFORMED = 400            #: the coordinator could not read the reply (e.g. a compressed update that does not decode)
     MISSED_DEADLINE = 408      #: a straggler dropped under ``strategy.straggler_policy=drop``
     PROTOCOL_ERROR = 409       #: a secure-aggregation stage refused (out of order, replayed, forged)
     BAD_DATA = 422             #: the site's own data or schema do not fit the federation (task=tabular)

@@ -244,6 +244,9 @@ class Central(PrivacyOption):
         check(s.robust == "none" and s.norm_bound == 0, "strategy.robust", s.robust,
               "none (and strategy.norm_bound=0) with privacy=central, which already clips every update to "
               "privacy.clipping_norm and averages with equal weights")
+        check(getattr(s, "buffer", 0) == 0, "strategy.buffer", getattr(s, "buffer", 0),
+              "0 with privacy=central: its noise and accounting are per round over one cohort of updates, and "
+              "buffered rounds weight stale updates down; use privacy=dpsgd (each site's own ledger)")
 
     def coordinator(self, cfg: Any, num_sites: int, record: RunRecord) -> Coordinator:
         return CentralCoordinator(cfg, num_sites, record)

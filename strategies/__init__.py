@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from core.records import RunRecord
 from strategies import personal
+from strategies.buffered import BufferedRounds
 from strategies.combine import from_config as combine_from_config
 from strategies.config import FedProxConfig, StrategyConfig
 from strategies.fedavg import FedAvg, ReplyObserver
@@ -84,4 +85,13 @@ def site(s: StrategyConfig) -> StrategySite:
     return personal.wrap(SITES.get(s.name, StrategySite)(), s)
 
 
-__all__ = ["REGISTRY", "FedAvg", "FedProx", "build", "client_penalty", "site"]
+def buffered(s: StrategyConfig, strategy: object, inner: FedAvg) -> BufferedRounds | None:
+    """The buffered asynchronous driver for ``s`` (``strategy.buffer > 0``), or None for synchronous
+    rounds (:func:`strategies.loop.run_rounds`). ``strategy``: the outermost layer of the stack."""
+    if s.buffer <= 0:
+        return None
+    return BufferedRounds(strategy, inner, s.buffer, s.concurrency, s.staleness_exponent,  # type: ignore[arg-type]
+                          s.max_staleness)
+
+
+__all__ = ["REGISTRY", "BufferedRounds", "FedAvg", "FedProx", "buffered", "build", "client_penalty", "site"]

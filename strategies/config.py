@@ -34,6 +34,7 @@ class StrategyConfig:
     local_epochs: list[int] = field(default_factory=list)
     stragglers: float = 0.0
     straggler_policy: str = "drop"
+    wait_for_slow: bool = True      # false: sites known to be slow (faults.slow_fraction) are stragglers every round
     robust: str = "none"            # Byzantine-robust rule: none | krum | multikrum | trimmed_mean | median
     assumed_byzantine: float = 0.2  # f = floor(share * replies) the robust rule tolerates
     norm_bound: float = 0.0         # L2 bound on each site's update (secagg: on the mean update too); 0 = off
@@ -49,6 +50,11 @@ class StrategyConfig:
     personal_epochs: int = 1        # Ditto: personal epochs per round; finetune: epochs on the final model
     personal_lr: float = 0.0        # learning rate of personal training; 0 = the task's lr
     personal_select: bool = True    # a site keeps its personal model only if its validation loss beats the global's
+    # Buffered asynchronous rounds (FedBuff, strategies/buffered.py); buffer=0: synchronous rounds.
+    buffer: int = 0                 # usable replies that move the global model (one round = one model version)
+    concurrency: int = 0            # sites training at once; 0 = every site
+    staleness_exponent: float = 0.5  # a reply tau versions old counts (1 + tau) ** -exponent
+    max_staleness: int = 0          # replies older than this many versions are discarded; 0 = never
 
 
 @dataclass
@@ -87,6 +93,12 @@ def needs(s: StrategyConfig) -> list[tuple[str, tuple[str, object, str, str]]]:
         out.append(("holds_plaintext_model", (
             "strategy.name", s.name, "fedavg or fedprox",
             f"{s.name} needs the averaged side values in the clear; use aggregation=secagg or plain")))
+    if s.buffer > 0:
+        out.append(("sees_individual_updates", (
+            "strategy.buffer", s.buffer, "0",
+            "buffered asynchronous rounds put each reply on the current model, weighted by its staleness, "
+            "while a masked or encrypted sum exists only for one cohort starting from one model; use "
+            "aggregation=plain (privacy=dpsgd protects each update from the coordinator)")))
     if s.norm_bound > 0:
         out.append(("holds_plaintext_model", ("strategy.norm_bound", s.norm_bound, "0",
                                         "it cannot bound the aggregate; use aggregation=secagg or plain")))
@@ -117,6 +129,16 @@ def validate(s: StrategyConfig) -> None:
     check(s.ditto_lambda >= 0, "strategy.ditto_lambda", s.ditto_lambda, "a number >= 0")
     check(s.personal_epochs >= 1, "strategy.personal_epochs", s.personal_epochs, "an integer >= 1")
     check(s.personal_lr >= 0, "strategy.personal_lr", s.personal_lr, "0 (the task's lr) or a learning rate > 0")
+    check(s.buffer >= 0, "strategy.buffer", s.buffer, "0 (synchronous rounds) or a number of replies >= 1")
+    check(s.concurrency >= 0, "strategy.concurrency", s.concurrency, "0 (every site) or a number of sites >= 1")
+    check(s.staleness_exponent >= 0, "strategy.staleness_exponent", s.staleness_exponent, "a number >= 0")
+    check(s.max_staleness >= 0, "strategy.max_staleness", s.max_staleness, "0 (never discard) or versions >= 1")
+    if s.buffer > 0:
+        check(s.name in ("fedavg", "fedprox"), "strategy.name", s.name,
+              "fedavg or fedprox with strategy.buffer > 0 (SCAFFOLD's and FedNova's side values assume every "
+              "reply of a round started from the same model)")
+        check(s.personal in ("none", "fedper", "fedbn"), "strategy.personal", s.personal,
+              "none, fedper or fedbn with strategy.buffer > 0")
     if s.name in SIDE_VALUES:
         check(s.norm_bound == 0, "strategy.norm_bound", s.norm_bound,
               f"0 with strategy.name={s.name} (a norm bound would clip its side values with the update)")

@@ -28,7 +28,7 @@ Public hooks for the layers around it (aggregation options, central DP, privacy 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from logging import INFO, WARNING
 from typing import Any, Protocol
@@ -125,6 +125,8 @@ class FedAvg(FlowerFedAvg):
         self.job = job
         #: whether the sites keep personal models, scored beside the global one after the last round
         self.personalizes = personalizes
+        #: buffered asynchronous rounds: puts each reply on the current model, weighted by its staleness
+        self.rebase: Callable[[list[Message]], list[Message]] | None = None
 
     # ---- training ----------------------------------------------------------------
     def configure_train(
@@ -147,6 +149,8 @@ class FedAvg(FlowerFedAvg):
         """Drop bad replies (logged), combine the rest in site order, then the strategy's own step."""
         replies = list(replies)
         self.observe(server_round, replies)
+        if self.rebase is not None:  # buffered asynchronous rounds (strategies/buffered.py)
+            replies = self.rebase(replies)
         good = self.screen_train(server_round, replies)
         if not good:
             log(WARNING, "round %s: no usable training reply; the global model is unchanged", server_round)

@@ -46,14 +46,24 @@ def plan(
     server_round: int,
     site_id: int,
     num_sites: int,
+    slowdown: float = 1.0,
 ) -> LocalWork:
-    """What site ``site_id`` does in ``server_round`` under ``strategy``'s heterogeneity settings."""
+    """What site ``site_id`` does in ``server_round`` under ``strategy``'s heterogeneity settings.
+
+    ``slowdown``: how many times longer the site's steps take than its peers'. With
+    ``strategy.wait_for_slow=false`` such a site is a straggler in every round: under
+    ``straggler_policy=partial`` it does the ``1/slowdown`` share of its steps that fits the
+    time its peers take (FedProx's partial work), under ``drop`` it misses the round."""
     epochs = strategy.local_epochs[site_id % len(strategy.local_epochs)] if strategy.local_epochs else default_epochs
+    full = epochs * steps_per_epoch
+    if slowdown > 1 and not strategy.wait_for_slow:
+        if strategy.straggler_policy == "drop":
+            return LocalWork(epochs, straggler=True, dropped=True)
+        return LocalWork(epochs, max_steps=max(1, int(full / slowdown)), straggler=True)
     if site_id not in stragglers(seed, server_round, num_sites, strategy.stragglers):
         return LocalWork(epochs)
     if strategy.straggler_policy == "drop":
         return LocalWork(epochs, straggler=True, dropped=True)
-    full = epochs * steps_per_epoch
     rng = np.random.default_rng(seed_for(seed, server_round, site_id, 0x5757))
     steps = int(rng.integers(1, full)) if full > 1 else 1
     return LocalWork(epochs, max_steps=steps, straggler=True)

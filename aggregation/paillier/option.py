@@ -32,6 +32,13 @@ class Paillier(AggregationOption):
 
     sum_message = "query.paillier_sum"
     queries = ("paillier_reveal",)
+    _models = ("sites encrypt their weighted models, not updates: fewer bits per value is "
+               "aggregation.value_bits (more values per ciphertext)")
+    compression_refusals = {
+        "topk": "top-k sends the positions of each site's largest values, which reveals where its update is "
+                "large, and encrypted sums need every site's values at the same positions",
+        "randk": _models, "fp16": _models, "int8": _models, "int4": _models,
+    }
 
     def validate(self, cfg: Any, num_sites: int) -> None:
         config.validate(cfg, num_sites)

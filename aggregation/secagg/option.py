@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from aggregation.base import AggregationOption, Capabilities, SiteHalf, SumCoordinator
+from aggregation.compression import Compression
 from aggregation.secagg import config
 from aggregation.secagg.server import SecureAggregator
 from aggregation.secagg.site import SecAggSite
@@ -25,6 +26,15 @@ class SecAgg(AggregationOption):
     train_names = ("secagg",)
     queries = ("secagg_keys", "secagg_share", "secagg_unmask")
     sum_message = "query.secagg_sum"
+    compressions = ("none", "randk")
+    compression_refusals = {
+        "topk": "top-k sends the positions of each site's largest values, which reveals where its update is "
+                "large; the masked sum also needs every site's values at the same positions: use randk",
+        "fp16": "the masked vector holds fixed-point field elements, not floats: its resolution is "
+                "aggregation.value_bits",
+        "int8": "the update is already quantised to aggregation.value_bits before masking",
+        "int4": "the update is already quantised to aggregation.value_bits before masking",
+    }
 
     def summer(self, cfg: Any, timeout: float) -> SumCoordinator:
         return SecAggSum(self.sum_message, cfg, timeout)
@@ -34,7 +44,7 @@ class SecAgg(AggregationOption):
 
     def server(self, strategy: Strategy, cfg: Any, initial: ArrayRecord, record: RunRecord) -> Strategy:
         protocol = SecureAggregator(cfg.clip, cfg.value_bits, cfg.threshold, cfg.stage_timeout, cfg.neighbours)
-        return SecAggStrategy(strategy, protocol, record)
+        return SecAggStrategy(strategy, protocol, record, Compression.of(cfg), initial)
 
     def site(self, cfg: Any) -> SiteHalf:
-        return SecAggSite()
+        return SecAggSite(Compression.of(cfg))

@@ -12,6 +12,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from aggregation.base import LocalResult, SiteEnv, SiteHalf, request_encoding
+from aggregation.compression import SEED_KEY, Compression, SiteCompressor
 from aggregation.secagg import client
 from aggregation.secagg.vector import WeightedUpdateCodec
 from core.clipping import bound_norm
@@ -28,6 +29,9 @@ class SecAggSite(SiteHalf):
 
     train_stage = "masked_input"
 
+    def __init__(self, compression: Compression | None = None) -> None:
+        self.compressor = SiteCompressor(compression) if compression is not None and compression.active else None
+
     def reply(self, msg: Message, context: Context, result: LocalResult, env: SiteEnv) -> Message:
         glob: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
         base = {k: v.numpy() for k, v in glob.items()}
@@ -36,6 +40,10 @@ class SecAggSite(SiteHalf):
         update = layout.flatten(local) - layout.flatten(base)
         if env.norm_bound > 0:  # honest sites bound their own updates (strategy.norm_bound)
             update, _ = bound_norm(update, env.norm_bound)
+        if self.compressor is not None:  # randk: only the round's shared positions are masked and sent
+            config = msg.content["config"]
+            update = self.compressor.select(update, context, result.store, result.server_round,
+                                            int(config[SEED_KEY]))  # type: ignore[index,call-overload]
         rng = np.random.default_rng(seed_for(env.seed, result.server_round, env.index, 0x5EC))
 
         def encode(codec: WeightedUpdateCodec) -> np.ndarray:

@@ -12,20 +12,24 @@ and the global model stays as it was. Federated evaluation passes through unchan
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from logging import WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from aggregation.base import StrategyWrapper, hand_over
+from aggregation.compression import SEED_KEY, Compression, random_positions
 from aggregation.secagg.protocol import SecAggAbort
 from aggregation.secagg.server import SecureAggregator
 from core.handover import ProtectedAggregate
 from core.layout import Layout
 from core.records import Rejection, RunRecord
+from core.seeding import seed_for
 from core.sites import WEIGHT_KEY, stragglers
 
 #: Where each round's protocol log goes in the run record (``history[].participation.secagg``).
@@ -46,10 +50,17 @@ class SecAggStrategy(StrategyWrapper):
         phase's replies, rejections and stragglers.
     """
 
-    def __init__(self, strategy: Strategy, protocol: SecureAggregator, record: RunRecord) -> None:
+    def __init__(self, strategy: Strategy, protocol: SecureAggregator, record: RunRecord,
+                 compression: Compression | None = None, initial: ArrayRecord | None = None) -> None:
         super().__init__(strategy)
         self.protocol, self.record = protocol, record
+        self.compression = compression or Compression()
         self._current: ArrayRecord | None = None
+        self._positions: np.ndarray | None = None
+        self._size = 0
+        # randk's positions follow from the public initial model (itself drawn from the run seed)
+        digest = hashlib.sha256(b"".join(bytes(a.data) for a in (initial or ArrayRecord()).values())).digest()
+        self._seed = int.from_bytes(digest[:8], "little")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
@@ -59,6 +70,14 @@ class SecAggStrategy(StrategyWrapper):
         # (SCAFFOLD's control variate, FedNova's normalizer), summed inside the same masked vector.
         self._current = messages[0].content["arrays"] if messages else arrays  # type: ignore[assignment]
         size = Layout.of({k: v.numpy() for k, v in self._current.items()}).size  # type: ignore[union-attr]
+        self._positions = None
+        if self.compression.method == "randk":  # every site masks the same positions: the masks still cancel
+            seed = seed_for(self._seed, server_round, 0x5A4D)
+            self._positions = random_positions(seed, size, self.compression.kept(size))
+            self._size = size
+            for m in messages:
+                m.content.config_records["config"][SEED_KEY] = seed
+            size = self._positions.size
         try:
             return list(self.protocol.open(server_round, messages, grid, size))
         except SecAggAbort as err:
@@ -85,7 +104,11 @@ class SecAggStrategy(StrategyWrapper):
         phase.replied, phase.stragglers, phase.rejected = log_.get("survivors", 0), late, self._rejections(log_)
         metrics = MetricRecord({WEIGHT_KEY: agg.total_weight, "train_loss": agg.mean_loss,
                                 "clipped_values": agg.clipped})
-        return hand_over(self.strategy, server_round, replies, ProtectedAggregate(metrics, mean_update=agg.mean_update),
+        mean = agg.mean_update
+        if self._positions is not None:  # randk: the mean of the shared positions, zero elsewhere
+            mean = np.zeros(self._size)
+            mean[self._positions] = agg.mean_update
+        return hand_over(self.strategy, server_round, replies, ProtectedAggregate(metrics, mean_update=mean),
                          self._current)
 
     def _rejections(self, log_: dict) -> list[Rejection]:  # type: ignore[type-arg]

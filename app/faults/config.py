@@ -20,6 +20,8 @@ class FaultsConfig:
     attack: str = "sign_flip"         # sign_flip | scale | gaussian | label_flip (app/faults/attacks.py)
     attack_scale: float = 0.0         # the attack's strength; 0 = its default
     crash_after_round: int = 0        # the coordinator dies after writing this round's checkpoint (0 = never)
+    slow_fraction: float = 0.0        # share of the sites that compute slowly (a fixed set, drawn from the seed)
+    slow_factor: float = 5.0          # ... taking this many times as long per local step (app/faults/slow.py)
 
 
 def validate(f: FaultsConfig) -> None:
@@ -30,3 +32,5 @@ def validate(f: FaultsConfig) -> None:
     check(f.crash_after_round >= 0, "faults.crash_after_round", f.crash_after_round,
           "0 (never) or a round number >= 1")
     check(f.attack_scale >= 0, "faults.attack_scale", f.attack_scale, "0 (the attack's default) or a number > 0")
+    check(0 <= f.slow_fraction < 1, "faults.slow_fraction", f.slow_fraction, "0 <= fraction < 1")
+    check(f.slow_factor >= 1, "faults.slow_factor", f.slow_factor, "a factor >= 1 (1 = no slowdown)")

@@ -14,10 +14,11 @@ timing, process isolation or concurrency matter: use ``fedsilo`` for those.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -36,8 +37,11 @@ class LocalGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process; node ``i`` is partition ``i``."""
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict[str, Any], run_id: int = 1,
-                 node_config: dict[str, Any] | None = None) -> None:
+                 node_config: dict[str, Any] | None = None, workers: int = 1) -> None:
         self.client_app = client_app
+        # workers > 1: sites answer concurrently in threads (timing studies: slow sites, buffered rounds)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="site") if workers > 1 else None
+        self._futures: dict[str, Future[Message]] = {}
         self.run_id = run_id
         self.contexts = {
             1000 + i: Context(run_id=run_id, node_id=1000 + i,
@@ -71,21 +75,34 @@ class LocalGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
-        for i, msg in enumerate(messages):
-            key = f"{time.monotonic_ns()}-{i}"
-            self._replies[key] = self._deliver(msg)
+        for msg in messages:
+            key = str(uuid4())
+            msg.metadata.__dict__["_message_id"] = key  # as Flower's grids do: replies name it
+            if self._pool is not None:
+                self._futures[key] = self._pool.submit(self._deliver, msg)
+            else:
+                self._replies[key] = self._deliver(msg)
             ids.append(key)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+        out = []
+        for i in message_ids:
+            if i in self._replies:
+                out.append(self._replies.pop(i))
+            elif i in self._futures and self._futures[i].done():
+                out.append(self._futures.pop(i).result())
+        return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        if self._pool is not None:
+            return list(self._pool.map(self._deliver, messages))
         return [self._deliver(msg) for msg in messages]
 
 
-def run_inprocess(overrides: list[str], out_dir: Path, run_id: int = 1) -> dict[str, Any]:
-    """Run one fedsilo job in this process; return its ``results.json`` as a dict."""
+def run_inprocess(overrides: list[str], out_dir: Path, run_id: int = 1, workers: int = 1) -> dict[str, Any]:
+    """Run one fedsilo job in this process; return its ``results.json`` as a dict. ``workers`` > 1:
+    that many sites answer at once, in threads (learning results of synchronous rounds unchanged)."""
     from app import client_app, server_app
 
     cfg = config.compose(overrides)
@@ -93,6 +110,11 @@ def run_inprocess(overrides: list[str], out_dir: Path, run_id: int = 1) -> dict[
     run_config: dict[str, bool | float | int | str] = {"overrides": config.run_overrides(overrides, data_dir),
                                                        "output-dir": str(out_dir)}
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, run_id
-    grid = LocalGrid(client_app.app, config.num_sites(cfg), run_config, run_id)
-    server_app.app(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    grid = LocalGrid(client_app.app, config.num_sites(cfg), run_config, run_id, workers=workers)
+    try:
+        server_app.app(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+                                     run_config=run_config))
+    finally:
+        if grid._pool is not None:  # work still running when the last round ended (buffered rounds)
+            grid._pool.shutdown(wait=True)
     return json.loads((out_dir / "results.json").read_text())

@@ -161,6 +161,18 @@ def test_secure_aggregation_through_the_simulation_engine(tmp_path: Path) -> Non
     assert sec["history"][0]["participation"]["train"]["replied"] == plain["history"][0]["participation"]["train"]["replied"] == 4
 
 
+def test_buffered_compressed_rounds_through_the_simulation_engine(tmp_path: Path) -> None:
+    """strategy.buffer with top-k updates in Flower's engine: replies are taken as they arrive (push and
+    pull), each version buffers two of them, and the replies cross the runtime compressed."""
+    _, res = fedsilo(tmp_path / "buf", "task=finance", "num_rounds=3", "strategy.buffer=2",
+                     "aggregation.compress=topk", "aggregation.keep=0.05", "strategy.fraction_evaluate=0")
+    assert res["status"] == "completed" and [h["round"] for h in res["history"]] == [1, 2, 3]
+    for h in res["history"]:
+        assert len(h["participation"]["buffered"]["staleness"]) == 2
+        assert h["participation"]["train"]["replied"] == 2 and h["participation"]["train"]["rejected"] == []
+    assert res["final"]["auc"] > res["initial"]["auc"]
+
+
 def test_paillier_aggregation_through_the_simulation_engine(tmp_path: Path) -> None:
     """aggregation=paillier with DP-SGD in Flower's engine: sites encrypt their DP-SGD models, the
     server adds ciphertexts and keeps only the encrypted model; results come from federated
