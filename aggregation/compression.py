@@ -214,9 +214,27 @@ def _read_values(comp: Compression, parts: dict[str, bytes], k: int) -> np.ndarr
     return dequantise(parts["values"], parts["scales"], 8, k)
 
 
-def encode(comp: Compression, u: np.ndarray, rng: np.random.Generator, seed: int
+def topk_positions(comp: Compression, u: np.ndarray, segments: tuple[int, ...]) -> np.ndarray:
+    """``topk``'s positions: in every array (``segments``: the arrays' sizes, in order) the ``keep``
+    share of its values largest in magnitude, at least one (layer-wise, as in Lin et al. 2018's
+    deep gradient compression: a layer of small updates is never starved by one of large ones)."""
+    out, start = [], 0
+    for size in segments or (u.size,):
+        part = np.abs(u[start:start + size])
+        k = comp.kept(size)
+        out.append(start + (np.argpartition(part, size - k)[size - k:] if k < size else np.arange(size)))
+        start += size
+    return np.sort(np.concatenate(out))
+
+
+def topk_count(comp: Compression, n: int, segments: tuple[int, ...]) -> int:
+    return sum(comp.kept(size) for size in segments or (n,))
+
+
+def encode(comp: Compression, u: np.ndarray, rng: np.random.Generator, seed: int, segments: tuple[int, ...] = ()
            ) -> tuple[dict[str, bytes], np.ndarray]:
-    """(the payload parts, what the coordinator will decode) of the update ``u``."""
+    """(the payload parts, what the coordinator will decode) of the update ``u`` (``segments``: the
+    sizes of the arrays ``u`` is made of, for ``topk``)."""
     n = u.size
     if comp.method == "fp16":
         parts = {"values": u.astype("<f2").tobytes()}
@@ -224,8 +242,7 @@ def encode(comp: Compression, u: np.ndarray, rng: np.random.Generator, seed: int
         codes, scales = quantise(u, 8 if comp.method == "int8" else 4, rng)
         parts = {"values": codes, "scales": scales}
     elif comp.method == "topk":
-        k = comp.kept(n)
-        idx = np.sort(np.argpartition(np.abs(u), n - k)[n - k:]) if k < n else np.arange(n)
+        idx = topk_positions(comp, u, segments)
         gaps = np.diff(np.concatenate([[-1], idx])) - 1
         parts = {"positions": varint_encode(gaps), **_values(comp, u[idx], rng)}
     elif comp.method == "randk":
@@ -235,10 +252,11 @@ def encode(comp: Compression, u: np.ndarray, rng: np.random.Generator, seed: int
         parts = _values(comp, u[idx] * scale, rng)
     else:
         raise ValueError(f"aggregation.compress={comp.method!r} is not one of {list(METHODS)}")
-    return parts, decode(comp, parts, n, seed)
+    return parts, decode(comp, parts, n, seed, segments)
 
 
-def decode(comp: Compression, parts: dict[str, bytes], n: int, seed: int) -> np.ndarray:
+def decode(comp: Compression, parts: dict[str, bytes], n: int, seed: int, segments: tuple[int, ...] = ()
+           ) -> np.ndarray:
     """The update (float64, ``n`` values) a payload holds; ValueError if it is malformed."""
     if comp.method == "fp16":
         raw = parts["values"]
@@ -247,7 +265,7 @@ def decode(comp: Compression, parts: dict[str, bytes], n: int, seed: int) -> np.
         return np.frombuffer(raw, dtype="<f2").astype(np.float64)
     if comp.method in ("int8", "int4"):
         return dequantise(parts["values"], parts["scales"], 8 if comp.method == "int8" else 4, n)
-    k = comp.kept(n)
+    k = topk_count(comp, n, segments) if comp.method == "topk" else comp.kept(n)
     out = np.zeros(n, dtype=np.float64)
     if comp.method == "topk":
         idx = np.cumsum(varint_decode(parts["positions"], k).astype(np.int64) + 1) - 1
@@ -257,6 +275,11 @@ def decode(comp: Compression, parts: dict[str, bytes], n: int, seed: int) -> np.
         idx = random_positions(seed, n, k)
     out[idx] = _read_values(comp, parts, k)
     return out
+
+
+def segments(layout: Layout) -> tuple[int, ...]:
+    """The sizes of a layout's arrays, in order."""
+    return tuple(int(np.prod(shape)) for shape in layout.shapes)
 
 
 def float_keys(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -293,12 +316,13 @@ class SiteCompressor:
             context.state[RESIDUAL] = ArrayRecord({"e": Array(e.astype(np.float32))})
 
     def compress(self, update: np.ndarray, context: Context, store: SiteStore | None, seed: int, site: int,
-                 server_round: int, positions: int) -> tuple[dict[str, bytes], np.ndarray]:
+                 server_round: int, positions: int, segments: tuple[int, ...] = ()
+                 ) -> tuple[dict[str, bytes], np.ndarray]:
         """(payload, the update the coordinator will decode) for ``update``; the residual moves on.
         ``seed``: the run seed (stochastic rounding); ``positions``: the round's ``randk`` seed."""
         u = update + self.residual(store, context, server_round, update.size)
         rng = np.random.default_rng(seed_for(seed, server_round, site, 0xC0))
-        parts, sent = encode(self.comp, u, rng, positions)
+        parts, sent = encode(self.comp, u, rng, positions, segments)
         self.keep_residual(store, context, server_round, u - sent)
         return parts, sent
 
@@ -325,7 +349,7 @@ class SiteCompressor:
         layout = Layout.of(floats)
         update = layout.flatten(local) - layout.flatten(floats)
         base, positions = int(config.get(BASE_KEY, 0)), int(config.get(SEED_KEY, 0))  # type: ignore[arg-type]
-        parts, _ = self.compress(update, context, store, seed, site, server_round, positions)
+        parts, _ = self.compress(update, context, store, seed, site, server_round, positions, segments(layout))
         rest = OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in local.items() if k not in floats)
         meta = {**self.comp.to_record(), "base": base, "size": layout.size}
         return {UPDATE_KEY: ArrayRecord(OrderedDict((k, _raw(v)) for k, v in parts.items())),
@@ -348,7 +372,7 @@ def decode_reply(msg: Message, glob: dict[str, np.ndarray], positions: int) -> d
     if int(meta["size"]) != layout.size:  # type: ignore[arg-type]
         raise ValueError(f"compressed update of {meta['size']!r} values, the global model has {layout.size}")
     parts = {k: bytes(a.data) for k, a in msg.content.array_records[UPDATE_KEY].items()}
-    update = decode(comp, parts, layout.size, positions)
+    update = decode(comp, parts, layout.size, positions, segments(layout))
     if not np.all(np.isfinite(update)):
         raise ValueError("compressed update holds values that are not finite")
     base = layout.flatten({k: glob[k] for k in keys})

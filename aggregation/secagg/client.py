@@ -32,11 +32,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 from aggregation.secagg.codec import FieldCodec
 from aggregation.secagg.protocol import SecAggAbort, SecAggClient
-from aggregation.secagg.vector import FIELD_BITS, WeightedUpdateCodec
+from aggregation.secagg.vector import FIELD_BITS, WeightedUpdateCodec, pack_field
 from core.replies import ReplyError
 
 WIRE_KEY = "secagg"
@@ -63,19 +63,24 @@ class ProtocolError(RuntimeError):
     """A stage message the site must refuse."""
 
 
-def field_codec(clip: float, value_bits: int) -> FieldCodec:
-    """The field all masks live in (shared by :class:`WeightedUpdateCodec`)."""
-    return FieldCodec(clip, value_bits, max_sites=1 << (FIELD_BITS - value_bits))
+def field_codec(clip: float, value_bits: int, field_bits: int = FIELD_BITS) -> FieldCodec:
+    """The field ``Z_(2^field_bits)`` all masks live in (shared by :class:`WeightedUpdateCodec`)."""
+    return FieldCodec(clip, value_bits, max_sites=1 << (field_bits - value_bits))
+
+
+def _fb(record: ConfigRecord) -> int:
+    """The field's bits a stage message or the site's state names (53 when it names none)."""
+    return int(record.get("field-bits", FIELD_BITS))  # type: ignore[arg-type]
 
 
 # ---- state (de)serialisation --------------------------------------------------------------
 def _save(context: Context, client: SecAggClient, server_round: int, stage: str, clip: float, value_bits: int,
-          key: str = STATE_KEY) -> None:
+          key: str = STATE_KEY, field_bits: int = FIELD_BITS) -> None:
     peers = sorted(client.peers)
     held = sorted(client.held)
     context.state[key] = ConfigRecord({
         "round": server_round, "stage": stage, "site": client.site, "threshold": client.threshold,
-        "clip": clip, "value-bits": value_bits,
+        "clip": clip, "value-bits": value_bits, "field-bits": field_bits,
         "c-sk": client.c_sk, "s-sk": client.s_sk, "s-seed": client.s_seed, "b-seed": client.b_seed,
         "peer-ids": peers, "peer-c": [client.peers[i][0] for i in peers],
         "peer-s": [client.peers[i][1] for i in peers],
@@ -96,7 +101,7 @@ def _load(context: Context, server_round: int, expected: str,
     if st["stage"] != prev:
         raise ProtocolError(f"secagg stage {expected!r} must follow {prev!r}, but this site's last stage was "
                             f"{st['stage']!r} (replayed or out-of-order message)")
-    client = SecAggClient(int(st["site"]), int(st["threshold"]), field_codec(float(st["clip"]), int(st["value-bits"])),
+    client = SecAggClient(int(st["site"]), int(st["threshold"]), field_codec(float(st["clip"]), int(st["value-bits"]), _fb(st)),
                           c_sk=st["c-sk"], s_sk=st["s-sk"], s_seed=st["s-seed"], b_seed=st["b-seed"])  # type: ignore[arg-type]
     ids = list(st["peer-ids"])  # type: ignore[arg-type]
     client.peers = {int(i): (c, s) for i, c, s in zip(ids, st["peer-c"], st["peer-s"])}  # type: ignore[arg-type]
@@ -129,9 +134,9 @@ def advertise_keys(msg: Message, context: Context) -> Message:
     server_round = int(w["round"])
     state, guard = _state_keys(w)
     _check_fresh(context, server_round, guard)
-    client = SecAggClient(int(w["id"]), int(w["threshold"]), field_codec(float(w["clip"]), int(w["value-bits"])))
+    client = SecAggClient(int(w["id"]), int(w["threshold"]), field_codec(float(w["clip"]), int(w["value-bits"]), _fb(w)))
     c_pk, s_pk = client.advertise()
-    _save(context, client, server_round, "keys", float(w["clip"]), int(w["value-bits"]), key=state)
+    _save(context, client, server_round, "keys", float(w["clip"]), int(w["value-bits"]), key=state, field_bits=_fb(w))
     return _reply(msg, {"round": server_round, "id": client.site, "c-pk": c_pk, "s-pk": s_pk})
 
 
@@ -159,7 +164,7 @@ def share_keys(msg: Message, context: Context) -> Message:
     state, _ = _state_keys(w)
     client, st = _load(context, server_round, "share", key=state)
     shares = _share(client, [int(i) for i in w["ids"]], list(w["c-pks"]), list(w["s-pks"]))  # type: ignore[arg-type]
-    _save(context, client, server_round, "share", float(st["clip"]), int(st["value-bits"]), key=state)
+    _save(context, client, server_round, "share", float(st["clip"]), int(st["value-bits"]), key=state, field_bits=_fb(st))
     to = sorted(shares)
     return _reply(msg, {"round": server_round, "id": client.site, "to": to, "shares": [shares[j] for j in to]})
 
@@ -184,16 +189,16 @@ def masked_input(msg: Message, context: Context, encode: Callable[[WeightedUpdat
     state, guard = _state_keys(w)
     client, st = _load(context, server_round, "masked_input", key=state)
     inbox = {int(i): ct for i, ct in zip(w["from"], w["shares"])}  # type: ignore[arg-type]
-    vector = encode(WeightedUpdateCodec(float(st["clip"]), int(st["value-bits"]), int(w["size"])))
+    vector = encode(WeightedUpdateCodec(float(st["clip"]), int(st["value-bits"]), int(w["size"]), _fb(st)))
     y = client.masked_input(inbox, vector)
-    _save(context, client, server_round, "masked_input", float(st["clip"]), int(st["value-bits"]), key=state)
+    _save(context, client, server_round, "masked_input", float(st["clip"]), int(st["value-bits"]), key=state, field_bits=_fb(st))
     context.state[guard] = ConfigRecord({"masked-round": server_round})
-    extra[MASKED_KEY] = ArrayRecord({"y": Array(y)})
+    extra[MASKED_KEY] = ArrayRecord({"y": pack_field(y, client.codec.bits)})  # field-wide bits each, no padding
     record: dict = {"round": server_round, "id": client.site}
     if bool(w.get("pipeline", False)) and advertise_next:
         nxt = SecAggClient(0, 0, client.codec)
         record["next-c-pk"], record["next-s-pk"] = nxt.advertise()
-        _save(context, nxt, server_round + 1, "keys", float(st["clip"]), int(st["value-bits"]), key=NEXT_KEY)
+        _save(context, nxt, server_round + 1, "keys", float(st["clip"]), int(st["value-bits"]), key=NEXT_KEY, field_bits=_fb(st))
     return _reply(msg, record, extra)
 
 
@@ -209,7 +214,7 @@ def unmask(msg: Message, context: Context, share_next: bool = True) -> Message:
     state, _ = _state_keys(w)
     client, st = _load(context, server_round, "unmask", key=state)
     out = client.unmask([int(i) for i in w["survivors"]], [int(i) for i in w["dropped"]])  # type: ignore[union-attr]
-    _save(context, client, server_round, "unmask", float(st["clip"]), int(st["value-bits"]), key=state)
+    _save(context, client, server_round, "unmask", float(st["clip"]), int(st["value-bits"]), key=state, field_bits=_fb(st))
     owners = sorted(out)
     record: dict = {"round": server_round, "id": client.site, "owners": owners,
                     "kinds": [out[o][0] for o in owners], "shares": [out[o][1] for o in owners]}
@@ -217,7 +222,7 @@ def unmask(msg: Message, context: Context, share_next: bool = True) -> Message:
         nxt, nst = _load(context, server_round + 1, "share", key=NEXT_KEY)
         nxt.site, nxt.threshold = int(w["next-id"]), int(w["next-threshold"])
         shares = _share(nxt, [int(i) for i in w["next-ids"]], list(w["next-c-pks"]), list(w["next-s-pks"]))  # type: ignore[arg-type]
-        _save(context, nxt, server_round + 1, "share", float(nst["clip"]), int(nst["value-bits"]))
+        _save(context, nxt, server_round + 1, "share", float(nst["clip"]), int(nst["value-bits"]), field_bits=_fb(nst))
         record["next-to"] = sorted(shares)
         record["next-shares"] = [shares[j] for j in record["next-to"]]
     if NEXT_KEY in context.state.config_records and state == STATE_KEY:

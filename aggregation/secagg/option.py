@@ -43,7 +43,8 @@ class SecAgg(AggregationOption):
         config.validate(cfg)
 
     def server(self, strategy: Strategy, cfg: Any, initial: ArrayRecord, record: RunRecord) -> Strategy:
-        protocol = SecureAggregator(cfg.clip, cfg.value_bits, cfg.threshold, cfg.stage_timeout, cfg.neighbours)
+        protocol = SecureAggregator(cfg.clip, cfg.value_bits, cfg.threshold, cfg.stage_timeout, cfg.neighbours,
+                                    field_bits=config.field_bits(cfg))
         return SecAggStrategy(strategy, protocol, record, Compression.of(cfg), initial)
 
     def site(self, cfg: Any) -> SiteHalf:

@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from aggregation.secagg.client import MASKED_KEY, WIRE_KEY, field_codec
 from aggregation.secagg.graph import auto_neighbours, ring
 from aggregation.secagg.protocol import SecAggAbort, SecAggServer
-from aggregation.secagg.vector import Aggregate, WeightedUpdateCodec
+from aggregation.secagg.vector import FIELD_BITS, Aggregate, WeightedUpdateCodec, unpack_field
 
 
 def _key_list(public: dict[int, tuple[bytes, bytes]], members: frozenset[int], prefix: str) -> dict[str, Any]:
@@ -61,8 +61,9 @@ class SecureAggregator:
     """
 
     def __init__(self, clip: float, value_bits: int, threshold: float, stage_timeout: float,
-                 neighbours: int = 0, channel: str = "") -> None:
+                 neighbours: int = 0, channel: str = "", field_bits: int = FIELD_BITS) -> None:
         self.clip, self.value_bits, self.neighbours = clip, value_bits, neighbours
+        self.field_bits = field_bits  # the masks' field Z_(2^field_bits); each masked element's bits on the wire
         self.channel = channel  # "" = the training rounds; "sum" = the task's sums (own state at the sites)
         self.threshold, self.stage_timeout = threshold, stage_timeout
         self._grid: Grid | None = None
@@ -129,8 +130,14 @@ class SecureAggregator:
         masked: dict[int, np.ndarray] = {}
         for node, msg in good.items():
             record = msg.content.array_records.get(MASKED_KEY)
-            y = record["y"].numpy() if record is not None and "y" in record else None
-            reason = "reply has no masked vector" if y is None else self._server.check_masked(y)
+            y: np.ndarray | None = None
+            reason: str | None = "reply has no masked vector"
+            if record is not None and "y" in record:
+                try:
+                    y = unpack_field(record["y"], self.field_bits)
+                    reason = self._server.check_masked(y)
+                except ValueError as err:
+                    reason = str(err)
             if reason is not None:
                 self._reject(node, "masked_input", reason)
                 continue
@@ -161,7 +168,7 @@ class SecureAggregator:
         if len(nodes) < 2:
             raise SecAggAbort(f"{len(nodes)} site sampled: secure aggregation needs at least 2")
         nxt, self._next = self._next, None
-        codec = WeightedUpdateCodec(self.clip, self.value_bits, size)
+        codec = WeightedUpdateCodec(self.clip, self.value_bits, size, self.field_bits)
         ready = {n for n, i in nxt["ids"].items() if i in nxt["server"].sharers} if nxt is not None else set()
         if nxt is not None and nxt["round"] == server_round and nxt["length"] == codec.length \
                 and set(nodes) <= ready and len(nodes) >= nxt["server"].threshold:
@@ -195,11 +202,12 @@ class SecureAggregator:
         k = self.neighbours or auto_neighbours(len(nodes))
         t = threshold_for(self.threshold, min(k + 1, len(nodes)))
         self._codec = codec
-        self._server = SecAggServer(t, field_codec(self.clip, self.value_bits), codec.length)
+        self._server = SecAggServer(t, field_codec(self.clip, self.value_bits, self.field_bits), codec.length)
         self._entry().update({"sites": len(nodes), "threshold": t, "neighbours": min(k, len(nodes) - 1),
                               "pipelined": False})
         keys = self._exchange("keys", "query.secagg_keys", {
-            n: {"id": self._ids[n], "threshold": t, "clip": self.clip, "value-bits": self.value_bits} for n in nodes})
+            n: {"id": self._ids[n], "threshold": t, "clip": self.clip, "value-bits": self.value_bits,
+                "field-bits": self.field_bits} for n in nodes})
         public = self._server.collect_keys({i: (bytes(r["c-pk"]), bytes(r["s-pk"])) for i, r in keys.items()})  # type: ignore[arg-type]
         graph = self._server.graph = ring(sorted(public), k)
         shared = self._exchange("share", "query.secagg_share", {
@@ -295,7 +303,8 @@ class SecureAggregator:
     def _prepare_next(self, ids: dict[int, int], public: dict[int, tuple[bytes, bytes]], t: int,
                       graph: dict[int, frozenset[int]], k: int, replies: dict[int, ConfigRecord]) -> None:
         """Keep the next round's keys and routed shares, if enough sites shared them."""
-        server = SecAggServer(t, field_codec(self.clip, self.value_bits), self._codec.length,  # type: ignore[union-attr]
+        server = SecAggServer(t, field_codec(self.clip, self.value_bits, self.field_bits),
+                              self._codec.length,  # type: ignore[union-attr]
                               graph=graph)
         node_of_current = {p: n for n, p in self._ids.items()}
         shared = {}

@@ -309,6 +309,12 @@ def sections(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) -> list
         prow.append([str(h["round"]), str(t.get("sampled", "-")), str(t.get("replied", "-")),
                      str(len(t.get("rejected", []))), reasons or "-"])
     part.tables.append((["round", "sampled", "replied", "rejected", "reasons"], prow))
+    if any("buffered" in h["participation"] for h in hist):  # strategy.buffer: each version's replies
+        part.paragraphs.append("Buffered asynchronous rounds (FedBuff): each round is a model version made of the "
+                               "buffered replies; a reply started tau versions earlier counts with the weight shown.")
+        part.tables.append((["round", "staleness of the buffered replies", "weights"], [
+            [str(h["round"]), ", ".join(str(t) for t in b["staleness"]), ", ".join(f"{w:.3f}" for w in b["weights"])]
+            for h in hist if (b := h["participation"].get("buffered"))]))
 
     timing = Section("Timing and traffic")
     timing.paragraphs.append("Payload bytes of the records exchanged (model arrays, metrics, protocol messages); "

@@ -86,6 +86,24 @@ def test_deploy_local_matches_the_simulation(tmp_path: Path) -> None:
     assert abs(results["final"]["auc"] - simulated["final"]["auc"]) < 1e-4  # in fact equal up to secagg rounding
 
 
+def test_deploy_local_runs_buffered_compressed_rounds_with_a_slow_site(tmp_path: Path) -> None:
+    """`fedsilo deploy local --sites 3 strategy.buffer=2 aggregation.compress=topk` with one slow site:
+    the deployed ServerApp pushes and pulls work per site (each SuperNode's worker answers one task at a
+    time), moves the model every two replies and decodes the sites' compressed updates; every site
+    keeps its error-feedback residual in its own state folder."""
+    args = ["task=finance", "num_rounds=4", "strategy.buffer=2", "aggregation.compress=topk", "aggregation.keep=0.05",
+            "faults.slow_fraction=0.34", "faults.slow_factor=3", "strategy.fraction_evaluate=0"]
+    outcome, results = deploy.run(args, 3, tmp_path / "deploy", stream=False)
+    assert not leftover_processes(), leftover_processes()
+    assert outcome.ok and results is not None, outcome
+    assert [h["round"] for h in results["history"]] == [1, 2, 3, 4]
+    for h in results["history"]:
+        assert len(h["participation"]["buffered"]["staleness"]) == 2 and h["participation"]["train"]["replied"] == 2
+        assert min(h["participation"]["buffered"]["dispatches"]) >= 10_000
+    assert results["final"]["auc"] > results["initial"]["auc"]
+    assert len({p.parent for p in (tmp_path / "deploy").rglob("residual-*.pt")}) == 3
+
+
 def test_deploy_local_of_own_tables_with_a_coordinator_that_holds_no_data(tmp_path: Path) -> None:
     """`fedsilo deploy local --sites 2 task=tabular ...` (two hospitals' own CSV files): the ServerApp's
     data folder is empty, the sites preprocess federally and pool their test metrics; the numbers equal

@@ -70,6 +70,11 @@ def test_randk_under_secure_aggregation_sums_the_shared_positions(tmp_path: Path
     assert rk["final"]["auc"] > 0.72
     for h in rk["history"]:
         assert h["participation"]["secagg"]["survivors"] == 5 and h["train"]["clipped_values"] == 0
+    # fewer bits per value and for the total weight: a 24-bit field, so a shorter masked vector
+    short = run_inprocess([*common, "aggregation.value_bits=8", "aggregation.weight_bits=16", "aggregation.clip=0.5"],
+                          tmp_path / "short")
+    assert _up(short) < 0.55 * _up(sec)
+    assert abs(short["final"]["auc"] - sec["final"]["auc"]) < 0.005
 
 
 def test_buffered_rounds_do_not_wait_for_the_slow_site(tmp_path: Path) -> None:
@@ -95,3 +100,18 @@ def test_buffered_rounds_with_dpsgd_charge_each_dispatch_in_the_sites_ledgers(tm
     assert len(rounds) >= 8 and min(rounds) >= 10_000     # every dispatch is a release with its own number
     spent = res["privacy"]["epsilon_per_site"]
     assert all(0 < e <= 8 for e in spent.values())
+
+
+def test_buffered_rounds_resume_from_a_checkpoint_and_report(tmp_path: Path) -> None:
+    """A coordinator that dies after version 2 resumes at version 3 with the same dispatch numbers'
+    scheme; the finished run has every version, its progress records and its report."""
+    common = ["task=finance", "num_rounds=4", "strategy.fraction_evaluate=0", "strategy.buffer=2", "checkpoint=true"]
+    with pytest.raises(CoordinatorCrash):
+        _run([*common, "faults.crash_after_round=2"], tmp_path / "run", tmp_path / "s", workers=3)
+    res = _run([*common, f"resume={tmp_path / 'run'}"], tmp_path / "run", tmp_path / "s", workers=3)
+    assert res["status"] == "completed" and [h["round"] for h in res["history"]] == [1, 2, 3, 4]
+    assert all(len(h["participation"]["buffered"]["staleness"]) == 2 for h in res["history"])
+    later = [d for h in res["history"][2:] for d in h["participation"]["buffered"]["dispatches"]]
+    assert min(later) >= 3 * 10_000  # dispatched from version 2 or later
+    assert "staleness of the buffered replies" in (tmp_path / "run" / "report.md").read_text()
+    assert res["final"]["auc"] > res["initial"]["auc"]

@@ -107,6 +107,7 @@ def test_a_malformed_compressed_reply_is_rejected_with_its_reason() -> None:
     (["privacy=central", "strategy.buffer=3"], "strategy.buffer", "privacy=dpsgd"),
     (["strategy=scaffold", "strategy.buffer=3"], "strategy.name", "fedavg or fedprox"),
     (["faults.slow_factor=0.5"], "faults.slow_factor", ">= 1"),
+    (["aggregation=secagg", "aggregation.weight_bits=40"], "aggregation.weight_bits", "0 (53 - value_bits) or 1..29"),
 ])
 def test_config_refuses_what_does_not_compose(overrides: list[str], key: str, says: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -129,3 +130,48 @@ def test_slow_sites_are_stragglers_only_when_the_strategy_does_not_wait() -> Non
     assert plan(partial, 1, 100, 0, 1, 0, 5, slowdown=5).max_steps == 20
     assert plan(drop, 1, 100, 0, 1, 0, 5, slowdown=5).dropped
     assert not plan(drop, 1, 100, 0, 1, 0, 5, slowdown=1).dropped
+
+
+@pytest.mark.parametrize(("value_bits", "field_bits"), [(24, 53), (8, 24), (4, 12)])
+def test_a_short_secagg_field_sums_exactly_and_packs_to_its_bits(value_bits: int, field_bits: int) -> None:
+    """Weights, the loss limbs and the clipped-count limbs of several sites sum without wrapping in
+    Z_(2^field_bits); the masked vector travels at field_bits bits an element."""
+    from aggregation.secagg.vector import WeightedUpdateCodec, pack_field, unpack_field
+
+    codec = WeightedUpdateCodec(1.0, value_bits, 1000, field_bits)
+    rng = np.random.default_rng(3)
+    weights = [codec.max_weight // 4, codec.max_weight // 4, codec.max_weight // 2 - 1]
+    losses, updates = [0.25, 3.5, 1023.9], [rng.uniform(-1.2, 1.2, 1000) for _ in weights]
+    vecs = [codec.encode(u, w, loss, rng) for u, w, loss in zip(updates, weights, losses, strict=True)]
+    total = np.sum(vecs, axis=0, dtype=np.uint64) & np.uint64((1 << field_bits) - 1)
+    agg = codec.decode(total)
+    n = sum(weights)
+    assert agg.total_weight == n
+    assert agg.mean_loss == pytest.approx(sum(w * round(x * 65536) for w, x in zip(weights, losses, strict=True))
+                                          / 65536 / n, abs=0)
+    assert agg.clipped == sum(int(np.sum(np.abs(u) > 1.0)) for u in updates)
+    clipped = [np.clip(u, -1, 1) for u in updates]
+    exact = sum(w * u for w, u in zip(weights, clipped, strict=True)) / n
+    assert np.abs(agg.mean_update - exact).max() <= codec.field.delta + 1e-12
+    y = rng.integers(0, 1 << field_bits, size=1001, dtype=np.uint64)
+    packed = pack_field(y, field_bits)
+    assert len(packed.data) == -(-1001 * field_bits // 8)
+    assert np.array_equal(unpack_field(packed, field_bits), y)
+    with pytest.raises(ValueError, match="bytes"):
+        unpack_field(type(packed)(dtype="uint64", shape=(1002,), stype=packed.stype, data=packed.data), field_bits)
+    with pytest.raises(ValueError, match="weight must be"):
+        codec.encode(updates[0], codec.max_weight + 1, 0.1, rng)
+
+
+def test_topk_keeps_its_share_of_every_array() -> None:
+    """Layer-wise top-k: an array of small updates still sends its own largest values."""
+    rng = np.random.default_rng(4)
+    u = np.concatenate([rng.normal(size=4000) * 10, rng.normal(size=1000) * 1e-3, [5e-4]])
+    comp = c.Compression("topk", keep=0.01, keep_bits=32)
+    parts, sent = c.encode(comp, u, rng, seed=0, segments=(4000, 1000, 1))
+    kept = np.flatnonzero(sent)
+    assert len(kept) == 40 + 10 + 1
+    assert np.array_equal(kept[40:50], 4000 + np.sort(np.argsort(-np.abs(u[4000:5000]))[:10]))
+    assert kept[-1] == 5000
+    assert np.array_equal(c.decode(comp, parts, u.size, 0, (4000, 1000, 1)), sent)
+    assert np.count_nonzero(c.encode(comp, u, rng, seed=0)[1][4000:]) == 0  # one global top-k would starve them
