@@ -107,6 +107,7 @@ class LocalResult:
     records: dict[str, ConfigRecord]     # what every reply carries besides the update (site, privacy)
     server_round: int
     store: SiteStore | None = None       # the site's state folder for this job (error feedback's residual)
+    buffers: frozenset[str] = frozenset()  # the state's non-trainable entries (BatchNorm's running statistics)
 
 
 class SiteHalf(ABC):

@@ -29,7 +29,9 @@ feedback ``randk`` scales its values by ``1/keep`` (unbiased) and ``topk`` is bi
 
 Payloads are raw ``Array`` bytes (``stype`` :data:`STYPE`): no ``.npy`` header, so the traffic
 records in ``results.json`` count what is really sent. Arrays that are not floating point (a
-BatchNorm layer's step counter) and arrays the global model does not have are sent unchanged.
+BatchNorm layer's step counter), the model's other non-trainable buffers (BatchNorm's running
+statistics: replaced each round, not stepped, and a few values) and arrays the global model does
+not have are sent unchanged.
 
 Both halves are here: :class:`SiteCompressor` (called by an option's site half after any norm
 bound and before masking or sending) and :class:`Decompress` (the coordinator half: a strategy
@@ -341,11 +343,14 @@ class SiteCompressor:
         return values
 
     def records(self, glob: dict[str, np.ndarray], local: dict[str, np.ndarray], context: Context,
-                store: SiteStore | None, seed: int, site: int, server_round: int, config: ConfigRecord
-                ) -> dict[str, ArrayRecord | ConfigRecord]:
+                store: SiteStore | None, seed: int, site: int, server_round: int, config: ConfigRecord,
+                dense: frozenset[str] = frozenset()) -> dict[str, ArrayRecord | ConfigRecord]:
         """The reply's records for a plain reply: the compressed update of the float arrays the
-        global model has, the other arrays unchanged (``arrays``), and the description."""
-        floats = float_keys({k: v for k, v in glob.items() if k in local and local[k].shape == v.shape})
+        global model has, the other arrays unchanged (``arrays``: also ``dense``, the model's
+        non-trainable statistics such as BatchNorm's running means, which are replaced, not
+        stepped, and are a few values), and the description."""
+        floats = float_keys({k: v for k, v in glob.items()
+                             if k in local and local[k].shape == v.shape and k not in dense})
         layout = Layout.of(floats)
         update = layout.flatten(local) - layout.flatten(floats)
         base, positions = int(config.get(BASE_KEY, 0)), int(config.get(SEED_KEY, 0))  # type: ignore[arg-type]

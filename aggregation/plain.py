@@ -40,7 +40,8 @@ class PlainSite(SiteHalf):
             glob = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
             local = {k: v.detach().cpu().numpy() for k, v in result.state.items()}
             update = self.compressor.records(glob, local, context, result.store, env.seed, env.index,
-                                             result.server_round, msg.content["config"])  # type: ignore[arg-type]
+                                             result.server_round, msg.content["config"],  # type: ignore[arg-type]
+                                             dense=result.buffers)
         content = RecordDict({
             **update,
             "metrics": MetricRecord({WEIGHT_KEY: env.rows, **result.stats}),

@@ -46,6 +46,7 @@ def test_topk_with_error_feedback_sends_far_fewer_bytes_and_keeps_its_residual(t
     assert not list((tmp_path / "s0").rglob("residual-*.pt"))
 
 
+@pytest.mark.slow
 def test_error_feedback_survives_a_coordinator_resume_bit_for_bit(tmp_path: Path) -> None:
     """A crash after round 2 and a resume give the same model as an uninterrupted run: each site
     reads the residual it left before the resumed round from its state folder."""
@@ -91,6 +92,7 @@ def test_buffered_rounds_do_not_wait_for_the_slow_site(tmp_path: Path) -> None:
     assert all(h["participation"]["train"]["replied"] == 2 for h in res["history"])
 
 
+@pytest.mark.slow
 def test_buffered_rounds_with_dpsgd_charge_each_dispatch_in_the_sites_ledgers(tmp_path: Path) -> None:
     res = _run(["task=finance", "num_rounds=4", "strategy.fraction_evaluate=0", "strategy.buffer=2",
                 "privacy=dpsgd", "privacy.target_epsilon=8"], tmp_path / "dp", tmp_path / "s", workers=3, sites=5)
