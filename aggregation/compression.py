@@ -119,38 +119,51 @@ def check(option: AggregationOption, cfg: Any) -> None:
 # ---- value codecs --------------------------------------------------------------------------
 
 
-def quantise(x: np.ndarray, bits: int, rng: np.random.Generator) -> tuple[bytes, bytes]:
+def blocks_of(n: int, segments: tuple[int, ...] = ()) -> tuple[np.ndarray, int]:
+    """(each value's block, the number of blocks): blocks of :data:`BLOCK` values that never span two
+    arrays (``segments``: the arrays' sizes), so one array's large values (FedNova's step count) never
+    coarsen another's."""
+    ids, offset = [], 0
+    for size in segments or (n,):
+        ids.append(offset + np.arange(size) // BLOCK)
+        offset += -(-size // BLOCK)
+    out = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    if out.size != n:
+        raise ValueError(f"arrays of {sum(segments)} values for an update of {n}")
+    return out, offset
+
+
+def quantise(x: np.ndarray, bits: int, rng: np.random.Generator, segments: tuple[int, ...] = ()
+             ) -> tuple[bytes, bytes]:
     """(codes, scales): ``x`` stochastically rounded to ``bits`` (8 or 4) per value over
-    ``[-s, s]`` per block of :data:`BLOCK` values (``s`` the block's largest magnitude, float32).
+    ``[-s, s]`` per block (:func:`blocks_of`; ``s`` the block's largest magnitude, float32).
     Unbiased: ``E[dequantise(quantise(x))] = x``; each value's error is below ``2s/(2^bits-1)``."""
-    n = x.size
-    blocks = -(-n // BLOCK)
-    padded = np.zeros(blocks * BLOCK, dtype=np.float64)
-    padded[:n] = x
-    grid = padded.reshape(blocks, BLOCK)
-    scale = np.abs(grid).max(axis=1).astype(np.float32)
-    s = scale.astype(np.float64)[:, None]
+    block, count = blocks_of(x.size, segments)
+    scale = np.zeros(count, dtype=np.float64)
+    np.maximum.at(scale, block, np.abs(x))
+    scale = scale.astype(np.float32)
+    s = scale.astype(np.float64)[block]
     top = (1 << bits) - 1
     with np.errstate(invalid="ignore", divide="ignore"):
-        y = np.where(s > 0, (grid + s) / (2 * s) * top, top / 2)
+        y = np.where(s > 0, (x + s) / (2 * s) * top, top / 2)
     floor = np.floor(y)
-    q = np.minimum(floor + (rng.random(y.shape) < (y - floor)), top).astype(np.uint8).ravel()[:n]
+    q = np.minimum(floor + (rng.random(y.shape) < (y - floor)), top).astype(np.uint8)
     if bits == 4:
         q = np.concatenate([q, np.zeros(q.size % 2, np.uint8)])
         q = (q[0::2] | (q[1::2] << 4)).astype(np.uint8)
     return q.tobytes(), scale.tobytes()
 
 
-def dequantise(codes: bytes, scales: bytes, bits: int, n: int) -> np.ndarray:
+def dequantise(codes: bytes, scales: bytes, bits: int, n: int, segments: tuple[int, ...] = ()) -> np.ndarray:
     """The values :func:`quantise` encoded (float64)."""
     q = np.frombuffer(codes, dtype=np.uint8)
     if bits == 4:
         q = np.stack([q & 0x0F, q >> 4], axis=1).ravel()
     scale = np.frombuffer(scales, dtype=np.float32).astype(np.float64)
-    blocks = -(-n // BLOCK)
-    if q.size < n or scale.size != blocks:
-        raise ValueError(f"{q.size} codes and {scale.size} scales for {n} values (expected {blocks} scales)")
-    s = np.repeat(scale, BLOCK)[:n]
+    block, count = blocks_of(n, segments)
+    if q.size < n or scale.size != count:
+        raise ValueError(f"{q.size} codes and {scale.size} scales for {n} values (expected {count} scales)")
+    s = scale[block]
     top = (1 << bits) - 1
     return q[:n].astype(np.float64) / top * (2 * s) - s
 
@@ -199,21 +212,31 @@ def _raw(data: bytes) -> Array:
     return Array(dtype="uint8", shape=(len(data),), stype=STYPE, data=data)
 
 
-def _values(comp: Compression, v: np.ndarray, rng: np.random.Generator) -> dict[str, bytes]:
+def per_array(idx: np.ndarray, segments: tuple[int, ...]) -> tuple[int, ...]:
+    """How many of the sorted positions ``idx`` fall in each array (``segments``: the arrays' sizes)."""
+    if not segments:
+        return ()
+    bounds = np.cumsum((0, *segments))
+    return tuple(int(c) for c in np.diff(np.searchsorted(idx, bounds)) if c > 0)
+
+
+def _values(comp: Compression, v: np.ndarray, rng: np.random.Generator, segments: tuple[int, ...] = ()
+            ) -> dict[str, bytes]:
     if comp.keep_bits == 32:
         return {"values": v.astype("<f4").tobytes()}
     if comp.keep_bits == 16:
         return {"values": v.astype("<f2").tobytes()}
-    codes, scales = quantise(v, 8, rng)
+    codes, scales = quantise(v, 8, rng, segments)
     return {"values": codes, "scales": scales}
 
 
-def _read_values(comp: Compression, parts: dict[str, bytes], k: int) -> np.ndarray:
+def _read_values(comp: Compression, parts: dict[str, bytes], k: int, segments: tuple[int, ...] = ()
+                 ) -> np.ndarray:
     if comp.keep_bits == 32:
         return np.frombuffer(parts["values"], dtype="<f4", count=k).astype(np.float64)
     if comp.keep_bits == 16:
         return np.frombuffer(parts["values"], dtype="<f2", count=k).astype(np.float64)
-    return dequantise(parts["values"], parts["scales"], 8, k)
+    return dequantise(parts["values"], parts["scales"], 8, k, segments)
 
 
 def topk_positions(comp: Compression, u: np.ndarray, segments: tuple[int, ...]) -> np.ndarray:
@@ -241,17 +264,17 @@ def encode(comp: Compression, u: np.ndarray, rng: np.random.Generator, seed: int
     if comp.method == "fp16":
         parts = {"values": u.astype("<f2").tobytes()}
     elif comp.method in ("int8", "int4"):
-        codes, scales = quantise(u, 8 if comp.method == "int8" else 4, rng)
+        codes, scales = quantise(u, 8 if comp.method == "int8" else 4, rng, segments)
         parts = {"values": codes, "scales": scales}
     elif comp.method == "topk":
         idx = topk_positions(comp, u, segments)
         gaps = np.diff(np.concatenate([[-1], idx])) - 1
-        parts = {"positions": varint_encode(gaps), **_values(comp, u[idx], rng)}
+        parts = {"positions": varint_encode(gaps), **_values(comp, u[idx], rng, per_array(idx, segments))}
     elif comp.method == "randk":
         k = comp.kept(n)
         idx = random_positions(seed, n, k)
         scale = 1.0 if comp.error_feedback else n / k
-        parts = _values(comp, u[idx] * scale, rng)
+        parts = _values(comp, u[idx] * scale, rng, per_array(idx, segments))
     else:
         raise ValueError(f"aggregation.compress={comp.method!r} is not one of {list(METHODS)}")
     return parts, decode(comp, parts, n, seed, segments)
@@ -266,7 +289,7 @@ def decode(comp: Compression, parts: dict[str, bytes], n: int, seed: int, segmen
             raise ValueError(f"{len(raw)} bytes of fp16 values, expected {2 * n}")
         return np.frombuffer(raw, dtype="<f2").astype(np.float64)
     if comp.method in ("int8", "int4"):
-        return dequantise(parts["values"], parts["scales"], 8 if comp.method == "int8" else 4, n)
+        return dequantise(parts["values"], parts["scales"], 8 if comp.method == "int8" else 4, n, segments)
     k = topk_count(comp, n, segments) if comp.method == "topk" else comp.kept(n)
     out = np.zeros(n, dtype=np.float64)
     if comp.method == "topk":
@@ -275,7 +298,7 @@ def decode(comp: Compression, parts: dict[str, bytes], n: int, seed: int, segmen
             raise ValueError(f"position {idx[-1]} beyond the model's {n} values")
     else:
         idx = random_positions(seed, n, k)
-    out[idx] = _read_values(comp, parts, k)
+    out[idx] = _read_values(comp, parts, k, per_array(idx, segments))
     return out
 
 
@@ -418,10 +441,13 @@ class Decompress(StrategyWrapper):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
-        base = self._base(arrays)
         msgs = list(self.strategy.configure_train(server_round, arrays, config, grid))
         for m in msgs:
             if "config" in m.content.config_records:
+                # what the site received: the model plus any side values the strategy sends with it
+                # (SCAFFOLD's control variate); the update is relative to all of it
+                sent = m.content.array_records.get("arrays", arrays)
+                base = self._base(sent)
                 m.content.config_records["config"][BASE_KEY] = base
                 m.content.config_records["config"][SEED_KEY] = self.positions_seed(base)
         return msgs

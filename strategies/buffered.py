@@ -37,7 +37,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -163,9 +163,11 @@ class BufferedRounds:
         chosen = idle[: limit - len(busy)]
         if not chosen:
             return
-        for k, m in enumerate(chosen):  # each its own dispatch number (seeds, ledgers)
-            number = dispatch + k
-            m.content.config_records["config"]["server-round"] = number
+        for k, m in enumerate(chosen):  # each its own dispatch number (seeds, ledgers), in its own config
+            config_k = ConfigRecord(dict(m.content.config_records["config"].items()))
+            config_k["server-round"] = dispatch + k
+            m.content = RecordDict({**{key: rec for key, rec in m.content.items() if key != "config"},
+                                    "config": config_k})
         ids = list(grid.push_messages(chosen))
         now = time.monotonic()
         for k, (mid, m) in enumerate(zip(ids, chosen, strict=True)):
@@ -188,7 +190,8 @@ class BufferedRounds:
         rec.train = PhaseRecord(sampled=len(kept))
         rec.protocol[LOG_KEY] = {"staleness": [t for _, _, t in kept],
                                  "weights": [round(self.weight(t), 6) for _, _, t in kept],
-                                 "dispatches": [o.dispatch for _, o, _ in kept]}
+                                 "dispatches": [o.dispatch for _, o, _ in kept],
+                                 "site_rounds": [_site_round(m) for m, _, _ in kept]}
         starts = {o.version: models[o.version] for _, o, _ in kept}
 
         def rebase(replies: list[Message]) -> list[Message]:
@@ -229,3 +232,10 @@ def _rebased(msg: Message, start: ArrayRecord, current: ArrayRecord, weight: flo
         site["dispatch"] = int(site["round"])  # type: ignore[arg-type]
         site["round"] = version
     return msg
+
+
+def _site_round(msg: Message) -> int:
+    """The round number a reply's site says it trained under (-1 for an error reply)."""
+    if msg.has_error() or SITE_KEY not in msg.content.config_records:
+        return -1
+    return int(msg.content.config_records[SITE_KEY].get("round", -1))  # type: ignore[arg-type]

@@ -88,6 +88,8 @@ def test_buffered_rounds_do_not_wait_for_the_slow_site(tmp_path: Path) -> None:
     assert all(w == pytest.approx((1 + t) ** -0.5, abs=1e-6) for b in stale for t, w in zip(b["staleness"], b["weights"]))
     dispatches = [d for b in stale for d in b["dispatches"]]
     assert len(set(dispatches)) == len(dispatches) and min(dispatches) >= 10_000
+    # each site trained under the number it was sent (its own seed, its own ledger entry)
+    assert [s for b in stale for s in b.get("site_rounds", [])] == dispatches
     assert res["final"]["auc"] > res["initial"]["auc"] + 0.03
     assert all(h["participation"]["train"]["replied"] == 2 for h in res["history"])
 
@@ -117,3 +119,17 @@ def test_buffered_rounds_resume_from_a_checkpoint_and_report(tmp_path: Path) -> 
     assert min(later) >= 3 * 10_000  # dispatched from version 2 or later
     assert "staleness of the buffered replies" in (tmp_path / "run" / "report.md").read_text()
     assert res["final"]["auc"] > res["initial"]["auc"]
+
+
+@pytest.mark.slow
+def test_side_values_compress_with_the_update(tmp_path: Path) -> None:
+    """FedNova's step count and SCAFFOLD's control variate are arrays of the same reply: compressed with
+    the update, each in its own quantisation blocks, and the run learns as without compression."""
+    common = ["task=finance", "num_rounds=2", "strategy.fraction_evaluate=0"]
+    for strategy, method in (("fednova", "int8"), ("scaffold", "topk")):
+        full = run_inprocess([*common, f"strategy={strategy}"], tmp_path / f"{strategy}-full")
+        comp = run_inprocess([*common, f"strategy={strategy}", f"aggregation.compress={method}",
+                              "aggregation.keep=0.1"], tmp_path / f"{strategy}-comp")
+        assert all(h["participation"]["train"]["replied"] == 5 for h in comp["history"])
+        assert abs(comp["history"][0]["server"]["auc"] - full["history"][0]["server"]["auc"]) < 0.01
+        assert _up(full) / _up(comp) > 3.5

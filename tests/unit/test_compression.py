@@ -175,3 +175,15 @@ def test_topk_keeps_its_share_of_every_array() -> None:
     assert kept[-1] == 5000
     assert np.array_equal(c.decode(comp, parts, u.size, 0, (4000, 1000, 1)), sent)
     assert np.count_nonzero(c.encode(comp, u, rng, seed=0)[1][4000:]) == 0  # one global top-k would starve them
+
+
+def test_quantisation_blocks_never_span_two_arrays() -> None:
+    """A large value in one array (FedNova's step count) does not coarsen its neighbour's values."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(size=255) * 1e-4, [68.0]])
+    for bits in (8, 4):
+        alone = c.dequantise(*c.quantise(x, bits, rng, (255, 1)), bits, 256, (255, 1))
+        mixed = c.dequantise(*c.quantise(x, bits, rng), bits, 256)
+        assert np.abs(alone[:255] - x[:255]).max() <= 2 * 1e-4 * 5 / ((1 << bits) - 1)
+        assert alone[255] == 68.0
+        assert np.abs(mixed[:255] - x[:255]).max() > 1e-3  # one shared block: 68/127 steps
