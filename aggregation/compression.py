@@ -62,7 +62,6 @@ from core.seeding import seed_for
 from core.state import SiteStore
 
 METHODS = ("none", "fp16", "int8", "int4", "topk", "randk")
-SPARSE = ("topk", "randk")
 KEEP_BITS = (8, 16, 32)
 BLOCK = 256
 #: the reply's compressed update (raw arrays) and its description
@@ -195,6 +194,13 @@ def varint_decode(data: bytes, count: int) -> np.ndarray:
         m = starts + j <= ends
         out[m] |= (b[starts[m] + j] & np.uint8(0x7F)).astype(np.uint64) << np.uint64(7 * j)
     return out
+
+
+def positions_root(initial: ArrayRecord) -> int:
+    """The root of every ``randk`` positions seed of a run: a digest of the public initial model
+    (itself drawn from the run seed), so coordinator halves of any option derive the same seeds."""
+    digest = hashlib.sha256(b"".join(bytes(a.data) for a in initial.values())).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def random_positions(seed: int, n: int, k: int) -> np.ndarray:
@@ -419,9 +425,7 @@ class Decompress(StrategyWrapper):
 
     def __init__(self, strategy: Strategy, initial: ArrayRecord) -> None:
         super().__init__(strategy)
-        # the positions' seeds follow from the public initial model (itself drawn from the run seed)
-        digest = hashlib.sha256(b"".join(bytes(a.data) for a in initial.values())).digest()
-        self.seed = int.from_bytes(digest[:8], "little")
+        self.seed = positions_root(initial)
         self._bases: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._last: tuple[ArrayRecord, int] | None = None
         self._next = 0

@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from core.records import PhaseRecord
 from core.sites import SITE_KEY
 from strategies.fedavg import FedAvg
-from strategies.loop import AfterRound, EvaluateFn
+from strategies.loop import AfterRound, EvaluateFn, score
 
 #: dispatch round numbers: ``(version + 1) * DISPATCH + j``; keeps them apart from model versions
 DISPATCH = 10_000
@@ -90,10 +90,8 @@ class BufferedRounds:
         """Run model versions ``first_round..num_rounds`` (same contract as ``run_rounds``)."""
         train_config = ConfigRecord() if train_config is None else train_config
         result = Result() if result is None else result
-        if first_round == 1 and evaluate_fn is not None:
-            res = evaluate_fn(0, arrays)
-            if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
+        if first_round == 1:  # the initial model is version 0
+            score(0, arrays, result, evaluate_fn)
         version = first_round - 1
         models: dict[int, ArrayRecord] = {version: arrays}
         counts: dict[int, int] = {}
@@ -135,12 +133,7 @@ class BufferedRounds:
                 in_use = {o.version for o in outstanding.values()} | {o.version for _, o in buffered} | {version}
                 for old in [v for v in models if v not in in_use]:
                     del models[old]
-                if evaluate_fn is not None:
-                    res = evaluate_fn(version, arrays)
-                    if res is not None:
-                        result.evaluate_metrics_serverapp[version] = res
-                if after_round is not None:
-                    after_round(version, arrays, result)
+                score(version, arrays, result, evaluate_fn, after_round)
         log(INFO, "Buffered rounds %s..%s finished in %.2fs", first_round, num_rounds, time.monotonic() - t_start)
         return result
 

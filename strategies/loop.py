@@ -47,10 +47,8 @@ def run_rounds(  # noqa: PLR0913 - mirrors Strategy.start's parameters
     evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
     if result is None:
         result = Result()
-    if first_round == 1 and evaluate_fn is not None:
-        res = evaluate_fn(0, arrays)
-        if res is not None:
-            result.evaluate_metrics_serverapp[0] = res
+    if first_round == 1:  # the initial model is round 0
+        score(0, arrays, result, evaluate_fn)
     t_start = time.time()
     for rnd in range(first_round, num_rounds + 1):
         log(INFO, "")
@@ -67,11 +65,18 @@ def run_rounds(  # noqa: PLR0913 - mirrors Strategy.start's parameters
         eval_metrics = strategy.aggregate_evaluate(rnd, replies)
         if eval_metrics is not None:
             result.evaluate_metrics_clientapp[rnd] = eval_metrics
-        if evaluate_fn is not None:
-            res = evaluate_fn(rnd, arrays)
-            if res is not None:
-                result.evaluate_metrics_serverapp[rnd] = res
-        if after_round is not None:
-            after_round(rnd, arrays, result)
+        score(rnd, arrays, result, evaluate_fn, after_round)
     log(INFO, "Rounds %s..%s finished in %.2fs", first_round, num_rounds, time.time() - t_start)
     return result
+
+
+def score(rnd: int, arrays: ArrayRecord, result: Result, evaluate_fn: EvaluateFn | None,
+          after_round: AfterRound | None = None) -> None:
+    """The end of a round (or of model version ``rnd``): the server-side evaluation into ``result``,
+    then ``after_round``. Shared by synchronous and buffered rounds."""
+    if evaluate_fn is not None:
+        res = evaluate_fn(rnd, arrays)
+        if res is not None:
+            result.evaluate_metrics_serverapp[rnd] = res
+    if after_round is not None:
+        after_round(rnd, arrays, result)

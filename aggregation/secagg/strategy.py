@@ -12,7 +12,6 @@ and the global model stays as it was. Federated evaluation passes through unchan
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -23,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from aggregation.base import StrategyWrapper, hand_over
-from aggregation.compression import SEED_KEY, Compression, random_positions
+from aggregation.compression import SEED_KEY, Compression, positions_root, random_positions
 from aggregation.secagg.protocol import SecAggAbort
 from aggregation.secagg.server import SecureAggregator
 from core.handover import ProtectedAggregate
@@ -58,9 +57,7 @@ class SecAggStrategy(StrategyWrapper):
         self._current: ArrayRecord | None = None
         self._positions: np.ndarray | None = None
         self._size = 0
-        # randk's positions follow from the public initial model (itself drawn from the run seed)
-        digest = hashlib.sha256(b"".join(bytes(a.data) for a in (initial or ArrayRecord()).values())).digest()
-        self._seed = int.from_bytes(digest[:8], "little")
+        self._seed = positions_root(initial or ArrayRecord())  # randk's positions
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
