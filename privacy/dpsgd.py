@@ -20,10 +20,12 @@ that would take the site past its budget.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.common import log
@@ -134,7 +136,8 @@ def check_budget(ledger: PrivacyLedger, params: DPSGDParams, steps: int) -> floa
 
 class PrivateStep:
     """Sets ``p.grad`` of every trainable parameter to one batch's privatised gradient:
-    ``(sum_i clip(g_i) + N(0, (sigma*C)^2 I)) / (q*n)``; the caller steps the optimiser."""
+    ``(sum_i clip(g_i) + N(0, (sigma*C)^2 I)) / (q*n)``; the caller steps the optimiser.
+    The noise comes from ``generator``."""
 
     def __init__(self, model: nn.Module, params: DPSGDParams, rows: int, generator: torch.Generator,
                  loss: str = "binary") -> None:
@@ -144,27 +147,53 @@ class PrivateStep:
         self.max_grad_norm, self.generator = params.max_grad_norm, generator
         self.scale = 1.0 / (params.sample_rate * rows)
         self.noise_scale = params.noise_multiplier * params.max_grad_norm * self.scale
+        # one flat gradient buffer and one noise buffer, reused every step: the clipped sum is
+        # written into views of ``flat`` and the noise added in one operation
+        dtype = self.params[0].dtype if self.params else torch.float32
+        self.flat = torch.empty(sum(self.sizes), dtype=dtype)
+        self.noise = torch.empty(sum(self.sizes), dtype=dtype)
+        self.views = [v.view_as(p) for v, p in zip(self.flat.split(self.sizes), self.params, strict=True)]
 
     def set_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         """Returns (summed loss of the batch, examples clipped)."""
         if x.shape[0] and isinstance(self.clipper, LinearClipper):  # scaling folded into the clip factors
-            grads, loss, n_clipped = self.clipper.clipped_sum(x, y, self.max_grad_norm, self.scale)
+            loss, n_clipped = self.clipper.clipped_sum_into(self.views, x, y, self.max_grad_norm, self.scale)
         elif x.shape[0]:
             grads, loss, n_clipped = self.clipper.clipped_sum(x, y, self.max_grad_norm)
-            grads = [g.mul_(self.scale) for g in grads]
+            for v, g in zip(self.views, grads, strict=True):
+                torch.mul(g, self.scale, out=v)
         else:  # an empty Poisson batch is still a step: noise only
-            grads, loss, n_clipped = [torch.zeros_like(p) for p in self.params], 0.0, 0
+            self.flat.zero_()
+            loss, n_clipped = 0.0, 0
         if self.noise_scale > 0:
-            noise = torch.randn(sum(self.sizes), generator=self.generator).split(self.sizes)
-            for p, g, z in zip(self.params, grads, noise, strict=True):
-                p.grad = torch.add(g, z.view_as(p), alpha=self.noise_scale)
-        else:
-            for p, g in zip(self.params, grads, strict=True):
-                p.grad = g.view_as(p)
+            self.flat.add_(self.noise.normal_(generator=self.generator), alpha=self.noise_scale)
+        for p, v in zip(self.params, self.views, strict=True):
+            p.grad = v
         return loss, n_clipped
 
     def close(self) -> None:
         self.clipper.close()
+
+
+#: Uniform draws per block of Poisson batches drawn at once (rows x steps <= this).
+POISSON_BLOCK = 1 << 20
+
+
+def poisson_batches(rows: int, rate: float, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Row indices of ``steps`` Poisson batches: row ``i`` is in a batch when its uniform draw
+    is below ``rate``, independently for every row and step. The draws for a block of steps
+    are made in one call when the block starts (one call per block instead of one per step:
+    the per-call cost, not the draws, dominated a small model's step)."""
+    block = max(1, POISSON_BLOCK // max(1, rows))
+    done = 0
+    while done < steps:
+        k = min(block, steps - done)
+        step_of, row = np.nonzero(torch.rand(k, rows, generator=generator).numpy() < rate)
+        counts = np.bincount(step_of, minlength=k)
+        ends = np.cumsum(counts)
+        for a, b in zip((ends - counts).tolist(), ends.tolist(), strict=True):
+            yield torch.from_numpy(row[a:b])
+        done += k
 
 
 def train_private(
@@ -191,11 +220,9 @@ def train_private(
     budget = steps_per_epoch(params.sample_rate) * cfg.epochs if max_steps is None else max_steps
     total, seen, clipped, steps = 0.0, 0, 0, 0
     try:
-        for _ in range(budget):
-            idx = (torch.rand(n, generator=generator) < params.sample_rate).nonzero().reshape(-1)
+        for idx in poisson_batches(n, params.sample_rate, budget, generator):
             xb = x[idx] if augment is None or not idx.numel() else augment(x[idx], generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss, n_clipped = step.set_grads(xb, y[idx])
+            loss, n_clipped = step.set_grads(xb, y[idx])  # sets every p.grad: no zero_grad needed
             if penalty is not None:
                 extra = torch.autograd.grad(penalty(model), step.params, allow_unused=True)
                 for p, e in zip(step.params, extra, strict=True):
