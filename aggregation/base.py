@@ -108,6 +108,7 @@ class LocalResult:
     server_round: int
     store: SiteStore | None = None       # the site's state folder for this job (error feedback's residual)
     buffers: frozenset[str] = frozenset()  # the state's non-trainable entries (BatchNorm's running statistics)
+    start: dict[str, torch.Tensor] | None = None  # the global model this round started from (as the message carried it)
 
 
 class SiteHalf(ABC):

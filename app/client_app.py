@@ -179,7 +179,7 @@ def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, tas
     state = half.finish(model, glob, stats, rnd)  # the reply's record: the model and the strategy's side values
     site_rec = site_record_for(site.site_id, site.name, server_round, work.straggler)
     buffers = frozenset(name for name, _ in model.named_buffers())
-    return LocalResult(state, stats, {SITE_KEY: site_rec, **records}, server_round, rnd.store, buffers)
+    return LocalResult(state, stats, {SITE_KEY: site_rec, **records}, server_round, rnd.store, buffers, glob)
 
 
 def strategy_round(cfg: config.FedsiloConfig, task: Task, site: SiteData, context: Context,

@@ -17,6 +17,6 @@ The option, its two halves, the primitives below them:
 * :mod:`aggregation.secagg.codec`    clipping + seeded stochastic quantisation into Z_(2^k)
 * :mod:`aggregation.secagg.keys`     X25519 key agreement, HKDF-SHA256 to 32-byte secrets
 * :mod:`aggregation.secagg.prg`      masks from AES-256-CTR keyed with the full shared secret
-* :mod:`aggregation.secagg.shamir`   Shamir sharing (pycryptodome, Flower's share format)
-* share encryption: Fernet, via Flower's ``flwr.common.secure_aggregation.crypto``
+* :mod:`aggregation.secagg.shamir`   Shamir sharing over GF(2^130 - 5)
+* share encryption: AES-256-GCM from ``cryptography`` (:func:`aggregation.secagg.protocol.seal`)
 """

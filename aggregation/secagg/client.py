@@ -34,6 +34,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
+from aggregation.secagg import wire
 from aggregation.secagg.codec import FieldCodec
 from aggregation.secagg.protocol import SecAggAbort, SecAggClient
 from aggregation.secagg.vector import FIELD_BITS, WeightedUpdateCodec, pack_field
@@ -74,18 +75,32 @@ def _fb(record: ConfigRecord) -> int:
 
 
 # ---- state (de)serialisation --------------------------------------------------------------
+def _ids_bytes(ids: list[int]) -> bytes:
+    return np.asarray(ids, dtype="<u4").tobytes()
+
+
+def _ids_of(data: bytes) -> list[int]:
+    return np.frombuffer(data, dtype="<u4").tolist()  # type: ignore[no-any-return]
+
+
 def _save(context: Context, client: SecAggClient, server_round: int, stage: str, clip: float, value_bits: int,
           key: str = STATE_KEY, field_bits: int = FIELD_BITS) -> None:
+    """The site's state of this protocol instance: a few scalars and one ``secrets`` value that
+    holds its keys, seeds, its peers' public keys, the shares it holds and the share keys it agreed
+    (:mod:`aggregation.secagg.wire`; one value instead of a dozen lists, which Flower checks item by item)."""
     peers = sorted(client.peers)
     held = sorted(client.held)
+    agreed = sorted(client.share_keys_by_peer)
+    blob = wire.join([
+        client.c_sk, client.s_sk, client.s_seed, client.b_seed,
+        _ids_bytes(peers), wire.join_keys([client.peers[i][0] for i in peers]),
+        wire.join_keys([client.peers[i][1] for i in peers]),
+        _ids_bytes(held), wire.join([client.held[i][0] for i in held]), wire.join([client.held[i][1] for i in held]),
+        _ids_bytes(agreed), wire.join_keys([client.share_keys_by_peer[i] for i in agreed]),
+    ])
     context.state[key] = ConfigRecord({
         "round": server_round, "stage": stage, "site": client.site, "threshold": client.threshold,
-        "clip": clip, "value-bits": value_bits, "field-bits": field_bits,
-        "c-sk": client.c_sk, "s-sk": client.s_sk, "s-seed": client.s_seed, "b-seed": client.b_seed,
-        "peer-ids": peers, "peer-c": [client.peers[i][0] for i in peers],
-        "peer-s": [client.peers[i][1] for i in peers],
-        "held-ids": held, "held-b": [client.held[i][0] for i in held],
-        "held-sk": [client.held[i][1] for i in held],
+        "clip": clip, "value-bits": value_bits, "field-bits": field_bits, "secrets": blob,
     })
 
 
@@ -101,12 +116,18 @@ def _load(context: Context, server_round: int, expected: str,
     if st["stage"] != prev:
         raise ProtocolError(f"secagg stage {expected!r} must follow {prev!r}, but this site's last stage was "
                             f"{st['stage']!r} (replayed or out-of-order message)")
+    try:
+        (c_sk, s_sk, s_seed, b_seed, peer_ids, peer_c, peer_s, held_ids, held_b, held_sk, agreed_ids,
+         agreed) = wire.split(st["secrets"], "secagg state")  # type: ignore[arg-type]
+    except (KeyError, ValueError) as err:
+        raise ProtocolError(f"this site's secagg state is damaged ({err})") from err
     client = SecAggClient(int(st["site"]), int(st["threshold"]), field_codec(float(st["clip"]), int(st["value-bits"]), _fb(st)),
-                          c_sk=st["c-sk"], s_sk=st["s-sk"], s_seed=st["s-seed"], b_seed=st["b-seed"])  # type: ignore[arg-type]
-    ids = list(st["peer-ids"])  # type: ignore[arg-type]
-    client.peers = {int(i): (c, s) for i, c, s in zip(ids, st["peer-c"], st["peer-s"])}  # type: ignore[arg-type]
-    held = list(st["held-ids"])  # type: ignore[arg-type]
-    client.held = {int(i): (b, k) for i, b, k in zip(held, st["held-b"], st["held-sk"])}  # type: ignore[arg-type]
+                          c_sk=c_sk, s_sk=s_sk, s_seed=s_seed, b_seed=b_seed)
+    ids = _ids_of(peer_ids)
+    client.peers = dict(zip(ids, zip(wire.split_keys(peer_c, len(ids)), wire.split_keys(peer_s, len(ids)))))
+    client.held = dict(zip(_ids_of(held_ids), zip(wire.split(held_b), wire.split(held_sk))))
+    with_keys = _ids_of(agreed_ids)
+    client.share_keys_by_peer = dict(zip(with_keys, wire.split_keys(agreed, len(with_keys))))
     return client, st
 
 
@@ -148,8 +169,8 @@ def _check_fresh(context: Context, server_round: int, key: str = GUARD_KEY) -> N
                             f"input for round {guard['masked-round']} (replayed message)")
 
 
-def _share(client: SecAggClient, ids: list[int], c_pks: list[bytes], s_pks: list[bytes]) -> dict[int, bytes]:
-    public = dict(zip(ids, zip(c_pks, s_pks)))
+def _share(client: SecAggClient, ids: list[int], c_pks: bytes, s_pks: bytes) -> dict[int, bytes]:
+    public = dict(zip(ids, zip(wire.split_keys(c_pks, len(ids)), wire.split_keys(s_pks, len(ids)))))
     if client.site not in public:
         raise ProtocolError(f"this site (id {client.site}) is missing from the broadcast key list")
     if tuple(public[client.site]) != _own_public(client):
@@ -163,16 +184,16 @@ def share_keys(msg: Message, context: Context) -> Message:
     server_round = int(w["round"])
     state, _ = _state_keys(w)
     client, st = _load(context, server_round, "share", key=state)
-    shares = _share(client, [int(i) for i in w["ids"]], list(w["c-pks"]), list(w["s-pks"]))  # type: ignore[arg-type]
+    shares = _share(client, [int(i) for i in w["ids"]], w["c-pks"], w["s-pks"])  # type: ignore[arg-type]
     _save(context, client, server_round, "share", float(st["clip"]), int(st["value-bits"]), key=state, field_bits=_fb(st))
     to = sorted(shares)
-    return _reply(msg, {"round": server_round, "id": client.site, "to": to, "shares": [shares[j] for j in to]})
+    return _reply(msg, {"round": server_round, "id": client.site, "to": to, "shares": wire.join([shares[j] for j in to])})
 
 
 def _own_public(client: SecAggClient) -> tuple[bytes, bytes]:
-    from aggregation.secagg.keys import public_of
+    from aggregation.secagg.keys import public_bytes
 
-    return public_of(client.c_sk), public_of(client.s_sk)
+    return public_bytes(client.key_object("c")), public_bytes(client.key_object("s"))
 
 
 def masked_input(msg: Message, context: Context, encode: Callable[[WeightedUpdateCodec], np.ndarray],
@@ -188,7 +209,7 @@ def masked_input(msg: Message, context: Context, encode: Callable[[WeightedUpdat
     server_round = int(w["round"])
     state, guard = _state_keys(w)
     client, st = _load(context, server_round, "masked_input", key=state)
-    inbox = {int(i): ct for i, ct in zip(w["from"], w["shares"])}  # type: ignore[arg-type]
+    inbox = {int(i): ct for i, ct in zip(w["from"], wire.split(w["shares"], "shares"), strict=True)}  # type: ignore[arg-type, call-overload]
     vector = encode(WeightedUpdateCodec(float(st["clip"]), int(st["value-bits"]), int(w["size"]), _fb(st)))
     y = client.masked_input(inbox, vector)
     _save(context, client, server_round, "masked_input", float(st["clip"]), int(st["value-bits"]), key=state, field_bits=_fb(st))
@@ -217,14 +238,14 @@ def unmask(msg: Message, context: Context, share_next: bool = True) -> Message:
     _save(context, client, server_round, "unmask", float(st["clip"]), int(st["value-bits"]), key=state, field_bits=_fb(st))
     owners = sorted(out)
     record: dict = {"round": server_round, "id": client.site, "owners": owners,
-                    "kinds": [out[o][0] for o in owners], "shares": [out[o][1] for o in owners]}
+                    "kinds": [out[o][0] for o in owners], "shares": wire.join([out[o][1] for o in owners])}
     if "next-ids" in w and share_next and NEXT_KEY in context.state.config_records and state == STATE_KEY:
         nxt, nst = _load(context, server_round + 1, "share", key=NEXT_KEY)
         nxt.site, nxt.threshold = int(w["next-id"]), int(w["next-threshold"])
-        shares = _share(nxt, [int(i) for i in w["next-ids"]], list(w["next-c-pks"]), list(w["next-s-pks"]))  # type: ignore[arg-type]
+        shares = _share(nxt, [int(i) for i in w["next-ids"]], w["next-c-pks"], w["next-s-pks"])  # type: ignore[arg-type]
         _save(context, nxt, server_round + 1, "share", float(nst["clip"]), int(nst["value-bits"]), field_bits=_fb(nst))
         record["next-to"] = sorted(shares)
-        record["next-shares"] = [shares[j] for j in record["next-to"]]
+        record["next-shares"] = wire.join([shares[j] for j in record["next-to"]])
     if NEXT_KEY in context.state.config_records and state == STATE_KEY:
         del context.state[NEXT_KEY]
     return _reply(msg, record)

@@ -68,6 +68,12 @@ class FieldCodec:
         """Field elements of ``values`` (uint64, stochastic rounding) and how many values were clipped."""
         return self.quantiser.stochastic(values, rng)
 
+    def reduce(self, words: np.ndarray) -> np.ndarray:
+        """64-bit words (sums and differences wrapping mod 2^64) as elements of the field, in place."""
+        if self.bits < 64:
+            np.bitwise_and(words, np.uint64(self.modulus - 1), out=words)
+        return words
+
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """``a + b`` in Z_(2^bits)."""
         return (a + b) & np.uint64(self.modulus - 1) if self.bits < 64 else a + b

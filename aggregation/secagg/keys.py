@@ -25,12 +25,23 @@ def generate() -> tuple[bytes, bytes]:
     )
 
 
+def public_bytes(key: X25519PrivateKey) -> bytes:
+    """The raw public key of a private key object."""
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
 def public_of(private_key: bytes) -> bytes:
     """The public key belonging to a raw private key."""
     return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def agree(private_key: bytes, peer_public_key: bytes, purpose: bytes) -> bytes:
+def private(private_key: bytes) -> X25519PrivateKey:
+    """The key object of a raw private key (building it costs as much as one exchange: a site
+    that agrees with many peers builds it once)."""
+    return X25519PrivateKey.from_private_bytes(private_key)
+
+
+def agree(private_key: bytes | X25519PrivateKey, peer_public_key: bytes, purpose: bytes) -> bytes:
     """The 32-byte secret shared with the peer, bound to ``purpose`` (e.g. b"mask").
 
     Raises ``ValueError`` for a malformed peer key (wrong length, or the all-zero
@@ -38,12 +49,13 @@ def agree(private_key: bytes, peer_public_key: bytes, purpose: bytes) -> bytes:
     """
     if len(peer_public_key) != 32:
         raise ValueError(f"X25519 public key must be 32 bytes, got {len(peer_public_key)}")
-    shared = X25519PrivateKey.from_private_bytes(private_key).exchange(X25519PublicKey.from_public_bytes(peer_public_key))
+    key = private(private_key) if isinstance(private_key, bytes) else private_key
+    shared = key.exchange(X25519PublicKey.from_public_bytes(peer_public_key))
     return HKDF(algorithm=hashes.SHA256(), length=SECRET_BYTES, salt=None, info=b"fedsilo-secagg/" + purpose).derive(shared)
 
 
 #: Bytes of the secrets that are Shamir-shared (self-mask seeds, mask-key seeds): 128-bit
-#: security, one GF(2^128) polynomial each, half the sharing work of a 32-byte secret.
+#: security, one Shamir polynomial each, half the sharing work of a 32-byte secret.
 SHARED_SECRET_BYTES = 16
 
 

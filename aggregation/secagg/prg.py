@@ -16,13 +16,20 @@ SEED_BYTES = 32
 _ZERO_NONCE = bytes(16)
 
 
-def mask(seed: bytes, length: int, bits: int) -> np.ndarray:
-    """``length`` pseudo-random elements of Z_(2^bits) (``uint64``), deterministic in ``seed``."""
+def words(seed: bytes, length: int) -> np.ndarray:
+    """The mask's ``length`` 64-bit words before reduction (read-only ``uint64``). Since 2^bits
+    divides 2^64, masks can be added and subtracted as words (wrapping mod 2^64) and reduced
+    once: the result equals the sum of the reduced masks in Z_(2^bits)."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"mask seed must be {SEED_BYTES} bytes, got {len(seed)}")
-    if not 1 <= bits <= 64:
-        raise ValueError(f"bits must be in 1..64, got {bits}")
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
     stream = encryptor.update(bytes(8 * length)) + encryptor.finalize()
-    words = np.frombuffer(stream, dtype="<u8").astype(np.uint64)
-    return words if bits == 64 else words & np.uint64((1 << bits) - 1)
+    return np.frombuffer(stream, dtype="<u8")
+
+
+def mask(seed: bytes, length: int, bits: int) -> np.ndarray:
+    """``length`` pseudo-random elements of Z_(2^bits) (``uint64``), deterministic in ``seed``."""
+    if not 1 <= bits <= 64:
+        raise ValueError(f"bits must be in 1..64, got {bits}")
+    w = words(seed, length).astype(np.uint64)
+    return w if bits == 64 else w & np.uint64((1 << bits) - 1)

@@ -8,7 +8,7 @@ the caller maps them to nodes):
 1. **share keys**: each site draws a self-mask seed ``b``, Shamir-shares ``b`` and the
    seed its mask private key ``s_sk`` is derived from (16 bytes each, expanded by HKDF)
    with threshold ``t`` among its neighbourhood, and sends each share
-   encrypted for its recipient (Fernet keyed by the pair's ``c`` agreement); the server
+   encrypted for its recipient (AES-256-GCM keyed by the pair's ``c`` agreement); the server
    only routes ciphertexts.
 2. **masked input**: each site sends ``y_i = x_i + PRG(b_i) + sum_{j>i} PRG(s_ij) -
    sum_{j<i} PRG(s_ij)`` in Z_(2^bits), where ``s_ij`` is agreed from the ``s`` keys.
@@ -24,13 +24,13 @@ keys, encrypted shares, masked vectors and the final sum.
 
 from __future__ import annotations
 
-import base64
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.fernet import InvalidToken
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from aggregation.secagg import keys, prg
 from aggregation.secagg.codec import FieldCodec
@@ -43,8 +43,23 @@ class SecAggAbort(RuntimeError):
     """Too few sites remain to finish the round securely; nothing is revealed."""
 
 
-def _fernet_key(secret: bytes) -> bytes:
-    return base64.urlsafe_b64encode(secret)
+#: Authenticated data of every share ciphertext (binds it to its purpose).
+_SHARE_AAD = b"fedsilo-secagg/share"
+NONCE_BYTES = 12
+
+
+def seal(key: bytes, blob: bytes) -> bytes:
+    """``blob`` encrypted and authenticated for the peer that agreed ``key``: AES-256-GCM
+    (``cryptography``) under a fresh random 96-bit nonce, sent in front of the ciphertext."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, blob, _SHARE_AAD)
+
+
+def open_sealed(key: bytes, ciphertext: bytes) -> bytes:
+    """The blob of :func:`seal`; ``InvalidTag`` if it was not sealed under ``key`` or was altered."""
+    if len(ciphertext) < NONCE_BYTES + 16:
+        raise InvalidTag()
+    return AESGCM(key).decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:], _SHARE_AAD)
 
 
 def _pack(i: int, j: int, share_b: bytes, share_sk: bytes) -> bytes:
@@ -69,10 +84,29 @@ class SecAggClient:
     b_seed: bytes = b""
     peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (c_pk, s_pk)
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # from id -> (share_b, share_sk)
+    #: id -> the share-encryption key agreed with that peer in stage 1, reused to decrypt its
+    #: share in stage 2 (one X25519 exchange per pair and round, not two)
+    share_keys_by_peer: dict[int, bytes] = field(default_factory=dict)
+    _key_objects: dict[str, X25519PrivateKey] = field(default_factory=dict, repr=False, compare=False)
+
+    def _share_key(self, peer: int) -> bytes:
+        key = self.share_keys_by_peer.get(peer)
+        if key is None:
+            key = keys.agree(self.key_object("c"), self.peers[peer][0], b"shares")
+            self.share_keys_by_peer[peer] = key
+        return key
+
+    def key_object(self, which: str) -> X25519PrivateKey:
+        """This round's private key object (``c``: share encryption, ``s``: masks), built once."""
+        if which not in self._key_objects:
+            self._key_objects[which] = keys.private(self.c_sk if which == "c" else self.s_sk)
+        return self._key_objects[which]
 
     def advertise(self) -> tuple[bytes, bytes]:
         """Stage 0: public keys (c_pk, s_pk)."""
         self.c_sk, c_pk = keys.generate()
+        self._key_objects.clear()
+        self.share_keys_by_peer.clear()
         self.s_seed = os.urandom(SEED_BYTES)
         self.s_sk, s_pk = keys.from_seed(self.s_seed)
         return c_pk, s_pk
@@ -94,8 +128,7 @@ class SecAggClient:
             if j == self.site:
                 self.held[self.site] = (shares_b[k], shares_sk[k])
                 continue
-            key = keys.agree(self.c_sk, public_keys[j][0], b"shares")
-            out[j] = encrypt(_fernet_key(key), blob)
+            out[j] = seal(self._share_key(j), blob)
         return out
 
     def masked_input(self, ciphertexts: dict[int, bytes], encoded: np.ndarray) -> np.ndarray:
@@ -104,10 +137,10 @@ class SecAggClient:
         ``ciphertexts`` holds one share from every other site that completed stage 1.
         """
         for i, ct in ciphertexts.items():
-            key = keys.agree(self.c_sk, self.peers[i][0], b"shares")
+            key = self._share_key(i)
             try:
-                src, dst, share_b, share_sk = _unpack(decrypt(_fernet_key(key), ct))
-            except InvalidToken:
+                src, dst, share_b, share_sk = _unpack(open_sealed(key, ct))
+            except InvalidTag:
                 raise SecAggAbort(f"the share from site {i} failed authentication") from None
             if (src, dst) != (i, self.site):
                 raise SecAggAbort(f"share from {i} is addressed {src}->{dst}")
@@ -117,13 +150,16 @@ class SecAggClient:
         sharers = set(ciphertexts) | {self.site}
         if len(sharers) < self.threshold:
             raise SecAggAbort(f"{len(sharers)} sites shared keys, threshold is {self.threshold}")
-        y = self.codec.add(encoded, prg.mask(keys.expand(self.b_seed, b"self-mask"), encoded.size, self.codec.bits))
+        # every mask added or subtracted as raw 64-bit words (wrapping), reduced once at the end
+        y = encoded.astype(np.uint64)  # a copy
+        np.add(y, prg.words(keys.expand(self.b_seed, b"self-mask"), encoded.size), out=y)
+        s_key = self.key_object("s")
         for j, (_, s_pk) in self.peers.items():
             if j == self.site or j not in sharers:
                 continue
-            m = prg.mask(keys.agree(self.s_sk, s_pk, b"mask"), encoded.size, self.codec.bits)
-            y = self.codec.add(y, m) if j > self.site else self.codec.sub(y, m)
-        return y
+            m = prg.words(keys.agree(s_key, s_pk, b"mask"), encoded.size)
+            (np.add if j > self.site else np.subtract)(y, m, out=y)
+        return self.codec.reduce(y)
 
     def unmask(self, survivors: list[int], dropped: list[int]) -> dict[int, tuple[str, bytes]]:
         """Stage 3: shares of ``b`` for survivors and of ``s_sk`` for dropped sites."""
@@ -204,20 +240,20 @@ class SecAggServer:
         survivors = sorted(self.masked)
         dropped = sorted(self.sharers - set(survivors))
         total = np.zeros(self.length, dtype=np.uint64)
-        for y in self.masked.values():
-            total = self.codec.add(total, y)
+        for y in self.masked.values():  # as 64-bit words, wrapping; reduced once at the end
+            np.add(total, y, out=total)
         for i in survivors:
             b_seed = self._reconstruct(replies, i, "b")
-            total = self.codec.sub(total, prg.mask(keys.expand(b_seed, b"self-mask"), self.length, self.codec.bits))
+            np.subtract(total, prg.words(keys.expand(b_seed, b"self-mask"), self.length), out=total)
         for j in dropped:
-            s_sk_j = keys.from_seed(self._reconstruct(replies, j, "sk"))[0]
+            s_sk_j = keys.private(keys.from_seed(self._reconstruct(replies, j, "sk"))[0])
             for i in survivors:
                 if self.graph is not None and i not in self.graph[j]:
                     continue  # i and j are not neighbours: no mask between them
-                m = prg.mask(keys.agree(s_sk_j, self.public_keys[i][1], b"mask"), self.length, self.codec.bits)
+                m = prg.words(keys.agree(s_sk_j, self.public_keys[i][1], b"mask"), self.length)
                 # survivor i added +m if j > i, subtracted it if j < i: undo that
-                total = self.codec.sub(total, m) if j > i else self.codec.add(total, m)
-        return total
+                (np.subtract if j > i else np.add)(total, m, out=total)
+        return self.codec.reduce(total)
 
     def _reconstruct(self, replies: dict[int, dict[int, tuple[str, bytes]]], owner: int, kind: str) -> bytes:
         shares = [r[owner][1] for r in replies.values() if owner in r and r[owner][0] == kind]

@@ -30,6 +30,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from aggregation.secagg import wire
 from aggregation.secagg.client import MASKED_KEY, WIRE_KEY, field_codec
 from aggregation.secagg.graph import auto_neighbours, ring
 from aggregation.secagg.protocol import SecAggAbort, SecAggServer
@@ -39,8 +40,8 @@ from aggregation.secagg.vector import FIELD_BITS, Aggregate, WeightedUpdateCodec
 def _key_list(public: dict[int, tuple[bytes, bytes]], members: frozenset[int], prefix: str) -> dict[str, Any]:
     """The public keys of one neighbourhood, as sent to one of its members."""
     ids = sorted(members & set(public))
-    return {f"{prefix}ids": ids, f"{prefix}c-pks": [public[j][0] for j in ids],
-            f"{prefix}s-pks": [public[j][1] for j in ids]}
+    return {f"{prefix}ids": ids, f"{prefix}c-pks": wire.join_keys([public[j][0] for j in ids]),
+            f"{prefix}s-pks": wire.join_keys([public[j][1] for j in ids])}
 
 
 def threshold_for(fraction: float, sites: int) -> int:
@@ -147,8 +148,8 @@ class SecureAggregator:
     def _unmask(self, shares: dict[int, ConfigRecord]) -> np.ndarray:
         """Stage 3: the survivors' field sum from the unmasking shares."""
         assert self._server is not None
-        return self._server.unmask({i: {int(o): (str(k), bytes(v))  # type: ignore[arg-type]
-                                        for o, k, v in zip(r["owners"], r["kinds"], r["shares"])}  # type: ignore[arg-type]
+        return self._server.unmask({i: {int(o): (str(k), v)
+                                        for o, k, v in zip(r["owners"], r["kinds"], wire.split(r["shares"]))}  # type: ignore[arg-type]
                                     for i, r in shares.items()})
 
     def _node_of(self, pid: int) -> int:
@@ -190,7 +191,7 @@ class SecureAggregator:
             content = RecordDict(dict(by_node[node].content.items()))
             senders = sorted(inbox[i])
             content[WIRE_KEY] = ConfigRecord({"round": server_round, "id": i, "size": size, "pipeline": True,
-                                              "from": senders, "shares": [inbox[i][j] for j in senders]})
+                                              "from": senders, "shares": wire.join([inbox[i][j] for j in senders])})
             out.append(Message(content, dst_node_id=node, message_type="train.secagg"))
         self._trained = {m.metadata.dst_node_id for m in out}
         self._t_masked = time.monotonic()
@@ -212,7 +213,7 @@ class SecureAggregator:
         graph = self._server.graph = ring(sorted(public), k)
         shared = self._exchange("share", "query.secagg_share", {
             self._node_of(i): {"id": i, **_key_list(public, graph[i], "")} for i in sorted(public)})
-        return self._server.route_shares({i: dict(zip((int(j) for j in r["to"]), r["shares"]))  # type: ignore[arg-type]
+        return self._server.route_shares({i: dict(zip((int(j) for j in r["to"]), wire.split(r["shares"])))  # type: ignore[arg-type]
                                           for i, r in shared.items()})
 
     def close(self, replies: Iterable[Message]) -> Aggregate:
@@ -286,7 +287,7 @@ class SecureAggregator:
             senders = sorted(inbox[i])
             body[WIRE_KEY] = ConfigRecord({"round": sum_round, **self._tag(), "id": i, "size": length,
                                            "pipeline": False, "from": senders,
-                                           "shares": [inbox[i][j] for j in senders]})
+                                           "shares": wire.join([inbox[i][j] for j in senders])})
             msgs.append(Message(body, dst_node_id=node, message_type=message_type))
         self._trained = {m.metadata.dst_node_id for m in msgs}
         assert self._server is not None
@@ -311,7 +312,7 @@ class SecureAggregator:
         for pid, r in replies.items():
             node = node_of_current[pid]
             if "next-to" in r and node in ids:
-                shared[ids[node]] = dict(zip((int(j) for j in r["next-to"]), r["next-shares"]))  # type: ignore[arg-type]
+                shared[ids[node]] = dict(zip((int(j) for j in r["next-to"]), wire.split(r["next-shares"])))  # type: ignore[arg-type]
         try:
             server.collect_keys({ids[n]: pk for n, pk in public.items()})
             inbox = server.route_shares(shared)

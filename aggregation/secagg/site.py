@@ -34,7 +34,11 @@ class SecAggSite(SiteHalf):
 
     def reply(self, msg: Message, context: Context, result: LocalResult, env: SiteEnv) -> Message:
         glob: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
-        base = {k: v.numpy() for k, v in glob.items()}
+        start = result.start
+        if start is not None and all(k in start for k in glob):  # already read from the message: not again
+            base = {k: start[k].detach().cpu().numpy() for k in glob}
+        else:
+            base = {k: v.numpy() for k, v in glob.items()}
         layout = Layout.of(base)
         local = {k: v.detach().cpu().numpy() for k, v in result.state.items()}
         update = layout.flatten(local) - layout.flatten(base)

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from aggregation.secagg import vector
+from aggregation.secagg import vector, wire
 from aggregation.secagg.client import MASKED_KEY, WIRE_KEY
 from app import client_app, config, server_app
 from app.runtime.local_grid import LocalGrid
@@ -161,9 +161,9 @@ def test_tampered_share_is_refused_and_the_round_goes_on(tmp_path: Path, monkeyp
     def flip_a_byte(msg: Message) -> None:
         if msg.metadata.message_type == "train.secagg" and msg.metadata.dst_node_id == 1002:
             rec = msg.content[WIRE_KEY]
-            shares = list(rec["shares"])
+            shares = wire.split(rec["shares"])
             shares[0] = shares[0][:-5] + bytes([shares[0][-5] ^ 1]) + shares[0][-4:]
-            rec["shares"] = shares
+            rec["shares"] = wire.join(shares)
 
     _, results, updates = run(tmp_path, ["task=medical", "num_rounds=1", "aggregation=secagg",
                                          "strategy.fraction_evaluate=0"], monkeypatch, alter=flip_a_byte)
@@ -191,7 +191,7 @@ def test_replayed_and_out_of_order_stage_messages_are_refused(tmp_path: Path, mo
     assert not client_app.app(_msg("query.secagg_keys", **keys), ctx).has_error()
     skip = client_app.app(_msg("query.secagg_unmask", round=3, id=1, survivors=[1, 2], dropped=[]), ctx)
     assert skip.has_error() and "must follow 'masked_input'" in skip.error.reason
-    stale = client_app.app(_msg("query.secagg_share", round=2, id=1, ids=[1], **{"c-pks": [], "s-pks": []}), ctx)
+    stale = client_app.app(_msg("query.secagg_share", round=2, id=1, ids=[1], **{"c-pks": b"", "s-pks": b""}), ctx)
     assert stale.has_error() and "stale" in stale.error.reason
     # a site configured for plain aggregation refuses the protocol's messages with the reason
     other = client_app.app(_msg("query.secagg_keys", **keys), _context("plain"))

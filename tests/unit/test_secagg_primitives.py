@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.common.secure_aggregation.crypto import shamir as flower_shamir
 
 from aggregation.secagg import keys, prg
 from aggregation.secagg.codec import FieldCodec
@@ -98,17 +97,45 @@ def test_codec_reports_clipping_and_rejects_bad_parameters() -> None:
         codec.decode_sum(np.zeros(2, np.uint64), 5)
 
 
-def test_shamir_share_layout_is_flowers_without_padding() -> None:
+def test_shamir_share_layout_and_malformed_shares() -> None:
+    from aggregation.secagg.shamir import PRIME, VALUE_BYTES
+
     secret = bytes(range(100, 132))
     ours = create_shares(secret, 3, 6)
     assert [s[:4] for s in ours] == [i.to_bytes(4, "little") for i in range(1, 7)]
-    assert all(len(s) == 4 + 32 for s in ours)  # two 16-byte chunks; Flower's helper pads to three
-    assert len(flower_shamir.create_shares(secret, 3, 6)[0]) == 4 + 48
+    assert all(len(s) == 4 + 2 * VALUE_BYTES for s in ours)  # two 16-byte chunks, one field element each
+    assert all(int.from_bytes(s[4:4 + VALUE_BYTES], "little") < PRIME for s in ours)
     assert combine_shares(ours[3:]) == secret
     with pytest.raises(ValueError, match="multiple of 16"):
         create_shares(b"short", 2, 3)
     with pytest.raises(ValueError, match="duplicate"):
         combine_shares([ours[0], ours[0], ours[1]])
+    with pytest.raises(ValueError, match="lengths"):
+        combine_shares([ours[0], ours[1][:-1], ours[2]])
+    outside = ours[2][:4] + PRIME.to_bytes(VALUE_BYTES, "little") + ours[2][4 + VALUE_BYTES:]
+    with pytest.raises(ValueError, match="outside the field"):
+        combine_shares([ours[0], ours[1], outside])
+    zero = (0).to_bytes(4, "little") + ours[0][4:]
+    with pytest.raises(ValueError, match="index 0"):
+        combine_shares([zero, ours[1], ours[2]])
+
+
+def test_shamir_any_threshold_subset_reconstructs() -> None:
+    import random
+
+    rng = random.Random(7)
+    for _ in range(50):
+        t = rng.randint(1, 12)
+        n = rng.randint(t, 30)
+        secret = rng.randbytes(16)
+        shares = create_shares(secret, t, n)
+        assert combine_shares(rng.sample(shares, t)) == secret
+        assert combine_shares(rng.sample(shares, n)[: max(t, 1)]) == secret
+    shares = create_shares(bytes(16), 3, 5)  # t - 1 shares do not give the secret back
+    try:
+        assert combine_shares(shares[:2]) != bytes(16)
+    except ValueError:
+        pass
 
 
 def test_shamir_needs_the_threshold() -> None:
