@@ -1,6 +1,6 @@
 """Simulation at scale: seconds per round and peak memory at 10, 100 and 1000 sites, beside plain Flower.
 
-    python benchmarks/scale.py [--sites 10 100 1000] [--rounds 3] [--secagg 100] [--reps 2]
+    python benchmarks/scale.py [--sites 10 100 1000] [--rounds 3] [--secagg 100 1000] [--reps 5]
 
 For each number of sites, run interleaved in this one process through the same private
 SuperLink helper (:func:`app.runtime.superlink.run_simulation`, runtime dependency installation
@@ -14,8 +14,11 @@ off):
 Seconds per round are measured the same way for both: the time between consecutive
 server-side evaluations (round 1 includes each worker's start-up: imports, data). Peak
 memory is the largest sum of resident memory of every process of the run (SuperLink,
-simulation, Ray, workers), sampled every 0.25 s. ``--secagg N`` also runs
-``aggregation=secagg`` at N sites. Writes ``benchmarks/results/scale.{json,md}``.
+simulation, Ray, workers), sampled every 0.25 s. Ratios are per interleaved pair (fedsilo's
+repetition k over Flower's repetition k); the table gives their median and range. ``--secagg N
+...`` also runs ``aggregation=secagg`` at those site counts (``--secagg-reps`` times) right after
+that count's plain repetitions, and reports it against plain fedsilo's median there.
+Writes ``benchmarks/results/scale.{json,md}``.
 """
 
 from __future__ import annotations
@@ -123,23 +126,27 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def row_of(n: int, bases: list[dict], ours_: list[dict]) -> dict:
-    """One table row: medians over the repetitions of each app, and their ratios."""
+    """One table row: medians over the repetitions of each app, and the pairwise ratios' median and range."""
     base, ours = median_run(bases), median_run(ours_)
+    pairs = {key: [o[key] / b[key] for b, o in zip(bases, ours_, strict=True)]
+             for key in ("mean_round_s", "mean_round_s_after_first", "wall_s")}
     return {"sites": n, "flower": base, "fedsilo": ours, "reps": {"flower": bases, "fedsilo": ours_},
-            "ratio_mean_round": ours["mean_round_s"] / base["mean_round_s"],
-            "ratio_after_first": ours["mean_round_s_after_first"] / base["mean_round_s_after_first"],
-            "ratio_wall": ours["wall_s"] / base["wall_s"]}
+            "ratio_mean_round": statistics.median(pairs["mean_round_s"]),
+            "ratio_after_first": statistics.median(pairs["mean_round_s_after_first"]),
+            "ratio_wall": statistics.median(pairs["wall_s"]),
+            "spread": {k: [min(v), max(v)] for k, v in pairs.items()}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--secagg", type=int, default=100, help="also run aggregation=secagg at this many sites (0: no)")
-    ap.add_argument("--reps", type=int, default=2, help="repetitions, interleaved; medians are reported")
+    ap.add_argument("--secagg", type=int, nargs="*", default=[100], help="also run aggregation=secagg at these site counts")
+    ap.add_argument("--secagg-reps", type=int, default=2, help="repetitions of each secagg run")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions, interleaved; medians and ranges are reported")
     ap.add_argument("--merge", action="store_true", help="replace only these sizes' rows in the existing results")
     args = ap.parse_args()
-    rows = []
+    rows, secaggs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sites:
             bases, ours_ = [], []
@@ -149,15 +156,23 @@ def main() -> None:
             row = row_of(n, bases, ours_)
             base, ours = row["flower"], row["fedsilo"]
             rows.append(row)
+            sp = row["spread"]["mean_round_s_after_first"]
             print(f"{n} sites: Flower {base['mean_round_s']:.2f} s/round ({base['peak_rss_mb']:.0f} MB), fedsilo "
                   f"{ours['mean_round_s']:.2f} s/round ({ours['peak_rss_mb']:.0f} MB): ratio "
-                  f"{row['ratio_mean_round']:.2f} (after round 1: {row['ratio_after_first']:.2f})", flush=True)
-        sec = summary(run_fedsilo(args.secagg, args.rounds, Path(tmp), ["aggregation=secagg"])) if args.secagg else None
-        if sec:
-            print(f"secagg at {args.secagg} sites: {sec['mean_round_s']:.2f} s/round, peak {sec['peak_rss_mb']:.0f} MB, "
-                  f"AUC {sec['final_auc']:.4f}", flush=True)
+                  f"{row['ratio_mean_round']:.2f} (after round 1: {row['ratio_after_first']:.2f}, range "
+                  f"{sp[0]:.2f}-{sp[1]:.2f})", flush=True)
+            if n in (args.secagg or []):
+                runs = [summary(run_fedsilo(n, args.rounds, Path(tmp), ["aggregation=secagg"]))
+                        for _ in range(args.secagg_reps)]
+                sec = {"sites": n, **median_run(runs), "reps": runs,
+                       "ratio_after_first_vs_plain": median_run(runs)["mean_round_s_after_first"]
+                       / ours["mean_round_s_after_first"],
+                       "ratio_vs_plain": median_run(runs)["mean_round_s"] / ours["mean_round_s"]}
+                secaggs.append(sec)
+                print(f"secagg at {n} sites: {sec['mean_round_s']:.2f} s/round (after round 1 "
+                      f"{sec['mean_round_s_after_first']:.2f}, {sec['ratio_after_first_vs_plain']:.2f}x plain fedsilo), "
+                      f"peak {sec['peak_rss_mb']:.0f} MB, AUC {sec['final_auc']:.4f}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    secagg = {"sites": args.secagg, **sec} if sec else None
     if args.merge and (OUT / "scale.json").is_file():  # add these repetitions to the recorded ones
         old = {r["sites"]: r for r in json.loads((OUT / "scale.json").read_text())["rows"]}
         for r in rows:
@@ -165,27 +180,34 @@ def main() -> None:
                 r.update(row_of(r["sites"], old[r["sites"]]["reps"]["flower"] + r["reps"]["flower"],
                                 old[r["sites"]]["reps"]["fedsilo"] + r["reps"]["fedsilo"]))
         rows = sorted([r for n, r in old.items() if n not in args.sites] + rows, key=lambda r: r["sites"])
-        secagg = secagg or json.loads((OUT / "scale.json").read_text()).get("secagg")
-    sec = secagg
-    payload = {"rounds": args.rounds, "fedsilo_overrides": FEDSILO, "rows": rows, "secagg": secagg}
+        secaggs = secaggs or json.loads((OUT / "scale.json").read_text()).get("secagg") or []
+    payload = {"rounds": args.rounds, "fedsilo_overrides": FEDSILO, "rows": rows, "secagg": secaggs}
     (OUT / "scale.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"# Simulation at scale ({args.rounds} rounds, finance, Dirichlet alpha 2, medians of interleaved "
              "repetitions)", "",
              "`python benchmarks/scale.py`: fedsilo and a plain Flower 1.41 FedAvg app (same MLP, rows, sites, "
              "rounds, evaluation) through the same private SuperLink, interleaved in one process. Seconds per round "
              "= time between server-side evaluations; peak memory = largest total RSS of the run's processes.", "",
-             "| sites | repetitions | Flower s/round | fedsilo s/round | ratio | ratio after round 1 | Flower wall s "
-             "| fedsilo wall s | Flower peak MB | fedsilo peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Ratios: median over the interleaved pairs, range in brackets.", "",
+             "| sites | repetitions | Flower s/round | fedsilo s/round | ratio [range] | ratio after round 1 [range] "
+             "| Flower wall s | fedsilo wall s | Flower peak MB | fedsilo peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, f = r["flower"], r["fedsilo"]
+        sp = r.get("spread", {})
+
+        def rng(key: str, sp: dict = sp) -> str:
+            return f" [{sp[key][0]:.2f}-{sp[key][1]:.2f}]" if key in sp else ""
+
         lines.append(f"| {r['sites']} | {len(r['reps']['flower'])} | {b['mean_round_s']:.2f} | {f['mean_round_s']:.2f} "
-                     f"| {r['ratio_mean_round']:.2f} "
-                     f"| {r['ratio_after_first']:.2f} | {b['wall_s']:.1f} | {f['wall_s']:.1f} | {b['peak_rss_mb']:.0f} "
-                     f"| {f['peak_rss_mb']:.0f} |")
-    if sec:
-        lines += ["", f"`aggregation=secagg` at {sec['sites']} sites: {sec['mean_round_s']:.2f} s per round "
-                  f"(rounds: {', '.join(f'{s:.1f}' for s in sec['round_s'])}), peak {sec['peak_rss_mb']:.0f} MB, "
-                  f"final AUC {sec['final_auc']:.4f}."]
+                     f"| {r['ratio_mean_round']:.2f}{rng('mean_round_s')} "
+                     f"| **{r['ratio_after_first']:.2f}**{rng('mean_round_s_after_first')} | {b['wall_s']:.1f} "
+                     f"| {f['wall_s']:.1f} | {b['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} |")
+    for sec in secaggs:
+        lines += ["", f"`aggregation=secagg` at {sec['sites']} sites ({len(sec['reps'])} runs, medians): "
+                  f"{sec['mean_round_s']:.2f} s per round (rounds: {', '.join(f'{s:.1f}' for s in sec['round_s'])}); "
+                  f"rounds after the first {sec['mean_round_s_after_first']:.2f} s = "
+                  f"**{sec['ratio_after_first_vs_plain']:.2f}x** plain fedsilo's at the same sites; peak "
+                  f"{sec['peak_rss_mb']:.0f} MB, final AUC {sec['final_auc']:.4f}."]
     (OUT / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
