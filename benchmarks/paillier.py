@@ -8,8 +8,12 @@ For models of 10k, 100k and 1M parameters and 10 sites, 2048-bit keys, one round
 
 ``naive`` is ``phe`` as its documentation uses it (``public_key.encrypt(float)`` per value,
 ``EncryptedNumber`` additions, ``private_key.decrypt``), timed on a sample of values and
-scaled. ``ours`` is ``strategies/paillier``: 16-bit values, 102 per ciphertext, CRT
-encryption with the private key, spread over the cores. CPU time counts every process and
+scaled. ``ours`` is ``aggregation/paillier``: 16-bit values, 102 per ciphertext, CRT
+encryption with the private key, spread over the cores, with ``full`` obfuscators (Paillier's
+own, the default) and with ``djn`` ones (``aggregation.obfuscators=djn``: an extra assumption,
+docs/paillier.md). Each repetition (``--reps``, default 3) times all three in turn; speedups are
+medians over repetitions with their range. ``bound`` is the work no implementation can skip
+(one obfuscator at its method's minimum and one CRT decryption per ciphertext, timed alone). CPU time counts every process and
 the obfuscators' precomputation; "critical path" is what remains in the round when the
 obfuscators are computed ahead (between rounds). At 10k all 10 sites encrypt distinct
 updates and the aggregate is checked against the plaintext sum (``max_abs_error``); at 100k
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,10 +65,13 @@ def cpu() -> float:
     return time.process_time()
 
 
-def _timed(job: str, p: int, q: int, n: int, arg: object) -> tuple[list[int], float]:
+def _timed(job: str, p: int, q: int, n: int, arg: object, kind: str = "full") -> tuple[list[int], float]:
     """Run a :mod:`aggregation.paillier.crypto` worker job; return its result and CPU seconds."""
     t0 = time.process_time()
-    out = (obfuscators_job if job == "obf" else decrypt_job)(p, q, n, arg)  # type: ignore[arg-type]
+    if job == "obf":
+        out = obfuscators_job(p, q, n, arg, kind)  # type: ignore[arg-type]
+    else:
+        out = decrypt_job(p, q, n, arg)  # type: ignore[arg-type]
     return out, time.process_time() - t0
 
 
@@ -72,17 +80,17 @@ def gather(parts: list[tuple[list[int], float]]) -> tuple[list[int], float]:
     return [x for part, _ in parts for x in part], sum(c for _, c in parts)
 
 
-def ours(private: paillier.PaillierPrivateKey, size: int, workers: int, check: bool) -> dict[str, float]:
+def ours(private: paillier.PaillierPrivateKey, size: int, workers: int, check: bool, kind: str = "full") -> dict[str, float]:
     public = private.public_key
     packer = Packer(CLIP, 16, 16, KEY_BITS - 1)
-    enc = Encryptor(private)
+    enc = Encryptor(private, kind)
     key = (private.p, private.q, public.n)
     rng = np.random.default_rng(size)
     updates = [rng.uniform(-CLIP, CLIP, size) for _ in range(SITES if check else 1)]
     count = packer.count(size)
     # obfuscators: computed ahead of the round, over the cores (CPU counted, off the critical path)
     c0, w0 = cpu(), time.perf_counter()
-    obf, worker_cpu = gather(parallel_map(_timed, [("obf", *key, len(c)) for c in chunks(list(range(count)), workers)],
+    obf, worker_cpu = gather(parallel_map(_timed, [("obf", *key, len(c), kind) for c in chunks(list(range(count)), workers)],
                                           workers))
     obf_wall, obf_cpu = time.perf_counter() - w0, cpu() - c0 + worker_cpu
     # the round: pack + encrypt with the precomputed obfuscators
@@ -109,6 +117,37 @@ def ours(private: paillier.PaillierPrivateKey, size: int, workers: int, check: b
             "round_cpu": obf_cpu + enc_cpu + srv_cpu + dec_cpu,
             "critical_path_wall": enc_wall + srv_wall + dec_wall,
             "bytes_up": count * CT_BYTES, "max_abs_error": err, "bound": packer.delta / 2}
+
+
+def bound(private: paillier.PaillierPrivateKey, count: int, kind: str, reps: int = 20) -> dict[str, float]:
+    """CPU seconds of the work no implementation of this round can skip, for ``count`` ciphertexts:
+    one obfuscator each at its method's minimum (``full``: two half-size exponentiations
+    ``a^p mod p^2``, ``b^q mod q^2``; ``djn``: its 2 x 128 fixed-base multiplications) and one
+    CRT decryption each (``c^(p-1) mod p^2``, ``c^(q-1) mod q^2``), timed alone, minimum of ``reps``."""
+    import gmpy2
+
+    p, q = gmpy2.mpz(private.p), gmpy2.mpz(private.q)
+    p2, q2 = p * p, q * q
+    c = gmpy2.mpz(Encryptor(private).encrypt(12345))
+    enc = Encryptor(private, kind)
+    if kind == "djn":
+        tp, tq = enc._tables()  # noqa: SLF001  # the tables are built once per process: not per ciphertext
+        a = (1 << enc.djn_bits) - 1 - (1 << (enc.djn_bits // 2))  # every window non-zero but one: the worst case
+        obf = lambda: (tp.pow(a), tq.pow(a))  # noqa: E731
+    else:
+        obf = lambda: (gmpy2.powmod(p - 2, p, p2), gmpy2.powmod(q - 2, q, q2))  # noqa: E731
+    dec = lambda: (gmpy2.powmod(c, p - 1, p2), gmpy2.powmod(c, q - 1, q2))  # noqa: E731
+    best = {}
+    for name, fn in (("obfuscator", obf), ("decrypt", dec)):
+        times = []
+        for _ in range(reps):
+            t0 = time.process_time()
+            for _ in range(5):
+                fn()
+            times.append((time.process_time() - t0) / 5)
+        best[name] = min(times)
+    return {"obfuscator_s": best["obfuscator"], "decrypt_s": best["decrypt"],
+            "round_cpu": count * (best["obfuscator"] + best["decrypt"])}
 
 
 def naive(private: paillier.PaillierPrivateKey, size: int, sample: int = 200) -> dict[str, float]:
@@ -161,30 +200,53 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of each measurement (medians and ranges)")
     args = parser.parse_args()
     _, private = paillier.generate_paillier_keypair(n_length=KEY_BITS)
     rows = []
     for size in args.sizes:
-        o = ours(private, size, args.workers, check=size <= 10_000)
-        nv = naive(private, size)
-        ck = ckks(size)
-        row = {"parameters": size, "ours": o, "naive": nv, "ckks": ck,
-               "speedup_cpu": nv["round_cpu"] / o["round_cpu"],
-               "speedup_critical_path": nv["round_cpu"] / o["critical_path_wall"],
-               "bytes_per_parameter": o["bytes_up"] / size, "x_float32": o["bytes_up"] / (4 * size)}
+        reps: list[dict] = []
+        for _ in range(args.reps):  # interleaved: ours (both kinds) and naive phe in each repetition
+            o = ours(private, size, args.workers, check=size <= 10_000)
+            d = ours(private, size, args.workers, check=size <= 10_000, kind="djn")
+            nv = naive(private, size)
+            reps.append({"ours": o, "ours_djn": d, "naive": nv})
+        med = lambda f, reps=reps: statistics.median(f(r) for r in reps)  # noqa: E731
+        rng = lambda f, reps=reps: [min(f(r) for r in reps), max(f(r) for r in reps)]  # noqa: E731
+        o, d = reps[0]["ours"], reps[0]["ours_djn"]
+        count = o["ciphertexts"]
+        row = {"parameters": size, "reps": reps, "ours": o, "ours_djn": d, "naive": reps[0]["naive"], "ckks": ckks(size),
+               "bound": bound(private, count, "full"), "bound_djn": bound(private, count, "djn")}
+        for tag, key in (("", "ours"), ("_djn", "ours_djn")):
+            row[f"round_cpu{tag}"] = med(lambda r, key=key: r[key]["round_cpu"])
+            row[f"speedup_cpu{tag}"] = med(lambda r, key=key: r["naive"]["round_cpu"] / r[key]["round_cpu"])
+            row[f"speedup_cpu{tag}_range"] = rng(lambda r, key=key: r["naive"]["round_cpu"] / r[key]["round_cpu"])
+            row[f"speedup_critical_path{tag}"] = med(lambda r, key=key: r["naive"]["round_cpu"] / r[key]["critical_path_wall"])
+            row[f"ratio_to_bound{tag}"] = row[f"round_cpu{tag}"] / row[f"bound{tag}"]["round_cpu"]
+        row["naive_round_cpu"] = med(lambda r: r["naive"]["round_cpu"])
+        row["naive_round_cpu_range"] = rng(lambda r: r["naive"]["round_cpu"])
+        row["bytes_per_parameter"], row["x_float32"] = o["bytes_up"] / size, o["bytes_up"] / (4 * size)
         rows.append(row)
-        print(f"{size:>9,} params | ours: CPU {o['round_cpu']:.2f} s/round (obfuscators {o['obfuscators_cpu']:.2f}, "
-              f"encrypt {o['encrypt_cpu']:.2f}, server {o['server_cpu']:.2f}, decrypt {o['decrypt_cpu']:.2f}), "
-              f"critical path {o['critical_path_wall']:.2f} s | naive phe {nv['round_cpu']:.0f} s | "
-              f"speedup {row['speedup_cpu']:.0f}x CPU, {row['speedup_critical_path']:.0f}x critical path | "
-              f"{o['bytes_up'] / 1e6:.2f} MB up ({row['bytes_per_parameter']:.2f} B/param, {row['x_float32']:.2f}x float32)"
+        ck = row["ckks"]
+        print(f"{size:>9,} params | naive phe {row['naive_round_cpu']:.0f} s CPU "
+              f"[{row['naive_round_cpu_range'][0]:.0f}-{row['naive_round_cpu_range'][1]:.0f}] | "
+              f"full: {row['round_cpu']:.2f} s CPU (obfuscators {o['obfuscators_cpu']:.2f}, decrypt {o['decrypt_cpu']:.2f}), "
+              f"{row['speedup_cpu']:.0f}x [{row['speedup_cpu_range'][0]:.0f}-{row['speedup_cpu_range'][1]:.0f}], "
+              f"{row['ratio_to_bound']:.2f}x its bound | djn: {row['round_cpu_djn']:.2f} s CPU, {row['speedup_cpu_djn']:.0f}x "
+              f"[{row['speedup_cpu_djn_range'][0]:.0f}-{row['speedup_cpu_djn_range'][1]:.0f}], "
+              f"{row['ratio_to_bound_djn']:.2f}x its bound | {o['bytes_up'] / 1e6:.2f} MB up "
+              f"({row['bytes_per_parameter']:.2f} B/param, {row['x_float32']:.2f}x float32)"
               + (f" | CKKS {ck['encrypt_wall'] + ck['decrypt_wall']:.2f} s, {ck['bytes_up'] / 1e6:.2f} MB" if ck else
                  " | CKKS: tenseal not installed"), flush=True)
     ref = next((r for r in rows if r["parameters"] == 100_000), rows[-1])
     errors = [r["ours"]["max_abs_error"] for r in rows if r["ours"]["max_abs_error"] == r["ours"]["max_abs_error"]]
-    summary = {"speedup_vs_naive": round(ref["speedup_cpu"], 1),
+    errors += [r["ours_djn"]["max_abs_error"] for r in rows if r["ours_djn"]["max_abs_error"] == r["ours_djn"]["max_abs_error"]]
+    summary = {"speedup_vs_naive": round(ref["speedup_cpu"], 1), "speedup_vs_naive_range": ref["speedup_cpu_range"],
+               "speedup_vs_naive_djn": round(ref["speedup_cpu_djn"], 1),
+               "speedup_vs_naive_djn_range": ref["speedup_cpu_djn_range"],
                "speedup_vs_naive_critical_path": round(ref["speedup_critical_path"], 1),
-               "at_parameters": ref["parameters"], "key_bits": KEY_BITS, "sites": SITES,
+               "ratio_to_bound": round(ref["ratio_to_bound"], 2), "ratio_to_bound_djn": round(ref["ratio_to_bound_djn"], 2),
+               "at_parameters": ref["parameters"], "key_bits": KEY_BITS, "sites": SITES, "repetitions": args.reps,
                "max_abs_error": max(errors) if errors else None,
                "error_bound": rows[0]["ours"]["bound"], "bytes_per_parameter": round(ref["bytes_per_parameter"], 3)}
     out = REPO / "benchmarks" / "results"

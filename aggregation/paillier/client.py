@@ -30,18 +30,19 @@ from core.layout import Layout
 
 
 @lru_cache(maxsize=4)
-def _load(path: str) -> tuple[paillier.PaillierPrivateKey, Encryptor]:
+def _load(path: str, obfuscators: str = "full") -> tuple[paillier.PaillierPrivateKey, Encryptor]:
     private = load_private(path)  # type: ignore[arg-type]
-    return private, Encryptor(private)
+    return private, Encryptor(private, obfuscators)
 
 
-def site_key(context: Context, configured: str | None) -> tuple[paillier.PaillierPrivateKey, Encryptor]:
+def site_key(context: Context, configured: str | None, obfuscators: str = "full"
+             ) -> tuple[paillier.PaillierPrivateKey, Encryptor]:
     """This site's key pair: node config first, then the config; a clear error if neither."""
     path = str(context.node_config.get(NODE_CONFIG_KEY, "") or configured or "")
     if not path:
         raise PaillierKeyError(f"aggregation=paillier: this site has no key pair; give the SuperNode "
                                f"--node-config '{NODE_CONFIG_KEY}=PATH' (or aggregation.keypair=PATH in simulation)")
-    return _load(path)
+    return _load(path, obfuscators)
 
 
 DECRYPTED_KEY = "paillier-global"  # context.state: the last aggregate this site decrypted (its own view)
@@ -84,18 +85,19 @@ def global_state(arrays: ArrayRecord, template: dict[str, torch.Tensor], codec_f
 OBFUSCATORS_KEY = "paillier-obfuscators"  # context.state: obfuscators made ahead, each used once
 
 
-def precompute_obfuscators(context: Context, private: paillier.PaillierPrivateKey, count: int, workers: int = 1) -> None:
+def precompute_obfuscators(context: Context, private: paillier.PaillierPrivateKey, count: int, workers: int = 1,
+                           kind: str = "full") -> None:
     """Make the next round's ``count`` obfuscators now (off the training round's critical path)."""
     width = ct_width(private.public_key)
     context.state[OBFUSCATORS_KEY] = ConfigRecord(
-        {"obf": [o.to_bytes(width, "big") for o in many_obfuscators(private, count, workers)]})
+        {"obf": [o.to_bytes(width, "big") for o in many_obfuscators(private, count, workers, kind)]})
 
 
 def prepare_next_round(context: Context, template: dict[str, torch.Tensor], codec_for: ModelCodecFactory,
-                       private: paillier.PaillierPrivateKey, workers: int = 1) -> None:
+                       private: paillier.PaillierPrivateKey, workers: int = 1, kind: str = "full") -> None:
     """Obfuscators for the next training reply: one per model ciphertext and one for the rows."""
     size = Layout.of({k: v.detach().numpy() for k, v in template.items()}).size
-    precompute_obfuscators(context, private, codec_for(size).ciphertexts + 1, workers)
+    precompute_obfuscators(context, private, codec_for(size).ciphertexts + 1, workers, kind)
 
 
 def _take_obfuscators(context: Context, count: int) -> list[int | None]:
@@ -120,7 +122,7 @@ def encrypt_model(state: dict[str, torch.Tensor], rows: int, codec_for: ModelCod
     plain, clipped = codec_for(layout.size).encode(layout.flatten(arrays), rows)
     obf = _take_obfuscators(context, len(plain) + 1) if context is not None else []
     if not obf or obf[0] is None:
-        obf = many_obfuscators(private, len(plain) + 1, workers)  # type: ignore[assignment]
+        obf = many_obfuscators(private, len(plain) + 1, workers, encryptor.kind)  # type: ignore[assignment]
     width = ct_width(private.public_key)
     record = ArrayRecord(OrderedDict([
         ("ct", Array(to_array([encryptor.encrypt(m, o) for m, o in zip(plain, obf)], width))),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aggregation.base import AggregationConfig
+from aggregation.paillier.crypto import OBFUSCATORS
 from aggregation.paillier.packing import Packer
 from core.config import check
 
@@ -24,12 +25,15 @@ class PaillierConfig(AggregationConfig):
     weight_unit: float = 1000.0    # rows that count as weight 1 when weighting models
     max_sites: int = 16            # most sites whose sum must fit a slot (guard bits)
     workers: int = 1               # processes a site encrypts/decrypts with; 0 = all its cores
+    obfuscators: str = "full"      # full (r^n: Paillier's own) | djn (short exponents: an extra assumption, docs/paillier.md)
 
 
 def validate(a: PaillierConfig, num_sites: int) -> None:
     check(a.clip > 0, "aggregation.clip", a.clip, "a number > 0")
     check(8 <= a.value_bits <= 32, "aggregation.value_bits", a.value_bits, "an integer in 8..32")
     check(a.weight_unit > 0, "aggregation.weight_unit", a.weight_unit, "rows > 0")
+    check(a.obfuscators in OBFUSCATORS, "aggregation.obfuscators", a.obfuscators,
+          f"one of {list(OBFUSCATORS)} (djn: short-exponent obfuscators under an extra assumption, docs/paillier.md)")
     check(a.workers >= 0, "aggregation.workers", a.workers, "0 (all cores) or a number of processes >= 1")
     check(a.max_sites >= num_sites, "aggregation.max_sites", a.max_sites, f"at least the number of sites ({num_sites})")
 

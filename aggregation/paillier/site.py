@@ -31,7 +31,7 @@ class PaillierSite(SiteHalf):
         self.cfg = cfg
 
     def _keys(self, context: Context) -> tuple[pai.ModelCodecFactory, paillier.PaillierPrivateKey, Encryptor]:
-        private, encryptor = pai.site_key(context, self.cfg.keypair)
+        private, encryptor = pai.site_key(context, self.cfg.keypair, self.cfg.obfuscators)
         codec = pai.ModelCodecFactory(packer_for(self.cfg, private.public_key.n.bit_length()), self.cfg.weight_unit)
         return codec, private, encryptor
 
@@ -59,7 +59,7 @@ class PaillierSite(SiteHalf):
         """This site's values, encrypted (:mod:`aggregation.paillier.sums`); nothing in the clear."""
         from aggregation.paillier.server import ct_width
 
-        private, encryptor = pai.site_key(context, self.cfg.keypair)
+        private, encryptor = pai.site_key(context, self.cfg.keypair, self.cfg.obfuscators)
         packer = self._sum_packer(private, request_encoding(msg.content))
         cts = site_encrypt(values, packer, encryptor, ct_width(private.public_key))
         return Message(RecordDict({REPLY_KEY: ConfigRecord({"ct": cts})}), reply_to=msg)
@@ -71,7 +71,7 @@ class PaillierSite(SiteHalf):
         blobs = list(record[key + "-ct"])  # type: ignore[arg-type]
         digest = hashlib.sha256(b"".join(bytes(b) for b in blobs)).hexdigest()  # type: ignore[call-overload]
         if digest not in _OPENED:
-            private, _ = pai.site_key(context, self.cfg.keypair)
+            private, _ = pai.site_key(context, self.cfg.keypair, self.cfg.obfuscators)
             length = int(record[key + "-n"])  # type: ignore[arg-type]
             _OPENED[digest] = site_decrypt(blobs, length, self._sum_packer(private), private)
         return _OPENED[digest]
@@ -81,11 +81,11 @@ class PaillierSite(SiteHalf):
         if msg.metadata.message_type != REVEAL_MESSAGE or REVEAL_KEY not in msg.content.config_records:
             return super().query(msg, context, env)
         rec = msg.content.config_records[REVEAL_KEY]
-        private, _ = pai.site_key(context, self.cfg.keypair)
+        private, _ = pai.site_key(context, self.cfg.keypair, self.cfg.obfuscators)
         packer = self._sum_packer(private, Encoding.from_record(rec))
         values = site_decrypt(list(rec["ct"]), int(rec["length"]), packer, private)  # type: ignore[arg-type,call-overload]
         return Message(RecordDict({REVEAL_KEY: ConfigRecord({"values": [float(v) for v in values]})}), reply_to=msg)
 
     def after_evaluate(self, context: Context, model: torch.nn.Module) -> None:
         codec, private, _ = self._keys(context)
-        pai.prepare_next_round(context, model.state_dict(), codec, private, self.cfg.workers)
+        pai.prepare_next_round(context, model.state_dict(), codec, private, self.cfg.workers, self.cfg.obfuscators)

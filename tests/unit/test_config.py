@@ -79,6 +79,7 @@ def test_unknown_option_of_a_group_is_named() -> None:
     ("faults.drop_stage=train", "faults.drop_stage"),
     ("aggregation=paillier aggregation.value_bits=4", "aggregation.value_bits"),
     ("aggregation=paillier aggregation.max_sites=2", "aggregation.max_sites"),
+    ("aggregation=paillier aggregation.obfuscators=short", "aggregation.obfuscators"),
     ("aggregation=plain strategy.robust=geomed", "strategy.robust"),
     ("strategy.robust=median", "strategy.robust"),  # under secagg: no rule can see single updates
     ("aggregation=plain strategy.assumed_byzantine=0.5", "strategy.assumed_byzantine"),

@@ -53,6 +53,35 @@ def test_crt_encryption_is_exactly_paillier(keypair: tuple[Path, Path]) -> None:
     assert private.raw_decrypt(enc.encrypt(424242)) == 424242
 
 
+@pytest.mark.parametrize("kind", ["full", "djn"])
+def test_obfuscators_are_fresh_nth_residues_and_ciphertexts_decrypt(keypair: tuple[Path, Path], kind: str) -> None:
+    from aggregation.paillier.crypto import djn_base
+
+    private = keys.load_private(keypair[0])
+    public = private.public_key
+    enc = Encryptor(private, kind)
+    obfs = enc.obfuscators(6)
+    assert len(set(obfs)) == 6  # fresh randomness every time
+    phi = (private.p - 1) * (private.q - 1)
+    for o in obfs:  # an n-th residue mod n^2 has order dividing phi(n); other units do not (almost surely)
+        assert 0 < o < public.nsquare and pow(o, phi, public.nsquare) == 1
+    assert pow(12345, phi, public.nsquare) != 1  # the check can fail
+    for m in (0, 1, 424242, public.n - 1):
+        assert private.raw_decrypt(enc.encrypt(m)) == m
+    if kind == "djn":  # the public base is a fixed n-th residue every key holder derives alike
+        h = djn_base(public.n)
+        assert h == djn_base(public.n) and pow(h, phi, public.nsquare) == 1
+        assert enc.djn_bits == (public.n.bit_length() + 1) // 2
+    else:
+        assert enc.residues_by_prime  # keys of two large primes: the exact half-length construction applies
+    # a ciphertext of one kind adds to the other's: the two interoperate
+    other = Encryptor(private, "djn" if kind == "full" else "full")
+    total = add_ciphertexts(public, [[enc.encrypt(40)], [other.encrypt(2)]])
+    assert private.raw_decrypt(total[0]) == 42
+    with pytest.raises(ValueError, match="aggregation.obfuscators"):
+        Encryptor(private, "short")
+
+
 def test_homomorphic_sum_of_packed_vectors_decodes_to_the_plain_sum(keypair: tuple[Path, Path]) -> None:
     private = keys.load_private(keypair[0])
     public = keys.load_public(keypair[1])
