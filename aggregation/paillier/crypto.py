@@ -100,6 +100,8 @@ class Encryptor:
         self.p2, self.q2 = p * p, q * q
         self.ep, self.eq = self.n % (p * (p - 1)), self.n % (q * (q - 1))
         self.p2_inv = gmpy2.invert(self.p2, self.q2)
+        self.hp, self.hq = gmpy2.mpz(private.hp), gmpy2.mpz(private.hq)
+        self.p_inv_q = gmpy2.invert(p, q)
         self.residues_by_prime = gmpy2.gcd(p, q - 1) == 1 and gmpy2.gcd(q, p - 1) == 1
         self._djn: tuple[_FixedBase, _FixedBase] | None = None
         self.djn_bits = (int(self.n).bit_length() + 1) // 2
@@ -130,6 +132,14 @@ class Encryptor:
 
     def obfuscators(self, count: int) -> list[int]:
         return [self.obfuscator() for _ in range(count)]
+
+    def decrypt(self, ciphertext: int) -> int:
+        """``phe``'s CRT decryption (``L(c^(p-1) mod p^2) * hp mod p``, the same mod ``q``,
+        recombined), bit for bit, without its per-call overhead (tested against ``raw_decrypt``)."""
+        c = gmpy2.mpz(ciphertext)
+        mp = (gmpy2.powmod(c, self.p - 1, self.p2) - 1) // self.p * self.hp % self.p
+        mq = (gmpy2.powmod(c, self.q - 1, self.q2) - 1) // self.q * self.hq % self.q
+        return int(mp + (mq - mp) * self.p_inv_q % self.q * self.p)
 
     def encrypt(self, plaintext: int, obfuscator: int | None = None) -> int:
         """The ciphertext of ``0 <= plaintext < n``."""
@@ -183,8 +193,8 @@ def obfuscators_job(p: int, q: int, n: int, count: int, kind: str = "full") -> l
 
 def decrypt_job(p: int, q: int, n: int, cts: list[int]) -> list[int]:
     """Worker job: CRT decryption of ``cts``."""
-    private = _key(p, q, n)[0]
-    return [private.raw_decrypt(c) for c in cts]
+    enc = _key(p, q, n)[1]
+    return [enc.decrypt(c) for c in cts]
 
 
 def chunks(items: list[T], parts: int) -> list[list[T]]:
@@ -205,7 +215,8 @@ def decrypt_all(private: paillier.PaillierPrivateKey, cts: list[int], workers: i
     """Decrypt ``cts`` over ``workers`` processes (1 = this process)."""
     key = (private.p, private.q, private.public_key.n)
     if workers == 1:
-        return [private.raw_decrypt(c) for c in cts]
+        enc = _key(*key)[1]
+        return [enc.decrypt(c) for c in cts]
     return [m for part in parallel_map(decrypt_job, [(*key, c) for c in chunks(cts, workers)], workers) for m in part]
 
 

@@ -67,7 +67,9 @@ def test_obfuscators_are_fresh_nth_residues_and_ciphertexts_decrypt(keypair: tup
         assert 0 < o < public.nsquare and pow(o, phi, public.nsquare) == 1
     assert pow(12345, phi, public.nsquare) != 1  # the check can fail
     for m in (0, 1, 424242, public.n - 1):
-        assert private.raw_decrypt(enc.encrypt(m)) == m
+        c = enc.encrypt(m)
+        assert private.raw_decrypt(c) == m and enc.decrypt(c) == m  # fedsilo's CRT decryption is phe's
+    assert enc.decrypt(12345) == private.raw_decrypt(12345)  # on any input, not only valid ciphertexts
     if kind == "djn":  # the public base is a fixed n-th residue every key holder derives alike
         h = djn_base(public.n)
         assert h == djn_base(public.n) and pow(h, phi, public.nsquare) == 1
