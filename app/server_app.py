@@ -173,7 +173,8 @@ def main(grid: Grid, context: Context) -> None:
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if fed is not None:  # pooled from the sites' own test rows, under the run's protection
-            metrics = fed.evaluate(grid, arrays)
+            outgoing = getattr(strategy, "outgoing", None)  # the form the sites receive (e.g. Paillier's split)
+            metrics = fed.evaluate(grid, outgoing(server_round, arrays, fed.nodes, grid) if callable(outgoing) else arrays)
             recorder.record_server(server_round, metrics)
             if server_round == 0:
                 log(INFO, "fedsilo round 0/%s (initial model) | test %s", cfg.num_rounds, _fmt(metrics))

@@ -2,7 +2,10 @@
 
 For models of 10k, 100k and 1M parameters and 10 sites, 2048-bit keys, one round:
 
-* **site**: quantise + pack + encrypt its update, and decrypt + unpack the aggregate;
+* **site**: quantise + pack + encrypt its update, and decrypt + unpack the aggregate
+  (``decryption=each``: the whole aggregate; ``split``: its slice of one in 10, sealed, then
+  opening the 10 sealed slices with AES-GCM; both in the same repetition, checked to give the
+  same aggregate);
 * **server**: add the 10 sites' ciphertext vectors;
 * **bytes** each site sends (ciphertexts) and per parameter, against float32.
 
@@ -38,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from flwr.app import Array
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,6 +57,7 @@ from aggregation.paillier.crypto import (  # noqa: E402
     parallel_map,
 )
 from aggregation.paillier.packing import Packer  # noqa: E402
+from aggregation.paillier.split import bounds, decrypt_slice, open_slices, seal_plaintexts, sealed_record, slice_key  # noqa: E402
 
 SITES = 10
 KEY_BITS = 2048
@@ -111,12 +116,37 @@ def ours(private: paillier.PaillierPrivateKey, size: int, workers: int, check: b
     mean = packer.decode_sum(packer.unpack(sums, size), SITES) / SITES
     dec_wall, dec_cpu = time.perf_counter() - w0, cpu() - c0 + worker_cpu
     err = float(np.max(np.abs(mean - np.mean(updates, axis=0)))) if check else float("nan")
+    # decryption=split: this site decrypts and seals its slice (one of SITES), then opens all SITES
+    # slices and decodes. The other sites' sealed slices are made from the plaintexts above (their work).
+    width, skey = CT_BYTES, slice_key(private.p, private.q)
+    whole = b"".join(c.to_bytes(width, "big") for c in total)
+    cuts = bounds(len(total), SITES)
+    parts = [whole[cuts[k] * width: cuts[k + 1] * width] for k in range(SITES)]
+    c0, w0 = cpu(), time.perf_counter()
+    mine = decrypt_slice(parts[0], 0, len(total), width, enc_decrypt(enc), skey, public.n)
+    own_wall, own_cpu = time.perf_counter() - w0, cpu() - c0
+    blobs = [mine] + [seal_plaintexts(sums[cuts[k]: cuts[k + 1]], cuts[k], len(total), parts[k], skey, public.n)
+                      for k in range(1, SITES)]
+    record = sealed_record(blobs, cuts, parts, Array(np.array([SITES], dtype=np.int64)))
+    c0, w0 = cpu(), time.perf_counter()
+    opened = open_slices(record, skey, public.n)
+    mean_split = packer.decode_sum(packer.unpack(opened, size), SITES) / SITES
+    open_wall, open_cpu = time.perf_counter() - w0, cpu() - c0
+    assert opened == sums and np.array_equal(mean_split, mean), "split decryption must give the same aggregate"
+    split_cpu = own_cpu + open_cpu
     return {"ciphertexts": count, "obfuscators_cpu": obf_cpu, "obfuscators_wall": obf_wall,
             "encrypt_cpu": enc_cpu, "encrypt_wall": enc_wall, "server_cpu": srv_cpu, "server_wall": srv_wall,
             "decrypt_cpu": dec_cpu, "decrypt_wall": dec_wall,
             "round_cpu": obf_cpu + enc_cpu + srv_cpu + dec_cpu,
             "critical_path_wall": enc_wall + srv_wall + dec_wall,
+            "decrypt_split_cpu": split_cpu, "decrypt_split_own_cpu": own_cpu, "decrypt_split_open_cpu": open_cpu,
+            "round_cpu_split": obf_cpu + enc_cpu + srv_cpu + split_cpu,
+            "critical_path_wall_split": enc_wall + srv_wall + own_wall + open_wall,
             "bytes_up": count * CT_BYTES, "max_abs_error": err, "bound": packer.delta / 2}
+
+
+def enc_decrypt(enc: Encryptor):  # type: ignore[no-untyped-def]
+    return lambda cts: [enc.decrypt(c) for c in cts]
 
 
 def bound(private: paillier.PaillierPrivateKey, count: int, kind: str, reps: int = 20) -> dict[str, float]:
@@ -147,7 +177,9 @@ def bound(private: paillier.PaillierPrivateKey, count: int, kind: str, reps: int
             times.append((time.process_time() - t0) / 5)
         best[name] = min(times)
     return {"obfuscator_s": best["obfuscator"], "decrypt_s": best["decrypt"],
-            "round_cpu": count * (best["obfuscator"] + best["decrypt"])}
+            "round_cpu": count * (best["obfuscator"] + best["decrypt"]),
+            # decryption=split: a site decrypts one slice of SITES (opening the sealed rest is AES, not counted)
+            "round_cpu_split": count * best["obfuscator"] + -(-count // SITES) * best["decrypt"]}
 
 
 def naive(private: paillier.PaillierPrivateKey, size: int, sample: int = 200) -> dict[str, float]:
@@ -217,12 +249,16 @@ def main() -> None:
         count = o["ciphertexts"]
         row = {"parameters": size, "reps": reps, "ours": o, "ours_djn": d, "naive": reps[0]["naive"], "ckks": ckks(size),
                "bound": bound(private, count, "full"), "bound_djn": bound(private, count, "djn")}
-        for tag, key in (("", "ours"), ("_djn", "ours_djn")):
-            row[f"round_cpu{tag}"] = med(lambda r, key=key: r[key]["round_cpu"])
-            row[f"speedup_cpu{tag}"] = med(lambda r, key=key: r["naive"]["round_cpu"] / r[key]["round_cpu"])
-            row[f"speedup_cpu{tag}_range"] = rng(lambda r, key=key: r["naive"]["round_cpu"] / r[key]["round_cpu"])
-            row[f"speedup_critical_path{tag}"] = med(lambda r, key=key: r["naive"]["round_cpu"] / r[key]["critical_path_wall"])
-            row[f"ratio_to_bound{tag}"] = row[f"round_cpu{tag}"] / row[f"bound{tag}"]["round_cpu"]
+        combos = (("", "ours", ""), ("_split", "ours", "_split"), ("_djn", "ours_djn", ""),
+                  ("_djn_split", "ours_djn", "_split"))
+        for tag, key, dec in combos:
+            field, path = f"round_cpu{dec}", f"critical_path_wall{dec}"
+            row[f"round_cpu{tag}"] = med(lambda r, key=key, field=field: r[key][field])
+            row[f"speedup_cpu{tag}"] = med(lambda r, key=key, field=field: r["naive"]["round_cpu"] / r[key][field])
+            row[f"speedup_cpu{tag}_range"] = rng(lambda r, key=key, field=field: r["naive"]["round_cpu"] / r[key][field])
+            row[f"speedup_critical_path{tag}"] = med(lambda r, key=key, path=path: r["naive"]["round_cpu"] / r[key][path])
+            bound_row = row["bound_djn" if "djn" in key else "bound"]
+            row[f"ratio_to_bound{tag}"] = row[f"round_cpu{tag}"] / bound_row[f"round_cpu{dec}"]
         row["naive_round_cpu"] = med(lambda r: r["naive"]["round_cpu"])
         row["naive_round_cpu_range"] = rng(lambda r: r["naive"]["round_cpu"])
         row["bytes_per_parameter"], row["x_float32"] = o["bytes_up"] / size, o["bytes_up"] / (4 * size)
@@ -232,8 +268,15 @@ def main() -> None:
               f"[{row['naive_round_cpu_range'][0]:.0f}-{row['naive_round_cpu_range'][1]:.0f}] | "
               f"full: {row['round_cpu']:.2f} s CPU (obfuscators {o['obfuscators_cpu']:.2f}, decrypt {o['decrypt_cpu']:.2f}), "
               f"{row['speedup_cpu']:.0f}x [{row['speedup_cpu_range'][0]:.0f}-{row['speedup_cpu_range'][1]:.0f}], "
-              f"{row['ratio_to_bound']:.2f}x its bound | djn: {row['round_cpu_djn']:.2f} s CPU, {row['speedup_cpu_djn']:.0f}x "
+              f"{row['ratio_to_bound']:.2f}x its bound | full+split: {row['round_cpu_split']:.2f} s CPU "
+              f"(decrypt {o['decrypt_split_cpu']:.2f}), {row['speedup_cpu_split']:.0f}x "
+              f"[{row['speedup_cpu_split_range'][0]:.0f}-{row['speedup_cpu_split_range'][1]:.0f}], "
+              f"{row['ratio_to_bound_split']:.2f}x its bound | djn: {row['round_cpu_djn']:.2f} s CPU, "
+              f"{row['speedup_cpu_djn']:.0f}x "
               f"[{row['speedup_cpu_djn_range'][0]:.0f}-{row['speedup_cpu_djn_range'][1]:.0f}], "
+              f"{row['ratio_to_bound_djn']:.2f}x its bound | djn+split: {row['round_cpu_djn_split']:.2f} s CPU, "
+              f"{row['speedup_cpu_djn_split']:.0f}x [{row['speedup_cpu_djn_split_range'][0]:.0f}-"
+              f"{row['speedup_cpu_djn_split_range'][1]:.0f}], "
               f"{row['ratio_to_bound_djn']:.2f}x its bound | {o['bytes_up'] / 1e6:.2f} MB up "
               f"({row['bytes_per_parameter']:.2f} B/param, {row['x_float32']:.2f}x float32)"
               + (f" | CKKS {ck['encrypt_wall'] + ck['decrypt_wall']:.2f} s, {ck['bytes_up'] / 1e6:.2f} MB" if ck else
@@ -244,6 +287,12 @@ def main() -> None:
     summary = {"speedup_vs_naive": round(ref["speedup_cpu"], 1), "speedup_vs_naive_range": ref["speedup_cpu_range"],
                "speedup_vs_naive_djn": round(ref["speedup_cpu_djn"], 1),
                "speedup_vs_naive_djn_range": ref["speedup_cpu_djn_range"],
+               "speedup_vs_naive_split": round(ref["speedup_cpu_split"], 1),
+               "speedup_vs_naive_split_range": ref["speedup_cpu_split_range"],
+               "speedup_vs_naive_djn_split": round(ref["speedup_cpu_djn_split"], 1),
+               "speedup_vs_naive_djn_split_range": ref["speedup_cpu_djn_split_range"],
+               "ratio_to_bound_split": round(ref["ratio_to_bound_split"], 2),
+               "ratio_to_bound_djn_split": round(ref["ratio_to_bound_djn_split"], 2),
                "speedup_vs_naive_critical_path": round(ref["speedup_critical_path"], 1),
                "ratio_to_bound": round(ref["ratio_to_bound"], 2), "ratio_to_bound_djn": round(ref["ratio_to_bound_djn"], 2),
                "at_parameters": ref["parameters"], "key_bits": KEY_BITS, "sites": SITES, "repetitions": args.reps,

@@ -25,6 +25,7 @@ from aggregation.paillier.crypto import Encryptor, decrypt_all, many_obfuscators
 from aggregation.paillier.keys import PaillierKeyError, fingerprint, load_private
 from aggregation.paillier.packing import Packer
 from aggregation.paillier.server import ENCRYPTED_KEY, META_KEY, ct_width, from_array, is_encrypted, to_array
+from aggregation.paillier.split import is_opened, open_slices, slice_key
 from aggregation.paillier.vector import ModelCodec
 from core.layout import Layout
 
@@ -51,8 +52,8 @@ DIGEST_KEY = "paillier-global-digest"
 
 def _digest(arrays: ArrayRecord) -> str:
     h = hashlib.sha256()
-    for name in ("ct", "rows", "sites"):
-        h.update(arrays[name].numpy().tobytes())
+    for name in sorted(arrays):
+        h.update(name.encode() + arrays[name].numpy().tobytes())
     return h.hexdigest()
 
 
@@ -63,8 +64,11 @@ def global_state(arrays: ArrayRecord, template: dict[str, torch.Tensor], codec_f
 
     With ``context`` the decrypted model is kept in ``context.state``: the aggregate a site
     evaluates after round r is the one it trains on in round r+1, and is decrypted once.
+    Under ``decryption=split`` the aggregate arrives as sealed plaintext slices
+    (:mod:`aggregation.paillier.split`): opened with the key pair's slice key, no decryption.
     """
-    if not is_encrypted(arrays):
+    opened = is_opened(arrays)
+    if not opened and not is_encrypted(arrays):
         return arrays.to_torch_state_dict()
     digest = _digest(arrays)
     if context is not None and DECRYPTED_KEY in context.state.array_records:
@@ -72,8 +76,11 @@ def global_state(arrays: ArrayRecord, template: dict[str, torch.Tensor], codec_f
             return context.state.array_records[DECRYPTED_KEY].to_torch_state_dict()
     layout = Layout.of({k: v.numpy() for k, v in template.items()})
     codec = codec_for(layout.size)
-    sums = decrypt_all(private, from_array(arrays["ct"].numpy()), workers)
-    rows = private.raw_decrypt(from_array(arrays["rows"].numpy())[0])
+    if opened:
+        *sums, rows = open_slices(arrays, slice_key(private.p, private.q), private.public_key.n)
+    else:
+        sums = decrypt_all(private, from_array(arrays["ct"].numpy()), workers)
+        rows = private.raw_decrypt(from_array(arrays["rows"].numpy())[0])
     sites = int(arrays["sites"].numpy()[0])
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in layout.unflatten(codec.decode(sums, rows, sites)).items()}
     if context is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aggregation.base import AggregationConfig
 from aggregation.paillier.crypto import OBFUSCATORS
 from aggregation.paillier.packing import Packer
+from aggregation.paillier.split import DECRYPTIONS
 from core.config import check
 
 #: A deployed site's node-config key naming its key-pair file (the server never gets it).
@@ -26,6 +27,8 @@ class PaillierConfig(AggregationConfig):
     max_sites: int = 16            # most sites whose sum must fit a slot (guard bits)
     workers: int = 1               # processes a site encrypts/decrypts with; 0 = all its cores
     obfuscators: str = "full"      # full (r^n: Paillier's own) | djn (short exponents: an extra assumption, docs/paillier.md)
+    decryption: str = "each"       # each (every site decrypts the aggregate) | split (each decrypts a slice, shares it sealed)
+    stage_timeout: float = 120.0   # seconds to wait for the sites' slices (decryption=split)
 
 
 def validate(a: PaillierConfig, num_sites: int) -> None:
@@ -34,6 +37,9 @@ def validate(a: PaillierConfig, num_sites: int) -> None:
     check(a.weight_unit > 0, "aggregation.weight_unit", a.weight_unit, "rows > 0")
     check(a.obfuscators in OBFUSCATORS, "aggregation.obfuscators", a.obfuscators,
           f"one of {list(OBFUSCATORS)} (djn: short-exponent obfuscators under an extra assumption, docs/paillier.md)")
+    check(a.decryption in DECRYPTIONS, "aggregation.decryption", a.decryption,
+          f"one of {list(DECRYPTIONS)} (split: each site decrypts a slice of the aggregate, docs/paillier.md)")
+    check(a.stage_timeout > 0, "aggregation.stage_timeout", a.stage_timeout, "seconds > 0")
     check(a.workers >= 0, "aggregation.workers", a.workers, "0 (all cores) or a number of processes >= 1")
     check(a.max_sites >= num_sites, "aggregation.max_sites", a.max_sites, f"at least the number of sites ({num_sites})")
 

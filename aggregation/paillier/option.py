@@ -31,7 +31,7 @@ class Paillier(AggregationOption):
             "it never has a trained model in the clear")
 
     sum_message = "query.paillier_sum"
-    queries = ("paillier_reveal",)
+    queries = ("paillier_reveal", "paillier_decrypt")
     _models = ("sites encrypt their weighted models, not updates: fewer bits per value is "
                "aggregation.value_bits (more values per ciphertext)")
     compression_refusals = {
@@ -100,14 +100,16 @@ class Paillier(AggregationOption):
 
     def server(self, strategy: Strategy, cfg: Any, initial: ArrayRecord, record: RunRecord) -> Strategy:
         from aggregation.paillier.keys import PaillierKeyError, load_public
-        from aggregation.paillier.server import EncryptedAggregator
+        from aggregation.paillier.server import EncryptedAggregator, ct_width
+        from aggregation.paillier.split import SplitDecryption
         from aggregation.paillier.strategy import PaillierStrategy
 
         if not cfg.public_key:
             raise PaillierKeyError(_missing_public_key())
         public = load_public(cfg.public_key)
         aggregator = EncryptedAggregator(public, config.packer_for(cfg, public.n.bit_length()))
-        return PaillierStrategy(strategy, aggregator, initial, record)
+        split = (SplitDecryption(ct_width(public), public.n, cfg.stage_timeout) if cfg.decryption == "split" else None)
+        return PaillierStrategy(strategy, aggregator, initial, record, split)
 
     def site(self, cfg: Any) -> SiteHalf:
         from aggregation.paillier.site import PaillierSite

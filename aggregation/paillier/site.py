@@ -17,7 +17,8 @@ from phe import paillier
 from aggregation.base import LocalResult, SiteEnv, SiteHalf, request_encoding
 from aggregation.paillier import client as pai
 from aggregation.paillier.config import PaillierConfig, packer_for
-from aggregation.paillier.crypto import Encryptor
+from aggregation.paillier.crypto import Encryptor, decrypt_all
+from aggregation.paillier.split import DECRYPT_MESSAGE, REQUEST_KEY, decrypt_slice, slice_key
 from aggregation.paillier.sums import REPLY_KEY, REVEAL_KEY, REVEAL_MESSAGE, IntPacker, site_decrypt, site_encrypt
 from core.fixedpoint import STATS, Encoding
 
@@ -77,7 +78,10 @@ class PaillierSite(SiteHalf):
         return _OPENED[digest]
 
     def query(self, msg: Message, context: Context, env: SiteEnv) -> Message:
-        """``query.paillier_reveal``: decrypt the totals the coordinator sends (its sum of all sites' vectors)."""
+        """``query.paillier_reveal``: decrypt the totals the coordinator sends (its sum of all sites' vectors);
+        ``query.paillier_decrypt``: decrypt one slice of an aggregate and return it sealed."""
+        if msg.metadata.message_type == DECRYPT_MESSAGE and REQUEST_KEY in msg.content.config_records:
+            return self._decrypt_slice(msg, context, env)
         if msg.metadata.message_type != REVEAL_MESSAGE or REVEAL_KEY not in msg.content.config_records:
             return super().query(msg, context, env)
         rec = msg.content.config_records[REVEAL_KEY]
@@ -85,6 +89,25 @@ class PaillierSite(SiteHalf):
         packer = self._sum_packer(private, Encoding.from_record(rec))
         values = site_decrypt(list(rec["ct"]), int(rec["length"]), packer, private)  # type: ignore[arg-type,call-overload]
         return Message(RecordDict({REVEAL_KEY: ConfigRecord({"values": [float(v) for v in values]})}), reply_to=msg)
+
+    def _decrypt_slice(self, msg: Message, context: Context, env: SiteEnv) -> Message:
+        from flwr.app import Error
+
+        from aggregation.paillier.server import ct_width
+        from core.replies import ReplyError
+
+        rec = msg.content.config_records[REQUEST_KEY]
+        private, _ = pai.site_key(context, self.cfg.keypair, self.cfg.obfuscators)
+        n = private.public_key.n
+        try:
+            sealed = decrypt_slice(bytes(rec["ct"]), int(rec["start"]), int(rec["total"]),  # type: ignore[arg-type,call-overload]
+                                   ct_width(private.public_key), lambda cts: decrypt_all(private, cts, self.cfg.workers),
+                                   slice_key(private.p, private.q), n)
+        except (KeyError, TypeError, ValueError) as err:
+            return Message(Error(code=int(ReplyError.PROTOCOL_ERROR), reason=f"{env.name}: malformed decryption "
+                                 f"request: {err}"), reply_to=msg)
+        return Message(RecordDict({REQUEST_KEY: ConfigRecord({"sealed": sealed, "index": int(rec["index"])})}),  # type: ignore[arg-type]
+                       reply_to=msg)
 
     def after_evaluate(self, context: Context, model: torch.nn.Module) -> None:
         codec, private, _ = self._keys(context)

@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 from aggregation.base import StrategyWrapper, hand_over
 from aggregation.paillier.server import EncryptedAggregator, is_encrypted, screen
+from aggregation.paillier.split import SplitDecryption
 from core.handover import ProtectedAggregate
 from core.layout import Layout
 from core.records import Rejection, RunRecord
@@ -38,30 +39,50 @@ class PaillierStrategy(StrategyWrapper):
         The public initial model (round 1 is sent in the clear; its layout sizes the ciphertexts).
     record : RunRecord
         The run's record: this half writes the training phase's replies, rejections and sites.
+    split : SplitDecryption, optional
+        ``aggregation.decryption=split``: before an encrypted aggregate goes out, the sites about
+        to receive it each decrypt one slice and the messages carry the sealed slices instead
+        (:mod:`aggregation.paillier.split`); None: every site decrypts the whole aggregate.
     """
 
     def __init__(self, strategy: Strategy, aggregator: EncryptedAggregator, template: ArrayRecord,
-                 record: RunRecord) -> None:
+                 record: RunRecord, split: SplitDecryption | None = None) -> None:
         super().__init__(strategy)
-        self.aggregator, self.template, self.record = aggregator, template, record
+        self.aggregator, self.template, self.record, self.split = aggregator, template, record, split
         aggregator.set_size(Layout.of({k: v.numpy() for k, v in template.items()}).size)
 
-    def _send(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
+    def outgoing(self, server_round: int, arrays: ArrayRecord, nodes: list[int], grid: Grid) -> ArrayRecord:
+        """The global record as ``nodes`` receive it: under ``decryption=split`` an encrypted
+        aggregate goes out as sealed plaintext slices those sites decrypted (one exchange per
+        aggregate, kept for its later messages); otherwise as it is."""
+        if self.split is None or not nodes or not is_encrypted(arrays):
+            return arrays
+        seen = len(self.split.log)
+        opened = self.split.opened(arrays, nodes, grid, server_round)
+        if len(self.split.log) > seen:
+            self.record.round(server_round).protocol["paillier_decryption"] = self.split.log[-1]
+        return opened or arrays
+
+    def _send(self, messages: Iterable[Message], arrays: ArrayRecord, grid: Grid, server_round: int
+              ) -> list[Message]:
         out = list(messages)
-        if is_encrypted(arrays):
+        if is_encrypted(arrays) and out:
+            content = self.outgoing(server_round, arrays, [m.metadata.dst_node_id for m in out], grid)
             for m in out:
-                m.content["arrays"] = arrays
+                m.content["arrays"] = content
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         layout = self.template if is_encrypted(arrays) else arrays
-        return self._send(self.strategy.configure_train(server_round, layout, config, grid), arrays)
+        return self._send(self.strategy.configure_train(server_round, layout, config, grid), arrays, grid,
+                          server_round)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
         layout = self.template if is_encrypted(arrays) else arrays
-        return self._send(self.strategy.configure_evaluate(server_round, layout, config, grid), arrays)
+        return self._send(self.strategy.configure_evaluate(server_round, layout, config, grid), arrays, grid,
+                          server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

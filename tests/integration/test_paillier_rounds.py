@@ -186,3 +186,76 @@ def test_each_aggregate_is_decrypted_once_per_site(tmp_path: Path, key_files: tu
     results = run(tmp_path, key_files, ["num_rounds=2"])
     assert results["status"] == "completed"
     assert len(calls) == 3 * 2  # 3 sites x 2 aggregates (not 3: evaluate r1, train r2, evaluate r2)
+
+
+class SliceGrid(LocalGrid):
+    """Counts the ciphertexts each site decrypts; optionally breaks node 1001's slice replies."""
+
+    decrypted: dict[int, int] = {}
+    sent: list[Message] = []
+    break_node: int | None = None
+    break_all = False
+
+    def _deliver(self, msg: Message) -> Message:
+        SliceGrid.sent.append(msg)
+        reply = super()._deliver(msg)
+        if msg.metadata.message_type == "query.paillier_decrypt" and not reply.has_error():
+            node = msg.metadata.dst_node_id
+            if SliceGrid.break_all or node == SliceGrid.break_node:
+                rec = reply.content["fedsilo-decrypt"]
+                rec["sealed"] = bytes(rec["sealed"])[:-1]  # a truncated sealed slice
+        return reply
+
+
+def _split_run(tmp_path: Path, key_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, extra: list[str] = ()
+               ) -> tuple[dict[str, Any], dict[int, int]]:
+    from aggregation.paillier import crypto
+
+    counted: dict[int, int] = {}
+    original = crypto.Encryptor.decrypt
+
+    def decrypt(self: crypto.Encryptor, c: int) -> int:
+        from flwr.supercore.task_identity import TaskIdentity as T
+
+        counted[T.node_id] = counted.get(T.node_id, 0) + 1
+        return original(self, c)
+
+    monkeypatch.setattr(crypto.Encryptor, "decrypt", decrypt)
+    SliceGrid.sent = []
+    return run(tmp_path, key_files, ["num_rounds=2", *extra], grid_cls=SliceGrid), counted
+
+
+def test_split_decryption_gives_the_same_model_for_a_third_of_the_work(tmp_path: Path, key_files: tuple[Path, Path],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """decryption=split: every site decrypts one slice of each aggregate, the others' arrive sealed; the
+    model is the same plaintext sum, so the federated metrics are identical to decryption=each."""
+    SliceGrid.break_node, SliceGrid.break_all = None, False
+    each, each_counts = _split_run(tmp_path / "each", key_files, monkeypatch)
+    split, split_counts = _split_run(tmp_path / "split", key_files, monkeypatch, ["aggregation.decryption=split"])
+    assert split["status"] == "completed"
+    assert split["final"] == each["final"]
+    assert sum(each_counts.values()) > 0
+    # 2 aggregates: each site decrypted about a third of what it decrypts under 'each'
+    assert sum(split_counts.values()) * 3 <= sum(each_counts.values()) + 3 * 2 * 3
+    trains = [m for m in SliceGrid.sent if m.metadata.message_type == "train"][3:]
+    assert trains and all("sealed" in m.content["arrays"] and "ct" not in m.content["arrays"] for m in trains)
+    log_ = split["history"][0]["participation"]["paillier_decryption"]
+    assert log_["slices"] == 3 and not log_["fallback"] and not log_["rejected"]
+
+
+def test_a_bad_slice_is_reassigned_and_a_failed_exchange_falls_back(tmp_path: Path, key_files: tuple[Path, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    SliceGrid.break_node, SliceGrid.break_all = 1001, False
+    try:
+        one, _ = _split_run(tmp_path / "one", key_files, monkeypatch, ["aggregation.decryption=split"])
+        SliceGrid.break_node, SliceGrid.break_all = None, True
+        every, _ = _split_run(tmp_path / "all", key_files, monkeypatch, ["aggregation.decryption=split"])
+    finally:
+        SliceGrid.break_node, SliceGrid.break_all = None, False
+    reference, _ = _split_run(tmp_path / "ref", key_files, monkeypatch)
+    log_ = one["history"][0]["participation"]["paillier_decryption"]
+    assert one["status"] == "completed" and log_["reassigned"] and not log_["fallback"]
+    assert any("sealed slice" in r["reason"] for r in log_["rejected"])
+    log_ = every["history"][0]["participation"]["paillier_decryption"]
+    assert every["status"] == "completed" and log_["fallback"]
+    assert one["final"] == every["final"] == reference["final"]

@@ -34,7 +34,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, key_files: tuple[Path, Path])
     out = {}
     for name, extra in (("plain", []), ("secagg", ["aggregation=secagg"]),
                         ("paillier", ["aggregation=paillier", f"aggregation.public_key={public}",
-                                      f"aggregation.keypair={private}", "task.auc_bins=512"])):
+                                      f"aggregation.keypair={private}", "task.auc_bins=512"]),
+                        ("paillier_split", ["aggregation=paillier", f"aggregation.public_key={public}",
+                                            f"aggregation.keypair={private}", "task.auc_bins=512",
+                                            "aggregation.decryption=split"])):
         d = tmp_path_factory.mktemp(name)
         out[name] = (d, run_inprocess([*HEART, "num_rounds=2", *extra], d))
     return out
@@ -65,6 +68,10 @@ def test_statistics_are_identical_under_every_protection_and_the_coordinator_lea
         assert r["test_source"].startswith("sites' held-out test rows") and r["final"]["test_sites"] == 4
         assert r["final"]["auc"] > 0.75 and r["status"] == "completed"
     assert plain["final"]["num_examples"] == secagg["final"]["num_examples"] == pai["final"]["num_examples"]
+    # decryption=split: the sites decrypt slices (also for the test-metric sums) and get the same model
+    split = runs["paillier_split"][1]
+    assert split["final"] == pai["final"]
+    assert all(not h["participation"]["paillier_decryption"]["fallback"] for h in split["history"])
 
 
 def test_pooled_test_auc_equals_sklearn_on_the_pooled_test_scores(runs: dict[str, tuple[Path, Any]]) -> None:

@@ -80,6 +80,8 @@ def test_unknown_option_of_a_group_is_named() -> None:
     ("aggregation=paillier aggregation.value_bits=4", "aggregation.value_bits"),
     ("aggregation=paillier aggregation.max_sites=2", "aggregation.max_sites"),
     ("aggregation=paillier aggregation.obfuscators=short", "aggregation.obfuscators"),
+    ("aggregation=paillier aggregation.decryption=one", "aggregation.decryption"),
+    ("aggregation=paillier aggregation.stage_timeout=0", "aggregation.stage_timeout"),
     ("aggregation=plain strategy.robust=geomed", "strategy.robust"),
     ("strategy.robust=median", "strategy.robust"),  # under secagg: no rule can see single updates
     ("aggregation=plain strategy.assumed_byzantine=0.5", "strategy.assumed_byzantine"),

@@ -168,3 +168,73 @@ def test_encrypted_weighted_models_decode_to_fedavg_within_the_bound(keypair: tu
     got = codec.decode(total, total_rows, 4)
     assert np.max(np.abs(got - fedavg)) <= codec.bound(total_rows, 4)
     assert codec.bound(total_rows, 4) < 1e-5
+
+
+def _sealed_aggregate(private, slices: int, count: int = 7):  # type: ignore[no-untyped-def]
+    """``count`` ciphertexts decrypted in ``slices`` slices as sites do, assembled as the coordinator does."""
+    from flwr.app import Array
+
+    from aggregation.paillier.server import ct_width
+    from aggregation.paillier.split import bounds, decrypt_slice, sealed_record, slice_key
+
+    enc = Encryptor(private)
+    width, n = ct_width(private.public_key), private.public_key.n
+    plain = [(7919 * (i + 1)) ** 5 % n for i in range(count)]
+    cts = b"".join(enc.encrypt(m).to_bytes(width, "big") for m in plain)
+    cuts = bounds(count, slices)
+    key = slice_key(private.p, private.q)
+    parts = [cts[cuts[k] * width: cuts[k + 1] * width] for k in range(slices)]
+    blobs = [decrypt_slice(part, cuts[k], count, width, lambda c: [enc.decrypt(x) for x in c], key, n)
+             for k, part in enumerate(parts)]
+    record = sealed_record(blobs, cuts, parts, Array(np.array([1], dtype=np.int64)))
+    return plain, record, blobs, parts
+
+
+def test_split_decryption_slices_open_to_the_plaintexts_and_only_for_the_key_pair(keypair: tuple[Path, Path],
+                                                                                tmp_path: Path) -> None:
+    from flwr.app import Array
+
+    from aggregation.paillier.split import bounds, open_slices, slice_key
+
+    assert bounds(7, 3) == [0, 2, 4, 7] and bounds(3, 3) == [0, 1, 2, 3]
+    private = keys.load_private(keypair[0])
+    n = private.public_key.n
+    plain, record, blobs, _ = _sealed_aggregate(private, 3)
+    assert open_slices(record, slice_key(private.p, private.q), n) == plain
+    # another key pair cannot open them
+    other = keys.load_private(keys.generate(tmp_path / "other")[0])
+    with pytest.raises(ValueError, match="slice 0 .* does not open"):
+        open_slices(record, slice_key(other.p, other.q), n)
+    # slices swapped between positions (the coordinator reordering them) do not open
+    swapped = dict(record.items())
+    swapped["sealed"] = Array(np.frombuffer(blobs[1] + blobs[0] + blobs[2], dtype=np.uint8))
+    from flwr.app import ArrayRecord
+
+    with pytest.raises(ValueError, match="does not open"):
+        open_slices(ArrayRecord(swapped), slice_key(private.p, private.q), n)
+    # one flipped byte in a sealed slice
+    bad = bytearray(b"".join(blobs))
+    bad[len(blobs[0]) + 20] ^= 1
+    flipped = dict(record.items())
+    flipped["sealed"] = Array(np.frombuffer(bytes(bad), dtype=np.uint8))
+    with pytest.raises(ValueError, match="slice 1 .* does not open"):
+        open_slices(ArrayRecord(flipped), slice_key(private.p, private.q), n)
+
+
+def test_a_malformed_decryption_request_is_refused_with_the_reason(keypair: tuple[Path, Path]) -> None:
+    from aggregation.paillier.server import ct_width
+    from aggregation.paillier.split import decrypt_slice, sealed_size, slice_key
+
+    private = keys.load_private(keypair[0])
+    enc = Encryptor(private)
+    width, n = ct_width(private.public_key), private.public_key.n
+    key = slice_key(private.p, private.q)
+    dec = lambda c: [enc.decrypt(x) for x in c]  # noqa: E731
+    good = enc.encrypt(5).to_bytes(width, "big")
+    assert len(decrypt_slice(good, 0, 1, width, dec, key, n)) == sealed_size(1, n)
+    with pytest.raises(ValueError, match="multiple"):
+        decrypt_slice(good[:-1], 0, 1, width, dec, key, n)
+    with pytest.raises(ValueError, match="outside"):
+        decrypt_slice(good, 1, 1, width, dec, key, n)
+    with pytest.raises(ValueError, match=r"not in \(0, n\^2\)"):
+        decrypt_slice(bytes(width), 0, 1, width, dec, key, n)
