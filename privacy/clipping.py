@@ -21,11 +21,13 @@ Both return the same numbers up to float rounding; a test checks them against ea
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
+
+T = TypeVar("T", torch.Tensor, np.ndarray)
 
 ENGINES = ("auto", "fast", "opacus", "functorch")
 #: Modules without parameters that act on each example independently.
@@ -33,9 +35,12 @@ _PER_SAMPLE_SAFE = (nn.Sequential, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, n
                     nn.Identity, nn.Flatten, nn.SiLU)
 
 
-def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Opacus' per-sample clip factors."""
-    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+def clip_factors(norms: T, max_grad_norm: float) -> T:
+    """Opacus' per-sample clip factors ``min(1, C / (norm + 1e-6))``, of a torch tensor or a
+    NumPy array of norms (the same dtype back)."""
+    if isinstance(norms, np.ndarray):
+        return np.minimum(max_grad_norm / (norms + 1e-6), 1.0).astype(norms.dtype)  # type: ignore[return-value]
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # type: ignore[operator,union-attr]
 
 
 class Clipper(Protocol):
@@ -119,7 +124,7 @@ class LinearClipper:
             if layer.bias is not None:
                 a2 += 1
             norms2 += np.vecdot(g_np, g_np) * a2
-        c = np.minimum(max_grad_norm / (np.sqrt(norms2) + 1e-6), 1.0).astype(norms2.dtype)  # clip_factors
+        c = clip_factors(np.sqrt(norms2), max_grad_norm)
         weights = torch.from_numpy((c * scale)[:, None] if scale != 1.0 else c[:, None])
         for g, a, layer in zip(outs, acts, self.layers, strict=True):
             cg = g * weights

@@ -74,14 +74,6 @@ class FieldCodec:
             np.bitwise_and(words, np.uint64(self.modulus - 1), out=words)
         return words
 
-    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """``a + b`` in Z_(2^bits)."""
-        return (a + b) & np.uint64(self.modulus - 1) if self.bits < 64 else a + b
-
-    def sub(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """``a - b`` in Z_(2^bits)."""
-        return (a - b) & np.uint64(self.modulus - 1) if self.bits < 64 else a - b
-
     def decode_sum(self, total: np.ndarray, count: int) -> np.ndarray:
         """The real-valued sum of ``count`` encoded vectors whose field sum is ``total``."""
         if not 1 <= count <= self.max_sites:

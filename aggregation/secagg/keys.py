@@ -30,11 +30,6 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def public_of(private_key: bytes) -> bytes:
-    """The public key belonging to a raw private key."""
-    return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
 def private(private_key: bytes) -> X25519PrivateKey:
     """The key object of a raw private key (building it costs as much as one exchange: a site
     that agrees with many peers builds it once)."""

@@ -2,7 +2,8 @@
 
 A mask of ``length`` elements of Z_(2^bits) is the AES-256-CTR keystream under the full
 32-byte ``seed`` (nonce zero: each seed is used for one mask only), read as little-endian
-64-bit words and reduced modulo 2^bits. This replaces Flower's ``pseudo_rand_gen``, which
+64-bit words (:func:`words`) and reduced modulo 2^bits (:meth:`FieldCodec.reduce
+<aggregation.secagg.codec.FieldCodec.reduce>`, once after the words are summed). This replaces Flower's ``pseudo_rand_gen``, which
 seeds NumPy's ``RandomState`` with 32 bits of the shared key (flower issue #7522): with
 AES-256 guessing the mask costs 2^256 work, not 2^32.
 """
@@ -25,11 +26,3 @@ def words(seed: bytes, length: int) -> np.ndarray:
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
     stream = encryptor.update(bytes(8 * length)) + encryptor.finalize()
     return np.frombuffer(stream, dtype="<u8")
-
-
-def mask(seed: bytes, length: int, bits: int) -> np.ndarray:
-    """``length`` pseudo-random elements of Z_(2^bits) (``uint64``), deterministic in ``seed``."""
-    if not 1 <= bits <= 64:
-        raise ValueError(f"bits must be in 1..64, got {bits}")
-    w = words(seed, length).astype(np.uint64)
-    return w if bits == 64 else w & np.uint64((1 << bits) - 1)

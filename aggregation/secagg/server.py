@@ -70,6 +70,7 @@ class SecureAggregator:
         self._grid: Grid | None = None
         self._round = 0
         self._ids: dict[int, int] = {}  # node id -> protocol id
+        self._nodes: dict[int, int] = {}  # protocol id -> node id
         self._server: SecAggServer | None = None
         self._codec: WeightedUpdateCodec | None = None
         self._next: dict[str, Any] | None = None  # the next round's keys and shares, collected ahead
@@ -153,7 +154,11 @@ class SecureAggregator:
                                     for i, r in shares.items()})
 
     def _node_of(self, pid: int) -> int:
-        return next(n for n, p in self._ids.items() if p == pid)
+        return self._nodes[pid]
+
+    def _set_ids(self, ids: dict[int, int]) -> None:
+        """This round's protocol ids by node, and the inverse map."""
+        self._ids, self._nodes = ids, {p: n for n, p in ids.items()}
 
     # ---- the round -------------------------------------------------------------------------
     def open(self, server_round: int, messages: list[Message], grid: Grid, size: int) -> list[Message]:
@@ -173,7 +178,8 @@ class SecureAggregator:
         ready = {n for n, i in nxt["ids"].items() if i in nxt["server"].sharers} if nxt is not None else set()
         if nxt is not None and nxt["round"] == server_round and nxt["length"] == codec.length \
                 and set(nodes) <= ready and len(nodes) >= nxt["server"].threshold:
-            self._ids, self._server, inbox = nxt["ids"], nxt["server"], nxt["inbox"]
+            self._set_ids(nxt["ids"])
+            self._server, inbox = nxt["server"], nxt["inbox"]
             self._codec = codec
             self._entry().update({"sites": len(nodes), "threshold": self._server.threshold,
                                   "neighbours": nxt["neighbours"], "pipelined": True})
@@ -199,7 +205,7 @@ class SecureAggregator:
 
     def _handshake(self, server_round: int, nodes: list[int], codec: WeightedUpdateCodec) -> dict[int, dict[int, bytes]]:
         """Stages 0 and 1 as two message exchanges; the shares to deliver, by recipient."""
-        self._ids = {node: k + 1 for k, node in enumerate(nodes)}
+        self._set_ids({node: k + 1 for k, node in enumerate(nodes)})
         k = self.neighbours or auto_neighbours(len(nodes))
         t = threshold_for(self.threshold, min(k + 1, len(nodes)))
         self._codec = codec
@@ -307,10 +313,9 @@ class SecureAggregator:
         server = SecAggServer(t, field_codec(self.clip, self.value_bits, self.field_bits),
                               self._codec.length,  # type: ignore[union-attr]
                               graph=graph)
-        node_of_current = {p: n for n, p in self._ids.items()}
         shared = {}
         for pid, r in replies.items():
-            node = node_of_current[pid]
+            node = self._nodes[pid]
             if "next-to" in r and node in ids:
                 shared[ids[node]] = dict(zip((int(j) for j in r["next-to"]), wire.split(r["next-shares"])))  # type: ignore[arg-type]
         try:

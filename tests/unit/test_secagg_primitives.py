@@ -13,7 +13,7 @@ from aggregation.secagg.shamir import combine_shares, create_shares
 def test_key_agreement_is_symmetric_and_purpose_bound() -> None:
     a_priv, a_pub = keys.generate()
     b_priv, b_pub = keys.generate()
-    assert keys.public_of(a_priv) == a_pub
+    assert keys.public_bytes(keys.private(a_priv)) == a_pub
     assert keys.agree(a_priv, b_pub, b"mask") == keys.agree(b_priv, a_pub, b"mask")
     assert keys.agree(a_priv, b_pub, b"mask") != keys.agree(a_priv, b_pub, b"shares")
     c_priv, c_pub = keys.generate()
@@ -22,13 +22,20 @@ def test_key_agreement_is_symmetric_and_purpose_bound() -> None:
         keys.agree(a_priv, b_pub[:31], b"mask")
 
 
+def _mask(seed: bytes, length: int, codec: FieldCodec) -> np.ndarray:
+    """A mask as the sites and the server use it: the PRG's words, reduced into the field."""
+    return codec.reduce(prg.words(seed, length).copy())
+
+
 def test_masks_are_deterministic_full_key_and_uniform() -> None:
     seed = bytes(range(32))
-    m = prg.mask(seed, 200_000, bits=30)
-    assert np.array_equal(m, prg.mask(seed, 200_000, bits=30))
+    codec = FieldCodec(clip=1.0, value_bits=27, max_sites=8)  # Z_(2^30)
+    assert codec.bits == 30
+    m = _mask(seed, 200_000, codec)
+    assert np.array_equal(m, _mask(seed, 200_000, codec))
     other = bytearray(seed)
     other[-1] ^= 1  # a change in the last byte (beyond any 32-bit seed) changes the mask
-    assert not np.array_equal(m[:100], prg.mask(bytes(other), 100, bits=30))
+    assert not np.array_equal(m[:100], _mask(bytes(other), 100, codec))
     assert m.max() < 2**30
     # uniform over Z_(2^30): mean and a 16-bin chi-square, both far inside their 1e-6 tails
     assert abs(m.mean() / 2**30 - 0.5) < 0.005
@@ -36,7 +43,7 @@ def test_masks_are_deterministic_full_key_and_uniform() -> None:
     chi2 = float(((counts - m.size / 16) ** 2 / (m.size / 16)).sum())
     assert chi2 < 60
     with pytest.raises(ValueError, match="32 bytes"):
-        prg.mask(seed[:4], 10, bits=30)
+        prg.words(seed[:4], 10)
 
 
 def test_pairwise_masks_cancel_in_the_field_sum() -> None:
@@ -48,19 +55,18 @@ def test_pairwise_masks_cancel_in_the_field_sum() -> None:
     updates = rng.uniform(-1, 1, size=(n, d))
     encoded = [codec.encode(u, np.random.default_rng(i))[0] for i, u in enumerate(updates)]
     masked = []
-    for i in range(n):
+    for i in range(n):  # as a site does: words added and subtracted wrapping mod 2^64, reduced once
         y = encoded[i].copy()
         for j in range(n):
             if i == j:
                 continue
-            m = prg.mask(keys.agree(pairs[i][0], pairs[j][1], b"mask"), d, codec.bits)
-            y = codec.add(y, m) if j > i else codec.sub(y, m)
-        masked.append(y)
-    total_masked = masked[0]
-    total_plain = encoded[0]
-    for k in range(1, n):
-        total_masked = codec.add(total_masked, masked[k])
-        total_plain = codec.add(total_plain, encoded[k])
+            w = prg.words(keys.agree(pairs[i][0], pairs[j][1], b"mask"), d)
+            (np.add if j > i else np.subtract)(y, w, out=y)
+        masked.append(codec.reduce(y))
+    # each masked vector is a field element; the server sums them and reduces once
+    assert all(int(y.max()) < codec.modulus for y in masked)
+    total_masked = codec.reduce(np.sum(masked, axis=0, dtype=np.uint64))
+    total_plain = codec.reduce(np.sum(encoded, axis=0, dtype=np.uint64))
     assert np.array_equal(total_masked, total_plain)
     # a single masked vector says nothing useful: it is far from the site's own encoding
     assert np.mean(masked[0] == encoded[0]) < 0.01
@@ -75,7 +81,7 @@ def test_codec_error_bound_unbiasedness_and_no_overflow() -> None:
     for i, row in enumerate(x):
         enc, clipped = codec.encode(row, np.random.default_rng(100 + i))
         assert clipped == 0 and enc.max() < 2**12
-        total = codec.add(total, enc)
+        total = codec.reduce(total + enc)
     decoded = codec.decode_sum(total, 64)
     err = decoded - x.sum(0)
     assert np.max(np.abs(err)) <= 64 * codec.delta  # the documented bound, at max_sites
