@@ -8,7 +8,7 @@ off):
 
 * fedsilo: ``task=finance partition=dirichlet partition.alpha=2 partition.min_partition_size=2``
   (alpha 2 so that 1000 sites can each get rows), FedAvg, federated and server-side evaluation;
-* the plain Flower 1.41 FedAvg app in ``benchmarks/flower_baseline`` with the same MLP, the
+* the plain Flower 1.42 FedAvg app in ``benchmarks/flower_baseline`` with the same MLP, the
   same training and validation rows in total, the same sites, rounds and evaluation.
 
 Seconds per round are measured the same way for both: the time between consecutive
@@ -17,7 +17,9 @@ memory is the largest sum of resident memory of every process of the run (SuperL
 simulation, Ray, workers), sampled every 0.25 s. Ratios are per interleaved pair (fedsilo's
 repetition k over Flower's repetition k); the table gives their median and range. ``--secagg N
 ...`` also runs ``aggregation=secagg`` at those site counts (``--secagg-reps`` times) right after
-that count's plain repetitions, and reports it against plain fedsilo's median there.
+that count's plain repetitions, each beside a plain run and a plain run without federated
+evaluation (one message exchange fewer: the price of the exchange secure aggregation adds),
+and reports it against plain fedsilo and against that message bound.
 Writes ``benchmarks/results/scale.{json,md}``.
 """
 
@@ -162,16 +164,31 @@ def main() -> None:
                   f"{row['ratio_mean_round']:.2f} (after round 1: {row['ratio_after_first']:.2f}, range "
                   f"{sp[0]:.2f}-{sp[1]:.2f})", flush=True)
             if n in (args.secagg or []):
-                runs = [summary(run_fedsilo(n, args.rounds, Path(tmp), ["aggregation=secagg"]))
-                        for _ in range(args.secagg_reps)]
-                sec = {"sites": n, **median_run(runs), "reps": runs,
-                       "ratio_after_first_vs_plain": median_run(runs)["mean_round_s_after_first"]
-                       / ours["mean_round_s_after_first"],
-                       "ratio_vs_plain": median_run(runs)["mean_round_s"] / ours["mean_round_s"]}
+                # Each repetition: plain fedsilo, plain without federated evaluation (one message exchange
+                # fewer) and secagg, interleaved. Secure aggregation's rounds after the first have one exchange
+                # more than plain (the unmasking); its message bound is plain + that exchange, measured as
+                # plain - (plain without evaluation).
+                plains, lights, runs = [], [], []
+                for _ in range(args.secagg_reps):
+                    plains.append(summary(run_fedsilo(n, args.rounds, Path(tmp))))
+                    lights.append(summary(run_fedsilo(n, args.rounds, Path(tmp), ["strategy.fraction_evaluate=0"])))
+                    runs.append(summary(run_fedsilo(n, args.rounds, Path(tmp), ["aggregation=secagg"])))
+                key = "mean_round_s_after_first"
+                ratios = [r[key] / p[key] for p, r in zip(plains, runs, strict=True)]
+                bounds = [2 * p[key] - lt[key] for p, lt in zip(plains, lights, strict=True)]
+                sec = {"sites": n, **median_run(runs), "reps": runs, "plain_reps": plains, "no_evaluate_reps": lights,
+                       "ratio_after_first_vs_plain": statistics.median(ratios),
+                       "ratio_after_first_vs_plain_range": [min(ratios), max(ratios)],
+                       "exchange_s": statistics.median(p[key] - lt[key] for p, lt in zip(plains, lights, strict=True)),
+                       "bound_after_first_vs_plain": statistics.median(b / p[key] for b, p in zip(bounds, plains, strict=True)),
+                       "ratio_after_first_vs_bound": statistics.median(r[key] / b for r, b in zip(runs, bounds, strict=True)),
+                       "ratio_vs_plain": median_run(runs)["mean_round_s"] / median_run(plains)["mean_round_s"]}
                 secaggs.append(sec)
                 print(f"secagg at {n} sites: {sec['mean_round_s']:.2f} s/round (after round 1 "
-                      f"{sec['mean_round_s_after_first']:.2f}, {sec['ratio_after_first_vs_plain']:.2f}x plain fedsilo), "
-                      f"peak {sec['peak_rss_mb']:.0f} MB, AUC {sec['final_auc']:.4f}", flush=True)
+                      f"{sec['mean_round_s_after_first']:.2f}, {sec['ratio_after_first_vs_plain']:.2f}x plain fedsilo; "
+                      f"one exchange {sec['exchange_s']:.2f} s, bound {sec['bound_after_first_vs_plain']:.2f}x plain, "
+                      f"secagg {sec['ratio_after_first_vs_bound']:.2f}x bound), peak {sec['peak_rss_mb']:.0f} MB, "
+                      f"AUC {sec['final_auc']:.4f}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.merge and (OUT / "scale.json").is_file():  # add these repetitions to the recorded ones
         old = {r["sites"]: r for r in json.loads((OUT / "scale.json").read_text())["rows"]}
@@ -185,7 +202,7 @@ def main() -> None:
     (OUT / "scale.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"# Simulation at scale ({args.rounds} rounds, finance, Dirichlet alpha 2, medians of interleaved "
              "repetitions)", "",
-             "`python benchmarks/scale.py`: fedsilo and a plain Flower 1.41 FedAvg app (same MLP, rows, sites, "
+             "`python benchmarks/scale.py`: fedsilo and a plain Flower 1.42 FedAvg app (same MLP, rows, sites, "
              "rounds, evaluation) through the same private SuperLink, interleaved in one process. Seconds per round "
              "= time between server-side evaluations; peak memory = largest total RSS of the run's processes.", "",
              "Ratios: median over the interleaved pairs, range in brackets.", "",
@@ -203,10 +220,18 @@ def main() -> None:
                      f"| **{r['ratio_after_first']:.2f}**{rng('mean_round_s_after_first')} | {b['wall_s']:.1f} "
                      f"| {f['wall_s']:.1f} | {b['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} |")
     for sec in secaggs:
+        bound = ""
+        if "bound_after_first_vs_plain" in sec:
+            rr = sec["ratio_after_first_vs_plain_range"]
+            bound = (f" [{rr[0]:.2f}-{rr[1]:.2f}], each beside a plain run of the same repetition. Its rounds after the "
+                     f"first have one message exchange more than plain's (the unmasking); one exchange of these "
+                     f"sites (plain minus plain without federated evaluation) takes {sec['exchange_s']:.2f} s, so the "
+                     f"message bound is {sec['bound_after_first_vs_plain']:.2f}x plain and secagg runs at "
+                     f"**{sec['ratio_after_first_vs_bound']:.2f}x** that bound")
         lines += ["", f"`aggregation=secagg` at {sec['sites']} sites ({len(sec['reps'])} runs, medians): "
                   f"{sec['mean_round_s']:.2f} s per round (rounds: {', '.join(f'{s:.1f}' for s in sec['round_s'])}); "
                   f"rounds after the first {sec['mean_round_s_after_first']:.2f} s = "
-                  f"**{sec['ratio_after_first_vs_plain']:.2f}x** plain fedsilo's at the same sites; peak "
+                  f"**{sec['ratio_after_first_vs_plain']:.2f}x** plain fedsilo's at the same sites{bound}; peak "
                   f"{sec['peak_rss_mb']:.0f} MB, final AUC {sec['final_auc']:.4f}."]
     (OUT / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
