@@ -177,9 +177,10 @@ def test_paillier_aggregation_through_the_simulation_engine(tmp_path: Path) -> N
     """aggregation=paillier with DP-SGD in Flower's engine: sites encrypt their DP-SGD models, the
     server adds ciphertexts and keeps only the encrypted model; results come from federated
     evaluation; each site's epsilon accumulates across the rounds. No key files given: the simulated
-    run makes a temporary key pair in its output folder and says so (issue #19)."""
+    run makes a temporary key pair in its output folder and says so (issue #19). The sites share each
+    aggregate's decryption (``decryption=split``: one ``query.paillier_decrypt`` exchange per aggregate)."""
     proc, results = fedsilo(tmp_path / "run", "task=finance", "num_sites=3", "num_rounds=2", "aggregation=paillier",
-                            "privacy=dpsgd")
+                            "privacy=dpsgd", "aggregation.decryption=split")
     keys = tmp_path / "run" / "paillier-keys"
     assert f"made a temporary key pair in {keys}" in proc.stdout
     assert results["config"]["aggregation"]["public_key"] == str(keys / "paillier_public.json")
@@ -190,6 +191,9 @@ def test_paillier_aggregation_through_the_simulation_engine(tmp_path: Path) -> N
     first, second = (h["participation"]["privacy"] for h in results["history"])
     assert set(first) == set(second) and len(first) == 3
     assert all(second[s]["total_steps"] == 2 * first[s]["steps"] for s in first)
+    for h in results["history"]:  # every aggregate decrypted in 3 slices by the 3 sites, no fallback
+        split = h["participation"]["paillier_decryption"]
+        assert split["slices"] == 3 and not split["fallback"] and split["rejected"] == []
 
 
 def test_medical_run_on_four_hospitals(tmp_path: Path) -> None:
