@@ -39,7 +39,7 @@ def clip_factors(norms: T, max_grad_norm: float) -> T:
     """Opacus' per-sample clip factors ``min(1, C / (norm + 1e-6))``, of a torch tensor or a
     NumPy array of norms (the same dtype back)."""
     if isinstance(norms, np.ndarray):
-        return np.minimum(max_grad_norm / (norms + 1e-6), 1.0).astype(norms.dtype)  # type: ignore[return-value]
+        return np.minimum(max_grad_norm / (norms + 1e-6), 1.0).astype(norms.dtype, copy=False)  # type: ignore[return-value]
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # type: ignore[operator,union-attr]
 
 
@@ -83,7 +83,9 @@ class LinearClipper:
         for layer in self.layers:
             layer.forward = self._recording(layer)  # type: ignore[method-assign,assignment]
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._order = {id(p): i for i, p in enumerate(self.params)}
+        order = {id(p): i for i, p in enumerate(self.params)}
+        # per layer: where its weight's and bias's gradients go in ``out`` (None: no bias)
+        self._slots = [(order[id(m.weight)], None if m.bias is None else order[id(m.bias)]) for m in self.layers]
 
     def _recording(self, layer: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
         forward = layer.forward
@@ -110,27 +112,33 @@ class LinearClipper:
         self._io.clear()
         loss = self.loss_fn(self.model(x), y)
         io, self._io = self._io, []
-        if len(io) != len(self.layers) or any(a.dim() != 2 for a, _ in io):
+        if len(io) != len(self.layers):
             raise ValueError("LinearClipper needs each linear layer called once per forward pass on 2-D input")
         outs = torch.autograd.grad(loss, [o for _, o in io])
-        acts = [a.detach() for a, _ in io]
         # The per-example norms are a few small vectors per layer: in NumPy, whose per-call cost is
         # a fraction of a torch operator's (what dominated DP-SGD's overhead on small models).
         # ||g_i a_i^T||^2 + ||g_i||^2 (bias) = ||g_i||^2 (||a_i||^2 + 1)
-        norms2 = np.zeros(len(x), dtype=outs[0].numpy().dtype)
-        for g, a, layer in zip(outs, acts, self.layers, strict=True):
+        acts = []
+        norms2 = None
+        for (a, _), g, (_, bias) in zip(io, outs, self._slots, strict=True):
+            a = a.detach()
             a_np, g_np = a.numpy(), g.numpy()
+            if a_np.ndim != 2:
+                raise ValueError("LinearClipper needs each linear layer called once per forward pass on 2-D input")
             a2 = np.vecdot(a_np, a_np)
-            if layer.bias is not None:
+            if bias is not None:
                 a2 += 1
-            norms2 += np.vecdot(g_np, g_np) * a2
+            term = np.vecdot(g_np, g_np) * a2
+            norms2 = term if norms2 is None else norms2 + term
+            acts.append(a)
+        assert norms2 is not None  # at least one layer: checked when the clipper was built
         c = clip_factors(np.sqrt(norms2), max_grad_norm)
         weights = torch.from_numpy((c * scale)[:, None] if scale != 1.0 else c[:, None])
-        for g, a, layer in zip(outs, acts, self.layers, strict=True):
-            cg = g * weights
-            torch.mm(cg.t(), a, out=out[self._order[id(layer.weight)]])
-            if layer.bias is not None:
-                torch.sum(cg, 0, out=out[self._order[id(layer.bias)]])
+        for g, a, (weight, bias) in zip(outs, acts, self._slots, strict=True):
+            g.mul_(weights)  # the clipped, scaled output gradients (``outs`` are this call's own tensors)
+            torch.mm(g.t(), a, out=out[weight])
+            if bias is not None:
+                torch.sum(g, 0, out=out[bias])
         return loss.item(), int(np.count_nonzero(c < 1))
 
     def close(self) -> None:

@@ -153,11 +153,14 @@ class PrivateStep:
         self.flat = torch.empty(sum(self.sizes), dtype=dtype)
         self.noise = torch.empty(sum(self.sizes), dtype=dtype)
         self.views = [v.view_as(p) for v, p in zip(self.flat.split(self.sizes), self.params, strict=True)]
+        self.fused = isinstance(self.clipper, LinearClipper)  # writes its clipped sum into ``views`` itself
+        self._grads_set = False
 
     def set_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         """Returns (summed loss of the batch, examples clipped)."""
-        if x.shape[0] and isinstance(self.clipper, LinearClipper):  # scaling folded into the clip factors
-            loss, n_clipped = self.clipper.clipped_sum_into(self.views, x, y, self.max_grad_norm, self.scale)
+        if x.shape[0] and self.fused:  # scaling folded into the clip factors
+            loss, n_clipped = self.clipper.clipped_sum_into(  # type: ignore[attr-defined]  # a LinearClipper
+                self.views, x, y, self.max_grad_norm, self.scale)
         elif x.shape[0]:
             grads, loss, n_clipped = self.clipper.clipped_sum(x, y, self.max_grad_norm)
             for v, g in zip(self.views, grads, strict=True):
@@ -167,8 +170,10 @@ class PrivateStep:
             loss, n_clipped = 0.0, 0
         if self.noise_scale > 0:
             self.flat.add_(self.noise.normal_(generator=self.generator), alpha=self.noise_scale)
-        for p, v in zip(self.params, self.views, strict=True):
-            p.grad = v
+        if not self._grads_set:  # every p.grad is its view of ``flat`` (the optimiser only reads it); the
+            for p, v in zip(self.params, self.views, strict=True):  # Opacus clipper resets p.grad each step
+                p.grad = v
+            self._grads_set = self.fused
         return loss, n_clipped
 
     def close(self) -> None:
