@@ -123,7 +123,7 @@ def ours(private: paillier.PaillierPrivateKey, size: int, workers: int, check: b
     cuts = bounds(len(total), SITES)
     parts = [whole[cuts[k] * width: cuts[k + 1] * width] for k in range(SITES)]
     c0, w0 = cpu(), time.perf_counter()
-    mine = decrypt_slice(parts[0], 0, len(total), width, enc_decrypt(enc), skey, public.n)
+    mine = decrypt_slice(parts[0], 0, len(total), width, enc_decrypt(enc), skey, public)
     own_wall, own_cpu = time.perf_counter() - w0, cpu() - c0
     blobs = [mine] + [seal_plaintexts(sums[cuts[k]: cuts[k + 1]], cuts[k], len(total), parts[k], skey, public.n)
                       for k in range(1, SITES)]

@@ -98,11 +98,10 @@ class PaillierSite(SiteHalf):
 
         rec = msg.content.config_records[REQUEST_KEY]
         private, _ = pai.site_key(context, self.cfg.keypair, self.cfg.obfuscators)
-        n = private.public_key.n
         try:
             sealed = decrypt_slice(bytes(rec["ct"]), int(rec["start"]), int(rec["total"]),  # type: ignore[arg-type,call-overload]
                                    ct_width(private.public_key), lambda cts: decrypt_all(private, cts, self.cfg.workers),
-                                   slice_key(private.p, private.q), n)
+                                   slice_key(private.p, private.q), private.public_key)
         except (KeyError, TypeError, ValueError) as err:
             return Message(Error(code=int(ReplyError.PROTOCOL_ERROR), reason=f"{env.name}: malformed decryption "
                                  f"request: {err}"), reply_to=msg)

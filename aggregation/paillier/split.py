@@ -42,6 +42,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
+from phe import paillier
+
+from aggregation.paillier.crypto import check_ciphertexts
+from aggregation.paillier.server import from_array
 
 #: Decryption modes (``aggregation.decryption``).
 DECRYPTIONS = ("each", "split")
@@ -82,25 +86,26 @@ def bounds(total: int, parts: int) -> list[int]:
 # --------------------------------------------------------------------------------------- site
 
 
-def decrypt_slice(ct_bytes: bytes, start: int, total: int, width: int, decrypt: Any, key: bytes, n: int) -> bytes:
+def decrypt_slice(ct_bytes: bytes, start: int, total: int, width: int, decrypt: Any, key: bytes,
+                  public: paillier.PaillierPublicKey) -> bytes:
     """A site's answer: the plaintexts of the fixed-width ciphertexts ``ct_bytes`` (positions
     ``start ..`` of ``total``), sealed under the key pair's slice key.
 
     ``decrypt`` maps a list of ciphertexts to their plaintexts. Raises ``ValueError`` for a
     request that cannot be a slice of an aggregate (size not a multiple of ``width``, empty,
-    positions past ``total``, a value outside ``(0, n^2)``).
+    positions past ``total``, a value that is not a ciphertext under ``public``:
+    :func:`~aggregation.paillier.crypto.check_ciphertexts`).
     """
     if not ct_bytes or len(ct_bytes) % width:
         raise ValueError(f"the slice holds {len(ct_bytes)} bytes, not a positive multiple of {width}-byte ciphertexts")
     count = len(ct_bytes) // width
     if start < 0 or start + count > total:
         raise ValueError(f"slice positions {start}..{start + count} lie outside the aggregate's {total} ciphertexts")
-    cts = [int.from_bytes(ct_bytes[i : i + width], "big") for i in range(0, len(ct_bytes), width)]
-    n2 = n * n
-    for k, c in enumerate(cts):
-        if not 0 < c < n2:
-            raise ValueError(f"ciphertext {start + k} of the slice is not in (0, n^2)")
-    return seal_plaintexts(decrypt(cts), start, total, ct_bytes, key, n)
+    cts = from_array(np.frombuffer(ct_bytes, dtype=np.uint8).reshape(count, width))
+    reason = check_ciphertexts(public, cts, count)
+    if reason is not None:
+        raise ValueError(f"slice from position {start}: {reason}")
+    return seal_plaintexts(decrypt(cts), start, total, ct_bytes, key, public.n)
 
 
 def seal_plaintexts(plaintexts: list[int], start: int, total: int, ct_bytes: bytes, key: bytes, n: int) -> bytes:

@@ -184,7 +184,8 @@ def _sealed_aggregate(private, slices: int, count: int = 7):  # type: ignore[no-
     cuts = bounds(count, slices)
     key = slice_key(private.p, private.q)
     parts = [cts[cuts[k] * width: cuts[k + 1] * width] for k in range(slices)]
-    blobs = [decrypt_slice(part, cuts[k], count, width, lambda c: [enc.decrypt(x) for x in c], key, n)
+    blobs = [decrypt_slice(part, cuts[k], count, width, lambda c: [enc.decrypt(x) for x in c], key,
+                           private.public_key)
              for k, part in enumerate(parts)]
     record = sealed_record(blobs, cuts, parts, Array(np.array([1], dtype=np.int64)))
     return plain, record, blobs, parts
@@ -231,10 +232,13 @@ def test_a_malformed_decryption_request_is_refused_with_the_reason(keypair: tupl
     key = slice_key(private.p, private.q)
     dec = lambda c: [enc.decrypt(x) for x in c]  # noqa: E731
     good = enc.encrypt(5).to_bytes(width, "big")
-    assert len(decrypt_slice(good, 0, 1, width, dec, key, n)) == sealed_size(1, n)
+    public = private.public_key
+    assert len(decrypt_slice(good, 0, 1, width, dec, key, public)) == sealed_size(1, n)
     with pytest.raises(ValueError, match="multiple"):
-        decrypt_slice(good[:-1], 0, 1, width, dec, key, n)
+        decrypt_slice(good[:-1], 0, 1, width, dec, key, public)
     with pytest.raises(ValueError, match="outside"):
-        decrypt_slice(good, 1, 1, width, dec, key, n)
-    with pytest.raises(ValueError, match=r"not in \(0, n\^2\)"):
-        decrypt_slice(bytes(width), 0, 1, width, dec, key, n)
+        decrypt_slice(good, 1, 1, width, dec, key, public)
+    with pytest.raises(ValueError, match=r"not an integer in \(0, n\^2\)"):
+        decrypt_slice(bytes(width), 0, 1, width, dec, key, public)
+    with pytest.raises(ValueError, match="not a unit"):  # a multiple of p: not a ciphertext under this key
+        decrypt_slice(private.p.to_bytes(width, "big"), 0, 1, width, dec, key, public)
