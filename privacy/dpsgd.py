@@ -193,11 +193,11 @@ def poisson_batches(rows: int, rate: float, steps: int, generator: torch.Generat
     done = 0
     while done < steps:
         k = min(block, steps - done)
-        step_of, row = np.nonzero(torch.rand(k, rows, generator=generator).numpy() < rate)
-        counts = np.bincount(step_of, minlength=k)
-        ends = np.cumsum(counts)
-        for a, b in zip((ends - counts).tolist(), ends.tolist(), strict=True):
-            yield torch.from_numpy(row[a:b])
+        # positions in the flattened (steps x rows) draw: one 1-D scan (a 2-D np.nonzero costs 4x)
+        flat = np.flatnonzero(torch.rand(k, rows, generator=generator).numpy() < rate)
+        bounds = np.searchsorted(flat, np.arange(k + 1) * rows).tolist()
+        for s in range(k):
+            yield torch.from_numpy(flat[bounds[s] : bounds[s + 1]] - s * rows)
         done += k
 
 
