@@ -38,6 +38,7 @@ from aggregation.secagg import wire
 from aggregation.secagg.codec import FieldCodec
 from aggregation.secagg.protocol import SecAggAbort, SecAggClient
 from aggregation.secagg.vector import FIELD_BITS, WeightedUpdateCodec, pack_field
+from core import recordview
 from core.replies import ReplyError
 
 WIRE_KEY = "secagg"
@@ -106,9 +107,9 @@ def _save(context: Context, client: SecAggClient, server_round: int, stage: str,
 
 def _load(context: Context, server_round: int, expected: str,
           key: str = STATE_KEY) -> tuple[SecAggClient, ConfigRecord]:
-    if key not in context.state.config_records:
+    st = recordview.config(context.state, key)
+    if st is None:
         raise ProtocolError(f"secagg stage {expected!r} of round {server_round} before any key advertisement")
-    st = context.state.config_records[key]
     if int(st["round"]) != server_round:
         raise ProtocolError(f"secagg message for round {server_round}, but this site is in round {st['round']} "
                             "(replayed or stale message)")
@@ -132,9 +133,10 @@ def _load(context: Context, server_round: int, expected: str,
 
 
 def _wire(msg: Message) -> ConfigRecord:
-    if WIRE_KEY not in msg.content.config_records:
+    rec = recordview.config(msg.content, WIRE_KEY)
+    if rec is None:
         raise ProtocolError(f"message has no {WIRE_KEY!r} record")
-    return msg.content.config_records[WIRE_KEY]
+    return rec
 
 
 def _reply(msg: Message, record: dict, extra: RecordDict | None = None) -> Message:
@@ -163,7 +165,7 @@ def advertise_keys(msg: Message, context: Context) -> Message:
 
 def _check_fresh(context: Context, server_round: int, key: str = GUARD_KEY) -> None:
     """Keys may be (re)made for a round until this site has masked its input for it."""
-    guard = context.state.config_records.get(key)
+    guard = recordview.config(context.state, key)
     if guard is not None and int(guard["masked-round"]) >= server_round:
         raise ProtocolError(f"key advertisement for round {server_round}, but this site already sent its masked "
                             f"input for round {guard['masked-round']} (replayed message)")
@@ -212,6 +214,7 @@ def masked_input(msg: Message, context: Context, encode: Callable[[WeightedUpdat
     inbox = {int(i): ct for i, ct in zip(w["from"], wire.split(w["shares"], "shares"), strict=True)}  # type: ignore[arg-type, call-overload]
     vector = encode(WeightedUpdateCodec(float(st["clip"]), int(st["value-bits"]), int(w["size"]), _fb(st)))
     y = client.masked_input(inbox, vector)
+    client.forget_keys()
     _save(context, client, server_round, "masked_input", float(st["clip"]), int(st["value-bits"]), key=state, field_bits=_fb(st))
     context.state[guard] = ConfigRecord({"masked-round": server_round})
     extra[MASKED_KEY] = ArrayRecord({"y": pack_field(y, client.codec.bits)})  # field-wide bits each, no padding
@@ -235,18 +238,19 @@ def unmask(msg: Message, context: Context, share_next: bool = True) -> Message:
     state, _ = _state_keys(w)
     client, st = _load(context, server_round, "unmask", key=state)
     out = client.unmask([int(i) for i in w["survivors"]], [int(i) for i in w["dropped"]])  # type: ignore[union-attr]
+    client.held.clear()  # revealed what it may; the stage check refuses a second unmask
     _save(context, client, server_round, "unmask", float(st["clip"]), int(st["value-bits"]), key=state, field_bits=_fb(st))
     owners = sorted(out)
     record: dict = {"round": server_round, "id": client.site, "owners": owners,
                     "kinds": [out[o][0] for o in owners], "shares": wire.join([out[o][1] for o in owners])}
-    if "next-ids" in w and share_next and NEXT_KEY in context.state.config_records and state == STATE_KEY:
+    if "next-ids" in w and share_next and recordview.config(context.state, NEXT_KEY) is not None and state == STATE_KEY:
         nxt, nst = _load(context, server_round + 1, "share", key=NEXT_KEY)
         nxt.site, nxt.threshold = int(w["next-id"]), int(w["next-threshold"])
         shares = _share(nxt, [int(i) for i in w["next-ids"]], w["next-c-pks"], w["next-s-pks"])  # type: ignore[arg-type]
         _save(context, nxt, server_round + 1, "share", float(nst["clip"]), int(nst["value-bits"]), field_bits=_fb(nst))
         record["next-to"] = sorted(shares)
         record["next-shares"] = wire.join([shares[j] for j in record["next-to"]])
-    if NEXT_KEY in context.state.config_records and state == STATE_KEY:
+    if recordview.config(context.state, NEXT_KEY) is not None and state == STATE_KEY:
         del context.state[NEXT_KEY]
     return _reply(msg, record)
 

@@ -161,6 +161,15 @@ class SecAggClient:
             (np.add if j > self.site else np.subtract)(y, m, out=y)
         return self.codec.reduce(y)
 
+    def forget_keys(self) -> None:
+        """After stage 2 only the shares this site holds are still needed: erase its private keys,
+        seeds, its peers' keys and the share keys it agreed (a site's state read after it masked its
+        input reveals none of its masks)."""
+        self.c_sk = self.s_sk = self.s_seed = self.b_seed = b""
+        self.peers.clear()
+        self.share_keys_by_peer.clear()
+        self._key_objects.clear()
+
     def unmask(self, survivors: list[int], dropped: list[int]) -> dict[int, tuple[str, bytes]]:
         """Stage 3: shares of ``b`` for survivors and of ``s_sk`` for dropped sites."""
         if set(survivors) & set(dropped):

@@ -35,6 +35,7 @@ from aggregation.secagg.client import MASKED_KEY, WIRE_KEY, field_codec
 from aggregation.secagg.graph import auto_neighbours, ring
 from aggregation.secagg.protocol import SecAggAbort, SecAggServer
 from aggregation.secagg.vector import FIELD_BITS, Aggregate, WeightedUpdateCodec, unpack_field
+from core import recordview
 
 
 def _key_list(public: dict[int, tuple[bytes, bytes]], members: frozenset[int], prefix: str) -> dict[str, Any]:
@@ -98,7 +99,7 @@ class SecureAggregator:
         good = self._screen(stage, replies, set(records))
         self._entry()["stages"][stage] = {"sent": len(records), "ok": len(good),
                                           "seconds": round(time.monotonic() - t0, 4)}
-        return {self._ids[node]: msg.content.config_records[WIRE_KEY] for node, msg in good.items()}
+        return {self._ids[node]: msg.content[WIRE_KEY] for node, msg in good.items()}  # type: ignore[misc]  # screened
 
     def _screen(self, stage: str, replies: Iterable[Message], expected: set[int]) -> dict[int, Message]:
         """The replies that answer this stage correctly, by node; the others are logged."""
@@ -111,7 +112,7 @@ class SecureAggregator:
             if msg.has_error():
                 self._reject(node, stage, f"error reply: {msg.error.reason}")
                 continue
-            rec = msg.content.config_records.get(WIRE_KEY)
+            rec = recordview.config(msg.content, WIRE_KEY)
             if rec is None or "round" not in rec or "id" not in rec:
                 self._reject(node, stage, f"reply has no well-formed {WIRE_KEY!r} record")
             elif int(rec["round"]) != self._round or int(rec["id"]) != self._ids[node]:
@@ -131,7 +132,7 @@ class SecureAggregator:
         assert self._server is not None
         masked: dict[int, np.ndarray] = {}
         for node, msg in good.items():
-            record = msg.content.array_records.get(MASKED_KEY)
+            record = recordview.arrays(msg.content, MASKED_KEY)
             y: np.ndarray | None = None
             reason: str | None = "reply has no masked vector"
             if record is not None and "y" in record:
@@ -234,7 +235,7 @@ class SecureAggregator:
         masked = self._masked_vectors(good)
         next_keys: dict[int, tuple[bytes, bytes]] = {}
         for node, msg in good.items():
-            w = msg.content.config_records[WIRE_KEY]
+            w = msg.content[WIRE_KEY]  # screened: a ConfigRecord
             if self._ids[node] in masked and "next-c-pk" in w and "next-s-pk" in w:
                 next_keys[node] = (bytes(w["next-c-pk"]), bytes(w["next-s-pk"]))  # type: ignore[arg-type]
         self._entry()["stages"]["masked_input"] = {"sent": len(self._trained), "ok": len(masked),

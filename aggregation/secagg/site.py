@@ -15,6 +15,7 @@ from aggregation.base import LocalResult, SiteEnv, SiteHalf, request_encoding
 from aggregation.compression import SEED_KEY, Compression, SiteCompressor
 from aggregation.secagg import client
 from aggregation.secagg.vector import WeightedUpdateCodec
+from core import recordview
 from core.clipping import bound_norm
 from core.layout import Layout
 from core.seeding import seed_for
@@ -74,8 +75,8 @@ class SecAggSite(SiteHalf):
         stage = STAGE_OF.get(msg.metadata.message_type)
         if stage is None:
             return super().query(msg, context, env)
-        records = msg.content.config_records
-        server_round = int(records[client.WIRE_KEY]["round"]) if client.WIRE_KEY in records else 0  # type: ignore[call-overload]
+        wire = recordview.config(msg.content, client.WIRE_KEY)
+        server_round = int(wire["round"]) if wire is not None and "round" in wire else 0  # type: ignore[call-overload]
         if env.drops(server_round, stage):
             return env.dropped_reply(msg, stage)
         try:
