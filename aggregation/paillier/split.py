@@ -46,6 +46,7 @@ from phe import paillier
 
 from aggregation.paillier.crypto import check_ciphertexts
 from aggregation.paillier.server import from_array
+from core import recordview
 
 #: Decryption modes (``aggregation.decryption``).
 DECRYPTIONS = ("each", "split")
@@ -178,16 +179,19 @@ class SplitDecryption:
     log: list[dict[str, Any]] = field(default_factory=list)
     _cache: tuple[bytes, ArrayRecord | None] | None = None
 
-    def opened(self, encrypted: ArrayRecord, nodes: list[int], grid: Grid, server_round: int) -> ArrayRecord | None:
-        """The sealed-plaintext record of ``encrypted`` (``ct``, ``rows``, ``sites``) decrypted by
-        ``nodes``, or None (fewer than two nodes, or the exchange failed: send the ciphertexts)."""
+    def opened(self, encrypted: ArrayRecord, nodes: list[int], grid: Grid, server_round: int
+               ) -> tuple[ArrayRecord | None, dict[str, Any] | None]:
+        """``(record, entry)``: the sealed-plaintext record of ``encrypted`` (``ct``, ``rows``,
+        ``sites``) decrypted by ``nodes``, or None (fewer than two nodes, or the exchange failed:
+        send the ciphertexts); and the log entry of the exchange this call ran, or None (an
+        aggregate already opened is served from the cache, without one)."""
         cts = encrypted["ct"].numpy().tobytes() + encrypted["rows"].numpy().tobytes()
         digest = hashlib.sha256(cts).digest()
         if self._cache is not None and self._cache[0] == digest:
-            return self._cache[1]
+            return self._cache[1], None
         nodes = sorted(set(nodes))
         if len(nodes) < 2:
-            return None
+            return None, None
         total = len(cts) // self.width
         cuts = bounds(total, min(len(nodes), total))
         slices = {k: cts[cuts[k] * self.width : cuts[k + 1] * self.width] for k in range(len(cuts) - 1)}
@@ -207,13 +211,13 @@ class SplitDecryption:
             log(WARNING, "round %s paillier: %s of %s decryption slices missing; every site decrypts the whole "
                 "aggregate this time", server_round, len(slices) - len(sealed), len(slices))
             self._cache = (digest, None)
-            return None
+            return None, entry
         record = sealed_record([sealed[k] for k in range(len(slices))], cuts,
                                [slices[k] for k in range(len(slices))], encrypted["sites"])
         log(INFO, "round %s paillier: %s sites decrypted one slice each of %s ciphertexts", server_round,
             len(slices), total)
         self._cache = (digest, record)
-        return record
+        return record, entry
 
     def _exchange(self, slices: dict[int, bytes], cuts: list[int], total: int, assignment: dict[int, int],
                   grid: Grid, entry: dict[str, Any]) -> dict[int, bytes]:
@@ -228,7 +232,7 @@ class SplitDecryption:
         replies = list(grid.send_and_receive(msgs, timeout=self.timeout))
         for msg in replies:
             node = msg.metadata.src_node_id
-            reason, k, blob = self._check(msg, slices, cuts, n=self.n)
+            reason, k, blob = self._check(msg, slices, cuts)
             if reason is None and asked.get(k) == node:
                 got[k] = blob
             else:
@@ -240,19 +244,19 @@ class SplitDecryption:
                 entry["rejected"].append({"node": node, "reason": f"no reply within {self.timeout:g} s"})
         return got
 
-    @staticmethod
-    def _check(msg: Message, slices: dict[int, bytes], cuts: list[int], n: int) -> tuple[str | None, int, bytes]:
+    def _check(self, msg: Message, slices: dict[int, bytes], cuts: list[int]) -> tuple[str | None, int, bytes]:
+        """(why the reply is rejected or None, its slice index, its sealed slice)."""
         if msg.has_error():
             return f"error reply: {msg.error.reason}", -1, b""
-        rec = msg.content.config_records.get(REQUEST_KEY)
+        rec = recordview.config(msg.content, REQUEST_KEY)
         if rec is None or "sealed" not in rec or "index" not in rec:
             return f"reply has no {REQUEST_KEY!r} record with 'sealed' and 'index'", -1, b""
         k, blob = rec["index"], rec["sealed"]
         if not isinstance(k, int) or k not in slices:
             return f"slice index {k!r} is not one of the request's", -1, b""
-        if not isinstance(blob, bytes) or len(blob) != sealed_size(cuts[k + 1] - cuts[k], n):
+        if not isinstance(blob, bytes) or len(blob) != sealed_size(cuts[k + 1] - cuts[k], self.n):
             size = len(blob) if isinstance(blob, bytes) else type(blob).__name__
-            return (f"sealed slice {k} has {size} bytes, expected {sealed_size(cuts[k + 1] - cuts[k], n)}", k, b"")
+            return (f"sealed slice {k} has {size} bytes, expected {sealed_size(cuts[k + 1] - cuts[k], self.n)}", k, b"")
         return None, k, blob
 
 

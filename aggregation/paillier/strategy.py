@@ -57,10 +57,9 @@ class PaillierStrategy(StrategyWrapper):
         aggregate, kept for its later messages); otherwise as it is."""
         if self.split is None or not nodes or not is_encrypted(arrays):
             return arrays
-        seen = len(self.split.log)
-        opened = self.split.opened(arrays, nodes, grid, server_round)
-        if len(self.split.log) > seen:
-            self.record.round(server_round).protocol["paillier_decryption"] = self.split.log[-1]
+        opened, exchange = self.split.opened(arrays, nodes, grid, server_round)
+        if exchange is not None:
+            self.record.round(server_round).protocol["paillier_decryption"] = exchange
         return opened or arrays
 
     def _send(self, messages: Iterable[Message], arrays: ArrayRecord, grid: Grid, server_round: int
