@@ -6,8 +6,9 @@
 Part 1, speed (one process, interleaved repetitions, minimum per configuration, one thread):
 * per optimiser step on the same pre-built batch: non-private SGD, Opacus 1.6 with
   ``grad_sample_mode`` hooks / functorch / ghost (``PrivacyEngine.make_private``, its
-  ``DPOptimizer``), and fedsilo's engine (:class:`privacy.clipping.LinearClipper` plus noise),
-  for the finance task's MLP and the 5.8k-parameter MLP of the issue, batches 64/256/1024;
+  ``DPOptimizer``), and fedsilo's engine (:class:`privacy.clipping.LinearClipper` or, for the
+  imaging CNN, :class:`privacy.clipping.LayerClipper`, plus noise), for the finance task's MLP,
+  the 5.8k-parameter MLP of the issue (batches 64/256/1024) and the imaging CNN (64/256);
 * per local epoch on a real finance site (5 sites, IID): fedsilo's non-private loop
   (:func:`tasks.training.train_local`) against its DP-SGD loop (:func:`privacy.dpsgd.train_private`,
   Poisson sampling included), at the task's batch size and at 256.
@@ -117,30 +118,30 @@ def _min_time(fns: dict[str, Callable[[], None]], reps: int, inner: int) -> dict
 
 
 def check_engines() -> dict[str, float]:
-    """Largest deviation of each engine's clipped sum from the per-example definition."""
-    from privacy.clipping import LinearClipper, OpacusClipper
-    from tasks.models import MLP
+    """Largest deviation of each engine's clipped sum from the per-example definition, on the
+    MLP (fedsilo = LinearClipper) and on the imaging CNN (fedsilo = LayerClipper)."""
+    from privacy.clipping import make_clipper
+    from tasks.models import MLP, SmallCNN
 
-    torch.manual_seed(0)
-    model = MLP(23, [64, 32])
-    x, y = torch.randn(64, 23) * 2, (torch.rand(64) < 0.3).float()
-    params = list(model.parameters())
-    ref = [torch.zeros_like(p) for p in params]
-    for i in range(64):
-        loss = nn.functional.binary_cross_entropy_with_logits(model(x[i:i + 1]), y[i:i + 1], reduction="sum")
-        g = torch.autograd.grad(loss, params)
-        c = min(1.0, 1.0 / (float(torch.sqrt(sum(t.pow(2).sum() for t in g))) + 1e-6))
-        for r, t in zip(ref, g, strict=True):
-            r += c * t
     out = {}
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
-    makers = {"fedsilo": lambda: LinearClipper(model, loss_fn), "opacus-hooks": lambda: OpacusClipper(model, loss_fn),
-              "opacus-functorch": lambda: OpacusClipper(model, loss_fn, functorch=True)}
-    for name, make in makers.items():
-        clipper = make()
-        grads, _, _ = clipper.clipped_sum(x, y, 1.0)
-        clipper.close()
-        out[name] = max(float((a - b).abs().max()) for a, b in zip(grads, ref, strict=True))
+    for label, build, shape in (("", lambda: MLP(23, [64, 32]), (23,)), (" (CNN)", lambda: SmallCNN(), (1, 28, 28))):
+        torch.manual_seed(0)
+        model = build()
+        x, y = torch.randn(64, *shape) * 2, (torch.rand(64) < 0.3).float()
+        params = list(model.parameters())
+        ref = [torch.zeros_like(p) for p in params]
+        for i in range(64):
+            loss = nn.functional.binary_cross_entropy_with_logits(model(x[i:i + 1]), y[i:i + 1], reduction="sum")
+            g = torch.autograd.grad(loss, params)
+            c = min(1.0, 1.0 / (float(torch.sqrt(sum(t.pow(2).sum() for t in g))) + 1e-6))
+            for r, t in zip(ref, g, strict=True):
+                r += c * t
+        for name, engine in (("fedsilo", "auto"), ("opacus-hooks", "opacus"), ("opacus-functorch", "functorch")):
+            clipper = make_clipper(model, loss_fn, engine)
+            grads, _, _ = clipper.clipped_sum(x, y, 1.0)
+            clipper.close()
+            out[name + label] = max(float((a - b).abs().max()) for a, b in zip(grads, ref, strict=True))
     return out
 
 
@@ -323,8 +324,10 @@ def markdown(result: dict[str, Any]) -> str:
         cells = [f"{ms[k]:.2f} ms ({ra[k]:.2f}x)" if k in ms else "unsupported" for k in
                  ("non-private", "opacus-hooks", "opacus-functorch", "opacus-ghost", "fedsilo")]
         lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(cells) + " |")
-    lines += ["", "fedsilo's engine on the CNN is Opacus' per-sample gradients (hooks) with fedsilo's clipping, noise "
-              "and sampling around them; on the MLPs it is `privacy.clipping.LinearClipper`.", "",
+    lines += ["", "fedsilo's engine (`privacy.engine=auto`) on the MLPs is `privacy.clipping.LinearClipper`, on the CNN "
+              "`privacy.clipping.LayerClipper` (ghost norms for the linear head, per-example weight gradients of the "
+              "convolutions from one grouped weight-gradient convolution, GroupNorm's per-example sums), each with "
+              "fedsilo's noise and sampling.", "",
               "## One local epoch at a real finance site (1 thread, interleaved repetitions)", "",
               "Bound = the non-private epoch plus, for each DP-SGD step, the work DP-SGD cannot skip: one Gaussian draw "
               "per parameter and its addition, one uniform draw per row (Poisson sampling), the per-example squared "

@@ -38,7 +38,7 @@ from core.sites import site_label
 from core.state import SiteStore
 from privacy.accountant import ACCOUNTANTS, STATE_KEY, PrivacyLedger, noise_for_budget
 from privacy.base import Coordinator, LocalTrainer, PrivacyConfig, PrivacyOption, task_generator
-from privacy.clipping import ENGINES, LinearClipper, make_clipper
+from privacy.clipping import ENGINES, LayerClipper, LinearClipper, make_clipper
 from privacy.site_ledger import Release, SiteLedger, digest_inputs, digest_state
 from privacy.site_secret import noise_seed
 from tasks.base import Split, Task
@@ -153,13 +153,13 @@ class PrivateStep:
         self.flat = torch.empty(sum(self.sizes), dtype=dtype)
         self.noise = torch.empty(sum(self.sizes), dtype=dtype)
         self.views = [v.view_as(p) for v, p in zip(self.flat.split(self.sizes), self.params, strict=True)]
-        self.fused = isinstance(self.clipper, LinearClipper)  # writes its clipped sum into ``views`` itself
+        self.fused = isinstance(self.clipper, (LinearClipper, LayerClipper))  # writes its clipped sum into ``views``
         self._grads_set = False
 
     def set_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         """Returns (summed loss of the batch, examples clipped)."""
         if x.shape[0] and self.fused:  # scaling folded into the clip factors
-            loss, n_clipped = self.clipper.clipped_sum_into(  # type: ignore[attr-defined]  # a LinearClipper
+            loss, n_clipped = self.clipper.clipped_sum_into(  # type: ignore[attr-defined]  # a fused clipper
                 self.views, x, y, self.max_grad_norm, self.scale)
         elif x.shape[0]:
             grads, loss, n_clipped = self.clipper.clipped_sum(x, y, self.max_grad_norm)

@@ -19,7 +19,7 @@ from torch import nn
 from app import config
 from app.runtime.local_grid import run_inprocess
 from privacy.accountant import STATE_KEY, PrivacyLedger
-from privacy.clipping import LinearClipper, OpacusClipper, linear_supported, make_clipper
+from privacy.clipping import LayerClipper, LinearClipper, OpacusClipper, layers_supported, linear_supported, make_clipper
 from privacy.dpsgd import BudgetExhausted, DPSGDParams, check_budget, private_round, train_private
 from tasks.medical import MedicalTask
 from tasks.models import MLP, LogisticRegression, SmallCNN
@@ -63,14 +63,71 @@ def test_fast_clipping_equals_per_example_definition_and_opacus(model: nn.Module
     assert all(p.grad is None or not hasattr(p, "grad_sample") for p in model.parameters())
 
 
+class _ConvVariants(nn.Module):
+    """Convolutions LayerClipper must get right: stride, dilation, asymmetric padding, no bias,
+    GroupNorm with and without affine parameters, pooling, a linear head."""
+
+    def __init__(self, outputs: int = 1) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=(1, 2)), nn.GroupNorm(2, 8), nn.ReLU(),
+            nn.Conv2d(8, 6, (3, 2), dilation=2, bias=False), nn.GroupNorm(3, 6, affine=False), nn.Tanh(),
+            nn.AvgPool2d(2), nn.Conv2d(6, 4, 1, padding="valid"), nn.AdaptiveAvgPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, outputs, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.features(x))
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
+
+
+@pytest.mark.parametrize("build, shape, classes", [
+    (lambda: SmallCNN(in_channels=3, dropout=0.0), (3, 28, 28), 0),
+    (lambda: SmallCNN(outputs=3, dropout=0.0), (1, 28, 28), 3),
+    (lambda: _ConvVariants(), (3, 21, 19), 0),
+], ids=["smallcnn", "smallcnn-multiclass", "conv-variants"])
+@pytest.mark.parametrize("clip", [0.05, 1.0, 1e6])
+def test_layer_clipping_of_cnns_equals_per_example_definition_and_opacus(build, shape, classes, clip) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = build()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, *shape, generator=g) * 2
+    if classes:
+        y, loss_fn = torch.randint(0, classes, (12,), generator=g), nn.CrossEntropyLoss(reduction="sum")
+    else:
+        y, loss_fn = (torch.rand(12, generator=g) < 0.3).float(), nn.BCEWithLogitsLoss(reduction="sum")
+    params = list(model.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for i in range(12):  # the definition: one backward pass per example
+        grads = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), params)
+        factor = min(1.0, clip / (float(torch.sqrt(sum(t.pow(2).sum() for t in grads))) + 1e-6))
+        for e, t in zip(expected, grads, strict=True):
+            e += factor * t
+    assert layers_supported(model) and not linear_supported(model)
+    for make in (LayerClipper, OpacusClipper):  # one at a time: each hooks into the model
+        clipper = make(model, loss_fn)
+        got, loss, clipped = clipper.clipped_sum(x, y, clip)
+        clipper.close()
+        for a, e in zip(got, expected, strict=True):
+            assert torch.allclose(a, e, atol=1e-5, rtol=1e-4), type(clipper).__name__
+        assert clipped == (12 if clip == 0.05 else 0) or clip == 1.0
+        assert loss == pytest.approx(float(loss_fn(model(x), y)), rel=1e-5)
+    assert all("forward" not in m.__dict__ for m in model.modules())  # close() restored every layer
+
+
 def test_engine_choice() -> None:
     assert linear_supported(MLP(5, [4])) and linear_supported(LogisticRegression(3))
-    assert not linear_supported(SmallCNN())
+    assert not linear_supported(SmallCNN()) and layers_supported(SmallCNN())
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     assert isinstance(make_clipper(MLP(5, [4]), loss_fn, "auto"), LinearClipper)
-    assert isinstance(make_clipper(SmallCNN(), loss_fn, "auto"), OpacusClipper)
-    with pytest.raises(ValueError, match="nn.Linear"):
-        make_clipper(SmallCNN(), loss_fn, "fast")
+    assert isinstance(make_clipper(SmallCNN(), loss_fn, "auto"), LayerClipper)
+    assert isinstance(make_clipper(SmallCNN(), loss_fn, "opacus"), OpacusClipper)
+    layer_norm = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm([4, 26, 26]), nn.Flatten(), nn.Linear(4 * 26 * 26, 1))
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 26 * 26, 1))
+    for model in (layer_norm, grouped):  # no LayerClipper rule for these: Opacus' hooks
+        assert not layers_supported(model)
+        assert isinstance(make_clipper(model, loss_fn, "auto"), OpacusClipper)
+        with pytest.raises(ValueError, match="nn.Conv2d"):
+            make_clipper(model, loss_fn, "fast")
     with pytest.raises(ValueError, match="privacy.engine"):
         make_clipper(MLP(5, [4]), loss_fn, "jax")
 
@@ -231,9 +288,10 @@ def test_bad_dpsgd_config_names_the_key(override: str, key: str) -> None:
     assert err.value.key == key
 
 
-def test_cnn_task_trains_under_dpsgd_through_opacus(tmp_path: Path) -> None:
-    """medical_imaging's GroupNorm CNN goes through Opacus' GradSampleModule (engine=auto)."""
+@pytest.mark.parametrize("engine", ["auto", "opacus"])
+def test_cnn_task_trains_under_dpsgd(tmp_path: Path, engine: str) -> None:
+    """medical_imaging's GroupNorm CNN: fedsilo's LayerClipper (engine=auto) and Opacus' GradSampleModule."""
     res = run_inprocess(["task=medical_imaging", "num_sites=2", "num_rounds=1", "privacy=dpsgd",
-                         "privacy.target_epsilon=5", "strategy.fraction_evaluate=0"], tmp_path)
+                         "privacy.target_epsilon=5", "strategy.fraction_evaluate=0", f"privacy.engine={engine}"], tmp_path)
     assert res["status"] == "completed" and 0 < res["privacy"]["max_epsilon"] <= 5
     assert res["final"]["auc"] is not None
