@@ -141,7 +141,7 @@ def row_of(n: int, bases: list[dict], ours_: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--sites", type=int, nargs="*", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--secagg", type=int, nargs="*", default=[100], help="also run aggregation=secagg at these site counts")
     ap.add_argument("--secagg-reps", type=int, default=2, help="repetitions of each secagg run")
@@ -163,32 +163,32 @@ def main() -> None:
                   f"{ours['mean_round_s']:.2f} s/round ({ours['peak_rss_mb']:.0f} MB): ratio "
                   f"{row['ratio_mean_round']:.2f} (after round 1: {row['ratio_after_first']:.2f}, range "
                   f"{sp[0]:.2f}-{sp[1]:.2f})", flush=True)
-            if n in (args.secagg or []):
-                # Each repetition: plain fedsilo, plain without federated evaluation (one message exchange
-                # fewer) and secagg, interleaved. Secure aggregation's rounds after the first have one exchange
-                # more than plain (the unmasking); its message bound is plain + that exchange, measured as
-                # plain - (plain without evaluation).
-                plains, lights, runs = [], [], []
-                for _ in range(args.secagg_reps):
-                    plains.append(summary(run_fedsilo(n, args.rounds, Path(tmp))))
-                    lights.append(summary(run_fedsilo(n, args.rounds, Path(tmp), ["strategy.fraction_evaluate=0"])))
-                    runs.append(summary(run_fedsilo(n, args.rounds, Path(tmp), ["aggregation=secagg"])))
-                key = "mean_round_s_after_first"
-                ratios = [r[key] / p[key] for p, r in zip(plains, runs, strict=True)]
-                bounds = [2 * p[key] - lt[key] for p, lt in zip(plains, lights, strict=True)]
-                sec = {"sites": n, **median_run(runs), "reps": runs, "plain_reps": plains, "no_evaluate_reps": lights,
-                       "ratio_after_first_vs_plain": statistics.median(ratios),
-                       "ratio_after_first_vs_plain_range": [min(ratios), max(ratios)],
-                       "exchange_s": statistics.median(p[key] - lt[key] for p, lt in zip(plains, lights, strict=True)),
-                       "bound_after_first_vs_plain": statistics.median(b / p[key] for b, p in zip(bounds, plains, strict=True)),
-                       "ratio_after_first_vs_bound": statistics.median(r[key] / b for r, b in zip(runs, bounds, strict=True)),
-                       "ratio_vs_plain": median_run(runs)["mean_round_s"] / median_run(plains)["mean_round_s"]}
-                secaggs.append(sec)
-                print(f"secagg at {n} sites: {sec['mean_round_s']:.2f} s/round (after round 1 "
-                      f"{sec['mean_round_s_after_first']:.2f}, {sec['ratio_after_first_vs_plain']:.2f}x plain fedsilo; "
-                      f"one exchange {sec['exchange_s']:.2f} s, bound {sec['bound_after_first_vs_plain']:.2f}x plain, "
-                      f"secagg {sec['ratio_after_first_vs_bound']:.2f}x bound), peak {sec['peak_rss_mb']:.0f} MB, "
-                      f"AUC {sec['final_auc']:.4f}", flush=True)
+        for n in args.secagg or []:
+            # Each repetition: plain fedsilo, plain without federated evaluation (one message exchange
+            # fewer) and secagg, interleaved. Secure aggregation's rounds after the first have one exchange
+            # more than plain (the unmasking); its message bound is plain + that exchange, measured as
+            # plain - (plain without evaluation).
+            plains, lights, runs = [], [], []
+            for _ in range(args.secagg_reps):
+                plains.append(summary(run_fedsilo(n, args.rounds, Path(tmp))))
+                lights.append(summary(run_fedsilo(n, args.rounds, Path(tmp), ["strategy.fraction_evaluate=0"])))
+                runs.append(summary(run_fedsilo(n, args.rounds, Path(tmp), ["aggregation=secagg"])))
+            key = "mean_round_s_after_first"
+            ratios = [r[key] / p[key] for p, r in zip(plains, runs, strict=True)]
+            bounds = [2 * p[key] - lt[key] for p, lt in zip(plains, lights, strict=True)]
+            sec = {"sites": n, **median_run(runs), "reps": runs, "plain_reps": plains, "no_evaluate_reps": lights,
+                   "ratio_after_first_vs_plain": statistics.median(ratios),
+                   "ratio_after_first_vs_plain_range": [min(ratios), max(ratios)],
+                   "exchange_s": statistics.median(p[key] - lt[key] for p, lt in zip(plains, lights, strict=True)),
+                   "bound_after_first_vs_plain": statistics.median(b / p[key] for b, p in zip(bounds, plains, strict=True)),
+                   "ratio_after_first_vs_bound": statistics.median(r[key] / b for r, b in zip(runs, bounds, strict=True)),
+                   "ratio_vs_plain": median_run(runs)["mean_round_s"] / median_run(plains)["mean_round_s"]}
+            secaggs.append(sec)
+            print(f"secagg at {n} sites: {sec['mean_round_s']:.2f} s/round (after round 1 "
+                  f"{sec['mean_round_s_after_first']:.2f}, {sec['ratio_after_first_vs_plain']:.2f}x plain fedsilo; "
+                  f"one exchange {sec['exchange_s']:.2f} s, bound {sec['bound_after_first_vs_plain']:.2f}x plain, "
+                  f"secagg {sec['ratio_after_first_vs_bound']:.2f}x bound), peak {sec['peak_rss_mb']:.0f} MB, "
+                  f"AUC {sec['final_auc']:.4f}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.merge and (OUT / "scale.json").is_file():  # add these repetitions to the recorded ones
         old = {r["sites"]: r for r in json.loads((OUT / "scale.json").read_text())["rows"]}
@@ -197,7 +197,9 @@ def main() -> None:
                 r.update(row_of(r["sites"], old[r["sites"]]["reps"]["flower"] + r["reps"]["flower"],
                                 old[r["sites"]]["reps"]["fedsilo"] + r["reps"]["fedsilo"]))
         rows = sorted([r for n, r in old.items() if n not in args.sites] + rows, key=lambda r: r["sites"])
-        secaggs = secaggs or json.loads((OUT / "scale.json").read_text()).get("secagg") or []
+        fresh = {sec["sites"] for sec in secaggs}
+        secaggs = sorted([sec for sec in json.loads((OUT / "scale.json").read_text()).get("secagg") or []
+                          if sec["sites"] not in fresh] + secaggs, key=lambda sec: sec["sites"])
     payload = {"rounds": args.rounds, "fedsilo_overrides": FEDSILO, "rows": rows, "secagg": secaggs}
     (OUT / "scale.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"# Simulation at scale ({args.rounds} rounds, finance, Dirichlet alpha 2, medians of interleaved "
