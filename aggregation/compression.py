@@ -55,6 +55,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from aggregation.base import AggregationOption, StrategyWrapper
+from core import recordview
 from core.config import check as check_key
 from core.layout import Layout
 from core.replies import ReplyError
@@ -334,7 +335,7 @@ class SiteCompressor:
             saved = store.load(RESIDUAL, server_round)
             e = None if saved is None else saved["e"].numpy().astype(np.float64)
         else:
-            rec = context.state.array_records.get(RESIDUAL)
+            rec = recordview.arrays(context.state, RESIDUAL)
             e = None if rec is None else rec["e"].numpy().astype(np.float64)
         return e if e is not None and e.shape == (n,) else np.zeros(n)
 

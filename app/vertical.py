@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 import vertical
 from app import config
 from app.runtime.paths import resolve_data_dir
+from core import recordview
 from vertical import coordinator, party, split_nn
 from vertical.channel import ChannelError
 from vertical.config import PartyConfig, VerticalConfig
@@ -206,9 +207,10 @@ def answer(msg: Message, context: Context) -> Message:
         vertical.module(cfg.vertical.name)  # registers the model's party steps
         env = party_env(context, cfg)
         name = env.name
-        if STATE not in context.state.config_records:
-            context.state[STATE] = ConfigRecord()
-        state = dict(context.state.config_records[STATE].items())
+        held = recordview.config(context.state, STATE)
+        if held is None:
+            held = context.state[STATE] = ConfigRecord()
+        state = dict(held.items())
         t0 = time.perf_counter()
         reply = party.handle(step, payload, state, env)
         reply["_secs"] = time.perf_counter() - t0

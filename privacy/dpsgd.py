@@ -31,6 +31,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.common import log
 from torch import nn
 
+from core import recordview
 from core.config import check
 from core.records import RoundRecord, RunRecord
 from core.replies import ReplyError, SiteRefusal
@@ -282,7 +283,7 @@ def private_round(
     ledger lives in ``context.state`` (one process, no disk)."""
     planned = steps_per_epoch(params.sample_rate) * cfg.epochs if max_steps is None else max_steps
     if ledger is None:
-        own = PrivacyLedger.from_record(context.state.config_records.get(STATE_KEY), params.accountant)
+        own = PrivacyLedger.from_record(recordview.config(context.state, STATE_KEY), params.accountant)
         check_budget(own, params, planned)
         stats = train_private(model, x, y, cfg, params, generator, penalty, max_steps, augment)
         own = own.with_steps(params.noise_multiplier, params.sample_rate, int(stats["local_steps"]))
@@ -366,7 +367,7 @@ def adopt_restored(context: Context, train_config: ConfigRecord, name: str, acco
             log(WARNING, "site %s had no ledger of its own with %d steps; adopted the coordinator's copy",
                 name, restored.steps)
         return
-    own = PrivacyLedger.from_record(context.state.config_records.get(STATE_KEY), accountant)
+    own = PrivacyLedger.from_record(recordview.config(context.state, STATE_KEY), accountant)
     if restored.steps > own.steps:
         context.state[STATE_KEY] = restored.to_record()
 

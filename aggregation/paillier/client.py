@@ -27,6 +27,7 @@ from aggregation.paillier.packing import Packer
 from aggregation.paillier.server import ENCRYPTED_KEY, META_KEY, ct_width, from_array, is_encrypted, to_array
 from aggregation.paillier.split import is_opened, open_slices, slice_key
 from aggregation.paillier.vector import ModelCodec
+from core import recordview
 from core.layout import Layout
 
 
@@ -71,9 +72,11 @@ def global_state(arrays: ArrayRecord, template: dict[str, torch.Tensor], codec_f
     if not opened and not is_encrypted(arrays):
         return arrays.to_torch_state_dict()
     digest = _digest(arrays)
-    if context is not None and DECRYPTED_KEY in context.state.array_records:
-        if context.state.config_records[DIGEST_KEY]["sha256"] == digest:
-            return context.state.array_records[DECRYPTED_KEY].to_torch_state_dict()
+    cached = None if context is None else recordview.arrays(context.state, DECRYPTED_KEY)
+    if cached is not None and context is not None:
+        seen = recordview.config(context.state, DIGEST_KEY)
+        if seen is not None and seen["sha256"] == digest:
+            return cached.to_torch_state_dict()
     layout = Layout.of({k: v.numpy() for k, v in template.items()})
     codec = codec_for(layout.size)
     if opened:
@@ -109,7 +112,7 @@ def prepare_next_round(context: Context, template: dict[str, torch.Tensor], code
 
 def _take_obfuscators(context: Context, count: int) -> list[int | None]:
     """The precomputed obfuscators (removed from the state: never reused), or None each."""
-    record = context.state.config_records.get(OBFUSCATORS_KEY)
+    record = recordview.config(context.state, OBFUSCATORS_KEY)
     if record is None:
         return [None] * count
     del context.state[OBFUSCATORS_KEY]
