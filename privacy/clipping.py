@@ -85,28 +85,31 @@ def linear_supported(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Linear) for m in model.modules())
 
 
-class LinearClipper:
-    """Exact per-sample clipping for linear models from layer inputs and output gradients."""
+class _RecordingClipper:
+    """What :class:`LinearClipper` and :class:`LayerClipper` share: each clipped layer's input
+    and output recorded by a wrapper of its forward (an instance attribute: a forward hook would
+    take nn.Module's slower call path on every layer, every step), one forward pass, one backward
+    pass to the layer outputs only, and where each layer's gradients go in the caller's buffers.
+    A subclass sets :attr:`needs` (named in errors) and turns ``(inputs, output gradients)`` into
+    the clipped sum."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
-        if not linear_supported(model):
-            raise ValueError(f"{type(model).__name__} has layers other than nn.Linear with parameters")
+    needs = "each layer with parameters called once per forward pass"
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, layers: list[nn.Module]) -> None:
         if not all(p.requires_grad for p in model.parameters()):
-            raise ValueError("LinearClipper trains every parameter; use engine=opacus for frozen layers")
-        self.model, self.loss_fn = model, loss_fn
-        self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            raise ValueError(f"{type(self).__name__} trains every parameter; use engine=opacus for frozen layers")
+        self.model, self.loss_fn, self.layers = model, loss_fn, layers
         self._io: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # each layer's input and output, kept by a wrapper of its forward (an instance attribute:
-        # a forward hook would take nn.Module's slower call path on every layer, every step)
         for layer in self.layers:
-            layer.forward = self._recording(layer)  # type: ignore[method-assign,assignment]
+            layer.forward = self._recording(layer)  # type: ignore[method-assign]
         self.params = [p for p in model.parameters() if p.requires_grad]
         order = {id(p): i for i, p in enumerate(self.params)}
         # per layer: where its weight's and bias's gradients go in ``out`` (None: no bias)
-        self._slots = [(order[id(m.weight)], None if m.bias is None else order[id(m.bias)]) for m in self.layers]
+        self._slots: list[tuple[int, int | None]] = [
+            (order[id(m.weight)], None if m.bias is None else order[id(m.bias)]) for m in self.layers]
         self._one = torch.ones((), dtype=self.params[0].dtype if self.params else torch.float32)
 
-    def _recording(self, layer: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _recording(self, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         forward = layer.forward
 
         def record(x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +118,18 @@ class LinearClipper:
             return out
 
         return record
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor
+                          ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, ...]]:
+        """``(summed loss, each layer's (input, output), each layer's output gradient)``."""
+        self._io.clear()
+        loss = self.loss_fn(self.model(x), y)
+        io, self._io = self._io, []
+        if len(io) != len(self.layers):
+            raise ValueError(f"{type(self).__name__} needs {self.needs}")
+        if loss.dtype != self._one.dtype:
+            self._one = torch.ones((), dtype=loss.dtype)
+        return loss, io, _output_grads(loss, self._one, tuple(o for _, o in io))
 
     def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float, scale: float = 1.0
                     ) -> tuple[list[torch.Tensor], float, int]:
@@ -128,14 +143,26 @@ class LinearClipper:
         """:meth:`clipped_sum` written into ``out`` (one tensor per trainable parameter, in
         ``model.parameters()`` order; views of one flat buffer let the caller add the noise in a
         single operation). Returns ``(summed loss, examples clipped)``."""
-        self._io.clear()
-        loss = self.loss_fn(self.model(x), y)
-        io, self._io = self._io, []
-        if len(io) != len(self.layers):
-            raise ValueError("LinearClipper needs each linear layer called once per forward pass on 2-D input")
-        if loss.dtype != self._one.dtype:
-            self._one = torch.ones((), dtype=loss.dtype)
-        outs = _output_grads(loss, self._one, tuple(o for _, o in io))
+        raise NotImplementedError
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+
+
+class LinearClipper(_RecordingClipper):
+    """Exact per-sample clipping for linear models from layer inputs and output gradients."""
+
+    needs = "each linear layer called once per forward pass on 2-D input"
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        if not linear_supported(model):
+            raise ValueError(f"{type(model).__name__} has layers other than nn.Linear with parameters")
+        super().__init__(model, loss_fn, [m for m in model.modules() if isinstance(m, nn.Linear)])
+
+    def clipped_sum_into(self, out: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, max_grad_norm: float,
+                         scale: float = 1.0) -> tuple[float, int]:
+        loss, io, outs = self._forward_backward(x, y)
         # The per-example norms are a few small vectors per layer: in NumPy, whose per-call cost is
         # a fraction of a torch operator's (what dominated DP-SGD's overhead on small models).
         # ||g_i a_i^T||^2 + ||g_i||^2 (bias) = ||g_i||^2 (||a_i||^2 + 1)
@@ -145,7 +172,7 @@ class LinearClipper:
             a = a.detach()
             a_np, g_np = a.numpy(), g.numpy()
             if a_np.ndim != 2:
-                raise ValueError("LinearClipper needs each linear layer called once per forward pass on 2-D input")
+                raise ValueError(f"LinearClipper needs {self.needs}")
             a2 = np.vecdot(a_np, a_np)
             if bias is not None:
                 a2 += 1
@@ -161,10 +188,6 @@ class LinearClipper:
             if bias is not None:
                 torch.sum(g, 0, out=out[bias])
         return loss.item(), int(np.count_nonzero(c < 1))
-
-    def close(self) -> None:
-        for layer in self.layers:
-            layer.__dict__.pop("forward", None)
 
 
 class OpacusClipper:
@@ -239,7 +262,7 @@ def _conv_weight_per_example(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) 
     return per.reshape(b, -1)
 
 
-class LayerClipper:
+class LayerClipper(_RecordingClipper):
     """Exact per-sample clipping for convolutional models (the imaging CNN) from each layer's
     input and output gradient, one forward and one backward pass, as :class:`LinearClipper`
     does for linear ones; each layer type has its rule (Opacus' per-layer grad-sample rules,
@@ -255,50 +278,17 @@ class LayerClipper:
     Agrees with the per-example definition (and Opacus) up to float rounding (tested).
     """
 
+    needs = "each layer with parameters called once per forward pass"
+
     def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
         if not layers_supported(model):
             raise ValueError(f"{type(model).__name__} has layers other than nn.Linear, nn.Conv2d (one group, zero "
                              "padding) and nn.GroupNorm with parameters, or a module that mixes examples")
-        if not all(p.requires_grad for p in model.parameters()):
-            raise ValueError("LayerClipper trains every parameter; use engine=opacus for frozen layers")
-        self.model, self.loss_fn = model, loss_fn
-        self.layers = [m for m in model.modules() if m is not model and _clipped_layer(m)]
-        self._io: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer in self.layers:
-            layer.forward = self._recording(layer)  # type: ignore[method-assign]
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        order = {id(p): i for i, p in enumerate(self.params)}
-        self._slots = [(order[id(m.weight)], None if m.bias is None else order[id(m.bias)]) for m in self.layers]
-        self._one = torch.ones((), dtype=self.params[0].dtype)
-
-    def _recording(self, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        forward = layer.forward
-
-        def record(x: torch.Tensor) -> torch.Tensor:
-            out = forward(x)
-            self._io.append((x, out))
-            return out
-
-        return record
-
-    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float, scale: float = 1.0
-                    ) -> tuple[list[torch.Tensor], float, int]:
-        """As :meth:`Clipper.clipped_sum`; ``scale`` multiplies the result (folded into the clip factors)."""
-        out = [torch.empty_like(p) for p in self.params]
-        loss, clipped = self.clipped_sum_into(out, x, y, max_grad_norm, scale)
-        return out, loss, clipped
+        super().__init__(model, loss_fn, [m for m in model.modules() if m is not model and _clipped_layer(m)])
 
     def clipped_sum_into(self, out: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, max_grad_norm: float,
                          scale: float = 1.0) -> tuple[float, int]:
-        """:meth:`LinearClipper.clipped_sum_into` for the layers of :func:`layers_supported`."""
-        self._io.clear()
-        loss = self.loss_fn(self.model(x), y)
-        io, self._io = self._io, []
-        if len(io) != len(self.layers):
-            raise ValueError("LayerClipper needs each layer with parameters called once per forward pass")
-        if loss.dtype != self._one.dtype:
-            self._one = torch.ones((), dtype=loss.dtype)
-        outs = _output_grads(loss, self._one, tuple(o for _, o in io))
+        loss, io, outs = self._forward_backward(x, y)
         norms2 = torch.zeros(x.shape[0], dtype=loss.dtype)
         parts: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # per layer: what its clipped sum is made from
         for layer, (a, _), g in zip(self.layers, io, outs, strict=True):
@@ -341,10 +331,6 @@ class LayerClipper:
                 assert second is not None  # the per-example bias gradients
                 torch.mv(second.t(), weights, out=out[bias])
         return loss.item(), int((c < 1).sum())
-
-    def close(self) -> None:
-        for layer in self.layers:
-            layer.__dict__.pop("forward", None)
 
 
 def make_clipper(model: nn.Module, loss_fn: nn.Module, engine: str = "auto") -> Clipper:
