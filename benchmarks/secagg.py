@@ -17,7 +17,7 @@ message and reply goes through Flower's protobuf serialisation, as on a real wir
 figures isolate protocol cost; ``--engine`` adds plain vs secagg
 at 10 sites through Flower's simulation engine (``fedsilo`` command).
 
-    python benchmarks/secagg.py               # about 10 minutes on 2 cores
+    python benchmarks/secagg.py --rounds 5    # about 2 minutes on 2 cores (3 pairs per site count)
     python benchmarks/secagg.py --engine      # + the simulation engine at 10 sites
 
 Writes ``benchmarks/results/secagg.{json,md}``.
@@ -176,28 +176,50 @@ def main() -> None:
     parser.add_argument("--sites", type=int, nargs="+", default=[5, 20, 50])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--engine", action="store_true", help="also plain vs secagg at 10 sites in the engine")
+    parser.add_argument("--reps", type=int, default=3,
+                        help="interleaved plain/secagg pairs per site count (each with its own bound); medians and "
+                             "ranges are reported (Flower's SecAgg+ runs once)")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.ERROR)
     rows = []
-    floors = {}
+    pairs: dict[int, list[dict[str, float]]] = {}
     for n in args.sites:
-        for kind in ("plain", "secagg", "flower"):
-            timing = one(kind, n, args.rounds)
-            rows.append(timing)
-            print(f"{n:3d} sites {kind:7s}: {timing['seconds_per_round']:.3f} s/round, "
-                  f"up {timing['bytes_up_per_site'] / 1e3:.1f} kB, down {timing['bytes_down_per_site'] / 1e3:.1f} kB "
-                  f"per site per round", flush=True)
-        floors[n] = crypto_floor(n)  # right after the runs it bounds (the machine's speed drifts over minutes)
+        pairs[n] = []
+        for rep in range(args.reps):
+            kinds = ("plain", "secagg", "flower") if rep == 0 else ("plain", "secagg")
+            got = {}
+            for kind in kinds:
+                timing = one(kind, n, args.rounds)
+                got[kind] = timing
+                if kind == "flower" or rep == 0:
+                    rows.append(timing)
+                print(f"{n:3d} sites {kind:7s} (repetition {rep + 1}): {timing['seconds_per_round']:.3f} s/round, "
+                      f"up {timing['bytes_up_per_site'] / 1e3:.1f} kB, down {timing['bytes_down_per_site'] / 1e3:.1f} kB "
+                      f"per site per round", flush=True)
+            fl = crypto_floor(n)  # right after the runs it bounds (the machine's speed drifts over minutes)
+            pairs[n].append({"plain": got["plain"]["seconds_per_round"], "secagg": got["secagg"]["seconds_per_round"],
+                             "floor": fl["per_round"], "neighbours": fl["neighbours"]})
     lines = ["| sites | method | s/round | × plain | × Flower SecAgg+ | kB up/site/round | kB down/site/round |",
              "|---|---|---|---|---|---|---|"]
-    bound_lines = ["| sites | neighbours | plain s/round | crypto floor s/round | bound = plain + floor | secagg s/round "
-                   "| secagg / plain | bound / plain | secagg / bound |", "|---|---|---|---|---|---|---|---|---|"]
+    bound_lines = ["| sites | neighbours | plain s/round | crypto floor s/round | secagg s/round | secagg / plain [range] "
+                   "| bound / plain [range] | secagg / bound [range] |", "|---|---|---|---|---|---|---|---|"]
+
+    def med(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+    summary: dict[int, dict[str, float]] = {}
     for n in args.sites:
+        ps = pairs[n]
+        ratio = [q["secagg"] / q["plain"] for q in ps]
+        bound = [(q["plain"] + q["floor"]) / q["plain"] for q in ps]
+        to_bound = [q["secagg"] / (q["plain"] + q["floor"]) for q in ps]
+        summary[n] = {"ratio": statistics.median(ratio), "bound": statistics.median(bound),
+                      "to_bound": statistics.median(to_bound)}
+        bound_lines.append(f"| {n} | {ps[0]['neighbours']} | {statistics.median(q['plain'] for q in ps):.3f} "
+                           f"| {statistics.median(q['floor'] for q in ps):.3f} "
+                           f"| {statistics.median(q['secagg'] for q in ps):.3f} | **{med(ratio)}** | {med(bound)} "
+                           f"| {med(to_bound)} |")
         by = {r["kind"]: r for r in rows if r["sites"] == n}
-        fl, plain_s, sec_s = floors[n], by["plain"]["seconds_per_round"], by["secagg"]["seconds_per_round"]
-        bound_s = plain_s + fl["per_round"]
-        bound_lines.append(f"| {n} | {fl['neighbours']} | {plain_s:.3f} | {fl['per_round']:.3f} | {bound_s:.3f} | {sec_s:.3f} "
-                           f"| **{sec_s / plain_s:.2f}** | {bound_s / plain_s:.2f} | {sec_s / bound_s:.2f} |")
         for kind, label in (("plain", "fedsilo plain"), ("secagg", "fedsilo secagg"), ("flower", "Flower SecAgg+ (legacy)")):
             r = by[kind]
             lines.append(f"| {n} | {label} | {r['seconds_per_round']:.3f} | "
@@ -208,18 +230,20 @@ def main() -> None:
     command = " ".join(["python benchmarks/secagg.py", *sys.argv[1:]])
     text = (f"Produced by `{command}`: finance, IID, 1 local epoch, {args.rounds} rounds, in-process "
             f"(real ServerApp/ClientApp objects, every message through Flower's protobuf serialisation, no Ray or gRPC); "
-            f"s/round is the median of rounds 2..{args.rounds}.\n\n" + "\n".join(lines) + "\n\n"
+            f"s/round is the median of rounds 2..{args.rounds}; the first table is the first repetition (and "
+            f"Flower's one run).\n\n" + "\n".join(lines) + "\n\n"
             "Bound: plain fedsilo's round plus the cryptography SecAgg+ cannot skip (per site: one X25519 exchange "
             "per neighbour and key pair, one AES-CTR mask expansion per neighbour and its own, two Shamir sharings, "
             "one sealed and one opened share per neighbour; at the server one self-mask and one reconstruction per "
-            "site), timed alone in this process (`crypto_floor`).\n\n" + "\n".join(bound_lines) + "\n")
+            "site), timed alone in this process (`crypto_floor`) right after each plain/secagg pair. Medians over "
+            f"{args.reps} interleaved pairs per site count, ranges in brackets.\n\n" + "\n".join(bound_lines) + "\n")
     if eng:
         text += (f"\nSimulation engine, 10 sites (`fedsilo`): plain {eng['plain']:.3f} s/round, secagg "
                  f"{eng['secagg']:.3f} s/round, ratio {eng['secagg'] / eng['plain']:.2f}.\n")
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "secagg.json").write_text(json.dumps({"command": command, "rows": rows, "engine_10_sites": eng,
-                                                 "crypto_floor": floors}, indent=1) + "\n")
+                                                 "pairs": pairs, "summary": summary}, indent=1) + "\n")
     (out / "secagg.md").write_text(text)
     print(text)
 
