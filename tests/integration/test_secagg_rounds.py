@@ -207,6 +207,33 @@ def test_replayed_and_out_of_order_stage_messages_are_refused(tmp_path: Path, mo
         assert again.has_error() and "replayed" in again.error.reason, again.error.reason
 
 
+def test_a_site_erases_its_keys_once_masked_and_its_shares_once_unmasked(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a site's state holds between stages: after its masked input only the shares it holds for others
+    (for the unmasking), after the unmasking nothing of the round's secrets."""
+    from aggregation.secagg import client as secagg_client
+
+    unmask, at_unmask = secagg_client.unmask, []
+
+    def inspecting_unmask(msg: Message, context: Context, share_next: bool = True) -> Message:
+        at_unmask.append(wire.split(context.state[secagg_client.STATE_KEY]["secrets"]))  # type: ignore[index,arg-type]
+        return unmask(msg, context, share_next)
+
+    monkeypatch.setattr(secagg_client, "unmask", inspecting_unmask)
+    grid, results, _ = run(tmp_path, ["task=medical", "num_rounds=1", "aggregation=secagg",
+                                      "strategy.fraction_evaluate=0"], monkeypatch)
+    assert results["status"] == "completed" and len(at_unmask) == 4
+    for secrets in at_unmask:  # c_sk, s_sk, s_seed, b_seed, peer ids, c keys, s keys | held ids, b, sk | agreed
+        assert [len(x) for x in secrets[:7]] == [0] * 7 and len(secrets[11]) == 0
+        assert all(len(x) > 0 for x in secrets[7:10])  # the shares it holds for the others
+    for node in grid.contexts:  # round 1's state is gone: either emptied, or replaced by the next round's shares
+        state = grid.contexts[node].state[secagg_client.STATE_KEY]
+        if state["stage"] == "unmask":  # type: ignore[index]
+            assert all(len(x) == 0 for x in wire.split(state["secrets"]))  # type: ignore[index,arg-type]
+        else:  # the pipelined stage 1 of round 2 (fresh keys), done in the same message as round 1's unmasking
+            assert (state["round"], state["stage"]) == (2, "share")  # type: ignore[index]
+
+
 def test_misaddressed_reply_is_rejected_by_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original = LocalGrid._deliver
 
