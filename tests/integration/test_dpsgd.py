@@ -114,6 +114,23 @@ def test_layer_clipping_of_cnns_equals_per_example_definition_and_opacus(build, 
     assert all("forward" not in m.__dict__ for m in model.modules())  # close() restored every layer
 
 
+def test_output_gradients_are_the_same_with_or_without_autograds_engine_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clippers call autograd's C++ engine directly (what torch.autograd.grad does after its argument
+    handling); a torch without that entry point falls back to torch.autograd.grad, with the same numbers."""
+    import privacy.clipping as clipping
+
+    assert clipping._ENGINE is not None  # the pinned torch has it: the fast path is the one tested elsewhere
+    x, y = _batch(40, 23)
+    got = {}
+    for label, engine in (("direct", clipping._ENGINE), ("fallback", None)):
+        monkeypatch.setattr(clipping, "_ENGINE", engine)
+        torch.manual_seed(0)
+        clipper = LinearClipper(MLP(23, [16, 8]), nn.BCEWithLogitsLoss(reduction="sum"))
+        got[label] = clipper.clipped_sum(x, y, 0.5)[0]
+        clipper.close()
+    assert all(torch.equal(a, b) for a, b in zip(got["direct"], got["fallback"], strict=True))
+
+
 def test_engine_choice() -> None:
     assert linear_supported(MLP(5, [4])) and linear_supported(LogisticRegression(3))
     assert not linear_supported(SmallCNN()) and layers_supported(SmallCNN())
