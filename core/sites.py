@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message
 
+from core import recordview
+
 WEIGHT_KEY = "num-examples"
 SITE_KEY = "site"
 
@@ -34,12 +36,9 @@ class SiteId:
 
 
 def site_record(msg: Message) -> ConfigRecord | None:
-    """The reply's ``site`` ConfigRecord, or None (read directly: ``content.config_records``
+    """The reply's ``site`` ConfigRecord, or None (:mod:`core.recordview`: ``content.config_records``
     rebuilds a filtered dict on every access, a cost per reply at hundreds of sites)."""
-    if msg.has_error():
-        return None
-    rec = msg.content.get(SITE_KEY)
-    return rec if isinstance(rec, ConfigRecord) else None
+    return None if msg.has_error() else recordview.config(msg.content, SITE_KEY)
 
 
 def site_of(msg: Message) -> SiteId:

@@ -36,8 +36,7 @@ T = TypeVar("T", torch.Tensor, np.ndarray)
 #: copy for ``torch.compile``): ~10 us of a small model's ~150 us step, none of which a fixed
 #: scalar loss and a list of plain tensors need. The same engine call, so the same numbers.
 #: Falls back to ``torch.autograd.grad`` where a torch build does not expose it.
-_ENGINE = getattr(getattr(torch.autograd, "variable", None), "Variable", None)
-_ENGINE = getattr(_ENGINE, "_execution_engine", None)
+_ENGINE = getattr(getattr(getattr(torch.autograd, "variable", None), "Variable", None), "_execution_engine", None)
 
 
 def _output_grads(loss: torch.Tensor, one: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -256,9 +255,9 @@ def _conv_weight_per_example(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) 
     b, c = a.shape[:2]
     out = g.shape[1]
     per = conv2d_weight(a.reshape(1, b * c, *a.shape[2:]), (b * out, c, *conv.kernel_size),
-                                      g.reshape(1, b * out, *g.shape[2:]), conv.stride,
-                                      0 if conv.padding == "valid" else conv.padding,  # type: ignore[arg-type]
-                                      conv.dilation, groups=b)
+                        g.reshape(1, b * out, *g.shape[2:]), conv.stride,
+                        0 if conv.padding == "valid" else conv.padding,  # type: ignore[arg-type]
+                        conv.dilation, groups=b)
     return per.reshape(b, -1)
 
 
@@ -277,8 +276,6 @@ class LayerClipper(_RecordingClipper):
 
     Agrees with the per-example definition (and Opacus) up to float rounding (tested).
     """
-
-    needs = "each layer with parameters called once per forward pass"
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
         if not layers_supported(model):

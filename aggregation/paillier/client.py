@@ -72,8 +72,7 @@ def global_state(arrays: ArrayRecord, template: dict[str, torch.Tensor], codec_f
     if not opened and not is_encrypted(arrays):
         return arrays.to_torch_state_dict()
     digest = _digest(arrays)
-    cached = None if context is None else recordview.arrays(context.state, DECRYPTED_KEY)
-    if cached is not None and context is not None:
+    if context is not None and (cached := recordview.arrays(context.state, DECRYPTED_KEY)) is not None:
         seen = recordview.config(context.state, DIGEST_KEY)
         if seen is not None and seen["sha256"] == digest:
             return cached.to_torch_state_dict()
