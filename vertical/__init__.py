@@ -10,17 +10,26 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from core import extras
+
 REGISTRY: dict[str, str] = {"hetero_lr": "vertical.hetero_lr", "split_nn": "vertical.split_nn"}
+#: vertical.name -> the optional extra its module needs (core.extras).
+EXTRA: dict[str, str] = {"hetero_lr": "paillier"}
+
+
+def missing_extra(name: str) -> str | None:
+    """Why ``vertical=name`` cannot run here (its extra is not installed; one line), or None."""
+    extra = EXTRA.get(name)
+    return None if extra is None else extras.message(f"vertical={name}", extra)
 
 
 def module(name: str) -> ModuleType:
     """The model's module (importing it registers its party steps)."""
     if name not in REGISTRY:
         raise ValueError(f"vertical.name={name!r} is not one of {sorted(REGISTRY)}")
-    try:
-        return importlib.import_module(REGISTRY[name])
-    except ImportError as err:
-        raise ImportError(f"vertical={name} needs the paillier extra: pip install 'fedsilo[paillier]' ({err})") from err
+    if (why := missing_extra(name)) is not None:
+        raise extras.MissingExtra(why)
+    return importlib.import_module(REGISTRY[name])
 
 
 def trainer(name: str):  # type: ignore[no-untyped-def]

@@ -5,10 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aggregation.base import AggregationConfig
-from aggregation.paillier.crypto import OBFUSCATORS
 from aggregation.paillier.packing import Packer
-from aggregation.paillier.split import DECRYPTIONS
 from core.config import check
+
+# The option's names live here, not beside the code that implements them (crypto.py, split.py): this
+# module is imported to compose every config, and those import phe and gmpy2, the optional extra.
+#: Obfuscator makers (aggregation.obfuscators; aggregation/paillier/crypto.py).
+OBFUSCATORS = ("full", "djn")
+#: Who decrypts an aggregate (aggregation.decryption; aggregation/paillier/split.py).
+DECRYPTIONS = ("each", "split")
 
 #: A deployed site's node-config key naming its key-pair file (the server never gets it).
 NODE_CONFIG_KEY = "paillier-keypair"

@@ -24,12 +24,12 @@ from typing import Any, TypeVar
 import gmpy2
 from phe import paillier
 
+from aggregation.paillier.config import OBFUSCATORS
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-#: Obfuscator variants (``aggregation.obfuscators``): see :class:`Encryptor`.
-OBFUSCATORS = ("full", "djn")
 #: Bits of each fixed-base window of the ``djn`` tables.
 WINDOW = 8
 

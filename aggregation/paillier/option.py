@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import Strategy
 from aggregation.base import AggregationOption, Capabilities, SiteHalf, SumCoordinator
 from aggregation.paillier import config
 from aggregation.paillier.config import NODE_CONFIG_KEY
+from core import extras
 from core.records import RunRecord
 
 
@@ -51,11 +52,8 @@ class Paillier(AggregationOption):
     def preflight(self, cfg: Any) -> None:
         """The optional extra is installed; the public key (and, in simulation, the sites' key pair)
         can be read, are at least 2048 bits, and are one pair."""
-        try:
-            import phe  # noqa: F401
-        except ImportError:
-            raise ValueError("aggregation=paillier needs the optional paillier extra (GPL-3.0 python-paillier): "
-                             "pip install 'fedsilo[paillier]'") from None
+        if (why := extras.message("aggregation=paillier", "paillier")) is not None:
+            raise ValueError(why)
         from aggregation.paillier.keys import PaillierKeyError, check_pair, load_private, load_public
 
         try:
@@ -74,9 +72,7 @@ class Paillier(AggregationOption):
         """No key files at all: a fresh key pair for this simulated run, in its output folder."""
         if cfg.public_key or cfg.keypair:
             return [], ""
-        try:
-            import phe  # noqa: F401
-        except ImportError:  # preflight names the missing extra
+        if extras.missing("paillier"):  # preflight names the missing extra
             return [], ""
         from aggregation.paillier.keys import generate
 
@@ -86,6 +82,8 @@ class Paillier(AggregationOption):
                 f"{private.parent} (a deployment needs the consortium's keys: fedsilo keys paillier --out DIR)")
 
     def site_check(self, cfg: Any, node_config: dict[str, Any]) -> list[str]:
+        if (why := extras.message("aggregation=paillier", "paillier")) is not None:
+            return [why]
         from aggregation.paillier.keys import PaillierKeyError, load_private
 
         path = str(node_config.get(NODE_CONFIG_KEY, "") or "")

@@ -44,12 +44,11 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from phe import paillier
 
+from aggregation.paillier.config import DECRYPTIONS
 from aggregation.paillier.crypto import check_ciphertexts
 from aggregation.paillier.server import from_array
 from core import recordview
 
-#: Decryption modes (``aggregation.decryption``).
-DECRYPTIONS = ("each", "split")
 DECRYPT_MESSAGE = "query.paillier_decrypt"
 REQUEST_KEY = "fedsilo-decrypt"
 NONCE_BYTES, TAG_BYTES = 12, 16

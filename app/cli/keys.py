@@ -39,6 +39,11 @@ def main(argv: list[str]) -> int:
         for private, public in pairs:
             print(f"{private} (keep at the site)  {public} (register: flwr supernode register {public} <connection>)")
         return 0
+    from core import extras
+
+    if (why := extras.message("fedsilo keys paillier", "paillier")) is not None:
+        print(f"fedsilo keys: {why}", file=sys.stderr)
+        return 2
     from aggregation.paillier.keys import PaillierKeyError, fingerprint, generate, load_public
 
     try:

@@ -67,6 +67,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to write the scores (CSV)")
     parser.add_argument("--keypair", type=Path, default=None, help="aggregation=paillier: the site's key pair")
     args = parser.parse_args(argv)
+    from core import extras
+
+    if args.keypair is not None and (why := extras.message("fedsilo predict --keypair", "paillier")) is not None:
+        print(f"fedsilo predict: {why}", file=sys.stderr)
+        return 2
     import pandas as pd
 
     from tasks.tabular.artefact import ArtefactError

@@ -14,11 +14,13 @@ registry line; the apps do not change.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from core import extras
 
 
 class Tracker(ABC):
@@ -63,9 +65,7 @@ REGISTRY: dict[str, TrackerInfo | None] = {
 def missing(name: str) -> str | None:
     """Why ``logger=name`` cannot run here (its package is not installed), or None."""
     info = REGISTRY.get(name)
-    if info is None or importlib.util.find_spec(info.needs) is not None:
-        return None
-    return f"logger={name} needs {info.needs}: pip install -e '.[{info.extra}]'"
+    return None if info is None else extras.message(f"logger={name}", info.extra)
 
 
 def open_tracker(name: str, out_dir: Path, cfg: Any, config_dict: dict[str, Any], run_id: int) -> Tracker | None:

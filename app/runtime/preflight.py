@@ -102,6 +102,10 @@ def check_keys(cfg: config.FedsiloConfig) -> None:
 def _check_vertical(cfg: config.FedsiloConfig, data_dir: Path) -> Path:
     """A simulated vertical federation: every party's files exist (their contents are checked by
     the parties themselves, which refuse a bad file naming it, its column and its row)."""
+    import vertical
+
+    if (why := vertical.missing_extra(cfg.vertical.name)) is not None:
+        raise PreflightError(why)
     for k, p in enumerate(cfg.vertical.parties):
         files = [("data", p.data), ("schema", p.schema), ("test", p.test)]
         if cfg.vertical.mode == "score" and k < len(cfg.vertical.score):
