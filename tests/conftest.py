@@ -10,10 +10,12 @@ import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-# torch picks its CPU kernels by instruction set (AVX2, AVX-512): their float sums differ in the last
-# bits, so the regression grid's recorded numbers hold across x86 machines only with the kernels pinned
-# (README, Reproducibility). Set before anything imports torch; child processes inherit it.
-os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+# torch, MKL and oneDNN pick their CPU kernels by instruction set (AVX2, AVX-512): float sums differ in
+# the last bits. Pin what can be pinned before anything imports torch (child processes inherit it); the
+# regression grid compares bit for bit only where the numerics fingerprint matches (tests/numerics.py).
+from tests import numerics  # noqa: E402  (imports no torch)
+
+numerics.pin()
 # The prepared-data cache (tasks/cache.py) of this test session only: hermetic, and exercised.
 os.environ.setdefault("FEDSILO_CACHE_DIR", tempfile.mkdtemp(prefix="fedsilo-test-cache-"))
 

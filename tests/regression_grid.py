@@ -4,11 +4,16 @@ Each case runs the real ServerApp and ClientApp in process (:class:`LocalGrid`) 
 summarised by what a user would notice if it changed: every round's server-side test
 metrics, aggregated training metrics and pooled federated-evaluation metrics, the
 participation record (timings and timestamps removed), and a SHA-256 of the global model
-after round 1 (under Paillier, decrypted by a key holder) and of the final model.
+after round 1 (under Paillier, decrypted by a key holder) and of the final model, with each
+model's float64 summary (:func:`tests.numerics.model_summary`) beside its hash.
 
-``python -m tests.regression_grid --record`` writes ``tests/data/regression_grid.json``;
-``tests/integration/test_regression_grid.py`` compares a fresh run with it, bit for bit.
-Record only when a change of a number is intended, in a commit of its own that says why.
+``python -m tests.regression_grid --record`` writes ``tests/data/regression_grid.json`` and the
+recording machine's numerics fingerprint (:mod:`tests.numerics`) to
+``tests/data/regression_grid.numerics.json``; ``tests/integration/test_regression_grid.py`` compares
+a fresh run with them: bit for bit where this machine's fingerprint is the recorded one, within
+:data:`tests.numerics.RTOL` elsewhere. ``python -m tests.regression_grid`` (no ``--record``) prints
+the same verdict per case and the largest drift. Record only when a change of a number is intended,
+in a commit of its own that says why.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from tests import numerics  # before torch: it pins the kernel paths as the test suite does
+
+numerics.pin()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / "tasks" / "data"
 RECORD = Path(__file__).resolve().parent / "data" / "regression_grid.json"
+NUMERICS = RECORD.with_suffix(".numerics.json")
 
 #: name -> overrides (each case is run once on finance and once on medical where it applies).
 CASES: dict[str, list[str]] = {
@@ -99,13 +109,15 @@ def _decrypt(arrays: ArrayRecord, overrides: list[str], key_pair: Path) -> dict[
     return {k: v.numpy() for k, v in state.items()}
 
 
-def run_case(case_id: str, out_dir: Path, key_files: tuple[Path, Path] | None = None) -> dict[str, Any]:
-    """Run one grid case in process; return its summary (see the module docstring)."""
+def run_case(case_id: str, out_dir: Path, key_files: tuple[Path, Path] | None = None,
+             extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run one grid case in process (``extra``: overrides added to the case's, for tests that show a
+    changed run is caught); return its summary (see the module docstring)."""
     from app import client_app, config, server_app
     from app.runtime.local_grid import LocalGrid
 
     key_pair, public_key = key_files if key_files is not None else (None, None)
-    overrides = overrides_of(case_id, public_key)
+    overrides = [*overrides_of(case_id, public_key), *extra]
     cfg = config.compose(overrides)
     captured: dict[str, ArrayRecord] = {}
 
@@ -126,21 +138,21 @@ def run_case(case_id: str, out_dir: Path, key_files: tuple[Path, Path] | None = 
     server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     results = json.loads((out_dir / "results.json").read_text())
     round1 = captured.get("round1")
-    if round1 is None:
-        round1_hash = None
-    elif "ct" in round1:
+    round1_arrays: dict[str, np.ndarray] | None = None
+    if round1 is not None and "ct" in round1:
         assert key_pair is not None
-        round1_hash = arrays_sha256(_decrypt(round1, overrides, key_pair))
-    else:
-        round1_hash = arrays_sha256({k: v.numpy() for k, v in round1.items()})
-    final_model = None
+        round1_arrays = _decrypt(round1, overrides, key_pair)
+    elif round1 is not None:
+        round1_arrays = {k: v.numpy() for k, v in round1.items()}
+    final_arrays = None
     if (out_dir / "model.pt").is_file():
-        state = torch.load(out_dir / "model.pt")
-        final_model = arrays_sha256({k: v.numpy() for k, v in state.items()})
+        final_arrays = {k: v.numpy() for k, v in torch.load(out_dir / "model.pt").items()}
     return {
         "overrides": overrides_of(case_id),
-        "round1_sha256": round1_hash,
-        "final_model_sha256": final_model,
+        "round1_sha256": None if round1_arrays is None else arrays_sha256(round1_arrays),
+        "round1_summary": None if round1_arrays is None else numerics.model_summary(round1_arrays),
+        "final_model_sha256": None if final_arrays is None else arrays_sha256(final_arrays),
+        "final_model_summary": None if final_arrays is None else numerics.model_summary(final_arrays),
         "initial": results["initial"],
         "final": results["final"],
         "final_federated_evaluate": results["final_federated_evaluate"],
@@ -173,18 +185,31 @@ def main(argv: list[str] | None = None) -> int:
         keys_ = make_keys(Path(tmp) / "keys")
         ids = args.only or case_ids()
         out = {cid: normalise(run_case(cid, Path(tmp) / cid.replace("/", "-"), keys_)) for cid in ids}
+    here = numerics.fingerprint()
     if args.record:
+        if args.only and NUMERICS.is_file() and not numerics.same_numerics(here, json.loads(NUMERICS.read_text())):
+            print("refused: the other cases were recorded on other numerics; record them all (no --only)")
+            return 1
         RECORD.parent.mkdir(parents=True, exist_ok=True)
         recorded = json.loads(RECORD.read_text()) if RECORD.is_file() and args.only else {}
         recorded.update(out)
         RECORD.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
-        print(f"recorded {len(out)} cases in {RECORD}")
-    else:
-        recorded = json.loads(RECORD.read_text())
-        bad = [cid for cid in out if recorded.get(cid) != out[cid]]
-        print(f"{len(out) - len(bad)} of {len(out)} cases identical" + (f"; differ: {bad}" if bad else ""))
-        return 1 if bad else 0
-    return 0
+        NUMERICS.write_text(json.dumps(here, indent=1, sort_keys=True) + "\n")
+        print(f"recorded {len(out)} cases in {RECORD} and this machine's numerics in {NUMERICS}")
+        return 0
+    recorded = json.loads(RECORD.read_text())
+    exact = numerics.same_numerics(here, json.loads(NUMERICS.read_text()))
+    print(f"numerics {'match' if exact else 'differ from'} the recording machine's: comparing "
+          + ("bit for bit" if exact else f"within rtol {numerics.RTOL:g}, atol {numerics.ATOL:g}"))
+    bad = 0
+    for cid in out:
+        diffs = numerics.compare(out[cid], recorded.get(cid), exact)
+        drift = numerics.largest_drift(out[cid], recorded.get(cid))
+        print(f"{cid}: {'differs' if diffs else 'same'}; largest relative drift {drift:.2e}"
+              + "".join(f"\n    {d}" for d in diffs[:5]))
+        bad += bool(diffs)
+    print(f"{len(out) - bad} of {len(out)} cases the same")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ from omegaconf import DictConfig
 
 from app import config
 from app.reporting.results import RESULTS_FILE
+from app.runtime import appdir
 from app.runtime.preflight import PreflightError, preflight
 from app.runtime.superlink import SimulationError, run_simulation
 
-APP_DIR = Path(__file__).resolve().parents[2]
 HEADLINE = ("auc", "accuracy", "f1", "ks", "sensitivity", "specificity", "loss", "accuracy_site_mean")
 
 
@@ -59,8 +59,11 @@ def run(cfg: DictConfig) -> None:
     except (config.ConfigError, PreflightError, FileNotFoundError, ValueError) as err:
         fail(f"config error: {err}", 2)
         return
-    if not (APP_DIR / "pyproject.toml").is_file():
-        fail(f"the Flower app source is not at {APP_DIR}: install fedsilo with `pip install -e .`", 2)
+    try:
+        app_dir = appdir.app_dir()
+    except appdir.AppDirError as err:
+        fail(str(err), 2)
+        return
     run_config = {
         "overrides": config.run_overrides(overrides, data_dir),
         "output-dir": str(out_dir),
@@ -83,7 +86,7 @@ def run(cfg: DictConfig) -> None:
     # A `kill` must clean up like Ctrl-C does: SystemExit unwinds through LocalSuperLink.stop().
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        outcome = run_simulation(APP_DIR, run_config, n_sites, out_dir / "superlink.log",
+        outcome = run_simulation(app_dir, run_config, n_sites, out_dir / "superlink.log",
                                  extra_federation=dict(typed.simulation), timeout=timeout)
     except SimulationError as err:
         fail(str(err), 1)
@@ -143,6 +146,11 @@ def main() -> None:
     job (Hydra overrides)."""
     import importlib
 
+    if sys.argv[1:2] in (["--version"], ["-V"]):
+        from app import version
+
+        print(f"fedsilo {version()}")
+        sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         module, function = COMMANDS[sys.argv[1]]
         sys.exit(getattr(importlib.import_module(module), function)(sys.argv[2:]))

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-APP_DIR = Path(__file__).resolve().parents[2]
+from app.runtime import appdir
+
 
 
 @dataclass
@@ -185,7 +186,7 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
     t0 = time.monotonic()
     link = start(dep, out, worker)
     try:
-        run_id = link.submit(APP_DIR, run_config, {})
+        run_id = link.submit(appdir.app_dir(), run_config, {})
         outcome = link.follow(run_id, timeout=timeout, stream=stream)
     finally:
         link.stop()

@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-APP_DIR = Path(__file__).resolve().parents[2]
+from app.runtime import appdir
+
 #: AcquireTask polling: right after a task FIRST_POLL, then backing off by BACKOFF to MAX_POLL.
 FIRST_POLL, BACKOFF, MAX_POLL = 0.01, 1.5, 0.1
 CLIENT_APP_TASK = "flwr-clientapp"
@@ -46,7 +47,7 @@ CLIENT_APP_TASK = "flwr-clientapp"
 log = logging.getLogger("fedsilo.worker")
 
 
-def own_fab_hash(app_dir: Path = APP_DIR) -> str:
+def own_fab_hash(app_dir: Path | None = None) -> str:
     """The FAB hash ``flwr run`` gives this app directory (Flower's deterministic FAB build)."""
     import hashlib
     import warnings
@@ -55,14 +56,15 @@ def own_fab_hash(app_dir: Path = APP_DIR) -> str:
 
     with warnings.catch_warnings():  # pathspec's deprecation notices about Flower's own pattern style
         warnings.simplefilter("ignore", DeprecationWarning)
-        return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
+        return hashlib.sha256(build_fab_from_disk(app_dir or appdir.app_dir())).hexdigest()
 
 
-def load_client_app(app_dir: Path = APP_DIR) -> Any:
+def load_client_app(app_dir: Path | None = None) -> Any:
     """The ClientApp the app's ``pyproject.toml`` names (``[tool.flwr.app.components] clientapp``)."""
     import tomllib
 
-    ref = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]["clientapp"]
+    project = tomllib.loads(((app_dir or appdir.app_dir()) / "pyproject.toml").read_text())
+    ref = project["tool"]["flwr"]["app"]["components"]["clientapp"]
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -93,7 +95,7 @@ class Worker:
             self.known[fab_hash] = bool(fab_hash) and fab_hash == own_fab_hash()
             if not self.known[fab_hash]:
                 log.warning("fedsilo worker: FAB %s is not the installed fedsilo at %s; its tasks run in "
-                            "Flower's own flwr-clientapp processes", fab_hash[:12], APP_DIR)
+                            "Flower's own flwr-clientapp processes", fab_hash[:12], appdir.app_dir())
         return self.known[fab_hash]
 
     def step(self) -> bool:
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fast_object_pulls()
     worker = Worker(args.runtime_api_address)
-    log.info("fedsilo worker: serving ClientApp tasks of %s at %s", APP_DIR, args.runtime_api_address)
+    log.info("fedsilo worker: serving ClientApp tasks of %s at %s", appdir.app_dir(), args.runtime_api_address)
     try:
         worker.serve()
     except KeyboardInterrupt:
