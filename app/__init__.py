@@ -4,16 +4,20 @@ from __future__ import annotations
 
 
 def version() -> str:
-    """fedsilo's version. It lives in one place, ``[project] version`` of ``pyproject.toml``; an
-    installation reads it from its package metadata (CHANGELOG.md lists what each version holds)."""
+    """fedsilo's version. It lives in one place, ``[project] version`` of ``pyproject.toml``: read from
+    the checkout when fedsilo runs from one (an editable install's metadata keeps the version it was
+    installed at), else from the installed package's metadata. CHANGELOG.md lists what each holds."""
+    import tomllib
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as installed
+    from pathlib import Path
 
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if pyproject.is_file():
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+        if project.get("name") == "fedsilo":
+            return str(project["version"])
     try:
         return installed("fedsilo")
-    except PackageNotFoundError:  # a checkout run without installing it
-        import tomllib
-        from pathlib import Path
-
-        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+    except PackageNotFoundError:
+        return "unknown"

@@ -11,6 +11,6 @@ import warnings
 from app.runtime.local_grid import LocalGrid, run_inprocess
 
 warnings.warn("app.local_grid moved to app.runtime.local_grid; import run_inprocess and LocalGrid from there "
-              "(the old path will be removed in fedsilo 0.7)", DeprecationWarning, stacklevel=2)
+              "(the old path will be removed in fedsilo 0.14.0, CHANGELOG.md)", DeprecationWarning, stacklevel=2)
 
 __all__ = ["LocalGrid", "run_inprocess"]

@@ -43,8 +43,6 @@ ROUND_CASES = {
     "dpsgd": ["task=medical", "privacy=dpsgd"],
 }
 ROUNDS = 4
-#: The round time issue #19 started from (fedsilo deploy local, secagg, rounds 2-3; this file before #19).
-BEFORE_SECAGG_ROUND = (31.594993479997356 + 33.75440259500101) / 2
 
 
 def fedsilo_rounds(tmp: Path, overrides: list[str], worker: bool) -> dict[str, Any]:
@@ -117,7 +115,7 @@ def flower_rounds(tmp: Path, kind: str) -> dict[str, Any]:
 
 
 def rounds_part(tmp: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"rounds": ROUNDS, "sites": 3, "before_secagg_round": BEFORE_SECAGG_ROUND, "cases": {}}
+    out: dict[str, Any] = {"rounds": ROUNDS, "sites": 3, "cases": {}}
     flower = {"secagg": flower_rounds(tmp / "flower-secagg", "secagg"),
               "plain": flower_rounds(tmp / "flower-plain", "plain")}
     out["flower"] = flower
@@ -132,8 +130,6 @@ def rounds_part(tmp: Path) -> dict[str, Any]:
             "x_vs_stock_supernode": stock["later_mean"] / fast["later_mean"],
             "x_vs_flower": base["later_mean"] / fast["later_mean"],
         }
-        if name == "secagg":
-            out["cases"][name]["x_vs_before"] = BEFORE_SECAGG_ROUND / fast["later_mean"]
         print(json.dumps({name: out["cases"][name]}, indent=1), flush=True)
     return out
 
@@ -199,11 +195,8 @@ def rounds_markdown(r: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} (`{' '.join(c['overrides'])}`) | {c['worker']['later_mean']:.2f} s | "
                      f"{c['stock_supernode']['later_mean']:.2f} s | {c['flower_later_mean']:.2f} s ({c['flower_app']}) | "
                      f"{c['x_vs_stock_supernode']:.1f}x | {c['x_vs_flower']:.1f}x |")
-    sec = r["cases"].get("secagg")
-    if sec:
-        lines += ["", f"Before issue #19 a secagg round took {r['before_secagg_round']:.1f} s here (rounds 2-3 of "
-                  f"`fedsilo deploy local --sites 3 task=medical aggregation=secagg`): now "
-                  f"{sec['worker']['later_mean']:.2f} s, {sec['x_vs_before']:.1f}x faster."]
+    lines += ["", "Every ratio is between columns of this run: the same fedsilo job on a stock SuperNode (a ClientApp "
+              "process per message) and on the site worker, and a plain Flower app of the same task."]
     return [*lines, ""]
 
 

@@ -389,12 +389,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--speed-only", action="store_true",
                         help="re-measure speed only; keep the utility runs of the existing results file")
+    parser.add_argument("--utility-only", action="store_true",
+                        help="re-run the utility and leakage runs only; keep the speed figures of the existing "
+                             "results file (speed must be timed alone; utility runs need not be)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     result: dict[str, Any] = {"command": "python benchmarks/dp.py" + (" --quick" if args.quick else "")}
-    result["speed"] = speed(args.quick)
     suffix = "_quick" if args.quick else ""
-    if args.speed_only:
+    if args.utility_only:
+        previous = json.loads((OUT / f"dp{suffix}.json").read_text())
+        result["command"], result["speed"] = previous["command"], previous["speed"]
+    else:
+        result["speed"] = speed(args.quick)
+    if args.utility_only:
+        result["runs"] = utility(args.quick)
+        result["utility_command"] = "python benchmarks/dp.py --utility-only" + (" --quick" if args.quick else "")
+    elif args.speed_only:
         previous = json.loads((OUT / f"dp{suffix}.json").read_text())
         result["runs"], result["utility_command"] = previous["runs"], previous.get("utility_command", previous["command"])
     else:
