@@ -29,7 +29,6 @@ from typing import Any
 from app.runtime import appdir
 
 
-
 @dataclass
 class Deployment:
     """What :func:`prepare` made: the config, the site files, the TLS files and node keys."""

@@ -127,7 +127,8 @@ def check_command(line: str) -> None:
             pytest.fail(f"`{line}`: `fedsilo {' '.join(args[:1])} --help` fails")
         usage = shown.getvalue()
         for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", " ".join(args[1:])):
-            assert re.search(rf"{flag}(?![\w-])", usage), f"`{line}`: {flag} is not an option of `fedsilo {' '.join(words[:depth])}`"
+            assert re.search(rf"{flag}(?![\w-])", usage), \
+                f"`{line}`: {flag} is not an option of `fedsilo {' '.join(words[:depth])}`"
         args = [a for a in args[1:] if re.fullmatch(r"[a-z_.+]+=[^=]*", a) and not a.startswith("--")]
     elif args[:1] in (["--version"], ["--help"], ["--cfg"]):
         return
@@ -151,7 +152,8 @@ def test_a_broken_command_is_caught(line: str) -> None:
 
 RESULTS = re.compile(r"`(benchmarks/results/[\w./-]+)`")
 NUMBER = re.compile(r"(?<![\w.])(\d+\.\d+)(?![\w.]*\d)")
-NOT_FIGURES = re.compile(r"(GPL|LGPL|Apache)-\d\.\d|Python 3\.1\d|3\.11|3\.12|Flower(\]\([^)]*\))? \d\.\d+|\d+\.\d+\.\d+|torch==\S+|1\.1\]")
+NOT_FIGURES = re.compile(r"(GPL|LGPL|Apache)-\d\.\d|Python 3\.1\d|3\.11|3\.12|Flower(\]\([^)]*\))? \d\.\d+"
+                         r"|\d+\.\d+\.\d+|torch==\S+|1\.1\]")
 
 
 def figures(text: str) -> list[tuple[str, list[str], list[str]]]:
