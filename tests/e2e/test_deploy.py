@@ -152,17 +152,20 @@ def test_unregistered_key_and_plaintext_node_are_refused(tmp_path: Path) -> None
     assert logs[1] and logs[2], "the refused nodes say why"
 
 
-def test_deploy_local_vertical_parties_match_the_simulation(tmp_path: Path) -> None:
-    """`fedsilo deploy local --sites 2 vertical=split_nn`: one SuperNode per party (TLS, authenticated),
+@pytest.mark.parametrize("model", ["split_nn", "hetero_lr"])
+def test_deploy_local_vertical_parties_match_the_simulation(model: str, tmp_path: Path) -> None:
+    """`fedsilo deploy local --sites 2 vertical=...`: one SuperNode per party (TLS, authenticated),
     each with its own folder and node config (role, data, schema, held-out file, model folder); the
     coordinator's data folder is empty; PSI and training give the simulation's model parts bit for bit
-    (no held-out files: every message starts a ClientApp process, so the test keeps to the few steps)."""
+    (no held-out files: every message starts a ClientApp process, so the test keeps to the few steps).
+    Under hetero LR each party's Paillier key is made at the party: the coordinator's whole output folder
+    holds no key file (the messages it relays are checked in tests/integration/test_vertical.py)."""
     import numpy as np
 
     from tests.integration.test_vertical import small_files
 
     files = small_files(tmp_path / "files")
-    args = ["vertical=split_nn", "vertical.epochs=1", "vertical.batch_size=0",
+    args = [f"vertical={model}", "vertical.epochs=1", "vertical.batch_size=0",
             f"vertical.parties.0.data={files['bank']}", "vertical.parties.0.test=null",
             f"vertical.parties.1.data={files['platform']}", "vertical.parties.1.test=null"]
     out = tmp_path / "deploy"
@@ -177,8 +180,10 @@ def test_deploy_local_vertical_parties_match_the_simulation(tmp_path: Path) -> N
     for party in ("bank", "platform"):
         with np.load(out / "sites" / party / "models" / f"{party}.vertical.npz") as deployed, \
                 np.load(tmp_path / "sim" / "parties" / f"{party}.vertical.npz") as simulated:
-            weights = [k for k in deployed.files if k.startswith("p:")]
+            weights = [k for k in deployed.files if k.startswith("p:") or k == "w"]
             assert weights and all(np.array_equal(deployed[k], simulated[k]) for k in weights), party
+    outside_sites = [p for p in out.rglob("*") if p.is_file() and "sites" not in p.relative_to(out).parts]
+    assert outside_sites and not [p for p in outside_sites if "paillier" in p.name.lower()], outside_sites
 
 
 def test_site_worker_runs_fedsilo_in_process_and_hands_other_apps_to_flower(tmp_path: Path) -> None:

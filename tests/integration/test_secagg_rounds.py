@@ -46,8 +46,9 @@ class RecordingGrid(LocalGrid):
 
 
 def run(tmp_path: Path, overrides: list[str], monkeypatch: pytest.MonkeyPatch,
-        alter: Callable[[Message], None] | None = None) -> tuple[RecordingGrid, dict[str, Any], dict]:
-    """One in-process run; returns the grid, results.json and the sites' plaintext updates."""
+        alter: Callable[[Message], None] | None = None, fails: bool = False) -> tuple[RecordingGrid, dict[str, Any], dict]:
+    """One in-process run; returns the grid, results.json and the sites' plaintext updates. ``fails``:
+    the run must end in the ServerApp's RuntimeError (every round aborted); otherwise it must not."""
     updates: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)  # round -> [(weight, update)]
     encode = vector.WeightedUpdateCodec.encode
     current = {"round": 0}
@@ -67,10 +68,12 @@ def run(tmp_path: Path, overrides: list[str], monkeypatch: pytest.MonkeyPatch,
     run_config = {"overrides": shlex.join([*overrides, f"data_dir={DATA_DIR}"]), "output-dir": str(tmp_path)}
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     grid = RecordingGrid(client_app.app, config.num_sites(cfg), run_config, alter=track_round)
-    try:
-        server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    except RuntimeError:
-        pass  # a run in which every round aborts fails; the caller checks results.json
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    if fails:
+        with pytest.raises(RuntimeError):
+            server_app.app(grid, context)
+    else:
+        server_app.app(grid, context)
     return grid, json.loads((tmp_path / "results.json").read_text()), updates
 
 
@@ -88,6 +91,8 @@ def globals_per_round(grid: RecordingGrid, tmp_path: Path) -> dict[int, dict[str
 def assert_rounds_equal_survivors_mean(grid: RecordingGrid, tmp_path: Path, updates: dict, clip: float = 4.0) -> None:
     delta = 2 * clip / ((1 << 24) - 1)
     models = globals_per_round(grid, tmp_path)
+    # every trained round was captured (a loop over nothing would pass), with at least one site's update
+    assert sorted(updates) == sorted(models)[:-1] and all(updates[r] for r in updates), (sorted(updates), sorted(models))
     for r in sorted(updates):
         layout = Layout.of(models[r])
         weights = np.array([w for w, _ in updates[r]], dtype=np.float64)
@@ -119,7 +124,7 @@ def test_dropouts_at_each_stage_leave_the_survivors_aggregate(stage: str, tmp_pa
 
 def test_too_few_survivors_abort_cleanly_and_keep_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     grid, results, _ = run(tmp_path, [*FINANCE10, "num_rounds=2", "aggregation=secagg",
-                                      "faults.drop_rate=0.5"], monkeypatch)  # 5 left, threshold 6
+                                      "faults.drop_rate=0.5"], monkeypatch, fails=True)  # 5 left, threshold 6
     assert results["status"] == "failed"
     for h in results["history"]:
         assert "threshold is 6" in h["participation"]["secagg"]["aborted"]
@@ -246,6 +251,7 @@ def test_misaddressed_reply_is_rejected_by_the_server(tmp_path: Path, monkeypatc
     monkeypatch.setattr(LocalGrid, "_deliver", deliver)
     _, results, _ = run(tmp_path, ["task=medical", "num_rounds=1", "aggregation=secagg",
                                    "strategy.fraction_evaluate=0"], monkeypatch)
+    assert results["status"] == "completed"
     sec = results["history"][0]["participation"]["secagg"]
     assert sec["survivors"] == 3
     assert any(r["node"] == 1001 and r["stage"] == "keys" and "replayed or misaddressed" in r["reason"]
@@ -255,6 +261,7 @@ def test_misaddressed_reply_is_rejected_by_the_server(tmp_path: Path, monkeypatc
 def test_pipelined_rounds_need_two_exchanges_and_stay_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     common = ["task=medical", "num_rounds=3", "strategy.fraction_evaluate=0"]
     grid, secure, updates = run(tmp_path / "secagg", [*common, "aggregation=secagg"], monkeypatch)
+    assert secure["status"] == "completed" and len(secure["history"]) == 3
     types = [(m.metadata.message_type, int(m.content[WIRE_KEY]["round"])) for m in grid.sent]
     for r in (1, 2, 3):
         sent = sorted({t for t, rr in types if rr == r})

@@ -194,6 +194,24 @@ def test_a_release_past_the_target_is_refused_by_the_sites_own_file(tmp_path: Pa
     assert len(SiteLedger(store, "rdp").releases) == 1
 
 
+def test_a_replay_that_comes_out_different_is_refused_past_the_target(tmp_path: Path) -> None:
+    """A recorded round asked again with the same inputs skips the check before training (a
+    byte-identical replay costs nothing); if its update then differs from the recorded one it is a new
+    release, and the check after training must refuse it when it would pass the target."""
+    one = PrivacyLedger("rdp").with_steps(1.0, 0.25, 4).epsilon(1e-5)
+    two = PrivacyLedger("rdp").with_steps(1.0, 0.25, 8).epsilon(1e-5)
+    params = DPSGDParams(sample_rate=0.25, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5,
+                         target_epsilon=(one + two) / 2, accountant="rdp")  # one round fits, a second does not
+    first = SiteStore(tmp_path, "job1", "site-a")
+    _round(SiteLedger(first, "rdp"), 1, params)
+    recorded = json.loads((first.folder / "dp-ledger.json").read_text())["releases"][0]
+    store = SiteStore(tmp_path, "job1", "site-b")  # the same round and inputs on record, another update
+    SiteLedger(store, "rdp").record(Release(1, 1.0, 0.25, recorded["steps"], recorded["inputs"], "another update"))
+    with pytest.raises(BudgetExhausted, match="would take epsilon"):
+        _round(SiteLedger(store, "rdp"), 1, params)
+    assert len(SiteLedger(store, "rdp").releases) == 1  # nothing recorded, nothing released
+
+
 def test_a_damaged_ledger_file_is_refused_with_its_path(tmp_path: Path) -> None:
     store = SiteStore(tmp_path, "job1", "site-a")
     store.folder.mkdir(parents=True)

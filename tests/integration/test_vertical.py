@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from app import config
-from app.runtime.local_grid import run_inprocess
+from app.runtime.local_grid import LocalGrid, run_inprocess
 from tests.conftest import DATA_DIR
 from vertical.coordinator import VerticalError
 
@@ -225,3 +226,65 @@ def test_hetero_lr_with_two_passive_parties_matches_plain_taylor_gradient_descen
     for p in w:
         with np.load(tmp_path / "run" / "parties" / f"{p}.vertical.npz") as z:
             assert np.abs(z["w"] - w[p]).max() < 1e-3, p
+
+
+class _Recording(LocalGrid):
+    """Keeps every reply the coordinator receives and every message it sends."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[Message] = []
+
+    def _deliver(self, msg):
+        reply = super()._deliver(msg)
+        self.seen += [msg, reply]
+        return reply
+
+
+def _everything_in(messages, state) -> bytes:
+    """Every value of every record of ``messages`` and of the coordinator's ``state``, as bytes."""
+    out = []
+    contents = [m.content for m in messages if not m.has_error()] + [state]
+    for content in contents:
+        for record in content.values():
+            if isinstance(record, ArrayRecord):
+                out += [a.numpy().tobytes() for a in record.values()]
+            else:
+                out += [v if isinstance(v, bytes) else repr(v).encode() for v in dict(record).values()]
+    return b"\x00".join(out)
+
+
+@pytest.mark.slow
+def test_hetero_lr_coordinator_never_receives_a_partys_private_key(small, tmp_path):
+    """Each party makes its own Paillier key pair; the coordinator relays the protocol. Every message it
+    sends or receives, and its own state, hold each party's public modulus (the search works) and
+    neither prime of any party's key, in hexadecimal, decimal or binary."""
+    import shlex
+
+    from app import client_app, server_app
+    from app.runtime.preflight import preflight
+
+    args = overrides(small, "hetero_lr", "vertical.epochs=1")
+    cfg = config.compose(args)
+    run_config = {"overrides": config.run_overrides(args, preflight(cfg)), "output-dir": str(tmp_path)}
+    assert shlex.split(run_config["overrides"])
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    grid = _Recording(client_app.app, config.num_sites(cfg), run_config)
+    coordinator = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    server_app.app(grid, coordinator)
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "completed"
+    seen = _everything_in(grid.seen, coordinator.state)
+    keys = []
+    for ctx in grid.contexts.values():
+        for record in ctx.state.values():
+            if not isinstance(record, ArrayRecord) and "lr:pq" in dict(record):
+                keys.append([int(v, 16) for v in json.loads(str(record["lr:pq"]))])
+    assert len(keys) == 2  # both parties made a key pair
+    for p, q in keys:
+        assert format(p * q, "x").encode() in seen  # each modulus is public and is found
+        for prime in (p, q):
+            binary = prime.to_bytes((prime.bit_length() + 7) // 8, "big")
+            for form in (format(prime, "x").encode(), str(prime).encode(), binary):
+                assert form not in seen
