@@ -26,6 +26,7 @@ DATA_DIR = REPO / "tasks" / "data"
 TIERS = ("unit", "integration", "e2e")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Each test carries its tier's marker from its folder: ``tests/unit`` (no federated run),
     ``tests/integration`` (the real ServerApp and ClientApp in process), ``tests/e2e`` (real
@@ -34,6 +35,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tier = Path(str(item.fspath)).parent.name
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+        if tier == "e2e":
+            # under `-n 2 --dist loadgroup` (the README's commands) the end-to-end runs, each a federation of
+            # processes using both cores, go one after another on one worker; the rest share both workers
+            item.add_marker(pytest.mark.xdist_group("e2e"))
 
 
 @pytest.fixture(scope="session")
