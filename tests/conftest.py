@@ -39,6 +39,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             # under `-n 2 --dist loadgroup` (the README's commands) the end-to-end runs, each a federation of
             # processes using both cores, go one after another on one worker; the rest share both workers
             item.add_marker(pytest.mark.xdist_group("e2e"))
+    if config.getoption("dist", "no") == "loadgroup":
+        # the end-to-end group first, so that its worker starts on it while the other takes everything else
+        # (serially the cheapest tiers stay first: failures show early)
+        items.sort(key=lambda item: Path(str(item.fspath)).parent.name != "e2e")
 
 
 @pytest.fixture(scope="session")
