@@ -27,8 +27,8 @@ def module(name: str) -> ModuleType:
     """The model's module (importing it registers its party steps)."""
     if name not in REGISTRY:
         raise ValueError(f"vertical.name={name!r} is not one of {sorted(REGISTRY)}")
-    if (why := missing_extra(name)) is not None:
-        raise extras.MissingExtra(why)
+    if name in EXTRA:
+        extras.require(f"vertical={name}", EXTRA[name])
     return importlib.import_module(REGISTRY[name])
 
 

@@ -50,15 +50,14 @@ class Tracker(ABC):
 class TrackerInfo:
     module: str          # the module holding the tracker class
     cls: str
-    needs: str           # the Python package it imports
-    extra: str           # the pip extra that installs it
+    extra: str           # the pip extra that installs what it imports (core.extras.EXTRAS)
 
 
 #: ``logger`` value -> its tracker (``none`` has none).
 REGISTRY: dict[str, TrackerInfo | None] = {
     "none": None,
-    "tensorboard": TrackerInfo("app.reporting.tensorboard", "TensorBoardLogger", "tensorboard", "tensorboard"),
-    "mlflow": TrackerInfo("app.reporting.mlflow_tracker", "MlflowTracker", "mlflow", "mlflow"),
+    "tensorboard": TrackerInfo("app.reporting.tensorboard", "TensorBoardLogger", "tensorboard"),
+    "mlflow": TrackerInfo("app.reporting.mlflow_tracker", "MlflowTracker", "mlflow"),
 }
 
 

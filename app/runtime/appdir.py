@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from functools import cache
 from pathlib import Path
 
 #: The installed packages' root: the checkout, or site-packages for a wheel.
@@ -44,6 +45,7 @@ def _files(root: Path) -> list[Path]:
     return files
 
 
+@cache  # a wheel's folder is found by hashing every file: once per process is enough
 def app_dir(root: Path = ROOT) -> Path:
     """The Flower app folder of this installation (see the module docstring)."""
     if is_checkout(root):
