@@ -33,8 +33,9 @@ import aggregation
 import strategies
 import tasks
 from aggregation.base import LocalResult, SiteEnv
-from app import composition, config, federated
+from app import composition, config, federated, site_policy
 from app.faults import attacks, slow
+from app.site_guard import guard as _guard
 from app.faults import dropouts as faults
 from app.runtime.paths import resolve_data_dir
 from core.replies import ReplyError, SiteRefusal
@@ -51,7 +52,8 @@ from tasks.tabular.table import SiteInputError
 from tasks.tabular.task import RawSite, TabularTask
 from tasks.training import Penalty, predict, steps_per_epoch
 
-app = ClientApp()
+#: Every message passes the site's guard first: the run config as data, the site's own policy (app/site_guard.py).
+app = ClientApp(mods=[_guard])
 
 #: A site's own data or schema not fitting the federation: refused with the reason, never a crash.
 DATA_ERRORS = (SiteInputError, SchemaError, federated.SchemaMismatch, site_file.SiteDataError)
@@ -104,9 +106,16 @@ _SITES: dict[tuple[object, ...], tuple[config.FedsiloConfig, Task, SiteData | Ra
 
 
 def _load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData | RawSite]:
-    cfg = config.from_run_config(context.run_config)
     node = context.node_config
-    task_cfg = replace(cfg.task, schema=str(node["schema-path"])) if "schema-path" in node else cfg.task
+    cfg = config.site_config(context.run_config, node)
+    if "schema-path" in node:
+        task_cfg = replace(cfg.task, schema=str(node["schema-path"]))
+    elif cfg.task.name == "tabular" and not site_policy.is_simulated(node):
+        # a path from the coordinator is never read at a site: the schema is the site's own file
+        raise SchemaError("this site has no schema of its own: start it with --schema FILE.yaml (node config "
+                          "schema-path); a deployed site never reads a schema path the coordinator sends")
+    else:
+        task_cfg = cfg.task
     task = tasks.get(cfg.task.name)(task_cfg, resolve_data_dir(cfg.data_dir))
     n_sites = config.num_sites(cfg)
     if isinstance(task, TabularTask):

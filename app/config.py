@@ -12,7 +12,7 @@ key, the bad value and what is allowed.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from app.faults import config as faults_config
 from app.faults.config import FaultsConfig
 from app.reporting import trackers
 from app.reporting.mlflow_tracker import MlflowConfig
+from app.site_policy import SitePolicy
 from core.config import ConfigError, check
 from privacy.base import PrivacyConfig
 from strategies import config as strategy_config
@@ -71,6 +72,7 @@ class FedsiloConfig:
     audit: bool = False            # membership-inference audit of the final model after the run (fedsilo audit)
     audit_references: int = 8      # reference models of the offline LiRA attack (0 = loss threshold only)
     simulation: dict[str, Any] = field(default_factory=dict)
+    site_policy: SitePolicy = field(default_factory=SitePolicy)  # every site's, in a simulation only (app/site_policy.py)
 
 
 def register_schemas() -> None:
@@ -221,8 +223,49 @@ def _from_overrides_text(text: str) -> FedsiloConfig:
     return compose(parse_overrides(text))
 
 
+class RunConfigRefused(ValueError):
+    """A run config a site will not compose (see :func:`site_config`)."""
+
+
+#: The top-level keys a run config's overrides may set at a site: the schema's fields (no ``hydra``
+#: keys: ``hydra.searchpath`` would make the site read config files from a path the coordinator chose).
+SITE_KEYS = frozenset(f.name for f in fields(FedsiloConfig))
+
+
+def site_config(run_config: dict[str, Any], node_config: Any) -> FedsiloConfig:
+    """The config of a Flower run as a *site* reads it: data, never code or a path to read.
+
+    The coordinator's overrides are refused if they hold an interpolation (``${...}``: OmegaConf
+    resolvers such as ``oc.env`` would read the site's environment) or set anything but the
+    schema's own keys. Outside a simulation, ``data_dir`` is the site's own (node config
+    ``data-dir``, else this installation's bundled data), never the coordinator's: the site's
+    data, schema and state paths come from its node config (:func:`app.client_app.load_source`).
+    """
+    from app import site_policy
+
+    text = str(run_config.get("overrides", ""))
+    if "${" in text:
+        raise RunConfigRefused("its overrides hold an interpolation ('${'); a site takes configuration as data, "
+                               "never as an expression to evaluate")
+    tokens = parse_overrides(text)
+    for token in tokens:
+        key = token.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("@", 1)[0]
+        if key not in SITE_KEYS:
+            raise RunConfigRefused(f"it overrides {key!r}, which is not a fedsilo setting a site accepts")
+    if not site_policy.is_simulated(node_config):
+        tokens = [t for t in tokens if not t.lstrip("+~").startswith("data_dir=")]
+        if node_config.get("data-dir"):
+            tokens.append(f"data_dir={node_config['data-dir']}")
+    return _from_site_tokens(tuple(tokens))
+
+
+@lru_cache(maxsize=32)
+def _from_site_tokens(tokens: tuple[str, ...]) -> FedsiloConfig:
+    return compose(tokens)
+
+
 __all__ = ["AGGREGATIONS", "CONF_DIR", "PRIVACY", "STRATEGIES", "ConfigError", "FaultsConfig", "FedsiloConfig",
-           "compose", "from_run_config", "num_sites", "parse_overrides", "run_overrides", "to_dict", "validate"]
+           "compose", "from_run_config", "site_config", "num_sites", "parse_overrides", "run_overrides", "to_dict", "validate"]
 
 
 def to_dict(cfg: FedsiloConfig) -> dict[str, Any]:

@@ -199,7 +199,7 @@ def party_env(context: Context, cfg: config.FedsiloConfig) -> party.PartyEnv:
 
 def answer(msg: Message, context: Context) -> Message:
     """One coordinator step at this party; a refusal carries the reason (never data)."""
-    cfg = config.from_run_config(context.run_config)
+    cfg = config.site_config(context.run_config, context.node_config)
     step, name = "", ""
     try:
         payload = dict(msg.content["config"].items())  # type: ignore[union-attr]

@@ -23,6 +23,7 @@ class ReplyError(IntEnum):
     CLIENT_EXCEPTION = 1       #: the ClientApp raised (Flower's ``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``)
     MALFORMED = 400            #: the coordinator could not read the reply (e.g. a compressed update that does not decode)
     MISSED_DEADLINE = 408      #: a straggler dropped under ``strategy.straggler_policy=drop``
+    POLICY = 403               #: the site's own policy refuses the run or the message (app/site_policy.py)
     PROTOCOL_ERROR = 409       #: a secure-aggregation stage refused (out of order, replayed, forged)
     BAD_DATA = 422             #: the site's own data or schema do not fit the federation (task=tabular)
     BUDGET_EXHAUSTED = 429     #: DP-SGD: this round would take the site past its target epsilon

@@ -56,6 +56,8 @@ def _split_tables(task: Any, cfg: Any, n: int, out: Path) -> list[dict[str, Any]
 
     out.mkdir(parents=True, exist_ok=True)
     files = task.site_files()
+    # each site holds its own copy of the federation's schema: a deployed site reads no path the coordinator sends
+    schema = Path(shutil.copyfile(task.path(cfg.task.schema, "schema"), out / f"schema{task.path(cfg.task.schema, 'schema').suffix}"))
     entries = []
     for k in range(n):
         site = task.raw_site(cfg.partition, n, cfg.seed, k)
@@ -74,7 +76,7 @@ def _split_tables(task: Any, cfg: Any, n: int, out: Path) -> list[dict[str, Any]
             source.iloc[lines - 2].to_csv(dest, index=False)
         entries.append({"site_id": k, "name": site.name, "file": str(dest.resolve()),
                         "rows_train": len(site.train), "rows_val": len(site.val), "rows_test": len(site.test),
-                        "node": {"partition-id": k, "site-name": site.name}})
+                        "node": {"partition-id": k, "site-name": site.name, "schema-path": str(schema.resolve())}})
     (out / "sites.json").write_text(json.dumps({"task": cfg.task.name, "partition": cfg.partition.name,
                                                  "seed": cfg.seed, "sites": entries}, indent=2) + "\n")
     return entries
