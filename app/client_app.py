@@ -21,6 +21,7 @@ pickles the ClientApp with every message, and a closure would be pickled by valu
 from __future__ import annotations
 
 import time
+from logging import WARNING
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,14 +29,14 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 import aggregation
 import strategies
 import tasks
 from aggregation.base import LocalResult, SiteEnv
-from app import composition, config, federated, site_policy
+from app import composition, config, federated, site_guard, site_policy
 from app.faults import attacks, slow
-from app.site_guard import guard as _guard
 from app.faults import dropouts as faults
 from app.runtime.paths import resolve_data_dir
 from core.replies import ReplyError, SiteRefusal
@@ -53,7 +54,7 @@ from tasks.tabular.task import RawSite, TabularTask
 from tasks.training import Penalty, predict, steps_per_epoch
 
 #: Every message passes the site's guard first: the run config as data, the site's own policy (app/site_guard.py).
-app = ClientApp(mods=[_guard])
+app = ClientApp(mods=[site_guard.guard])
 
 #: A site's own data or schema not fitting the federation: refused with the reason, never a crash.
 DATA_ERRORS = (SiteInputError, SchemaError, federated.SchemaMismatch, site_file.SiteDataError)
@@ -86,7 +87,7 @@ def load_source(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData 
     # node's, and for a site's own files by their size and modification time (an edited file is
     # read again).
     key = (str(context.run_config.get("overrides", "")), tuple(sorted((k, str(v)) for k, v in node.items())),
-           tuple(_stamp(node[k]) for k in ("data-path", "schema-path") if k in node))
+           tuple(_stamp(node[k]) for k in ("data-path", "schema-path", site_policy.NODE_CONFIG_KEY) if k in node))
     if key not in _SITES:
         if len(_SITES) >= 4096:
             _SITES.clear()
@@ -119,6 +120,10 @@ def _load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData |
     task = tasks.get(cfg.task.name)(task_cfg, resolve_data_dir(cfg.data_dir))
     n_sites = config.num_sites(cfg)
     if isinstance(task, TabularTask):
+        agreed = site_guard.policy_for(context, cfg).schema_sha256
+        if agreed and task.fingerprint() != agreed:
+            raise SchemaError(f"this site's schema ({task.described_by()}) has fingerprint {task.fingerprint()}, not "
+                              f"the one its policy agreed to (schema_sha256: {agreed})")
         if "data-path" in node:  # a deployed site's own table
             path = Path(str(node["data-path"])).expanduser()
             site_id = int(node.get("partition-id", 0))  # type: ignore[call-overload]
@@ -210,9 +215,13 @@ def strategy_round(cfg: config.FedsiloConfig, task: Task, site: SiteData, contex
 
 
 def refused(msg: Message, context: Context, err: Exception) -> Message:
-    """The reply of a site whose own data or schema do not fit (named reason; never its data)."""
+    """The reply of a site whose own data or schema do not fit: the reason names file, column and
+    row (``SiteInputError.public``), never a value or an id; the whole message goes to the site's log."""
     name = str(context.node_config.get("site-name", context.node_config.get("partition-id", "site")))
-    return SiteRefusal(ReplyError.BAD_DATA, str(err)).reply(msg, name)
+    public = getattr(err, "public", str(err))
+    if public != str(err):
+        log(WARNING, "site %s: %s", name, err)
+    return SiteRefusal(ReplyError.BAD_DATA, public).reply(msg, name)
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -346,7 +355,9 @@ def sum_query(msg: Message, context: Context) -> Message:
         if not isinstance(source, RawSite) or not isinstance(task, TabularTask):
             raise ValueError(f"task={cfg.task.name} has no federated statistics")
         half = composition.site(cfg).aggregation
-        values = federated.site_vector(task, source, msg, half, context)
+        values = federated.site_vector(task, source, msg, half, context, site_guard.policy_for(context, cfg))
+    except federated.PolicyRefusal as err:
+        return site_guard.refusal(msg, context, str(err))
     except (*DATA_ERRORS, ValueError) as err:
         return refused(msg, context, err)
     return half.sum_reply(msg, context, values, site_env(cfg, source))  # type: ignore[arg-type]
@@ -359,7 +370,9 @@ def vocab_query(msg: Message, context: Context) -> Message:
         cfg, task, source = load_source(context)
         if not isinstance(source, RawSite) or not isinstance(task, TabularTask):
             raise ValueError(f"task={cfg.task.name} has no federated vocabulary")
-        return federated.vocab_reply(task, source, msg)
+        return federated.vocab_reply(task, source, msg, site_guard.policy_for(context, cfg))
+    except federated.PolicyRefusal as err:
+        return site_guard.refusal(msg, context, str(err))
     except (*DATA_ERRORS, ValueError) as err:
         return refused(msg, context, err)
 

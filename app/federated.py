@@ -33,6 +33,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from aggregation.base import SUM_REQUEST, AggregationOption, SiteHalf, SumCoordinator, SumResult, screen_sum_replies
+from app.site_policy import SitePolicy
 from tasks.tabular import evaluation
 from tasks.tabular.prep import Preprocessor
 from tasks.tabular.task import RawSite, TabularTask
@@ -184,17 +185,43 @@ def site_prep(task: TabularTask, config: ConfigRecord, half: SiteHalf, context: 
     return prep
 
 
-def vocab_reply(task: TabularTask, raw: RawSite, msg: Message) -> Message:
+def vocab_reply(task: TabularTask, raw: RawSite, msg: Message, policy: SitePolicy) -> Message:
+    """The names of this site's discovered categories: only those seen in at least the policy's
+    ``statistics.min_rows`` of its rows (a rarer name could single out a customer or a patient;
+    its rows fall under ``(other)`` or no level, as any category the vocabulary does not list)."""
     check_fingerprint(task, msg.content.config_records[SUM_REQUEST])
-    vocab = task.merge_vocab([task.local_vocab(t) for t in raw.fit_rows])
+    check_rows(raw, policy)
+    vocab = task.merge_vocab([task.local_vocab(raw.fit_rows, policy.statistics.min_rows)])
     return Message(RecordDict({VOCAB_KEY: ConfigRecord({"vocab": json.dumps(vocab, sort_keys=True)})}), reply_to=msg)
 
 
-def site_vector(task: TabularTask, raw: RawSite, msg: Message, half: SiteHalf, context: Context) -> np.ndarray:
-    """This site's vector for a sum request (``moments``, ``spread`` or ``evaluate``)."""
+class PolicyRefusal(ValueError):
+    """A request this site's policy refuses (app/site_policy.py); the reason names the bound, never data."""
+
+
+def check_rows(raw: RawSite, policy: SitePolicy) -> None:
+    rows = sum(len(t) for t in raw.fit_rows)
+    if rows < policy.statistics.min_rows:
+        raise PolicyRefusal(f"this site has fewer non-test rows than its policy's statistics.min_rows="
+                            f"{policy.statistics.min_rows}: it releases no statistic of them")
+
+
+def site_vector(task: TabularTask, raw: RawSite, msg: Message, half: SiteHalf, context: Context,
+                policy: SitePolicy) -> np.ndarray:
+    """This site's vector for a sum request (``moments``, ``spread`` or ``evaluate``), within its policy."""
     request = msg.content.config_records[SUM_REQUEST]
     check_fingerprint(task, request)
     what = str(request["what"])
+    if what in ("moments", "spread"):
+        check_rows(raw, policy)
+    if what == "evaluate":
+        bins = request.get("bins")
+        if not isinstance(bins, int) or not 2 <= bins <= policy.evaluation.max_bins:
+            raise PolicyRefusal(f"a pooled evaluation with bins outside [2, {policy.evaluation.max_bins}] "
+                                "(the policy's evaluation.max_bins)")
+        if len(raw.test) < policy.evaluation.min_test_rows:
+            raise PolicyRefusal(f"this site has fewer test rows than its policy's evaluation.min_test_rows="
+                                f"{policy.evaluation.min_test_rows}: it reports no metrics on them")
     vocab = {k: list(v) for k, v in json.loads(str(request.get("prep-vocab", "{}"))).items()}
     layout = task.layout(vocab)
     if what == "moments":

@@ -4,8 +4,8 @@ A coordinator that deviates from the protocol can send any run config and any me
 therefore answers by the policy *it* holds, never by what the coordinator says it should
 accept. The policy is a YAML file the site operator writes (``fedsilo site --policy site.yaml``
 or node config ``policy-path``); a deployed site without one runs under :data:`DEFAULT`. In a
-simulation (Flower's engine gives each node only ``partition-id`` and ``num-partitions``: the
-whole federation is one process and one operator) every site takes the config's ``site_policy``
+simulation (a node with no data of its own, only ``partition-id``: the whole federation is one
+process and one operator) every site takes the config's ``site_policy``
 section, so a policy can be tried on all sites at once.
 
 Every field, with its default (safe for a bank: nothing a deviating coordinator can raise
@@ -26,7 +26,7 @@ beyond what is standard in the field; docs/deployment.md "The site's policy"):
     ``dpsgd``: no training without DP-SGD. Whatever the run asks, a DP-SGD run's budget, delta
     and noise stay within these; the site's ledger across all its jobs on the same data
     (:mod:`privacy.site_ledger`) never passes ``max_epsilon``.
-``evaluation.max_bins`` (8192), ``min_test_rows`` (20), ``test_fraction`` ([0.05, 0.5])
+``evaluation.max_bins`` (8192), ``min_test_rows`` (10), ``test_fraction`` ([0.05, 0.5])
     pooled test metrics: the finest histogram the site contributes to, the fewest held-out rows
     it reports on, the share of its rows it may be asked to hold out.
 ``statistics.min_rows`` (10)
@@ -50,8 +50,6 @@ from omegaconf import OmegaConf
 
 #: Node-config key of the site's policy file.
 NODE_CONFIG_KEY = "policy-path"
-#: The node-config keys Flower's simulation engine gives a node, and nothing else.
-SIMULATION_KEYS = frozenset({"partition-id", "num-partitions"})
 
 
 @dataclass
@@ -72,7 +70,7 @@ class PrivacyPolicy:
 @dataclass
 class EvaluationPolicy:
     max_bins: int = 8192
-    min_test_rows: int = 20
+    min_test_rows: int = 10
     test_fraction: list[float] = field(default_factory=lambda: [0.05, 0.5])
 
 
@@ -159,8 +157,10 @@ def load(path: str | Path) -> SitePolicy:
 
 
 def is_simulated(node_config: Any) -> bool:
-    """Whether this node is one of Flower's simulated nodes (node config of exactly :data:`SIMULATION_KEYS`)."""
-    return bool(node_config) and set(node_config) <= SIMULATION_KEYS and "partition-id" in node_config
+    """Whether this node is a simulated one: it has no data of its own (no ``data-path``), only a
+    share of bundled data (``partition-id``), as in Flower's simulation engine or a demo. Such a
+    node takes the run's ``site_policy`` unless its node config names a policy file."""
+    return "data-path" not in node_config and "partition-id" in node_config
 
 
 _LOADED: dict[tuple[str, int, int], SitePolicy] = {}

@@ -13,7 +13,10 @@ prints one line per problem, with the fix:
 - the node's private key (readable, an OpenSSH EC key as ``fedsilo keys`` / Flower make them);
 - the data file, read and validated by the same code the ClientApp runs (file, task, number of
   sites, shape; for ``task=tabular`` the table against the federation's schema);
-- what the aggregation option needs at the site (``aggregation=paillier``: the key pair).
+- what the aggregation option needs at the site (``aggregation=paillier``: the key pair);
+- the site's policy (``--policy site.yaml``, else the default), printed field by field, and the
+  federation's config against it (:mod:`app.site_policy`); the running site enforces it on
+  every message.
 
 Then it starts the site: Flower's SuperNode with the site's long-lived ClientApp worker
 (:mod:`app.runtime.supernode`), with the flags and node config these checks used, and waits
@@ -126,6 +129,10 @@ def node_config_of(args: argparse.Namespace) -> dict[str, Any]:
         from aggregation.paillier.config import NODE_CONFIG_KEY
 
         node[NODE_CONFIG_KEY] = str(Path(args.paillier_keypair).expanduser().resolve())
+    if args.policy:
+        from app.site_policy import NODE_CONFIG_KEY as POLICY_KEY
+
+        node[POLICY_KEY] = str(Path(args.policy).expanduser().resolve())
     return node
 
 
@@ -144,6 +151,21 @@ def check_data(overrides: list[str], data_dir: str | None, node: dict[str, Any])
     except (*client_app.DATA_ERRORS, OSError, ValueError, KeyError) as err:
         return [f"data file {node['data-path']}: {err}"]
     return []
+
+
+def check_policy(cfg: Any, node: dict[str, Any]) -> list[str]:
+    """The site's policy file, and whether the federation's config is one it accepts (printed field by field)."""
+    from app import site_guard, site_policy
+
+    try:
+        policy = site_policy.of(node)
+    except site_policy.PolicyError as err:
+        return [str(err)]
+    where = node.get(site_policy.NODE_CONFIG_KEY, "the default policy (no --policy)")
+    print(f"fedsilo site: policy: {where}", flush=True)
+    for line in site_policy.describe(policy):
+        print(f"fedsilo site:   {line}", flush=True)
+    return [f"the federation's config is refused by this site's policy: {p}" for p in site_guard.check_run(cfg, policy)]
 
 
 def check_all(args: argparse.Namespace) -> list[str]:
@@ -168,6 +190,7 @@ def check_all(args: argparse.Namespace) -> list[str]:
         problems.append("--auth-key KEY is required: the SuperLink authenticates its sites (fedsilo keys made one "
                         "per site)")
     node = node_config_of(args)
+    problems += check_policy(cfg, node)
     problems += check_data(args.overrides, cfg.data_dir, node)
     problems += aggregation.get(cfg.aggregation.name).site_check(cfg.aggregation, node)
     return problems
@@ -243,6 +266,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--site-name", help="the site's name in logs and reports (default: the data file's stem)")
     parser.add_argument("--schema", help="task=tabular: the federation's schema file as this site holds it")
     parser.add_argument("--paillier-keypair", help="aggregation=paillier: the sites' key pair")
+    parser.add_argument("--policy", help="this site's policy (YAML; docs/deployment.md): what it agrees to do, whatever "
+                        "the coordinator asks")
     parser.add_argument("--port", type=int, help="the SuperNode's local Runtime API port (default 9094)")
     parser.add_argument("--max-retries", type=int, default=50, help="reconnection attempts if the SuperLink goes away")
     parser.add_argument("--insecure", action="store_true", help="no TLS and no authentication (demos only)")

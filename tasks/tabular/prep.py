@@ -54,9 +54,16 @@ def levels(f: Feature, vocab: dict[str, list[str]]) -> list[str]:
     return base + ([OTHER] if f.other else [])
 
 
-def local_vocab(table: Table, schema: Schema) -> dict[str, list[str]]:
-    """The category names this site has, for each feature whose categories are discovered."""
-    return {name: sorted(set(table.categorical[name]) - {MISSING_LEVEL}) for name in schema.discovered()}
+def local_vocab(table: Table | list[Table], schema: Schema, min_count: int = 1) -> dict[str, list[str]]:
+    """The category names this site has (in ``table``, or in all of a list of tables), for each
+    feature whose categories are discovered: those in at least ``min_count`` of its rows (a site's
+    disclosure control; see app/site_policy.py)."""
+    tables = table if isinstance(table, list) else [table]
+    out = {}
+    for name in schema.discovered():
+        values, counts = np.unique(np.concatenate([t.categorical[name] for t in tables]), return_counts=True)
+        out[name] = sorted(str(v) for v, c in zip(values, counts, strict=True) if c >= min_count and v != MISSING_LEVEL)
+    return out
 
 
 def merge_vocab(parts: list[dict[str, list[str]]], schema: Schema) -> dict[str, list[str]]:

@@ -23,7 +23,20 @@ MISSING_LEVEL = "(missing)"
 
 
 class SiteInputError(ValueError):
-    """A site's file does not fit the schema: the message names the file, the column and the row."""
+    """A site's file does not fit the schema: the message names the file, the column and the row.
+
+    ``str(err)`` is the whole story, for the site's operator (the value it found included);
+    ``err.public`` is what may be sent to the coordinator: file, column and row, never a value or an id."""
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public if public is not None else message
+
+
+def _bad_cell(text: str, value: object) -> SiteInputError:
+    """An error whose ``text`` has ``<value>`` where the cell goes: the site's log has it, the coordinator reads
+    'a value'."""
+    return SiteInputError(text.replace("<value>", repr(value)), public=text.replace("<value>", "a value"))
 
 
 @dataclass(frozen=True)
@@ -67,8 +80,8 @@ def _frame(path: Path, where: str):  # type: ignore[no-untyped-def]
     try:
         text_head = raw[:65536].decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise SiteInputError(f"{where} is not UTF-8 text (byte {err.start} of the file: {raw[err.start:err.start + 1]!r}); "
-                             "save it as UTF-8 CSV") from err
+        raise _bad_cell(f"{where} is not UTF-8 text (byte {err.start} of the file: <value>); save it as UTF-8 CSV",
+                        raw[err.start:err.start + 1]) from err
     header = text_head.splitlines()[0] if text_head.strip() else ""
     if not header:
         raise SiteInputError(f"{where} has no header line")
@@ -169,16 +182,17 @@ def read(path: str | Path, schema: Schema, labelled: bool = True) -> Table:
         bad = ~np.isin(s, ["train", "test"])
         if bad.any():
             k = int(np.argmax(bad))
-            raise SiteInputError(f"{where}: column {schema.split!r} (the schema's split) has {cells[schema.split][k]!r} at "
-                                 f"row {line[k]}; expected 'train' or 'test'")
+            raise _bad_cell(f"{where}: column {schema.split!r} (the schema's split) has <value> at row {line[k]}; "
+                            "expected 'train' or 'test'", cells[schema.split][k])
         is_test = s == "test"
     if schema.id:
         ids = cells[schema.id]
         _, first, counts = np.unique(ids.astype(str), return_index=True, return_counts=True)
         if (counts > 1).any():
             k = int(first[np.argmax(counts > 1)])
-            raise SiteInputError(f"{where}: id column {schema.id!r} repeats {ids[k]!r} (first at row {line[k]}); "
-                                 "each row must be one record")
+            again = int(np.flatnonzero(ids.astype(str) == str(ids[k]))[1])
+            raise _bad_cell(f"{where}: id column {schema.id!r} repeats <value> (rows {line[k]} and {line[again]}); "
+                            "each row must be one record", ids[k])
     return Table(str(p), numeric, categorical, label, is_test, line, cells[schema.id] if schema.id else None)
 
 
@@ -190,12 +204,12 @@ def _numbers(col: np.ndarray, miss: np.ndarray, line: np.ndarray, where: str, na
     bad = ~miss & np.isnan(parsed)
     if bad.any():
         k = int(np.argmax(bad))
-        raise SiteInputError(f"{where}: column {name!r} is numeric but row {line[k]} holds {str(col[k]).strip()!r}")
+        raise _bad_cell(f"{where}: column {name!r} is numeric but row {line[k]} holds <value>", str(col[k]).strip())
     inf = ~miss & np.isinf(parsed)
     if inf.any():
         k = int(np.argmax(inf))
-        raise SiteInputError(f"{where}: column {name!r} holds {str(col[k]).strip()!r} at row {line[k]}; values must "
-                             "be finite")
+        raise _bad_cell(f"{where}: column {name!r} holds <value> at row {line[k]}; values must be finite",
+                        str(col[k]).strip())
     parsed[miss] = np.nan
     return parsed
 
@@ -206,8 +220,8 @@ def _booleans(col: np.ndarray, miss: np.ndarray, line: np.ndarray, where: str, f
     bad = ~miss & ~true & ~false
     if bad.any():
         k = int(np.argmax(bad))
-        raise SiteInputError(f"{where}: column {f.name!r} is boolean (true: {list(f.true)}, false: {list(f.false)}) "
-                             f"but row {line[k]} holds {col[k]!r}")
+        raise _bad_cell(f"{where}: column {f.name!r} is boolean (true: {list(f.true)}, false: {list(f.false)}) "
+                        f"but row {line[k]} holds <value>", col[k])
     return np.where(miss, np.nan, true.astype(np.float64))
 
 
@@ -218,8 +232,8 @@ def _categories(col: np.ndarray, miss: np.ndarray, line: np.ndarray, where: str,
         bad = ~miss & ~np.isin(out, list(f.categories))
         if bad.any():
             k = int(np.argmax(bad))
-            raise SiteInputError(f"{where}: column {f.name!r} holds {col[k]!r} at row {line[k]}, which is not one of "
-                                 f"its categories {list(f.categories)} (add it, or set other: true)")
+            raise _bad_cell(f"{where}: column {f.name!r} holds <value> at row {line[k]}, which is not one of "
+                            f"its categories {list(f.categories)} (add it, or set other: true)", col[k])
     return out
 
 
@@ -257,13 +271,13 @@ def _labels(col: np.ndarray, line: np.ndarray, where: str, schema: Schema) -> np
             bad = ~pos & ~np.isin(texts, list(lab.negative))
             if bad.any():
                 k = int(np.argmax(bad))
-                raise SiteInputError(f"{where}: label {lab.column!r} holds {col[k]!r} at row {line[k]}; the schema's "
-                                     f"values are positive {list(lab.positive)} and negative {list(lab.negative)}")
+                raise _bad_cell(f"{where}: label {lab.column!r} holds <value> at row {line[k]}; the schema's "
+                                f"values are positive {list(lab.positive)} and negative {list(lab.negative)}", col[k])
         return pos.astype(np.int64)
     bad = ~np.isin(texts, list(lab.classes))
     if bad.any():
         k = int(np.argmax(bad))
-        raise SiteInputError(f"{where}: label {lab.column!r} holds {col[k]!r} at row {line[k]}, which is not one "
-                             f"of the schema's classes {list(lab.classes)}")
+        raise _bad_cell(f"{where}: label {lab.column!r} holds <value> at row {line[k]}, which is not one "
+                        f"of the schema's classes {list(lab.classes)}", col[k])
     index = {c: i for i, c in enumerate(lab.classes)}
     return np.array([index[t] for t in texts], dtype=np.int64)

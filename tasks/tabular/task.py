@@ -267,8 +267,8 @@ class TabularTask(Task):
         """Whether a vocabulary step (names in the clear) comes before the statistics."""
         return bool(self.schema.discovered())
 
-    def local_vocab(self, table: Table) -> dict[str, list[str]]:
-        return local_vocab(table, self.schema)
+    def local_vocab(self, table: Table | list[Table], min_count: int = 1) -> dict[str, list[str]]:
+        return local_vocab(table, self.schema, min_count)
 
     def merge_vocab(self, parts: list[dict[str, list[str]]]) -> dict[str, list[str]]:
         return merge_vocab(parts, self.schema)
