@@ -21,8 +21,8 @@ pickles the ClientApp with every message, and a closure would be pickled by valu
 from __future__ import annotations
 
 import time
-from logging import WARNING
 from dataclasses import replace
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np

@@ -57,7 +57,8 @@ def _split_tables(task: Any, cfg: Any, n: int, out: Path) -> list[dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     files = task.site_files()
     # each site holds its own copy of the federation's schema: a deployed site reads no path the coordinator sends
-    schema = Path(shutil.copyfile(task.path(cfg.task.schema, "schema"), out / f"schema{task.path(cfg.task.schema, 'schema').suffix}"))
+    source_schema = task.path(cfg.task.schema, "schema")
+    schema = Path(shutil.copyfile(source_schema, out / f"schema{source_schema.suffix}"))
     entries = []
     for k in range(n):
         site = task.raw_site(cfg.partition, n, cfg.seed, k)
