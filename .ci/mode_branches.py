@@ -24,7 +24,9 @@ FLAGS = {"secure", "encrypted"}
 OPTION_RECORDS = {"privacy", "privacy_central", "secagg", "ct"}
 #: Option packages (old and new layouts): a branch inside is the option's own business.
 OWN = ("strategies/secagg/", "strategies/paillier/", "aggregation/", "privacy/dpsgd", "privacy/central")
-COMPOSITION_ROOT = ("app/config.py", "app/composition.py")
+#: app/site_guard.py is the site's side of app/config.py's rules between axes: a site's policy lists the
+#: options it allows per axis, so its check names the chosen option of each axis (no behaviour branches on one).
+COMPOSITION_ROOT = ("app/config.py", "app/composition.py", "app/site_guard.py")
 PACKAGES = ("app", "strategies", "privacy", "tasks", "aggregation", "core", "vertical")
 
 

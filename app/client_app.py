@@ -185,7 +185,8 @@ def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, tas
     train_rows = attacks.poison_data(cfg, site.train) if byzantine else site.train
     started = time.perf_counter()
     stats, records = layers.trainer.train(task, model, train_rows, seed, context, train_config,  # type: ignore[arg-type]
-                                          site.name, work.epochs, work.max_steps, penalty, rnd.store)
+                                          site.name, work.epochs, work.max_steps, penalty, rnd.store,
+                                          limits=site_guard.privacy_limits(context, cfg))
     slow.wait(slowdown, time.perf_counter() - started)  # faults.slow_fraction: this site computes slowly
     if byzantine:  # faults.byzantine_fraction: this site corrupts what it sends (for robustness studies)
         model.load_state_dict(attacks.poison_model(cfg, model.state_dict(), model_part(glob, model), server_round,

@@ -23,14 +23,26 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.common import log
 
+import privacy
 from app import config, site_policy
 from app.site_policy import SitePolicy
 from core.replies import ReplyError, SiteRefusal
+from privacy.base import SiteLimits
 
 
 def policy_for(context: Context, cfg: config.FedsiloConfig | None = None) -> SitePolicy:
     """The policy this site answers ``context``'s run by."""
     return site_policy.of(context.node_config, cfg.site_policy if cfg is not None else None)
+
+
+def limits_of(policy: SitePolicy) -> SiteLimits:
+    p = policy.privacy
+    return SiteLimits(p.max_epsilon, p.min_noise_multiplier, p.one_release_per_round, p.max_delta)
+
+
+def privacy_limits(context: Context, cfg: config.FedsiloConfig) -> SiteLimits:
+    """The bounds the site's policy sets its privacy mechanism (``privacy.*``)."""
+    return limits_of(policy_for(context, cfg))
 
 
 def check_run(cfg: config.FedsiloConfig, policy: SitePolicy, site_fingerprint: str | None = None) -> list[str]:
@@ -53,17 +65,9 @@ def check_run(cfg: config.FedsiloConfig, policy: SitePolicy, site_fingerprint: s
     if config.num_sites(cfg) < agg.min_sites:
         out.append(f"num_sites={config.num_sites(cfg)} is below the policy's aggregation.min_sites={agg.min_sites}")
     p = policy.privacy
-    if p.required == "dpsgd" and cfg.privacy.name != "dpsgd":
-        out.append(f"privacy={cfg.privacy.name}: this site's policy requires privacy=dpsgd")
-    if cfg.privacy.name == "dpsgd":
-        dp: Any = cfg.privacy
-        if dp.target_epsilon > p.max_epsilon:
-            out.append(f"privacy.target_epsilon={dp.target_epsilon:g} exceeds the policy's max_epsilon={p.max_epsilon:g}")
-        if dp.delta > p.max_delta:
-            out.append(f"privacy.delta={dp.delta:g} exceeds the policy's max_delta={p.max_delta:g}")
-        if dp.noise_multiplier is not None and dp.noise_multiplier < p.min_noise_multiplier:
-            out.append(f"privacy.noise_multiplier={dp.noise_multiplier:g} is below the policy's "
-                       f"min_noise_multiplier={p.min_noise_multiplier:g}")
+    if p.required != "none" and cfg.privacy.name != p.required:
+        out.append(f"privacy={cfg.privacy.name}: this site's policy requires privacy={p.required}")
+    out += privacy.get(cfg.privacy.name).policy_problems(cfg.privacy, limits_of(policy))
     if cfg.task.name == "tabular":
         lo, hi = policy.evaluation.test_fraction
         if not lo <= cfg.task.test_fraction <= hi:

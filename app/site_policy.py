@@ -48,6 +48,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from core import state
+
 #: Node-config key of the site's policy file.
 NODE_CONFIG_KEY = "policy-path"
 
@@ -156,11 +158,7 @@ def load(path: str | Path) -> SitePolicy:
     return validate(obj, f"site policy {path}")
 
 
-def is_simulated(node_config: Any) -> bool:
-    """Whether this node is a simulated one: it has no data of its own (no ``data-path``), only a
-    share of bundled data (``partition-id``), as in Flower's simulation engine or a demo. Such a
-    node takes the run's ``site_policy`` unless its node config names a policy file."""
-    return "data-path" not in node_config and "partition-id" in node_config
+is_simulated = state.is_simulated  # the one definition, in core (privacy needs it too)
 
 
 _LOADED: dict[tuple[str, int, int], SitePolicy] = {}

@@ -217,5 +217,6 @@ def answer(msg: Message, context: Context) -> Message:
         context.state[STATE] = ConfigRecord(state)  # type: ignore[arg-type]
     except PARTY_ERRORS as err:
         log(ERROR, "fedsilo vertical: step %s refused: %s", step, err)
-        reply = {"error": f"{type(err).__name__}: {err}", **({"name": name} if name else {})}
+        reason = getattr(err, "public", str(err))  # file, column and row; the value only in the party's own log
+        reply = {"error": f"{type(err).__name__}: {reason}", **({"name": name} if name else {})}
     return Message(RecordDict({"reply": ConfigRecord(reply)}), reply_to=msg)  # type: ignore[arg-type]

@@ -36,6 +36,13 @@ KEEP = 3
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+def is_simulated(node_config: Any) -> bool:
+    """Whether a node is a simulated one: no data of its own (no ``data-path``), only a share of
+    bundled data (``partition-id``), as Flower's simulation engine gives every node. The whole
+    federation is then one process of one operator; a deployed site always names its own file."""
+    return "data-path" not in node_config and "partition-id" in node_config
+
+
 def default_root() -> Path:
     """Where sites keep their state when the node config names no ``state-dir`` (simulation)."""
     cache = os.environ.get("FEDSILO_CACHE_DIR")

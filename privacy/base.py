@@ -36,17 +36,30 @@ class PrivacyConfig:
     name: str = "none"
 
 
+@dataclass(frozen=True)
+class SiteLimits:
+    """What the site's own policy allows a privacy mechanism, whatever the run config says
+    (``app/site_policy.py``: ``privacy.*``). ``max_epsilon`` caps the site's ledger for its data set
+    across every job; ``one_release_per_round`` refuses a second, different release in one round."""
+
+    max_epsilon: float = float("inf")
+    min_noise_multiplier: float = 0.0
+    one_release_per_round: bool = False
+    max_delta: float = 1.0
+
+
 class LocalTrainer(ABC):
     """One round of a site's local training under a privacy option."""
 
     @abstractmethod
     def train(self, task: Task, model: nn.Module, split: Split, seed: int, context: Context,
               train_config: ConfigRecord, site_name: str, epochs: int, max_steps: int | None,
-              penalty: Penalty | None, store: SiteStore | None = None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
+              penalty: Penalty | None, store: SiteStore | None = None,
+              limits: SiteLimits | None = None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
         """Train ``model`` in place for ``epochs`` (at most ``max_steps`` steps: a straggler's
         partial work); return the training stats and the records the reply carries. ``store`` is
         the site's own state folder for the job (:class:`core.state.SiteStore`), where a
-        mechanism keeps what must outlive the process (DP-SGD's ledger).
+        mechanism keeps what must outlive the process; ``limits``: the site's own policy's bounds.
 
         Raise :class:`core.replies.SiteRefusal` to reply with an error instead (e.g. a spent budget)."""
 
@@ -56,7 +69,8 @@ class PlainTrainer(LocalTrainer):
 
     def train(self, task: Task, model: nn.Module, split: Split, seed: int, context: Context,
               train_config: ConfigRecord, site_name: str, epochs: int, max_steps: int | None,
-              penalty: Penalty | None, store: SiteStore | None = None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
+              penalty: Penalty | None, store: SiteStore | None = None,
+              limits: SiteLimits | None = None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
         return task.train(model, split, seed, epochs=epochs, max_steps=max_steps, penalty=penalty), {}
 
 
@@ -116,6 +130,10 @@ class PrivacyOption(ABC):
     def tables(self, summary: dict[str, Any]) -> tuple[list[str], list[tuple[list[str], list[list[str]]]]]:
         """(paragraphs, tables) for the report's privacy section from ``results.json``'s ``privacy``."""
         return [], []
+
+    def policy_problems(self, cfg: Any, limits: SiteLimits) -> list[str]:
+        """What in this option's run config a site's policy refuses (one reason each; names and bounds)."""
+        return []
 
     def trainer(self, cfg: Any, num_rounds: int, batch_size: int) -> LocalTrainer:
         return PlainTrainer()

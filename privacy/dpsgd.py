@@ -36,12 +36,12 @@ from core.config import check
 from core.records import RoundRecord, RunRecord
 from core.replies import ReplyError, SiteRefusal
 from core.sites import site_label
-from core.state import SiteStore
+from core.state import JOB_KEY, SiteStore, is_simulated
 from privacy.accountant import ACCOUNTANTS, STATE_KEY, PrivacyLedger, noise_for_budget
-from privacy.base import Coordinator, LocalTrainer, PrivacyConfig, PrivacyOption, task_generator
+from privacy.base import Coordinator, LocalTrainer, PrivacyConfig, PrivacyOption, SiteLimits, task_generator
 from privacy.clipping import ENGINES, LayerClipper, LinearClipper, make_clipper
-from privacy.site_ledger import Release, SiteLedger, digest_inputs, digest_state
-from privacy.site_secret import noise_seed
+from privacy.site_ledger import DATA_LEDGERS, Release, SiteLedger, data_store, digest_inputs, digest_release, digest_state
+from privacy.site_secret import keeps_secret, noise_seed
 from tasks.base import Split, Task
 from tasks.training import Augment, LocalTrainConfig, Penalty, loss_fn, make_optimizer
 
@@ -122,6 +122,17 @@ def noise_multiplier(target_epsilon: float, delta: float, rate: float, planned_s
 
 class BudgetExhausted(RuntimeError):
     """This round would take the site past its target epsilon."""
+
+
+def check_cap(ledger: SiteLedger, params: DPSGDParams, steps: int) -> None:
+    """The site's own cap (policy ``privacy.max_epsilon``) over everything it released from these rows, in
+    every job; :class:`BudgetExhausted` if this release would pass it."""
+    if ledger.cap is None:
+        return
+    after = ledger.ledger().with_steps(params.noise_multiplier, params.sample_rate, steps).epsilon(params.delta)
+    if after > ledger.cap:
+        raise BudgetExhausted(f"{BUDGET_EXHAUSTED}: this site's data set would reach epsilon {after:.3f} over its "
+                              f"{len(ledger.jobs())} job(s) > its policy's max_epsilon {ledger.cap:g}")
 
 
 def check_budget(ledger: PrivacyLedger, params: DPSGDParams, steps: int) -> float:
@@ -272,6 +283,8 @@ def private_round(
     augment: Augment | None = None,
     ledger: SiteLedger | None = None,
     server_round: int = 0,
+    job: str = "",
+    limits: SiteLimits | None = None,
 ) -> tuple[dict[str, float], ConfigRecord]:
     """One round of DP-SGD at a site. Raises :class:`BudgetExhausted` (before touching the
     model) if the round would exceed the target. Returns the training stats and the reply's
@@ -289,20 +302,25 @@ def private_round(
         own = own.with_steps(params.noise_multiplier, params.sample_rate, int(stats["local_steps"]))
         context.state[STATE_KEY] = own.to_record()
     else:
-        own = ledger.ledger()
+        own = ledger.ledger(job)
         mechanism = (params.noise_multiplier, params.sample_rate, params.max_grad_norm, planned, cfg)
         inputs = digest_inputs(model, generator, mechanism)
         prior = ledger.released(server_round, inputs)
         if prior is None:
+            if limits is not None and limits.one_release_per_round and ledger.round_releases(server_round, job):
+                raise SiteRefusal(ReplyError.POLICY, f"round {server_round} of this job was released already, from "
+                                  "other inputs; this site's policy allows one release per round")
             check_budget(own, params, planned)
+            check_cap(ledger, params, planned)
         stats = train_private(model, x, y, cfg, params, generator, penalty, max_steps, augment)
         update = digest_state(model.state_dict())
         if prior is None or prior.update != update:
             steps = int(stats["local_steps"])
             check_budget(own, params, steps)  # a replay that came out different is a new release
+            check_cap(ledger, params, steps)
             ledger.record(Release(server_round, params.noise_multiplier, params.sample_rate, steps, inputs, update,
-                                  time=time.time()))
-            own = ledger.ledger()
+                                  time=time.time(), job=job))
+            own = ledger.ledger(job)
         else:
             log(INFO, "round %s: the same update as this site's recorded release; no new privacy spend", server_round)
     epsilon = own.epsilon(params.delta)
@@ -312,6 +330,8 @@ def private_round(
         "max_grad_norm": params.max_grad_norm, "steps": int(stats["local_steps"]), "total_steps": own.steps,
         "accountant": params.accountant, "clipped_share": float(stats["clipped_share"]),
     })
+    if ledger is not None and ledger.store.folder.parent.name == DATA_LEDGERS:  # a deployed site: its rows, every job
+        record["data_epsilon"] = ledger.ledger().epsilon(params.delta)
     return stats, record
 
 
@@ -354,7 +374,7 @@ def restored_ledger(train_config: ConfigRecord, name: str, accountant: str) -> P
 
 
 def adopt_restored(context: Context, train_config: ConfigRecord, name: str, accountant: str,
-                   ledger: SiteLedger | None = None) -> None:
+                   ledger: SiteLedger | None = None, job: str = "") -> None:
     """Take over the ledger the server restored for site ``name`` when it records more steps
     than the site's own (a resumed run starts with empty node state; a site keeping its
     ledger on disk has its own record and only adopts the copy if it lost it). Never lowers
@@ -363,7 +383,7 @@ def adopt_restored(context: Context, train_config: ConfigRecord, name: str, acco
     if restored is None:
         return
     if ledger is not None:
-        if ledger.adopt(restored):
+        if ledger.adopt(restored, job):
             log(WARNING, "site %s had no ledger of its own with %d steps; adopted the coordinator's copy",
                 name, restored.steps)
         return
@@ -407,16 +427,33 @@ class DPSGDTrainer(LocalTrainer):
 
     def train(self, task: Task, model: nn.Module, split: Split, seed: int, context: Context,
               train_config: ConfigRecord, site_name: str, epochs: int, max_steps: int | None,
-              penalty: Penalty | None, store: SiteStore | None = None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
+              penalty: Penalty | None, store: SiteStore | None = None,
+              limits: SiteLimits | None = None) -> tuple[dict[str, float], dict[str, ConfigRecord]]:
+        limits = limits or SiteLimits()
+        node = context.node_config
         params = site_params(self.dp, len(split), self.batch_size, self.num_rounds, epochs)
-        ledger = SiteLedger(store, params.accountant, params.delta, params.target_epsilon) if store is not None else None
-        adopt_restored(context, train_config, site_name, params.accountant, ledger)  # after a coordinator restart
-        generator, augment = task_generator(task, noise_seed(context.node_config, seed))
+        if params.noise_multiplier < limits.min_noise_multiplier:
+            raise SiteRefusal(ReplyError.POLICY, f"the run's DP-SGD noise multiplier {params.noise_multiplier:.4g} is "
+                              f"below this site's policy's min_noise_multiplier={limits.min_noise_multiplier:g}")
+        if not is_simulated(node) and not keeps_secret(node):
+            raise SiteRefusal(ReplyError.POLICY, "DP-SGD at a deployed site needs a secret of its own for its noise "
+                              "(node config state-dir or dp-noise-seed); without one the coordinator could "
+                              "regenerate the noise")
+        job = str(train_config.get(JOB_KEY, ""))
+        if "state-dir" in node:  # a deployed site: one ledger for its data set, across every job
+            store = data_store(str(node["state-dir"]), site_name, split.x, split.y)
+        ledger = (SiteLedger(store, params.accountant, params.delta, params.target_epsilon, limits.max_epsilon)
+                  if store is not None else None)
+        adopt_restored(context, train_config, site_name, params.accountant, ledger, job)  # after a coordinator restart
         server_round = int(train_config.get("server-round", 0))  # type: ignore[arg-type]
+        local = task.local_train_config(epochs)
+        planned = steps_per_epoch(params.sample_rate) * local.epochs if max_steps is None else max_steps
+        mechanism = (params.noise_multiplier, params.sample_rate, params.max_grad_norm, planned, local)
+        generator, augment = task_generator(task, noise_seed(node, seed, digest_release(server_round, model, mechanism)))
         try:
-            stats, record = private_round(context, params, model, split.x, split.y, task.local_train_config(epochs),
+            stats, record = private_round(context, params, model, split.x, split.y, local,
                                           generator, penalty=penalty, max_steps=max_steps, augment=augment,
-                                          ledger=ledger, server_round=server_round)
+                                          ledger=ledger, server_round=server_round, job=job, limits=limits)
         except BudgetExhausted as err:
             raise SiteRefusal(ReplyError.BUDGET_EXHAUSTED, str(err)) from err
         return stats, {REPLY_KEY: record}
@@ -480,6 +517,17 @@ class DPSGD(PrivacyOption):
         paragraphs = ([f"Sites that stopped because their budget was spent: {summary['budget_exhausted']}."]
                       if summary.get("budget_exhausted") else [])
         return paragraphs, [(["site", "epsilon", "delta", "last round", "noise multiplier", "sample rate"], rows)]
+
+    def policy_problems(self, cfg: Any, limits: SiteLimits) -> list[str]:
+        out = []
+        if cfg.target_epsilon > limits.max_epsilon:
+            out.append(f"privacy.target_epsilon={cfg.target_epsilon:g} exceeds the policy's max_epsilon={limits.max_epsilon:g}")
+        if cfg.delta > limits.max_delta:
+            out.append(f"privacy.delta={cfg.delta:g} exceeds the policy's max_delta={limits.max_delta:g}")
+        if cfg.noise_multiplier is not None and cfg.noise_multiplier < limits.min_noise_multiplier:
+            out.append(f"privacy.noise_multiplier={cfg.noise_multiplier:g} is below the policy's "
+                       f"min_noise_multiplier={limits.min_noise_multiplier:g}")
+        return out
 
     def trainer(self, cfg: Any, num_rounds: int, batch_size: int) -> LocalTrainer:
         return DPSGDTrainer(cfg, num_rounds, batch_size)

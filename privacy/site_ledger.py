@@ -55,6 +55,7 @@ class Release:
     update: str      # SHA-256 of the update that was released
     source: str = "site"   # "site", or "coordinator" for a copy adopted after the site lost its own
     time: float = 0.0
+    job: str = ""          # the job it was released in (a data set's ledger spans jobs)
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -80,13 +81,49 @@ def digest_inputs(model: torch.nn.Module, generator: torch.Generator, mechanism:
     return h.hexdigest()
 
 
+def digest_release(server_round: int, model: torch.nn.Module, mechanism: tuple[Any, ...]) -> str:
+    """SHA-256 of a release's inputs as the site received them, before any randomness: the round,
+    the starting model's bytes and the mechanism. The site's noise is seeded from it
+    (:func:`privacy.site_secret.noise_seed`), so different inputs never share noise.
+
+    The job id is left out on purpose: equal inputs give byte-identical updates whatever the job,
+    and sending the same bytes again is post-processing (free, and recognised as such by
+    :meth:`SiteLedger.released` across jobs); any input that differs gets fresh noise. With the job
+    in, a deployed site's runs would differ from job to job for no protection."""
+    h = hashlib.sha256(f"{int(server_round)}|".encode())
+    h.update(digest_state(model.state_dict()).encode())
+    h.update(repr(mechanism).encode())
+    return h.hexdigest()
+
+
+def digest_rows(x: torch.Tensor, y: torch.Tensor) -> str:
+    """SHA-256 of a site's training rows: the key of its data set's ledger across jobs."""
+    h = hashlib.sha256(f"{x.dtype}|{tuple(x.shape)}|{y.dtype}|{tuple(y.shape)}|".encode())
+    h.update(_tensor_bytes(x))
+    h.update(_tensor_bytes(y))
+    return h.hexdigest()
+
+
+#: The job-like folder under a site's state-dir that holds one ledger per data set (across jobs).
+DATA_LEDGERS = "privacy"
+
+
+def data_store(state_dir: str, site: str, x: torch.Tensor, y: torch.Tensor) -> SiteStore:
+    """The state folder of the ledger of this site's data set: ``<state-dir>/privacy/<site>-<rows digest>``.
+    Every job that trains on the same rows, whatever id the coordinator gives it, adds to this one file."""
+    return SiteStore(state_dir, DATA_LEDGERS, f"{site}-{digest_rows(x, y)[:16]}")
+
+
 class SiteLedger:
-    """A site's ledger for one job, read from and written to its own disk."""
+    """A site's ledger, read from and written to its own disk: for one data set across jobs
+    (a deployed site, :func:`data_store`), or for one job (a simulated one)."""
 
     def __init__(self, store: SiteStore, accountant: str | None = None, delta: float | None = None,
-                 target_epsilon: float | None = None) -> None:
+                 target_epsilon: float | None = None, cap: float | None = None) -> None:
         """``accountant``, ``delta``, ``target_epsilon``: the round's (written with every release);
-        None: the file's (``rdp`` for a new file), for readers such as ``fedsilo ledger``."""
+        None: the file's (``rdp`` for a new file), for readers such as ``fedsilo ledger``. ``cap``:
+        the site's own policy's bound over every release in the file (None: no cap)."""
+        self.cap = cap if cap is not None and cap != float("inf") else None
         self.store, self.accountant = store, accountant or "rdp"
         self._given_accountant = accountant is not None
         self.path = store.folder / f"{DOCUMENT}.json"
@@ -122,29 +159,38 @@ class SiteLedger:
                                          "releases": [asdict(r) for r in self.releases]})
 
     # ---- what the site has spent --------------------------------------------------------
-    def ledger(self) -> PrivacyLedger:
-        """Every release so far, in order, as an accountant history."""
+    def ledger(self, job: str | None = None) -> PrivacyLedger:
+        """Every release so far (of ``job`` only, if given), in order, as an accountant history."""
         led = PrivacyLedger(self.accountant)
         for r in self.releases:
-            led = led.with_steps(r.noise_multiplier, r.sample_rate, r.steps)
+            if job is None or r.job == job:
+                led = led.with_steps(r.noise_multiplier, r.sample_rate, r.steps)
         return led
 
+    def jobs(self) -> list[str]:
+        return sorted({r.job for r in self.releases})
+
     def released(self, server_round: int, inputs: str) -> Release | None:
-        """The recorded release of ``server_round`` computed from exactly these inputs, if any."""
+        """The recorded release of ``server_round`` (in any job) computed from exactly these inputs, if any."""
         return next((r for r in self.releases if r.round == server_round and r.inputs == inputs), None)
+
+    def round_releases(self, server_round: int, job: str = "") -> list[Release]:
+        """What was released in ``server_round`` of ``job`` (a policy may allow one release per round)."""
+        return [r for r in self.releases if r.round == server_round and r.job == job]
 
     def record(self, release: Release) -> None:
         """Append ``release`` and write the ledger (atomic, durable) before the update leaves."""
         self.releases.append(release)
         self._write()
 
-    def adopt(self, restored: PrivacyLedger) -> bool:
-        """Take the coordinator's copy when it shows more steps than this site's own record
-        (a site that lost its state folder); never lowers the ledger. True if adopted."""
-        own = self.ledger()
+    def adopt(self, restored: PrivacyLedger, job: str = "") -> bool:
+        """Take the coordinator's copy of ``job`` when it shows more steps than this site's own record
+        of it (a site that lost its state folder); never lowers the ledger. True if adopted."""
+        own = self.ledger(job)
         if restored.steps <= own.steps:
             return False
-        extra = [Release(-1, n, q, s, "", "", source="coordinator", time=time.time()) for n, q, s in restored.history]
-        self.releases = extra
+        extra = [Release(-1, n, q, s, "", "", source="coordinator", time=time.time(), job=job)
+                 for n, q, s in restored.history]
+        self.releases = [r for r in self.releases if r.job != job] + extra
         self._write()
         return True

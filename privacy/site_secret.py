@@ -14,7 +14,7 @@ runs as a deployed node mixes a secret of its own into the seed of its DP-SGD ge
 * else (the simulation engine, where the whole federation is one process and one operator)
   the public seed, so simulated runs reproduce bit for bit.
 
-The derived seed is SHA-256(secret || seed), truncated to 63 bits: without the secret it is
+The derived seed is SHA-256(secret || seed || digest of the release's inputs), truncated to 63 bits: without the secret it is
 unpredictable; PyTorch's generator itself is not a cryptographic one (docs/privacy.md).
 """
 
@@ -24,6 +24,8 @@ import hashlib
 import os
 from pathlib import Path
 from typing import Any
+
+from core.secret_files import read_private
 
 SECRET_FILE = "dp-noise-secret"
 
@@ -37,14 +39,14 @@ def _secret(node_config: Any) -> bytes | None:
         return None
     path = Path(str(state_dir)).expanduser() / SECRET_FILE
     try:
-        secret = path.read_bytes()
+        secret = read_private(path, "the site's DP noise secret")
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         secret = os.urandom(32)
         try:  # O_EXCL: two processes of one site racing keep the first secret
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except FileExistsError:
-            return path.read_bytes()
+            return read_private(path, "the site's DP noise secret")
         with os.fdopen(fd, "wb") as f:
             f.write(secret)
             f.flush()
@@ -54,12 +56,16 @@ def _secret(node_config: Any) -> bytes | None:
     return secret
 
 
-def noise_seed(node_config: Any, seed: int) -> int:
-    """The seed of the site's DP-SGD generator for a round whose public seed is ``seed``."""
+def noise_seed(node_config: Any, seed: int, inputs: str = "") -> int:
+    """The seed of the site's DP-SGD generator for a release whose public seed is ``seed`` and
+    whose inputs have the digest ``inputs`` (:func:`privacy.site_ledger.digest_release`: the job,
+    the round, the received model's bytes, the mechanism). Any change of input gives fresh noise: a
+    coordinator that re-sends a round with another model cannot make two releases share their
+    noise (their difference would be noise-free); a byte-identical replay gives the same bytes."""
     secret = _secret(node_config)
     if secret is None:
         return seed
-    digest = hashlib.sha256(secret + b"|" + str(int(seed)).encode()).digest()
+    digest = hashlib.sha256(secret + b"|" + str(int(seed)).encode() + b"|" + inputs.encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 

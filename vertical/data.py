@@ -32,8 +32,9 @@ LABEL = "default.payment.next.month"
 ID = "ID"
 
 
-class PartyDataError(ValueError):
-    """A party's file or schema does not fit its role: names the file, column or row."""
+class PartyDataError(SiteInputError):
+    """A party's file or schema does not fit its role: names the file, column or row
+    (``public``: what the coordinator may read, never a value or an id; see SiteInputError)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,10 @@ def check_ids(ids: np.ndarray, path: str, lines: np.ndarray) -> np.ndarray:
     _, first, counts = np.unique(out.astype(str), return_index=True, return_counts=True)
     if (counts > 1).any():
         k = int(first[np.argmax(counts > 1)])
-        raise PartyDataError(f"{path}: id {out[k]!r} appears more than once (first at row {lines[k]}); ids must be unique")
+        again = int(np.flatnonzero(out == out[k])[1])
+        raise PartyDataError(f"{path}: id {out[k]!r} appears more than once (rows {lines[k]} and {lines[again]}); ids "
+                             "must be unique", public=f"{path}: an id appears more than once (rows {lines[k]} and "
+                             f"{lines[again]}); ids must be unique")
     return out
 
 
@@ -83,7 +87,7 @@ def load_party(name: str, role: str, path: str | Path, schema_path: str | Path,
     try:
         table = read(path, schema, labelled=(role == "active"))
     except SiteInputError as err:
-        raise PartyDataError(str(err)) from err
+        raise PartyDataError(str(err), public=err.public) from err
     assert table.ids is not None
     ids = check_ids(table.ids, str(path), table.line)
     if role == "active" and schema.label.kind != "binary":

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from phe import paillier
+
+from core.secret_files import SecretFileError, read_private, write_private
 
 MIN_KEY_BITS = 2048
 PRIVATE_FILE = "paillier_keypair.json"
@@ -37,10 +38,9 @@ def generate(out: Path, bits: int = MIN_KEY_BITS) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(public.n)
     private_path, public_path = out / PRIVATE_FILE, out / PUBLIC_FILE
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"kind": "fedsilo-paillier-keypair", "bits": bits, "fingerprint": fp,
-                   "n": hex(public.n), "p": hex(private.p), "q": hex(private.q)}, f, indent=1)
+    write_private(private_path, json.dumps({"kind": "fedsilo-paillier-keypair", "bits": bits, "fingerprint": fp,
+                                            "n": hex(public.n), "p": hex(private.p), "q": hex(private.q)},
+                                           indent=1).encode())
     public_path.write_text(json.dumps({"kind": "fedsilo-paillier-public", "bits": bits, "fingerprint": fp,
                                        "n": hex(public.n)}, indent=1) + "\n")
     return private_path, public_path
@@ -48,10 +48,14 @@ def generate(out: Path, bits: int = MIN_KEY_BITS) -> tuple[Path, Path]:
 
 def _read(path: Path, kind: str) -> dict:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_bytes().decode())
+        if kind == "fedsilo-paillier-keypair" and isinstance(data, dict) and data.get("kind") == kind:
+            read_private(path, "Paillier key pair")  # a private key readable by others, or a link: refused
     except FileNotFoundError:
         raise PaillierKeyError(f"Paillier key file {path} does not exist (make one with: fedsilo keys paillier "
                                "--out DIR)") from None
+    except SecretFileError as err:
+        raise PaillierKeyError(str(err)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PaillierKeyError(f"Paillier key file {path} cannot be read: {err}") from None
     if not isinstance(data, dict) or data.get("kind") != kind:
@@ -69,13 +73,15 @@ def _read(path: Path, kind: str) -> dict:
 
 
 def load_public(path: Path) -> paillier.PaillierPublicKey:
-    """The public key from a public-key file (or from a key-pair file's modulus)."""
+    """The public key from a public-key file. A key-pair file is refused: whoever is handed a
+    public key (the coordinator) must never be handed the private one by mistake."""
     try:
         data = _read(path, "fedsilo-paillier-public")
     except PaillierKeyError as err:
-        if "is not a" not in str(err):
-            raise
-        data = _read(path, "fedsilo-paillier-keypair")
+        if "is not a" in str(err) and '"fedsilo-paillier-keypair"' in Path(path).read_text(errors="replace"):
+            raise PaillierKeyError(f"{path} is the sites' key pair, not the public key: give the coordinator "
+                                   f"{PUBLIC_FILE} (the key pair never leaves the sites)") from None
+        raise
     return paillier.PaillierPublicKey(data["n"])
 
 

@@ -1,10 +1,12 @@
 """``fedsilo ledger STATE_DIR``: a site's own DP-SGD spend, read from its own files.
 
 For a site operator who must show what the site has spent without asking the coordinator: every
-job's ``dp-ledger.json`` under the site's state folder (``privacy/site_ledger.py``), the releases
-it records and the epsilon Opacus' accountant gives for them.
+``dp-ledger.json`` under the site's state folder (``privacy/site_ledger.py``), the releases it
+records and the epsilon Opacus' accountant gives for them. A deployed site keeps one ledger per
+data set, across every job that trained on it (``<state-dir>/privacy/<site>-<rows digest>``): its
+epsilon is the composition of all of them, and the jobs are listed inside.
 
-    fedsilo ledger /srv/fedsilo/hospital-a.state          # a table, one line per job
+    fedsilo ledger /srv/fedsilo/hospital-a.state          # a table, one line per data set (or job)
     fedsilo ledger /srv/fedsilo/hospital-a.state --json   # the same, as JSON
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.state import SiteStore
-from privacy.site_ledger import DOCUMENT, SiteLedger
+from privacy.site_ledger import DATA_LEDGERS, DOCUMENT, SiteLedger
 
 
 def read(state_dir: Path) -> list[dict[str, Any]]:
@@ -28,7 +30,10 @@ def read(state_dir: Path) -> list[dict[str, Any]]:
         ledger = SiteLedger(SiteStore(state_dir, job, site))  # the file's accountant; a damaged file: ValueError naming it
         history = ledger.ledger()
         delta = ledger.delta if ledger.delta is not None else 1e-5
-        out.append({"job": job, "site": site, "file": str(path), "accountant": ledger.accountant,
+        jobs = ledger.jobs() if job == DATA_LEDGERS else [job]
+        out.append({"job": ", ".join(j or "-" for j in jobs) if job == DATA_LEDGERS else job, "jobs": jobs,
+                    "scope": "data set" if job == DATA_LEDGERS else "job",
+                    "site": site, "file": str(path), "accountant": ledger.accountant,
                     "releases": len(ledger.releases), "rounds": sorted({r.round for r in ledger.releases}),
                     "steps": history.steps, "delta": delta, "epsilon": history.epsilon(delta),
                     "target_epsilon": ledger.target_epsilon,

@@ -102,8 +102,12 @@ def check_key(path: Path) -> list[str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+    from core.secret_files import SecretFileError, read_private
+
     try:
-        data = path.read_bytes()
+        data = read_private(path, "node key")
+    except SecretFileError as err:
+        return [str(err)]
     except OSError as err:
         return [f"node key {path} cannot be read: {err.strerror or err}"]
     try:

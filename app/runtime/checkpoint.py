@@ -35,9 +35,10 @@ from flwr.serverapp.strategy import Result
 
 FILE = "checkpoint.npz"
 FORMAT = 1
-#: Config keys that may differ between the interrupted and the resumed run (none changes what is trained).
+#: Config keys that may differ between the interrupted and the resumed run (none changes what is trained;
+#: ``site_policy`` is the sites' to change, and a site refuses what its new policy does not allow).
 MAY_DIFFER = ("resume", "data_dir", "faults.crash_after_round", "checkpoint", "report", "logger", "mlflow", "audit",
-              "audit_references", "simulation")
+              "audit_references", "simulation", "site_policy")
 
 
 class CheckpointError(ValueError):

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
@@ -70,10 +70,12 @@ def _run(overrides: list[str], out: Path, state: Path, node: dict[str, Any] | No
 
 
 def _ledgers(state: Path) -> dict[str, dict[str, Any]]:
-    """Each site's own ledger file (one job per state folder in these tests)."""
+    """Each site's own ledger file: one per data set, under ``<state-dir>/privacy/<site>-<rows digest>``."""
+    from privacy.site_ledger import DATA_LEDGERS
+
     files = sorted(state.glob("*/*/dp-ledger.json"))
-    assert len({f.parent.parent for f in files}) == 1, files
-    return {f.parent.name: json.loads(f.read_text()) for f in files}
+    assert {f.parent.parent.name for f in files} == {DATA_LEDGERS}, files
+    return {f.parent.name.rsplit("-", 1)[0]: json.loads(f.read_text()) for f in files}
 
 
 def _opacus_epsilon(releases: list[dict[str, Any]], delta: float = 1e-5) -> float:
@@ -115,7 +117,8 @@ def test_a_lost_reply_is_in_the_sites_own_ledger(tmp_path: Path) -> None:
     assert lossy["privacy"]["epsilon_per_site"] == full["privacy"]["epsilon_per_site"]
 
 
-def _crash_after_training(tmp_path: Path, resume_node: dict[str, Any]) -> tuple[dict, dict, Path]:
+def _crash_after_training(tmp_path: Path, resume_node: dict[str, Any],
+                          resume_overrides: tuple[str, ...] = ()) -> tuple[dict, dict, Path]:
     """The coordinator dies after round 2's checkpoint, is resumed, trains round 3 and dies again;
     its round-3 checkpoint is lost, so it resumes from round 2's: the sites are asked for round 3 again."""
     state = tmp_path / "state"
@@ -126,7 +129,8 @@ def _crash_after_training(tmp_path: Path, resume_node: dict[str, Any]) -> tuple[
     with pytest.raises(CoordinatorCrash, match="after round 3"):
         _run([*DP, "faults.crash_after_round=3", f"resume={tmp_path / 'crash'}"], tmp_path / "crash3", state)
     assert all([r["round"] for r in doc["releases"]] == [1, 2, 3] for doc in _ledgers(state).values())
-    resumed = _run([*DP, f"resume={tmp_path / 'round2'}"], tmp_path / "resumed", state, node=resume_node)
+    resumed = _run([*DP, *resume_overrides, f"resume={tmp_path / 'round2'}"], tmp_path / "resumed", state,
+                   node=resume_node)
     return full, resumed, state
 
 
@@ -147,14 +151,29 @@ def test_a_replayed_round_after_a_coordinator_restart_costs_nothing_new(tmp_path
 def test_a_replay_that_differs_is_charged_and_the_budget_holds(tmp_path: Path) -> None:
     """The sites come back with another noise secret, so the replayed round's update differs: it
     is a new release and is charged. With the budget planned for 4 rounds, the fifth release
-    would pass the target: every site refuses it, by its own ledger."""
-    _, resumed, state = _crash_after_training(tmp_path, {"dp-noise-seed": "a secret the sites changed"})
+    would pass the target: every site refuses it, by its own ledger. (The sites' policy allows a
+    second release per round here; by default it refuses one: the next test.)"""
+    _, resumed, state = _crash_after_training(tmp_path, {"dp-noise-seed": "a secret the sites changed"},
+                                              ("site_policy.privacy.one_release_per_round=false",))
     ledgers = _check_own_ledgers(state, resumed["privacy"]["epsilon_per_site"])
     for site, doc in ledgers.items():
         assert [r["round"] for r in doc["releases"]] == [1, 2, 3, 3], site
         assert _opacus_epsilon(doc["releases"]) <= TARGET
     assert len(resumed["privacy"]["budget_exhausted"]) == 4
     assert all("privacy budget exhausted" in why for why in resumed["privacy"]["budget_exhausted"].values())
+
+
+@pytest.mark.slow
+def test_a_second_different_release_of_a_round_is_refused_by_the_default_policy(tmp_path: Path) -> None:
+    """The same replay as above under the default site policy (one release per round): round 3
+    comes out different, so every site refuses it, nothing is charged; round 4 goes on."""
+    _, resumed, state = _crash_after_training(tmp_path, {"dp-noise-seed": "a secret the sites changed"})
+    ledgers = _check_own_ledgers(state, resumed["privacy"]["epsilon_per_site"])
+    for site, doc in ledgers.items():
+        assert [r["round"] for r in doc["releases"]] == [1, 2, 3, 4], site
+    rejected = next(h for h in resumed["history"] if h["round"] == 3)["participation"]["train"]["rejected"]
+    assert len(rejected) == 4
+    assert all("one release per round" in r["reason"] for r in rejected)
 
 
 # ---- the ledger file and the noise secret, unit by unit ----------------------------------------------
@@ -261,3 +280,116 @@ def test_fedsilo_ledger_shows_a_sites_spend_from_its_own_files(tmp_path: Path, c
     assert ledger_cli.main([str(tmp_path)]) == 1
     assert str(store.folder / "dp-ledger.json") in capsys.readouterr().err
     assert ledger_cli.main([str(tmp_path / "nowhere")]) == 2
+
+
+# ---- a coordinator that deviates (issue #33) -----------------------------------------------------------
+def _trainer_round(state: Path, job: str, server_round: int, model: torch.nn.Module, limits: Any = None,
+                   node: dict[str, Any] | None = None, target: float = 8.0) -> tuple[Any, dict[str, Any]]:
+    """One DP-SGD round through the site's own trainer, as a deployed site runs it."""
+    import tasks
+    from app import config
+    from core.replies import SiteRefusal
+    from privacy.dpsgd import DPSGDTrainer
+
+    cfg = config.compose(["task=medical", "privacy=dpsgd", f"privacy.target_epsilon={target}", f"data_dir={DATA_DIR}"])
+    task = tasks.get("medical")(cfg.task, DATA_DIR)
+    site = task.sites(cfg.partition, config.num_sites(cfg), cfg.seed)[0]
+    node = {"state-dir": str(state), "dp-noise-seed": "the site's secret", "data-path": "own.npz"} if node is None else node
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    train_config = ConfigRecord({"server-round": server_round, "fedsilo-job": job})
+    trainer = DPSGDTrainer(cfg.privacy, cfg.num_rounds, cfg.task.batch_size)
+    try:
+        _, records = trainer.train(task, model, site.train, 7, ctx, train_config, site.name, 1, None, None,
+                                   SiteStore(state, job, site.name), limits)
+    except SiteRefusal as refusal:
+        return refusal, {}
+    from privacy.dpsgd import REPLY_KEY
+
+    return model, dict(records[REPLY_KEY])
+
+
+def _model(shift: float = 0.0) -> torch.nn.Module:
+    import tasks
+    from app import config
+
+    cfg = config.compose(["task=medical", f"data_dir={DATA_DIR}"])
+    torch.manual_seed(0)
+    model = tasks.get("medical")(cfg.task, DATA_DIR).build_model()
+    with torch.no_grad():
+        next(model.parameters()).add_(shift)
+    return model
+
+
+def test_a_round_resent_with_another_model_gets_fresh_noise_and_is_charged(tmp_path: Path) -> None:
+    """Attack 4: the coordinator re-sends round 1 with a slightly different model. Before #33 the
+    noise was the same (seeded from the secret, the run seed and the round), so the difference of
+    the two updates was the noise-free difference. Now the noise is seeded from the inputs' digest."""
+    from privacy.base import SiteLimits
+    from privacy.site_ledger import digest_release
+
+    loose = SiteLimits(one_release_per_round=False)
+    a, rec_a = _trainer_round(tmp_path / "s", "job-1", 1, _model(), loose)
+    b, rec_b = _trainer_round(tmp_path / "s", "job-1", 1, _model(1e-3), loose)
+    # what the noise would be without it: the same round trained from both models with one generator
+    same_a, _ = _trainer_round(tmp_path / "t", "job-1", 1, _model(), loose, node={"partition-id": 0})
+    same_b, _ = _trainer_round(tmp_path / "t2", "job-1", 1, _model(1e-3), loose, node={"partition-id": 0})
+    gap = [(pa - pb).detach() for pa, pb in zip(a.parameters(), b.parameters(), strict=True)]
+    clean_gap = [(pa - pb).detach() for pa, pb in zip(same_a.parameters(), same_b.parameters(), strict=True)]
+    # with shared noise the two gaps would be close (the noise cancels); with fresh noise they are far apart
+    far = sum(float((g - c).norm()) for g, c in zip(gap, clean_gap, strict=True))
+    near = sum(float(c.norm()) for c in clean_gap)
+    assert far > 10 * near, (far, near)
+    seeds = {noise_seed({"dp-noise-seed": "x"}, 7, digest_release(1, m, ("mech",))) for m in (_model(), _model(1e-3))}
+    assert len(seeds) == 2
+    assert rec_b["total_steps"] == 2 * rec_a["total_steps"]  # both releases charged
+    # a byte-identical replay (same model, same round) is the same bytes: free, in any job
+    c, rec_c = _trainer_round(tmp_path / "s", "job-2", 1, _model(), loose)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values(), strict=True))
+    assert rec_c["data_epsilon"] == pytest.approx(rec_b["epsilon"])
+
+
+def test_the_default_policy_refuses_a_second_release_of_a_round(tmp_path: Path) -> None:
+    from core.replies import ReplyError, SiteRefusal
+    from privacy.base import SiteLimits
+
+    _trainer_round(tmp_path, "job-1", 1, _model(), SiteLimits(one_release_per_round=True))
+    refusal, _ = _trainer_round(tmp_path, "job-1", 1, _model(1e-3), SiteLimits(one_release_per_round=True))
+    assert isinstance(refusal, SiteRefusal) and refusal.code == ReplyError.POLICY
+    assert "one release per round" in refusal.reason
+
+
+def test_a_fresh_job_id_every_round_does_not_reset_the_sites_ledger(tmp_path: Path) -> None:
+    """Attack 5: the ledger was filed under the coordinator's job id, so a new id was an empty ledger.
+    Now a deployed site keeps one ledger per data set, across jobs, capped by its own policy."""
+    from core.replies import SiteRefusal
+    from privacy.base import SiteLimits
+    from privacy.site_ledger import DATA_LEDGERS
+
+    cap = SiteLimits(max_epsilon=5.0)
+    spent = []
+    for k in range(1, 30):
+        out, rec = _trainer_round(tmp_path, f"job-{k}", 1, _model(k * 1e-3), cap)
+        if isinstance(out, SiteRefusal):
+            break
+        spent.append(rec.get("data_epsilon", rec["epsilon"]))
+    assert isinstance(out, SiteRefusal) and "max_epsilon 5" in out.reason, (spent, out)
+    assert 1 < len(spent) < 29 and spent == sorted(spent) and spent[-1] <= 5.0
+    files = list((tmp_path / DATA_LEDGERS).glob("*/dp-ledger.json"))
+    assert len(files) == 1
+    doc = json.loads(files[0].read_text())
+    assert len({r["job"] for r in doc["releases"]}) == len(spent)  # every job listed inside one ledger
+    from app.cli import ledger as ledger_cli
+
+    (entry,) = ledger_cli.read(tmp_path)
+    assert entry["scope"] == "data set" and len(entry["jobs"]) == len(spent)
+    assert entry["epsilon"] == pytest.approx(spent[-1])
+
+
+def test_dp_at_a_deployed_site_without_a_secret_of_its_own_is_refused(tmp_path: Path) -> None:
+    from core.replies import ReplyError, SiteRefusal
+
+    refusal, _ = _trainer_round(tmp_path, "job-1", 1, _model(), node={"data-path": "own.npz"})
+    assert isinstance(refusal, SiteRefusal) and refusal.code == ReplyError.POLICY and "secret" in refusal.reason
+    done, _ = _trainer_round(tmp_path, "job-1", 1, _model(), node={"data-path": "own.npz", "state-dir": str(tmp_path)})
+    assert not isinstance(done, SiteRefusal)
+    assert (tmp_path / SECRET_FILE).stat().st_mode & 0o777 == 0o600

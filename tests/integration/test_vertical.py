@@ -166,8 +166,10 @@ def test_bad_files_are_named(small, tmp_path):
     rows[5][0] = rows[3][0]
     dup = _write(tmp_path / "dup.csv", h, rows)
     with pytest.raises(VerticalError,
-                       match=r"party platform refused step hello: .*dup.csv: id column 'ID' repeats .* \(first at row 5\)"):
+                       match=r"party platform refused step hello: .*dup.csv: id column 'ID' repeats a value \(rows 5 and 7\)"
+                       ) as refused:
         run_inprocess(overrides(small, "split_nn", f"vertical.parties.1.data={dup}"), tmp_path / "b")
+    assert str(rows[3][0]) not in str(refused.value)  # the customer id stays at the party (its own log has it)
 
 
 def test_roles_are_checked_in_the_config():
