@@ -12,10 +12,10 @@ executor, which this module is: one process per site that
   context, call the ClientApp, push the reply and the context, heartbeats while it works), with
   the libraries imported once and the site's data cached between messages
   (:func:`app.client_app.load_source`, keyed by the file's size and modification time);
-- runs a task in-process only when the run's FAB is this installed fedsilo byte for byte (its
-  FAB hash, built as ``flwr run`` builds it, equals the task's); any other app (another version
-  of fedsilo, another Flower app on the same SuperNode) is handed to Flower's own
-  ``flwr-clientapp`` process with the task's token, as Flower's SuperExec would.
+- runs a task only when the run's FAB is this installed fedsilo byte for byte (its FAB hash,
+  built as ``flwr run`` builds it, equals the task's). Any other app (another version of fedsilo,
+  another Flower app a coordinator submits) gets an error reply naming its hash, and no process:
+  nothing of it is installed or run (the site's policy, ``apps: [fedsilo]``, app/site_policy.py).
 
 The site's state still lives where Flower keeps it (the ``Context`` the SuperNode stores and
 hands back with every message) and in the site's state folder (:mod:`core.state`): a worker
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,7 +85,7 @@ class Worker:
         self.app = load_client_app()
         self.known: dict[str, bool] = {}  # FAB hash -> is this fedsilo
         self.in_process = 0
-        self.handed_over = 0
+        self.refused = 0
 
     def matches(self, fab_hash: str) -> bool:
         """Whether a run's FAB is this installed fedsilo (checked once per hash; the source is rebuilt
@@ -94,8 +93,8 @@ class Worker:
         if fab_hash not in self.known:
             self.known[fab_hash] = bool(fab_hash) and fab_hash == own_fab_hash()
             if not self.known[fab_hash]:
-                log.warning("fedsilo worker: FAB %s is not the installed fedsilo at %s; its tasks run in "
-                            "Flower's own flwr-clientapp processes", fab_hash[:12], appdir.app_dir())
+                log.warning("fedsilo worker: FAB %s is not the installed fedsilo at %s; its tasks are refused "
+                            "(the site runs only the installed fedsilo)", fab_hash[:12], appdir.app_dir())
         return self.known[fab_hash]
 
     def step(self) -> bool:
@@ -113,9 +112,10 @@ class Worker:
             log.info("fedsilo worker: %s message handled in this process in %.3f s (run %d)", kind,
                      time.monotonic() - t0, res.task.run_id)
         else:
-            self.handed_over += 1
-            subprocess.Popen(["flwr-clientapp", "--insecure", "--runtime-api-address", self.address,
-                              "--token", res.token])
+            self.refused += 1
+            kind = run_task(self.address, res.token, foreign_app_refusal(fab_hash))
+            log.warning("fedsilo worker: refused a message of FAB %s (%s, run %d): the site runs only the installed "
+                        "fedsilo", fab_hash[:12], kind, res.task.run_id)
         return True
 
     def serve(self) -> None:
@@ -126,6 +126,20 @@ class Worker:
                 continue
             time.sleep(wait)
             wait = min(MAX_POLL, wait * BACKOFF)
+
+
+def foreign_app_refusal(fab_hash: str) -> Any:
+    """A ClientApp stand-in that answers every message of a foreign FAB with an error (nothing of it runs)."""
+    from flwr.app import Error, Message
+
+    from core.replies import ReplyError
+
+    def refuse(message: Message, context: Any) -> Message:
+        reason = (f"this site runs only the installed fedsilo ({appdir.app_dir().name}, FAB {own_fab_hash()[:12]}); "
+                  f"the run's app (FAB {fab_hash[:12] or 'unknown'}) is refused by its policy and was not installed")
+        return Message(Error(code=int(ReplyError.POLICY), reason=reason), reply_to=message)
+
+    return refuse
 
 
 def run_task(address: str, token: str, client_app: Any) -> str:

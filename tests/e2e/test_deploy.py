@@ -186,12 +186,12 @@ def test_deploy_local_vertical_parties_match_the_simulation(model: str, tmp_path
     assert outside_sites and not [p for p in outside_sites if "paillier" in p.name.lower()], outside_sites
 
 
-def test_site_worker_runs_fedsilo_in_process_and_hands_other_apps_to_flower(tmp_path: Path) -> None:
+def test_site_worker_runs_fedsilo_in_process_and_refuses_other_apps(tmp_path: Path) -> None:
     """Issue #19: on SuperNodes started with the site worker, fedsilo's messages are handled in the
     worker's process (no ``flwr-clientapp`` process is started for them) and a round of secure
-    aggregation takes seconds, not half a minute; a different Flower app on the same SuperNodes
-    (Flower's quickstart-style FedAvg) is handed to Flower's own ``flwr-clientapp`` processes and
-    completes too."""
+    aggregation takes seconds, not half a minute. Issue #33 (attack 9): a different Flower app a
+    coordinator submits to the same SuperNodes (Flower's quickstart-style FedAvg) gets an error
+    reply for every message and no process: nothing of it is installed or run at the site."""
     import shutil
 
     outcome, results = deploy.run(["task=medical", "aggregation=secagg", "num_rounds=3"], 3, tmp_path / "fedsilo",
@@ -217,9 +217,9 @@ def test_site_worker_runs_fedsilo_in_process_and_hands_other_apps_to_flower(tmp_
                       "features": 13, "timing-file": str(timing)}
         flower = link.follow(link.submit(app, run_config, {}), timeout=600, stream=False, poll=1.0)
         node_logs = [p.read_text(errors="replace") for p in link.node_logs]
-    assert flower.ok, flower
-    assert len(json.loads(timing.read_text())) == 2
     for log in node_logs:
-        assert "is not the installed fedsilo" in log and "Start `flwr-clientapp` process" in log
-        assert "handled in this process" not in log
+        assert "is not the installed fedsilo" in log and "its tasks are refused" in log
+        assert "refused a message of FAB" in log
+        assert "Start `flwr-clientapp` process" not in log and "handled in this process" not in log
+    del flower, timing
     assert not leftover_processes(), leftover_processes()
