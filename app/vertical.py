@@ -25,7 +25,7 @@ import vertical
 from app import config
 from app.runtime.paths import resolve_data_dir
 from core import recordview
-from vertical import coordinator, party, split_nn
+from vertical import channel, coordinator, party, split_nn
 from vertical.channel import ChannelError
 from vertical.config import PartyConfig, VerticalConfig
 from vertical.coordinator import VerticalError
@@ -183,11 +183,14 @@ def party_env(context: Context, cfg: config.FedsiloConfig) -> party.PartyEnv:
             raise PartyDataError("this node's config has no schema-path: a vertical party reads its file "
                                  "through its schema (with the id column)")
         model_dir = str(node.get("model-dir", Path(data).expanduser().resolve().parent / "fedsilo-models"))
+        identity = channel.load_identity(str(node["party-key"])) if "party-key" in node else None
+        pinned = channel.load_pinned(str(node["peer-keys"])) if "peer-keys" in node else None
         return party.PartyEnv(str(node.get("party-name", Path(data).stem)), role, data, str(node["schema-path"]),
                               str(node["test-path"]) if "test-path" in node else None,
                               str(node["score-path"]) if "score-path" in node else None, model_dir, run, cfg.seed, v,
                               deployed=True,
-                              noise_secret=str(node["noise-seed"]) if "noise-seed" in node else None)
+                              noise_secret=str(node["noise-seed"]) if "noise-seed" in node else None,
+                              identity=identity, pinned=pinned)
     pid = int(node.get("partition-id", -1))
     if not 0 <= pid < len(v.parties):
         raise PartyDataError(f"node partition-id {pid} has no party in vertical.parties ({len(v.parties)} parties)")

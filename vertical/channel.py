@@ -6,10 +6,14 @@ HKDF-SHA256 (bound to the run and both names). Everything a party addresses to a
 (the aligned row positions after the intersection, split-learning embeddings and gradients,
 partial scores) is sealed with that key: the coordinator relays ciphertext and learns sizes only.
 
-Threat model: honest-but-curious coordinator. The public keys are relayed unauthenticated, so a
-coordinator that actively substitutes keys could read the sealed traffic (a man in the middle);
-parties that need protection against an active coordinator compare the key fingerprints
-(:meth:`Channel.fingerprint`, logged by both sides) out of band.
+Against a coordinator that deviates, the run's keys are authenticated: each deployed party holds
+a long-term Ed25519 identity (node config ``party-key``, a 0600 file) and the other parties'
+identities, pinned (node config ``peer-keys``: a JSON file of name -> public key, exchanged out
+of band, as a consortium exchanges certificates). A party signs its run key (with the run and its
+name) and accepts a peer's run key only with a valid signature by that peer's pinned identity,
+so a coordinator that substitutes keys (a man in the middle) is refused. Simulated parties (one
+process, one operator) need no identities. The run keys stay fresh per run (forward secrecy: a
+later theft of an identity key does not open an earlier run's traffic).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -40,6 +45,96 @@ def new_secret() -> bytes:
 def public_of(secret: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(secret).public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+# ---- long-term identities: a party's run key signed, and verified against the pinned key -------------
+def new_identity() -> bytes:
+    """A fresh Ed25519 identity key (raw 32 bytes)."""
+    return Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                       serialization.NoEncryption())
+
+
+def identity_public(identity: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(identity).public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_fingerprint(public: bytes) -> str:
+    return hashlib.sha256(b"fedsilo-party|" + public).hexdigest()[:16]
+
+
+def _signed(run: str, name: str, run_key: bytes) -> bytes:
+    return b"fedsilo-vertical-run-key-v1|" + f"{run}|{name}|".encode() + run_key
+
+
+def sign_run_key(identity: bytes, run: str, name: str, run_key: bytes) -> bytes:
+    """The party's signature of its run key, bound to the run and its name."""
+    return Ed25519PrivateKey.from_private_bytes(identity).sign(_signed(run, name, run_key))
+
+
+def verify_run_key(pinned: bytes, run: str, name: str, run_key: bytes, signature: bytes) -> None:
+    """:class:`ChannelError` unless ``signature`` is ``name``'s signature of ``run_key`` for ``run``."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        Ed25519PublicKey.from_public_bytes(pinned).verify(signature, _signed(run, name, run_key))
+    except (InvalidSignature, ValueError) as err:
+        raise ChannelError(f"party {name}'s run key is not signed by its pinned identity "
+                           f"({key_fingerprint(pinned)}): substituted in transit, or the wrong peer-keys file") from err
+
+
+def write_identity(path: str | os.PathLike[str]) -> bytes:
+    """Make an identity key file (0600; hex) and return its public key."""
+    from core.secret_files import write_private
+
+    identity = new_identity()
+    write_private(path, identity.hex().encode() + b"\n")
+    return identity_public(identity)
+
+
+def load_identity(path: str | os.PathLike[str]) -> bytes:
+    from core.secret_files import read_private
+
+    try:
+        raw = bytes.fromhex(read_private(path, "party identity key").decode().strip())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ChannelError(f"party identity key {path}: not a hexadecimal Ed25519 key ({err})") from None
+    if len(raw) != 32:
+        raise ChannelError(f"party identity key {path}: {len(raw)} bytes, expected 32")
+    return raw
+
+
+def load_pinned(path: str | os.PathLike[str]) -> dict[str, bytes]:
+    """The peers' identities a party pins: JSON ``{"parties": {name: public key hex}}``."""
+    import json
+
+    try:
+        doc = json.loads(open(path).read())
+        out = {str(k): bytes.fromhex(str(v)) for k, v in doc["parties"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ChannelError(f"peer-keys file {path}: expected JSON {{\"parties\": {{name: public key hex}}}} ({err})") from None
+    bad = [k for k, v in out.items() if len(v) != 32]
+    if bad:
+        raise ChannelError(f"peer-keys file {path}: the keys of {bad} are not 32-byte Ed25519 public keys")
+    return out
+
+
+def provision(out: str | os.PathLike[str], parties: list[str]) -> dict[str, tuple[str, str]]:
+    """Each party's identity (``<out>/<name>/party.key``, 0600) and the others' public keys
+    (``<out>/<name>/peer-keys.json``): for a demo or a local deployment, where one operator plays
+    every party. In a consortium each party makes its own key and the public halves are exchanged
+    out of band. Returns name -> (party-key path, peer-keys path)."""
+    import json
+    from pathlib import Path
+
+    root = Path(out)
+    public = {p: write_identity(root / p / "party.key") for p in parties}
+    paths = {}
+    for p in parties:
+        peers = root / p / "peer-keys.json"
+        peers.write_text(json.dumps({"parties": {q: public[q].hex() for q in parties if q != p}}, indent=1) + "\n")
+        paths[p] = (str((root / p / "party.key").resolve()), str(peers.resolve()))
+    return paths
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ class Session:
         self.active = ""
         self.passive: list[str] = []
         self.info: dict[str, dict[str, Any]] = {}
-        self.keys: dict[str, str] = {}      # hetero_lr: each party's Paillier modulus (public)
+        self.keys: dict[str, dict[str, Any]] = {}  # hetero_lr: each party's Paillier modulus, sealed to each peer
         self.losses: list[float] = []       # split_nn: the training loss of each step this epoch
 
     @property
@@ -144,18 +144,19 @@ def hello(s: Session, expected: dict[str, str], roles: dict[str, str], domain: s
 
 def intersect(s: Session, which: str, domain: str, minimum: int) -> int:
     """Diffie-Hellman PSI (:mod:`vertical.psi`) on ``which`` rows; the aligned count."""
-    pubs = {n: s.info[n]["pub"] for n in s.parties}
-    setup = {s.active: {"which": which, "domain": domain, **{f"pub:{p}": pubs[p] for p in s.passive}}}
-    for p in s.passive:
-        setup[p] = {"which": which, "domain": domain, f"pub:{s.active}": pubs[s.active]}
+    keys = {n: {f"pub:{n}": s.info[n]["pub"], **({f"sig:{n}": s.info[n]["sig"]} if "sig" in s.info[n] else {})}
+            for n in s.parties}
+    # every party gets every other party's run key (signed): the active and passive parties seal to each other
+    setup = {p: {"which": which, "domain": domain, "active": s.active,
+                 **{k: v for q in s.parties if q != p for k, v in keys[q].items()}} for p in s.parties}
     blinded = s.send("psi.setup", setup, f"psi_{which}")
-    a_list = blinded[s.active]["blob"]
-    crossed = s.send("psi.cross", {p: {"which": which, "blob": s.ledger.relay(s.active, p, a_list)}
+    crossed = s.send("psi.cross", {p: {"which": which, "active": s.active,
+                                       "sealed": s.ledger.relay(s.active, p, blinded[s.active][f"sealed:{p}"])}
                                    for p in s.passive}, f"psi_{which}")
     align: dict[str, Any] = {"which": which, "peers": json.dumps(s.passive)}
     for p in s.passive:
-        align[f"own:{p}"] = s.ledger.relay(p, s.active, crossed[p]["blob"])
-        align[f"blob:{p}"] = s.ledger.relay(p, s.active, blinded[p]["blob"])
+        align[f"own:{p}"] = s.ledger.relay(p, s.active, crossed[p]["sealed"])
+        align[f"blob:{p}"] = s.ledger.relay(p, s.active, blinded[p][f"sealed:{s.active}"])
     aligned = s.send("psi.align", {s.active: align}, f"psi_{which}")[s.active]
     count = int(aligned["count"])
     if count < minimum:

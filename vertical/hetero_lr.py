@@ -40,6 +40,8 @@ from vertical.party import (
     finish_scores,
     get_array,
     get_ints,
+    once,
+    open_from,
     peer_channel,
     put_array,
     put_ints,
@@ -77,23 +79,46 @@ def _public(state: dict[str, Any], peer: str) -> paillier.PaillierPublicKey:
     return paillier.PaillierPublicKey(get_ints(state, f"lr:n:{peer}")[0])
 
 
+def _peers(state: dict[str, Any]) -> list[str]:
+    return sorted(str(k)[4:] for k in state if str(k).startswith("pub:"))
+
+
+def _step_of(state: dict[str, Any], env: PartyEnv) -> str:
+    if "lr:step" not in state:
+        raise StepError(f"party {env.name}: no training step is under way (lr.encrypt starts one)")
+    return str(state["lr:step"])
+
+
+def _seal(state: dict[str, Any], env: PartyEnv, to: Any, data: bytes, label: str) -> bytes:
+    to = str(to)
+    if to == env.name or f"pub:{to}" not in state:
+        raise StepError(f"party {env.name}: {to!r} is not a peer it may address")
+    return peer_channel(state, env, to).seal(data, label)
+
+
 def keys(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
-    """Make this party's Paillier key pair for the run; publish the modulus; start the weights."""
+    """Make this party's Paillier key pair for the run, once; send the modulus sealed to each peer; start the weights."""
+    once(state, env, "lr.keys")
     public, private = paillier.generate_paillier_keypair(n_length=env.cfg.key_bits)
     put_ints(state, "lr:pq", [int(private.p), int(private.q)])
     width = len(env.table("train").features) + (1 if env.role == "active" else 0)
     put_array(state, "lr:w", np.zeros(width))
     state["lr:parties"] = int(payload["parties"])
-    return {"n": hex(public.n)}
+    return {f"n:{p}": _seal(state, env, p, hex(public.n).encode(), "lr-n") for p in _peers(state)}
 
 
 def _update(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> None:
-    """Remove the mask from the decrypted gradient (if the payload carries it) and take the step."""
+    """Open the decrypted gradient its key owner sealed to this party for the last step, remove the
+    mask and take the step (once: the masks are used up)."""
     if "update" not in payload:
         return
+    step = _step_of(state, env)
+    if "lr:masks" not in state:
+        raise StepError(f"party {env.name}: no masked gradient of step {step} awaits its update (applied already?)")
     c = codec(env, int(state["lr:parties"]))
+    text = open_from(state, env, str(payload["update_from"]), payload["update"], f"lr-plain|{step}").decode()
     try:
-        values = [int(v, 16) for v in str(payload["update"]).split(",")]
+        values = [int(v, 16) for v in text.split(",")]
     except ValueError:
         raise StepError(f"party {env.name}: the decrypted gradient is not a list of hexadecimal integers") from None
     masks = get_ints(state, "lr:masks")
@@ -109,14 +134,26 @@ def _update(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> No
 
 
 def encrypt(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
-    """Apply the last step's gradient, then this step's share: encrypted (A, B1) or kept (others)."""
+    """Apply the last step's gradient, then start step (epoch, batch): this party's share,
+    encrypted (A, B1) and sealed to the party the coordinator names, or kept (others). Steps only
+    move forward: a step is never started twice."""
     for k, v in payload.items():
         if k.startswith("n:"):
-            put_ints(state, f"lr:{k}", [int(str(v), 16)])
+            modulus = open_from(state, env, k[2:], v, "lr-n").decode()
+            held = state.get(f"lr:n:{k[2:]}")
+            put_ints(state, f"lr:{k}", [int(modulus, 16)])
+            if held is not None and state[f"lr:{k}"] != held:
+                raise StepError(f"party {env.name}: party {k[2:]}'s Paillier key changed within the run")
     _update(payload, state, env)
     if payload.get("only_update"):
         return {}
     epoch, batch = int(payload["epoch"]), int(payload["batch"])
+    last = [int(v) for v in str(state.get("lr:step", "0|-1")).split("|")]
+    if (epoch, batch) <= (last[0], last[1]):
+        raise StepError(f"party {env.name}: step ({epoch}, {batch}) does not follow step ({last[0]}, {last[1]})")
+    if "lr:masks" in state:
+        raise StepError(f"party {env.name}: step ({last[0]}, {last[1]})'s gradient was never applied")
+    state["lr:step"] = f"{epoch}|{batch}"
     n = len(rows(state, "train"))
     idx = batch_rows(env, n, epoch, batch)
     parties = int(state["lr:parties"])
@@ -137,28 +174,51 @@ def encrypt(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> di
     if not payload.get("encrypt"):
         return {}
     cts = pr.encrypt_packed(_private(state), c.pack_rows(q), env.cfg.workers)
-    return {"blob": pr.to_bytes(cts, int(_private(state).public_key.n))}
+    label = f"lr-{'d' if env.role == 'active' else 'v'}|{epoch}|{batch}"
+    return {"sealed": _seal(state, env, payload["to"], pr.to_bytes(cts, int(_private(state).public_key.n)), label)}
+
+
+def _running(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv, key: str) -> bytes:
+    """The running ciphertexts ``key`` (d or v) of this step, opened from the party that sealed them."""
+    return open_from(state, env, str(payload[f"{key}_from"]), payload[key], f"lr-{key}|{_step_of(state, env)}")
 
 
 def add(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
-    """Passive party in the chain: add its share to the running ciphertexts it is given."""
+    """Passive party in the chain: add its share to the running ciphertexts it is given, once per
+    step, and seal them on (to ``to``, or to each of ``to_d`` / ``to_v`` after the gradient)."""
+    return _add(payload, state, env)[1]
+
+
+def _add(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> tuple[dict[str, bytes], dict[str, Any]]:
+    if env.role != "passive":
+        raise StepError(f"party {env.name} is {env.role}; only passive parties add their shares")
+    step = _step_of(state, env)
+    once(state, env, f"lr.add {step}")
     c = codec(env, int(state["lr:parties"]))
     packed = c.pack_rows(get_array(state, "lr:share"))
     out: dict[str, Any] = {}
     for key, owner in (("d", str(payload["active"])), ("v", str(payload.get("first", "")))):
         if key in payload:
             pub = _public(state, owner)
-            cts = pr.from_bytes(bytes(payload[key]), int(pub.n), f"running {key} ciphertexts")
+            cts = pr.from_bytes(_running(payload, state, env, key), int(pub.n), f"running {key} ciphertexts")
             out[key] = pr.to_bytes(pr.add_plain(pub, cts, packed), int(pub.n))
-    return out
+    sealed: dict[str, Any] = {}
+    for key, blob in out.items():
+        targets = str(payload.get(f"to_{key}", payload.get("to", ""))).split(",")
+        for to in filter(None, targets):
+            sealed[f"{key}:{to}"] = _seal(state, env, to, blob, f"lr-{key}|{step}")
+    return out, sealed
 
 
 def gradient(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
-    """``Enc(X^T r) + mask`` under the key of the party whose ciphertext this party received."""
-    out = add(payload, state, env) if payload.get("add") else {}
+    """``Enc(X^T r) + mask`` under the key of the party whose ciphertext this party received,
+    sealed to that key's owner for this step, once per step."""
+    step = _step_of(state, env)
+    plain, out = _add(payload, state, env) if payload.get("add") else ({}, {})
+    once(state, env, f"lr.gradient {step}")
     owner = str(payload["owner"])
     key = "d" if env.role == "passive" else "v"
-    blob = out.get(key, payload[key])
+    blob = plain.get(key) or _running(payload, state, env, key)
     pub = _public(state, owner)
     cts = pr.from_bytes(bytes(blob), int(pub.n), "residual ciphertexts")
     c = codec(env, int(state["lr:parties"]))
@@ -171,18 +231,26 @@ def gradient(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> d
     masked, masks = pr.mask(pub, pr.inner_products(pub, cts, c.exponents(x), env.cfg.workers), c)
     put_ints(state, "lr:masks", masks)
     put_ints(state, "lr:mask_n", [int(pub.n)])
-    out["masked"] = pr.to_bytes(masked, int(pub.n))
+    out["masked"] = _seal(state, env, owner, pr.to_bytes(masked, int(pub.n)), f"lr-masked|{step}")
     return out
 
 
 def decrypt(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
-    """Key owner: decrypt masked gradients addressed to it (each a uniformly masked value)."""
+    """Key owner: decrypt the masked gradients its peers sealed to it for *this* step, once per
+    step, and seal each result back to its peer. Nothing else is decrypted: a ciphertext that is not
+    a peer's masked gradient of the current step does not open (:mod:`vertical.channel`)."""
+    step = _step_of(state, env)
+    peers = [k[7:] for k in payload if k.startswith("masked:")]
+    if not peers:
+        raise StepError(f"party {env.name}: nothing to decrypt")
     private = _private(state)
+    opened = {p: open_from(state, env, p, payload[f"masked:{p}"], f"lr-masked|{step}") for p in peers}
+    once(state, env, f"lr.decrypt {step}")
     out = {}
-    for k, v in payload.items():
-        if k.startswith("masked:"):
-            cts = pr.from_bytes(bytes(v), int(private.public_key.n), f"masked gradient of {k[7:]}")
-            out[f"plain:{k[7:]}"] = ",".join(hex(m) for m in pr.decrypt(private, cts))
+    for p, blob in opened.items():
+        cts = pr.from_bytes(blob, int(private.public_key.n), f"masked gradient of {p}")
+        text = ",".join(hex(m) for m in pr.decrypt(private, cts))
+        out[f"plain:{p}"] = _seal(state, env, p, text.encode(), f"lr-plain|{step}")
     return out
 
 
@@ -226,43 +294,52 @@ register({"lr.keys": keys, "lr.encrypt": encrypt, "lr.add": add, "lr.gradient": 
 
 # ---- coordinator half -------------------------------------------------------------------------
 def _setup(s: Session) -> None:
-    keys_ = s.send("lr.keys", {p: {"parties": len(s.parties)} for p in s.parties}, "keys")
-    s.keys = {p: str(r["n"]) for p, r in keys_.items()}
+    s.keys = s.send("lr.keys", {p: {"parties": len(s.parties)} for p in s.parties}, "keys")  # moduli sealed to each peer
 
 
 def _step(s: Session, epoch: int, batch: int, pending: dict[str, Any] | None) -> dict[str, Any]:
+    """One step of the protocol (module docstring). Every ciphertext and decrypted value travels sealed
+    from party to party, bound to the step; the coordinator relays what it cannot open."""
     a, first, last = s.active, s.passive[0], s.passive[-1]
-    ns = s.keys
     led = s.ledger
+    chain = len(s.passive) > 1
     enc: dict[str, dict[str, Any]] = {}
     for p in s.parties:
         enc[p] = {"epoch": epoch, "batch": batch, "encrypt": p in (a, first)}
+        if p == a:
+            enc[p]["to"] = first
+        elif p == first:
+            enc[p]["to"] = s.passive[1] if chain else a
         if pending is not None:
-            enc[p]["update"] = pending[p]
+            enc[p].update(pending[p])
         if epoch == 1 and batch == 0:  # the peers' public keys, once
-            enc[p].update({f"n:{q}": ns[q] for q in ((first,) if p == a else (a, first)) if q != p})
+            enc[p].update({f"n:{q}": led.relay(q, p, s.keys[q][f"n:{p}"])
+                           for q in ((first,) if p == a else (a, first)) if q != p})
     out = s.send("lr.encrypt", enc, "encrypt")
-    d, v = out[a]["blob"], out[first]["blob"]
+    d, v = out[a]["sealed"], out[first]["sealed"]
     d_from, v_from = a, first
     for i, p in enumerate(s.passive[:-1]):  # several passive parties: each adds its share in turn
-        payload: dict[str, Any] = {"active": a, "d": led.relay(d_from, p, d)}
+        nxt = s.passive[i + 1]
+        payload: dict[str, Any] = {"active": a, "d": led.relay(d_from, p, d), "d_from": d_from, "to": nxt}
         if i > 0:
-            payload.update({"first": first, "v": led.relay(v_from, p, v)})
+            payload.update({"first": first, "v": led.relay(v_from, p, v), "v_from": v_from})
         r = s.send("lr.add", {p: payload}, "add")[p]
-        d, d_from = r["d"], p
+        d, d_from = r[f"d:{nxt}"], p
         if i > 0:
-            v, v_from = r["v"], p
-    grad: dict[str, dict[str, Any]] = {last: {"add": True, "owner": a, "active": a, "d": led.relay(d_from, last, d)}}
-    if len(s.passive) > 1:
-        grad[last].update({"first": first, "v": led.relay(v_from, last, v)})
+            v, v_from = r[f"v:{nxt}"], p
+    grad: dict[str, dict[str, Any]] = {last: {"add": True, "owner": a, "active": a, "d": led.relay(d_from, last, d),
+                                              "d_from": d_from}}
+    if chain:
+        grad[last].update({"first": first, "v": led.relay(v_from, last, v), "v_from": v_from,
+                           "to_d": ",".join(s.passive[:-1]), "to_v": a})
     else:
-        grad[a] = {"owner": first, "v": led.relay(first, a, v)}
+        grad[a] = {"owner": first, "v": led.relay(first, a, v), "v_from": first}
     r = s.send("lr.gradient", grad, "gradient")
     masked = {last: r[last]["masked"]}
-    if len(s.passive) > 1:
-        d, v = r[last]["d"], r[last]["v"]
-        more: dict[str, dict[str, Any]] = {p: {"owner": a, "d": led.relay(last, p, d)} for p in s.passive[:-1]}
-        more[a] = {"owner": first, "v": led.relay(last, a, v)}
+    if chain:
+        more: dict[str, dict[str, Any]] = {p: {"owner": a, "d": led.relay(last, p, r[last][f"d:{p}"]), "d_from": last}
+                                           for p in s.passive[:-1]}
+        more[a] = {"owner": first, "v": led.relay(last, a, r[last][f"v:{a}"]), "v_from": last}
         r2 = s.send("lr.gradient", more, "gradient")
         masked.update({p: r2[p]["masked"] for p in s.passive[:-1]})
         a_masked = r2[a]["masked"]
@@ -270,14 +347,14 @@ def _step(s: Session, epoch: int, batch: int, pending: dict[str, Any] | None) ->
         a_masked = r[a]["masked"]
     dec = s.send("lr.decrypt", {a: {f"masked:{p}": led.relay(p, a, masked[p]) for p in s.passive},
                                 first: {f"masked:{a}": led.relay(a, first, a_masked)}}, "decrypt")
-    nxt = {p: led.relay(a, p, dec[a][f"plain:{p}"]) for p in s.passive}
-    nxt[a] = led.relay(first, a, dec[first][f"plain:{a}"])
-    return nxt
+    nxt_updates = {p: {"update": led.relay(a, p, dec[a][f"plain:{p}"]), "update_from": a} for p in s.passive}
+    nxt_updates[a] = {"update": led.relay(first, a, dec[first][f"plain:{a}"]), "update_from": first}
+    return nxt_updates
 
 
 def _finish_epoch(s: Session, pending: dict[str, Any] | None) -> None:
     if pending is not None:
-        s.send("lr.encrypt", {p: {"update": pending[p], "only_update": True} for p in s.parties}, "update")
+        s.send("lr.encrypt", {p: {**pending[p], "only_update": True} for p in s.parties}, "update")
 
 
 def _score(s: Session, which: str, write: bool) -> dict[str, Any]:

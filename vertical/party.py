@@ -46,6 +46,8 @@ class PartyEnv:
     cfg: VerticalConfig
     deployed: bool = False            # a SuperNode with its own files (not a simulated party)
     noise_secret: str | None = None   # split NN protection noise: the party's own secret seed
+    identity: bytes | None = None     # its long-term Ed25519 identity (node config party-key)
+    pinned: dict[str, bytes] | None = None   # the other parties' identities (node config peer-keys)
 
     def table(self, which: str) -> PartyTable:
         """The party's rows for ``which`` (train | test | score): test and score rows through the
@@ -95,6 +97,46 @@ def peer_channel(state: dict[str, Any], env: PartyEnv, peer: str) -> channel.Cha
     return channel.Channel.between(bytes(state["chan"]), bytes(pub), env.name, peer, env.run)
 
 
+def accept_peer_keys(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> None:
+    """Keep the peers' run keys the coordinator relays (``pub:<peer>``), each only if signed by that
+    peer's pinned identity (``sig:<peer>``); a deployed party without pinned identities refuses, and a
+    key once accepted is never replaced in the run (:mod:`vertical.channel`)."""
+    for k, v in payload.items():
+        if not k.startswith("pub:"):
+            continue
+        peer, key = k[4:], bytes(v)
+        if peer == env.name:
+            raise StepError(f"party {env.name}: offered a run key in its own name")
+        if env.pinned is not None:
+            if peer not in env.pinned:
+                raise StepError(f"party {env.name}: {peer!r} is not among the parties it pins (peer-keys)")
+            channel.verify_run_key(env.pinned[peer], env.run, peer, key, bytes(payload.get(f"sig:{peer}", b"")))
+        elif env.deployed:
+            raise StepError(f"party {env.name} is deployed without pinned peer identities: start it with node config "
+                            "party-key and peer-keys (fedsilo keys vertical), so that no coordinator can put its own "
+                            "key between the parties")
+        held = state.get(k)
+        if held is not None and bytes(held) != key:
+            raise StepError(f"party {env.name}: party {peer}'s run key changed within the run; refused")
+        state[k] = key
+
+
+def open_from(state: dict[str, Any], env: PartyEnv, peer: str, sealed: Any, label: str) -> bytes:
+    """Open what ``peer`` sealed to this party under ``label`` (a step's object, bound to the step)."""
+    try:
+        return peer_channel(state, env, peer).open(bytes(sealed), label)
+    except channel.ChannelError as err:
+        raise StepError(str(err)) from None
+
+
+def once(state: dict[str, Any], env: PartyEnv, what: str) -> None:
+    """Refuse a protocol action this party takes once per run (``what`` names it)."""
+    key = f"once:{what}"
+    if state.get(key):
+        raise StepError(f"party {env.name} has done {what} in this run already; it does not do it twice")
+    state[key] = 1
+
+
 def rows(state: dict[str, Any], which: str) -> np.ndarray:
     return get_array(state, f"rows:{which}")
 
@@ -139,26 +181,49 @@ def hello(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict
     if "chan" not in state:
         state["chan"] = channel.new_secret()
     out["pub"] = channel.public_of(bytes(state["chan"]))
+    if env.identity is not None:
+        out["sig"] = channel.sign_run_key(env.identity, env.run, env.name, out["pub"])
     return out
 
 
+def _peers_of(env: PartyEnv, payload: dict[str, Any]) -> list[str]:
+    return sorted(k[4:] for k in payload if k.startswith("pub:"))
+
+
 def psi_setup(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Blind this party's ids, once per run and row set, and announce them sealed to each peer:
+    the active party to every passive party, a passive party to the active one. A party re-blinds
+    only a list a peer announced this way (:func:`psi_cross`, :func:`psi_align`)."""
     which = str(payload["which"])
+    if which not in ("train", "test", "score"):
+        raise StepError(f"party {env.name}: no {which!r} rows to intersect")
+    once(state, env, f"psi.setup {which}")
+    accept_peer_keys(payload, state, env)
     ids = env.table(which).ids
     scalar = psi.new_scalar()
     perm = np.random.default_rng().permutation(len(ids))
     state[f"psi:{which}"] = scalar.to_bytes(32, "big")
     put_array(state, f"perm:{which}", perm)
-    for k, v in payload.items():
-        if k.startswith("pub:"):
-            state[k] = v
-    return {"blob": psi.blind_ids([str(ids[i]) for i in perm], scalar, str(payload["domain"]).encode())}
+    blob = psi.blind_ids([str(ids[i]) for i in perm], scalar, str(payload["domain"]).encode())
+    active = str(payload["active"])
+    if (env.role == "active") != (active == env.name):
+        raise StepError(f"party {env.name} is {env.role}; the coordinator names {active!r} the active party")
+    to = [p for p in _peers_of(env, payload) if p != env.name] if env.role == "active" else [active]
+    return {f"sealed:{p}": peer_channel(state, env, p).seal(blob, f"psi-announce-{which}") for p in to}
 
 
 def psi_cross(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
-    which = str(payload["which"])
+    """Passive party: re-blind the active party's announced list, once per run and row set."""
+    if env.role != "passive":
+        raise StepError(f"party {env.name} is {env.role}; only a passive party re-blinds the active party's list")
+    which, active = str(payload["which"]), str(payload["active"])
+    if f"psi:{which}" not in state:
+        raise StepError(f"party {env.name}: psi.cross before psi.setup of its {which} rows")
+    blob = open_from(state, env, active, payload["sealed"], f"psi-announce-{which}")
+    once(state, env, f"psi.cross {which}")
     scalar = int.from_bytes(bytes(state[f"psi:{which}"]), "big")
-    return {"blob": psi.reblind(bytes(payload["blob"]), scalar, f"the active party's {which} ids")}
+    crossed = psi.reblind(blob, scalar, f"the active party's {which} ids")
+    return {"sealed": peer_channel(state, env, active).seal(crossed, f"psi-cross-{which}")}
 
 
 def psi_align(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
@@ -166,10 +231,16 @@ def psi_align(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> 
     if env.role != "active":
         raise StepError(f"party {env.name} is {env.role}; only the active party aligns")
     which = str(payload["which"])
+    if f"psi:{which}" not in state:
+        raise StepError(f"party {env.name}: psi.align before psi.setup of its {which} rows")
     scalar = int.from_bytes(bytes(state[f"psi:{which}"]), "big")
     peers = json.loads(str(payload["peers"]))
-    pairs = [(bytes(payload[f"own:{p}"]),
-              psi.reblind(bytes(payload[f"blob:{p}"]), scalar, f"party {p}'s {which} ids")) for p in peers]
+    if not isinstance(peers, list) or not peers or len(set(peers)) != len(peers):
+        raise StepError(f"party {env.name}: psi.align needs the list of distinct passive parties")
+    opened = [(open_from(state, env, p, payload[f"own:{p}"], f"psi-cross-{which}"),
+               open_from(state, env, p, payload[f"blob:{p}"], f"psi-announce-{which}")) for p in peers]
+    once(state, env, f"psi.align {which}")
+    pairs = [(own, psi.reblind(blob, scalar, f"party {p}'s {which} ids")) for p, (own, blob) in zip(peers, opened)]
     own_pos, peer_pos = psi.intersect(pairs)
     perm = get_array(state, f"perm:{which}")
     all_ids = env.table(which).ids
@@ -194,7 +265,8 @@ def psi_accept(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) ->
     which = str(payload["which"])
     active = str(payload["active"])
     ch = peer_channel(state, env, active)
-    pos = np.frombuffer(ch.open(bytes(payload["sealed"]), f"psi-{which}"), dtype="<i8")
+    pos = np.frombuffer(open_from(state, env, active, payload["sealed"], f"psi-{which}"), dtype="<i8")
+    once(state, env, f"psi.accept {which}")
     perm = get_array(state, f"perm:{which}")
     if pos.size and (pos.min() < 0 or pos.max() >= perm.size):
         raise StepError(f"party {env.name}: the aligned positions point outside its {which} rows")

@@ -21,8 +21,9 @@ What crosses, and the protection (``vertical.protection``):
   the top model's parameters.
 
 In a simulation the noise is drawn from the run's seed (runs reproduce bit for bit); a deployed
-party draws it from its node config's ``noise-seed`` if set, else from the operating system,
-so that the receiving party cannot recompute it.
+party draws it from its node config's ``noise-seed`` together with the run's id (two runs never
+share their noise, issue #33), else from the operating system, so that the receiving party
+cannot recompute it.
 """
 
 from __future__ import annotations
@@ -104,13 +105,14 @@ def noise_source(env: PartyEnv, state: dict[str, Any], label: str) -> torch.Gene
     count = int(state.get("nn:draws", 0))
     state["nn:draws"] = count + 1
     g = torch.Generator()
-    secret = env.noise_secret if env.noise_secret is not None else (
-        None if env.deployed else f"{env.seed}")
-    if secret is None:
-        g.manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+    if env.noise_secret is not None:  # the party's own secret, and the run: no two runs share their noise
+        text = f"{env.noise_secret}|run={env.run}|{env.name}|{label}|{count}"
+    elif not env.deployed:  # a simulation: the run's seed (runs reproduce bit for bit)
+        text = f"{env.seed}|{env.name}|{label}|{count}"
     else:
-        g.manual_seed(int.from_bytes(hashlib.sha256(f"{secret}|{env.name}|{label}|{count}".encode())
-                                     .digest()[:8], "big") >> 1)
+        g.manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+        return g
+    g.manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1)
     return g
 
 

@@ -2,13 +2,16 @@
 
     fedsilo keys paillier --out DIR [--bits 2048]
     fedsilo keys supernode --out DIR --sites N
+    fedsilo keys vertical --out DIR --parties bank platform
     fedsilo certs --out DIR --host NAME [--host ...] [--ip ADDR ...]
 
 ``paillier`` writes ``DIR/paillier_keypair.json`` (for the sites only; mode 0600) and
 ``DIR/paillier_public.json`` (for the server). ``supernode`` writes one SuperNode
 authentication key pair per site (``site-<i>``, stays at the site; ``site-<i>.pub``,
-registered at the SuperLink). ``certs`` writes a CA and a SuperLink TLS certificate
-(:mod:`app.runtime.pki`). Exit codes: 0 written, 2 bad arguments.
+registered at the SuperLink). ``vertical`` writes each vertical party's identity key
+(``DIR/<party>/party.key``, 0600) and the others' public keys it pins
+(``DIR/<party>/peer-keys.json``): node config ``party-key`` and ``peer-keys``. ``certs`` writes a
+CA and a SuperLink TLS certificate (:mod:`app.runtime.pki`). Exit codes: 0 written, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -27,7 +30,19 @@ def main(argv: list[str]) -> int:
     sn = sub.add_parser("supernode", help="SuperNode authentication key pairs (ECDSA P-384, OpenSSH format)")
     sn.add_argument("--out", type=Path, required=True)
     sn.add_argument("--sites", type=int, required=True)
+    vk = sub.add_parser("vertical", help="vertical parties' identities and pinned peer keys (Ed25519)")
+    vk.add_argument("--out", type=Path, required=True)
+    vk.add_argument("--parties", nargs="+", required=True, help="the parties' names, as in vertical.parties")
     args = parser.parse_args(argv)
+    if args.kind == "vertical":
+        from vertical.channel import provision
+
+        if len(set(args.parties)) != len(args.parties) or len(args.parties) < 2:
+            print("fedsilo keys: --parties needs at least two distinct names", file=sys.stderr)
+            return 2
+        for name, (key, peers) in provision(args.out, args.parties).items():
+            print(f"{name}: party-key={key} (keep at the party)  peer-keys={peers}")
+        return 0
     if args.kind == "supernode":
         from app.runtime.pki import make_supernode_keys
 

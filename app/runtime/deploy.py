@@ -104,7 +104,7 @@ def vertical_sites(overrides: list[str], out: Path) -> list[dict[str, Any]]:
     from app.vertical import resolved
 
     v = resolved(config.compose(overrides))
-    entries = []
+    entries: list[dict[str, Any]] = []
     for p in v.parties:
         home = out / p.name
         home.mkdir(parents=True, exist_ok=True)
@@ -115,6 +115,12 @@ def vertical_sites(overrides: list[str], out: Path) -> list[dict[str, Any]]:
         if p.test:
             node["test-path"] = str(Path(shutil.copy(p.test, home / Path(p.test).name)).resolve())
         entries.append({"name": p.name, "file": str(data), "node": node})
+    # each party's identity and the others' public keys, pinned (vertical/channel.py): the coordinator
+    # cannot put its own run key between two parties
+    from vertical.channel import provision
+
+    for entry, (key, peers) in zip(entries, provision(out, [p.name for p in v.parties]).values(), strict=True):
+        entry["node"].update({"party-key": key, "peer-keys": peers})
     return entries
 
 

@@ -52,7 +52,7 @@ def test_psi_rejects_malformed_points():
 
 def test_ids_must_be_unique_and_present():
     lines = np.arange(2, 6)
-    with pytest.raises(PartyDataError, match=r"id '7' appears more than once \(first at row 3\)"):
+    with pytest.raises(PartyDataError, match=r"id '7' appears more than once \(rows 3 and 5\)"):
         check_ids(np.array(["5", "7", "8", "7"], dtype=object), "bank.csv", lines)
     with pytest.raises(PartyDataError, match="id at row 4 is empty"):
         check_ids(np.array(["5", "7", " ", "9"], dtype=object), "bank.csv", lines)
