@@ -96,6 +96,7 @@ class SiteEnv:
     drops: Callable[[int, str | None], bool]           # fault injection: drop at (round, stage)?
     dropped_reply: Callable[[Message, str | None], Message]  # the error reply of a site that drops
     attacker: bool = False     # fault injection: this site corrupts what it sends (faults.byzantine_fraction)
+    min_sites: int = 2         # the site's policy: the fewest distinct sites any sum it opens may combine
 
 
 @dataclass
@@ -158,6 +159,10 @@ class SiteHalf(ABC):
         return np.asarray(record[key], dtype=np.float64)
 
 
+class RevealFailed(RuntimeError):
+    """A total the coordinator may learn could not be revealed (each key holder refused, with its reason)."""
+
+
 @dataclass
 class SumResult:
     """The outcome of one protected sum."""
@@ -168,6 +173,7 @@ class SumResult:
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (node, reason) of the sites left out
     length: int = 0                               # values in the total
     encoding: fixedpoint.Encoding = fixedpoint.STATS  # how the values were encoded (Paillier: to decrypt them)
+    contributions: dict[str, Any] | None = None  # Paillier: each site's authenticated contribution, for a reveal
 
     def put(self, record: ConfigRecord, key: str) -> None:
         """Write the totals into ``record`` for the sites (:meth:`SiteHalf.open_total` reads them)."""

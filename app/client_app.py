@@ -146,8 +146,8 @@ def _load_site(context: Context) -> tuple[config.FedsiloConfig, Task, SiteData |
     return cfg, task, task.sites(cfg.partition, n_sites, cfg.seed)[pid]
 
 
-def site_env(cfg: config.FedsiloConfig, site: SiteData) -> SiteEnv:
-    """What the site halves of aggregation options are told about this site."""
+def site_env(cfg: config.FedsiloConfig, site: SiteData | RawSite, context: Context | None = None) -> SiteEnv:
+    """What the site halves of aggregation options are told about this site (and its policy's bounds)."""
     attacker = attacks.is_attacker(cfg, site.site_id)
 
     def drops(server_round: int, stage: str | None) -> bool:
@@ -157,8 +157,9 @@ def site_env(cfg: config.FedsiloConfig, site: SiteData) -> SiteEnv:
         return SiteRefusal(ReplyError.DROPPED, faults.reason(stage)).reply(msg, site.name)
 
     # Honest sites bound their own updates where the option asks them to (strategy.norm_bound under secagg).
+    min_sites = site_guard.policy_for(context, cfg).aggregation.min_sites if context is not None else 2
     return SiteEnv(site.site_id, site.name, cfg.seed, len(site.train), 0.0 if attacker else cfg.strategy.norm_bound,
-                   drops, dropped_reply, attacker)
+                   drops, dropped_reply, attacker, min_sites)
 
 
 def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, task: Task, site: SiteData,
@@ -239,7 +240,7 @@ def train(msg: Message, context: Context) -> Message:
     except DATA_ERRORS as err:
         return refused(msg, context, err)
     layers = composition.site(cfg)
-    env = site_env(cfg, site)
+    env = site_env(cfg, site, context)
     try:
         result = _local_update(msg, context, cfg, task, site, layers, env)
     except SiteRefusal as refusal:
@@ -253,7 +254,7 @@ def query(msg: Message, context: Context) -> Message:
         cfg, _, site = load_source(context)
     except DATA_ERRORS as err:
         return refused(msg, context, err)
-    return composition.site(cfg).aggregation.query(msg, context, site_env(cfg, site))  # type: ignore[arg-type]
+    return composition.site(cfg).aggregation.query(msg, context, site_env(cfg, site, context))  # type: ignore[arg-type]
 
 
 @app.evaluate()
@@ -361,7 +362,7 @@ def sum_query(msg: Message, context: Context) -> Message:
         return site_guard.refusal(msg, context, str(err))
     except (*DATA_ERRORS, ValueError) as err:
         return refused(msg, context, err)
-    return half.sum_reply(msg, context, values, site_env(cfg, source))  # type: ignore[arg-type]
+    return half.sum_reply(msg, context, values, site_env(cfg, source, context))  # type: ignore[arg-type]
 
 
 @app.query("fedsilo_vocab")

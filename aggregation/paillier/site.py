@@ -19,10 +19,37 @@ from aggregation.paillier import client as pai
 from aggregation.paillier.config import PaillierConfig, packer_for
 from aggregation.paillier.crypto import Encryptor, decrypt_all
 from aggregation.paillier.split import DECRYPT_MESSAGE, REQUEST_KEY, decrypt_slice, slice_key
-from aggregation.paillier.sums import REPLY_KEY, REVEAL_KEY, REVEAL_MESSAGE, IntPacker, site_decrypt, site_encrypt
+from aggregation.paillier.sums import (
+    PARTICIPANTS,
+    REPLY_KEY,
+    REVEAL_KEY,
+    REVEAL_MESSAGE,
+    SUM_REQUEST,
+    IntPacker,
+    SumRefused,
+    check_reveal,
+    contribution_key,
+    contribution_mac,
+    request_digest,
+    site_decrypt,
+    site_encrypt,
+)
 from core.fixedpoint import STATS, Encoding
 
 _OPENED: dict[str, np.ndarray] = {}
+_SUMS = "paillier-sums"  # context.state: the sum contents this site contributed to and the sums it revealed
+
+
+def _ledger(context: Context) -> ConfigRecord:
+    if _SUMS not in context.state:
+        context.state[_SUMS] = ConfigRecord()
+    return context.state[_SUMS]  # type: ignore[return-value]
+
+
+def ct_width_of(private: paillier.PaillierPrivateKey) -> int:
+    from aggregation.paillier.server import ct_width
+
+    return ct_width(private.public_key)
 
 
 class PaillierSite(SiteHalf):
@@ -57,13 +84,33 @@ class PaillierSite(SiteHalf):
         return IntPacker(private.public_key.n.bit_length() - 1, self.cfg.max_sites, enc)
 
     def sum_reply(self, msg: Message, context: Context, values: np.ndarray, env: SiteEnv) -> Message:
-        """This site's values, encrypted (:mod:`aggregation.paillier.sums`); nothing in the clear."""
+        """This site's values, encrypted, with the MAC that lets a key holder recompute the total
+        (:mod:`aggregation.paillier.sums`); nothing in the clear. A request whose content this site
+        contributed to under another sum id is refused."""
+        from flwr.app import Error
+
         from aggregation.paillier.server import ct_width
+        from core.replies import ReplyError
 
         private, encryptor = pai.site_key(context, self.cfg.keypair, self.cfg.obfuscators)
+        rec = msg.content.config_records[SUM_REQUEST]
+        sum_id, what, length = int(rec.get("id", 0)), str(rec.get("what", "")), int(rec.get("length", len(values)))  # type: ignore[call-overload]
+        participants = [int(v) for v in rec.get(PARTICIPANTS, [])]  # type: ignore[union-attr]
+        if context.node_id not in participants:
+            return Message(Error(code=int(ReplyError.POLICY), reason=f"{env.name}: a sum request that does not list "
+                                 "this site among its participants"), reply_to=msg)
+        digest = request_digest(msg.content)
+        seen = _ledger(context)
+        earlier = seen.get(f"content:{digest}")
+        if earlier is not None and int(earlier) != sum_id:  # type: ignore[call-overload]
+            return Message(Error(code=int(ReplyError.POLICY), reason=f"{env.name}: contributed to the same request "
+                                 f"already (sum {earlier}); it does not contribute to one content twice"), reply_to=msg)
+        seen[f"content:{digest}"] = sum_id
         packer = self._sum_packer(private, request_encoding(msg.content))
         cts = site_encrypt(values, packer, encryptor, ct_width(private.public_key))
-        return Message(RecordDict({REPLY_KEY: ConfigRecord({"ct": cts})}), reply_to=msg)
+        mac = contribution_mac(contribution_key(private.p, private.q), context.run_id, sum_id, what, length, digest,
+                               context.node_id, participants, cts)
+        return Message(RecordDict({REPLY_KEY: ConfigRecord({"ct": cts, "mac": mac})}), reply_to=msg)
 
     def open_total(self, context: Context, record: ConfigRecord, key: str) -> np.ndarray:
         """Encrypted totals (``<key>-ct``), decrypted with this site's key (once per process and total)."""
@@ -78,16 +125,32 @@ class PaillierSite(SiteHalf):
         return _OPENED[digest]
 
     def query(self, msg: Message, context: Context, env: SiteEnv) -> Message:
-        """``query.paillier_reveal``: decrypt the totals the coordinator sends (its sum of all sites' vectors);
+        """``query.paillier_reveal``: recompute a total from its authenticated contributions and decrypt it
+        (:mod:`aggregation.paillier.sums`);
         ``query.paillier_decrypt``: decrypt one slice of an aggregate and return it sealed."""
         if msg.metadata.message_type == DECRYPT_MESSAGE and REQUEST_KEY in msg.content.config_records:
             return self._decrypt_slice(msg, context, env)
         if msg.metadata.message_type != REVEAL_MESSAGE or REVEAL_KEY not in msg.content.config_records:
             return super().query(msg, context, env)
+        from flwr.app import Error
+
+        from aggregation.paillier.crypto import add_ciphertexts
+        from core.replies import ReplyError
+
         rec = msg.content.config_records[REVEAL_KEY]
         private, _ = pai.site_key(context, self.cfg.keypair, self.cfg.obfuscators)
+        seen = _ledger(context)
+        revealed = [int(v) for v in seen.get("revealed", [])]  # type: ignore[union-attr]
+        try:
+            columns, sum_id = check_reveal(rec, contribution_key(private.p, private.q), context.run_id,
+                                           env.min_sites, revealed)
+        except SumRefused as err:
+            return Message(Error(code=int(ReplyError.POLICY), reason=f"{env.name}: {err}"), reply_to=msg)
+        seen["revealed"] = [*revealed, sum_id]
         packer = self._sum_packer(private, Encoding.from_record(rec))
-        values = site_decrypt(list(rec["ct"]), int(rec["length"]), packer, private)  # type: ignore[arg-type,call-overload]
+        total = add_ciphertexts(private.public_key, columns)  # the total this site recomputed itself
+        values = site_decrypt([int(c).to_bytes(ct_width_of(private), "big") for c in total], int(rec["length"]),  # type: ignore[call-overload]
+                              packer, private)
         return Message(RecordDict({REVEAL_KEY: ConfigRecord({"values": [float(v) for v in values]})}), reply_to=msg)
 
     def _decrypt_slice(self, msg: Message, context: Context, env: SiteEnv) -> Message:

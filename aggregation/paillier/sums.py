@@ -7,9 +7,25 @@ learns **nothing** of the totals. The encrypted totals travel back to the sites 
 messages' configs, and each site decrypts them (:meth:`PaillierSite.open_total`).
 
 Test metrics must reach the report, so :meth:`PaillierSum.reveal` asks one key-holding
-site (``query.paillier_reveal``) to decrypt the *totals* and send them back: the
-coordinator then learns the pooled metrics, never a site's own counts (the site that
-decrypts sees only the totals too).
+site (``query.paillier_reveal``) to decrypt the *total* and send it back. A key holder that
+decrypted whatever it is sent would be a decryption oracle for a coordinator that deviates
+(one site's training ciphertexts, or its statistics vector, sent to be "revealed"), so the
+revealing site decrypts only an aggregate it recomputes itself (issue #33):
+
+- every site's contribution carries a MAC (HMAC-SHA256 under a key all key holders derive from
+  the private key, :func:`contribution_key`; the coordinator has no key and cannot forge one) over
+  the run, the sum's id, what is summed and the digest of the request, the site's node, the list
+  of participants the request named, and the ciphertexts;
+- the revealing site checks every MAC, that the contributions are exactly the listed
+  participants, each once, at least its policy's ``aggregation.min_sites`` (and 2) of them, that
+  the sum is of test metrics (``evaluate``: statistics totals are never revealed), and that it has
+  not revealed this sum before; then it adds the ciphertexts itself and decrypts that total;
+- a site contributes to a request's content once per run (the model, what, bins, encoding): the
+  same content asked again under another sum id, e.g. with one site fewer to difference the two
+  totals, is refused.
+
+A listed site that does not answer therefore costs that sum its reveal (the round's pooled test
+metrics are reported missing, with the reason); training is not affected.
 """
 
 from __future__ import annotations
@@ -24,10 +40,18 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from aggregation.base import SUM_REQUEST, SumCoordinator, SumResult, request_encoding, screen_sum_replies
+from aggregation.base import (
+    SUM_REQUEST,
+    RevealFailed,
+    SumCoordinator,
+    SumResult,
+    request_encoding,
+    screen_sum_replies,
+)
 from core import fixedpoint
 
 REPLY_KEY = "fedsilo-sum-ct"
+PARTICIPANTS = "participants"
 REVEAL_MESSAGE = "query.paillier_reveal"
 REVEAL_KEY = "fedsilo-reveal"
 
@@ -71,6 +95,87 @@ def from_bytes(blobs: list[Any]) -> list[int]:
     return [int.from_bytes(bytes(b), "big") for b in blobs]
 
 
+# ---- authenticated contributions (module docstring) -----------------------------------------------
+def contribution_key(p: int, q: int) -> bytes:
+    """The MAC key every holder of the key pair derives from it, and nobody else can."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    width = (max(p, q).bit_length() + 7) // 8
+    ikm = min(p, q).to_bytes(width, "big") + max(p, q).to_bytes(width, "big")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"fedsilo paillier sum contributions v1").derive(ikm)
+
+
+def request_digest(content: RecordDict) -> str:
+    """SHA-256 of what a sum request asks for, without its id and participants: what, length, bins,
+    encoding, schema and preprocessing keys, and the bytes of the model it carries (evaluate)."""
+    import hashlib
+
+    rec = content.config_records[SUM_REQUEST]
+    h = hashlib.sha256()
+    for key in sorted(rec):
+        if key not in ("id", PARTICIPANTS):
+            h.update(f"{key}={rec[key]!r};".encode())
+    if "arrays" in content:
+        arrays = content["arrays"]
+        for name in sorted(arrays):  # type: ignore[call-overload]
+            h.update(name.encode() + bytes(arrays[name].data))  # type: ignore[index]
+    return h.hexdigest()
+
+
+def contribution_mac(key: bytes, run: int, sum_id: int, what: str, length: int, digest: str, node: int,
+                     participants: list[int], cts: list[bytes]) -> bytes:
+    import hashlib
+    import hmac
+
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    h.update(f"fedsilo-sum-v1|{run}|{sum_id}|{what}|{length}|{digest}|{node}|{sorted(participants)}|".encode())
+    for c in cts:
+        h.update(len(c).to_bytes(4, "big") + c)
+    return h.digest()
+
+
+class SumRefused(ValueError):
+    """A sum request or a reveal a site will not answer (see the module docstring); names why, never data."""
+
+
+def check_reveal(rec: ConfigRecord, key: bytes, run: int, min_sites: int, revealed: list[int]) -> tuple[list[list[int]], int]:
+    """The contributions of a reveal request, each verified (module docstring); (their ciphertexts, the sum id)."""
+    try:
+        sum_id, what, length, digest = int(rec["sum"]), str(rec["what"]), int(rec["length"]), str(rec["digest"])
+        participants = [int(v) for v in rec[PARTICIPANTS]]  # type: ignore[union-attr]
+        nodes = [int(v) for v in rec["nodes"]]  # type: ignore[union-attr]
+        macs = [bytes(v) for v in rec["macs"]]  # type: ignore[union-attr]
+        parts = [bytes(v) for v in rec["parts"]]  # type: ignore[union-attr]
+        count = int(rec["count"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SumRefused(f"a malformed reveal request ({type(err).__name__}: {err})") from None
+    if what != "evaluate":
+        raise SumRefused(f"a reveal of a {what!r} sum: only pooled test metrics are ever decrypted for the coordinator")
+    if sum_id in revealed:
+        raise SumRefused(f"sum {sum_id} was revealed by this site already; it decrypts each sum once")
+    if len(set(participants)) != len(participants) or sorted(nodes) != sorted(participants):
+        raise SumRefused(f"the reveal holds contributions of {len(nodes)} nodes for the {len(participants)} the sum "
+                         "listed; it must hold each listed participant's, once")
+    if len(nodes) < max(2, min_sites):
+        raise SumRefused(f"a total of {len(nodes)} site(s): this site's policy decrypts only sums of at least "
+                         f"{max(2, min_sites)} distinct sites (aggregation.min_sites)")
+    if count < 1 or len(parts) != count * len(nodes) or len(macs) != len(nodes):
+        raise SumRefused("the reveal's ciphertexts and MACs do not match its participants")
+    columns = []
+    for i, node in enumerate(nodes):
+        cts = parts[i * count:(i + 1) * count]
+        import hmac as _hmac
+
+        expected = contribution_mac(key, run, sum_id, what, length, digest, node, participants, cts)
+        if not _hmac.compare_digest(expected, macs[i]):
+            raise SumRefused(f"node {node}'s contribution to sum {sum_id} is not authenticated by a key holder "
+                             "(not that site's, of another sum, or altered)")
+        columns.append(from_bytes(cts))
+    return columns, sum_id
+
+
 class PaillierSum(SumCoordinator):
     """Homomorphic sums under the sites' key: the coordinator learns nothing of them."""
 
@@ -91,30 +196,49 @@ class PaillierSum(SumCoordinator):
         enc = request_encoding(content)
         count = -(-length // IntPacker(self.key_bits, self.max_sites, enc).slots)
         cts: dict[int, list[int]] = {}
+        macs: dict[int, bytes] = {}
+        request = content.config_records[SUM_REQUEST]
+        request[PARTICIPANTS] = [int(n) for n in nodes]
 
         def check(msg: Message) -> str | None:
             rec = msg.content.config_records.get(REPLY_KEY)
             if rec is None or "ct" not in rec:
                 return f"reply has no {REPLY_KEY!r} record"
-            values = from_bytes(list(rec["ct"]))  # type: ignore[arg-type]
+            blobs = rec["ct"]
+            if not isinstance(blobs, list) or len(blobs) != count or not all(isinstance(b, bytes) for b in blobs):
+                return f"reply holds no list of {count} ciphertexts"
+            if any(len(b) > self.width for b in blobs):  # type: ignore[arg-type]
+                return f"a ciphertext longer than {self.width} bytes"
+            mac = rec.get("mac")
+            if not isinstance(mac, bytes) or len(mac) != 32:
+                return "reply has no 32-byte MAC of its contribution"
+            values = from_bytes(list(blobs))
             reason = check_ciphertexts(self.public, values, count)
             if reason is None:
                 cts[msg.metadata.src_node_id] = values
+                macs[msg.metadata.src_node_id] = mac
             return reason
 
         good, rejected = screen_sum_replies(self.send(grid, nodes, content), nodes, check)
         if not good:
             return SumResult(0, None, None, rejected)
-        total = add_ciphertexts(self.public, [cts[n] for n in sorted(good)])
+        order = sorted(good)
+        total = add_ciphertexts(self.public, [cts[n] for n in order])
         result = SumResult(len(good), None, to_bytes(total, self.width), rejected, length)
         result.encoding = enc
+        # what a key holder needs to recompute the total itself before it reveals it (module docstring)
+        result.contributions = {"sum": int(request["id"]), "what": str(request["what"]), "length": length,  # type: ignore[call-overload]
+                                "digest": request_digest(content), PARTICIPANTS: [int(n) for n in nodes],
+                                "nodes": order, "macs": [macs[n] for n in order], "count": count,
+                                "parts": [b for n in order for b in to_bytes(cts[n], self.width)]}
         return result
 
     def reveal(self, grid: Grid, nodes: list[int], result: SumResult) -> np.ndarray:
-        """Ask the key holders, one at a time, to decrypt the totals (never a single site's vector)."""
+        """Ask the key holders, one at a time, to recompute and decrypt the total from the authenticated
+        contributions (never a single site's vector; module docstring)."""
         length = int(result.length)
         for node in nodes:
-            request = RecordDict({REVEAL_KEY: ConfigRecord({"ct": list(result.sealed or []), "length": length,
+            request = RecordDict({REVEAL_KEY: ConfigRecord({**(result.contributions or {}),
                                                             **result.encoding.to_record()})})
             replies = self.send(grid, [node], request, REVEAL_MESSAGE)
             for msg in replies:
@@ -123,7 +247,7 @@ class PaillierSum(SumCoordinator):
                     return np.asarray(rec["values"], dtype=np.float64)
                 log(WARNING, "fedsilo: site %s did not decrypt the totals: %s", node,
                     msg.error.reason if msg.has_error() else "malformed reply")
-        raise RuntimeError("no site decrypted the encrypted totals")
+        raise RevealFailed("no site decrypted the encrypted totals")
 
 
 def site_encrypt(values: np.ndarray, packer: IntPacker, encryptor: Any, width: int) -> list[bytes]:

@@ -146,7 +146,7 @@ def test_multiclass_and_regression_labels_run_end_to_end(tmp_path: Path) -> None
     assert multi["history"][-1]["federated_evaluate"]["accuracy"] > 0  # the sites' validation, pooled
     reg = run_inprocess(["task=tabular", "task.schema=schemas/diabetes.yaml", "task.data=diabetes/diabetes.csv",
                          "num_sites=3", "num_rounds=10", "task.model=logreg", "task.lr=0.01", "privacy=dpsgd",
-                         "privacy.target_epsilon=50"], tmp_path / "reg")
+                         "privacy.target_epsilon=50", "site_policy.privacy.max_epsilon=50"], tmp_path / "reg")
     r = reg["final"]
     assert {"mse", "mae", "r2"} <= set(r) and np.isfinite(r["r2"]) and reg["privacy"]["max_epsilon"] <= 50
     model_state, meta = artefact.load(tmp_path / "reg")
