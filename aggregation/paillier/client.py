@@ -60,7 +60,7 @@ def _digest(arrays: ArrayRecord) -> str:
 
 def global_state(arrays: ArrayRecord, template: dict[str, torch.Tensor], codec_for: ModelCodecFactory,
                  private: paillier.PaillierPrivateKey, workers: int = 1,
-                 context: Context | None = None) -> dict[str, torch.Tensor]:
+                 context: Context | None = None, min_round: int = 0) -> dict[str, torch.Tensor]:
     """The global model as a state dict: plaintext as sent, or decrypted and decoded.
 
     With ``context`` the decrypted model is kept in ``context.state``: the aggregate a site
@@ -79,7 +79,8 @@ def global_state(arrays: ArrayRecord, template: dict[str, torch.Tensor], codec_f
     layout = Layout.of({k: v.numpy() for k, v in template.items()})
     codec = codec_for(layout.size)
     if opened:
-        *sums, rows = open_slices(arrays, slice_key(private.p, private.q), private.public_key.n)
+        *sums, rows = open_slices(arrays, slice_key(private.p, private.q), private.public_key.n,
+                                  context.run_id if context is not None else 0, min_round)
     else:
         sums = decrypt_all(private, from_array(arrays["ct"].numpy()), workers)
         rows = private.raw_decrypt(from_array(arrays["rows"].numpy())[0])

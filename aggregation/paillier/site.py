@@ -67,12 +67,15 @@ class PaillierSite(SiteHalf):
                      ) -> dict[str, torch.Tensor]:
         """The public initial model as sent, or the encrypted aggregate decrypted (once per aggregate)."""
         arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
-        return self.open_model(context, arrays, template)
+        config = msg.content.config_records.get("config")
+        server_round = int(config.get("server-round", 0)) if config is not None else 0  # type: ignore[call-overload]
+        # a sealed aggregate opens only for this round or the one before (evaluated after round r, trained in r+1)
+        return self.open_model(context, arrays, template, max(0, server_round - 1))
 
-    def open_model(self, context: Context, arrays: ArrayRecord, template: dict[str, torch.Tensor]
-                   ) -> dict[str, torch.Tensor]:
+    def open_model(self, context: Context, arrays: ArrayRecord, template: dict[str, torch.Tensor],
+                   min_round: int = 0) -> dict[str, torch.Tensor]:
         codec, private, _ = self._keys(context)
-        return pai.global_state(arrays, template, codec, private, self.cfg.workers, context)
+        return pai.global_state(arrays, template, codec, private, self.cfg.workers, context, min_round)
 
     def reply(self, msg: Message, context: Context, result: LocalResult, env: SiteEnv) -> Message:
         """The encrypted weighted model and rows, and the key's fingerprint; nothing in the clear."""
@@ -164,7 +167,8 @@ class PaillierSite(SiteHalf):
         try:
             sealed = decrypt_slice(bytes(rec["ct"]), int(rec["start"]), int(rec["total"]),  # type: ignore[arg-type,call-overload]
                                    ct_width(private.public_key), lambda cts: decrypt_all(private, cts, self.cfg.workers),
-                                   slice_key(private.p, private.q), private.public_key)
+                                   slice_key(private.p, private.q), private.public_key, context.run_id,
+                                   int(rec.get("round", 0)))
         except (KeyError, TypeError, ValueError) as err:
             return Message(Error(code=int(ReplyError.PROTOCOL_ERROR), reason=f"{env.name}: malformed decryption "
                                  f"request: {err}"), reply_to=msg)

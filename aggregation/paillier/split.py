@@ -67,10 +67,13 @@ def plaintext_width(n: int) -> int:
     return (n.bit_length() + 7) // 8
 
 
-def _aad(start: int, total: int, digest: bytes) -> bytes:
-    """What a sealed slice is bound to: its first position, the aggregate's length, and the
-    SHA-256 of the ciphertexts it decrypts."""
-    return b"fedsilo-paillier-slice" + start.to_bytes(8, "big") + total.to_bytes(8, "big") + digest
+def _aad(start: int, total: int, digest: bytes, run: int = 0, rnd: int = 0) -> bytes:
+    """What a sealed slice is bound to: its first position, the aggregate's length, the SHA-256 of
+    the ciphertexts it decrypts, and the run and round it was decrypted for. The run is each site's
+    own (its context), and a site opens a slice only for the round it is in or the one before
+    (:func:`open_slices`): an old slice does not open in a later aggregate (issue #33)."""
+    return (b"fedsilo-paillier-slice-v2" + start.to_bytes(8, "big") + total.to_bytes(8, "big") + digest
+            + int(run).to_bytes(8, "big", signed=True) + int(rnd).to_bytes(8, "big", signed=True))
 
 
 def sealed_size(count: int, n: int) -> int:
@@ -87,7 +90,7 @@ def bounds(total: int, parts: int) -> list[int]:
 
 
 def decrypt_slice(ct_bytes: bytes, start: int, total: int, width: int, decrypt: Any, key: bytes,
-                  public: paillier.PaillierPublicKey) -> bytes:
+                  public: paillier.PaillierPublicKey, run: int = 0, rnd: int = 0) -> bytes:
     """A site's answer: the plaintexts of the fixed-width ciphertexts ``ct_bytes`` (positions
     ``start ..`` of ``total``), sealed under the key pair's slice key.
 
@@ -105,16 +108,17 @@ def decrypt_slice(ct_bytes: bytes, start: int, total: int, width: int, decrypt: 
     reason = check_ciphertexts(public, cts, count)
     if reason is not None:
         raise ValueError(f"slice from position {start}: {reason}")
-    return seal_plaintexts(decrypt(cts), start, total, ct_bytes, key, public.n)
+    return seal_plaintexts(decrypt(cts), start, total, ct_bytes, key, public.n, run, rnd)
 
 
-def seal_plaintexts(plaintexts: list[int], start: int, total: int, ct_bytes: bytes, key: bytes, n: int) -> bytes:
+def seal_plaintexts(plaintexts: list[int], start: int, total: int, ct_bytes: bytes, key: bytes, n: int,
+                    run: int = 0, rnd: int = 0) -> bytes:
     """The plaintexts of the ciphertexts ``ct_bytes`` sealed under ``key`` (AES-256-GCM, fresh
     nonce), bound to their position and to the ciphertexts."""
     pw = plaintext_width(n)
     plain = b"".join(m.to_bytes(pw, "big") for m in plaintexts)
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, plain, _aad(start, total, hashlib.sha256(ct_bytes).digest()))
+    return nonce + AESGCM(key).encrypt(nonce, plain, _aad(start, total, hashlib.sha256(ct_bytes).digest(), run, rnd))
 
 
 def is_opened(arrays: ArrayRecord) -> bool:
@@ -122,9 +126,14 @@ def is_opened(arrays: ArrayRecord) -> bool:
     return "sealed" in arrays and "offsets" in arrays
 
 
-def open_slices(arrays: ArrayRecord, key: bytes, n: int) -> list[int]:
+def open_slices(arrays: ArrayRecord, key: bytes, n: int, run: int = 0, min_round: int = 0) -> list[int]:
     """The aggregate's plaintexts from its sealed slices; ``ValueError`` naming the slice that
-    does not open (altered, moved, or sealed under another key pair)."""
+    does not open (altered, moved, sealed under another key pair, for another run, or for a round
+    before ``min_round``)."""
+    rnd = int(arrays["round"].numpy()[0]) if "round" in arrays else 0
+    if rnd < min_round:
+        raise ValueError(f"aggregation=paillier: the aggregate's slices were decrypted for round {rnd}; this site "
+                         f"opens none older than round {min_round}")
     sealed = arrays["sealed"].numpy().tobytes()
     offsets = arrays["offsets"].numpy().tolist()
     starts = arrays["starts"].numpy().tolist()
@@ -136,7 +145,7 @@ def open_slices(arrays: ArrayRecord, key: bytes, n: int) -> list[int]:
         blob = sealed[offsets[k] : offsets[k + 1]]
         try:
             plain = aes.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(int(starts[k]), int(total),
-                                                                             digests[k].tobytes()))
+                                                                             digests[k].tobytes(), run, rnd))
         except InvalidTag:
             raise ValueError(f"aggregation=paillier: sealed slice {k} of the aggregate does not open under this "
                              "site's key pair (altered, moved between positions, or sealed under another key)") from None
@@ -150,10 +159,13 @@ def open_slices(arrays: ArrayRecord, key: bytes, n: int) -> list[int]:
 # -------------------------------------------------------------------------------- coordinator
 
 
-def sealed_record(blobs: list[bytes], cuts: list[int], ct_slices: list[bytes], sites: Array) -> ArrayRecord:
+def sealed_record(blobs: list[bytes], cuts: list[int], ct_slices: list[bytes], sites: Array, rnd: int = 0
+                  ) -> ArrayRecord:
     """What the sites receive in the model's place: the sealed slices ``blobs`` (slice ``k``
-    decrypts ``ct_slices[k]``, positions ``cuts[k]..cuts[k+1]``) and the number of sites summed."""
+    decrypts ``ct_slices[k]``, positions ``cuts[k]..cuts[k+1]``), the number of sites summed and
+    the round the slices were decrypted for."""
     return ArrayRecord({
+        "round": Array(np.asarray([rnd], dtype=np.int64)),
         "sealed": Array(np.frombuffer(b"".join(blobs), dtype=np.uint8)),
         "offsets": Array(np.cumsum([0, *map(len, blobs)]).astype(np.int64)),
         "starts": Array(np.asarray(cuts, dtype=np.int64)),
@@ -198,13 +210,13 @@ class SplitDecryption:
                                  "fallback": False}
         self.log.append(entry)
         assignment = {k: nodes[k] for k in slices}
-        sealed = self._exchange(slices, cuts, total, assignment, grid, entry)
+        sealed = self._exchange(slices, cuts, total, assignment, grid, entry, server_round)
         missing = [k for k in slices if k not in sealed]
         helpers = sorted({assignment[k] for k in sealed})
         if missing and helpers:
             again = {k: helpers[i % len(helpers)] for i, k in enumerate(missing)}
             entry["reassigned"] = missing
-            sealed.update(self._exchange({k: slices[k] for k in missing}, cuts, total, again, grid, entry))
+            sealed.update(self._exchange({k: slices[k] for k in missing}, cuts, total, again, grid, entry, server_round))
         if len(sealed) < len(slices):
             entry["fallback"] = True
             log(WARNING, "round %s paillier: %s of %s decryption slices missing; every site decrypts the whole "
@@ -212,18 +224,18 @@ class SplitDecryption:
             self._cache = (digest, None)
             return None, entry
         record = sealed_record([sealed[k] for k in range(len(slices))], cuts,
-                               [slices[k] for k in range(len(slices))], encrypted["sites"])
+                               [slices[k] for k in range(len(slices))], encrypted["sites"], server_round)
         log(INFO, "round %s paillier: %s sites decrypted one slice each of %s ciphertexts", server_round,
             len(slices), total)
         self._cache = (digest, record)
         return record, entry
 
     def _exchange(self, slices: dict[int, bytes], cuts: list[int], total: int, assignment: dict[int, int],
-                  grid: Grid, entry: dict[str, Any]) -> dict[int, bytes]:
+                  grid: Grid, entry: dict[str, Any], server_round: int = 0) -> dict[int, bytes]:
         """Ask each assigned node for its slices; the well-formed sealed slices by index."""
         msgs, asked = [], {}
         for k, node in assignment.items():
-            rec = ConfigRecord({"ct": slices[k], "start": cuts[k], "total": total, "index": k})
+            rec = ConfigRecord({"ct": slices[k], "start": cuts[k], "total": total, "index": k, "round": server_round})
             msg = Message(RecordDict({REQUEST_KEY: rec}), dst_node_id=node, message_type=DECRYPT_MESSAGE)
             msgs.append(msg)
             asked[k] = node

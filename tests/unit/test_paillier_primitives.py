@@ -222,6 +222,32 @@ def test_split_decryption_slices_open_to_the_plaintexts_and_only_for_the_key_pai
         open_slices(ArrayRecord(flipped), slice_key(private.p, private.q), n)
 
 
+def test_a_sealed_slice_opens_only_in_its_own_run_and_round(keypair: tuple[Path, Path]) -> None:
+    """Issue #33 (attack 10): the slices' associated data are the sites' own (their run), and the
+    round they were decrypted for; an old sealed aggregate does not open later, nor in another run."""
+    from flwr.app import Array, ArrayRecord
+
+    from aggregation.paillier.crypto import Encryptor
+    from aggregation.paillier.server import ct_width
+    from aggregation.paillier.split import decrypt_slice, open_slices, sealed_record, slice_key
+
+    private = keys.load_private(keypair[0])
+    enc, width, n, key = Encryptor(private), ct_width(private.public_key), private.public_key.n, \
+        slice_key(private.p, private.q)
+    ct = enc.encrypt(12345).to_bytes(width, "big")
+    blob = decrypt_slice(ct, 0, 1, width, lambda c: [enc.decrypt(x) for x in c], key, private.public_key, 7, 3)
+    record = sealed_record([blob], [0, 1], [ct], Array(np.array([1], dtype=np.int64)), 3)
+    assert open_slices(record, key, n, run=7, min_round=3) == [12345]
+    with pytest.raises(ValueError, match="does not open"):  # another run: the site's own run id differs
+        open_slices(record, key, n, run=8, min_round=3)
+    with pytest.raises(ValueError, match="none older than round 5"):  # round 3's aggregate offered in round 6
+        open_slices(record, key, n, run=7, min_round=5)
+    relabelled = dict(record.items())
+    relabelled["round"] = Array(np.array([5], dtype=np.int64))  # the coordinator relabels the old slices
+    with pytest.raises(ValueError, match="does not open"):
+        open_slices(ArrayRecord(relabelled), key, n, run=7, min_round=5)
+
+
 def test_a_malformed_decryption_request_is_refused_with_the_reason(keypair: tuple[Path, Path]) -> None:
     from aggregation.paillier.server import ct_width
     from aggregation.paillier.split import decrypt_slice, sealed_size, slice_key
