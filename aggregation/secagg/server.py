@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from aggregation.secagg import wire
@@ -48,6 +49,67 @@ def _key_list(public: dict[int, tuple[bytes, bytes]], members: frozenset[int], p
 def threshold_for(fraction: float, sites: int) -> int:
     """Shamir threshold for a round with ``sites`` sites: ``max(2, ceil(fraction * sites))``."""
     return min(sites, max(2, math.ceil(fraction * sites - 1e-9)))
+
+
+# ---- what each stage's reply must hold (type, length, range), checked before any use ---------------------
+MAX_SHARE_BYTES = 4 + 17 * 64  # a Shamir share of a seed or key (aggregation/secagg/shamir.py): 2 chunks in practice
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_key(v: Any) -> bool:
+    return isinstance(v, bytes) and len(v) == wire.KEY_BYTES
+
+
+def _int_list(v: Any, limit: int) -> bool:
+    return isinstance(v, list) and len(v) <= limit and all(_is_int(x) and 0 <= x <= 1 << 31 for x in v)
+
+
+def _shares_reason(r: ConfigRecord, to_key: str, shares_key: str, sites: int) -> str | None:
+    to, blob = r.get(to_key), r.get(shares_key)
+    if not _int_list(to, sites) or not isinstance(blob, bytes):
+        return f"'{to_key}' is not a list of at most {sites} site ids, or '{shares_key}' is not bytes"
+    try:
+        items = wire.split(blob)
+    except ValueError as err:
+        return str(err)
+    if len(items) != len(to) or len(set(to)) != len(to):  # type: ignore[arg-type]
+        return f"{len(items)} shares for {len(to)} recipients"  # type: ignore[arg-type]
+    if any(len(c) > 4 * MAX_SHARE_BYTES for c in items):
+        return "an encrypted share is longer than a share can be"
+    return None
+
+
+def _check_keys(r: ConfigRecord, agg: SecureAggregator) -> str | None:
+    if not _is_key(r.get("c-pk")) or not _is_key(r.get("s-pk")):
+        return f"its public keys are not two {wire.KEY_BYTES}-byte keys"
+    return None
+
+
+def _check_share(r: ConfigRecord, agg: SecureAggregator) -> str | None:
+    return _shares_reason(r, "to", "shares", len(agg._ids))
+
+
+def _check_unmask(r: ConfigRecord, agg: SecureAggregator) -> str | None:
+    owners, kinds, blob = r.get("owners"), r.get("kinds"), r.get("shares")
+    if not _int_list(owners, len(agg._ids)) or not isinstance(kinds, list) or not isinstance(blob, bytes):
+        return "'owners', 'kinds' and 'shares' are not a list of site ids, a list of kinds and bytes"
+    if len(kinds) != len(owners) or any(k not in ("b", "sk") for k in kinds):  # type: ignore[arg-type]
+        return "'kinds' must name 'b' or 'sk' for each owner"
+    try:
+        items = wire.split(blob)
+    except ValueError as err:
+        return str(err)
+    if len(items) != len(owners):  # type: ignore[arg-type]
+        return f"{len(items)} shares for {len(owners)} owners"  # type: ignore[arg-type]
+    if any(len(s) < 4 + 17 or (len(s) - 4) % 17 or len(s) > MAX_SHARE_BYTES or s[:4] == b"\0\0\0\0" for s in items):
+        return "a share is not a Shamir share (4-byte index > 0, then 17-byte chunks)"
+    known = set(agg._nodes)
+    if any(o not in known for o in owners):  # type: ignore[union-attr]
+        return "a share of a site that is not in this round"
+    return None
 
 
 class SecureAggregator:
@@ -76,6 +138,7 @@ class SecureAggregator:
         self._codec: WeightedUpdateCodec | None = None
         self._next: dict[str, Any] | None = None  # the next round's keys and shares, collected ahead
         self._trained: set[int] = set()
+        self._out: list[Message] = []
         self._t_masked = 0.0
         self.log: dict[int, dict[str, Any]] = {}  # per round: stage counts, rejections, timings
 
@@ -88,24 +151,35 @@ class SecureAggregator:
         log(WARNING, "round %s secagg %s: node %s dropped: %s", self._round, stage, node, reason)
 
     def _exchange(self, stage: str, message_type: str, records: dict[int, dict[str, Any]]) -> dict[int, ConfigRecord]:
-        """Send one ConfigRecord per node, return the well-formed replies by protocol id."""
+        """Send one ConfigRecord per node, return the well-formed replies by protocol id (every field of a
+        reply checked for type, length and range by :data:`CHECKS`; a reply that fails drops its site)."""
         assert self._grid is not None
         t0 = time.monotonic()
         msgs = []
         for node, rec in records.items():
             content = RecordDict({WIRE_KEY: ConfigRecord({"round": self._round, **self._tag(), **rec})})
             msgs.append(Message(content, dst_node_id=node, message_type=message_type))
-        replies = self._grid.send_and_receive(msgs, timeout=self.stage_timeout)
-        good = self._screen(stage, replies, set(records))
+        replies = list(self._grid.send_and_receive(msgs, timeout=self.stage_timeout))
+        good = self._screen(stage, replies, set(records), msgs)
+        for node in list(good):
+            reason = CHECKS[stage](good[node].content[WIRE_KEY], self) if stage in CHECKS else None  # type: ignore[arg-type]
+            if reason is not None:
+                self._reject(node, stage, reason)
+                del good[node]
         self._entry()["stages"][stage] = {"sent": len(records), "ok": len(good),
                                           "seconds": round(time.monotonic() - t0, 4)}
         return {self._ids[node]: msg.content[WIRE_KEY] for node, msg in good.items()}  # type: ignore[misc]  # screened
 
-    def _screen(self, stage: str, replies: Iterable[Message], expected: set[int]) -> dict[int, Message]:
-        """The replies that answer this stage correctly, by node; the others are logged."""
+    def _screen(self, stage: str, replies: Iterable[Message], expected: set[int],
+                sent: Iterable[Message] = ()) -> dict[int, Message]:
+        """The replies that answer this stage correctly, by node; the others are logged. An error the
+        SuperLink made for a node it cannot reach (from node 1) is the node's, found by the message it answers."""
         good: dict[int, Message] = {}
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
         for msg in replies:
             node = msg.metadata.src_node_id
+            if node == SUPERLINK_NODE_ID and msg.has_error():
+                node = by_id.get(msg.metadata.reply_to_message_id, node)
             if node not in expected or node in good:
                 self._reject(node, stage, "unexpected or duplicate reply")
                 continue
@@ -113,9 +187,9 @@ class SecureAggregator:
                 self._reject(node, stage, f"error reply: {msg.error.reason}")
                 continue
             rec = recordview.config(msg.content, WIRE_KEY)
-            if rec is None or "round" not in rec or "id" not in rec:
-                self._reject(node, stage, f"reply has no well-formed {WIRE_KEY!r} record")
-            elif int(rec["round"]) != self._round or int(rec["id"]) != self._ids[node]:
+            if rec is None or not _is_int(rec.get("round")) or not _is_int(rec.get("id")):
+                self._reject(node, stage, f"reply has no well-formed {WIRE_KEY!r} record (integer 'round' and 'id')")
+            elif rec["round"] != self._round or rec["id"] != self._ids[node]:
                 self._reject(node, stage, f"reply is for round {rec['round']} / id {rec['id']}, expected round "
                                           f"{self._round} / id {self._ids[node]} (replayed or misaddressed)")
             else:
@@ -148,11 +222,15 @@ class SecureAggregator:
         return masked
 
     def _unmask(self, shares: dict[int, ConfigRecord]) -> np.ndarray:
-        """Stage 3: the survivors' field sum from the unmasking shares."""
+        """Stage 3: the survivors' field sum from the unmasking shares (each reply checked by :data:`CHECKS`).
+        Shares that are well-formed yet do not combine end the round (:class:`SecAggAbort`), never the run."""
         assert self._server is not None
-        return self._server.unmask({i: {int(o): (str(k), v)
-                                        for o, k, v in zip(r["owners"], r["kinds"], wire.split(r["shares"]))}  # type: ignore[arg-type]
-                                    for i, r in shares.items()})
+        try:
+            return self._server.unmask({i: {int(o): (str(k), v)
+                                            for o, k, v in zip(r["owners"], r["kinds"], wire.split(r["shares"]))}  # type: ignore[arg-type]
+                                        for i, r in shares.items()})
+        except (ValueError, TypeError, KeyError) as err:
+            raise SecAggAbort(f"the unmasking shares do not combine ({err})") from None
 
     def _node_of(self, pid: int) -> int:
         return self._nodes[pid]
@@ -201,6 +279,7 @@ class SecureAggregator:
                                               "from": senders, "shares": wire.join([inbox[i][j] for j in senders])})
             out.append(Message(content, dst_node_id=node, message_type="train.secagg"))
         self._trained = {m.metadata.dst_node_id for m in out}
+        self._out = out
         self._t_masked = time.monotonic()
         return out
 
@@ -231,12 +310,12 @@ class SecureAggregator:
         """
         assert self._server is not None and self._codec is not None
         t0 = time.monotonic()
-        good = self._screen("masked_input", replies, self._trained)
+        good = self._screen("masked_input", replies, self._trained, self._out)
         masked = self._masked_vectors(good)
         next_keys: dict[int, tuple[bytes, bytes]] = {}
         for node, msg in good.items():
             w = msg.content[WIRE_KEY]  # screened: a ConfigRecord
-            if self._ids[node] in masked and "next-c-pk" in w and "next-s-pk" in w:
+            if self._ids[node] in masked and _is_key(w.get("next-c-pk")) and _is_key(w.get("next-s-pk")):  # type: ignore[union-attr]
                 next_keys[node] = (bytes(w["next-c-pk"]), bytes(w["next-s-pk"]))  # type: ignore[arg-type]
         self._entry()["stages"]["masked_input"] = {"sent": len(self._trained), "ok": len(masked),
                                                    "seconds": round(t0 - self._t_masked, 4)}
@@ -299,7 +378,7 @@ class SecureAggregator:
         self._trained = {m.metadata.dst_node_id for m in msgs}
         assert self._server is not None
         good = self._screen("masked_input", self._grid.send_and_receive(msgs, timeout=self.stage_timeout),
-                            self._trained)
+                            self._trained, msgs)
         masked = self._masked_vectors(good)
         survivors, dropped = self._server.collect_masked(masked)
         shares = self._exchange("unmask", "query.secagg_unmask", {
@@ -317,7 +396,7 @@ class SecureAggregator:
         shared = {}
         for pid, r in replies.items():
             node = self._nodes[pid]
-            if "next-to" in r and node in ids:
+            if "next-to" in r and node in ids and _shares_reason(r, "next-to", "next-shares", len(ids)) is None:
                 shared[ids[node]] = dict(zip((int(j) for j in r["next-to"]), wire.split(r["next-shares"])))  # type: ignore[arg-type]
         try:
             server.collect_keys({ids[n]: pk for n, pk in public.items()})
@@ -329,3 +408,7 @@ class SecureAggregator:
                       "length": self._codec.length,  # type: ignore[union-attr]
                       "stages": {"keys": {"sent": 0, "ok": len(public), "seconds": 0.0, "with": "masked_input"},
                                  "share": {"sent": 0, "ok": len(shared), "seconds": 0.0, "with": "unmask"}}}
+
+
+#: The reply checks of each stage (the masked vectors are checked by :meth:`SecureAggregator._masked_vectors`).
+CHECKS = {"keys": _check_keys, "share": _check_share, "unmask": _check_unmask}

@@ -1,0 +1,166 @@
+"""A malicious site cannot end a run or exhaust the coordinator (issue #33, attack 8).
+
+The real ServerApp and ClientApps run in process; one site's replies are tampered with on their way
+back (a reply a malicious site would send). Every such reply rejects that site, with a reason, and the
+run goes on with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from aggregation.paillier import keys
+from aggregation.secagg.client import WIRE_KEY
+from app import client_app, server_app
+from app.runtime.local_grid import LocalGrid
+from tests.conftest import DATA_DIR
+
+EVIL = 1001  # the node whose replies are tampered with
+
+
+class TamperingGrid(LocalGrid):
+    def __init__(self, *args: Any, tamper: Callable[[Message, Message], Message | None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tamper, self.tampered = tamper, 0
+
+    def _deliver(self, msg: Message) -> Message:
+        reply = super()._deliver(msg)
+        if msg.metadata.dst_node_id == EVIL and not reply.has_error():
+            bad = self.tamper(msg, reply)
+            if bad is not None:
+                self.tampered += 1
+                return bad
+        return reply
+
+
+def _with(reply: Message, key: str, **changes: Any) -> Message:
+    """``reply`` with its ConfigRecord ``key`` changed (what a malicious site sends instead)."""
+    content = RecordDict(dict(reply.content.items()))
+    content[key] = ConfigRecord({**dict(reply.content[key]), **changes})
+    return Message(content, reply_to=reply) if False else _replace(reply, content)
+
+
+def _replace(reply: Message, content: RecordDict) -> Message:
+    reply.content = content
+    return reply
+
+
+def _run(tmp_path: Path, overrides: list[str], tamper: Callable[[Message, Message], Message | None],
+         sites: int, node_config: dict[str, Any] | None = None) -> tuple[TamperingGrid, dict[str, Any]]:
+    run_config = {"overrides": shlex.join([*overrides, f"data_dir={DATA_DIR}"]), "output-dir": str(tmp_path)}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    grid = TamperingGrid(client_app.app, sites, run_config, tamper=tamper, node_config=node_config)
+    server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    return grid, json.loads((tmp_path / "results.json").read_text())
+
+
+def _stage(kind: str) -> Callable[[Message], bool]:
+    return lambda msg: msg.metadata.message_type == kind
+
+
+SECAGG = ["task=medical", "num_rounds=2", "aggregation=secagg", "strategy.fraction_evaluate=0"]
+CASES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "31-byte public key": ("query.secagg_keys", {"c-pk": b"\x01" * 31}, "two 32-byte keys"),
+    "non-integer round": ("query.secagg_share", {"round": "1"}, "integer 'round' and 'id'"),
+    "malformed unmask share": ("query.secagg_unmask", {"shares": b"\x05\x00\x00\x00abc"}, "malformed"),
+    "share of a stranger": ("query.secagg_unmask", {"owners": [999]}, "not in this round"),
+    "kinds of another kind": ("query.secagg_unmask", {"kinds": ["x"]}, "'kinds' must name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_malformed_secagg_reply_drops_that_site_and_the_round_goes_on(case: str, tmp_path: Path) -> None:
+    kind, changes, reason = CASES[case]
+
+    def tamper(msg: Message, reply: Message) -> Message | None:
+        if msg.metadata.message_type != kind or WIRE_KEY not in reply.content.config_records:
+            return None
+        rec = dict(reply.content[WIRE_KEY])
+        if "owners" in changes and rec.get("owners"):
+            changes_here = {"owners": [999] * len(rec["owners"])}
+        elif "kinds" in changes and rec.get("kinds"):
+            changes_here = {"kinds": ["x"] * len(rec["kinds"])}
+        else:
+            changes_here = changes
+        return _with(reply, WIRE_KEY, **changes_here)
+
+    grid, results = _run(tmp_path, SECAGG, tamper, 4)
+    assert grid.tampered >= 1 and results["status"] == "completed" and len(results["history"]) == 2
+    hit = [h["participation"]["secagg"] for h in results["history"]
+           if any(r["node"] == EVIL and reason in r["reason"] for r in h["participation"]["secagg"]["rejected"])]
+    assert hit, (case, [h["participation"]["secagg"]["rejected"] for h in results["history"]])
+    # the round went on without that site (dropped before its masked input, or its shares left out)
+    assert all(sec["survivors"] >= 3 for sec in hit) and results["final"]["auc"] > 0.5
+
+
+def test_an_announced_next_key_that_is_a_number_allocates_nothing(tmp_path: Path) -> None:
+    """``bytes(150000000)`` would make 150 MB of zeros: a next-round key must be 32 bytes, else it is ignored."""
+    def tamper(msg: Message, reply: Message) -> Message | None:
+        if msg.metadata.message_type != "train.secagg" or WIRE_KEY not in reply.content.config_records:
+            return None
+        return _with(reply, WIRE_KEY, **{"next-c-pk": 150_000_000, "next-s-pk": 150_000_000})
+
+    tracemalloc.start()
+    try:
+        grid, results = _run(tmp_path, SECAGG, tamper, 4)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert grid.tampered >= 1 and results["status"] == "completed"
+    assert peak < 100_000_000, peak
+
+
+HEART = ["task=tabular", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
+         "task.model=logreg", "num_rounds=1", "task.auc_bins=256"]
+
+
+def test_a_paillier_sum_reply_of_a_huge_number_is_rejected_without_allocating_it(tmp_path: Path) -> None:
+    from aggregation.paillier.sums import REPLY_KEY
+
+    private, public = keys.generate(tmp_path / "keys")
+
+    def tamper(msg: Message, reply: Message) -> Message | None:
+        if REPLY_KEY not in reply.content.config_records:
+            return None
+        return _with(reply, REPLY_KEY, ct=[150_000_000] * len(reply.content[REPLY_KEY]["ct"]))
+
+    tracemalloc.start()
+    try:
+        grid, results = _run(tmp_path / "run", [*HEART, "aggregation=paillier", f"aggregation.public_key={public}"],
+                             tamper, 4, {"paillier-keypair": str(private)})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert grid.tampered >= 1 and results["status"] == "completed"
+    assert results["preprocessing"]["sites"] == 3
+    assert any("ciphertexts" in r["reason"] for r in results["preprocessing"]["rejected"])
+    assert peak < 100_000_000, peak
+
+
+def test_a_plain_reply_with_a_wrong_type_is_rejected(tmp_path: Path) -> None:
+    from core.sites import WEIGHT_KEY
+
+    def tamper(msg: Message, reply: Message) -> Message | None:
+        if not msg.metadata.message_type.startswith("train"):
+            return None
+        content = RecordDict(dict(reply.content.items()))
+        for key, rec in reply.content.metric_records.items():
+            if WEIGHT_KEY in rec:
+                from flwr.app import MetricRecord
+
+                content[key] = MetricRecord({**dict(rec), WEIGHT_KEY: -5})
+        return _replace(reply, content)
+
+    grid, results = _run(tmp_path, ["task=medical", "num_rounds=2", "strategy.fraction_evaluate=0"], tamper, 4)
+    assert grid.tampered >= 1 and results["status"] == "completed"
+    for h in results["history"]:
+        assert h["participation"]["train"]["replied"] == 3, h["participation"]["train"]
