@@ -63,12 +63,19 @@ class PrepPhase:
                 "rejected": self.rejected, "coordinator_knows_totals": self.totals_known, "rows": self.rows}
 
 
-def wait_for_nodes(grid: Grid, count: int, timeout: float = WAIT_SECONDS) -> list[int]:
-    """The connected nodes, once ``count`` are there (no random draw: the run's RNG stays untouched)."""
+def wait_for_nodes(grid: Grid, count: int, timeout: float = WAIT_SECONDS, minimum: int = 2) -> list[int]:
+    """The connected nodes, once ``count`` are there, or after ``timeout`` seconds if at least ``minimum``
+    are (a site that never comes does not stall the federation); else RuntimeError naming how many came.
+    No random draw: the run's RNG stays untouched."""
     t0 = time.monotonic()
     while len(nodes := sorted(grid.get_node_ids())) < count:
         if time.monotonic() - t0 > timeout:
-            raise RuntimeError(f"only {len(nodes)} of {count} sites connected within {timeout:g} s")
+            if len(nodes) >= minimum:
+                log(WARNING, "fedsilo: %s of %s sites connected within %g s; going on with them", len(nodes), count,
+                    timeout)
+                return nodes
+            raise RuntimeError(f"only {len(nodes)} of {count} sites connected within {timeout:g} s (at least "
+                               f"{minimum} are needed)")
         time.sleep(0.5)
     return nodes
 
@@ -104,7 +111,7 @@ class FederatedData:
     def prepare(self, grid: Grid, num_sites: int) -> ConfigRecord:
         """Run the three steps; return the ``prep-*`` config every later message carries."""
         t0 = time.monotonic()
-        self.nodes = wait_for_nodes(grid, num_sites)
+        self.nodes = wait_for_nodes(grid, num_sites, self.timeout)
         fingerprint = self.task.fingerprint()
         self.config = ConfigRecord({"prep-fingerprint": fingerprint, "prep-standardize": self.standardize})
         vocab: dict[str, list[str]] = {}

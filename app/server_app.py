@@ -157,6 +157,9 @@ def main(grid: Grid, context: Context) -> None:
     model = task.build_model()
     initial = ArrayRecord(model.state_dict())
     stack = composition.coordinator(cfg, n_sites, initial)
+    stack.inner.join_timeout = cfg.strategy.round_timeout
+    if fed is not None:  # the federation was formed in the preprocessing phase: round 1 goes on with who is left
+        stack.inner.min_available_nodes = stack.inner.min_train_nodes
     strategy = stack.strategy
     recorder = Recorder(cfg, n_sites, out_dir)
     if fed is not None:

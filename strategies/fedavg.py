@@ -27,6 +27,7 @@ Public hooks for the layers around it (aggregation options, central DP, privacy 
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -71,6 +72,10 @@ class ReplyObserver(Protocol):
     """Something that reads every training reply before aggregation (e.g. a privacy ledger)."""
 
     def observe(self, server_round: int, replies: list[Message], strategy: FedAvg) -> None: ...
+
+
+#: The fewest sites a federated round goes on with when some never connected.
+MIN_SITES = 2
 
 
 class FedAvg(FlowerFedAvg):
@@ -127,6 +132,9 @@ class FedAvg(FlowerFedAvg):
         self.personalizes = personalizes
         #: buffered asynchronous rounds: puts each reply on the current model, weighted by its staleness
         self.rebase: Callable[[list[Message]], list[Message]] | None = None
+        #: seconds the first round waits for every site; then it goes on with those connected (at least
+        #: :data:`MIN_SITES`), or the run fails with the reason
+        self.join_timeout = 600.0
 
     # ---- training ----------------------------------------------------------------
     def configure_train(
@@ -137,6 +145,7 @@ class FedAvg(FlowerFedAvg):
             config[JOB_KEY] = self.job
         self.reference = {k: (tuple(v.shape), np.dtype(v.numpy().dtype)) for k, v in arrays.items()}
         self.current = arrays
+        self._wait_for_sites(server_round, grid)
         self._track_nodes(server_round, grid)
         messages = self._admit(server_round, super().configure_train(server_round, arrays, config, grid))
         # The first round waits for every site; later rounds go on with the sites still connected.
@@ -226,6 +235,25 @@ class FedAvg(FlowerFedAvg):
             log(WARNING, "round %s: every sampled site has spent its privacy budget; no training this round "
                 "(the global model stays as it is)", server_round)
         return keep
+
+    def _wait_for_sites(self, server_round: int, grid: Grid) -> None:
+        """The first round waits for every site, at most :attr:`join_timeout` seconds; then it goes on with
+        the sites connected if they are at least :data:`MIN_SITES` (a site lost before round 1 does not stall
+        the run), else the run fails, naming how many came (Flower's own sampling would wait for ever)."""
+        if self.min_available_nodes <= self.min_train_nodes:
+            return
+        t0 = time.monotonic()
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() - t0 > self.join_timeout:
+                if len(nodes) < MIN_SITES:
+                    raise RuntimeError(f"round {server_round}: {len(nodes)} of {self.num_sites} sites connected within "
+                                       f"{self.join_timeout:g} s (strategy.round_timeout); a federated round needs at "
+                                       f"least {MIN_SITES}")
+                log(WARNING, "round %s: %s of %s sites connected within %g s (strategy.round_timeout); going on "
+                    "with them", server_round, len(nodes), self.num_sites, self.join_timeout)
+                self.min_available_nodes = len(nodes)
+                return
+            time.sleep(0.5)
 
     def _track_nodes(self, server_round: int, grid: Grid) -> None:
         """Log (and record) the sites that left or joined since the last round."""

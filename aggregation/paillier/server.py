@@ -74,6 +74,11 @@ class EncryptedAggregator:
         record = msg.content.array_records.get(ENCRYPTED_KEY)
         if record is None or "ct" not in record or "rows" not in record:
             return f"reply has no {ENCRYPTED_KEY!r} record with 'ct' and 'rows'", [], []
+        for what, count in (("ct", self.ciphertexts), ("rows", 1)):  # the announced model size bounds the work
+            arr = record[what]
+            if list(arr.shape) != [count, self.width] or arr.dtype != "uint8":
+                return (f"'{what}' holds {arr.dtype} {list(arr.shape)}, expected uint8 [{count}, {self.width}] "
+                        f"(the model's ciphertexts)"), [], []
         try:
             cts, rows = from_array(record["ct"].numpy()), from_array(record["rows"].numpy())
         except ValueError as err:

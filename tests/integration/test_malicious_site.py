@@ -164,3 +164,66 @@ def test_a_plain_reply_with_a_wrong_type_is_rejected(tmp_path: Path) -> None:
     assert grid.tampered >= 1 and results["status"] == "completed"
     for h in results["history"]:
         assert h["participation"]["train"]["replied"] == 3, h["participation"]["train"]
+
+
+# ---- a site that dies, or never comes: the run neither stalls nor waits for ever ---------------------------
+class DyingGrid(LocalGrid):
+    """Node ``EVIL`` disconnects after ``lives`` messages (or is never there: ``lives=0``): it is no longer
+    listed, and a message to it gets the error the SuperLink makes for an unreachable node."""
+
+    def __init__(self, *args: Any, lives: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lives = lives
+
+    def get_node_ids(self) -> Any:
+        return [n for n in super().get_node_ids() if n != EVIL or self.lives > 0]
+
+    def _deliver(self, msg: Message) -> Message:
+        from flwr.app import Error
+
+        if msg.metadata.dst_node_id == EVIL:
+            if self.lives <= 0:
+                return Message(Error(code=2, reason="the node is offline"), reply_to=msg)
+            self.lives -= 1
+        return super()._deliver(msg)
+
+
+def _dying(tmp_path: Path, overrides: list[str], lives: int, sites: int,
+           node_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    run_config = {"overrides": shlex.join([*overrides, f"data_dir={DATA_DIR}"]), "output-dir": str(tmp_path)}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    grid = DyingGrid(client_app.app, sites, run_config, lives=lives, node_config=node_config)
+    server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def test_a_site_lost_in_the_preprocessing_phase_does_not_stall_round_one(tmp_path: Path) -> None:
+    """The reported deployment: one of the sites dies during the preprocessing phase; round 1 used to
+    wait for all of them for good. Now it goes on at once with the sites that remain."""
+    import time
+
+    t0 = time.monotonic()
+    results = _dying(tmp_path, [*HEART, "aggregation=secagg", "num_rounds=2", "strategy.round_timeout=300"], 1, 4)
+    assert results["status"] == "completed" and time.monotonic() - t0 < 120
+    assert results["preprocessing"]["sites"] == 3
+    assert any(r.get("node") == EVIL for r in results["preprocessing"]["rejected"]), results["preprocessing"]
+    assert all(h["participation"]["secagg"]["survivors"] == 3 for h in results["history"])
+
+
+def test_a_site_that_never_comes_costs_the_join_timeout_then_the_run_goes_on(tmp_path: Path) -> None:
+    import time
+
+    t0 = time.monotonic()
+    results = _dying(tmp_path, ["task=medical", "num_rounds=1", "strategy.round_timeout=3"], 0, 4)
+    waited = time.monotonic() - t0
+    assert results["status"] == "completed" and results["history"][0]["participation"]["train"]["replied"] == 3
+    assert 3 <= waited < 60, waited
+
+
+def test_too_few_sites_fail_the_run_with_the_reason_within_the_timeout(tmp_path: Path) -> None:
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="1 of 2 sites connected within 2 s"):
+        _dying(tmp_path, ["task=finance", "num_sites=2", "num_rounds=1", "strategy.round_timeout=2"], 0, 2)
+    assert time.monotonic() - t0 < 60
