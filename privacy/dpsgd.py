@@ -331,7 +331,9 @@ def private_round(
         "accountant": params.accountant, "clipped_share": float(stats["clipped_share"]),
     })
     if ledger is not None and ledger.store.folder.parent.name == DATA_LEDGERS:  # a deployed site: its rows, every job
-        record["data_epsilon"] = ledger.ledger().epsilon(params.delta)
+        record["job_epsilon"] = epsilon
+        # what the site has spent on these rows in every job (a byte-identical replay adds nothing): its guarantee
+        record["epsilon"] = record["data_epsilon"] = ledger.ledger().epsilon(params.delta)
     return stats, record
 
 
@@ -441,7 +443,8 @@ class DPSGDTrainer(LocalTrainer):
                               "regenerate the noise")
         job = str(train_config.get(JOB_KEY, ""))
         if "state-dir" in node:  # a deployed site: one ledger for its data set, across every job
-            store = data_store(str(node["state-dir"]), site_name, split.x, split.y)
+            store = data_store(str(node["state-dir"]), site_name, split.x, split.y,
+                               str(node["data-path"]) if "data-path" in node else None)
         ledger = (SiteLedger(store, params.accountant, params.delta, params.target_epsilon, limits.max_epsilon)
                   if store is not None else None)
         adopt_restored(context, train_config, site_name, params.accountant, ledger, job)  # after a coordinator restart

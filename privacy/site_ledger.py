@@ -108,10 +108,33 @@ def digest_rows(x: torch.Tensor, y: torch.Tensor) -> str:
 DATA_LEDGERS = "privacy"
 
 
-def data_store(state_dir: str, site: str, x: torch.Tensor, y: torch.Tensor) -> SiteStore:
-    """The state folder of the ledger of this site's data set: ``<state-dir>/privacy/<site>-<rows digest>``.
-    Every job that trains on the same rows, whatever id the coordinator gives it, adds to this one file."""
-    return SiteStore(state_dir, DATA_LEDGERS, f"{site}-{digest_rows(x, y)[:16]}")
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def digest_file(path: str) -> str:
+    """SHA-256 of a data file's bytes (cached by path, size and modification time)."""
+    import os
+
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _FILE_DIGESTS[key] = h.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def data_store(state_dir: str, site: str, x: torch.Tensor, y: torch.Tensor, data_file: str | None = None) -> SiteStore:
+    """The state folder of the ledger of this site's data set: ``<state-dir>/privacy/<site>-<digest>``, the
+    digest of its data file (every row it holds, whichever of them a run's split makes training rows: a
+    coordinator that changes the seed or the test fraction does not get a fresh ledger), else of its training
+    rows. Every job on the same data, whatever id the coordinator gives it, adds to this one file."""
+    import os
+
+    digest = digest_file(data_file) if data_file and os.path.isfile(data_file) else digest_rows(x, y)
+    return SiteStore(state_dir, DATA_LEDGERS, f"{site}-{digest[:16]}")
 
 
 class SiteLedger:

@@ -157,8 +157,11 @@ def start(dep: Deployment, out: Path, worker: bool = True, database: Path | None
 
 
 def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeout: float = 4 * 3600,
-        stream: bool = True, worker: bool = True) -> tuple[Any, dict[str, Any] | None]:
-    """Prepare, start, submit, follow and stop a local deployment; return (outcome, results)."""
+        stream: bool = True, worker: bool = True, policies: list[Path] | None = None
+        ) -> tuple[Any, dict[str, Any] | None]:
+    """Prepare, start, submit, follow and stop a local deployment; return (outcome, results).
+
+    ``policies``: the sites' own policy files (app/site_policy.py), one for every site or one per site."""
     from app import config
     from app.runtime.preflight import preflight
 
@@ -169,6 +172,12 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
     data_dir = preflight(cfg)
     out.mkdir(parents=True, exist_ok=True)
     dep = prepare(out, overrides, sites, secure)
+    if policies:
+        if len(policies) not in (1, len(dep.sites)):
+            raise ValueError(f"--policy: give one policy for every site or one per site ({len(dep.sites)}), not "
+                             f"{len(policies)}")
+        for k, entry in enumerate(dep.sites):
+            entry.setdefault("node", {})["policy-path"] = str(Path(policies[k % len(policies)]).resolve())
     coordinator_data = data_dir
     if cfg.vertical.name != "none":  # the coordinator holds no data: an empty folder, the schemas as absolute paths
         from app.vertical import resolved
@@ -238,6 +247,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: hydra.run.dir= if given, else outputs/deploy/<time>)")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (demos only)")
+    parser.add_argument("--policy", type=Path, action="append", default=None,
+                        help="a site policy (YAML, docs/deployment.md): once for every site, or once per site in order")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for a job: task=medical aggregation=secagg")
     args = parser.parse_args(argv)
     if args.sites < 2:
@@ -254,7 +265,7 @@ def main(argv: list[str]) -> int:
     from app.runtime.superlink import SimulationError
 
     try:
-        outcome, results = run(args.overrides, args.sites, out, secure=not args.insecure)
+        outcome, results = run(args.overrides, args.sites, out, secure=not args.insecure, policies=args.policy)
     except (config.ConfigError, PreflightError, ValueError) as err:
         print(f"fedsilo deploy: {err}", file=sys.stderr)
         return 2

@@ -223,3 +223,47 @@ def test_site_worker_runs_fedsilo_in_process_and_refuses_other_apps(tmp_path: Pa
         assert "Start `flwr-clientapp` process" not in log and "handled in this process" not in log
     del flower, timing
     assert not leftover_processes(), leftover_processes()
+
+
+def test_sites_refuse_by_their_own_policy_in_a_deployment(tmp_path: Path) -> None:
+    """Issue #33: `fedsilo deploy local` with a policy per site (TLS, authenticated SuperNodes, the site
+    worker). A coordinator that sends epsilon = 1e6, or privacy=none to sites whose policy requires DP-SGD,
+    is refused by every site; a second job (a fresh job id) on the same sites' data starts from what the
+    first spent, and the sites stop at their own cap. (A foreign FAB: the test above.)"""
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("privacy: {required: dpsgd, max_epsilon: 3.0}\naggregation: {allowed: [plain, secagg]}\n")
+    loose = tmp_path / "loose.yaml"  # the third site's operator allows more, but still caps its data's epsilon
+    loose.write_text("privacy: {required: dpsgd, max_epsilon: 3.0}\n")
+    policies = [strict, strict, loose]
+    base = ["task=medical", "num_rounds=2", "strategy.fraction_evaluate=0"]
+
+    outcome, results = deploy.run([*base, "privacy=dpsgd", "privacy.target_epsilon=1000000"], 3, tmp_path / "greedy",
+                                  stream=False, policies=policies)
+    assert results is not None
+    for h in results["history"]:
+        reasons = [r["reason"] for r in h["participation"]["train"]["rejected"]]
+        assert len(reasons) == 3 and all("exceeds the policy's max_epsilon=3" in r for r in reasons), reasons
+
+    outcome, results = deploy.run([*base, "privacy=none"], 3, tmp_path / "none", stream=False, policies=policies)
+    assert results is not None
+    reasons = [r["reason"] for r in results["history"][0]["participation"]["train"]["rejected"]]
+    assert len(reasons) == 3 and all("requires privacy=dpsgd" in r for r in reasons), reasons
+
+    # two jobs on the same sites and data: the second (a fresh job id, another learning rate, so other updates) is
+    # charged on top of the first; the same job run again would release byte-identical updates (free)
+    same = tmp_path / "jobs"
+    job = [*base, "num_rounds=3", "privacy=dpsgd", "privacy.target_epsilon=2.5"]
+    outcome, first = deploy.run(job, 3, same, stream=False, policies=policies)
+    assert outcome.ok and first is not None and first["privacy"]["max_epsilon"] <= 2.5
+    outcome, again = deploy.run(job, 3, same, stream=False, policies=policies)
+    assert again is not None and again["privacy"]["epsilon_per_site"] == first["privacy"]["epsilon_per_site"]
+    assert again["final"] == first["final"]  # the same job, byte for byte: nothing new left the sites
+    outcome, second = deploy.run([*job, "task.lr=0.06"], 3, same, stream=False, policies=policies)
+    assert second is not None and second["privacy"].get("budget_exhausted"), second["privacy"]
+    assert all("max_epsilon 3" in why for why in second["privacy"]["budget_exhausted"].values())
+    from app.cli import ledger as ledger_cli
+
+    for state in sorted((same / "sites").glob("*.state")):
+        (entry,) = ledger_cli.read(state)
+        assert entry["scope"] == "data set" and len(entry["jobs"]) == 2 and entry["epsilon"] <= 3.0, entry
+        assert entry["epsilon"] > max(first["privacy"]["epsilon_per_site"].values())
