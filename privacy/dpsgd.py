@@ -35,6 +35,7 @@ from core import recordview
 from core.config import check
 from core.records import RoundRecord, RunRecord
 from core.replies import ReplyError, SiteRefusal
+from core.secret_files import SecretFileError
 from core.sites import site_label
 from core.state import JOB_KEY, SiteStore, is_simulated
 from privacy.accountant import ACCOUNTANTS, STATE_KEY, PrivacyLedger, noise_for_budget
@@ -452,7 +453,11 @@ class DPSGDTrainer(LocalTrainer):
         local = task.local_train_config(epochs)
         planned = steps_per_epoch(params.sample_rate) * local.epochs if max_steps is None else max_steps
         mechanism = (params.noise_multiplier, params.sample_rate, params.max_grad_norm, planned, local)
-        generator, augment = task_generator(task, noise_seed(node, seed, digest_release(server_round, model, mechanism)))
+        try:
+            generator, augment = task_generator(task, noise_seed(node, seed, digest_release(server_round, model,
+                                                                                             mechanism)))
+        except SecretFileError as err:  # a secret others may read is no secret: refused, with the fix
+            raise SiteRefusal(ReplyError.POLICY, str(err)) from err
         try:
             stats, record = private_round(context, params, model, split.x, split.y, local,
                                           generator, penalty=penalty, max_steps=max_steps, augment=augment,

@@ -241,3 +241,14 @@ def parallel_map(fn: Callable[..., R], jobs: list[tuple], workers: int | None = 
     if _POOL is None or _POOL._max_workers != workers:  # type: ignore[attr-defined]  # noqa: SLF001
         _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
     return list(_POOL.map(_call, [(fn, job) for job in jobs]))
+
+
+def key_from_pair(p: int, q: int, info: bytes) -> bytes:
+    """A 32-byte symmetric key every holder of the key pair derives from its primes (HKDF-SHA256,
+    ``info`` naming its use), and nobody else can: the sites' shared secret for sealing and MACs."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    width = (max(p, q).bit_length() + 7) // 8
+    ikm = min(p, q).to_bytes(width, "big") + max(p, q).to_bytes(width, "big")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(ikm)

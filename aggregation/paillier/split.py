@@ -36,16 +36,14 @@ from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from phe import paillier
 
 from aggregation.paillier.config import DECRYPTIONS
-from aggregation.paillier.crypto import check_ciphertexts
+from aggregation.paillier.crypto import check_ciphertexts, key_from_pair
 from aggregation.paillier.server import from_array
 from core import recordview
 
@@ -56,10 +54,7 @@ NONCE_BYTES, TAG_BYTES = 12, 16
 
 def slice_key(p: int, q: int) -> bytes:
     """The AES-256 key every holder of the key pair derives, and nobody else can."""
-    width = (max(p, q).bit_length() + 7) // 8
-    ikm = min(p, q).to_bytes(width, "big") + max(p, q).to_bytes(width, "big")
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=b"fedsilo paillier decryption slices v1").derive(ikm)
+    return key_from_pair(p, q, b"fedsilo paillier decryption slices v1")
 
 
 def plaintext_width(n: int) -> int:
@@ -73,7 +68,7 @@ def _aad(start: int, total: int, digest: bytes, run: int = 0, rnd: int = 0) -> b
     own (its context), and a site opens a slice only for the round it is in or the one before
     (:func:`open_slices`): an old slice does not open in a later aggregate (issue #33)."""
     return (b"fedsilo-paillier-slice-v2" + start.to_bytes(8, "big") + total.to_bytes(8, "big") + digest
-            + int(run).to_bytes(8, "big", signed=True) + int(rnd).to_bytes(8, "big", signed=True))
+            + (int(run) % 2**64).to_bytes(8, "big") + (int(rnd) % 2**64).to_bytes(8, "big"))  # Flower's run ids: uint64
 
 
 def sealed_size(count: int, n: int) -> int:

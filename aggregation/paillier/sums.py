@@ -98,13 +98,9 @@ def from_bytes(blobs: list[Any]) -> list[int]:
 # ---- authenticated contributions (module docstring) -----------------------------------------------
 def contribution_key(p: int, q: int) -> bytes:
     """The MAC key every holder of the key pair derives from it, and nobody else can."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    from aggregation.paillier.crypto import key_from_pair
 
-    width = (max(p, q).bit_length() + 7) // 8
-    ikm = min(p, q).to_bytes(width, "big") + max(p, q).to_bytes(width, "big")
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=b"fedsilo paillier sum contributions v1").derive(ikm)
+    return key_from_pair(p, q, b"fedsilo paillier sum contributions v1")
 
 
 def request_digest(content: RecordDict) -> str:

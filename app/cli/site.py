@@ -105,9 +105,7 @@ def check_key(path: Path) -> list[str]:
     from core.secret_files import SecretFileError, read_private
 
     try:
-        data = read_private(path, "node key")
-    except SecretFileError as err:
-        return [str(err)]
+        data = path.read_bytes()
     except OSError as err:
         return [f"node key {path} cannot be read: {err.strerror or err}"]
     try:
@@ -118,6 +116,10 @@ def check_key(path: Path) -> list[str]:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         return [f"node key {path} is a {type(key).__name__.removeprefix('_')}, Flower's node authentication needs "
                 f"an elliptic-curve (ECDSA) key"]
+    try:  # a private key others may read, or a symbolic link: refused (as OpenSSH refuses it)
+        read_private(path, "node key")
+    except SecretFileError as err:
+        return [str(err)]
     return []
 
 

@@ -57,6 +57,7 @@ def test_a_killed_coordinator_is_restarted_and_the_run_resumed_over_the_same_sup
         state = Path(entry["file"]).with_suffix(".state")
         state.mkdir(parents=True, exist_ok=True)
         (state / SECRET_FILE).write_bytes(SECRET.encode())
+        (state / SECRET_FILE).chmod(0o600)  # a secret others may read is refused (core/secret_files.py)
     first, again = tmp_path / "run", tmp_path / "resumed"
     run_config = {"overrides": shlex.join([*overrides, f"data_dir={resolve_data_dir(None)}"]), "output-dir": str(first)}
     link = deploy.start(dep, tmp_path, database=tmp_path / "superlink.db")

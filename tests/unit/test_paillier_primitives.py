@@ -238,6 +238,10 @@ def test_a_sealed_slice_opens_only_in_its_own_run_and_round(keypair: tuple[Path,
     blob = decrypt_slice(ct, 0, 1, width, lambda c: [enc.decrypt(x) for x in c], key, private.public_key, 7, 3)
     record = sealed_record([blob], [0, 1], [ct], Array(np.array([1], dtype=np.int64)), 3)
     assert open_slices(record, key, n, run=7, min_round=3) == [12345]
+    big_run = 2**64 - 5  # Flower's run ids are unsigned 64-bit
+    blob2 = decrypt_slice(ct, 0, 1, width, lambda c: [enc.decrypt(x) for x in c], key, private.public_key, big_run, 3)
+    assert open_slices(sealed_record([blob2], [0, 1], [ct], Array(np.array([1], dtype=np.int64)), 3), key, n,
+                       run=big_run, min_round=3) == [12345]
     with pytest.raises(ValueError, match="does not open"):  # another run: the site's own run id differs
         open_slices(record, key, n, run=8, min_round=3)
     with pytest.raises(ValueError, match="none older than round 5"):  # round 3's aggregate offered in round 6
