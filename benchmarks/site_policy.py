@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
                 for r in range(args.repeats):
                     for which, tree in trees.items():  # alternate, so drift in the machine hits both alike
-                        runs[which].append(run(tree, overrides, work / f"{name[:8]}-{which}-{r}".replace(" ", "_")))
+                        safe = "".join(c if c.isalnum() else "_" for c in name)
+                        runs[which].append(run(tree, overrides, work / f"{safe}-{which}-{r}"))
                 b = statistics.median(x["round_seconds"] for x in runs["before"])
                 a = statistics.median(x["round_seconds"] for x in runs["after"])
                 same = runs["before"][0]["final"] == runs["after"][0]["final"]

@@ -101,6 +101,25 @@ def test_site_command_finds_each_misconfiguration_before_joining(tmp_path: Path,
         assert "not a readable .npz file" in one("--data", str(garbage))
         assert "holds task 'finance' data, but this run's task is 'medical'" in one("--data", finance)
         assert "has no Paillier key pair" in one(overrides=[*FEDERATION, "aggregation=paillier"])
+        # issue #33: the site's own policy, printed field by field, and the federation's config checked against it
+        policy = tmp_path / "site.yaml"
+        policy.write_text("privacy: {required: dpsgd, max_epsilon: 4.0}\n")
+        assert "requires privacy=dpsgd" in one("--policy", str(policy))
+        assert "exceeds the policy's max_epsilon=4" in one("--policy", str(policy),
+                                                           overrides=[*FEDERATION, "privacy=dpsgd",
+                                                                      "privacy.target_epsilon=8"])
+        capsys.readouterr()
+        assert site.main([*good, "--policy", str(policy), "--check", *FEDERATION, "privacy=dpsgd",
+                          "privacy.target_epsilon=3"]) == 0
+        printed = capsys.readouterr().out
+        assert f"policy: {policy}" in printed and "privacy.max_epsilon: 4.0" in printed
+        policy.chmod(0o600)
+        policy.write_text("privcy: {}\n")
+        assert "privcy" in one("--policy", str(policy))
+        public.chmod(0o644)
+        key.chmod(0o644)  # a private key others may read is refused, as OpenSSH refuses it
+        assert "chmod 600" in one()
+        key.chmod(0o600)
         port = free_port()
         assert f"SuperLink 127.0.0.1:{port} is unreachable" in one("--superlink", f"127.0.0.1:{port}")
         # an unregistered key passes every local check; the SuperLink refuses it when the site tries to join
