@@ -202,7 +202,7 @@ def vocab_reply(task: TabularTask, raw: RawSite, msg: Message, policy: SitePolic
     its rows fall under ``(other)`` or no level, as any category the vocabulary does not list)."""
     check_fingerprint(task, msg.content.config_records[SUM_REQUEST])
     check_rows(raw, policy)
-    vocab = task.merge_vocab([task.local_vocab(raw.fit_rows, policy.statistics.min_rows)])
+    vocab = task.local_vocab(raw.fit_rows, policy.statistics.min_rows)
     return Message(RecordDict({VOCAB_KEY: ConfigRecord({"vocab": json.dumps(vocab, sort_keys=True)})}), reply_to=msg)
 
 

@@ -192,7 +192,7 @@ def describe(policy: SitePolicy) -> list[str]:
             if hasattr(value, "__dataclass_fields__"):
                 walk(f"{prefix}{f.name}.", value)
             else:
-                out.append(f"{prefix}{f.name}: {value if value not in ([], None) else 'any' if f.name == 'tasks' else value}")
+                out.append(f"{prefix}{f.name}: {'any' if f.name == 'tasks' and not value else value}")
     walk("", policy)
     return out
 

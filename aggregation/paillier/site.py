@@ -30,6 +30,7 @@ from aggregation.paillier.sums import (
     check_reveal,
     contribution_key,
     contribution_mac,
+    decrypt_values,
     request_digest,
     site_decrypt,
     site_encrypt,
@@ -44,12 +45,6 @@ def _ledger(context: Context) -> ConfigRecord:
     if _SUMS not in context.state:
         context.state[_SUMS] = ConfigRecord()
     return context.state[_SUMS]  # type: ignore[return-value]
-
-
-def ct_width_of(private: paillier.PaillierPrivateKey) -> int:
-    from aggregation.paillier.server import ct_width
-
-    return ct_width(private.public_key)
 
 
 class PaillierSite(SiteHalf):
@@ -152,8 +147,7 @@ class PaillierSite(SiteHalf):
         seen["revealed"] = [*revealed, sum_id]
         packer = self._sum_packer(private, Encoding.from_record(rec))
         total = add_ciphertexts(private.public_key, columns)  # the total this site recomputed itself
-        values = site_decrypt([int(c).to_bytes(ct_width_of(private), "big") for c in total], int(rec["length"]),  # type: ignore[call-overload]
-                              packer, private)
+        values = decrypt_values([int(c) for c in total], int(rec["length"]), packer, private)  # type: ignore[call-overload]
         return Message(RecordDict({REVEAL_KEY: ConfigRecord({"values": [float(v) for v in values]})}), reply_to=msg)
 
     def _decrypt_slice(self, msg: Message, context: Context, env: SiteEnv) -> Message:

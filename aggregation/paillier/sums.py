@@ -30,6 +30,8 @@ metrics are reported missing, with the reason); training is not affected.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 from dataclasses import dataclass
 from logging import WARNING
@@ -106,8 +108,6 @@ def contribution_key(p: int, q: int) -> bytes:
 def request_digest(content: RecordDict) -> str:
     """SHA-256 of what a sum request asks for, without its id and participants: what, length, bins,
     encoding, schema and preprocessing keys, and the bytes of the model it carries (evaluate)."""
-    import hashlib
-
     rec = content.config_records[SUM_REQUEST]
     h = hashlib.sha256()
     for key in sorted(rec):
@@ -122,9 +122,6 @@ def request_digest(content: RecordDict) -> str:
 
 def contribution_mac(key: bytes, run: int, sum_id: int, what: str, length: int, digest: str, node: int,
                      participants: list[int], cts: list[bytes]) -> bytes:
-    import hashlib
-    import hmac
-
     h = hmac.new(key, digestmod=hashlib.sha256)
     h.update(f"fedsilo-sum-v1|{run}|{sum_id}|{what}|{length}|{digest}|{node}|{sorted(participants)}|".encode())
     for c in cts:
@@ -162,10 +159,8 @@ def check_reveal(rec: ConfigRecord, key: bytes, run: int, min_sites: int, reveal
     columns = []
     for i, node in enumerate(nodes):
         cts = parts[i * count:(i + 1) * count]
-        import hmac as _hmac
-
         expected = contribution_mac(key, run, sum_id, what, length, digest, node, participants, cts)
-        if not _hmac.compare_digest(expected, macs[i]):
+        if not hmac.compare_digest(expected, macs[i]):
             raise SumRefused(f"node {node}'s contribution to sum {sum_id} is not authenticated by a key holder "
                              "(not that site's, of another sum, or altered)")
         columns.append(from_bytes(cts))
@@ -252,8 +247,12 @@ def site_encrypt(values: np.ndarray, packer: IntPacker, encryptor: Any, width: i
 
 
 def site_decrypt(blobs: list[Any], length: int, packer: IntPacker, private: Any) -> np.ndarray:
-    plaintexts = [private.raw_decrypt(c) for c in from_bytes(blobs)]
-    return packer.enc.decode(packer.unpack(plaintexts, length))
+    return decrypt_values(from_bytes(blobs), length, packer, private)
+
+
+def decrypt_values(cts: list[int], length: int, packer: IntPacker, private: Any) -> np.ndarray:
+    """The ``length`` values packed in ciphertexts ``cts``, decrypted and decoded."""
+    return packer.enc.decode(packer.unpack([private.raw_decrypt(c) for c in cts], length))
 
 
 __all__ = ["REPLY_KEY", "REVEAL_KEY", "REVEAL_MESSAGE", "SUM_REQUEST", "IntPacker", "PaillierSum", "site_decrypt",

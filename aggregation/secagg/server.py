@@ -35,6 +35,7 @@ from aggregation.secagg import wire
 from aggregation.secagg.client import MASKED_KEY, WIRE_KEY, field_codec
 from aggregation.secagg.graph import auto_neighbours, ring
 from aggregation.secagg.protocol import SecAggAbort, SecAggServer
+from aggregation.secagg.shamir import VALUE_BYTES
 from aggregation.secagg.vector import FIELD_BITS, Aggregate, WeightedUpdateCodec, unpack_field
 from core import recordview
 
@@ -52,7 +53,7 @@ def threshold_for(fraction: float, sites: int) -> int:
 
 
 # ---- what each stage's reply must hold (type, length, range), checked before any use ---------------------
-MAX_SHARE_BYTES = 4 + 17 * 64  # a Shamir share of a seed or key (aggregation/secagg/shamir.py): 2 chunks in practice
+MAX_SHARE_BYTES = 4 + VALUE_BYTES * 64  # a Shamir share of a seed or key (aggregation/secagg/shamir.py): 2 chunks in practice
 
 
 def _is_int(v: Any) -> bool:
@@ -104,7 +105,8 @@ def _check_unmask(r: ConfigRecord, agg: SecureAggregator) -> str | None:
         return str(err)
     if len(items) != len(owners):  # type: ignore[arg-type]
         return f"{len(items)} shares for {len(owners)} owners"  # type: ignore[arg-type]
-    if any(len(s) < 4 + 17 or (len(s) - 4) % 17 or len(s) > MAX_SHARE_BYTES or s[:4] == b"\0\0\0\0" for s in items):
+    if any(len(s) < 4 + VALUE_BYTES or (len(s) - 4) % VALUE_BYTES or len(s) > MAX_SHARE_BYTES or s[:4] == b"\0\0\0\0"
+           for s in items):
         return "a share is not a Shamir share (4-byte index > 0, then 17-byte chunks)"
     known = set(agg._nodes)
     if any(o not in known for o in owners):  # type: ignore[union-attr]

@@ -84,6 +84,7 @@ class Worker:
         )
         self.app = load_client_app()
         self.known: dict[str, bool] = {}  # FAB hash -> is this fedsilo
+        self.own = ""  # this installation's FAB hash, as last built
         self.in_process = 0
         self.refused = 0
 
@@ -91,7 +92,8 @@ class Worker:
         """Whether a run's FAB is this installed fedsilo (checked once per hash; the source is rebuilt
         each time a new hash appears, so an edit to the installed code is noticed)."""
         if fab_hash not in self.known:
-            self.known[fab_hash] = bool(fab_hash) and fab_hash == own_fab_hash()
+            self.own = own_fab_hash()
+            self.known[fab_hash] = bool(fab_hash) and fab_hash == self.own
             if not self.known[fab_hash]:
                 log.warning("fedsilo worker: FAB %s is not the installed fedsilo at %s; its tasks are refused "
                             "(the site runs only the installed fedsilo)", fab_hash[:12], appdir.app_dir())
@@ -113,7 +115,7 @@ class Worker:
                      time.monotonic() - t0, res.task.run_id)
         else:
             self.refused += 1
-            kind = run_task(self.address, res.token, foreign_app_refusal(fab_hash))
+            kind = run_task(self.address, res.token, foreign_app_refusal(fab_hash, self.own))
             log.warning("fedsilo worker: refused a message of FAB %s (%s, run %d): the site runs only the installed "
                         "fedsilo", fab_hash[:12], kind, res.task.run_id)
         return True
@@ -128,14 +130,14 @@ class Worker:
             wait = min(MAX_POLL, wait * BACKOFF)
 
 
-def foreign_app_refusal(fab_hash: str) -> Any:
+def foreign_app_refusal(fab_hash: str, own: str) -> Any:
     """A ClientApp stand-in that answers every message of a foreign FAB with an error (nothing of it runs)."""
     from flwr.app import Error, Message
 
     from core.replies import ReplyError
 
     def refuse(message: Message, context: Any) -> Message:
-        reason = (f"this site runs only the installed fedsilo ({appdir.app_dir().name}, FAB {own_fab_hash()[:12]}); "
+        reason = (f"this site runs only the installed fedsilo ({appdir.app_dir().name}, FAB {own[:12]}); "
                   f"the run's app (FAB {fab_hash[:12] or 'unknown'}) is refused by its policy and was not installed")
         return Message(Error(code=int(ReplyError.POLICY), reason=reason), reply_to=message)
 

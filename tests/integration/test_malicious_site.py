@@ -46,7 +46,7 @@ def _with(reply: Message, key: str, **changes: Any) -> Message:
     """``reply`` with its ConfigRecord ``key`` changed (what a malicious site sends instead)."""
     content = RecordDict(dict(reply.content.items()))
     content[key] = ConfigRecord({**dict(reply.content[key]), **changes})
-    return Message(content, reply_to=reply) if False else _replace(reply, content)
+    return _replace(reply, content)
 
 
 def _replace(reply: Message, content: RecordDict) -> Message:
