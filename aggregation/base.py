@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import Strategy
 
 from core import fixedpoint
 from core.handover import ProtectedAggregate
+from core.identity import SiteIdentity
 from core.records import RunRecord
 from core.state import SiteStore
 
@@ -85,6 +86,15 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class MaskingLimits:
+    """What a site's policy bounds in every secure-aggregation round (``secure_aggregation.*``)."""
+
+    min_neighbours: int = 2    # the fewest neighbours it masks with (itself not counted)
+    colluders: int = 0         # sites of its neighbourhood that may work with the coordinator
+    threshold: float = 0.5     # the least share of its neighbourhood its self-mask's threshold may be
+
+
+@dataclass(frozen=True)
 class SiteEnv:
     """What the ClientApp tells a site half about this site (built per message)."""
 
@@ -97,6 +107,9 @@ class SiteEnv:
     dropped_reply: Callable[[Message, str | None], Message]  # the error reply of a site that drops
     attacker: bool = False     # fault injection: this site corrupts what it sends (faults.byzantine_fraction)
     min_sites: int = 2         # the site's policy: the fewest distinct sites any sum it opens may combine
+    masking: MaskingLimits = field(default_factory=lambda: MaskingLimits())  # the policy's secure_aggregation.*
+    identity: Callable[[], SiteIdentity] = field(default=lambda: SiteIdentity.simulated("site"))  # name, key, roster
+    state_dir: str | None = None  # a deployed site's state folder (None: simulation, state in context.state)
 
 
 @dataclass
@@ -297,6 +310,11 @@ class AggregationOption(ABC):
 
     def node_config(self, cfg: Any) -> dict[str, str]:
         """What a deployed SuperNode's node config needs for this option (e.g. a key-pair path)."""
+        return {}
+
+    def site_setup(self, cfg: Any, out_dir: Path, names: list[str]) -> dict[str, dict[str, str]]:
+        """Per site, the node-config entries a local deployment (one operator playing every site) makes for
+        this option under ``out_dir`` (e.g. identity keys and a roster); empty when it needs none."""
         return {}
 
     def simulation_setup(self, cfg: Any, out_dir: Path) -> tuple[list[str], str]:

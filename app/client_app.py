@@ -34,11 +34,12 @@ from flwr.common import log
 import aggregation
 import strategies
 import tasks
-from aggregation.base import LocalResult, SiteEnv
+from aggregation.base import LocalResult, MaskingLimits, SiteEnv
 from app import composition, config, federated, site_guard, site_policy
 from app.faults import attacks, slow
 from app.faults import dropouts as faults
 from app.runtime.paths import resolve_data_dir
+from core.identity import IdentityError, SiteIdentity
 from core.replies import ReplyError, SiteRefusal
 from core.seeding import seed_for
 from core.sites import SITE_KEY, WEIGHT_KEY, site_record_for
@@ -157,9 +158,25 @@ def site_env(cfg: config.FedsiloConfig, site: SiteData | RawSite, context: Conte
         return SiteRefusal(ReplyError.DROPPED, faults.reason(stage)).reply(msg, site.name)
 
     # Honest sites bound their own updates where the option asks them to (strategy.norm_bound under secagg).
-    min_sites = site_guard.policy_for(context, cfg).aggregation.min_sites if context is not None else 2
+    policy = site_guard.policy_for(context, cfg) if context is not None else site_policy.DEFAULT
+    node = context.node_config if context is not None else {}
+    simulated = site_policy.is_simulated(node)
+    state_dir = str(node["state-dir"]) if node.get("state-dir") else None if simulated else str(default_root())
     return SiteEnv(site.site_id, site.name, cfg.seed, len(site.train), 0.0 if attacker else cfg.strategy.norm_bound,
-                   drops, dropped_reply, attacker, min_sites)
+                   drops, dropped_reply, attacker, policy.aggregation.min_sites,
+                   MaskingLimits(**vars(policy.secure_aggregation)), lambda: site_identity(node, site.name), state_dir)
+
+
+def site_identity(node: dict, name: str) -> SiteIdentity:
+    """This site's signing identity and the roster it trusts: node config ``site-key`` and ``roster``
+    (``fedsilo keys roster``; required at a deployed site); in a simulation without them, derived from
+    the site's name."""
+    if "site-key" in node and "roster" in node:
+        return SiteIdentity.load(str(node.get("site-name", name)), str(node["site-key"]), str(node["roster"]))
+    if site_policy.is_simulated(node):  # one process, one operator: identities derived from the names
+        return SiteIdentity.simulated(name)
+    raise IdentityError("a deployed site needs its identity key and the consortium's roster (node config "
+                        "site-key and roster; fedsilo keys roster --sites ... makes them)")
 
 
 def _local_update(msg: Message, context: Context, cfg: config.FedsiloConfig, task: Task, site: SiteData,

@@ -32,6 +32,12 @@ beyond what is standard in the field; docs/deployment.md "The site's policy"):
 ``statistics.min_rows`` (10)
     no statistic (moments, spreads, category lists, metrics) over fewer of the site's rows; a
     category seen in fewer rows is not named to the coordinator.
+``secure_aggregation.min_neighbours`` (2), ``colluders`` (0), ``threshold`` (0.5)
+    ``aggregation=secagg``: the fewest neighbours the site masks with, how many sites of its
+    neighbourhood may work with the coordinator without its update being read alone, and the least
+    share of its neighbourhood its self-mask's threshold may be. The site computes its threshold
+    from the neighbourhood it is given (``floor((n + colluders + 1) / 2) + 1`` at least) and reveals
+    nothing for fewer survivors (docs/secure-aggregation.md).
 ``vertical.allowed`` ([hetero_lr, split_nn])
     the vertical protocols a party takes part in.
 ``apps`` ([fedsilo])
@@ -82,6 +88,13 @@ class StatisticsPolicy:
 
 
 @dataclass
+class SecureAggregationPolicy:
+    min_neighbours: int = 2
+    colluders: int = 0
+    threshold: float = 0.5
+
+
+@dataclass
 class VerticalPolicy:
     allowed: list[str] = field(default_factory=lambda: ["hetero_lr", "split_nn"])
 
@@ -97,6 +110,7 @@ class SitePolicy:
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     evaluation: EvaluationPolicy = field(default_factory=EvaluationPolicy)
     statistics: StatisticsPolicy = field(default_factory=StatisticsPolicy)
+    secure_aggregation: SecureAggregationPolicy = field(default_factory=SecureAggregationPolicy)
     vertical: VerticalPolicy = field(default_factory=VerticalPolicy)
     apps: list[str] = field(default_factory=lambda: ["fedsilo"])
 
@@ -128,6 +142,10 @@ def validate(policy: SitePolicy, where: str = "site policy") -> SitePolicy:
     tf = p.evaluation.test_fraction
     need(len(tf) == 2 and 0 <= tf[0] <= tf[1] < 1, "evaluation.test_fraction", tf, "[low, high] with 0 <= low <= high < 1")
     need(p.statistics.min_rows >= 1, "statistics.min_rows", p.statistics.min_rows, "an integer >= 1")
+    sa = p.secure_aggregation
+    need(sa.min_neighbours >= 1, "secure_aggregation.min_neighbours", sa.min_neighbours, "an integer >= 1")
+    need(sa.colluders >= 0, "secure_aggregation.colluders", sa.colluders, "an integer >= 0")
+    need(0.5 <= sa.threshold <= 1, "secure_aggregation.threshold", sa.threshold, "a share in [0.5, 1]")
     need(p.apps == ["fedsilo"], "apps", p.apps, "[fedsilo] (the installed fedsilo is the only app a site runs)")
     return policy
 

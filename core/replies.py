@@ -25,6 +25,7 @@ class ReplyError(IntEnum):
     MISSED_DEADLINE = 408      #: a straggler dropped under ``strategy.straggler_policy=drop``
     POLICY = 403               #: the site's own policy refuses the run or the message (app/site_policy.py)
     PROTOCOL_ERROR = 409       #: a secure-aggregation stage refused (out of order, replayed, forged)
+    NO_KEYS = 412              #: secure aggregation: the site holds no keys of the round's key epoch (state lost)
     BAD_DATA = 422             #: the site's own data or schema do not fit the federation (task=tabular)
     BUDGET_EXHAUSTED = 429     #: DP-SGD: this round would take the site past its target epsilon
     DROPPED = 503              #: fault injection: the site drops out (``faults.drop_rate``)

@@ -29,7 +29,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from core import identity
+
 NONCE = 12
+
+new_identity, identity_public, key_fingerprint = identity.new_identity, identity.identity_public, identity.key_fingerprint
 
 
 class ChannelError(ValueError):
@@ -48,21 +52,6 @@ def public_of(secret: bytes) -> bytes:
 
 
 # ---- long-term identities: a party's run key signed, and verified against the pinned key -------------
-def new_identity() -> bytes:
-    """A fresh Ed25519 identity key (raw 32 bytes)."""
-    return Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                                       serialization.NoEncryption())
-
-
-def identity_public(identity: bytes) -> bytes:
-    return Ed25519PrivateKey.from_private_bytes(identity).public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def key_fingerprint(public: bytes) -> str:
-    return hashlib.sha256(b"fedsilo-party|" + public).hexdigest()[:16]
-
-
 def _signed(run: str, name: str, run_key: bytes) -> bytes:
     return b"fedsilo-vertical-run-key-v1|" + f"{run}|{name}|".encode() + run_key
 
@@ -83,40 +72,20 @@ def verify_run_key(pinned: bytes, run: str, name: str, run_key: bytes, signature
                            f"({key_fingerprint(pinned)}): substituted in transit, or the wrong peer-keys file") from err
 
 
-def write_identity(path: str | os.PathLike[str]) -> bytes:
-    """Make an identity key file (0600; hex) and return its public key."""
-    from core.secret_files import write_private
-
-    identity = new_identity()
-    write_private(path, identity.hex().encode() + b"\n")
-    return identity_public(identity)
-
-
 def load_identity(path: str | os.PathLike[str]) -> bytes:
-    from core.secret_files import read_private
-
+    """A party's identity key file (0600, hex): :func:`core.identity.load_identity`."""
     try:
-        raw = bytes.fromhex(read_private(path, "party identity key").decode().strip())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ChannelError(f"party identity key {path}: not a hexadecimal Ed25519 key ({err})") from None
-    if len(raw) != 32:
-        raise ChannelError(f"party identity key {path}: {len(raw)} bytes, expected 32")
-    return raw
+        return identity.load_identity(path, "party identity key")
+    except identity.IdentityError as err:
+        raise ChannelError(str(err)) from None
 
 
 def load_pinned(path: str | os.PathLike[str]) -> dict[str, bytes]:
     """The peers' identities a party pins: JSON ``{"parties": {name: public key hex}}``."""
-    import json
-
     try:
-        doc = json.loads(open(path).read())
-        out = {str(k): bytes.fromhex(str(v)) for k, v in doc["parties"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ChannelError(f"peer-keys file {path}: expected JSON {{\"parties\": {{name: public key hex}}}} ({err})") from None
-    bad = [k for k, v in out.items() if len(v) != 32]
-    if bad:
-        raise ChannelError(f"peer-keys file {path}: the keys of {bad} are not 32-byte Ed25519 public keys")
-    return out
+        return identity.load_roster(path, "parties")
+    except identity.IdentityError as err:
+        raise ChannelError(f"peer-keys file {path}: {err}") from None
 
 
 def provision(out: str | os.PathLike[str], parties: list[str]) -> dict[str, tuple[str, str]]:
@@ -128,7 +97,7 @@ def provision(out: str | os.PathLike[str], parties: list[str]) -> dict[str, tupl
     from pathlib import Path
 
     root = Path(out)
-    public = {p: write_identity(root / p / "party.key") for p in parties}
+    public = {p: identity.write_identity(root / p / "party.key") for p in parties}
     paths = {}
     for p in parties:
         peers = root / p / "peer-keys.json"

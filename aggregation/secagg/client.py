@@ -1,68 +1,59 @@
 """The site's half of secure aggregation, carried in Flower messages.
 
-The ClientApp registers one handler per protocol stage (``app/client_app.py``):
+======================  =======================================  ======================================
+message type            site receives                            site replies
+======================  =======================================  ======================================
+``query.secagg_keys``   the key epoch                            a fresh X25519 key, signed (identity)
+``train.secagg``        global model, its neighbours of the      masked update, its threshold, sealed
+                        round (+ the epoch's signed keys, once)  shares of its self-mask seed
+``query.secagg_unmask`` survivors and dropped of its             its shares of the survivors' seeds,
+                        neighbourhood, the shares sent to it     the round seeds with the dropped
+======================  =======================================  ======================================
 
-======================  ============================  ==================================
-message type            site receives                 site replies
-======================  ============================  ==================================
-``query.secagg_keys``   its protocol id, threshold    its two X25519 public keys
-``query.secagg_share``  every site's public keys      encrypted Shamir shares, per peer
-``train.secagg``        global model + its shares     masked weighted update (uint64)
-``query.secagg_unmask`` survivors and dropped ids     its shares of b (survivors) / s_sk
-======================  ============================  ==================================
+The secure sums of statistics and test metrics use the same two last stages on their own
+channel (``channel: sum``; their own epoch, chains and numbering), in the sum's message type.
 
-Pipelining: the ``train.secagg`` reply also advertises fresh keys for the *next* round,
-and the ``query.secagg_unmask`` message carries the next round's key list, so its reply
-also holds the next round's encrypted shares. From round 2 on, a round then costs two
-message exchanges instead of four (the server falls back to the full four when the sites
-sampled differ from those that shared ahead).
-
-Between stages the site's secrets (private keys, self-mask seed, shares it holds) live in
-``context.state`` under :data:`STATE_KEY` (and :data:`NEXT_KEY` for the next round's
-keys), so the protocol survives the ClientApp being a fresh process per message (as in
-Flower's deployment and simulation runtimes). Each stage checks that the message belongs
-to the round the state was opened for and comes in protocol order; keys for a round are
-refused once the site has sent its masked input for it, and a round is unmasked once: a
-replayed or out-of-order message is refused with a clear error, and never makes the site
-reveal both shares of one peer.
+What a site keeps between messages (:class:`~aggregation.secagg.protocol.SiteState`: chain keys,
+the open round) lives in ``context.state`` and, at a deployed site, also in a 0600 file of its
+state folder (``<state-dir>/secagg/<site>/run-<run>-<channel>.state``, written atomically), so that
+a site restarted mid-run resumes its chains. Every check of :mod:`aggregation.secagg.protocol`
+runs before any secret is used; a refusal is an error reply naming the reason.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
+from aggregation.base import SiteEnv
 from aggregation.secagg import wire
 from aggregation.secagg.codec import FieldCodec
-from aggregation.secagg.protocol import SecAggAbort, SecAggClient
+from aggregation.secagg.protocol import SIGNATURE_BYTES, MaskingSite, NoKeys, Refused, SecAggAbort, SiteState
 from aggregation.secagg.vector import FIELD_BITS, WeightedUpdateCodec, pack_field
 from core import recordview
+from core.identity import IdentityError
 from core.replies import ReplyError
 
 WIRE_KEY = "secagg"
-STATE_KEY = "secagg-state"
-NEXT_KEY = "secagg-next"    # the next round's keys, advertised early (pipelining)
-GUARD_KEY = "secagg-guard"  # the last round this site masked an input for
 MASKED_KEY = "masked"
 PROTOCOL_ERROR = int(ReplyError.PROTOCOL_ERROR)  # a refused (out-of-order, replayed, forged) stage message
-
-STAGES = ("keys", "share", "masked_input", "unmask")
-#: A protocol instance outside the training rounds (``channel`` in the wire record): the sums of
-#: federated statistics and test metrics number their own rounds and keep their own state.
+NO_KEYS = int(ReplyError.NO_KEYS)  # no keys of the round's epoch: the coordinator opens a new one
+STAGES = ("keys", "masked_input", "unmask")
+TRAIN_CHANNEL = "train"
+#: The secure sums of federated statistics and test metrics: their own epoch, chains and numbering.
 SUM_CHANNEL = "sum"
+SEAL_OVERHEAD = 12 + 16  # nonce + GCM tag
+
+ProtocolError = Refused
 
 
-def _state_keys(w: ConfigRecord) -> tuple[str, str]:
-    """(state key, replay-guard key) of the protocol instance a message belongs to."""
-    if str(w.get("channel", "")) == SUM_CHANNEL:
-        return STATE_KEY + "-sum", GUARD_KEY + "-sum"
-    return STATE_KEY, GUARD_KEY
-
-
-class ProtocolError(RuntimeError):
-    """A stage message the site must refuse."""
+def channel_of(w: ConfigRecord) -> str:
+    return SUM_CHANNEL if str(w.get("channel", "")) == SUM_CHANNEL else TRAIN_CHANNEL
 
 
 def field_codec(clip: float, value_bits: int, field_bits: int = FIELD_BITS) -> FieldCodec:
@@ -70,72 +61,57 @@ def field_codec(clip: float, value_bits: int, field_bits: int = FIELD_BITS) -> F
     return FieldCodec(clip, value_bits, max_sites=1 << (field_bits - value_bits))
 
 
-def _fb(record: ConfigRecord) -> int:
-    """The field's bits a stage message or the site's state names (53 when it names none)."""
-    return int(record.get("field-bits", FIELD_BITS))  # type: ignore[arg-type]
+# ---- where the state lives -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StateStore:
+    """A site's :class:`SiteState` of one channel: in ``context.state``, and in a file if ``folder``."""
 
+    context: Context
+    channel: str
+    folder: Path | None
 
-# ---- state (de)serialisation --------------------------------------------------------------
-def _ids_bytes(ids: list[int]) -> bytes:
-    return np.asarray(ids, dtype="<u4").tobytes()
+    @classmethod
+    def of(cls, context: Context, channel: str, env: SiteEnv, name: str) -> StateStore:
+        folder = None
+        if env.state_dir is not None:
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "site"
+            folder = Path(env.state_dir) / "secagg" / safe
+        return cls(context, channel, folder)
 
+    @property
+    def key(self) -> str:
+        return f"secagg-{self.channel}"
 
-def _ids_of(data: bytes) -> list[int]:
-    return np.frombuffer(data, dtype="<u4").tolist()  # type: ignore[no-any-return]
+    @property
+    def path(self) -> Path | None:
+        return None if self.folder is None else self.folder / f"run-{self.context.run_id}-{self.channel}.state"
 
+    def load(self) -> SiteState:
+        rec = recordview.config(self.context.state, self.key)
+        if rec is not None and isinstance(rec.get("state"), bytes):
+            return SiteState.from_bytes(rec["state"])  # type: ignore[arg-type]
+        if self.path is not None and self.path.is_file():  # a site restarted mid-run: its chains, from its folder
+            from core.secret_files import SecretFileError, read_private
 
-def _save(context: Context, client: SecAggClient, server_round: int, stage: str, clip: float, value_bits: int,
-          key: str = STATE_KEY, field_bits: int = FIELD_BITS) -> None:
-    """The site's state of this protocol instance: a few scalars and one ``secrets`` value that
-    holds its keys, seeds, its peers' public keys, the shares it holds and the share keys it agreed
-    (:mod:`aggregation.secagg.wire`; one value instead of a dozen lists, which Flower checks item by item)."""
-    peers = sorted(client.peers)
-    held = sorted(client.held)
-    agreed = sorted(client.share_keys_by_peer)
-    blob = wire.join([
-        client.c_sk, client.s_sk, client.s_seed, client.b_seed,
-        _ids_bytes(peers), wire.join_keys([client.peers[i][0] for i in peers]),
-        wire.join_keys([client.peers[i][1] for i in peers]),
-        _ids_bytes(held), wire.join([client.held[i][0] for i in held]), wire.join([client.held[i][1] for i in held]),
-        _ids_bytes(agreed), wire.join_keys([client.share_keys_by_peer[i] for i in agreed]),
-    ])
-    context.state[key] = ConfigRecord({
-        "round": server_round, "stage": stage, "site": client.site, "threshold": client.threshold,
-        "clip": clip, "value-bits": value_bits, "field-bits": field_bits, "secrets": blob,
-    })
+            try:
+                return SiteState.from_bytes(read_private(self.path, "secure-aggregation state"))
+            except SecretFileError as err:
+                raise Refused(str(err)) from None
+        return SiteState()
 
+    def save(self, state: SiteState) -> None:
+        data = state.to_bytes()
+        if self.path is not None:
+            from core.secret_files import write_private
 
-def _load(context: Context, server_round: int, expected: str,
-          key: str = STATE_KEY) -> tuple[SecAggClient, ConfigRecord]:
-    st = recordview.config(context.state, key)
-    if st is None:
-        raise ProtocolError(f"secagg stage {expected!r} of round {server_round} before any key advertisement")
-    if int(st["round"]) != server_round:
-        raise ProtocolError(f"secagg message for round {server_round}, but this site is in round {st['round']} "
-                            "(replayed or stale message)")
-    prev = STAGES[STAGES.index(expected) - 1]
-    if st["stage"] != prev:
-        raise ProtocolError(f"secagg stage {expected!r} must follow {prev!r}, but this site's last stage was "
-                            f"{st['stage']!r} (replayed or out-of-order message)")
-    try:
-        (c_sk, s_sk, s_seed, b_seed, peer_ids, peer_c, peer_s, held_ids, held_b, held_sk, agreed_ids,
-         agreed) = wire.split(st["secrets"], "secagg state")  # type: ignore[arg-type]
-    except (KeyError, ValueError) as err:
-        raise ProtocolError(f"this site's secagg state is damaged ({err})") from err
-    client = SecAggClient(int(st["site"]), int(st["threshold"]), field_codec(float(st["clip"]), int(st["value-bits"]), _fb(st)),
-                          c_sk=c_sk, s_sk=s_sk, s_seed=s_seed, b_seed=b_seed)
-    ids = _ids_of(peer_ids)
-    client.peers = dict(zip(ids, zip(wire.split_keys(peer_c, len(ids)), wire.split_keys(peer_s, len(ids)))))
-    client.held = dict(zip(_ids_of(held_ids), zip(wire.split(held_b), wire.split(held_sk))))
-    with_keys = _ids_of(agreed_ids)
-    client.share_keys_by_peer = dict(zip(with_keys, wire.split_keys(agreed, len(with_keys))))
-    return client, st
+            write_private(self.path, data)  # atomically (a temporary file renamed over it), 0600
+        self.context.state[self.key] = ConfigRecord({"state": data})
 
 
 def _wire(msg: Message) -> ConfigRecord:
     rec = recordview.config(msg.content, WIRE_KEY)
     if rec is None:
-        raise ProtocolError(f"message has no {WIRE_KEY!r} record")
+        raise Refused(f"message has no {WIRE_KEY!r} record")
     return rec
 
 
@@ -147,113 +123,97 @@ def _reply(msg: Message, record: dict, extra: RecordDict | None = None) -> Messa
 
 def refuse(msg: Message, err: Exception) -> Message:
     """The error reply for a stage this site will not (or cannot) complete."""
-    return Message(Error(code=PROTOCOL_ERROR, reason=f"secagg: {err}"), reply_to=msg)
+    code = NO_KEYS if isinstance(err, NoKeys) else PROTOCOL_ERROR
+    return Message(Error(code=code, reason=f"secagg: {err}"), reply_to=msg)
 
 
-# ---- the four stages ----------------------------------------------------------------------
-def advertise_keys(msg: Message, context: Context) -> Message:
-    """Stage 0: open this round's state and publish two fresh public keys."""
+def _names(value: object, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Refused(f"{what!r} is not a list of site names")
+    return list(value)  # type: ignore[arg-type]
+
+
+def _site(context: Context, w: ConfigRecord, env: SiteEnv) -> tuple[MaskingSite, StateStore]:
+    try:
+        identity = env.identity()
+    except IdentityError as err:
+        raise Refused(f"this site cannot take part in secure aggregation: {err}") from None
+    channel = channel_of(w)
+    store = StateStore.of(context, channel, env, identity.name)
+    return MaskingSite(identity, int(context.run_id), channel, store.load(), env.masking), store
+
+
+# ---- the three stages ------------------------------------------------------------------------------------
+def advertise_keys(msg: Message, context: Context, env: SiteEnv) -> Message:
+    """A new key epoch: a fresh X25519 key, signed by this site's identity."""
     w = _wire(msg)
-    server_round = int(w["round"])
-    state, guard = _state_keys(w)
-    _check_fresh(context, server_round, guard)
-    client = SecAggClient(int(w["id"]), int(w["threshold"]), field_codec(float(w["clip"]), int(w["value-bits"]), _fb(w)))
-    c_pk, s_pk = client.advertise()
-    _save(context, client, server_round, "keys", float(w["clip"]), int(w["value-bits"]), key=state, field_bits=_fb(w))
-    return _reply(msg, {"round": server_round, "id": client.site, "c-pk": c_pk, "s-pk": s_pk})
+    site, store = _site(context, w, env)
+    public, signature = site.advertise(int(w["epoch"]))  # type: ignore[call-overload]
+    store.save(site.state)
+    return _reply(msg, {"round": int(w["round"]), "id": int(w["id"]), "name": site.name,  # type: ignore[call-overload]
+                        "pk": public, "sig": signature})
 
 
-def _check_fresh(context: Context, server_round: int, key: str = GUARD_KEY) -> None:
-    """Keys may be (re)made for a round until this site has masked its input for it."""
-    guard = recordview.config(context.state, key)
-    if guard is not None and int(guard["masked-round"]) >= server_round:
-        raise ProtocolError(f"key advertisement for round {server_round}, but this site already sent its masked "
-                            f"input for round {guard['masked-round']} (replayed message)")
+def masked_input(msg: Message, context: Context, env: SiteEnv, encode: Callable[[WeightedUpdateCodec], np.ndarray],
+                 extra: RecordDict) -> Message:
+    """This site's masked vector of round ``round`` (after agreeing the epoch's keys if the message
+    carries them and this site has not yet), its threshold and its sealed shares.
 
-
-def _share(client: SecAggClient, ids: list[int], c_pks: bytes, s_pks: bytes) -> dict[int, bytes]:
-    public = dict(zip(ids, zip(wire.split_keys(c_pks, len(ids)), wire.split_keys(s_pks, len(ids)))))
-    if client.site not in public:
-        raise ProtocolError(f"this site (id {client.site}) is missing from the broadcast key list")
-    if tuple(public[client.site]) != _own_public(client):
-        raise ProtocolError("the broadcast key list carries a different public key for this site (tampered)")
-    return client.share_keys(public)
-
-
-def share_keys(msg: Message, context: Context) -> Message:
-    """Stage 1: Shamir-share the self-mask seed and mask key, encrypted per recipient."""
-    w = _wire(msg)
-    server_round = int(w["round"])
-    state, _ = _state_keys(w)
-    client, st = _load(context, server_round, "share", key=state)
-    shares = _share(client, [int(i) for i in w["ids"]], w["c-pks"], w["s-pks"])  # type: ignore[arg-type]
-    _save(context, client, server_round, "share", float(st["clip"]), int(st["value-bits"]), key=state, field_bits=_fb(st))
-    to = sorted(shares)
-    return _reply(msg, {"round": server_round, "id": client.site, "to": to, "shares": wire.join([shares[j] for j in to])})
-
-
-def _own_public(client: SecAggClient) -> tuple[bytes, bytes]:
-    from aggregation.secagg.keys import public_bytes
-
-    return public_bytes(client.key_object("c")), public_bytes(client.key_object("s"))
-
-
-def masked_input(msg: Message, context: Context, encode: Callable[[WeightedUpdateCodec], np.ndarray],
-                 extra: RecordDict, advertise_next: bool = True) -> Message:
-    """Stage 2: store the shares addressed to this site, reply with its masked vector.
-
-    ``encode`` turns this site's training result into its field vector for the given codec
+    ``encode`` turns this site's result into its field vector for the given codec
     (:meth:`WeightedUpdateCodec.encode`); ``extra`` holds what else the reply carries.
-    When the server pipelines, the reply also advertises fresh keys for the next round
-    (unless ``advertise_next`` is False: fault injection).
     """
     w = _wire(msg)
-    server_round = int(w["round"])
-    state, guard = _state_keys(w)
-    client, st = _load(context, server_round, "masked_input", key=state)
-    inbox = {int(i): ct for i, ct in zip(w["from"], wire.split(w["shares"], "shares"), strict=True)}  # type: ignore[arg-type, call-overload]
-    vector = encode(WeightedUpdateCodec(float(st["clip"]), int(st["value-bits"]), int(w["size"]), _fb(st)))
-    y = client.masked_input(inbox, vector)
-    client.forget_keys()
-    _save(context, client, server_round, "masked_input", float(st["clip"]), int(st["value-bits"]), key=state, field_bits=_fb(st))
-    context.state[guard] = ConfigRecord({"masked-round": server_round})
-    extra[MASKED_KEY] = ArrayRecord({"y": pack_field(y, client.codec.bits)})  # field-wide bits each, no padding
-    record: dict = {"round": server_round, "id": client.site}
-    if bool(w.get("pipeline", False)) and advertise_next:
-        nxt = SecAggClient(0, 0, client.codec)
-        record["next-c-pk"], record["next-s-pk"] = nxt.advertise()
-        _save(context, nxt, server_round + 1, "keys", float(st["clip"]), int(st["value-bits"]), key=NEXT_KEY, field_bits=_fb(st))
-    return _reply(msg, record, extra)
+    site, store = _site(context, w, env)
+    index, epoch = int(w["round"]), int(w["epoch"])  # type: ignore[call-overload]
+    if site.state.epoch != epoch:
+        if site.state.epoch > epoch:
+            raise Refused(f"a message of key epoch {epoch}, but this site is in epoch {site.state.epoch} (stale)")
+        if "epoch-names" not in w:
+            raise NoKeys(f"a message of key epoch {epoch}, but this site has not agreed that epoch's keys and the "
+                         "message does not carry them")
+        names = _names(w["epoch-names"], "epoch-names")
+        holders = _names(w["epoch-of"], "epoch-of")
+        try:
+            publics = wire.split_keys(w["epoch-pks"], len(holders), "epoch keys")  # type: ignore[arg-type]
+            sigs = wire.split_fixed(w["epoch-sigs"], len(holders), SIGNATURE_BYTES, "epoch signatures")  # type: ignore[arg-type]
+        except ValueError as err:
+            raise Refused(str(err)) from None
+        site.agree(epoch, names, dict(zip(holders, zip(publics, sigs, strict=True), strict=True)),
+                   int(w["graph-k"]))  # type: ignore[call-overload]
+    neighbours = _names(w["neighbours"], "neighbours")
+    fb = int(w.get("field-bits", FIELD_BITS))  # type: ignore[call-overload]
+    codec = WeightedUpdateCodec(float(w["clip"]), int(w["value-bits"]), int(w["size"]), fb)  # type: ignore[arg-type,call-overload]
+    vector = encode(codec)
+    y, t, sealed = site.mask(index, neighbours, vector, codec.field, float(w["threshold"]))  # type: ignore[arg-type]
+    store.save(site.state)
+    extra[MASKED_KEY] = ArrayRecord({"y": pack_field(y, fb)})  # field-wide bits each, no padding
+    to = sorted(sealed)
+    return _reply(msg, {"round": index, "id": int(w["id"]), "threshold": t, "to": to,  # type: ignore[call-overload]
+                        "shares": wire.join([sealed[j] for j in to])}, extra)
 
 
-def unmask(msg: Message, context: Context, share_next: bool = True) -> Message:
-    """Stage 3: shares of ``b`` for the survivors and of ``s_sk`` for the dropped, never both.
-
-    When the server pipelines, the message also carries the next round's key list and this
-    site's next id; the reply then holds this site's encrypted shares for the next round
-    (stage 1 of round r+1, done here to save a round trip; not if ``share_next`` is False).
-    """
+def unmask(msg: Message, context: Context, env: SiteEnv) -> Message:
+    """Shares of the survivors' self-mask seeds and the round seeds with the dropped: never both for one peer."""
     w = _wire(msg)
-    server_round = int(w["round"])
-    state, _ = _state_keys(w)
-    client, st = _load(context, server_round, "unmask", key=state)
-    out = client.unmask([int(i) for i in w["survivors"]], [int(i) for i in w["dropped"]])  # type: ignore[union-attr]
-    client.held.clear()  # revealed what it may; the stage check refuses a second unmask
-    _save(context, client, server_round, "unmask", float(st["clip"]), int(st["value-bits"]), key=state, field_bits=_fb(st))
-    owners = sorted(out)
-    record: dict = {"round": server_round, "id": client.site, "owners": owners,
-                    "kinds": [out[o][0] for o in owners], "shares": wire.join([out[o][1] for o in owners])}
-    if "next-ids" in w and share_next and recordview.config(context.state, NEXT_KEY) is not None and state == STATE_KEY:
-        nxt, nst = _load(context, server_round + 1, "share", key=NEXT_KEY)
-        nxt.site, nxt.threshold = int(w["next-id"]), int(w["next-threshold"])
-        shares = _share(nxt, [int(i) for i in w["next-ids"]], w["next-c-pks"], w["next-s-pks"])  # type: ignore[arg-type]
-        _save(context, nxt, server_round + 1, "share", float(nst["clip"]), int(nst["value-bits"]), field_bits=_fb(nst))
-        record["next-to"] = sorted(shares)
-        record["next-shares"] = wire.join([shares[j] for j in record["next-to"]])
-    if recordview.config(context.state, NEXT_KEY) is not None and state == STATE_KEY:
-        del context.state[NEXT_KEY]
-    return _reply(msg, record)
+    site, store = _site(context, w, env)
+    senders = _names(w["from"], "from")
+    try:
+        cts = wire.split(w["shares"], "shares")  # type: ignore[arg-type]
+    except ValueError as err:
+        raise Refused(str(err)) from None
+    if len(set(senders)) != len(senders):
+        raise Refused("the shares' senders repeat a name")
+    if len(cts) != len(senders):
+        raise Refused(f"{len(cts)} shares for {len(senders)} senders")
+    b_shares, seeds = site.unmask(int(w["round"]), _names(w["survivors"], "survivors"),  # type: ignore[call-overload]
+                                  _names(w["dropped"], "dropped"), dict(zip(senders, cts, strict=True)))
+    store.save(site.state)
+    owners, peers = sorted(b_shares), sorted(seeds)
+    return _reply(msg, {"round": int(w["round"]), "id": int(w["id"]), "b-of": owners,  # type: ignore[call-overload]
+                        "b-shares": wire.join([b_shares[o] for o in owners]), "seed-of": peers,
+                        "seeds": b"".join(seeds[p] for p in peers)})
 
 
-__all__ = ["GUARD_KEY", "NEXT_KEY", "MASKED_KEY", "PROTOCOL_ERROR", "STAGES", "STATE_KEY", "SUM_CHANNEL", "WIRE_KEY",
-           "ProtocolError", "SecAggAbort", "advertise_keys", "field_codec", "masked_input", "refuse", "share_keys", "unmask"]
+__all__ = ["MASKED_KEY", "NO_KEYS", "PROTOCOL_ERROR", "STAGES", "SUM_CHANNEL", "TRAIN_CHANNEL", "WIRE_KEY", "NoKeys",
+           "ProtocolError", "Refused", "SecAggAbort", "StateStore", "advertise_keys", "field_codec", "masked_input",
+           "refuse", "unmask"]

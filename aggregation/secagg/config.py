@@ -19,6 +19,7 @@ class SecAggConfig(AggregationConfig):
     threshold: float = 0.6     # Shamir threshold as a share of a site's neighbourhood (> 0.5)
     neighbours: int = 0        # SecAgg+ neighbours per site; 0 = complete graph up to 20 sites, then O(log n)
     stage_timeout: float = 120.0  # seconds to wait for the sites' replies in each protocol stage
+    rekey_every: int = 0       # a fresh key agreement every this many rounds (0: once per job, and when a site joins)
 
 
 def validate(a: SecAggConfig) -> None:
@@ -28,6 +29,8 @@ def validate(a: SecAggConfig) -> None:
           f"0 (53 - value_bits) or 1..{53 - a.value_bits}: bits of the most training rows a round sums")
     check(0.5 < a.threshold <= 1, "aggregation.threshold", a.threshold,
           "0.5 < threshold <= 1 (a majority of the round's sites)")
+    check(a.rekey_every >= 0, "aggregation.rekey_every", a.rekey_every,
+          "0 (keys agreed once per job) or a number of rounds >= 1")
     check(a.stage_timeout > 0, "aggregation.stage_timeout", a.stage_timeout, "seconds > 0")
     check(a.neighbours == 0 or (a.neighbours >= 2 and a.neighbours % 2 == 0), "aggregation.neighbours",
           a.neighbours, "0 (automatic) or an even number >= 2")

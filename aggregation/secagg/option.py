@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord
@@ -24,7 +25,7 @@ class SecAgg(AggregationOption):
     sees = ("only the sum of the sites' weighted updates, their total number of rows and their mean loss "
             "(secure aggregation: each update is masked, and the masks cancel only in the sum)")
     train_names = ("secagg",)
-    queries = ("secagg_keys", "secagg_share", "secagg_unmask")
+    queries = ("secagg_keys", "secagg_unmask")
     sum_message = "query.secagg_sum"
     compressions = ("none", "randk")
     compression_refusals = {
@@ -36,6 +37,27 @@ class SecAgg(AggregationOption):
         "int4": "the update is already quantised to aggregation.value_bits before masking",
     }
 
+    def site_setup(self, cfg: Any, out_dir: Path, names: list[str]) -> dict[str, dict[str, str]]:
+        """Each site's identity key and one roster of them all (in a consortium each site makes its own
+        key, ``fedsilo keys roster``, and the public halves are collected out of band)."""
+        from core.identity import provision
+
+        return {name: {"site-name": name, "site-key": key, "roster": roster}
+                for name, (key, roster) in provision(out_dir, names).items()}
+
+    def site_check(self, cfg: Any, node_config: dict[str, Any]) -> list[str]:
+        from core.identity import IdentityError, SiteIdentity
+
+        if "site-key" not in node_config or "roster" not in node_config:
+            return ["aggregation=secagg: the site has no identity key or roster; give them with --site-key and "
+                    "--roster (node config 'site-key', 'roster'), the files `fedsilo keys roster` made"]
+        try:
+            SiteIdentity.load(str(node_config.get("site-name", "")), str(node_config["site-key"]),
+                              str(node_config["roster"]))
+        except (IdentityError, OSError) as err:
+            return [f"aggregation=secagg: {err}"]
+        return []
+
     def summer(self, cfg: Any, timeout: float) -> SumCoordinator:
         return SecAggSum(self.sum_message, cfg, timeout)
 
@@ -44,7 +66,7 @@ class SecAgg(AggregationOption):
 
     def server(self, strategy: Strategy, cfg: Any, initial: ArrayRecord, record: RunRecord) -> Strategy:
         protocol = SecureAggregator(cfg.clip, cfg.value_bits, cfg.threshold, cfg.stage_timeout, cfg.neighbours,
-                                    field_bits=config.field_bits(cfg))
+                                    field_bits=config.field_bits(cfg), rekey_every=cfg.rekey_every)
         return SecAggStrategy(strategy, protocol, record, Compression.of(cfg), initial)
 
     def site(self, cfg: Any) -> SiteHalf:

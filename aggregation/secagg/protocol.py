@@ -1,29 +1,48 @@
-"""The SecAgg protocol (Bonawitz et al., CCS 2017) as transport-independent state machines.
+"""Secure aggregation against a coordinator that deviates, as transport-independent state machines.
 
-Four stages per round, for the sites sampled in that round (ids ``1..n`` in the protocol;
-the caller maps them to nodes):
+SecAgg (Bonawitz et al., CCS 2017) with SecAgg+'s sparse neighbourhoods (Bell et al., CCS 2020),
+pairwise secrets agreed once per job and ratcheted per round (:mod:`aggregation.secagg.ratchet`).
+Sites are named; a name is trusted only through the roster (:mod:`core.identity`).
 
-0. **advertise keys**: each site makes two X25519 key pairs (``c``: share encryption,
-   ``s``: mask agreement) and sends the public halves; the server broadcasts them.
-1. **share keys**: each site draws a self-mask seed ``b``, Shamir-shares ``b`` and the
-   seed its mask private key ``s_sk`` is derived from (16 bytes each, expanded by HKDF)
-   with threshold ``t`` among its neighbourhood, and sends each share
-   encrypted for its recipient (AES-256-GCM keyed by the pair's ``c`` agreement); the server
-   only routes ciphertexts.
-2. **masked input**: each site sends ``y_i = x_i + PRG(b_i) + sum_{j>i} PRG(s_ij) -
-   sum_{j<i} PRG(s_ij)`` in Z_(2^bits), where ``s_ij`` is agreed from the ``s`` keys.
-3. **unmask**: the server names the survivors (sent ``y``) and the dropped (shared keys,
-   sent no ``y``); each responding site returns its shares of ``b`` for survivors and of
-   ``s_sk`` for the dropped, never both for one site. With ``t`` shares the server removes
-   the survivors' self-masks and the dropped sites' pairwise masks: it learns only the sum
-   of the survivors' inputs. Fewer than ``t`` survivors or responders abort the round.
+**Key epoch** (once per job; again only for sites that were not there, or every
+``aggregation.rekey_every`` rounds): each site makes a fresh X25519 key, signs it with its
+identity (bound to the run, channel, epoch and its name) and publishes it. With the epoch's list
+of signed keys each site verifies every signature against its roster, agrees one root with each
+of its graph neighbours (:func:`neighbourhood`: a ring the site computes itself from the run, the
+epoch and the list, so the coordinator cannot choose a site's neighbours), and erases its X25519
+private key.
 
-Threat model: honest-but-curious server; sites follow the protocol. The server sees public
-keys, encrypted shares, masked vectors and the final sum.
+**Round** ``r`` (two message exchanges):
+
+1. *masked input*: the coordinator names the site's neighbours taking part in ``r`` (a subset of
+   its graph neighbours). The site checks them against its policy (:class:`Limits`: enough
+   neighbours; its own threshold ``t`` from the neighbourhood it was given), draws a fresh
+   self-mask seed ``b``, sends ``y = x + PRG(b) + sum_(me<j) PRG(m_j) - sum_(j<me) PRG(m_j)``
+   (``m_j``: round ``r``'s mask seed of the pair's chain) and Shamir shares of ``b`` (threshold
+   ``t``), one sealed for each neighbour under round ``r``'s share key of the pair;
+2. *unmask*: the coordinator says which of the site's neighbourhood survived (sent ``y``) and
+   which dropped, and delivers the survivors' sealed shares. The site checks that the two lists
+   partition exactly the neighbourhood it masked with, that it is a survivor, and that at least
+   ``t`` survived; it then returns its shares of ``b`` of the survivors and, for each dropped
+   neighbour, the pair's round-``r`` mask seed: never both for one peer, never a chain key, once.
+   Then it erases the round.
+
+The coordinator removes the survivors' self-masks (``t`` shares each) and the masks between the
+survivors and the dropped (the revealed round seeds): it learns the sum of the survivors' inputs.
+
+Why ``t >= floor((n + c + 1) / 2) + 1`` with ``n`` the neighbourhood (the site itself included)
+and ``c`` the colluding sites the site's policy allows for (the analysis is in
+docs/secure-aggregation.md): to read site ``j``'s input alone the coordinator needs ``b_j`` (``t``
+shares) and every mask seed of ``j``'s pairs; an honest neighbour gives either its share of
+``b_j`` (told ``j`` survived) or the pair's seed (told ``j`` dropped), and ``j`` reveals seeds only
+for the at most ``n - t`` it is told dropped. Counting what the coordinator can collect from the
+honest sites and ``c`` of its own gives the bound.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -31,241 +50,310 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from aggregation.secagg import keys, prg
+from aggregation.base import MaskingLimits as Limits
+from aggregation.secagg import keys, prg, ratchet
 from aggregation.secagg.codec import FieldCodec
+from aggregation.secagg.graph import graph_seed, neighbourhood
 from aggregation.secagg.shamir import combine_shares, create_shares
+from core.identity import IdentityError, SiteIdentity
 
-SEED_BYTES = keys.SHARED_SECRET_BYTES
+SEED_BYTES = keys.SHARED_SECRET_BYTES  # self-mask seeds (Shamir-shared): 128 bits
+NONCE_BYTES = 12
+SIGNATURE_BYTES = 64
 
 
 class SecAggAbort(RuntimeError):
     """Too few sites remain to finish the round securely; nothing is revealed."""
 
 
-#: Authenticated data of every share ciphertext (binds it to its purpose).
-_SHARE_AAD = b"fedsilo-secagg/share"
-NONCE_BYTES = 12
+class Refused(RuntimeError):
+    """A message a site refuses: it breaks the protocol's state or the site's policy. The reason names
+    fields and counts, never a secret."""
 
 
-def seal(key: bytes, blob: bytes) -> bytes:
-    """``blob`` encrypted and authenticated for the peer that agreed ``key``: AES-256-GCM
-    (``cryptography``) under a fresh random 96-bit nonce, sent in front of the ciphertext."""
+class NoKeys(Refused):
+    """The site holds no keys of the message's key epoch and cannot agree them (it lost its state, or
+    missed the epoch's key stage): the coordinator should open a new epoch."""
+
+
+# ---- the site's own parameters -------------------------------------------------------------------------
+def site_threshold(n: int, fraction: float, limits: Limits) -> int:
+    """The threshold a site uses for a neighbourhood of ``n`` sites (itself included): the larger of the
+    coordinator's and the policy's share of ``n`` and of ``floor((n + c + 1) / 2) + 1``, at least 2."""
+    share = max(fraction, limits.threshold)
+    return max(2, math.ceil(share * n - 1e-9), (n + limits.colluders + 1) // 2 + 1)
+
+
+def key_statement(run: int, channel: str, epoch: int, name: str, public: bytes) -> bytes:
+    """What a site signs when it publishes an epoch key."""
+    return f"fedsilo-secagg-v2|epoch-key|{run}|{channel}|{epoch}|{name}|".encode() + bytes(public)
+
+
+def _aad(run: int, channel: str, index: int, sender: str, recipient: str) -> bytes:
+    return f"fedsilo-secagg-v2|share|{run}|{channel}|{index}|{sender}->{recipient}".encode()
+
+
+def seal(key: bytes, blob: bytes, aad: bytes) -> bytes:
+    """``blob`` encrypted and authenticated (AES-256-GCM, fresh random 96-bit nonce in front)."""
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, blob, _SHARE_AAD)
+    return nonce + AESGCM(key).encrypt(nonce, blob, aad)
 
 
-def open_sealed(key: bytes, ciphertext: bytes) -> bytes:
-    """The blob of :func:`seal`; ``InvalidTag`` if it was not sealed under ``key`` or was altered."""
+def open_sealed(key: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    """The blob of :func:`seal`; ``InvalidTag`` if it was not sealed under ``key`` for ``aad``, or altered."""
     if len(ciphertext) < NONCE_BYTES + 16:
         raise InvalidTag()
-    return AESGCM(key).decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:], _SHARE_AAD)
+    return AESGCM(key).decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:], aad)
 
 
-def _pack(i: int, j: int, share_b: bytes, share_sk: bytes) -> bytes:
-    return i.to_bytes(4, "little") + j.to_bytes(4, "little") + len(share_b).to_bytes(4, "little") + share_b + share_sk
+def sign_of(name: str, me: str) -> int:
+    """+1 if ``me`` adds the pair's mask, -1 if it subtracts it (the smaller name adds)."""
+    return 1 if me < name else -1
 
 
-def _unpack(blob: bytes) -> tuple[int, int, bytes, bytes]:
-    i, j, nb = (int.from_bytes(blob[k : k + 4], "little") for k in (0, 4, 8))
-    return i, j, blob[12 : 12 + nb], blob[12 + nb :]
+# ---- the site's state ----------------------------------------------------------------------------------
+@dataclass
+class Pending:
+    """A round masked and not yet unmasked: what the unmasking may reveal, and nothing else."""
+
+    index: int
+    neighbours: list[str]
+    threshold: int
+    seeds: dict[str, bytes]        # round mask seed per neighbour (revealed only if it dropped)
+    share_keys: dict[str, bytes]   # round share key per neighbour (to open its share of its b)
+    own_share: bytes               # this site's share of its own b
 
 
 @dataclass
-class SecAggClient:
-    """One site's half of one round. ``site`` is its protocol id (1..n)."""
+class SiteState:
+    """One site's state of one protocol channel, everything it keeps between messages."""
 
-    site: int
-    threshold: int
-    codec: FieldCodec
-    c_sk: bytes = b""
-    s_sk: bytes = b""
-    s_seed: bytes = b""  # s_sk is derived from it; the seed is what gets Shamir-shared
-    b_seed: bytes = b""
-    peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (c_pk, s_pk)
-    held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # from id -> (share_b, share_sk)
-    #: id -> the share-encryption key agreed with that peer in stage 1, reused to decrypt its
-    #: share in stage 2 (one X25519 exchange per pair and round, not two)
-    share_keys_by_peer: dict[int, bytes] = field(default_factory=dict)
-    _key_objects: dict[str, X25519PrivateKey] = field(default_factory=dict, repr=False, compare=False)
+    epoch: int = 0                                          # the epoch of its chains (0: none yet)
+    secret: bytes = b""                                     # X25519 key advertised, not yet used
+    secret_epoch: int = 0
+    allowed: list[str] = field(default_factory=list)        # its graph neighbours in this epoch
+    chains: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # peer -> (next index, chain key)
+    last: int = 0                                           # the last index it masked an input for
+    pending: Pending | None = None
 
-    def _share_key(self, peer: int) -> bytes:
-        key = self.share_keys_by_peer.get(peer)
-        if key is None:
-            key = keys.agree(self.key_object("c"), self.peers[peer][0], b"shares")
-            self.share_keys_by_peer[peer] = key
-        return key
+    def to_bytes(self) -> bytes:
+        p = self.pending
+        doc = {"v": 2, "epoch": self.epoch, "secret": self.secret.hex(), "secret_epoch": self.secret_epoch,
+               "allowed": self.allowed, "chains": {k: [i, c.hex()] for k, (i, c) in sorted(self.chains.items())},
+               "last": self.last,
+               "pending": None if p is None else {
+                   "index": p.index, "neighbours": p.neighbours, "threshold": p.threshold,
+                   "seeds": {k: v.hex() for k, v in p.seeds.items()},
+                   "share_keys": {k: v.hex() for k, v in p.share_keys.items()}, "own_share": p.own_share.hex()}}
+        return json.dumps(doc, separators=(",", ":")).encode()
 
-    def key_object(self, which: str) -> X25519PrivateKey:
-        """This round's private key object (``c``: share encryption, ``s``: masks), built once."""
-        if which not in self._key_objects:
-            self._key_objects[which] = keys.private(self.c_sk if which == "c" else self.s_sk)
-        return self._key_objects[which]
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SiteState:
+        try:
+            doc = json.loads(bytes(data))
+            if doc.get("v") != 2:
+                raise ValueError(f"state version {doc.get('v')!r}, expected 2")
+            p = doc["pending"]
+            pending = None if p is None else Pending(
+                int(p["index"]), [str(x) for x in p["neighbours"]], int(p["threshold"]),
+                {k: bytes.fromhex(v) for k, v in p["seeds"].items()},
+                {k: bytes.fromhex(v) for k, v in p["share_keys"].items()}, bytes.fromhex(p["own_share"]))
+            return cls(int(doc["epoch"]), bytes.fromhex(doc["secret"]), int(doc["secret_epoch"]),
+                       [str(x) for x in doc["allowed"]],
+                       {str(k): (int(i), bytes.fromhex(c)) for k, (i, c) in doc["chains"].items()},
+                       int(doc["last"]), pending)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise Refused(f"this site's secure-aggregation state is damaged ({type(err).__name__}: {err})") from None
 
-    def advertise(self) -> tuple[bytes, bytes]:
-        """Stage 0: public keys (c_pk, s_pk)."""
-        self.c_sk, c_pk = keys.generate()
-        self._key_objects.clear()
-        self.share_keys_by_peer.clear()
-        self.s_seed = os.urandom(SEED_BYTES)
-        self.s_sk, s_pk = keys.from_seed(self.s_seed)
-        return c_pk, s_pk
 
-    def share_keys(self, public_keys: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-        """Stage 1: encrypted shares of ``b`` and ``s_sk``, one per other site."""
-        if len(public_keys) < self.threshold:
-            raise SecAggAbort(f"{len(public_keys)} sites advertised keys, threshold is {self.threshold}")
-        if len({pk for pair in public_keys.values() for pk in pair}) != 2 * len(public_keys):
-            raise SecAggAbort("duplicate public keys: refusing to share")
-        self.peers = dict(public_keys)
-        self.b_seed = os.urandom(SEED_BYTES)
-        ids = sorted(public_keys)
-        shares_b = create_shares(self.b_seed, self.threshold, len(ids))
-        shares_sk = create_shares(self.s_seed, self.threshold, len(ids))
-        out = {}
-        for k, j in enumerate(ids):
-            blob = _pack(self.site, j, shares_b[k], shares_sk[k])
-            if j == self.site:
-                self.held[self.site] = (shares_b[k], shares_sk[k])
-                continue
-            out[j] = seal(self._share_key(j), blob)
-        return out
+# ---- the site's half -----------------------------------------------------------------------------------
+@dataclass
+class MaskingSite:
+    """One site's half of one channel: ``state`` is what it keeps; ``run`` is its own run id."""
 
-    def masked_input(self, ciphertexts: dict[int, bytes], encoded: np.ndarray) -> np.ndarray:
-        """Stage 2: store the shares sent to this site; return its masked, encoded input.
+    identity: SiteIdentity
+    run: int
+    channel: str
+    state: SiteState
+    limits: Limits = Limits()
 
-        ``ciphertexts`` holds one share from every other site that completed stage 1.
-        """
-        for i, ct in ciphertexts.items():
-            key = self._share_key(i)
+    @property
+    def name(self) -> str:
+        return self.identity.name
+
+    def advertise(self, epoch: int) -> tuple[bytes, bytes]:
+        """A fresh X25519 key for ``epoch`` and its signature: (public key, signature)."""
+        if epoch <= self.state.epoch:
+            raise Refused(f"keys for epoch {epoch}, but this site already holds the keys of epoch {self.state.epoch} "
+                          "(replayed or stale message)")
+        secret = X25519PrivateKey.generate()
+        self.state.secret = secret.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        self.state.secret_epoch = epoch
+        public = secret.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return public, self.identity.sign(key_statement(self.run, self.channel, epoch, self.name, public))
+
+    def agree(self, epoch: int, names: list[str], keys: dict[str, tuple[bytes, bytes]], k: int) -> None:
+        """The epoch's sites (``names``) and its graph neighbours' signed keys (``keys``: name -> (X25519
+        key, signature)): every name must be on the roster and every neighbour's signature verify; then a
+        root with each neighbour, and the X25519 key erased. Refused before any agreement otherwise."""
+        if self.state.secret_epoch != epoch or not self.state.secret:
+            raise NoKeys(f"the key list of epoch {epoch}, but this site holds no unused key of that epoch")
+        if len(set(names)) != len(names) or self.name not in names:
+            raise Refused("the epoch's site list repeats a name or leaves out this site")
+        strangers = [n for n in names if not self.identity.knows(n)]
+        if strangers:
+            raise Refused(f"{len(strangers)} of the epoch's {len(names)} sites are not on this site's roster "
+                          f"(e.g. {strangers[0]!r})")
+        graph = neighbourhood(graph_seed(self.run, self.channel, epoch), sorted(names), k)[self.name]
+        missing = sorted(graph - set(keys))
+        if missing:
+            raise Refused(f"the keys of {len(missing)} of this site's {len(graph)} neighbours are missing "
+                          f"(e.g. {missing[0]!r})")
+        secret = X25519PrivateKey.from_private_bytes(self.state.secret)
+        own = secret.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        if self.name not in keys or bytes(keys[self.name][0]) != own:
+            raise Refused(f"the epoch's key list does not carry this site's ({self.name}) own key")
+        if len({bytes(keys[p][0]) for p in graph | {self.name}}) != len(graph) + 1:
+            raise Refused("the epoch's key list repeats a public key")
+        for peer in sorted(graph):
+            public, sig = keys[peer]
             try:
-                src, dst, share_b, share_sk = _unpack(open_sealed(key, ct))
+                self.identity.verify(peer, key_statement(self.run, self.channel, epoch, peer, public), sig)
+            except IdentityError as err:
+                raise Refused(str(err)) from None
+        chains = {}
+        for peer in sorted(graph):
+            try:
+                chains[peer] = (0, ratchet.root(secret, keys[peer][0], self.run, self.channel, epoch, self.name, peer))
+            except ValueError as err:
+                raise Refused(f"{peer}'s epoch key: {err}") from None
+        self.state = SiteState(epoch=epoch, allowed=sorted(graph), chains=chains, last=self.state.last)
+
+    def mask(self, index: int, neighbours: list[str], encoded: np.ndarray, codec: FieldCodec, fraction: float
+             ) -> tuple[np.ndarray, int, dict[str, bytes]]:
+        """Round ``index``: (masked vector, threshold, sealed share of ``b`` per neighbour)."""
+        st = self.state
+        if index <= st.last:
+            raise Refused(f"round {index}, but this site has masked its input for round {st.last} and its keys "
+                          "have moved past it (replayed or stale message)")
+        if len(set(neighbours)) != len(neighbours) or self.name in neighbours:
+            raise Refused("the neighbour list repeats a name or names this site itself")
+        unknown = sorted(set(neighbours) - set(st.chains))
+        if unknown:
+            raise Refused(f"{len(unknown)} of the {len(neighbours)} neighbours named are not this site's neighbours "
+                          f"in epoch {st.epoch} (e.g. {unknown[0]!r}): a neighbourhood the coordinator made up")
+        if len(neighbours) < self.limits.min_neighbours:
+            raise Refused(f"{len(neighbours)} neighbours in this round; this site's policy masks with at least "
+                          f"{self.limits.min_neighbours} (secure_aggregation.min_neighbours)")
+        n = len(neighbours) + 1
+        t = site_threshold(n, fraction, self.limits)
+        if t > n:
+            raise Refused(f"a neighbourhood of {n} sites cannot hold a threshold of {t} (the policy allows for "
+                          f"{self.limits.colluders} colluding sites)")
+        seeds, share_keys = {}, {}
+        y = encoded.astype(np.uint64)  # a copy; masks added as 64-bit words (wrapping), reduced once
+        for peer in sorted(neighbours):
+            at, chain = st.chains[peer]
+            try:
+                key = ratchet.advance(chain, at, index)
+            except ValueError as err:
+                raise Refused(f"the chain with {peer}: {err}") from None
+            seeds[peer], share_keys[peer], nxt = ratchet.round_keys(key, index)
+            st.chains[peer] = (index + 1, nxt)
+            (np.add if sign_of(peer, self.name) > 0 else np.subtract)(y, prg.words(seeds[peer], y.size), out=y)
+        b = os.urandom(SEED_BYTES)
+        np.add(y, prg.words(keys.expand(b, b"self-mask"), y.size), out=y)
+        holders = sorted([*neighbours, self.name])
+        shares = dict(zip(holders, create_shares(b, t, n), strict=True))
+        sealed = {peer: seal(share_keys[peer], shares[peer], _aad(self.run, self.channel, index, self.name, peer))
+                  for peer in neighbours}
+        st.last = index
+        st.pending = Pending(index, sorted(neighbours), t, seeds, share_keys, shares[self.name])
+        return codec.reduce(y), t, sealed
+
+    def unmask(self, index: int, survivors: list[str], dropped: list[str], inbox: dict[str, bytes]
+               ) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        """Round ``index``'s unmasking: (share of ``b`` per survivor, round mask seed per dropped neighbour)."""
+        p = self.state.pending
+        if p is None or p.index != index:
+            raise Refused(f"unmasking for round {index}, but this site has no masked round {index} open "
+                          "(replayed, stale or out-of-order message)")
+        surv, drop = set(survivors), set(dropped)
+        if len(surv) != len(survivors) or len(drop) != len(dropped) or surv & drop:
+            raise Refused("the survivor and dropped lists repeat a name or share one")
+        if surv | drop != {*p.neighbours, self.name}:
+            raise Refused("the survivor and dropped lists are not this site's neighbourhood of the round "
+                          f"({len(surv | drop)} names given, {len(p.neighbours) + 1} in it)")
+        if self.name not in surv:
+            raise Refused("the survivor list leaves out this site, which sent its masked input")
+        if len(surv) < p.threshold:
+            raise Refused(f"{len(surv)} survivors in this site's neighbourhood; it reveals nothing for fewer than "
+                          f"its threshold of {p.threshold}")
+        if not set(inbox) <= surv - {self.name}:
+            raise Refused("a share delivered from a site that is not a surviving neighbour")
+        b_shares = {self.name: p.own_share}
+        for peer, ct in inbox.items():
+            try:
+                b_shares[peer] = open_sealed(p.share_keys[peer], ct, _aad(self.run, self.channel, index, peer, self.name))
             except InvalidTag:
-                raise SecAggAbort(f"the share from site {i} failed authentication") from None
-            if (src, dst) != (i, self.site):
-                raise SecAggAbort(f"share from {i} is addressed {src}->{dst}")
-            self.held[i] = (share_b, share_sk)
-        # mask only with the sites that shared keys (they sent this site a share): the others
-        # dropped before stage 1 and their pairwise masks could never be removed
-        sharers = set(ciphertexts) | {self.site}
-        if len(sharers) < self.threshold:
-            raise SecAggAbort(f"{len(sharers)} sites shared keys, threshold is {self.threshold}")
-        # every mask added or subtracted as raw 64-bit words (wrapping), reduced once at the end
-        y = encoded.astype(np.uint64)  # a copy
-        np.add(y, prg.words(keys.expand(self.b_seed, b"self-mask"), encoded.size), out=y)
-        s_key = self.key_object("s")
-        for j, (_, s_pk) in self.peers.items():
-            if j == self.site or j not in sharers:
-                continue
-            m = prg.words(keys.agree(s_key, s_pk, b"mask"), encoded.size)
-            (np.add if j > self.site else np.subtract)(y, m, out=y)
-        return self.codec.reduce(y)
+                raise Refused(f"the share from {peer} failed authentication (altered, misrouted or replayed)") from None
+        seeds = {peer: p.seeds[peer] for peer in sorted(drop)}
+        self.state.pending = None  # revealed what it may: the round is erased
+        return b_shares, seeds
 
-    def forget_keys(self) -> None:
-        """After stage 2 only the shares this site holds are still needed: erase its private keys,
-        seeds, its peers' keys and the share keys it agreed (a site's state read after it masked its
-        input reveals none of its masks)."""
-        self.c_sk = self.s_sk = self.s_seed = self.b_seed = b""
-        self.peers.clear()
-        self.share_keys_by_peer.clear()
-        self._key_objects.clear()
 
-    def unmask(self, survivors: list[int], dropped: list[int]) -> dict[int, tuple[str, bytes]]:
-        """Stage 3: shares of ``b`` for survivors and of ``s_sk`` for dropped sites."""
-        if set(survivors) & set(dropped):
-            raise SecAggAbort("a site cannot be both a survivor and dropped")
-        if len(survivors) < self.threshold:
-            raise SecAggAbort(f"{len(survivors)} survivors, threshold is {self.threshold}")
-        out: dict[int, tuple[str, bytes]] = {}
-        for i in survivors:
-            if i in self.held:
-                out[i] = ("b", self.held[i][0])
-        for j in dropped:
-            if j in self.held:
-                out[j] = ("sk", self.held[j][1])
-        return out
+# ---- the coordinator's half ----------------------------------------------------------------------------
+@dataclass
+class Masked:
+    """A survivor's masked input as the coordinator holds it."""
+
+    y: np.ndarray
+    threshold: int
+    shares: dict[str, bytes]  # recipient -> sealed share of the sender's b
 
 
 @dataclass
-class SecAggServer:
-    """The server's half of one round: routes, sums and unmasks; sees only the sum."""
+class MaskingServer:
+    """The coordinator's half of one round: who masked with whom, the sum, the unmasking."""
 
-    threshold: int
     codec: FieldCodec
     length: int
-    graph: dict[int, frozenset[int]] | None = None  # neighbourhoods (SecAgg+); None = complete graph
-    public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-    sharers: set[int] = field(default_factory=set)
-    masked: dict[int, np.ndarray] = field(default_factory=dict)
+    neighbours: dict[str, list[str]]  # each participant's neighbours in this round
+    masked: dict[str, Masked] = field(default_factory=dict)
 
-    def collect_keys(self, replies: dict[int, tuple[bytes, bytes]]) -> dict[int, tuple[bytes, bytes]]:
-        """Stage 0 -> 1: the keys to broadcast (sites that replied)."""
-        if len(replies) < self.threshold:
-            raise SecAggAbort(f"{len(replies)} sites advertised keys, threshold is {self.threshold}")
-        self.public_keys = dict(replies)
-        return self.public_keys
+    def requests(self) -> dict[str, tuple[list[str], list[str], dict[str, bytes]]]:
+        """Per survivor: (survivors and dropped of its neighbourhood, the shares addressed to it)."""
+        out = {}
+        for me in sorted(self.masked):
+            hood = [me, *self.neighbours[me]]
+            survivors = sorted(n for n in hood if n in self.masked)
+            dropped = sorted(n for n in hood if n not in self.masked)
+            inbox = {s: self.masked[s].shares[me] for s in survivors if s != me and me in self.masked[s].shares}
+            out[me] = (survivors, dropped, inbox)
+        return out
 
-    def route_shares(self, replies: dict[int, dict[int, bytes]]) -> dict[int, dict[int, bytes]]:
-        """Stage 1 -> 2: ciphertexts regrouped by recipient (only among sites that shared)."""
-        self.sharers = set(replies)
-        if len(self.sharers) < self.threshold:
-            raise SecAggAbort(f"{len(self.sharers)} sites shared keys, threshold is {self.threshold}")
-        inbox: dict[int, dict[int, bytes]] = {j: {} for j in self.sharers}
-        for i, cts in replies.items():
-            for j, ct in cts.items():
-                if j in inbox:
-                    inbox[j][i] = ct
-        return inbox
-
-    def check_masked(self, y: np.ndarray) -> str | None:
-        """Why a masked input is malformed, or None: wrong shape/dtype or not in the field."""
-        if y.shape != (self.length,):
-            return f"masked vector has shape {y.shape}, expected ({self.length},)"
-        if y.dtype != np.uint64:
-            return f"masked vector has dtype {y.dtype}, expected uint64"
-        if self.codec.bits < 64 and y.size and int(y.max()) >= self.codec.modulus:
-            return f"masked vector has values outside Z_2^{self.codec.bits}"
-        return None
-
-    def collect_masked(self, replies: dict[int, np.ndarray]) -> tuple[list[int], list[int]]:
-        """Stage 2 -> 3: (survivors, dropped) to announce.
-
-        Only sites that shared keys count; a malformed vector (see :meth:`check_masked`)
-        is the caller's to reject beforehand: here it aborts the round.
-        """
-        self.masked = {i: y for i, y in replies.items() if i in self.sharers}
-        for i, y in self.masked.items():
-            if (reason := self.check_masked(y)) is not None:
-                raise SecAggAbort(f"site {i}: {reason}")
-        survivors = sorted(self.masked)
-        if len(survivors) < self.threshold:
-            raise SecAggAbort(f"{len(survivors)} masked inputs, threshold is {self.threshold}")
-        return survivors, sorted(self.sharers - set(survivors))
-
-    def unmask(self, replies: dict[int, dict[int, tuple[str, bytes]]]) -> np.ndarray:
-        """Stage 3: the field sum of the survivors' encoded inputs (the caller decodes it)."""
-        if len(replies) < self.threshold:
-            raise SecAggAbort(f"{len(replies)} sites sent unmasking shares, threshold is {self.threshold}")
-        survivors = sorted(self.masked)
-        dropped = sorted(self.sharers - set(survivors))
+    def unmask(self, replies: dict[str, tuple[dict[str, bytes], dict[str, bytes]]]) -> np.ndarray:
+        """The field sum of the survivors' inputs from the unmasking replies; :class:`SecAggAbort` if a
+        self-mask has fewer shares than its threshold, or a dropped site's mask with a survivor that did
+        not unmask cannot be removed."""
         total = np.zeros(self.length, dtype=np.uint64)
-        for y in self.masked.values():  # as 64-bit words, wrapping; reduced once at the end
-            np.add(total, y, out=total)
-        for i in survivors:
-            b_seed = self._reconstruct(replies, i, "b")
-            np.subtract(total, prg.words(keys.expand(b_seed, b"self-mask"), self.length), out=total)
-        for j in dropped:
-            s_sk_j = keys.private(keys.from_seed(self._reconstruct(replies, j, "sk"))[0])
-            for i in survivors:
-                if self.graph is not None and i not in self.graph[j]:
-                    continue  # i and j are not neighbours: no mask between them
-                m = prg.words(keys.agree(s_sk_j, self.public_keys[i][1], b"mask"), self.length)
-                # survivor i added +m if j > i, subtracted it if j < i: undo that
-                (np.subtract if j > i else np.add)(total, m, out=total)
+        for m in self.masked.values():  # as 64-bit words, wrapping; reduced once at the end
+            np.add(total, m.y, out=total)
+        for owner, m in sorted(self.masked.items()):
+            shares = [r[0][owner] for r in replies.values() if owner in r[0]]
+            if len(shares) < m.threshold:
+                raise SecAggAbort(f"{len(shares)} shares of {owner}'s self-mask, threshold is {m.threshold}")
+            b = combine_shares(shares[: m.threshold])
+            np.subtract(total, prg.words(keys.expand(b, b"self-mask"), self.length), out=total)
+        for survivor in sorted(self.masked):
+            for peer in self.neighbours[survivor]:
+                if peer in self.masked:
+                    continue  # both masked: the pair's masks cancel in the sum
+                seed = replies.get(survivor, ({}, {}))[1].get(peer)
+                if seed is None:
+                    raise SecAggAbort(f"{survivor} did not reveal its mask with {peer}, which dropped: the mask "
+                                      "cannot be removed")
+                (np.subtract if sign_of(peer, survivor) > 0 else np.add)(total, prg.words(seed, self.length), out=total)
         return self.codec.reduce(total)
-
-    def _reconstruct(self, replies: dict[int, dict[int, tuple[str, bytes]]], owner: int, kind: str) -> bytes:
-        shares = [r[owner][1] for r in replies.values() if owner in r and r[owner][0] == kind]
-        if len(shares) < self.threshold:
-            raise SecAggAbort(f"{len(shares)} shares of site {owner}'s {kind}, threshold is {self.threshold}")
-        return combine_shares(shares[: self.threshold])

@@ -1,27 +1,32 @@
-"""The server's half of secure aggregation: runs the protocol stages as Flower messages.
+"""The coordinator's half of secure aggregation: runs the protocol as Flower messages.
 
 :class:`SecureAggregator` is the protocol driver of
-:class:`~aggregation.secagg.strategy.SecAggStrategy`, which wraps any strategy:
+:class:`~aggregation.secagg.strategy.SecAggStrategy`, which wraps any strategy, and of the secure
+sums (:mod:`aggregation.secagg.sums`):
 
-* ``open`` (from ``configure_train``): sends ``query.secagg_keys`` and
-  ``query.secagg_share`` to the sampled sites and turns the strategy's training messages
-  into ``train.secagg`` messages that carry each site's encrypted shares;
-* ``close`` (from ``aggregate_train``): screens the masked replies, sends
-  ``query.secagg_unmask`` and returns the decoded :class:`~aggregation.secagg.vector.Aggregate`.
+* a **key epoch** (``query.secagg_keys``) when the round has a site without keys of the current
+  epoch (the first round; a site that joins or returns after missing an epoch) or every
+  ``aggregation.rekey_every`` rounds: each site publishes a signed X25519 key; each site's first
+  message of the epoch carries the names of the epoch's sites and its graph neighbours' signed keys;
+* ``open`` (from ``configure_train``): the strategy's training messages become ``train.secagg``
+  messages naming each site's neighbours of the round;
+* ``close`` (from ``aggregate_train``): screens the masked replies, sends ``query.secagg_unmask``
+  with each survivor's neighbourhood split into survivors and dropped and the shares sent to it,
+  and returns the decoded :class:`~aggregation.secagg.vector.Aggregate`.
 
-A site that fails to answer a stage (timeout, error reply, malformed or misaddressed
-reply) is logged with the reason and counts as dropped from then on. With fewer than
-``t`` sites left at any stage the round is aborted: :class:`SecAggAbort` is raised, the
-strategy keeps the global model as it was. The server only ever holds public keys,
-ciphertexts of shares, masked vectors and the final sum.
+So a round costs two message exchanges, plus one in a round that opens a key epoch. A site that
+fails to answer a stage (timeout, error reply, malformed or misaddressed reply) is logged with the
+reason and counts as dropped from then on. A round that cannot finish (too few sites, a self-mask
+with too few shares, a dropped site's mask with a survivor that did not unmask) is aborted:
+:class:`SecAggAbort`, and the strategy keeps the global model as it was. The coordinator only ever
+holds public keys and signatures, sealed shares, masked vectors, the seeds of pairs with a dropped
+site, and the sum.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -31,114 +36,75 @@ from flwr.common import log
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
+from aggregation.base import MaskingLimits
 from aggregation.secagg import wire
-from aggregation.secagg.client import MASKED_KEY, WIRE_KEY, field_codec
-from aggregation.secagg.graph import auto_neighbours, ring
-from aggregation.secagg.protocol import SecAggAbort, SecAggServer
+from aggregation.secagg.client import MASKED_KEY, NO_KEYS, SEAL_OVERHEAD, SUM_CHANNEL, TRAIN_CHANNEL, WIRE_KEY, field_codec
+from aggregation.secagg.graph import auto_neighbours, graph_seed, neighbourhood
+from aggregation.secagg.protocol import SIGNATURE_BYTES, Masked, MaskingServer, SecAggAbort, site_threshold
+from aggregation.secagg.ratchet import KEY_BYTES
 from aggregation.secagg.shamir import VALUE_BYTES
 from aggregation.secagg.vector import FIELD_BITS, Aggregate, WeightedUpdateCodec, unpack_field
 from core import recordview
 
-
-def _key_list(public: dict[int, tuple[bytes, bytes]], members: frozenset[int], prefix: str) -> dict[str, Any]:
-    """The public keys of one neighbourhood, as sent to one of its members."""
-    ids = sorted(members & set(public))
-    return {f"{prefix}ids": ids, f"{prefix}c-pks": wire.join_keys([public[j][0] for j in ids]),
-            f"{prefix}s-pks": wire.join_keys([public[j][1] for j in ids])}
+MAX_SHARE_BYTES = 4 + VALUE_BYTES * 64  # a Shamir share of a seed (aggregation/secagg/shamir.py): 1 chunk in practice
+MAX_NAME = 200
 
 
 def threshold_for(fraction: float, sites: int) -> int:
-    """Shamir threshold for a round with ``sites`` sites: ``max(2, ceil(fraction * sites))``."""
-    return min(sites, max(2, math.ceil(fraction * sites - 1e-9)))
+    """The threshold a site with the default policy uses for a neighbourhood of ``sites`` sites (itself in)."""
+    return min(sites, site_threshold(sites, fraction, MaskingLimits()))
 
 
 # ---- what each stage's reply must hold (type, length, range), checked before any use ---------------------
-MAX_SHARE_BYTES = 4 + VALUE_BYTES * 64  # a Shamir share of a seed or key (aggregation/secagg/shamir.py): 2 chunks in practice
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_key(v: Any) -> bool:
-    return isinstance(v, bytes) and len(v) == wire.KEY_BYTES
+def _names(v: Any, allowed: Iterable[str] | None = None) -> bool:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v) or len(set(v)) != len(v):
+        return False
+    return allowed is None or set(v) <= set(allowed)
 
 
-def _int_list(v: Any, limit: int) -> bool:
-    return isinstance(v, list) and len(v) <= limit and all(_is_int(x) and 0 <= x <= 1 << 31 for x in v)
-
-
-def _shares_reason(r: ConfigRecord, to_key: str, shares_key: str, sites: int) -> str | None:
-    to, blob = r.get(to_key), r.get(shares_key)
-    if not _int_list(to, sites) or not isinstance(blob, bytes):
-        return f"'{to_key}' is not a list of at most {sites} site ids, or '{shares_key}' is not bytes"
-    try:
-        items = wire.split(blob)
-    except ValueError as err:
-        return str(err)
-    if len(items) != len(to) or len(set(to)) != len(to):  # type: ignore[arg-type]
-        return f"{len(items)} shares for {len(to)} recipients"  # type: ignore[arg-type]
-    if any(len(c) > 4 * MAX_SHARE_BYTES for c in items):
-        return "an encrypted share is longer than a share can be"
-    return None
-
-
-def _check_keys(r: ConfigRecord, agg: SecureAggregator) -> str | None:
-    if not _is_key(r.get("c-pk")) or not _is_key(r.get("s-pk")):
-        return f"its public keys are not two {wire.KEY_BYTES}-byte keys"
-    return None
-
-
-def _check_share(r: ConfigRecord, agg: SecureAggregator) -> str | None:
-    return _shares_reason(r, "to", "shares", len(agg._ids))
-
-
-def _check_unmask(r: ConfigRecord, agg: SecureAggregator) -> str | None:
-    owners, kinds, blob = r.get("owners"), r.get("kinds"), r.get("shares")
-    if not _int_list(owners, len(agg._ids)) or not isinstance(kinds, list) or not isinstance(blob, bytes):
-        return "'owners', 'kinds' and 'shares' are not a list of site ids, a list of kinds and bytes"
-    if len(kinds) != len(owners) or any(k not in ("b", "sk") for k in kinds):  # type: ignore[arg-type]
-        return "'kinds' must name 'b' or 'sk' for each owner"
-    try:
-        items = wire.split(blob)
-    except ValueError as err:
-        return str(err)
-    if len(items) != len(owners):  # type: ignore[arg-type]
-        return f"{len(items)} shares for {len(owners)} owners"  # type: ignore[arg-type]
-    if any(len(s) < 4 + VALUE_BYTES or (len(s) - 4) % VALUE_BYTES or len(s) > MAX_SHARE_BYTES or s[:4] == b"\0\0\0\0"
-           for s in items):
-        return "a share is not a Shamir share (4-byte index > 0, then 17-byte chunks)"
-    known = set(agg._nodes)
-    if any(o not in known for o in owners):  # type: ignore[union-attr]
-        return "a share of a site that is not in this round"
-    return None
+def _is_share(s: bytes) -> bool:
+    return 4 + VALUE_BYTES <= len(s) <= MAX_SHARE_BYTES and (len(s) - 4) % VALUE_BYTES == 0 and s[:4] != b"\0\0\0\0"
 
 
 class SecureAggregator:
-    """Orchestrates one secure round at a time.
+    """Orchestrates one secure round (or sum) at a time, and the key epochs of its channel.
 
     Parameters
     ----------
     clip, value_bits : the quantisation (see :mod:`aggregation.secagg.vector`).
-    threshold : Shamir threshold as a share of a site's neighbourhood (itself included).
-    stage_timeout : seconds to wait for the replies of each stage.
-    neighbours : neighbours per site in the SecAgg+ graph (:mod:`aggregation.secagg.graph`);
-        0 = automatic (complete graph up to 20 sites).
+    threshold : the coordinator's share of a neighbourhood for the thresholds (a site may use more).
+    stage_timeout : seconds to wait for the replies of each protocol-only stage.
+    neighbours : neighbours per site in the SecAgg+ graph; 0 = automatic (complete graph up to 20 sites).
+    channel : "" = the training rounds; "sum" = the task's sums (their own keys and state at the sites).
+    rekey_every : a new key epoch every this many rounds (0: once per job, and when a site joins).
     """
 
     def __init__(self, clip: float, value_bits: int, threshold: float, stage_timeout: float,
-                 neighbours: int = 0, channel: str = "", field_bits: int = FIELD_BITS) -> None:
+                 neighbours: int = 0, channel: str = "", field_bits: int = FIELD_BITS, rekey_every: int = 0) -> None:
         self.clip, self.value_bits, self.neighbours = clip, value_bits, neighbours
         self.field_bits = field_bits  # the masks' field Z_(2^field_bits); each masked element's bits on the wire
-        self.channel = channel  # "" = the training rounds; "sum" = the task's sums (own state at the sites)
-        self.threshold, self.stage_timeout = threshold, stage_timeout
+        self.channel = channel
+        self.threshold, self.stage_timeout, self.rekey_every = threshold, stage_timeout, rekey_every
         self._grid: Grid | None = None
         self._round = 0
-        self._ids: dict[int, int] = {}  # node id -> protocol id
-        self._nodes: dict[int, int] = {}  # protocol id -> node id
-        self._server: SecAggServer | None = None
+        self._ids: dict[int, int] = {}  # node id -> protocol id of this round's messages
+        # the current key epoch
+        self.epoch = 0
+        self._epoch_round = 0
+        self._keys: dict[str, tuple[bytes, bytes]] = {}  # name -> (X25519 key, signature)
+        self._name: dict[int, str] = {}
+        self._node: dict[str, int] = {}
+        self._graph: dict[str, frozenset[str]] = {}
+        self._k = 0
+        self._agreed: set[str] = set()
+        self._lost: set[int] = set()  # nodes that said they hold no keys of the epoch
+        # the open round
+        self._server: MaskingServer | None = None
         self._codec: WeightedUpdateCodec | None = None
-        self._next: dict[str, Any] | None = None  # the next round's keys and shares, collected ahead
         self._trained: set[int] = set()
         self._out: list[Message] = []
         self._t_masked = 0.0
@@ -152,25 +118,22 @@ class SecureAggregator:
         self._entry()["rejected"].append({"node": node, "stage": stage, "reason": reason})
         log(WARNING, "round %s secagg %s: node %s dropped: %s", self._round, stage, node, reason)
 
+    def _tag(self) -> dict[str, str]:
+        return {"channel": SUM_CHANNEL} if self.channel == SUM_CHANNEL else {}
+
     def _exchange(self, stage: str, message_type: str, records: dict[int, dict[str, Any]]) -> dict[int, ConfigRecord]:
-        """Send one ConfigRecord per node, return the well-formed replies by protocol id (every field of a
-        reply checked for type, length and range by :data:`CHECKS`; a reply that fails drops its site)."""
+        """Send one ConfigRecord per node; the well-formed replies by node."""
         assert self._grid is not None
         t0 = time.monotonic()
         msgs = []
         for node, rec in records.items():
-            content = RecordDict({WIRE_KEY: ConfigRecord({"round": self._round, **self._tag(), **rec})})
+            content = RecordDict({WIRE_KEY: ConfigRecord({"round": self._round, "id": self._ids[node], **self._tag(),
+                                                          **rec})})
             msgs.append(Message(content, dst_node_id=node, message_type=message_type))
         replies = list(self._grid.send_and_receive(msgs, timeout=self.stage_timeout))
         good = self._screen(stage, replies, set(records), msgs)
-        for node in list(good):
-            reason = CHECKS[stage](good[node].content[WIRE_KEY], self) if stage in CHECKS else None  # type: ignore[arg-type]
-            if reason is not None:
-                self._reject(node, stage, reason)
-                del good[node]
-        self._entry()["stages"][stage] = {"sent": len(records), "ok": len(good),
-                                          "seconds": round(time.monotonic() - t0, 4)}
-        return {self._ids[node]: msg.content[WIRE_KEY] for node, msg in good.items()}  # type: ignore[misc]  # screened
+        self._entry()["stages"][stage] = {"sent": len(records), "ok": len(good), "seconds": round(time.monotonic() - t0, 4)}
+        return {node: msg.content[WIRE_KEY] for node, msg in good.items()}  # type: ignore[misc]  # screened
 
     def _screen(self, stage: str, replies: Iterable[Message], expected: set[int],
                 sent: Iterable[Message] = ()) -> dict[int, Message]:
@@ -187,6 +150,8 @@ class SecureAggregator:
                 continue
             if msg.has_error():
                 self._reject(node, stage, f"error reply: {msg.error.reason}")
+                if msg.error.code == NO_KEYS:  # it lost its keys (a restart without its state): new epoch next time
+                    self._lost.add(node)
                 continue
             rec = recordview.config(msg.content, WIRE_KEY)
             if rec is None or not _is_int(rec.get("round")) or not _is_int(rec.get("id")):
@@ -194,223 +159,264 @@ class SecureAggregator:
             elif rec["round"] != self._round or rec["id"] != self._ids[node]:
                 self._reject(node, stage, f"reply is for round {rec['round']} / id {rec['id']}, expected round "
                                           f"{self._round} / id {self._ids[node]} (replayed or misaddressed)")
+            elif (reason := CHECKS[stage](rec, self, node) if stage in CHECKS else None) is not None:
+                self._reject(node, stage, reason)
             else:
                 good[node] = msg
         for node in sorted(expected - set(good) - {r["node"] for r in self._entry()["rejected"] if r["stage"] == stage}):
             self._reject(node, stage, f"no reply within {self.stage_timeout:g} s")
         return good
 
-    def _tag(self) -> dict[str, str]:
-        return {"channel": self.channel} if self.channel else {}
-
-    def _masked_vectors(self, good: dict[int, Message]) -> dict[int, np.ndarray]:
-        """Stage 2's well-formed masked vectors by protocol id; a reply without one is rejected with its reason."""
-        assert self._server is not None
-        masked: dict[int, np.ndarray] = {}
-        for node, msg in good.items():
-            record = recordview.arrays(msg.content, MASKED_KEY)
-            y: np.ndarray | None = None
-            reason: str | None = "reply has no masked vector"
-            if record is not None and "y" in record:
-                try:
-                    y = unpack_field(record["y"], self.field_bits)
-                    reason = self._server.check_masked(y)
-                except ValueError as err:
-                    reason = str(err)
-            if reason is not None:
-                self._reject(node, "masked_input", reason)
+    # ---- key epochs -----------------------------------------------------------------------
+    def _ensure_epoch(self, nodes: list[int]) -> bool:
+        """Open a new key epoch if a node has no key of the current one (or a rekey is due); True if one ran."""
+        due = self.rekey_every > 0 and self._round - self._epoch_round >= self.rekey_every
+        if self.epoch and not due and all(n in self._name for n in nodes):
+            return False
+        assert self._grid is not None
+        targets = sorted(set(nodes) | (set(self._grid.get_node_ids()) if self.channel != SUM_CHANNEL else set()))
+        self.epoch += 1
+        self._epoch_round = self._round
+        self._ids = {node: k + 1 for k, node in enumerate(targets)}
+        replies = self._exchange("keys", "query.secagg_keys", {n: {"epoch": self.epoch} for n in targets})
+        self._keys, self._name, self._node, self._agreed = {}, {}, {}, set()
+        for node, r in sorted(replies.items()):
+            name = str(r["name"])
+            if name in self._keys:
+                self._reject(node, "keys", f"site name {name!r} is already taken in this epoch")
                 continue
-            masked[self._ids[node]] = y  # type: ignore[assignment]  # not None: checked above
-        return masked
+            self._keys[name] = (bytes(r["pk"]), bytes(r["sig"]))  # type: ignore[arg-type]
+            self._name[node], self._node[name] = name, node
+        members = sorted(self._keys)
+        self._k = self.neighbours or auto_neighbours(len(members))
+        run = int(self._grid.run.run_id)
+        self._graph = neighbourhood(graph_seed(run, self._channel(), self.epoch), members, self._k) if members else {}
+        log(INFO, "round %s secagg: key epoch %s opened by %s sites", self._round, self.epoch, len(members))
+        return True
 
-    def _unmask(self, shares: dict[int, ConfigRecord]) -> np.ndarray:
-        """Stage 3: the survivors' field sum from the unmasking shares (each reply checked by :data:`CHECKS`).
-        Shares that are well-formed yet do not combine end the round (:class:`SecAggAbort`), never the run."""
-        assert self._server is not None
-        try:
-            return self._server.unmask({i: {int(o): (str(k), v)
-                                            for o, k, v in zip(r["owners"], r["kinds"], wire.split(r["shares"]))}  # type: ignore[arg-type]
-                                        for i, r in shares.items()})
-        except (ValueError, TypeError, KeyError) as err:
-            raise SecAggAbort(f"the unmasking shares do not combine ({err})") from None
+    def _channel(self) -> str:
+        return SUM_CHANNEL if self.channel == SUM_CHANNEL else TRAIN_CHANNEL
 
-    def _node_of(self, pid: int) -> int:
-        return self._nodes[pid]
-
-    def _set_ids(self, ids: dict[int, int]) -> None:
-        """This round's protocol ids by node, and the inverse map."""
-        self._ids, self._nodes = ids, {p: n for n, p in ids.items()}
+    def _epoch_record(self, name: str) -> dict[str, Any]:
+        """What a site needs to agree the epoch's keys: every name (for the graph) and its neighbours' signed keys."""
+        holders = sorted(self._graph[name] | {name})
+        return {"graph-k": self._k, "epoch-names": sorted(self._keys), "epoch-of": holders,
+                "epoch-pks": wire.join_keys([self._keys[h][0] for h in holders]),
+                "epoch-sigs": b"".join(self._keys[h][1] for h in holders)}
 
     # ---- the round -------------------------------------------------------------------------
-    def open(self, server_round: int, messages: list[Message], grid: Grid, size: int) -> list[Message]:
-        """Stages 0 and 1; returns the ``train.secagg`` messages for the sites still in.
-
-        ``messages`` are the strategy's training messages (one per sampled site), ``size``
-        the number of model values. If the previous round already collected this round's
-        keys and shares (pipelining) and every sampled site took part in that, stages 0 and
-        1 cost no message; otherwise they run here.
-        """
-        self._grid, self._round = grid, server_round
-        nodes = sorted(m.metadata.dst_node_id for m in messages)
+    def _masking(self, index: int, nodes: list[int], size: int, length: int | None = None) -> dict[int, dict[str, Any]]:
+        """Open round ``index`` for ``nodes``: the wire record each participant's masked-input message carries.
+        ``size`` model values (a training round: the masked vector is the weighted update's, longer), or
+        ``length`` field elements (a secure sum)."""
         if len(nodes) < 2:
             raise SecAggAbort(f"{len(nodes)} site sampled: secure aggregation needs at least 2")
-        nxt, self._next = self._next, None
-        codec = WeightedUpdateCodec(self.clip, self.value_bits, size, self.field_bits)
-        ready = {n for n, i in nxt["ids"].items() if i in nxt["server"].sharers} if nxt is not None else set()
-        if nxt is not None and nxt["round"] == server_round and nxt["length"] == codec.length \
-                and set(nodes) <= ready and len(nodes) >= nxt["server"].threshold:
-            self._set_ids(nxt["ids"])
-            self._server, inbox = nxt["server"], nxt["inbox"]
-            self._codec = codec
-            self._entry().update({"sites": len(nodes), "threshold": self._server.threshold,
-                                  "neighbours": nxt["neighbours"], "pipelined": True})
-            self._entry()["stages"].update(nxt["stages"])
-            inbox = {i: cts for i, cts in inbox.items() if self._node_of(i) in nodes}
-        else:
-            if nxt is not None:
-                log(INFO, "round %s secagg: the keys shared in advance do not cover the sampled sites; "
-                    "running the key stages", server_round)
-            inbox = self._handshake(server_round, nodes, codec)
+        for node in self._lost:  # without keys of the epoch: it takes part again after a new one
+            self._node.pop(self._name.pop(node, ""), None)
+        self._lost = set()
+        keyed = self._ensure_epoch(nodes)
+        participants = [n for n in nodes if n in self._name]
+        if len(participants) < 2:
+            raise SecAggAbort(f"{len(participants)} sites published keys: secure aggregation needs at least 2")
+        names = {self._name[n] for n in participants}
+        hoods = {self._name[n]: sorted(self._graph[self._name[n]] & names) for n in participants}
+        self._codec = WeightedUpdateCodec(self.clip, self.value_bits, size, self.field_bits)
+        self._server = MaskingServer(field_codec(self.clip, self.value_bits, self.field_bits),
+                                     self._codec.length if length is None else length, hoods)
+        self._ids = {node: k + 1 for k, node in enumerate(sorted(participants))}
+        k = min(self._k, len(participants) - 1)
+        self._entry().update({"sites": len(nodes), "epoch": self.epoch, "key_exchange": keyed, "neighbours": k,
+                              "threshold": threshold_for(self.threshold, k + 1)})
+        out = {}
+        for node in participants:
+            name = self._name[node]
+            rec = {"round": index, "id": self._ids[node], **self._tag(), "epoch": self.epoch, "size": size,
+                   "clip": self.clip, "value-bits": self.value_bits, "field-bits": self.field_bits,
+                   "threshold": self.threshold, "neighbours": hoods[name]}
+            if name not in self._agreed:
+                rec.update(self._epoch_record(name))
+            out[node] = rec
+        return out
+
+    def open(self, server_round: int, messages: list[Message], grid: Grid, size: int) -> list[Message]:
+        """The ``train.secagg`` messages for the sites with keys (after a key epoch, if one is needed).
+
+        ``messages`` are the strategy's training messages (one per sampled site), ``size`` the number of
+        model values."""
+        self._grid, self._round = grid, server_round
+        records = self._masking(server_round, sorted(m.metadata.dst_node_id for m in messages), size)
         out = []
-        by_node = {m.metadata.dst_node_id: m for m in messages}
-        for i in sorted(inbox):
-            node = self._node_of(i)
-            content = RecordDict(dict(by_node[node].content.items()))
-            senders = sorted(inbox[i])
-            content[WIRE_KEY] = ConfigRecord({"round": server_round, "id": i, "size": size, "pipeline": True,
-                                              "from": senders, "shares": wire.join([inbox[i][j] for j in senders])})
+        for m in sorted(messages, key=lambda m: m.metadata.dst_node_id):
+            node = m.metadata.dst_node_id
+            if node not in records:
+                self._reject(node, "keys", "has no key of this epoch: not in the round")
+                continue
+            content = RecordDict(dict(m.content.items()))
+            content[WIRE_KEY] = ConfigRecord(records[node])
             out.append(Message(content, dst_node_id=node, message_type="train.secagg"))
         self._trained = {m.metadata.dst_node_id for m in out}
         self._out = out
         self._t_masked = time.monotonic()
         return out
 
-    def _handshake(self, server_round: int, nodes: list[int], codec: WeightedUpdateCodec) -> dict[int, dict[int, bytes]]:
-        """Stages 0 and 1 as two message exchanges; the shares to deliver, by recipient."""
-        self._set_ids({node: k + 1 for k, node in enumerate(nodes)})
-        k = self.neighbours or auto_neighbours(len(nodes))
-        t = threshold_for(self.threshold, min(k + 1, len(nodes)))
-        self._codec = codec
-        self._server = SecAggServer(t, field_codec(self.clip, self.value_bits, self.field_bits), codec.length)
-        self._entry().update({"sites": len(nodes), "threshold": t, "neighbours": min(k, len(nodes) - 1),
-                              "pipelined": False})
-        keys = self._exchange("keys", "query.secagg_keys", {
-            n: {"id": self._ids[n], "threshold": t, "clip": self.clip, "value-bits": self.value_bits,
-                "field-bits": self.field_bits} for n in nodes})
-        public = self._server.collect_keys({i: (bytes(r["c-pk"]), bytes(r["s-pk"])) for i, r in keys.items()})  # type: ignore[arg-type]
-        graph = self._server.graph = ring(sorted(public), k)
-        shared = self._exchange("share", "query.secagg_share", {
-            self._node_of(i): {"id": i, **_key_list(public, graph[i], "")} for i in sorted(public)})
-        return self._server.route_shares({i: dict(zip((int(j) for j in r["to"]), wire.split(r["shares"])))  # type: ignore[arg-type]
-                                          for i, r in shared.items()})
+    def _masked(self, good: dict[int, Message]) -> None:
+        """Stage 2's well-formed masked inputs into the round's server; a reply without one is rejected."""
+        assert self._server is not None
+        for node, msg in good.items():
+            record = recordview.arrays(msg.content, MASKED_KEY)
+            reason: str | None = "reply has no masked vector"
+            if record is not None and "y" in record:
+                try:
+                    y = unpack_field(record["y"], self.field_bits)
+                    reason = self._check_vector(y)
+                except ValueError as err:
+                    reason = str(err)
+            if reason is not None:
+                self._reject(node, "masked_input", reason)
+                continue
+            w = msg.content[WIRE_KEY]
+            name = self._name[node]
+            self._server.masked[name] = Masked(y, int(w["threshold"]),  # type: ignore[call-overload]
+                                               dict(zip(w["to"], wire.split(w["shares"]), strict=True)))  # type: ignore[arg-type, call-overload]
+            self._agreed.add(name)
+
+    def _check_vector(self, y: np.ndarray) -> str | None:
+        assert self._server is not None
+        if y.shape != (self._server.length,):
+            return f"masked vector has shape {y.shape}, expected ({self._server.length},)"
+        codec = self._server.codec
+        if codec.bits < 64 and y.size and int(y.max()) >= codec.modulus:
+            return f"masked vector has values outside Z_2^{codec.bits}"
+        return None
+
+    def _unmask(self) -> tuple[np.ndarray, list[int], list[int]]:
+        """The unmasking exchange; (the survivors' field sum, survivors' nodes, dropped nodes)."""
+        assert self._server is not None
+        survivors = sorted(self._server.masked)
+        dropped = sorted(set(self._server.neighbours) - set(survivors))
+        if len(survivors) < 2:
+            raise SecAggAbort(f"{len(survivors)} masked inputs: secure aggregation needs at least 2")
+        requests = self._server.requests()
+        for name, (surv, _, _) in requests.items():  # each site reveals nothing below its threshold: do not ask
+            if len(surv) < self._server.masked[name].threshold:
+                raise SecAggAbort(f"{len(surv)} survivors in {name}'s neighbourhood, its threshold is "
+                                  f"{self._server.masked[name].threshold}")
+        self._ids = {self._node[s]: k + 1 for k, s in enumerate(survivors)}
+        records = {}
+        for name, (surv, drop, inbox) in requests.items():
+            senders = sorted(inbox)
+            records[self._node[name]] = {"epoch": self.epoch, "survivors": surv, "dropped": drop, "from": senders,
+                                         "shares": wire.join([inbox[s] for s in senders])}
+        replies = self._exchange("unmask", "query.secagg_unmask", records)
+        opened = {}
+        for node, r in replies.items():
+            seeds = wire.split_fixed(r["seeds"], len(r["seed-of"]), KEY_BYTES)  # type: ignore[arg-type]
+            opened[self._name[node]] = (dict(zip(r["b-of"], wire.split(r["b-shares"]), strict=True)),  # type: ignore[arg-type, call-overload]
+                                        dict(zip(r["seed-of"], seeds, strict=True)))  # type: ignore[call-overload]
+        try:
+            total = self._server.unmask(opened)
+        except (ValueError, TypeError, KeyError) as err:
+            raise SecAggAbort(f"the unmasking shares do not combine ({err})") from None
+        thresholds = [m.threshold for m in self._server.masked.values()]
+        self._entry().update({"survivors": len(survivors), "dropped": len(dropped),
+                              "threshold": max(thresholds)})
+        return total, [self._node[s] for s in survivors], [self._node[d] for d in dropped]
 
     def close(self, replies: Iterable[Message]) -> Aggregate:
-        """Stages 2 (collect) and 3 (unmask); the survivors' decoded aggregate.
-
-        The unmask messages also carry the next round's key list (advertised with the
-        masked inputs), so that the sites' replies hold the next round's shares.
-        """
+        """Collect the masked inputs, unmask; the survivors' decoded aggregate."""
         assert self._server is not None and self._codec is not None
         t0 = time.monotonic()
+        self._ids = {node: i for node, i in self._ids.items() if node in self._trained}
         good = self._screen("masked_input", replies, self._trained, self._out)
-        masked = self._masked_vectors(good)
-        next_keys: dict[int, tuple[bytes, bytes]] = {}
-        for node, msg in good.items():
-            w = msg.content[WIRE_KEY]  # screened: a ConfigRecord
-            if self._ids[node] in masked and _is_key(w.get("next-c-pk")) and _is_key(w.get("next-s-pk")):  # type: ignore[union-attr]
-                next_keys[node] = (bytes(w["next-c-pk"]), bytes(w["next-s-pk"]))  # type: ignore[arg-type]
-        self._entry()["stages"]["masked_input"] = {"sent": len(self._trained), "ok": len(masked),
+        self._masked(good)
+        self._entry()["stages"]["masked_input"] = {"sent": len(self._trained), "ok": len(self._server.masked),
                                                    "seconds": round(t0 - self._t_masked, 4)}
-        survivors, dropped = self._server.collect_masked(masked)
-        next_ids = {node: k + 1 for k, node in enumerate(sorted(next_keys))}
-        next_public = {next_ids[n]: pk for n, pk in next_keys.items()}
-        next_k = self.neighbours or auto_neighbours(len(next_ids))
-        next_t = threshold_for(self.threshold, min(next_k + 1, len(next_ids))) if len(next_ids) >= 2 else 0
-        next_graph = ring(sorted(next_public), next_k) if next_t else {}
-
-        def request(i: int) -> dict[str, Any]:
-            node = self._node_of(i)
-            ahead = {}
-            if next_t and node in next_ids:
-                ahead = {"next-id": next_ids[node], "next-threshold": next_t,
-                         **_key_list(next_public, next_graph[next_ids[node]], "next-")}
-            return {"id": i, "survivors": survivors, "dropped": dropped, **ahead}
-
-        shares = self._exchange("unmask", "query.secagg_unmask", {self._node_of(i): request(i) for i in survivors})
         t1 = time.monotonic()
-        total = self._unmask(shares)
+        total, survivors, dropped = self._unmask()
         aggregate = self._codec.decode(total)
-        self._entry().update({"survivors": len(survivors), "dropped": len(dropped),
-                              "unmask_seconds": round(time.monotonic() - t1, 4), "clipped": aggregate.clipped})
-        log(INFO, "round %s secagg: sum of %s sites unmasked (%s dropped, threshold %s)",
-            self._round, len(survivors), len(dropped), self._server.threshold)
+        self._entry().update({"unmask_seconds": round(time.monotonic() - t1, 4), "clipped": aggregate.clipped})
+        log(INFO, "round %s secagg: sum of %s sites unmasked (%s dropped, key epoch %s)",
+            self._round, len(survivors), len(dropped), self.epoch)
         if aggregate.clipped:
             log(WARNING, "round %s secagg: %s update values exceeded aggregation.clip=%g and were clipped; "
                 "raise aggregation.clip to keep the aggregate exact", self._round, aggregate.clipped, self.clip)
-        if next_t:
-            self._prepare_next(next_ids, next_keys, next_t, next_graph, min(next_k, len(next_ids) - 1), shares)
         return aggregate
 
     def secure_sum(self, grid: Grid, nodes: list[int], content: RecordDict, message_type: str, length: int,
                    sum_round: int) -> tuple[np.ndarray, list[int]]:
-        """One secure sum outside the training rounds: every stage, no pipelining.
+        """One secure sum outside the training rounds (a key epoch first if needed).
 
-        ``content`` goes to each node with its shares in a ``message_type`` message; each
-        site replies with its masked vector of ``length`` field elements. Returns the
-        survivors' field sum and their node ids; :class:`SecAggAbort` below the threshold.
-        """
+        ``content`` goes to each node in a ``message_type`` message; each site replies with its masked
+        vector of ``length`` field elements. Returns the survivors' field sum and their node ids."""
         self._grid, self._round = grid, sum_round
-        if len(nodes) < 2:
-            raise SecAggAbort(f"{len(nodes)} site connected: a secure sum needs at least 2")
-
-        @dataclass(frozen=True)
-        class _Length:
-            length: int
-
-        inbox = self._handshake(sum_round, sorted(nodes), _Length(length))  # type: ignore[arg-type]
+        records = self._masking(sum_round, sorted(nodes), length, length)
         msgs = []
-        for i in sorted(inbox):
-            node = self._node_of(i)
+        for node, rec in records.items():
             body = RecordDict(dict(content.items()))
-            senders = sorted(inbox[i])
-            body[WIRE_KEY] = ConfigRecord({"round": sum_round, **self._tag(), "id": i, "size": length,
-                                           "pipeline": False, "from": senders,
-                                           "shares": wire.join([inbox[i][j] for j in senders])})
+            body[WIRE_KEY] = ConfigRecord(rec)
             msgs.append(Message(body, dst_node_id=node, message_type=message_type))
-        self._trained = {m.metadata.dst_node_id for m in msgs}
-        assert self._server is not None
+        self._trained = set(records)
+        t0 = time.monotonic()
         good = self._screen("masked_input", self._grid.send_and_receive(msgs, timeout=self.stage_timeout),
                             self._trained, msgs)
-        masked = self._masked_vectors(good)
-        survivors, dropped = self._server.collect_masked(masked)
-        shares = self._exchange("unmask", "query.secagg_unmask", {
-            self._node_of(i): {"id": i, "survivors": survivors, "dropped": dropped} for i in survivors})
-        total = self._unmask(shares)
-        self._entry().update({"survivors": len(survivors), "dropped": len(dropped)})
-        return total, [self._node_of(i) for i in survivors]
-
-    def _prepare_next(self, ids: dict[int, int], public: dict[int, tuple[bytes, bytes]], t: int,
-                      graph: dict[int, frozenset[int]], k: int, replies: dict[int, ConfigRecord]) -> None:
-        """Keep the next round's keys and routed shares, if enough sites shared them."""
-        server = SecAggServer(t, field_codec(self.clip, self.value_bits, self.field_bits),
-                              self._codec.length,  # type: ignore[union-attr]
-                              graph=graph)
-        shared = {}
-        for pid, r in replies.items():
-            node = self._nodes[pid]
-            if "next-to" in r and node in ids and _shares_reason(r, "next-to", "next-shares", len(ids)) is None:
-                shared[ids[node]] = dict(zip((int(j) for j in r["next-to"]), wire.split(r["next-shares"])))  # type: ignore[arg-type]
-        try:
-            server.collect_keys({ids[n]: pk for n, pk in public.items()})
-            inbox = server.route_shares(shared)
-        except SecAggAbort as err:
-            log(INFO, "round %s secagg: keys for round %s not prepared in advance (%s)", self._round, self._round + 1, err)
-            return
-        self._next = {"round": self._round + 1, "ids": ids, "server": server, "inbox": inbox, "neighbours": k,
-                      "length": self._codec.length,  # type: ignore[union-attr]
-                      "stages": {"keys": {"sent": 0, "ok": len(public), "seconds": 0.0, "with": "masked_input"},
-                                 "share": {"sent": 0, "ok": len(shared), "seconds": 0.0, "with": "unmask"}}}
+        self._masked(good)
+        assert self._server is not None
+        self._entry()["stages"]["masked_input"] = {"sent": len(msgs), "ok": len(self._server.masked),
+                                                   "seconds": round(time.monotonic() - t0, 4)}
+        total, survivors, _ = self._unmask()
+        return total, survivors
 
 
-#: The reply checks of each stage (the masked vectors are checked by :meth:`SecureAggregator._masked_vectors`).
-CHECKS = {"keys": _check_keys, "share": _check_share, "unmask": _check_unmask}
+def _check_keys(r: ConfigRecord, agg: SecureAggregator, node: int) -> str | None:
+    name, pk, sig = r.get("name"), r.get("pk"), r.get("sig")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
+        return f"its name is not a string of 1..{MAX_NAME} characters"
+    if not isinstance(pk, bytes) or len(pk) != KEY_BYTES or not isinstance(sig, bytes) or len(sig) != SIGNATURE_BYTES:
+        return f"its key and signature are not {KEY_BYTES} and {SIGNATURE_BYTES} bytes"
+    return None
+
+
+def _check_masked(r: ConfigRecord, agg: SecureAggregator, node: int) -> str | None:
+    assert agg._server is not None
+    name = agg._name[node]
+    hood = agg._server.neighbours[name]
+    t, to, blob = r.get("threshold"), r.get("to"), r.get("shares")
+    if not _is_int(t) or not 2 <= t <= len(hood) + 1:  # type: ignore[operator]
+        return f"its threshold is not an integer in 2..{len(hood) + 1} (its neighbourhood)"
+    if not _names(to, hood) or not isinstance(blob, bytes):
+        return "'to' is not a list of its neighbours, or 'shares' is not bytes"
+    try:
+        items = wire.split(blob)
+    except ValueError as err:
+        return str(err)
+    if len(items) != len(to):  # type: ignore[arg-type]
+        return f"{len(items)} shares for {len(to)} recipients"  # type: ignore[arg-type]
+    if any(len(c) > MAX_SHARE_BYTES + SEAL_OVERHEAD for c in items):
+        return "a sealed share is longer than a share can be"
+    return None
+
+
+def _check_unmask(r: ConfigRecord, agg: SecureAggregator, node: int) -> str | None:
+    assert agg._server is not None
+    name = agg._name[node]
+    hood = [name, *agg._server.neighbours[name]]
+    b_of, blob, seed_of, seeds = r.get("b-of"), r.get("b-shares"), r.get("seed-of"), r.get("seeds")
+    if not _names(b_of, hood) or not _names(seed_of, hood) or not isinstance(blob, bytes) or not isinstance(seeds, bytes):
+        return "'b-of' and 'seed-of' are not lists of its neighbourhood, or the shares and seeds are not bytes"
+    if set(b_of) & set(seed_of):  # type: ignore[arg-type]
+        return "it revealed both kinds of secret for one site"
+    if set(seed_of) & set(agg._server.masked):  # type: ignore[arg-type]
+        return "it revealed a round seed with a site that survived"
+    try:
+        items = wire.split(blob)
+    except ValueError as err:
+        return str(err)
+    if len(items) != len(b_of) or not all(_is_share(s) for s in items):  # type: ignore[arg-type]
+        return "'b-shares' are not one Shamir share (4-byte index > 0, then 17-byte chunks) per site of 'b-of'"
+    if len(seeds) != KEY_BYTES * len(seed_of):  # type: ignore[arg-type]
+        return f"'seeds' are not {KEY_BYTES} bytes per site of 'seed-of'"
+    return None
+
+
+#: The reply checks of each stage (the masked vectors themselves are checked by :meth:`SecureAggregator._masked`).
+CHECKS = {"keys": _check_keys, "masked_input": _check_masked, "unmask": _check_unmask}

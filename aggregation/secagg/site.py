@@ -21,7 +21,7 @@ from core.layout import Layout
 from core.seeding import seed_for
 
 #: query message type -> protocol stage
-STAGE_OF = {"query.secagg_keys": "keys", "query.secagg_share": "share", "query.secagg_unmask": "unmask"}
+STAGE_OF = {"query.secagg_keys": "keys", "query.secagg_unmask": "unmask"}
 
 
 class SecAggSite(SiteHalf):
@@ -55,10 +55,9 @@ class SecAggSite(SiteHalf):
             return codec.encode(update, env.rows, float(result.stats["train_loss"]), rng)
 
         extra = RecordDict(dict(result.records))
-        advertise_next = not env.drops(result.server_round + 1, "keys")
         try:
-            return client.masked_input(msg, context, encode, extra, advertise_next)
-        except (client.ProtocolError, client.SecAggAbort, ValueError) as err:
+            return client.masked_input(msg, context, env, encode, extra)
+        except (client.Refused, KeyError, TypeError, ValueError) as err:
             return client.refuse(msg, err)
 
     def sum_reply(self, msg: Message, context: Context, values: np.ndarray, env: SiteEnv) -> Message:
@@ -66,12 +65,12 @@ class SecAggSite(SiteHalf):
         enc = request_encoding(msg.content)
         limbs = enc.limbs(enc.encode(values))
         try:
-            return client.masked_input(msg, context, lambda codec: limbs, RecordDict(), advertise_next=False)
-        except (client.ProtocolError, client.SecAggAbort, ValueError) as err:
+            return client.masked_input(msg, context, env, lambda codec: limbs, RecordDict())
+        except (client.Refused, KeyError, TypeError, ValueError) as err:
             return client.refuse(msg, err)
 
     def query(self, msg: Message, context: Context, env: SiteEnv) -> Message:
-        """Stage 0 (keys), 1 (shares) or 3 (unmask; pipelined: stage 1 of the next round too)."""
+        """A key epoch (``keys``) or a round's unmasking (``unmask``)."""
         stage = STAGE_OF.get(msg.metadata.message_type)
         if stage is None:
             return super().query(msg, context, env)
@@ -81,12 +80,9 @@ class SecAggSite(SiteHalf):
             return env.dropped_reply(msg, stage)
         try:
             if stage == "keys":
-                return client.advertise_keys(msg, context)
-            if stage == "share":
-                return client.share_keys(msg, context)
-            nxt = int(msg.content[client.WIRE_KEY]["round"]) + 1  # type: ignore[index,call-overload]
-            return client.unmask(msg, context, share_next=not env.drops(nxt, "share"))
-        except (client.ProtocolError, client.SecAggAbort) as err:
+                return client.advertise_keys(msg, context, env)
+            return client.unmask(msg, context, env)
+        except client.Refused as err:
             return client.refuse(msg, err)
         except (KeyError, TypeError, ValueError) as err:  # a field missing or of the wrong type
-            return client.refuse(msg, client.ProtocolError(f"malformed {stage!r} stage message ({err!r})"))
+            return client.refuse(msg, client.Refused(f"malformed {stage!r} stage message ({err!r})"))

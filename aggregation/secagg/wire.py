@@ -48,3 +48,11 @@ def split_keys(data: bytes, count: int, what: str = "public keys") -> list[bytes
     if len(data) != KEY_BYTES * count:
         raise ValueError(f"malformed {what}: {len(data)} bytes for {count} keys of {KEY_BYTES} bytes")
     return [data[k * KEY_BYTES : (k + 1) * KEY_BYTES] for k in range(count)]
+
+
+def split_fixed(data: bytes, count: int, size: int, what: str = "list") -> list[bytes]:
+    """``count`` strings of ``size`` bytes each, concatenated in ``data``."""
+    data = bytes(data)
+    if len(data) != size * count:
+        raise ValueError(f"malformed {what}: {len(data)} bytes for {count} items of {size} bytes")
+    return [data[k * size : (k + 1) * size] for k in range(count)]

@@ -3,6 +3,7 @@
     fedsilo keys paillier --out DIR [--bits 2048]
     fedsilo keys supernode --out DIR --sites N
     fedsilo keys vertical --out DIR --parties bank platform
+    fedsilo keys roster --out DIR --sites hospital-a hospital-b hospital-c
     fedsilo certs --out DIR --host NAME [--host ...] [--ip ADDR ...]
 
 ``paillier`` writes ``DIR/paillier_keypair.json`` (for the sites only; mode 0600) and
@@ -10,7 +11,11 @@
 authentication key pair per site (``site-<i>``, stays at the site; ``site-<i>.pub``,
 registered at the SuperLink). ``vertical`` writes each vertical party's identity key
 (``DIR/<party>/party.key``, 0600) and the others' public keys it pins
-(``DIR/<party>/peer-keys.json``): node config ``party-key`` and ``peer-keys``. ``certs`` writes a
+(``DIR/<party>/peer-keys.json``): node config ``party-key`` and ``peer-keys``. ``roster`` writes each
+site's identity key for secure aggregation (``DIR/<site>/site.key``, 0600) and the roster of their
+public keys (``DIR/roster.json``): node config ``site-key`` and ``roster`` (``fedsilo site --site-key
+--roster``); in a consortium each site runs it for itself alone (``--sites <its name>``) and the
+public halves are merged out of band. ``certs`` writes a
 CA and a SuperLink TLS certificate (:mod:`app.runtime.pki`). Exit codes: 0 written, 2 bad arguments.
 """
 
@@ -33,7 +38,19 @@ def main(argv: list[str]) -> int:
     vk = sub.add_parser("vertical", help="vertical parties' identities and pinned peer keys (Ed25519)")
     vk.add_argument("--out", type=Path, required=True)
     vk.add_argument("--parties", nargs="+", required=True, help="the parties' names, as in vertical.parties")
+    ro = sub.add_parser("roster", help="sites' identity keys and the roster of them (Ed25519; aggregation=secagg)")
+    ro.add_argument("--out", type=Path, required=True)
+    ro.add_argument("--sites", nargs="+", required=True, help="the sites' names (node config site-name)")
     args = parser.parse_args(argv)
+    if args.kind == "roster":
+        from core.identity import provision as provision_sites
+
+        if len(set(args.sites)) != len(args.sites):
+            print("fedsilo keys: --sites names must be distinct", file=sys.stderr)
+            return 2
+        for name, (key, roster) in provision_sites(args.out, args.sites).items():
+            print(f"{name}: site-key={key} (keep at the site)  roster={roster}")
+        return 0
     if args.kind == "vertical":
         from vertical.channel import provision
 

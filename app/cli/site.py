@@ -131,6 +131,9 @@ def node_config_of(args: argparse.Namespace) -> dict[str, Any]:
         node["site-name"] = args.site_name
     if args.schema:
         node["schema-path"] = str(Path(args.schema).expanduser().resolve())
+    for flag, key in (("site_key", "site-key"), ("roster", "roster")):  # aggregation=secagg: identity and roster
+        if getattr(args, flag, None):
+            node[key] = str(Path(getattr(args, flag)).expanduser().resolve())
     if args.paillier_keypair:
         from aggregation.paillier.config import NODE_CONFIG_KEY
 
@@ -272,6 +275,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--site-name", help="the site's name in logs and reports (default: the data file's stem)")
     parser.add_argument("--schema", help="task=tabular: the federation's schema file as this site holds it")
     parser.add_argument("--paillier-keypair", help="aggregation=paillier: the sites' key pair")
+    parser.add_argument("--site-key", help="aggregation=secagg: this site's identity key (fedsilo keys roster)")
+    parser.add_argument("--roster", help="aggregation=secagg: the consortium's roster of site identities")
     parser.add_argument("--policy", help="this site's policy (YAML; docs/deployment.md): what it agrees to do, whatever "
                         "the coordinator asks")
     parser.add_argument("--port", type=int, help="the SuperNode's local Runtime API port (default 9094)")

@@ -3,7 +3,7 @@
 Each round ``round(faults.drop_rate * num_sites)`` sites, drawn from the seed (so every
 site computes the same set on its own and runs are reproducible), drop out at
 ``faults.drop_stage``: under ``aggregation=secagg`` at that protocol stage (``keys``,
-``share``, ``masked_input`` or ``unmask``), under plain aggregation by sending no update.
+``masked_input`` or ``unmask``), under plain aggregation by sending no update.
 A dropped site replies with an error (:data:`DROPPED_CODE`); the server treats it exactly
 like a site that timed out: logged, counted, and the round goes on without it.
 """

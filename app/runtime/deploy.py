@@ -86,7 +86,13 @@ def prepare(out: Path, overrides: list[str], sites: int, secure: bool = True) ->
     from app import config
 
     a = config.compose(overrides).aggregation
-    return Deployment(overrides, entries, certs, keys, aggregation.get(a.name).node_config(a))
+    option = aggregation.get(a.name)
+    names = [str(e.get("node", {}).get("site-name", e["name"])) for e in entries]
+    per_site = option.site_setup(a, out / "identities", names)  # e.g. secagg's identities and their roster
+    for entry, name in zip(entries, names, strict=True):
+        if per_site.get(name):
+            entry.setdefault("node", {}).update(per_site[name])
+    return Deployment(overrides, entries, certs, keys, option.node_config(a))
 
 
 def _vertical(overrides: list[str]) -> bool:

@@ -72,16 +72,16 @@ def test_tls_authenticated_sites_with_own_files_survive_a_site_leaving(tmp_path:
 
 def test_deploy_local_matches_the_simulation(tmp_path: Path) -> None:
     """`fedsilo deploy local --sites 3 task=medical aggregation=secagg num_rounds=2`: TLS,
-    authenticated nodes, the first three hospitals; round 1 runs the full key stages, round 2
-    the keys shared ahead (pipelined); same final AUC as the in-process simulation of the same
-    overrides (which the engine matches bit for bit)."""
+    authenticated nodes, the first three hospitals, each with its identity key and the roster; keys
+    signed and agreed once (round 1), round 2 ratchets them; same final AUC as the in-process
+    simulation of the same overrides (which the engine matches bit for bit)."""
     args = ["task=medical", "aggregation=secagg", "num_rounds=2"]
     outcome, results = deploy.run(args, 3, tmp_path / "deploy", stream=False)
     assert not leftover_processes(), leftover_processes()
     assert outcome.ok and results is not None, outcome
     assert results["deployment"]["tls"] and results["deployment"]["supernode_auth"]
     assert [h["participation"]["secagg"]["survivors"] for h in results["history"]] == [3, 3]
-    assert [h["participation"]["secagg"]["pipelined"] for h in results["history"]] == [False, True]
+    assert [h["participation"]["secagg"]["key_exchange"] for h in results["history"]] == [True, False]
     simulated = run_inprocess([*args, "num_sites=3", "partition.natural_sites=3"], tmp_path / "sim")
     assert abs(results["final"]["auc"] - simulated["final"]["auc"]) < 1e-4  # in fact equal up to secagg rounding
 

@@ -69,11 +69,14 @@ def _stage(kind: str) -> Callable[[Message], bool]:
 
 SECAGG = ["task=medical", "num_rounds=2", "aggregation=secagg", "strategy.fraction_evaluate=0"]
 CASES: dict[str, tuple[str, dict[str, Any], str]] = {
-    "31-byte public key": ("query.secagg_keys", {"c-pk": b"\x01" * 31}, "two 32-byte keys"),
-    "non-integer round": ("query.secagg_share", {"round": "1"}, "integer 'round' and 'id'"),
-    "malformed unmask share": ("query.secagg_unmask", {"shares": b"\x05\x00\x00\x00abc"}, "malformed"),
-    "share of a stranger": ("query.secagg_unmask", {"owners": [999]}, "not in this round"),
-    "kinds of another kind": ("query.secagg_unmask", {"kinds": ["x"]}, "'kinds' must name"),
+    "31-byte public key": ("query.secagg_keys", {"pk": b"\x01" * 31}, "are not 32 and 64 bytes"),
+    "a name that is not a string": ("query.secagg_keys", {"name": 7}, "is not a string"),
+    "non-integer round": ("query.secagg_unmask", {"round": "1"}, "integer 'round' and 'id'"),
+    "threshold below two": ("train.secagg", {"threshold": 1}, "threshold is not an integer in 2.."),
+    "shares to a stranger": ("train.secagg", {"to": ["stranger"]}, "not a list of its neighbours"),
+    "malformed unmask share": ("query.secagg_unmask", {"b-shares": b"\x05\x00\x00\x00abc"}, "malformed"),
+    "share of a stranger": ("query.secagg_unmask", {"b-of": ["stranger"]}, "lists of its neighbourhood"),
+    "both kinds for one site": ("query.secagg_unmask", {"seed-of": "b-of"}, "both kinds"),
 }
 
 
@@ -85,10 +88,8 @@ def test_a_malformed_secagg_reply_drops_that_site_and_the_round_goes_on(case: st
         if msg.metadata.message_type != kind or WIRE_KEY not in reply.content.config_records:
             return None
         rec = dict(reply.content[WIRE_KEY])
-        if "owners" in changes and rec.get("owners"):
-            changes_here = {"owners": [999] * len(rec["owners"])}
-        elif "kinds" in changes and rec.get("kinds"):
-            changes_here = {"kinds": ["x"] * len(rec["kinds"])}
+        if changes.get("seed-of") == "b-of":  # a round seed revealed with a site whose self-mask share it also sends
+            changes_here = {"seed-of": rec["b-of"][:1], "seeds": bytes(32)}
         else:
             changes_here = changes
         return _with(reply, WIRE_KEY, **changes_here)
@@ -102,12 +103,12 @@ def test_a_malformed_secagg_reply_drops_that_site_and_the_round_goes_on(case: st
     assert all(sec["survivors"] >= 3 for sec in hit) and results["final"]["auc"] > 0.5
 
 
-def test_an_announced_next_key_that_is_a_number_allocates_nothing(tmp_path: Path) -> None:
-    """``bytes(150000000)`` would make 150 MB of zeros: a next-round key must be 32 bytes, else it is ignored."""
+def test_an_epoch_key_that_is_a_number_allocates_nothing(tmp_path: Path) -> None:
+    """``bytes(150000000)`` would make 150 MB of zeros: an epoch key must be 32 bytes, else the site is left out."""
     def tamper(msg: Message, reply: Message) -> Message | None:
-        if msg.metadata.message_type != "train.secagg" or WIRE_KEY not in reply.content.config_records:
+        if msg.metadata.message_type != "query.secagg_keys" or WIRE_KEY not in reply.content.config_records:
             return None
-        return _with(reply, WIRE_KEY, **{"next-c-pk": 150_000_000, "next-s-pk": 150_000_000})
+        return _with(reply, WIRE_KEY, pk=150_000_000, sig=150_000_000)
 
     tracemalloc.start()
     try:

@@ -5,21 +5,30 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregation.secagg import keys, prg
+from aggregation.secagg import keys, prg, ratchet
 from aggregation.secagg.codec import FieldCodec
 from aggregation.secagg.shamir import combine_shares, create_shares
 
 
-def test_key_agreement_is_symmetric_and_purpose_bound() -> None:
-    a_priv, a_pub = keys.generate()
-    b_priv, b_pub = keys.generate()
-    assert keys.public_bytes(keys.private(a_priv)) == a_pub
-    assert keys.agree(a_priv, b_pub, b"mask") == keys.agree(b_priv, a_pub, b"mask")
-    assert keys.agree(a_priv, b_pub, b"mask") != keys.agree(a_priv, b_pub, b"shares")
-    c_priv, c_pub = keys.generate()
-    assert keys.agree(a_priv, b_pub, b"mask") != keys.agree(a_priv, c_pub, b"mask")
+def test_epoch_roots_are_symmetric_bound_to_run_channel_and_epoch() -> None:
+    """The root two neighbours agree: the same at both ends, different for another run, channel, epoch
+    or peer; a malformed peer key is refused."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    def pair() -> tuple[X25519PrivateKey, bytes]:
+        k = X25519PrivateKey.generate()
+        return k, k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    (a, a_pub), (b, b_pub), (_, c_pub) = pair(), pair(), pair()
+    root = ratchet.root(a, b_pub, 7, "train", 1, "a", "b")
+    assert root == ratchet.root(b, a_pub, 7, "train", 1, "b", "a")
+    others = {ratchet.root(a, b_pub, 8, "train", 1, "a", "b"), ratchet.root(a, b_pub, 7, "sum", 1, "a", "b"),
+              ratchet.root(a, b_pub, 7, "train", 2, "a", "b"), ratchet.root(a, c_pub, 7, "train", 1, "a", "c")}
+    assert root not in others and len(others) == 4
     with pytest.raises(ValueError, match="32 bytes"):
-        keys.agree(a_priv, b_pub[:31], b"mask")
+        ratchet.root(a, b_pub[:31], 7, "train", 1, "a", "b")
+    assert keys.expand(bytes(16), b"self-mask") != keys.expand(bytes(16), b"other")
 
 
 def _mask(seed: bytes, length: int, codec: FieldCodec) -> np.ndarray:
@@ -51,7 +60,7 @@ def test_pairwise_masks_cancel_in_the_field_sum() -> None:
     codec = FieldCodec(clip=1.0, value_bits=16, max_sites=8)
     rng = np.random.default_rng(0)
     n, d = 5, 1_000
-    pairs = [keys.generate() for _ in range(n)]
+    seeds = {(i, j): bytes([i, j]) * 16 for i in range(n) for j in range(i + 1, n)}  # each pair's round seed
     updates = rng.uniform(-1, 1, size=(n, d))
     encoded = [codec.encode(u, np.random.default_rng(i))[0] for i, u in enumerate(updates)]
     masked = []
@@ -60,7 +69,7 @@ def test_pairwise_masks_cancel_in_the_field_sum() -> None:
         for j in range(n):
             if i == j:
                 continue
-            w = prg.words(keys.agree(pairs[i][0], pairs[j][1], b"mask"), d)
+            w = prg.words(seeds[min(i, j), max(i, j)], d)
             (np.add if j > i else np.subtract)(y, w, out=y)
         masked.append(codec.reduce(y))
     # each masked vector is a field element; the server sums them and reduces once
@@ -157,12 +166,13 @@ def test_shamir_needs_the_threshold() -> None:
 
 
 def test_neighbour_graph_is_a_symmetric_ring_or_complete() -> None:
-    from aggregation.secagg.graph import auto_neighbours, ring
+    from aggregation.secagg.graph import auto_neighbours, neighbourhood
 
-    ids = list(range(1, 31))
-    graph = ring(ids, 6)
-    assert all(len(graph[i]) == 7 and i in graph[i] for i in ids)
-    assert all(i in graph[j] for i in ids for j in graph[i])  # symmetric: masks cancel pairwise
-    assert ring(ids, 29)[5] == frozenset(ids)
-    assert ring(ids, 6) != ring(ids, 6)  # fresh randomness each round (probability ~1)
+    names = [f"site-{i}" for i in range(30)]
+    graph = neighbourhood(b"seed", names, 6)
+    assert all(len(graph[n]) == 6 and n not in graph[n] for n in names)
+    assert all(n in graph[m] for n in names for m in graph[n])  # symmetric: masks cancel pairwise
+    assert neighbourhood(b"seed", names, 29)["site-5"] == frozenset(names) - {"site-5"}
+    assert neighbourhood(b"seed", names, 6) == neighbourhood(b"seed", names[::-1], 6)  # the same at every site
+    assert neighbourhood(b"seed", names, 6) != neighbourhood(b"seed2", names, 6)  # another epoch, another graph
     assert auto_neighbours(10) == 9 and auto_neighbours(50) == 24 and auto_neighbours(1000) == 40
