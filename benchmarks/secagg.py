@@ -1,11 +1,12 @@
-"""Issue #4: what secure aggregation costs, against plain aggregation and Flower's SecAgg+.
+"""Issues #4 and #34: what secure aggregation costs, against plain aggregation and Flower's SecAgg+.
 
-For 5, 20 and 50 finance sites (IID, 1 local epoch, the finance MLP: 4,225 values) it
+For 5, 20, 50 and 100 finance sites (IID, 1 local epoch, the finance MLP: 4,225 values) it
 runs, in this one process and interleaved per site count:
 
 * ``plain``     fedsilo, ``aggregation=plain``
 * ``secagg``    fedsilo, ``aggregation=secagg`` (default graph: complete up to 20 sites,
-                then 2*ceil(2*log2 n) neighbours per site; threshold 60 % of a neighbourhood)
+                then 2*ceil(2*log2 n) neighbours per site; threshold 60 % of a neighbourhood, or the
+                site's own bound if higher; keys agreed once, in round 1)
 * ``flower``    Flower 1.41's legacy SecAgg+ workflow (``benchmarks/flower_baseline/
                 secaggplus_app.py``) with the same sites, model, local training, graph size
                 (``num_shares``) and threshold
@@ -17,7 +18,7 @@ message and reply goes through Flower's protobuf serialisation, as on a real wir
 figures isolate protocol cost; ``--engine`` adds plain vs secagg
 at 10 sites through Flower's simulation engine (``fedsilo`` command).
 
-    python benchmarks/secagg.py --rounds 5    # about 2 minutes on 2 cores (3 pairs per site count)
+    python benchmarks/secagg.py --rounds 5    # about 15 minutes on 2 cores (3 pairs per site count)
     python benchmarks/secagg.py --engine      # + the simulation engine at 10 sites
 
 Writes ``benchmarks/results/secagg.{json,md}``.
@@ -107,17 +108,18 @@ def one(kind: str, sites: int, rounds: int) -> dict[str, Any]:
 
 
 def crypto_floor(sites: int, length: int = 4228, reps: int = 25) -> dict[str, float]:
-    """Seconds per round of the cryptography SecAgg(+) cannot skip at ``sites`` sites, timed alone:
-    per site, one X25519 exchange (+HKDF) per neighbour and key pair (2k), one mask expansion per
-    neighbour and its own (k+1, AES-256-CTR over the masked vector), Shamir-sharing two secrets among
-    its neighbourhood, sealing and opening one share per neighbour; at the server, one self-mask
-    expansion and one reconstruction per site. Minimum of ``reps``."""
+    """Seconds per round of the work a secure round cannot skip at ``sites`` sites (rounds after the one
+    that agrees the job's keys), timed alone: per site, the ratchet of each neighbour's chain (mask seed,
+    share key, next chain key: HKDF-Expand), one AES-256-CTR mask expansion per neighbour and its own,
+    one Shamir sharing of its self-mask seed among its neighbourhood, one share sealed and one opened per
+    neighbour (AES-256-GCM); at the coordinator, one self-mask expansion and one reconstruction per site.
+    Minimum of ``reps``."""
     import os
     import time
 
     import numpy as np
 
-    from aggregation.secagg import keys, prg
+    from aggregation.secagg import keys, prg, ratchet
     from aggregation.secagg.graph import auto_neighbours
     from aggregation.secagg.protocol import open_sealed, seal
     from aggregation.secagg.server import threshold_for
@@ -125,21 +127,18 @@ def crypto_floor(sites: int, length: int = 4228, reps: int = 25) -> dict[str, fl
 
     k = auto_neighbours(sites)
     t = threshold_for(0.6, k + 1)
-    own = keys.private(keys.generate()[0])
-    peers = [keys.generate()[1] for _ in range(k)]
-    box = os.urandom(32)
+    chains = [os.urandom(32) for _ in range(k)]
+    aad = b"fedsilo-secagg-v2|share|1|train|5|site-a->site-b"
 
     def site() -> None:
-        for pk in peers:
-            keys.agree(own, pk, b"shares")
-            keys.agree(own, pk, b"mask")
+        derived = [ratchet.round_keys(c, 5) for c in chains]
         y = np.zeros(length, dtype=np.uint64)
-        for _ in range(k + 1):
-            np.add(y, prg.words(os.urandom(32), length), out=y)
-        create_shares(os.urandom(16), t, k + 1)
-        create_shares(os.urandom(16), t, k + 1)
-        for _ in range(k):
-            open_sealed(box, seal(box, bytes(54)))
+        for seed, _, _ in derived:
+            np.add(y, prg.words(seed, length), out=y)
+        np.add(y, prg.words(keys.expand(os.urandom(16), b"self-mask"), length), out=y)
+        shares = create_shares(os.urandom(16), t, k + 1)
+        for (_, share_key, _), share in zip(derived, shares, strict=False):
+            open_sealed(share_key, seal(share_key, share, aad), aad)
 
     shares = create_shares(os.urandom(16), t, k + 1)
 
@@ -173,7 +172,7 @@ def engine(sites: int, rounds: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sites", type=int, nargs="+", default=[5, 20, 50])
+    parser.add_argument("--sites", type=int, nargs="+", default=[5, 20, 50, 100])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--engine", action="store_true", help="also plain vs secagg at 10 sites in the engine")
     parser.add_argument("--reps", type=int, default=3,
@@ -232,10 +231,11 @@ def main() -> None:
             f"(real ServerApp/ClientApp objects, every message through Flower's protobuf serialisation, no Ray or gRPC); "
             f"s/round is the median of rounds 2..{args.rounds}; the first table is the first repetition (and "
             f"Flower's one run).\n\n" + "\n".join(lines) + "\n\n"
-            "Bound: plain fedsilo's round plus the cryptography SecAgg+ cannot skip (per site: one X25519 exchange "
-            "per neighbour and key pair, one AES-CTR mask expansion per neighbour and its own, two Shamir sharings, "
-            "one sealed and one opened share per neighbour; at the server one self-mask and one reconstruction per "
-            "site), timed alone in this process (`crypto_floor`) right after each plain/secagg pair. Medians over "
+            "Bound: plain fedsilo's round plus the per-round work the protocol cannot skip once the job's keys are "
+            "agreed (per site: the ratchet of each neighbour's chain, one AES-CTR mask expansion per neighbour and "
+            "its own, one Shamir sharing of its self-mask seed, one sealed and one opened share per neighbour; at "
+            "the coordinator one self-mask and one reconstruction per site), timed alone in this process "
+            "(`crypto_floor`) right after each plain/secagg pair. Medians over "
             f"{args.reps} interleaved pairs per site count, ranges in brackets.\n\n" + "\n".join(bound_lines) + "\n")
     if eng:
         text += (f"\nSimulation engine, 10 sites (`fedsilo`): plain {eng['plain']:.3f} s/round, secagg "
