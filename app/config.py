@@ -183,7 +183,12 @@ def num_sites(cfg: FedsiloConfig) -> int:
 
 def parse_overrides(text: str) -> list[str]:
     """Split a run-config ``overrides`` string into Hydra override tokens (shell quoting)."""
-    return shlex.split(text)
+    return list(_split(text))
+
+
+@lru_cache(maxsize=64)
+def _split(text: str) -> tuple[str, ...]:  # every message of a run carries the same string: split it once
+    return tuple(shlex.split(text))
 
 
 def run_overrides(overrides: list[str], data_dir: str | Path) -> str:

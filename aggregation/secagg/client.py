@@ -128,9 +128,10 @@ def refuse(msg: Message, err: Exception) -> Message:
 
 
 def _names(value: object, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise Refused(f"{what!r} is not a list of site names")
-    return list(value)  # type: ignore[arg-type]
+    try:
+        return wire.split_names(value, what)
+    except ValueError as err:
+        raise Refused(str(err)) from None
 
 
 def _site(context: Context, w: ConfigRecord, env: SiteEnv) -> tuple[MaskingSite, StateStore]:
@@ -188,7 +189,7 @@ def masked_input(msg: Message, context: Context, env: SiteEnv, encode: Callable[
     store.save(site.state)
     extra[MASKED_KEY] = ArrayRecord({"y": pack_field(y, fb)})  # field-wide bits each, no padding
     to = sorted(sealed)
-    return _reply(msg, {"round": index, "id": int(w["id"]), "threshold": t, "to": to,  # type: ignore[call-overload]
+    return _reply(msg, {"round": index, "id": int(w["id"]), "threshold": t, "to": wire.join_names(to),  # type: ignore[call-overload]
                         "shares": wire.join([sealed[j] for j in to])}, extra)
 
 
@@ -201,16 +202,14 @@ def unmask(msg: Message, context: Context, env: SiteEnv) -> Message:
         cts = wire.split(w["shares"], "shares")  # type: ignore[arg-type]
     except ValueError as err:
         raise Refused(str(err)) from None
-    if len(set(senders)) != len(senders):
-        raise Refused("the shares' senders repeat a name")
     if len(cts) != len(senders):
         raise Refused(f"{len(cts)} shares for {len(senders)} senders")
     b_shares, seeds = site.unmask(int(w["round"]), _names(w["survivors"], "survivors"),  # type: ignore[call-overload]
                                   _names(w["dropped"], "dropped"), dict(zip(senders, cts, strict=True)))
     store.save(site.state)
     owners, peers = sorted(b_shares), sorted(seeds)
-    return _reply(msg, {"round": int(w["round"]), "id": int(w["id"]), "b-of": owners,  # type: ignore[call-overload]
-                        "b-shares": wire.join([b_shares[o] for o in owners]), "seed-of": peers,
+    return _reply(msg, {"round": int(w["round"]), "id": int(w["id"]), "b-of": wire.join_names(owners),  # type: ignore[call-overload]
+                        "b-shares": wire.join([b_shares[o] for o in owners]), "seed-of": wire.join_names(peers),
                         "seeds": b"".join(seeds[p] for p in peers)})
 
 

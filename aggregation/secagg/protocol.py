@@ -41,7 +41,6 @@ honest sites and ``c`` of its own gives the bound.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from aggregation.base import MaskingLimits as Limits
-from aggregation.secagg import keys, prg, ratchet
+from aggregation.secagg import keys, prg, ratchet, wire
 from aggregation.secagg.codec import FieldCodec
 from aggregation.secagg.graph import graph_seed, neighbourhood
 from aggregation.secagg.shamir import combine_shares, create_shares
@@ -139,33 +138,56 @@ class SiteState:
     pending: Pending | None = None
 
     def to_bytes(self) -> bytes:
+        """The state as one byte string (:mod:`aggregation.secagg.wire`'s lists; integers as 8 bytes)."""
+        peers = sorted(self.chains)
+        fields = [_VERSION, _ints(self.epoch, self.secret_epoch, self.last), self.secret,
+                  wire.join_names(self.allowed).encode(), wire.join_names(peers).encode(),
+                  _ints(*(self.chains[p][0] for p in peers)), b"".join(self.chains[p][1] for p in peers)]
         p = self.pending
-        doc = {"v": 2, "epoch": self.epoch, "secret": self.secret.hex(), "secret_epoch": self.secret_epoch,
-               "allowed": self.allowed, "chains": {k: [i, c.hex()] for k, (i, c) in sorted(self.chains.items())},
-               "last": self.last,
-               "pending": None if p is None else {
-                   "index": p.index, "neighbours": p.neighbours, "threshold": p.threshold,
-                   "seeds": {k: v.hex() for k, v in p.seeds.items()},
-                   "share_keys": {k: v.hex() for k, v in p.share_keys.items()}, "own_share": p.own_share.hex()}}
-        return json.dumps(doc, separators=(",", ":")).encode()
+        if p is not None:
+            fields += [_ints(p.index, p.threshold), wire.join_names(p.neighbours).encode(),
+                       b"".join(p.seeds[n] for n in p.neighbours), b"".join(p.share_keys[n] for n in p.neighbours),
+                       p.own_share]
+        return wire.join(fields)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SiteState:
         try:
-            doc = json.loads(bytes(data))
-            if doc.get("v") != 2:
-                raise ValueError(f"state version {doc.get('v')!r}, expected 2")
-            p = doc["pending"]
-            pending = None if p is None else Pending(
-                int(p["index"]), [str(x) for x in p["neighbours"]], int(p["threshold"]),
-                {k: bytes.fromhex(v) for k, v in p["seeds"].items()},
-                {k: bytes.fromhex(v) for k, v in p["share_keys"].items()}, bytes.fromhex(p["own_share"]))
-            return cls(int(doc["epoch"]), bytes.fromhex(doc["secret"]), int(doc["secret_epoch"]),
-                       [str(x) for x in doc["allowed"]],
-                       {str(k): (int(i), bytes.fromhex(c)) for k, (i, c) in doc["chains"].items()},
-                       int(doc["last"]), pending)
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise Refused(f"this site's secure-aggregation state is damaged ({type(err).__name__}: {err})") from None
+            f = wire.split(bytes(data), "secure-aggregation state")
+            if not f or f[0] != _VERSION or len(f) not in (7, 12):
+                raise ValueError("not a state of this version")
+            epoch, secret_epoch, last = _ints_of(f[1], 3)
+            allowed, peers = _names_of(f[3]), _names_of(f[4])
+            chains = dict(zip(peers, zip(_ints_of(f[5], len(peers)),
+                                         wire.split_fixed(f[6], len(peers), ratchet.KEY_BYTES), strict=True), strict=True))
+            pending = None
+            if len(f) == 12:
+                index, threshold = _ints_of(f[7], 2)
+                hood = _names_of(f[8])
+                pending = Pending(index, hood, threshold,
+                                  dict(zip(hood, wire.split_fixed(f[9], len(hood), ratchet.KEY_BYTES), strict=True)),
+                                  dict(zip(hood, wire.split_fixed(f[10], len(hood), ratchet.KEY_BYTES), strict=True)),
+                                  f[11])
+            return cls(epoch, f[2], secret_epoch, allowed, chains, last, pending)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise Refused(f"this site's secure-aggregation state is damaged ({err})") from None
+
+
+_VERSION = b"fedsilo-secagg-state-v2"
+
+
+def _names_of(data: bytes) -> list[str]:  # the site's own state: names written by wire.join_names
+    return data.decode().split("\n") if data else []
+
+
+def _ints(*values: int) -> bytes:
+    return b"".join(int(v).to_bytes(8, "little") for v in values)
+
+
+def _ints_of(data: bytes, count: int) -> list[int]:
+    if len(data) != 8 * count:
+        raise ValueError(f"{len(data)} bytes for {count} integers")
+    return [int.from_bytes(data[8 * k: 8 * k + 8], "little") for k in range(count)]
 
 
 # ---- the site's half -----------------------------------------------------------------------------------
@@ -240,6 +262,10 @@ class MaskingSite:
                           "have moved past it (replayed or stale message)")
         if len(set(neighbours)) != len(neighbours) or self.name in neighbours:
             raise Refused("the neighbour list repeats a name or names this site itself")
+        removed = sorted(n for n in neighbours if not self.identity.knows(n))
+        if removed:
+            raise Refused(f"{len(removed)} of the neighbours named are no longer on this site's roster "
+                          f"(e.g. {removed[0]!r})")
         unknown = sorted(set(neighbours) - set(st.chains))
         if unknown:
             raise Refused(f"{len(unknown)} of the {len(neighbours)} neighbours named are not this site's neighbours "

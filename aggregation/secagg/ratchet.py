@@ -3,8 +3,8 @@
 Two neighbours agree a **root** once per key epoch (normally once per job): X25519 between the
 epoch keys each signed with its long-term identity (:mod:`core.identity`), HKDF-SHA256 bound to
 the run, the protocol channel, the epoch and both names. The root is the pair's **chain key** at
-index 0. For the round (or secure sum) numbered ``r`` the chain key ``CK_r`` derives, with
-HKDF-Expand and labels naming the purpose and ``r``,
+index 0. For the round (or secure sum) numbered ``r`` the chain key ``CK_r`` derives, with one
+HKDF-Expand labelled with ``r`` (96 bytes, in this order),
 
 * the pair's **mask seed** of that round (both add the same AES-CTR mask, with opposite signs), and
 * the pair's **share key** of that round (AES-256-GCM for the Shamir shares they send each other),
@@ -38,8 +38,11 @@ def root(secret: X25519PrivateKey, peer_public: bytes, run: int, channel: str, e
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
 
 
-def _expand(key: bytes, purpose: str, index: int) -> bytes:
-    return HKDFExpand(algorithm=hashes.SHA256(), length=KEY_BYTES, info=_LABEL + f"{purpose}|{index}".encode()).derive(key)
+def _step(key: bytes, index: int) -> bytes:
+    """One HKDF-Expand of the chain key at ``index``: 96 bytes, the mask seed, the share key and the next
+    chain key (HKDF's output blocks are independent pseudo-random values)."""
+    return HKDFExpand(algorithm=hashes.SHA256(), length=3 * KEY_BYTES,
+                      info=_LABEL + f"round|{index}".encode()).derive(key)
 
 
 def advance(key: bytes, index: int, to: int) -> bytes:
@@ -50,10 +53,11 @@ def advance(key: bytes, index: int, to: int) -> bytes:
     if to - index > MAX_STEPS:
         raise ValueError(f"index {to} is more than {MAX_STEPS} steps ahead of the chain ({index})")
     for i in range(index, to):
-        key = _expand(key, "chain", i)
+        key = _step(key, i)[2 * KEY_BYTES:]
     return key
 
 
 def round_keys(key: bytes, index: int) -> tuple[bytes, bytes, bytes]:
     """(mask seed, share key, next chain key) of the chain key at ``index``."""
-    return _expand(key, "mask", index), _expand(key, "share", index), _expand(key, "chain", index)
+    out = _step(key, index)
+    return out[:KEY_BYTES], out[KEY_BYTES: 2 * KEY_BYTES], out[2 * KEY_BYTES:]

@@ -47,7 +47,7 @@ from aggregation.secagg.vector import FIELD_BITS, Aggregate, WeightedUpdateCodec
 from core import recordview
 
 MAX_SHARE_BYTES = 4 + VALUE_BYTES * 64  # a Shamir share of a seed (aggregation/secagg/shamir.py): 1 chunk in practice
-MAX_NAME = 200
+MAX_NAME = wire.MAX_NAME
 
 
 def threshold_for(fraction: float, sites: int) -> int:
@@ -60,10 +60,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _names(v: Any, allowed: Iterable[str] | None = None) -> bool:
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v) or len(set(v)) != len(v):
-        return False
-    return allowed is None or set(v) <= set(allowed)
+def _names(v: Any, allowed: Iterable[str]) -> list[str] | None:
+    """The site names a reply lists, if they are a subset of ``allowed``; else None."""
+    try:
+        names = wire.split_names(v)
+    except ValueError:
+        return None
+    return names if set(names) <= set(allowed) else None
 
 
 def _is_share(s: bytes) -> bool:
@@ -200,7 +203,7 @@ class SecureAggregator:
     def _epoch_record(self, name: str) -> dict[str, Any]:
         """What a site needs to agree the epoch's keys: every name (for the graph) and its neighbours' signed keys."""
         holders = sorted(self._graph[name] | {name})
-        return {"graph-k": self._k, "epoch-names": sorted(self._keys), "epoch-of": holders,
+        return {"graph-k": self._k, "epoch-names": wire.join_names(sorted(self._keys)), "epoch-of": wire.join_names(holders),
                 "epoch-pks": wire.join_keys([self._keys[h][0] for h in holders]),
                 "epoch-sigs": b"".join(self._keys[h][1] for h in holders)}
 
@@ -232,7 +235,7 @@ class SecureAggregator:
             name = self._name[node]
             rec = {"round": index, "id": self._ids[node], **self._tag(), "epoch": self.epoch, "size": size,
                    "clip": self.clip, "value-bits": self.value_bits, "field-bits": self.field_bits,
-                   "threshold": self.threshold, "neighbours": hoods[name]}
+                   "threshold": self.threshold, "neighbours": wire.join_names(hoods[name])}
             if name not in self._agreed:
                 rec.update(self._epoch_record(name))
             out[node] = rec
@@ -277,7 +280,7 @@ class SecureAggregator:
             w = msg.content[WIRE_KEY]
             name = self._name[node]
             self._server.masked[name] = Masked(y, int(w["threshold"]),  # type: ignore[call-overload]
-                                               dict(zip(w["to"], wire.split(w["shares"]), strict=True)))  # type: ignore[arg-type, call-overload]
+                                               dict(zip(wire.split_names(w["to"]), wire.split(w["shares"]), strict=True)))  # type: ignore[arg-type]
             self._agreed.add(name)
 
     def _check_vector(self, y: np.ndarray) -> str | None:
@@ -305,14 +308,16 @@ class SecureAggregator:
         records = {}
         for name, (surv, drop, inbox) in requests.items():
             senders = sorted(inbox)
-            records[self._node[name]] = {"epoch": self.epoch, "survivors": surv, "dropped": drop, "from": senders,
+            records[self._node[name]] = {"epoch": self.epoch, "survivors": wire.join_names(surv),
+                                         "dropped": wire.join_names(drop), "from": wire.join_names(senders),
                                          "shares": wire.join([inbox[s] for s in senders])}
         replies = self._exchange("unmask", "query.secagg_unmask", records)
         opened = {}
         for node, r in replies.items():
-            seeds = wire.split_fixed(r["seeds"], len(r["seed-of"]), KEY_BYTES)  # type: ignore[arg-type]
-            opened[self._name[node]] = (dict(zip(r["b-of"], wire.split(r["b-shares"]), strict=True)),  # type: ignore[arg-type, call-overload]
-                                        dict(zip(r["seed-of"], seeds, strict=True)))  # type: ignore[call-overload]
+            b_of, seed_of = wire.split_names(r["b-of"]), wire.split_names(r["seed-of"])
+            seeds = wire.split_fixed(r["seeds"], len(seed_of), KEY_BYTES)  # type: ignore[arg-type]
+            opened[self._name[node]] = (dict(zip(b_of, wire.split(r["b-shares"]), strict=True)),  # type: ignore[arg-type]
+                                        dict(zip(seed_of, seeds, strict=True)))
         try:
             total = self._server.unmask(opened)
         except (ValueError, TypeError, KeyError) as err:
@@ -369,8 +374,8 @@ class SecureAggregator:
 
 def _check_keys(r: ConfigRecord, agg: SecureAggregator, node: int) -> str | None:
     name, pk, sig = r.get("name"), r.get("pk"), r.get("sig")
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
-        return f"its name is not a string of 1..{MAX_NAME} characters"
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or "\n" in name or not name.isprintable():
+        return f"its name is not a printable string of 1..{MAX_NAME} characters"
     if not isinstance(pk, bytes) or len(pk) != KEY_BYTES or not isinstance(sig, bytes) or len(sig) != SIGNATURE_BYTES:
         return f"its key and signature are not {KEY_BYTES} and {SIGNATURE_BYTES} bytes"
     return None
@@ -380,17 +385,18 @@ def _check_masked(r: ConfigRecord, agg: SecureAggregator, node: int) -> str | No
     assert agg._server is not None
     name = agg._name[node]
     hood = agg._server.neighbours[name]
-    t, to, blob = r.get("threshold"), r.get("to"), r.get("shares")
+    t, blob = r.get("threshold"), r.get("shares")
     if not _is_int(t) or not 2 <= t <= len(hood) + 1:  # type: ignore[operator]
         return f"its threshold is not an integer in 2..{len(hood) + 1} (its neighbourhood)"
-    if not _names(to, hood) or not isinstance(blob, bytes):
+    to = _names(r.get("to"), hood)
+    if to is None or not isinstance(blob, bytes):
         return "'to' is not a list of its neighbours, or 'shares' is not bytes"
     try:
         items = wire.split(blob)
     except ValueError as err:
         return str(err)
-    if len(items) != len(to):  # type: ignore[arg-type]
-        return f"{len(items)} shares for {len(to)} recipients"  # type: ignore[arg-type]
+    if len(items) != len(to):
+        return f"{len(items)} shares for {len(to)} recipients"
     if any(len(c) > MAX_SHARE_BYTES + SEAL_OVERHEAD for c in items):
         return "a sealed share is longer than a share can be"
     return None
@@ -400,20 +406,21 @@ def _check_unmask(r: ConfigRecord, agg: SecureAggregator, node: int) -> str | No
     assert agg._server is not None
     name = agg._name[node]
     hood = [name, *agg._server.neighbours[name]]
-    b_of, blob, seed_of, seeds = r.get("b-of"), r.get("b-shares"), r.get("seed-of"), r.get("seeds")
-    if not _names(b_of, hood) or not _names(seed_of, hood) or not isinstance(blob, bytes) or not isinstance(seeds, bytes):
+    b_of, seed_of = _names(r.get("b-of"), hood), _names(r.get("seed-of"), hood)
+    blob, seeds = r.get("b-shares"), r.get("seeds")
+    if b_of is None or seed_of is None or not isinstance(blob, bytes) or not isinstance(seeds, bytes):
         return "'b-of' and 'seed-of' are not lists of its neighbourhood, or the shares and seeds are not bytes"
-    if set(b_of) & set(seed_of):  # type: ignore[arg-type]
+    if set(b_of) & set(seed_of):
         return "it revealed both kinds of secret for one site"
-    if set(seed_of) & set(agg._server.masked):  # type: ignore[arg-type]
+    if set(seed_of) & set(agg._server.masked):
         return "it revealed a round seed with a site that survived"
     try:
         items = wire.split(blob)
     except ValueError as err:
         return str(err)
-    if len(items) != len(b_of) or not all(_is_share(s) for s in items):  # type: ignore[arg-type]
+    if len(items) != len(b_of) or not all(_is_share(s) for s in items):
         return "'b-shares' are not one Shamir share (4-byte index > 0, then 17-byte chunks) per site of 'b-of'"
-    if len(seeds) != KEY_BYTES * len(seed_of):  # type: ignore[arg-type]
+    if len(seeds) != KEY_BYTES * len(seed_of):
         return f"'seeds' are not {KEY_BYTES} bytes per site of 'seed-of'"
     return None
 

@@ -1,4 +1,4 @@
-"""Lists of byte strings in one ``bytes`` value of a stage message or of the site's state.
+"""Lists of byte strings (and of site names) in one value of a stage message or of the site's state.
 
 A Flower ``ConfigRecord`` checks, stores and serialises a list element by element; the
 protocol's lists (public keys, encrypted shares: one per neighbour) travel and persist as
@@ -56,3 +56,25 @@ def split_fixed(data: bytes, count: int, size: int, what: str = "list") -> list[
     if len(data) != size * count:
         raise ValueError(f"malformed {what}: {len(data)} bytes for {count} items of {size} bytes")
     return [data[k * size : (k + 1) * size] for k in range(count)]
+
+
+#: A site name on the wire: printable, no separator, at most this long.
+MAX_NAME = 200
+
+
+def join_names(names: Sequence[str]) -> str:
+    """Site names as one string, one per line (a ConfigRecord checks a list item by item; a site's
+    neighbours, survivors and recipients travel as one value)."""
+    if any(not n or "\n" in n or len(n) > MAX_NAME or not n.isprintable() for n in names):
+        raise ValueError(f"site names must be printable, without a line break, 1..{MAX_NAME} characters")
+    return "\n".join(names)
+
+
+def split_names(value: object, what: str = "names") -> list[str]:
+    """The names :func:`join_names` put in ``value`` (``ValueError`` if it is not such a string)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what!r} is not a string of site names")
+    names = value.split("\n") if value else []
+    if any(not n or len(n) > MAX_NAME or not n.isprintable() for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{what!r} is not a list of distinct site names (printable, 1..{MAX_NAME} characters)")
+    return names

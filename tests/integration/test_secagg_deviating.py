@@ -54,6 +54,14 @@ def _wire(msg: Message) -> Any:
     return msg.content.config_records.get(WIRE_KEY)
 
 
+def _get(w: Any, key: str) -> list[str]:
+    return wire.split_names(w[key])
+
+
+def _set(w: Any, key: str, names: list[str]) -> None:
+    w[key] = "\n".join(names)  # no checks: a deviating coordinator sends what it likes
+
+
 def _name_of(grid: RecordingGrid, node: int) -> str:
     return next(str(_wire(r)["name"]) for r in grid.replies
                 if r.metadata.src_node_id == node and not r.has_error() and "name" in _wire(r))
@@ -82,8 +90,10 @@ def test_the_reviews_attack_threshold_one_and_a_singleton_unmasking_reveals_noth
             w["threshold"] = 0.01
         if msg.metadata.message_type == "query.secagg_unmask" and msg.metadata.dst_node_id == TARGET:
             me = _name_of(grid, TARGET)
-            w["dropped"] = sorted(set(w["survivors"]) - {me}) + list(w["dropped"])
-            w["survivors"], w["from"], w["shares"] = [me], [], b""
+            _set(w, "dropped", sorted(set(_get(w, "survivors")) - {me}) + _get(w, "dropped"))
+            _set(w, "survivors", [me])
+            _set(w, "from", [])
+            w["shares"] = b""
 
     grid, results = _run(tmp_path, alter)
     masked = [r for r in grid.replies if r.metadata.message_type == "train.secagg" and not r.has_error()]
@@ -105,9 +115,9 @@ def test_a_neighbourhood_the_site_cannot_accept_is_refused_before_masking(attack
     def alter(msg: Message, grid: RecordingGrid) -> None:
         if msg.metadata.message_type == "train.secagg" and msg.metadata.dst_node_id == TARGET:
             w = _wire(msg)
-            hood = list(w["neighbours"])
-            w["neighbours"] = {"no neighbours": [], "one neighbour": hood[:1], "an invented neighbour": [*hood, "ghost"],
-                               "itself as a neighbour": [*hood, _name_of(grid, TARGET)]}[attack]
+            hood = _get(w, "neighbours")
+            _set(w, "neighbours", {"no neighbours": [], "one neighbour": hood[:1], "an invented neighbour": [*hood, "ghost"],
+                                   "itself as a neighbour": [*hood, _name_of(grid, TARGET)]}[attack])
 
     grid, results = _run(tmp_path, alter)
     _refused(_answer(grid, "train.secagg"), reason)
@@ -128,20 +138,23 @@ def test_an_unmasking_the_site_cannot_accept_reveals_nothing(attack: str, reason
             return
         w = _wire(msg)
         me = _name_of(grid, TARGET)
-        others = sorted(set(w["survivors"]) - {me})
+        others = sorted(set(_get(w, "survivors")) - {me})
         if attack == "survivors below the threshold":  # two survive, two "dropped": too few to reveal
-            w["survivors"], w["dropped"] = [me, others[0]], others[1:]
+            _set(w, "survivors", [me, others[0]])
+            _set(w, "dropped", others[1:])
         elif attack == "a peer both survived and dropped":  # asks for b's share and the pair's seed at once
-            w["dropped"] = [others[0]]
+            _set(w, "dropped", [others[0]])
         elif attack == "a neighbour left out":
-            w["survivors"] = [me, *others[1:]]
+            _set(w, "survivors", [me, *others[1:]])
         elif attack == "the site itself dropped":
-            w["survivors"], w["dropped"] = others, [me]
+            _set(w, "survivors", others)
+            _set(w, "dropped", [me])
         elif attack == "a stranger in the lists":
-            w["dropped"] = ["ghost"]
+            _set(w, "dropped", ["ghost"])
         else:  # the shares still include one from the site the lists now call dropped
-            w["survivors"], w["dropped"] = [me, *others[1:]], [others[0]]
-            assert others[0] in w["from"]
+            _set(w, "survivors", [me, *others[1:]])
+            _set(w, "dropped", [others[0]])
+            assert others[0] in _get(w, "from")
 
     grid, _ = _run(tmp_path, alter)
     _refused(_answer(grid, "query.secagg_unmask"), reason)
@@ -155,8 +168,9 @@ def test_a_second_unmasking_with_other_lists_is_refused(tmp_path: Path) -> None:
                     and m.metadata.dst_node_id == TARGET)
     me = _name_of(grid, TARGET)
     w = dict(_wire(original))
-    other = next(s for s in w["survivors"] if s != me)
-    w["survivors"], w["dropped"] = [s for s in w["survivors"] if s != other], [other]
+    other = next(s for s in _get(w, "survivors") if s != me)
+    _set(w, "survivors", [s for s in _get(w, "survivors") if s != other])
+    _set(w, "dropped", [other])
     content = RecordDict({WIRE_KEY: type(_wire(original))(w)})
     again = grid._deliver(Message(content, dst_node_id=TARGET, message_type="query.secagg_unmask"))
     _refused(again, "no masked round 1 open")
@@ -164,7 +178,7 @@ def test_a_second_unmasking_with_other_lists_is_refused(tmp_path: Path) -> None:
 
 # ---- keys: signed by the roster's identities -----------------------------------------------------------
 def _substitute(w: Any, peer: str, public: bytes, signature: bytes | None = None) -> None:
-    holders = list(w["epoch-of"])
+    holders = _get(w, "epoch-of")
     k = holders.index(peer)
     pks = wire.split_keys(w["epoch-pks"], len(holders))
     sigs = wire.split_fixed(w["epoch-sigs"], len(holders), 64)
@@ -187,12 +201,12 @@ def test_a_key_not_signed_by_its_sites_identity_is_refused(attack: str, roster: 
         if msg.metadata.message_type != "train.secagg" or msg.metadata.dst_node_id != TARGET:
             return
         w = _wire(msg)
-        peer = next(p for p in w["epoch-of"] if p != _name_of(grid, TARGET))
+        peer = next(p for p in _get(w, "epoch-of") if p != _name_of(grid, TARGET))
         own = _coordinator_key()
         if attack == "substituted key":
             _substitute(w, peer, own)
         elif attack == "flipped signature":
-            holders = list(w["epoch-of"])
+            holders = _get(w, "epoch-of")
             sigs = bytearray(w["epoch-sigs"])
             sigs[64 * holders.index(peer)] ^= 1
             w["epoch-sigs"] = bytes(sigs)
@@ -214,8 +228,8 @@ def test_a_site_on_no_roster_cannot_join_a_sites_neighbourhood(tmp_path: Path) -
         if msg.metadata.message_type == "train.secagg" and msg.metadata.dst_node_id == TARGET:
             w = _wire(msg)
             public = _coordinator_key()
-            w["epoch-names"] = sorted([*w["epoch-names"], "ghost"])
-            w["epoch-of"] = [*w["epoch-of"], "ghost"]
+            _set(w, "epoch-names", sorted([*_get(w, "epoch-names"), "ghost"]))
+            _set(w, "epoch-of", [*_get(w, "epoch-of"), "ghost"])
             w["epoch-pks"] = bytes(w["epoch-pks"]) + public
             w["epoch-sigs"] = bytes(w["epoch-sigs"]) + ghost.sign(key_statement(1, "train", int(w["epoch"]), "ghost",
                                                                                  public))

@@ -240,7 +240,7 @@ def _msg(message_type: str, **record: Any) -> Message:
 
 def test_replayed_and_out_of_order_stage_messages_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = _context()
-    early = client_app.app(_msg("query.secagg_unmask", round=3, id=1, epoch=1, survivors=[], dropped=[], **{"from": []},
+    early = client_app.app(_msg("query.secagg_unmask", round=3, id=1, epoch=1, survivors="", dropped="", **{"from": ""},
                                 shares=b""), ctx)
     assert early.has_error() and "no masked round 3 open" in early.error.reason
     # a site configured for plain aggregation refuses the protocol's messages with the reason
@@ -342,12 +342,12 @@ def test_neighbour_graph_keeps_each_sites_work_local_and_the_sum_exact(tmp_path:
         assert (sec["neighbours"], sec["threshold"], sec["survivors"]) == (6, 5, 8)
     trains = [m for m in grid.sent if m.metadata.message_type == "train.secagg"]
     assert len(trains) == 2 * 10  # every sampled site, both rounds
-    assert all(len(m.content[WIRE_KEY]["neighbours"]) == 6 for m in trains)  # its 6 graph neighbours
+    assert all(len(wire.split_names(m.content[WIRE_KEY]["neighbours"])) == 6 for m in trains)  # its 6 graph neighbours
     # each site receives the keys of its neighbours only (and itself), until it has masked once: the two
     # that dropped in round 1 get them again in round 2
     firsts = [m for m in trains if "epoch-of" in m.content[WIRE_KEY]]
     assert len({m.metadata.dst_node_id for m in firsts}) == 10 and len(firsts) == 12
-    assert all(len(m.content[WIRE_KEY]["epoch-of"]) == 7 for m in firsts)
+    assert all(len(wire.split_names(m.content[WIRE_KEY]["epoch-of"])) == 7 for m in firsts)
     assert_rounds_equal_survivors_mean(grid, tmp_path, updates)
 
 

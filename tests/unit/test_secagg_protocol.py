@@ -165,6 +165,12 @@ def test_a_roster_site_verifies_its_neighbours_and_refuses_a_stranger(tmp_path: 
         newcomer.agree(2, ["intruder", "site-0"], keys, 99)
     with pytest.raises(IdentityError, match="does not list this site"):
         SiteIdentity.load("site-7", *paths["site-0"])
+    # the consortium removes site 2 from the roster: site 0 masks with it no more, even with its chains
+    assert ids["site-0"].roster is not None
+    del ids["site-0"].roster["site-2"]
+    enc, _ = CODEC.encode(X["site-0"], np.random.default_rng(0))
+    with pytest.raises(Refused, match="no longer on this site's roster"):
+        sites["site-0"].mask(2, ["site-1", "site-2"], enc, CODEC, 0.6)
 
 
 # ---- the threshold bound, checked against every strategy of a coordinator with c sites of its own -------
