@@ -15,7 +15,7 @@ and reports seconds per round (median over rounds 2..R, so set-up is excluded) a
 each site sends and receives per round (serialised Flower messages, protobuf size). All
 three drive the real ServerApp/ClientApp objects in this process (no Ray, no gRPC; every
 message and reply goes through Flower's protobuf serialisation, as on a real wire), so the
-figures isolate protocol cost; ``--engine`` adds plain vs secagg
+figures isolate protocol cost; each run is a fresh Python process. ``--engine`` adds plain vs secagg
 at 10 sites through Flower's simulation engine (``fedsilo`` command).
 
     python benchmarks/secagg.py --rounds 5    # about 15 minutes on 2 cores (3 pairs per site count)
@@ -170,7 +170,19 @@ def engine(sites: int, rounds: int) -> dict[str, float]:
     return out
 
 
+def fresh(kind: str, sites: int, rounds: int) -> dict[str, Any]:
+    """:func:`one` in a fresh Python process: no run inherits another's caches, heap or garbage (a long
+    process that ran Flower's SecAgg+ at 100 sites collects garbage over a far larger heap)."""
+    out = subprocess.run([sys.executable, __file__, "--one", kind, str(sites), str(rounds)], capture_output=True,
+                         text=True, check=True, timeout=7200)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--one":
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        print(json.dumps(one(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, nargs="+", default=[5, 20, 50, 100])
     parser.add_argument("--rounds", type=int, default=4)
@@ -188,7 +200,7 @@ def main() -> None:
             kinds = ("plain", "secagg", "flower") if rep == 0 else ("plain", "secagg")
             got = {}
             for kind in kinds:
-                timing = one(kind, n, args.rounds)
+                timing = fresh(kind, n, args.rounds)
                 got[kind] = timing
                 if kind == "flower" or rep == 0:
                     rows.append(timing)

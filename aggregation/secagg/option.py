@@ -51,9 +51,9 @@ class SecAgg(AggregationOption):
         if "site-key" not in node_config or "roster" not in node_config:
             return ["aggregation=secagg: the site has no identity key or roster; give them with --site-key and "
                     "--roster (node config 'site-key', 'roster'), the files `fedsilo keys roster` made"]
+        name = str(node_config.get("site-name") or Path(str(node_config.get("data-path", ""))).stem)
         try:
-            SiteIdentity.load(str(node_config.get("site-name", "")), str(node_config["site-key"]),
-                              str(node_config["roster"]))
+            SiteIdentity.load(name, str(node_config["site-key"]), str(node_config["roster"]))
         except (IdentityError, OSError) as err:
             return [f"aggregation=secagg: {err}"]
         return []

@@ -18,6 +18,7 @@ import pytest
 from app.cli import site
 from app.runtime import pki
 from app.runtime.superlink import LocalSuperLink, free_port
+from core import identity
 from tests.e2e.test_e2e import leftover_processes
 
 pytestmark = pytest.mark.e2e
@@ -101,6 +102,16 @@ def test_site_command_finds_each_misconfiguration_before_joining(tmp_path: Path,
         assert "not a readable .npz file" in one("--data", str(garbage))
         assert "holds task 'finance' data, but this run's task is 'medical'" in one("--data", finance)
         assert "has no Paillier key pair" in one(overrides=[*FEDERATION, "aggregation=paillier"])
+        # issue #34: secure aggregation needs the site's identity and the roster, and the two must agree
+        secagg = [*FEDERATION, "aggregation=secagg"]
+        assert "has no identity key or roster" in one(overrides=secagg)
+        ids = identity.provision(tmp_path / "ids", ["cleveland", "hungarian"])
+        assert "lists key" in one("--site-key", ids["hungarian"][0], "--roster", ids["cleveland"][1], overrides=secagg)
+        assert "does not list this site ('elsewhere')" in one("--site-key", ids["cleveland"][0], "--roster",
+                                                              ids["cleveland"][1], "--site-name", "elsewhere",
+                                                              overrides=secagg)
+        assert problems(capsys, *good, "--site-key", ids["cleveland"][0], "--roster", ids["cleveland"][1],
+                        "--check", *secagg) == (0, [])
         # issue #33: the site's own policy, printed field by field, and the federation's config checked against it
         policy = tmp_path / "site.yaml"
         policy.write_text("privacy: {required: dpsgd, max_epsilon: 4.0}\n")

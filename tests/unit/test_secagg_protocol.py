@@ -220,3 +220,15 @@ def test_a_site_refuses_a_neighbourhood_its_policy_cannot_protect() -> None:
     assert t == 4
     with pytest.raises(Refused, match="cannot hold a threshold of 4"):
         sites["site-1"].mask(1, ["site-2", "site-3"], enc, CODEC, 0.6)  # n = 3 with 2 colluders allowed
+
+
+def test_fedsilo_keys_roster_writes_private_keys_and_one_roster(tmp_path: Path) -> None:
+    from app.cli.keys import main
+
+    assert main(["roster", "--out", str(tmp_path), "--sites", "bank-a", "bank-b"]) == 0
+    roster = load_roster(tmp_path / "roster.json")
+    assert set(roster) == {"bank-a", "bank-b"}
+    for name in roster:
+        assert (tmp_path / name / "site.key").stat().st_mode & 0o777 == 0o600
+        assert SiteIdentity.load(name, tmp_path / name / "site.key", tmp_path / "roster.json").public() == roster[name]
+    assert main(["roster", "--out", str(tmp_path / "x"), "--sites", "bank-a", "bank-a"]) == 2
