@@ -251,8 +251,7 @@ class SecureAggregator:
         out = []
         for m in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             node = m.metadata.dst_node_id
-            if node not in records:
-                self._reject(node, "keys", "has no key of this epoch: not in the round")
+            if node not in records:  # it failed the key stage (rejected there, with its reason): not in the round
                 continue
             content = RecordDict(dict(m.content.items()))
             content[WIRE_KEY] = ConfigRecord(records[node])
