@@ -254,3 +254,19 @@ def test_sites_with_a_roster_run_the_protocol_and_refuse_a_wrong_key_file(tmp_pa
     assert other != identity.identity_public(identity.load_identity(ctx.node_config["site-key"]))
     with pytest.raises(identity.IdentityError, match="lists key .* for 'hospital-1001'"):
         identity.SiteIdentity.load("hospital-1001", tmp_path / "wrong.key", ctx.node_config["roster"])
+
+
+def test_the_sites_policy_sets_the_threshold_the_run_cannot_lower(tmp_path: Path) -> None:
+    """``site_policy.secure_aggregation.colluders=1`` (every simulated site's policy): with 4 sites each site
+    uses a threshold of 4 (a site of its neighbourhood may work with the coordinator), whatever the run's
+    ``aggregation.threshold`` says; one dropout then aborts the round instead of revealing anything."""
+    grid, results = _run(tmp_path, lambda msg, grid: None,
+                         overrides=[*MEDICAL, "aggregation.threshold=0.51", "site_policy.secure_aggregation.colluders=1"])
+    masked = [r for r in grid.replies if r.metadata.message_type == "train.secagg" and not r.has_error()]
+    assert results["status"] == "completed" and len(masked) == 4
+    assert all(_wire(r)["threshold"] == 4 for r in masked)
+    with pytest.raises(RuntimeError, match="no site returned a usable update"):  # the only round aborted
+        _run(tmp_path / "drop", lambda msg, grid: None,
+             overrides=[*MEDICAL, "site_policy.secure_aggregation.colluders=1", "faults.drop_rate=0.25"])
+    dropped = json.loads((tmp_path / "drop" / "results.json").read_text())
+    assert "its threshold is 4" in dropped["history"][0]["participation"]["secagg"]["aborted"]
