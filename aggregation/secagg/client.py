@@ -49,7 +49,6 @@ TRAIN_CHANNEL = "train"
 SUM_CHANNEL = "sum"
 SEAL_OVERHEAD = 12 + 16  # nonce + GCM tag
 
-ProtocolError = Refused
 
 
 def channel_of(w: ConfigRecord) -> str:
@@ -214,5 +213,5 @@ def unmask(msg: Message, context: Context, env: SiteEnv) -> Message:
 
 
 __all__ = ["MASKED_KEY", "NO_KEYS", "PROTOCOL_ERROR", "STAGES", "SUM_CHANNEL", "TRAIN_CHANNEL", "WIRE_KEY", "NoKeys",
-           "ProtocolError", "Refused", "SecAggAbort", "StateStore", "advertise_keys", "field_codec", "masked_input",
+           "Refused", "SecAggAbort", "StateStore", "advertise_keys", "field_codec", "masked_input",
            "refuse", "unmask"]

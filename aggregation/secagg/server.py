@@ -47,7 +47,6 @@ from aggregation.secagg.vector import FIELD_BITS, Aggregate, WeightedUpdateCodec
 from core import recordview
 
 MAX_SHARE_BYTES = 4 + VALUE_BYTES * 64  # a Shamir share of a seed (aggregation/secagg/shamir.py): 1 chunk in practice
-MAX_NAME = wire.MAX_NAME
 
 
 def threshold_for(fraction: float, sites: int) -> int:
@@ -330,7 +329,6 @@ class SecureAggregator:
         """Collect the masked inputs, unmask; the survivors' decoded aggregate."""
         assert self._server is not None and self._codec is not None
         t0 = time.monotonic()
-        self._ids = {node: i for node, i in self._ids.items() if node in self._trained}
         good = self._screen("masked_input", replies, self._trained, self._out)
         self._masked(good)
         self._entry()["stages"]["masked_input"] = {"sent": len(self._trained), "ok": len(self._server.masked),
@@ -373,8 +371,8 @@ class SecureAggregator:
 
 def _check_keys(r: ConfigRecord, agg: SecureAggregator, node: int) -> str | None:
     name, pk, sig = r.get("name"), r.get("pk"), r.get("sig")
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or "\n" in name or not name.isprintable():
-        return f"its name is not a printable string of 1..{MAX_NAME} characters"
+    if not wire.is_name(name):
+        return f"its name is not a printable string of 1..{wire.MAX_NAME} characters"
     if not isinstance(pk, bytes) or len(pk) != KEY_BYTES or not isinstance(sig, bytes) or len(sig) != SIGNATURE_BYTES:
         return f"its key and signature are not {KEY_BYTES} and {SIGNATURE_BYTES} bytes"
     return None

@@ -62,10 +62,15 @@ def split_fixed(data: bytes, count: int, size: int, what: str = "list") -> list[
 MAX_NAME = 200
 
 
+def is_name(name: object) -> bool:
+    """A site name that can travel: a printable string of 1..MAX_NAME characters (no line break)."""
+    return isinstance(name, str) and 0 < len(name) <= MAX_NAME and name.isprintable()
+
+
 def join_names(names: Sequence[str]) -> str:
     """Site names as one string, one per line (a ConfigRecord checks a list item by item; a site's
     neighbours, survivors and recipients travel as one value)."""
-    if any(not n or "\n" in n or len(n) > MAX_NAME or not n.isprintable() for n in names):
+    if not all(is_name(n) for n in names):
         raise ValueError(f"site names must be printable, without a line break, 1..{MAX_NAME} characters")
     return "\n".join(names)
 
@@ -75,6 +80,6 @@ def split_names(value: object, what: str = "names") -> list[str]:
     if not isinstance(value, str):
         raise ValueError(f"{what!r} is not a string of site names")
     names = value.split("\n") if value else []
-    if any(not n or len(n) > MAX_NAME or not n.isprintable() for n in names) or len(set(names)) != len(names):
+    if not all(is_name(n) for n in names) or len(set(names)) != len(names):
         raise ValueError(f"{what!r} is not a list of distinct site names (printable, 1..{MAX_NAME} characters)")
     return names
