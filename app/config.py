@@ -28,15 +28,17 @@ from aggregation import compression
 from aggregation.base import AggregationConfig
 from app.faults import config as faults_config
 from app.faults.config import FaultsConfig
-from app.reporting import trackers
-from app.reporting.mlflow_tracker import MlflowConfig
 from app.site_policy import SitePolicy
+from app.tracking import trackers
+from app.tracking.mlflow_tracker import MlflowConfig
 from core.config import ConfigError, check
 from privacy.base import PrivacyConfig
 from strategies import config as strategy_config
 from strategies.buffered import DISPATCH
 from strategies.config import FedProxConfig, StrategyConfig
+from tasks import learners
 from tasks.base import PartitionConfig, TaskConfig
+from tasks.learners import LearnerConfig
 from vertical import config as vertical_config
 from vertical.config import VerticalConfig
 
@@ -60,6 +62,7 @@ class FedsiloConfig:
     partition: PartitionConfig = MISSING
     vertical: VerticalConfig = MISSING
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)  # how the model is fitted (tasks/learners.py)
     num_rounds: int = 10
     num_sites: int = 5
     seed: int = 0
@@ -67,7 +70,7 @@ class FedsiloConfig:
     resume: str | None = None      # a run directory (or its checkpoint.npz) to continue from
     checkpoint: bool = True        # write checkpoint.npz after every round
     report: bool = True            # write report.html and report.md after the run (fedsilo command)
-    logger: str = "none"           # none | tensorboard | mlflow (app/reporting/trackers.py)
+    logger: str = "none"           # none | tensorboard | mlflow (app/tracking/trackers.py)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     audit: bool = False            # membership-inference audit of the final model after the run (fedsilo audit)
     audit_references: int = 8      # reference models of the offline LiRA attack (0 = loss threshold only)
@@ -109,6 +112,7 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
         assert isinstance(obj, FedsiloConfig)
         cfg = obj
     tasks.validate(cfg.task, cfg.partition)
+    learners.validate(cfg.learner, tasks.get(cfg.task.name))
     strategy_config.validate(cfg.strategy)
     check(cfg.aggregation.name in aggregation.REGISTRY, "aggregation.name", cfg.aggregation.name,
           f"one of {list(aggregation.REGISTRY)}")
@@ -139,6 +143,11 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
                   "their own protection: Paillier for hetero_lr, vertical.protection for split_nn)")
         check(len(cfg.vertical.parties) >= 2, "vertical.parties", len(cfg.vertical.parties),
               "an active party and at least one passive party")
+    if not learners.get(cfg.learner.name).rounds:  # a sum-based learner: one protected-sum program, no rounds
+        for key, value, default in (("privacy.name", cfg.privacy.name, "none"),
+                                    ("vertical.name", cfg.vertical.name, "none")):
+            check(value == default, key, value, f"{default} with learner={cfg.learner.name} (a sum-based learner "
+                  "is protected by the aggregation option; differential privacy of its sums is not built yet)")
     check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "an integer >= 1")
     check(cfg.strategy.buffer == 0 or cfg.num_rounds < DISPATCH, "num_rounds", cfg.num_rounds,
           f"fewer than {DISPATCH} model versions with strategy.buffer > 0")
@@ -170,13 +179,23 @@ def _check_strategy_fits(cfg: FedsiloConfig) -> None:
 
 
 def num_sites(cfg: FedsiloConfig) -> int:
-    """The number of sites this config trains with (natural splits have their own count)."""
-    from app.runtime.paths import resolve_data_dir
+    """The number of sites this config trains with (natural splits have their own count).
+
+    Worked out once per composed config (a natural split of sites' own files lists their folder)
+    and kept on it: every later call of a run, at the coordinator or a site, reads it back."""
+    known = cfg.__dict__.get("_num_sites")
+    if known is None:
+        known = cfg.__dict__["_num_sites"] = _count_sites(cfg)
+    return int(known)
+
+
+def _count_sites(cfg: FedsiloConfig) -> int:
+    from app.support.paths import resolve_data_dir
 
     if cfg.vertical.name != "none":
         return len(cfg.vertical.parties)
     task_cls = tasks.get(cfg.task.name)
-    if cfg.partition.name != "natural" or not getattr(task_cls, "federated_data", False):
+    if cfg.partition.name != "natural" or not task_cls.federated_data:
         return task_cls.num_sites(cfg.partition, cfg.num_sites)
     return task_cls.num_sites(cfg.partition, cfg.num_sites, cfg.task, resolve_data_dir(cfg.data_dir))
 

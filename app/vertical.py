@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 
 import vertical
 from app import config
-from app.runtime.paths import resolve_data_dir
+from app.support.paths import resolve_data_dir
 from core import recordview
 from vertical import channel, coordinator, party, split_nn
 from vertical.channel import ChannelError

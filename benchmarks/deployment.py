@@ -83,8 +83,8 @@ def flower_app_dir(tmp: Path, kind: str) -> Path:
 def flower_rounds(tmp: Path, kind: str) -> dict[str, Any]:
     """A plain Flower app on 3 stock SuperNodes (TLS, authentication): seconds per round."""
     from app.runtime import pki
-    from app.runtime.paths import resolve_data_dir
     from app.runtime.superlink import LocalSuperLink
+    from app.support.paths import resolve_data_dir
 
     app = flower_app_dir(tmp, kind)
     certs = pki.make_certificates(tmp / "pki", hosts=["localhost"], ips=["127.0.0.1"])
@@ -153,8 +153,8 @@ LEAVE_ROUNDS = 5
 
 def leave_run(tmp: Path, sig: signal.Signals) -> dict[str, Any]:
     from app import config
-    from app.runtime import checkpoint, deploy
-    from app.runtime.paths import resolve_data_dir
+    from app.support import checkpoint, deploy
+    from app.support.paths import resolve_data_dir
 
     overrides, _ = deploy.site_overrides(["task=medical", f"num_rounds={LEAVE_ROUNDS}", "strategy.fraction_evaluate=0"], 4)
     dep = deploy.prepare(tmp, overrides, 4)

@@ -220,7 +220,7 @@ def epoch_speed(quick: bool) -> list[dict[str, Any]]:
     the bound: the non-private epoch plus, per DP-SGD step, the work DP-SGD cannot skip."""
     import tasks
     from app import config
-    from app.runtime.paths import resolve_data_dir
+    from app.support.paths import resolve_data_dir
     from privacy.dpsgd import DPSGDParams, sample_rate, steps_per_epoch, train_private
     from tasks.training import LocalTrainConfig, train_local
 

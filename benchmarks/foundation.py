@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import tasks  # noqa: E402
 from app import config  # noqa: E402
-from app.runtime.paths import resolve_data_dir  # noqa: E402
+from app.support.paths import resolve_data_dir  # noqa: E402
 
 JOBS = {
     "finance": ["task=finance", "num_rounds=10", "num_sites=5"],

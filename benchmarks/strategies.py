@@ -165,7 +165,7 @@ def centralized(job: tuple[str, list[str]]) -> dict[str, Any]:
 
     import tasks
     from app import config
-    from app.runtime.paths import resolve_data_dir
+    from app.support.paths import resolve_data_dir
     from tasks.data import Split
     from tasks.training import predict
 
@@ -200,7 +200,7 @@ def converged_pooled_lr() -> float:
 
     import tasks
     from app import config
-    from app.runtime.paths import resolve_data_dir
+    from app.support.paths import resolve_data_dir
     from tasks.models import LogisticRegression as Torch
 
     cfg = config.compose(["task=medical"])

@@ -1,9 +1,14 @@
-"""Tasks: data, preprocessing, partitions, model and local loops. ``get(name)`` -> Task class."""
+"""Tasks: the data sources (what the data are and how a site reads them), their partitions and models.
+
+``get(name)`` -> the Task class (:mod:`tasks.base`: pooled research data sets; :mod:`tasks.federated`:
+a site's own rows). How a model is fitted from a task's data is a learner's (:mod:`tasks.learners`).
+"""
 
 from __future__ import annotations
 
 from core.config import check
-from tasks.base import PartitionConfig, SiteData, Split, Task, TaskConfig, TaskData
+from tasks import programs as programs  # noqa: E402,I001 - registers the built-in protected-sum programs
+from tasks.base import PartitionConfig, PooledTask, SiteData, Split, Task, TaskConfig, TaskData
 from tasks.finance import FinanceTask
 from tasks.images import ImagesTask
 from tasks.medical import MedicalTask
@@ -50,17 +55,7 @@ def validate(t: TaskConfig, p: PartitionConfig) -> None:
     check(p.natural_sites >= 0, "partition.natural_sites", p.natural_sites, "0 (all) or a number of sites >= 2")
     check(0 < t.test_fraction < 1, "task.test_fraction", t.test_fraction, "0 < test_fraction < 1")
     check(64 <= t.auc_bins <= 65536, "task.auc_bins", t.auc_bins, "an integer in 64..65536")
-    if getattr(task_cls, "federated_data", False):
-        check(p.name in ("iid", "dirichlet", "natural"), "partition.name", p.name, "iid, dirichlet or natural")
-        task_cls.validate_config(t, p)  # type: ignore[attr-defined]
-        return
-    if p.name == "natural":
-        check(task_cls.natural_sites is not None, "partition.name", p.name,
-              f"iid or dirichlet: task {t.name} has no natural split")
-        n_natural = len(task_cls.natural_sites or ())
-        check(p.natural_sites == 0 or 2 <= p.natural_sites <= n_natural, "partition.natural_sites", p.natural_sites,
-              f"0 (all {n_natural}) or 2..{n_natural}: the first k of task {t.name}'s natural sites "
-              f"{list(task_cls.natural_sites or ())}")
+    task_cls.validate_config(t, p)
 
 
-__all__ = ["REGISTRY", "PartitionConfig", "SiteData", "Split", "Task", "TaskConfig", "TaskData", "get", "validate"]
+__all__ = ["REGISTRY", "PartitionConfig", "PooledTask", "SiteData", "Split", "Task", "TaskConfig", "TaskData", "get", "validate"]

@@ -1,26 +1,35 @@
-"""The Task contract: what every task (finance, medical, medical_imaging) provides.
+"""The data-source contract: what a task's data are and how a site reads them.
 
-A task owns its data end to end: it reads the raw files under ``data_dir``, holds out a
-fixed test set, fits preprocessing on the remaining *pool* only (so no test statistic
-leaks into training), builds its model, and exposes the pool split across sites.
-Subclasses implement :meth:`Task.load` and :meth:`Task.build_model`; everything else
-(partitioning, per-site train/validation split, local training, evaluation, metrics) is
-shared and cached per process, so a simulation worker pays the loading cost once.
+Two kinds of task implement it:
+
+* :class:`PooledTask` (``finance``, ``medical``, ``medical_imaging``): research data sets bundled
+  with fedsilo. The task reads the raw files under ``data_dir``, holds out a fixed test set, fits
+  preprocessing on the remaining *pool* only (so no test statistic leaks into training) and splits
+  the pool across sites; the coordinator of a simulation may score the global model on the test set.
+* :class:`tasks.federated.FederatedTask` (``tabular``, ``images``): a site's own rows, which never
+  leave it; preprocessing and test metrics are protected-sum programs (:mod:`core.programs`).
+
+Both give a site the same things through the same methods (:meth:`Task.site_from_partition`,
+:meth:`Task.site_from_file`, :meth:`Task.site_data`, :meth:`Task.own_test_rows`), so the
+ClientApp never asks which kind it holds. How a model is fitted from the data is the learner's
+(:mod:`tasks.learners`): the torch learner trains :meth:`Task.build_model` by local rounds.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from core.config import check
 from core.seeding import seed_cpu, seed_for
-from tasks import cache
+from tasks import cache, site_file
 from tasks.data import SiteData, Split, TaskData
 from tasks.metrics import binary_metrics, group_metrics
 from tasks.partition import PartitionError, partition_indices, split_train_val
@@ -71,8 +80,28 @@ _DATA_CACHE: dict[tuple[Any, ...], TaskData] = {}
 _SITES_CACHE: dict[tuple[Any, ...], list[SiteData] | PartitionError] = {}
 
 
+class SiteSource(Protocol):
+    """A site's data as its task keeps them: prepared tensors (:class:`SiteData`) or raw rows."""
+
+    @property
+    def site_id(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def train(self) -> Any: ...
+
+    @property
+    def val(self) -> Any: ...
+
+
+#: Opens a total a protected-sum program sent in a message's config (the aggregation option's site half).
+OpenTotal = Callable[[str], np.ndarray]
+
+
 class Task(ABC):
-    """Base class of all tasks. Subclasses set the class attributes and two methods."""
+    """The data-source contract every task implements (see the module docstring)."""
 
     name: ClassVar[str]
     models: ClassVar[tuple[str, ...]]
@@ -82,23 +111,110 @@ class Task(ABC):
     input_shape: ClassVar[tuple[int, ...]]
     #: Files (relative to ``data_dir``) the task reads; checked before a run starts.
     data_files: ClassVar[tuple[str, ...]] = ()
+    #: Whether the rows stay at the sites (no process pools them; the coordinator holds no test set).
+    federated_data: ClassVar[bool] = False
 
     def __init__(self, cfg: TaskConfig, data_dir: str | Path) -> None:
         self.cfg = cfg
         self.data_dir = Path(data_dir)
 
-    # ---- to implement -------------------------------------------------------------
-    @abstractmethod
-    def load(self) -> TaskData:
-        """Read raw files, hold out the test set, fit preprocessing on the pool only."""
-
+    # ---- the model family that fits these inputs ----------------------------------------------
     @abstractmethod
     def build_model(self) -> nn.Module:
-        """A freshly initialised model for ``self.cfg.model`` (one logit per example)."""
+        """A freshly initialised model for ``self.cfg.model`` (one logit per example, or per class)."""
 
     def augmentation(self) -> Augment | None:
         """Optional training-time augmentation; none by default."""
         return None
+
+    @property
+    def label_kind(self) -> str:
+        """binary | multiclass | regression: the loss, scores and metrics of this task's labels."""
+        return "binary"
+
+    # ---- how a site reads its data -------------------------------------------------------------
+    @classmethod
+    def num_sites(cls, partition: PartitionConfig, num_sites: int, cfg: TaskConfig | None = None,
+                  data_dir: str | Path | None = None) -> int:
+        """How many sites a partition yields (natural splits have their own count)."""
+        return num_sites
+
+    @classmethod
+    def validate_config(cls, t: TaskConfig, p: PartitionConfig) -> None:
+        """Checks of this task's own keys, beyond the ``task`` group's common ones (none by default)."""
+
+    @abstractmethod
+    def site_from_partition(self, partition: PartitionConfig, num_sites: int, seed: int, site_id: int) -> SiteSource:
+        """Simulation: site ``site_id``'s share of the task's data for this partition and seed."""
+
+    @abstractmethod
+    def site_from_file(self, path: str | Path, site_id: int, name: str, seed: int, num_sites: int) -> SiteSource:
+        """Deployment: the site's own data file or folder (its node config ``data-path``)."""
+
+    @abstractmethod
+    def check_setup(self, partition: PartitionConfig, num_sites: int, seed: int) -> None:
+        """Before a run starts, where the data are: ValueError saying which key or file to change."""
+
+    def agree(self, schema_sha256: str) -> None:
+        """Refuse (:class:`~tasks.tabular.schema.SchemaError`) if the site's policy agreed to another
+        schema; tasks without a schema have nothing to agree to."""
+
+    @abstractmethod
+    def site_data(self, source: SiteSource, config: Mapping[str, Any] | None, open_total: OpenTotal) -> SiteData:
+        """The site's training and validation tensors, for a message whose config is ``config``
+        (federated data: transformed by the preprocessing the config's totals describe)."""
+
+    @abstractmethod
+    def own_test_rows(self, source: SiteSource, config: Mapping[str, Any] | None, open_total: OpenTotal,
+                      partition: PartitionConfig | None) -> tuple[SiteData, Split, str]:
+        """(the site's data, the held-out rows of its own it scores personal models on, what they are);
+        ``partition`` is the simulation's, None at a deployed site (its own file)."""
+
+    # ---- local training (the torch learner) --------------------------------------------------------
+    def local_train_config(self, epochs: int | None = None, lr: float | None = None) -> LocalTrainConfig:
+        """The optimiser settings of one round of local training (``epochs``, ``lr``: overrides)."""
+        c = self.cfg
+        return LocalTrainConfig(
+            epochs=c.local_epochs if epochs is None else epochs, batch_size=c.batch_size, lr=c.lr if lr is None else lr,
+            momentum=c.momentum, weight_decay=c.weight_decay, optimizer=c.optimizer, loss=self.label_kind,
+        )
+
+    def train(
+        self,
+        model: nn.Module,
+        split: Split,
+        seed: int,
+        *,
+        epochs: int | None = None,
+        max_steps: int | None = None,
+        penalty: Penalty | None = None,
+        lr: float | None = None,
+    ) -> dict[str, float]:
+        """One site's local training for one round; deterministic given ``seed``.
+
+        ``epochs`` overrides the task's ``local_epochs``; ``max_steps`` caps the optimiser
+        steps (partial work); ``penalty`` is added to the loss (e.g. FedProx's term); ``lr``
+        overrides the task's learning rate (personal training).
+        """
+        seed_cpu(seed)  # dropout draws from the global generator
+        gen = torch.Generator().manual_seed(seed)
+        aug = self.augmentation() if self.cfg.augment else None
+        return train_local(model, split.x, split.y, self.local_train_config(epochs, lr), gen, aug,
+                           penalty=penalty, max_steps=max_steps)
+
+
+class PooledTask(Task):
+    """A bundled research data set: loaded, split into a test set and a pool, the pool across sites.
+
+    Subclasses set the class attributes and implement :meth:`load` and :meth:`build_model`;
+    partitioning, the per-site train/validation split and evaluation are shared and cached per
+    process, so a simulation worker pays the loading cost once.
+    """
+
+    # ---- to implement -------------------------------------------------------------
+    @abstractmethod
+    def load(self) -> TaskData:
+        """Read raw files, hold out the test set, fit preprocessing on the pool only."""
 
     # ---- shared behaviour -------------------------------------------------------------
     def data(self) -> TaskData:
@@ -125,6 +241,33 @@ class Task(ABC):
             return min(partition.natural_sites, len(cls.natural_sites)) if partition.natural_sites > 0 \
                 else len(cls.natural_sites)
         return num_sites
+
+    @classmethod
+    def validate_config(cls, t: TaskConfig, p: PartitionConfig) -> None:
+        """A natural partition needs the task's natural split (the first ``natural_sites`` of its sites)."""
+        if p.name == "natural":
+            check(cls.natural_sites is not None, "partition.name", p.name,
+                  f"iid or dirichlet: task {t.name} has no natural split")
+            n_natural = len(cls.natural_sites or ())
+            check(p.natural_sites == 0 or 2 <= p.natural_sites <= n_natural, "partition.natural_sites",
+                  p.natural_sites, f"0 (all {n_natural}) or 2..{n_natural}: the first k of task {t.name}'s natural "
+                  f"sites {list(cls.natural_sites or ())}")
+
+    def check_setup(self, partition: PartitionConfig, num_sites: int, seed: int) -> None:
+        """Every site of the partition has training rows (a natural split is the data set's own)."""
+        if partition.name == "natural":
+            return
+        try:
+            sites = self.sites(partition, num_sites, seed)
+        except PartitionError as err:
+            hint = ("raise partition.alpha, lower num_sites or partition.min_partition_size, or try another seed"
+                    if partition.name == "dirichlet" else "lower num_sites")
+            raise PartitionError(f"{err} (task={self.name}, partition={partition.name}, num_sites={num_sites}, "
+                                 f"seed={seed}); {hint}") from err
+        empty = [s.name for s in sites if len(s.train) == 0]
+        if empty:
+            raise ValueError(f"sites {empty} have no training rows after the validation split "
+                             f"(task.val_fraction={self.cfg.val_fraction}); lower num_sites or val_fraction")
 
     def sites(self, partition: PartitionConfig, num_sites: int, seed: int) -> list[SiteData]:
         """All sites' data for this partition and seed (computed once per process)."""
@@ -178,40 +321,30 @@ class Task(ABC):
             out.append((name, tr, va))
         return out
 
-    @property
-    def label_kind(self) -> str:
-        """binary | multiclass | regression: the loss, scores and metrics of this task's labels."""
-        return "binary"
+    def site_from_partition(self, partition: PartitionConfig, num_sites: int, seed: int, site_id: int) -> SiteData:
+        """Simulation: the site's share of the pool (:meth:`sites`)."""
+        return self.sites(partition, num_sites, seed)[site_id]
 
-    def local_train_config(self, epochs: int | None = None, lr: float | None = None) -> LocalTrainConfig:
-        c = self.cfg
-        return LocalTrainConfig(
-            epochs=c.local_epochs if epochs is None else epochs, batch_size=c.batch_size, lr=c.lr if lr is None else lr,
-            momentum=c.momentum, weight_decay=c.weight_decay, optimizer=c.optimizer, loss=self.label_kind,
-        )
+    def site_from_file(self, path: str | Path, site_id: int, name: str, seed: int, num_sites: int) -> SiteData:
+        """Deployment: the site's file written by ``fedsilo data split`` (:mod:`tasks.site_file`)."""
+        return site_file.load(str(path), task=self.name, num_sites=num_sites, input_shape=self.input_shape)
 
-    def train(
-        self,
-        model: nn.Module,
-        split: Split,
-        seed: int,
-        *,
-        epochs: int | None = None,
-        max_steps: int | None = None,
-        penalty: Penalty | None = None,
-        lr: float | None = None,
-    ) -> dict[str, float]:
-        """One site's local training for one round; deterministic given ``seed``.
+    def site_data(self, source: SiteSource, config: Mapping[str, Any] | None, open_total: OpenTotal) -> SiteData:
+        """The site's tensors, preprocessed already (on the pool)."""
+        assert isinstance(source, SiteData)
+        return source
 
-        ``epochs`` overrides the task's ``local_epochs``; ``max_steps`` caps the optimiser
-        steps (partial work); ``penalty`` is added to the loss (e.g. FedProx's term); ``lr``
-        overrides the task's learning rate (personal training).
-        """
-        seed_cpu(seed)  # dropout draws from the global generator
-        gen = torch.Generator().manual_seed(seed)
-        aug = self.augmentation() if self.cfg.augment else None
-        return train_local(model, split.x, split.y, self.local_train_config(epochs, lr), gen, aug,
-                           penalty=penalty, max_steps=max_steps)
+    def own_test_rows(self, source: SiteSource, config: Mapping[str, Any] | None, open_total: OpenTotal,
+                      partition: PartitionConfig | None) -> tuple[SiteData, Split, str]:
+        """Split by natural sites (FLamby's hospitals) in a simulation: the site's share of the task's
+        test set, its local test set. Any other split: its validation rows (its only held-out rows of
+        its own distribution)."""
+        assert isinstance(source, SiteData)
+        if partition is not None and partition.name == "natural":
+            test = self.data().test
+            assert test.group is not None
+            return source, test.take(np.flatnonzero(test.group == source.site_id)), "local test rows"
+        return source, source.val, "validation rows"
 
     def evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:
         """All test metrics of ``model`` on ``split`` (pooled, and per group if any)."""

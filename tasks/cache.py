@@ -31,7 +31,7 @@ from tasks import partition
 from tasks.data import Split, TaskData
 
 if TYPE_CHECKING:
-    from tasks.base import Task
+    from tasks.base import PooledTask as Task
 
 ENV = "FEDSILO_CACHE_DIR"
 

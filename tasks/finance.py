@@ -22,7 +22,7 @@ from torch import nn
 if TYPE_CHECKING:
     import pandas as pd
 
-from tasks.base import Split, Task, TaskData
+from tasks.base import PooledTask, Split, TaskData
 from tasks.models import MLP, LogisticRegression
 
 FILE = "uci_credit_default_taiwan/default_of_credit_card_clients.csv"
@@ -59,7 +59,7 @@ def engineer(df: pd.DataFrame) -> tuple[np.ndarray, tuple[str, ...]]:
     return np.column_stack([cols[n] for n in names]), names
 
 
-class FinanceTask(Task):
+class FinanceTask(PooledTask):
     """Binary default prediction; MLP by default, logistic regression as ``task.model=logreg``."""
 
     name: ClassVar[str] = "finance"

@@ -31,12 +31,12 @@ from torch import nn
 
 from core.config import check
 from tasks.base import PartitionConfig, TaskConfig
+from tasks.federated import FederatedTask
 from tasks.medical_imaging import flip_and_shift
 from tasks.models import SmallCNN
 from tasks.tabular.evaluation import Spec
 from tasks.tabular.schema import Label, Schema
 from tasks.tabular.table import SiteInputError
-from tasks.tabular.task import TabularTask
 from tasks.training import Augment
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -216,7 +216,7 @@ class ImagePreprocessor:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:24]
 
 
-class ImagesTask(TabularTask):
+class ImagesTask(FederatedTask):
     """Image classification over sites' own folders (binary or multiclass)."""
 
     name: ClassVar[str] = "images"
@@ -256,7 +256,8 @@ class ImagesTask(TabularTask):
             return []  # p is one site's folder
         return subdirs
 
-    def read_site(self, path: str | Path) -> ImageTable:  # type: ignore[override]
+    def read_site(self, path: str | Path) -> ImageTable:
+        """One site's checked images (cached per process)."""
         p = Path(path).expanduser()
         key = (str(p.resolve()), tuple(self.classes), self.cfg.channels, self.cfg.image_size)
         if key not in _READ:
@@ -284,14 +285,13 @@ class ImagesTask(TabularTask):
     def described_by(self) -> str:
         return f"task.classes={self.classes}, {self.cfg.channels} channel(s), {self.cfg.image_size} px"
 
-    def discovers(self) -> bool:
-        return False
-
-    def layout(self, vocab: dict[str, list[str]]) -> ImageLayout:  # type: ignore[override]
+    def layout(self, vocab: dict[str, list[str]]) -> ImageLayout:
+        """Per-channel pixel statistics and label counts (images have no vocabulary)."""
         return ImageLayout(len(self.classes), self.cfg.channels, len(self.classes) == 2)
 
-    def preprocessor(self, vocab: dict[str, list[str]], moments: tuple[float, ...],  # type: ignore[override]
+    def preprocessor(self, vocab: dict[str, list[str]], moments: tuple[float, ...],
                      spread: tuple[float, ...], standardize: str) -> ImagePreprocessor:
+        """Per-channel standardisation from the totals."""
         return ImagePreprocessor(tuple(self.classes), self.cfg.channels, self.cfg.image_size, moments, spread)
 
     def eval_spec(self, bins: int) -> Spec:
@@ -303,6 +303,8 @@ class ImagesTask(TabularTask):
 
     @classmethod
     def validate_config(cls, t: TaskConfig, p: PartitionConfig) -> None:
+        """Range checks of the image keys."""
+        super().validate_config(t, p)
         check(len(t.classes) >= 2 and len(set(t.classes)) == len(t.classes), "task.classes", t.classes,
               "two or more distinct class folder names, e.g. [benign,malignant] (binary: negative first)")
         check(t.channels in (1, 3), "task.channels", t.channels, "1 (grey) or 3 (RGB)")

@@ -24,7 +24,7 @@ from torch import nn
 if TYPE_CHECKING:
     import pandas as pd
 
-from tasks.base import Split, Task, TaskData
+from tasks.base import PooledTask, Split, TaskData
 from tasks.models import MLP, LogisticRegression
 
 HOSPITALS = ("cleveland", "hungarian", "switzerland", "va")
@@ -58,7 +58,7 @@ def encode(df: pd.DataFrame) -> tuple[np.ndarray, tuple[str, ...]]:
     return np.column_stack([cols[n] for n in names]), names
 
 
-class MedicalTask(Task):
+class MedicalTask(PooledTask):
     """Heart-disease prediction; logistic regression (FLamby's model) by default."""
 
     name: ClassVar[str] = "medical"

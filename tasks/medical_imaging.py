@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.base import Split, Task, TaskData
+from tasks.base import PooledTask, Split, TaskData
 from tasks.models import SmallCNN
 from tasks.training import Augment
 
@@ -32,7 +32,7 @@ def flip_and_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) ->
     return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
 
 
-class MedicalImagingTask(Task):
+class MedicalImagingTask(PooledTask):
     """Benign/normal vs malignant ultrasound images with a small GroupNorm CNN."""
 
     name: ClassVar[str] = "medical_imaging"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.base import SiteData, Split
+from tasks.data import SiteData, Split
 
 FORMAT = "fedsilo-site-v1"
 _ARRAYS = ("x_train", "y_train", "x_val", "y_val")

@@ -14,7 +14,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -27,9 +27,9 @@ def audit_run(run_dir: Path, references: int = 8, seed: int = 0) -> dict[str, An
     """Audit the model in ``run_dir``; returns and records the ``audit`` section."""
     import tasks
     from app import config
-    from app.runtime.paths import resolve_data_dir
+    from app.support.paths import resolve_data_dir
     from privacy.audit import audit
-    from tasks.base import Split
+    from tasks.base import PooledTask, Split
 
     results_path = run_dir / RESULTS_FILE
     if not results_path.is_file():
@@ -41,7 +41,11 @@ def audit_run(run_dir: Path, references: int = 8, seed: int = 0) -> dict[str, An
     if "overrides" not in results:
         raise ValueError(f"{results_path} does not record the run's overrides (written by fedsilo < 0.3)")
     cfg = config.compose(shlex.split(results["overrides"]))
-    task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
+    task_cls = tasks.get(cfg.task.name)
+    if task_cls.federated_data:
+        raise ValueError(f"task={cfg.task.name} keeps its rows at the sites: no process here holds the members and "
+                         "the test rows an audit needs (audit the model at a site, on its own rows)")
+    task = cast(PooledTask, task_cls(cfg.task, resolve_data_dir(cfg.data_dir)))
     sites = task.sites(cfg.partition, config.num_sites(cfg), cfg.seed)
     members = Split(torch.cat([s.train.x for s in sites]), torch.cat([s.train.y for s in sites]))
     model = task.build_model()

@@ -149,15 +149,15 @@ def check_data(overrides: list[str], data_dir: str | None, node: dict[str, Any])
     """The site's data file, loaded by the ClientApp's own code for the federation's config."""
     from flwr.app import Context, RecordDict
 
-    from app import client_app, config
-    from app.runtime.paths import resolve_data_dir
+    from app import config, plan
+    from app.support.paths import resolve_data_dir
 
     run_config: dict[str, bool | float | int | str] = {
         "overrides": config.run_overrides(overrides, resolve_data_dir(data_dir))}
     context = Context(run_id=0, node_id=0, node_config=node, state=RecordDict(), run_config=run_config)
     try:
-        client_app.load_source(context)
-    except (*client_app.DATA_ERRORS, OSError, ValueError, KeyError) as err:
+        plan.site_plan(context)
+    except (*plan.DATA_ERRORS, OSError, ValueError, KeyError) as err:
         return [f"data file {node['data-path']}: {err}"]
     return []
 

@@ -41,11 +41,9 @@ def attackers(seed: int, num_sites: int, fraction: float) -> set[int]:
     return chosen_sites(seed, 0, num_sites, fraction, _SALT)
 
 
-def is_attacker(cfg: FedsiloConfig, site_id: int) -> bool:
-    from app.config import num_sites
-
-    return cfg.faults.byzantine_fraction > 0 and site_id in attackers(cfg.seed, num_sites(cfg),
-                                                                       cfg.faults.byzantine_fraction)
+def is_attacker(cfg: FedsiloConfig, site_id: int, num_sites: int) -> bool:
+    """Whether site ``site_id`` of the ``num_sites`` is one of the Byzantine ones (``faults.byzantine_fraction``)."""
+    return cfg.faults.byzantine_fraction > 0 and site_id in attackers(cfg.seed, num_sites, cfg.faults.byzantine_fraction)
 
 
 def scale(cfg: FedsiloConfig) -> float:

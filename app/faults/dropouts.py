@@ -21,15 +21,14 @@ if TYPE_CHECKING:
 DROPPED_CODE = int(ReplyError.DROPPED)
 
 
-def drops(cfg: FedsiloConfig, server_round: int, site_id: int, stage: str | None) -> bool:
-    """Whether site ``site_id`` drops out at ``stage`` of ``server_round`` (None: any stage)."""
+def drops(cfg: FedsiloConfig, server_round: int, site_id: int, stage: str | None, num_sites: int) -> bool:
+    """Whether site ``site_id`` of the ``num_sites`` drops out at ``stage`` of ``server_round`` (None: any stage)."""
     f = cfg.faults
     if f.drop_rate <= 0 or (stage is not None and stage != f.drop_stage):
         return False
-    from app.config import num_sites
-
-    return site_id in chosen_sites(cfg.seed, server_round, num_sites(cfg), f.drop_rate, 0xD209)
+    return site_id in chosen_sites(cfg.seed, server_round, num_sites, f.drop_rate, 0xD209)
 
 
 def reason(stage: str | None) -> str:
+    """The refusal's reason of a site that drops out (at a secure-aggregation stage, if any)."""
     return f"fault injection: site dropped out{f' at secagg stage {stage!r}' if stage else ''}"

@@ -21,14 +21,12 @@ if TYPE_CHECKING:
     from app.config import FedsiloConfig
 
 
-def slowdown(cfg: FedsiloConfig, site_id: int) -> float:
-    """How many times longer each local step takes at site ``site_id`` (1.0 = its own pace)."""
+def slowdown(cfg: FedsiloConfig, site_id: int, num_sites: int) -> float:
+    """How many times longer each local step takes at site ``site_id`` of ``num_sites`` (1.0 = its own pace)."""
     f = cfg.faults
     if f.slow_fraction <= 0 or f.slow_factor <= 1:
         return 1.0
-    from app.config import num_sites
-
-    slow = chosen_sites(cfg.seed, 0, num_sites(cfg), f.slow_fraction, 0x510E)
+    slow = chosen_sites(cfg.seed, 0, num_sites, f.slow_fraction, 0x510E)
     return float(f.slow_factor) if site_id in slow else 1.0
 
 

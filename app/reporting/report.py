@@ -25,7 +25,7 @@ import io
 import json
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -111,10 +111,14 @@ def site_rows(results: dict[str, Any]) -> list[list[str]]:
     """Rows and label balance per site, from the run's own partition of its data."""
     import tasks
     from app import config
-    from app.runtime.paths import resolve_data_dir
+    from app.support.paths import resolve_data_dir
+    from tasks.base import PooledTask
 
     cfg = _config(results)
-    task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
+    task_cls = tasks.get(cfg.task.name)
+    if task_cls.federated_data:  # the report says so: no process here can count them
+        raise LookupError(f"task={cfg.task.name} keeps its rows at the sites; each site counts its own")
+    task = cast(PooledTask, task_cls(cfg.task, resolve_data_dir(cfg.data_dir)))
     out = []
     for s in task.sites(cfg.partition, config.num_sites(cfg), cfg.seed):
         pos = float(s.train.y.mean()) if len(s.train) else float("nan")
@@ -169,15 +173,18 @@ def final_intervals(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) 
     import torch
 
     import tasks
-    from app.runtime.paths import resolve_data_dir
+    from app.support.paths import resolve_data_dir
     from tasks.training import predict
 
     if results.get("artifacts", {}).get("model") != MODEL_FILE or not (run_dir / MODEL_FILE).is_file():
         return {}
     cfg = _config(results)
-    if getattr(tasks.get(cfg.task.name), "federated_data", False):
+    from tasks.base import PooledTask
+
+    task_cls = tasks.get(cfg.task.name)
+    if task_cls.federated_data:
         return {}  # the test rows stay at the sites: the metrics are pooled sums, no rows to resample
-    task = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
+    task = cast(PooledTask, task_cls(cfg.task, resolve_data_dir(cfg.data_dir)))
     model = task.build_model()
     model.load_state_dict(torch.load(run_dir / MODEL_FILE, weights_only=True))
     test = task.data().test

@@ -8,7 +8,7 @@
     history     one entry per round: round, seconds, server (test metrics of the new
                 global model), train (aggregated site training metrics),
                 federated_evaluate (pooled site validation metrics), participation, traffic
-                (payload bytes and messages each way, app/runtime/traffic.py)
+                (payload bytes and messages each way, app/support/traffic.py)
     final       the last round's server-side test metrics (auc, accuracy, loss, ...)
     final_federated_evaluate   the last round's pooled validation metrics
     timing      total and per-round seconds

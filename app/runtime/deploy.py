@@ -57,7 +57,7 @@ def site_overrides(overrides: list[str], sites: int) -> tuple[list[str], str]:
 
         natural = tasks.get(cfg.task.name).natural_sites or ()
         if _own_data(cfg):  # one site per file of task.data
-            from app.runtime.paths import resolve_data_dir
+            from app.support.paths import resolve_data_dir
 
             own = tasks.get(cfg.task.name)(cfg.task, resolve_data_dir(cfg.data_dir))
             natural = tuple(f.stem for f in own.site_files())  # type: ignore[attr-defined]
@@ -74,10 +74,9 @@ def site_overrides(overrides: list[str], sites: int) -> tuple[list[str], str]:
 
 def prepare(out: Path, overrides: list[str], sites: int, secure: bool = True) -> Deployment:
     """Site data files, and (``secure``) a CA, SuperLink certificate and one key pair per site."""
-    from app.cli import data as data_cli
-    from app.runtime import pki
+    from app.runtime import pki, site_files
 
-    entries = vertical_sites(overrides, out / "sites") if _vertical(overrides) else data_cli.split(overrides, out / "sites")
+    entries = vertical_sites(overrides, out / "sites") if _vertical(overrides) else site_files.split(overrides, out / "sites")
     if len(entries) != sites:
         raise ValueError(f"the config yields {len(entries)} sites, not --sites {sites}")
     certs = pki.make_certificates(out / "pki", hosts=["localhost"], ips=["127.0.0.1"]) if secure else None
@@ -225,7 +224,7 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
 def _own_data(cfg: Any) -> bool:
     import tasks
 
-    return bool(getattr(tasks.get(cfg.task.name), "federated_data", False))
+    return tasks.get(cfg.task.name).federated_data
 
 
 def output_folder(out: Path | None, overrides: list[str]) -> tuple[Path, list[str]]:

@@ -13,8 +13,7 @@ from pathlib import Path
 import aggregation
 import tasks
 from app import config
-from app.runtime.paths import resolve_data_dir
-from tasks.partition import PartitionError
+from app.support.paths import resolve_data_dir
 
 
 class PreflightError(ValueError):
@@ -37,55 +36,20 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
     if missing:
         raise PreflightError(f"{cfg.task.name} data not found in {data_dir}: missing {missing}")
     check_keys(cfg)
-    from app.reporting.trackers import missing as tracker_missing
+    from app.tracking.trackers import missing as tracker_missing
 
     if (why := tracker_missing(cfg.logger)) is not None:
         raise PreflightError(why)
     if cfg.resume:
-        from app.runtime import checkpoint
+        from app.support import checkpoint
 
         try:
             checkpoint.resumable(cfg.resume, config.to_dict(cfg), cfg.num_rounds)
         except checkpoint.CheckpointError as err:
             raise PreflightError(str(err)) from err
-    if getattr(task_cls, "federated_data", False):
-        return _check_own_data(cfg, data_dir)
-    if cfg.partition.name == "natural":
-        return data_dir
-    task = task_cls(cfg.task, data_dir)
-    n_sites = config.num_sites(cfg)
     try:
-        sites = task.sites(cfg.partition, n_sites, cfg.seed)
-    except PartitionError as err:
-        hint = ("raise partition.alpha, lower num_sites or partition.min_partition_size, or try another seed"
-                if cfg.partition.name == "dirichlet" else "lower num_sites")
-        raise PreflightError(f"{err} (task={cfg.task.name}, partition={cfg.partition.name}, num_sites={n_sites}, "
-                             f"seed={cfg.seed}); {hint}") from err
-    empty = [s.name for s in sites if len(s.train) == 0]
-    if empty:
-        raise PreflightError(f"sites {empty} have no training rows after the validation split "
-                             f"(task.val_fraction={cfg.task.val_fraction}); lower num_sites or val_fraction")
-    return data_dir
-
-
-def _check_own_data(cfg: config.FedsiloConfig, data_dir: Path) -> Path:
-    """``task=tabular``: the schema parses and the data path exists. The sites' files are checked
-    where they are read, each by its own site (a bad file leaves that site out, not the run)."""
-    from tasks.tabular.schema import SchemaError
-    from tasks.tabular.table import SiteInputError
-    from tasks.tabular.task import TabularTask
-
-    task = tasks.get(cfg.task.name)(cfg.task, data_dir)
-    assert isinstance(task, TabularTask)
-    try:
-        task.schema  # noqa: B018 - parsing is the check
-        data = task.path(cfg.task.data, "data")
-        if not data.exists():
-            raise PreflightError(f"task.data={cfg.task.data!r}: {data} does not exist")
-        if cfg.partition.name == "natural" and not task.site_files():
-            raise PreflightError(f"partition=natural with task=tabular needs task.data to be a folder of per-site "
-                                 f"files; {data} is a file")
-    except (SchemaError, SiteInputError, ValueError) as err:
+        task_cls(cfg.task, data_dir).check_setup(cfg.partition, config.num_sites(cfg), cfg.seed)
+    except ValueError as err:  # the task's own words: which key, which file, what to change
         raise PreflightError(str(err)) from err
     return data_dir
 

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
         start_parent_process_monitor(args.parent_pid)
-    from app.runtime.flower_tuning import fast_object_pulls
+    from app.support.flower_tuning import fast_object_pulls
 
     fast_object_pulls()
     worker = Worker(args.runtime_api_address)

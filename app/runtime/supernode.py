@@ -10,7 +10,7 @@ config and Fleet API), with two changes that make a deployed round cost close to
    arrives just after the SuperNode found nothing. Here the idle wait starts at 20 ms after each
    message the node handled and backs off to ``FEDSILO_SUPERNODE_POLL`` seconds (default
    :data:`DEFAULT_POLL`), so an idle node costs the SuperLink about one TLS request a second.
-   Object pulls retry after 20 ms, not 1 s (:mod:`app.runtime.flower_tuning`).
+   Object pulls retry after 20 ms, not 1 s (:mod:`app.support.flower_tuning`).
 2. **``--worker``**: the SuperNode runs with ``--isolation process`` and this launcher starts
    the site's long-lived ClientApp worker (:mod:`app.runtime.site_worker`) on the SuperNode's
    Runtime API port, in the same process group (``killpg`` stops both); the worker exits with
@@ -26,7 +26,7 @@ import sys
 import time as _time
 from types import ModuleType
 
-from app.runtime.flower_tuning import fast_object_pulls
+from app.support.flower_tuning import fast_object_pulls
 
 DEFAULT_POLL = 1.0
 #: Flower's idle sleep (seconds) in ``start_client_internal``; the first idle wait after a message; growth.

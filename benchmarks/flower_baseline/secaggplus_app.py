@@ -22,7 +22,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from aggregation.secagg.graph import auto_neighbours
 from app import config
-from app.runtime.paths import resolve_data_dir
+from app.support.paths import resolve_data_dir
 from tasks import get as get_task
 from tasks.base import seed_for
 

@@ -13,8 +13,8 @@ import pytest
 
 from app.runtime import deploy
 from app.runtime.local_grid import run_inprocess
-from app.runtime.paths import resolve_data_dir
 from app.runtime.superlink import LocalSuperLink
+from app.support.paths import resolve_data_dir
 from tests.conftest import REPO
 from tests.e2e.test_e2e import leftover_processes
 

@@ -14,9 +14,9 @@ from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from app import client_app, server_app
-from app.runtime import checkpoint, deploy
 from app.runtime.local_grid import LocalGrid
-from app.runtime.paths import resolve_data_dir
+from app.support import checkpoint, deploy
+from app.support.paths import resolve_data_dir
 from privacy.site_secret import SECRET_FILE
 from tests.conftest import REPO
 from tests.e2e.test_e2e import leftover_processes

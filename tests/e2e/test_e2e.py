@@ -281,7 +281,7 @@ def test_killed_command_stops_everything_it_started(tmp_path: Path) -> None:
 def test_coordinator_dies_and_the_fedsilo_command_resumes_it(tmp_path: Path) -> None:
     """Through the simulation engine: the ServerApp dies after round 2 of 4 (the run fails, exit 1,
     checkpoint on disk); ``fedsilo resume=DIR`` finishes it with the uninterrupted run's metrics."""
-    from app.runtime import checkpoint
+    from app.support import checkpoint
 
     common = ("task=medical", "num_rounds=4", "privacy=dpsgd")
     proc, _ = fedsilo(tmp_path / "crash", *common, "faults.crash_after_round=2", expect_ok=False)

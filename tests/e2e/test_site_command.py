@@ -69,7 +69,7 @@ def problems(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[
 
 
 def test_site_command_finds_each_misconfiguration_before_joining(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from app.cli import data as data_cli
+    from app.runtime import site_files as data_cli
 
     entries = data_cli.split(FEDERATION, tmp_path / "sites")
     data = entries[0]["file"]
@@ -155,7 +155,7 @@ def test_site_command_finds_each_misconfiguration_before_joining(tmp_path: Path,
 
 
 def test_a_good_site_joins_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
-    from app.cli import data as data_cli
+    from app.runtime import site_files as data_cli
 
     data = data_cli.split(FEDERATION, tmp_path / "sites")[0]["file"]
     certs = pki.make_certificates(tmp_path / "pki", hosts=["localhost"], ips=["127.0.0.1"])

@@ -15,9 +15,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from aggregation.paillier import keys
 from app import client_app, server_app
-from app.runtime import checkpoint
 from app.runtime.local_grid import LocalGrid, run_inprocess
 from app.server_app import CoordinatorCrash
+from app.support import checkpoint
 from tests.conftest import DATA_DIR
 
 MEDICAL = ["task=medical", "num_rounds=4"]

@@ -20,7 +20,7 @@ from aggregation.paillier.config import packer_for as paillier_packer
 from aggregation.paillier.server import ENCRYPTED_KEY
 from app import client_app, config, server_app
 from app.runtime.local_grid import LocalGrid, run_inprocess
-from app.runtime.paths import resolve_data_dir
+from app.support.paths import resolve_data_dir
 from tests.conftest import DATA_DIR
 
 COMMON = ["task=finance", "num_sites=3", "num_rounds=3"]

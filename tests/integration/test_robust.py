@@ -78,7 +78,7 @@ def test_attackers_are_a_fixed_seeded_set_and_attacks_do_what_they_say() -> None
     cfg = config.compose(["num_sites=10", "faults.byzantine_fraction=0.3"])
     chosen = attacks.attackers(cfg.seed, 10, 0.3)
     assert len(chosen) == 3 and chosen == attacks.attackers(cfg.seed, 10, 0.3)
-    assert sum(attacks.is_attacker(cfg, i) for i in range(10)) == 3
+    assert sum(attacks.is_attacker(cfg, i, 10) for i in range(10)) == 3
     glob = {"w": torch.zeros(3), "n": torch.tensor([1])}
     local = {"w": torch.tensor([1.0, 2.0, 3.0]), "n": torch.tensor([2])}
     flip = attacks.poison_model(cfg, local, glob, 1, 0)

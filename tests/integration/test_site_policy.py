@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from aggregation.base import SUM_REQUEST
+from aggregation.programs import GATHER_KEY, GATHER_MESSAGE
 from app import client_app, config, site_guard, site_policy
 from core.replies import ReplyError
 from tests.conftest import DATA_DIR
@@ -43,7 +44,8 @@ def _fingerprint() -> str:
 
 
 def _vocab_request() -> Message:
-    return _msg("query.fedsilo_vocab", {SUM_REQUEST: ConfigRecord({"prep-fingerprint": _fingerprint()})})
+    return _msg(GATHER_MESSAGE, {SUM_REQUEST: ConfigRecord({"program": "fedsilo.preprocessing", "what": "vocab",
+                                                            "prep-fingerprint": _fingerprint()})})
 
 
 def _deployed(tmp_path: Path, name: str = "va", **extra: Any) -> dict[str, Any]:
@@ -196,13 +198,12 @@ def test_the_schema_the_policy_agreed_to(tmp_path: Path) -> None:
 def test_pooled_evaluation_and_vocabularies_stay_within_the_policy(tmp_path: Path) -> None:
     import json
 
-    from app import federated
-
     policy = _policy(tmp_path, "evaluation: {max_bins: 64, min_test_rows: 10}\nstatistics: {min_rows: 30}\n")
     node = _deployed(tmp_path, **{site_policy.NODE_CONFIG_KEY: policy})
     ctx = _context([*HEART, "task.auc_bins=64"], node)
-    request = ConfigRecord({"prep-fingerprint": _fingerprint(), "what": "evaluate", "bins": 1 << 20})
-    reason = _refused(client_app.sum_query(_msg("query.fedsilo_sum", {SUM_REQUEST: request}), ctx))
+    request = ConfigRecord({"prep-fingerprint": _fingerprint(), "program": "fedsilo.metrics", "what": "evaluate",
+                            "bins": 1 << 20})
+    reason = _refused(client_app.program_query(_msg("query.fedsilo_sum", {SUM_REQUEST: request}), ctx))
     assert "max_bins" in reason
     # discovered categories: only names the site holds in at least statistics.min_rows rows
     from tasks.tabular.table import MISSING_LEVEL, read
@@ -213,10 +214,10 @@ def test_pooled_evaluation_and_vocabularies_stay_within_the_policy(tmp_path: Pat
         "{name: restecg, type: categorical, categories: [0, 1, 2], drop_first: true}", "{name: restecg, type: categorical}"))
     node = {**node, "schema-path": str(schema_file)}
     task = TabularTask(config.compose([*HEART, f"data_dir={DATA_DIR}", f"task.schema={schema_file}"]).task, DATA_DIR)
-    request = ConfigRecord({"prep-fingerprint": task.fingerprint()})
-    reply = client_app.app(_msg("query.fedsilo_vocab", {SUM_REQUEST: request}), _context([*HEART, "task.auc_bins=64"], node))
+    request = ConfigRecord({"prep-fingerprint": task.fingerprint(), "program": "fedsilo.preprocessing", "what": "vocab"})
+    reply = client_app.app(_msg(GATHER_MESSAGE, {SUM_REQUEST: request}), _context([*HEART, "task.auc_bins=64"], node))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    sent = json.loads(str(reply.content[federated.VOCAB_KEY]["vocab"]))["restecg"]
+    sent = json.loads(str(reply.content[GATHER_KEY]["value"]))["restecg"]
     table = read(Path(node["data-path"]), load_schema(str(schema_file)))
     col = table.categorical["restecg"][~table.is_test]
     counts = {str(v): int((col == v).sum()) for v in set(col) if v != MISSING_LEVEL}

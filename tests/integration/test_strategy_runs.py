@@ -14,9 +14,9 @@ import torch
 import tasks
 from app import config
 from app.reporting import compare, report
-from app.runtime import checkpoint
 from app.runtime.local_grid import run_inprocess
 from app.server_app import CoordinatorCrash
+from app.support import checkpoint
 from core.state import SiteStore, default_root
 from strategies import personal, scaffold
 from tests.conftest import DATA_DIR

@@ -129,11 +129,11 @@ def test_a_bad_site_is_left_out_with_its_reason_and_the_run_goes_on(tmp_path: Pa
 def test_a_site_with_another_schema_is_refused() -> None:
     from flwr.app import ConfigRecord
 
-    from app import federated
+    from tasks.federated import SchemaMismatch
 
     mine, theirs = _heart_task(), _heart_task("schemas/heart_multiclass.yaml")
-    with pytest.raises(federated.SchemaMismatch, match="differs from the coordinator's"):
-        federated.check_fingerprint(theirs, ConfigRecord({"prep-fingerprint": mine.schema.fingerprint()}))
+    with pytest.raises(SchemaMismatch, match="differs from the coordinator's"):
+        theirs.check_fingerprint(ConfigRecord({"prep-fingerprint": mine.schema.fingerprint()}))
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ from flwr.supercore.task_identity import TaskIdentity
 import aggregation
 import privacy
 import tasks
-from aggregation.base import AggregationConfig, Capabilities, hand_over
+from aggregation import programs
+from aggregation.base import SUM_REQUEST, AggregationConfig, Capabilities, hand_over
 from aggregation.plain import Plain
 from aggregation.secagg.server import SecureAggregator
 from aggregation.secagg.strategy import SecAggStrategy
@@ -205,9 +206,10 @@ def test_the_client_app_answers_every_registered_options_messages(tmp_path: Path
         reply = client_app.app(msg, ctx)  # answered by the option's site half (here: refused, out of order)
         assert reply.has_error() and ("secagg" in reply.error.reason if name.startswith("secagg")
                                       else "SecAggSite answers no" in reply.error.reason)
-    for name in (*aggregation.sum_names(), "query.fedsilo_vocab"):  # the task's sums: a handler answers
-        reply = client_app.app(Message(RecordDict(), dst_node_id=7, message_type=name), ctx)
-        assert reply.has_error() and "task=medical has no federated" in reply.error.reason
+    for name in (*aggregation.sum_names(), programs.GATHER_MESSAGE):  # protected-sum programs: a handler answers
+        request = ConfigRecord({"program": "fedsilo.preprocessing", "what": "moments", "length": 3})
+        reply = client_app.app(Message(RecordDict({SUM_REQUEST: request}), dst_node_id=7, message_type=name), ctx)
+        assert reply.has_error() and "task=medical keeps no rows" in reply.error.reason, reply.error.reason
     assert aggregation.train_names() == ["secagg"]
     ins = Message(RecordDict(), dst_node_id=7, message_type="query.nonesuch")
     with pytest.raises(Exception):  # noqa: B017 - Flower: no handler registered for this message

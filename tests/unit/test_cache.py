@@ -66,10 +66,10 @@ def test_the_cache_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyP
 @pytest.mark.slow
 def test_a_worker_with_a_warm_cache_never_imports_the_preparation_libraries(tmp_path: Path) -> None:
     """What the cache is for: a site process reads its rows without pandas, scikit-learn or datasets."""
-    code = ("import sys; from app import config, client_app; from flwr.app import Context, RecordDict; "
+    code = ("import sys; from app import config, plan; from flwr.app import Context, RecordDict; "
             "ctx = Context(run_id=1, node_id=1, node_config={'partition-id': 2, 'num-partitions': 30}, "
             "state=RecordDict(), run_config={'overrides': 'partition=dirichlet num_sites=30'}); "
-            "cfg, task, site = client_app.load_site(ctx); "
+            "site = plan.site_plan(ctx).source; "
             "print(len(site.train), sorted(m for m in ('pandas', 'sklearn', 'datasets') if m in sys.modules))")
     env = {**os.environ, cache.ENV: str(tmp_path / "cache")}
     cold = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

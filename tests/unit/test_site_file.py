@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from app import config
-from app.cli import data as data_cli
 from app.runtime import pki
+from app.runtime import site_files as data_cli
 from tasks import site_file
 from tasks.site_file import SiteDataError
 from tests.conftest import make_task

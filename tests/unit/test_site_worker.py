@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from app.runtime import flower_tuning, site_worker, supernode
+from app.support import flower_tuning, site_worker, supernode
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -155,11 +155,16 @@ def load(path: str | Path) -> Checkpoint:
     return ckpt
 
 
+#: Config keys added since checkpoints of this format were first written: a checkpoint without one was
+#: made with its default (fedsilo 0.13's ``learner``, issue #35).
+ADDED_KEYS: dict[str, Any] = {"learner": {"name": "torch", "options": {}}}
+
+
 def resumable(path: str | Path, config: dict[str, Any], num_rounds: int) -> Checkpoint:
     """The checkpoint at ``path`` if a run with ``config`` can resume from it, else :class:`CheckpointError`
     saying why (another config, all rounds done, not a checkpoint)."""
     ckpt = load(path)
-    diffs = config_differences(ckpt.config, config)
+    diffs = config_differences({**ADDED_KEYS, **ckpt.config}, config)
     if diffs:
         raise CheckpointError(f"resume={path}: the checkpoint was made with another config; resume with the same "
                               f"overrides (only {', '.join(MAY_DIFFER)} may differ). Differences: {'; '.join(diffs)}")

@@ -7,9 +7,9 @@ once ``results.json`` and the report are written, the finished run directory
 registry line; the apps do not change.
 
 * ``none``: files only;
-* ``tensorboard``: scalars per round in ``<run dir>/tensorboard`` (:mod:`app.reporting.tensorboard`);
+* ``tensorboard``: scalars per round in ``<run dir>/tensorboard`` (:mod:`app.tracking.tensorboard`);
 * ``mlflow``: params, per-round metrics, the final model and the report in an MLflow tracking
-  store (:mod:`app.reporting.mlflow_tracker`).
+  store (:mod:`app.tracking.mlflow_tracker`).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ class TrackerInfo:
 #: ``logger`` value -> its tracker (``none`` has none).
 REGISTRY: dict[str, TrackerInfo | None] = {
     "none": None,
-    "tensorboard": TrackerInfo("app.reporting.tensorboard", "TensorBoardLogger", "tensorboard"),
-    "mlflow": TrackerInfo("app.reporting.mlflow_tracker", "MlflowTracker", "mlflow"),
+    "tensorboard": TrackerInfo("app.tracking.tensorboard", "TensorBoardLogger", "tensorboard"),
+    "mlflow": TrackerInfo("app.tracking.mlflow_tracker", "MlflowTracker", "mlflow"),
 }
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from flwr.common import log
 
-from app.reporting.trackers import Tracker
+from app.tracking.trackers import Tracker
 
 #: MLflow caps a param value at 6000 characters.
 MAX_PARAM = 6000

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from app.reporting.trackers import Tracker
+from app.tracking.trackers import Tracker
 
 
 class TensorBoardLogger(Tracker):

@@ -1,0 +1,114 @@
+"""Protected-sum programs (:mod:`core.programs`) under the run's aggregation option: both halves.
+
+Coordinator half, :class:`ProgramRunner`: drives a program's steps. An :class:`~core.programs.Ask`
+becomes a sum request (:data:`~aggregation.base.SUM_REQUEST`: the sum's id, the step, its length
+and encoding, the program's name and state, the step's parameters; the model, if the step sends
+one) that the option's :class:`~aggregation.base.SumCoordinator` collects (plain: every site's
+vector; secagg: only the total; Paillier: a total the sites can open). A kept total goes into the
+program's state, sealed where the coordinator may not read it; a revealed one is asked of a key
+holder where only the sites can open it (Paillier reveals test metrics only). A
+:class:`~core.programs.Gather` is one message per site, answered in the clear.
+
+Site half, :func:`site_answer`: the request names the program, the site looks it up in *its own*
+registry (a program the site does not have is refused: the coordinator sends data, never code),
+opens the totals it needs through the option's site half and replies with the option's
+:meth:`~aggregation.base.SiteHalf.sum_reply`. The vector is checked against the request's length
+before it leaves.
+"""
+
+from __future__ import annotations
+
+import json
+from logging import WARNING
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from aggregation.base import SUM_REQUEST, RevealFailed, SiteEnv, SiteHalf, SumCoordinator, screen_sum_replies
+from core import programs
+from core.programs import Ask, Gather, Gathered, Program, ProgramError, SiteCall, Total
+
+#: the message of a :class:`~core.programs.Gather` step, and the record of its reply
+GATHER_MESSAGE = "query.fedsilo_gather"
+GATHER_KEY = "fedsilo-gather"
+
+
+class ProgramRunner:
+    """Runs programs against the federation's ``nodes`` with the option's sum coordinator."""
+
+    def __init__(self, summer: SumCoordinator, grid: Grid, nodes: list[int]) -> None:
+        self.summer, self.grid, self.nodes = summer, grid, nodes
+        self.sum_id = 0  # numbers every sum of the run (Paillier binds contributions to it)
+
+    def run(self, program: Program) -> Any:
+        """``program``'s outcome, each of its steps answered under the option."""
+        return programs.drive(program, lambda step: self._answer(program, step))
+
+    def request(self, program: Program, step: Ask) -> RecordDict:
+        """The sum request of ``step`` (a new sum id)."""
+        self.sum_id += 1
+        rec = ConfigRecord({"id": self.sum_id, "what": step.step, "length": step.length, **program.state,
+                            **step.params, **step.encoding.to_record(), "program": program.name})
+        content = RecordDict({SUM_REQUEST: rec})
+        if step.arrays is not None:
+            content["arrays"] = step.arrays
+        return content
+
+    def _answer(self, program: Program, step: Ask | Gather) -> Total | Gathered:
+        if isinstance(step, Gather):
+            return self._gather(program, step)
+        result = self.summer.collect(self.grid, self.nodes, self.request(program, step), step.length, self.sum_id)
+        if step.keep is not None:
+            kept = ConfigRecord()
+            result.put(kept, step.keep)
+            program.state.update(dict(kept.items()))
+        values = result.values
+        if step.reveal and result.sites > 0:
+            try:
+                values = self.summer.reveal(self.grid, self.nodes, result)
+            except RevealFailed as err:  # e.g. a listed site's contribution is missing: no total this time
+                log(WARNING, "fedsilo %s (%s): total not revealed: %s", program.name, step.step, err)
+                values = None
+        return Total(result.sites, values, list(result.rejected))
+
+    def _gather(self, program: Program, step: Gather) -> Gathered:
+        rec = ConfigRecord({"what": step.step, **program.state, **step.params, "program": program.name})
+        replies = self.summer.send(self.grid, self.nodes, RecordDict({SUM_REQUEST: rec}), GATHER_MESSAGE)
+
+        def check(msg: Message) -> str | None:
+            got = msg.content.config_records.get(GATHER_KEY)
+            return None if got is not None and isinstance(got.get("value"), str) else f"reply has no {GATHER_KEY!r} text"
+
+        good, rejected = screen_sum_replies(replies, self.nodes, check)
+        return Gathered([cast(str, m.content.config_records[GATHER_KEY]["value"]) for m in good.values()], rejected)
+
+
+def site_answer(msg: Message, context: Context, half: SiteHalf, env: SiteEnv, data: Any, task: Any,
+                policy: Any) -> Message:
+    """This site's answer to a program's request: its value (gather) or its share of the sum.
+
+    Raises :class:`~core.programs.ProgramError` (unknown program or step, a vector of the wrong
+    length), :class:`~core.programs.PolicyRefusal` or the site's data errors; the caller turns them
+    into refusals."""
+    rec = msg.content.config_records.get(SUM_REQUEST)
+    if rec is None:
+        raise ProgramError(f"a program request without its {SUM_REQUEST!r} record")
+    program = programs.get(str(rec.get("program", "")))
+    call = SiteCall(data, task, dict(rec.items()), lambda key: half.open_total(context, rec, key),
+                    lambda template: half.global_state(msg, context, template), policy)
+    step = str(rec.get("what", ""))
+    if msg.metadata.message_type == GATHER_MESSAGE:
+        value = program.site(step, call)
+        if not isinstance(value, str):
+            raise ProgramError(f"{program.name} ({step}): a gathered value must be text (JSON)")
+        json.loads(value)  # malformed JSON never leaves the site
+        return Message(RecordDict({GATHER_KEY: ConfigRecord({"value": value})}), reply_to=msg)
+    values = np.asarray(program.site(step, call), dtype=np.float64)
+    length = rec.get("length")
+    if values.ndim != 1 or not isinstance(length, int) or values.shape[0] != length:
+        raise ProgramError(f"{program.name} ({step}): the site's vector has shape {values.shape}, the request asks "
+                           f"for {length!r} values")
+    return half.sum_reply(msg, context, values, env)

@@ -1,0 +1,1 @@
+"""Experiment trackers (``logger=tensorboard|mlflow``): their schemas and the per-round logging."""
