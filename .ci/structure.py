@@ -7,7 +7,10 @@ Prints, for the checkout at ``--repo`` (default: this one):
 * ``import_cycles``: strongly connected groups of modules (imports inside functions count);
 * ``task_switches``: ``getattr(task...)`` / ``isinstance(..., <a concrete task or its site type>)`` in ``app/``;
 * ``server_main_lines`` and ``longest_handler_lines``: lines of ``app/server_app.py::main`` and of the
-  longest message handler of ``app/client_app.py``.
+  longest message handler of ``app/client_app.py``;
+* with ``--calls``: calls of ``app.config.num_sites`` (and of the task class's own count, which lists a
+  natural split's folder) per round of a 5-site run (``task=finance``, in process): the difference
+  between a 3-round and a 1-round run, halved.
 
 Run it on an older commit (``git worktree add /tmp/old <sha>``; ``--repo /tmp/old``) for the figures before.
 """
@@ -148,14 +151,57 @@ def measure(root: Path, layers: list[list[str]]) -> dict[str, object]:
             "longest_handler_lines": max(handlers.values()) if handlers else None, "handlers": handlers}
 
 
+CALLS = """
+import sys, tempfile
+from pathlib import Path
+from app import config
+import tasks
+from app.runtime.local_grid import run_inprocess
+counts = {"config.num_sites": 0, "task.num_sites": 0}
+real, task_cls = config.num_sites, tasks.get("finance")
+real_task = task_cls.num_sites.__func__
+def counted(cfg):
+    counts["config.num_sites"] += 1
+    return real(cfg)
+def counted_task(cls, *a, **k):
+    counts["task.num_sites"] += 1
+    return real_task(cls, *a, **k)
+config.num_sites = counted
+task_cls.num_sites = classmethod(counted_task)
+with tempfile.TemporaryDirectory() as d:
+    run_inprocess(["task=finance", "num_sites=5", f"num_rounds={sys.argv[1]}", "report=false", "checkpoint=false",
+                   f"seed={sys.argv[2]}"], Path(d))
+print(counts["config.num_sites"], counts["task.num_sites"])
+"""
+
+
+def calls_per_round(root: Path) -> dict[str, float]:
+    """Calls of the site count per round of a 5-site run (see the module docstring)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    got = []
+    for rounds, seed in ((1, 11), (3, 11)):  # an unseen seed: the config is composed afresh in the process
+        out = subprocess.run([sys.executable, "-c", CALLS, str(rounds), str(seed)], cwd=root, env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        got.append((int(out[-2]), int(out[-1])))
+    return {"num_sites_calls_per_round": (got[1][0] - got[0][0]) / 2,
+            "task_count_calls_per_round": (got[1][1] - got[0][1]) / 2,
+            "num_sites_calls_1_round_run": got[0][0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]))
     ap.add_argument("--layers-from", default=str(Path(__file__).resolve().parents[1]),
                     help="the checkout whose app/ layer contract is applied (default: this one)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--calls", action="store_true", help="also run a 5-site job to count num_sites calls per round")
     args = ap.parse_args()
     out = measure(Path(args.repo), app_layers(Path(args.layers_from)))
+    if args.calls:
+        out.update(calls_per_round(Path(args.repo)))
     if args.json:
         print(json.dumps(out, indent=1))
         return

@@ -52,7 +52,7 @@ class AggregationConfig:
     """Schema of the ``aggregation`` group (each option extends it)."""
 
     name: str = "plain"
-    # Update compression (aggregation/compression.py); each option takes the methods in its ``compressions``.
+    # Update compression (aggregation/compression/); each option takes the methods in its ``compressions``.
     compress: str = "none"        # none | fp16 | int8 | int4 | topk | randk
     keep: float = 0.01            # topk/randk: the share of the update's values that is sent
     keep_bits: int = 8            # topk/randk: bits per sent value: 8 (stochastic int8), 16 (fp16) or 32

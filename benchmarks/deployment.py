@@ -153,7 +153,8 @@ LEAVE_ROUNDS = 5
 
 def leave_run(tmp: Path, sig: signal.Signals) -> dict[str, Any]:
     from app import config
-    from app.support import checkpoint, deploy
+    from app.runtime import deploy
+    from app.support import checkpoint
     from app.support.paths import resolve_data_dir
 
     overrides, _ = deploy.site_overrides(["task=medical", f"num_rounds={LEAVE_ROUNDS}", "strategy.fraction_evaluate=0"], 4)

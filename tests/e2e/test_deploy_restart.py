@@ -14,8 +14,9 @@ from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from app import client_app, server_app
+from app.runtime import deploy
 from app.runtime.local_grid import LocalGrid
-from app.support import checkpoint, deploy
+from app.support import checkpoint
 from app.support.paths import resolve_data_dir
 from privacy.site_secret import SECRET_FILE
 from tests.conftest import REPO

@@ -1,4 +1,4 @@
-"""Update compression (aggregation/compression.py): codecs, error feedback, refusals, the reply checks."""
+"""Update compression (aggregation/compression/): codecs, error feedback, refusals, the reply checks."""
 
 from __future__ import annotations
 
@@ -85,11 +85,11 @@ def test_a_malformed_compressed_reply_is_rejected_with_its_reason() -> None:
     dec = c.Decompress(__import__("flwr.serverapp.strategy", fromlist=["FedAvg"]).FedAvg(), glob)
     base = dec._base(glob)
     meta = {**c.Compression("int8").to_record(), "base": base, "size": 100}
-    good = RecordDict({c.UPDATE_KEY: ArrayRecord({"values": c._raw(bytes(100)), "scales": c._raw(bytes(4))}),
+    good = RecordDict({c.UPDATE_KEY: ArrayRecord({"values": c.raw_array(bytes(100)), "scales": c.raw_array(bytes(4))}),
                        c.META_KEY: ConfigRecord(meta)})
-    short = RecordDict({c.UPDATE_KEY: ArrayRecord({"values": c._raw(bytes(10)), "scales": c._raw(bytes(4))}),
+    short = RecordDict({c.UPDATE_KEY: ArrayRecord({"values": c.raw_array(bytes(10)), "scales": c.raw_array(bytes(4))}),
                         c.META_KEY: ConfigRecord(meta)})
-    stale = RecordDict({c.UPDATE_KEY: ArrayRecord({"values": c._raw(bytes(100)), "scales": c._raw(bytes(4))}),
+    stale = RecordDict({c.UPDATE_KEY: ArrayRecord({"values": c.raw_array(bytes(100)), "scales": c.raw_array(bytes(4))}),
                         c.META_KEY: ConfigRecord({**meta, "base": 99})})
     out = dec.expand([Message(x, dst_node_id=0, message_type="train") for x in (good, short, stale)])
     assert not out[0].has_error() and out[0].content["arrays"]["w"].numpy().shape == (10, 10)

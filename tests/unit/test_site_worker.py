@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from app.support import flower_tuning, site_worker, supernode
+from app.runtime import site_worker, supernode
+from app.support import flower_tuning
 
 REPO = Path(__file__).resolve().parents[2]
 
