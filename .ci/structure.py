@@ -64,12 +64,16 @@ def imports(path: Path, known: dict[str, Path]) -> set[str]:
     return out
 
 
-def with_parents(deps: set[str], known: dict[str, Path]) -> set[str]:
-    """Importing a.b.c runs a/b/__init__ first: for cycles those edges are real."""
+def with_parents(module: str, deps: set[str], known: dict[str, Path]) -> set[str]:
+    """Importing a.b.c from outside package a.b runs a/b/__init__ first: for cycles those edges are real
+    (a module inside a.b importing its sibling does not: its package is imported already)."""
     out = set(deps)
     for m in deps:
         parts = m.split(".")
-        out.update(".".join(parts[:i]) for i in range(2, len(parts)) if ".".join(parts[:i]) in known)
+        for i in range(2, len(parts)):
+            parent = ".".join(parts[:i])
+            if parent in known and not module.startswith(parent + "."):
+                out.add(parent)
     return out
 
 
@@ -144,7 +148,7 @@ def measure(root: Path, layers: list[list[str]]) -> dict[str, object]:
     switches = [f"{p.relative_to(root)}:{i}" for m, p in known.items() if m.startswith("app")
                 for i, line in enumerate(p.read_text().splitlines(), 1) if SWITCH.search(line)]
     handlers = function_lines(root / "app" / "client_app.py", HANDLERS)
-    found = cycles({m: with_parents(d, known) - {m} for m, d in graph.items()})
+    found = cycles({m: with_parents(m, d, known) - {m} for m, d in graph.items()})
     return {"app_upward_imports": len(upward), "upward": sorted(upward), "import_cycles": len(found),
             "cycles": found, "task_switches": len(switches), "switches": switches,
             "server_main_lines": function_lines(root / "app" / "server_app.py", ("main",)).get("main"),

@@ -34,6 +34,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from typing_extensions import override
 
 from core import fixedpoint
 from core.handover import ProtectedAggregate
@@ -78,6 +79,7 @@ class Capabilities:
     }
 
     def missing(self, needs: Iterable[str]) -> list[str]:
+        """The capabilities among ``needs`` this option lacks (ValueError for a name that is no capability)."""
         names = {f.name for f in fields(self)}
         unknown = set(needs) - names
         if unknown:
@@ -162,7 +164,7 @@ class SiteHalf(ABC):
         """Work to do after federated evaluation, ahead of the next training round."""
 
     def sum_reply(self, msg: Message, context: Context, values: np.ndarray, env: SiteEnv) -> Message:
-        """This site's share of a sum (:class:`SumCoordinator`); plain: its values, as limbs, in the clear."""
+        """The site's share of a sum (:class:`SumCoordinator`); plain: its values, as limbs, in the clear."""
         enc = request_encoding(msg.content)
         limbs = enc.limbs(enc.encode(values))
         return Message(RecordDict({SUM_REPLY: ArrayRecord({"limbs": Array(limbs)})}), reply_to=msg)
@@ -217,6 +219,7 @@ class SumCoordinator(ABC):
 
     def send(self, grid: Grid, nodes: list[int], content: RecordDict, message_type: str | None = None
              ) -> list[Message]:
+        """Send ``content`` to each of ``nodes`` (as ``message_type``) and wait up to the timeout for their replies."""
         msgs = [Message(RecordDict(dict(content.items())), dst_node_id=n, message_type=message_type or self.message_type)
                 for n in nodes]
         return list(grid.send_and_receive(msgs, timeout=self.timeout))
@@ -253,6 +256,7 @@ def screen_sum_replies(replies: list[Message], nodes: list[int], check: Callable
 class PlainSum(SumCoordinator):
     """Each site's limbs in the clear; the coordinator adds them (it sees every site's vector)."""
 
+    @override
     def collect(self, grid: Grid, nodes: list[int], content: RecordDict, length: int, sum_id: int) -> SumResult:
         enc = request_encoding(content)
         size = length * enc.limbs_per_value
@@ -342,21 +346,26 @@ class StrategyWrapper(Strategy):
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
 
+    @override
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
+    @override
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return self.strategy.aggregate_train(server_round, replies)
 
+    @override
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
+    @override
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
 
+    @override
     def summary(self) -> None:
         self.strategy.summary()
 
@@ -368,10 +377,12 @@ class StrategyWrapper(Strategy):
             observe(server_round, replies)
 
     def state_dict(self) -> dict[str, Any]:
+        """The wrapped strategy's state for a checkpoint (empty if it keeps none)."""
         inner = getattr(self.strategy, "state_dict", None)
         return dict(inner()) if callable(inner) else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the wrapped strategy's state from a checkpoint (if it keeps any)."""
         inner = getattr(self.strategy, "load_state_dict", None)
         if callable(inner):
             inner(state)

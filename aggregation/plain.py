@@ -13,6 +13,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
+from typing_extensions import override
 
 from aggregation.base import (
     AggregationConfig,
@@ -33,6 +34,7 @@ class PlainSite(SiteHalf):
     def __init__(self, compression: Compression | None = None) -> None:
         self.compressor = SiteCompressor(compression) if compression is not None and compression.active else None
 
+    @override
     def reply(self, msg: Message, context: Context, result: LocalResult, env: SiteEnv) -> Message:
         if self.compressor is None:
             update: dict = {"arrays": ArrayRecord(result.state)}  # type: ignore[arg-type]
@@ -51,6 +53,8 @@ class PlainSite(SiteHalf):
 
 
 class Plain(AggregationOption):
+    """``aggregation=plain``: each site's model in the clear; the coordinator combines them."""
+
     name = "plain"
     schema = AggregationConfig
     capabilities = Capabilities(sees_individual_updates=True, holds_plaintext_model=True)
@@ -58,8 +62,10 @@ class Plain(AggregationOption):
 
     compressions = METHODS
 
+    @override
     def server(self, strategy: Strategy, cfg: Any, initial: ArrayRecord, record: RunRecord) -> Strategy:
         return Decompress(strategy, initial) if Compression.of(cfg).active else strategy
 
+    @override
     def site(self, cfg: Any) -> SiteHalf:
         return PlainSite(Compression.of(cfg))

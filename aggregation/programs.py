@@ -88,7 +88,7 @@ class ProgramRunner:
 
 def site_answer(msg: Message, context: Context, half: SiteHalf, env: SiteEnv, data: Any, task: Any,
                 policy: Any) -> Message:
-    """This site's answer to a program's request: its value (gather) or its share of the sum.
+    """The site's answer to a program's request: its value (gather) or its share of the sum.
 
     Raises :class:`~core.programs.ProgramError` (unknown program or step, a vector of the wrong
     length), :class:`~core.programs.PolicyRefusal` or the site's data errors; the caller turns them

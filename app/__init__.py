@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def version() -> str:
-    """fedsilo's version. It lives in one place, ``[project] version`` of ``pyproject.toml``: read from
+    """The version of fedsilo. It lives in one place, ``[project] version`` of ``pyproject.toml``: read from
     the checkout when fedsilo runs from one (an editable install's metadata keeps the version it was
     installed at), else from the installed package's metadata. CHANGELOG.md lists what each holds."""
     import tomllib

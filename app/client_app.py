@@ -79,7 +79,7 @@ def site_handler(*also_refused: type[Exception]) -> Callable[[Handler], Callable
 
 
 def _local_update(msg: Message, context: Context, plan: SitePlan, site: SiteData, env: SiteEnv) -> LocalResult:
-    """This round's local work; :class:`SiteRefusal` for a site that misses the round."""
+    """The round's local work; :class:`SiteRefusal` for a site that misses the round."""
     cfg, task, layers = plan.cfg, plan.task, plan.layers
     train_config = msg.content["config"]
     server_round = int(train_config["server-round"])  # type: ignore[index,call-overload]

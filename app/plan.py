@@ -138,7 +138,7 @@ class SitePlan:
 
 
 def site_identity(node: dict, name: str) -> SiteIdentity:
-    """This site's signing identity and the roster it trusts: node config ``site-key`` and ``roster``
+    """The site's signing identity and the roster it trusts: node config ``site-key`` and ``roster``
     (``fedsilo keys roster``; required at a deployed site); in a simulation without them, derived from
     the site's name."""
     if "site-key" in node and "roster" in node:
@@ -150,7 +150,7 @@ def site_identity(node: dict, name: str) -> SiteIdentity:
 
 
 def site_plan(context: Context) -> SitePlan:
-    """This node's plan for ``context``'s run; a clear error if the federation does not fit.
+    """The node's plan for ``context``'s run; a clear error if the federation does not fit.
 
     A deployed site names its own data in its node config (``data-path``, written by ``fedsilo data
     split`` or by the site itself); in a simulation the node's ``partition-id`` selects its share of

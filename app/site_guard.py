@@ -36,6 +36,7 @@ def policy_for(context: Context, cfg: config.FedsiloConfig | None = None) -> Sit
 
 
 def limits_of(policy: SitePolicy) -> SiteLimits:
+    """The bounds the policy's ``privacy`` section sets the site's privacy mechanism."""
     p = policy.privacy
     return SiteLimits(p.max_epsilon, p.min_noise_multiplier, p.one_release_per_round, p.max_delta)
 
@@ -46,7 +47,19 @@ def privacy_limits(context: Context, cfg: config.FedsiloConfig) -> SiteLimits:
 
 
 def check_run(cfg: config.FedsiloConfig, policy: SitePolicy, site_fingerprint: str | None = None) -> list[str]:
-    """What in the run's config the policy refuses, one reason per field (names and bounds, never data)."""
+    """What in the run's config the policy refuses, one reason per field (names and bounds, never data).
+
+    A pure function of the composed config, the policy's values and the fingerprint: worked out once
+    per config and policy (kept on the config, keyed by the policy's full value), then read back for
+    every message of the run."""
+    memo: dict[tuple[str, str | None], list[str]] = cfg.__dict__.setdefault("_policy_checks", {})
+    key = (repr(policy), site_fingerprint)
+    if key not in memo:
+        memo[key] = _problems(cfg, policy, site_fingerprint)
+    return list(memo[key])
+
+
+def _problems(cfg: config.FedsiloConfig, policy: SitePolicy, site_fingerprint: str | None) -> list[str]:
     out: list[str] = []
     if policy.tasks and cfg.task.name not in policy.tasks:
         out.append(f"task={cfg.task.name} is not one this site trains (policy tasks: {policy.tasks})")
@@ -62,8 +75,8 @@ def check_run(cfg: config.FedsiloConfig, policy: SitePolicy, site_fingerprint: s
     agg = policy.aggregation
     if cfg.aggregation.name not in agg.allowed:
         out.append(f"aggregation={cfg.aggregation.name} is not allowed (policy aggregation.allowed: {agg.allowed})")
-    if config.num_sites(cfg) < agg.min_sites:
-        out.append(f"num_sites={config.num_sites(cfg)} is below the policy's aggregation.min_sites={agg.min_sites}")
+    if (n_sites := config.num_sites(cfg)) < agg.min_sites:
+        out.append(f"num_sites={n_sites} is below the policy's aggregation.min_sites={agg.min_sites}")
     p = policy.privacy
     if p.required != "none" and cfg.privacy.name != p.required:
         out.append(f"privacy={cfg.privacy.name}: this site's policy requires privacy={p.required}")
@@ -80,6 +93,7 @@ def check_run(cfg: config.FedsiloConfig, policy: SitePolicy, site_fingerprint: s
 
 
 def site_name(context: Context) -> str:
+    """The site's name for replies and logs (node config ``site-name``, ``party-name`` or ``partition-id``)."""
     node = context.node_config
     return str(node.get("site-name", node.get("party-name", node.get("partition-id", "site"))))
 

@@ -62,12 +62,16 @@ NODE_CONFIG_KEY = "policy-path"
 
 @dataclass
 class AggregationPolicy:
+    """``aggregation``: the options the site takes part in, and the fewest sites of a run."""
+
     allowed: list[str] = field(default_factory=lambda: ["plain", "secagg", "paillier"])
     min_sites: int = 2
 
 
 @dataclass
 class PrivacyPolicy:
+    """``privacy``: the mechanism the site requires and the bounds it sets it."""
+
     required: str = "none"          # none | dpsgd
     max_epsilon: float = 10.0
     max_delta: float = 1e-5
@@ -77,6 +81,8 @@ class PrivacyPolicy:
 
 @dataclass
 class EvaluationPolicy:
+    """``evaluation``: what pooled test metrics the site reports."""
+
     max_bins: int = 8192
     min_test_rows: int = 10
     test_fraction: list[float] = field(default_factory=lambda: [0.05, 0.5])
@@ -84,11 +90,15 @@ class EvaluationPolicy:
 
 @dataclass
 class StatisticsPolicy:
+    """``statistics``: the fewest rows the site releases a statistic of."""
+
     min_rows: int = 10
 
 
 @dataclass
 class SecureAggregationPolicy:
+    """``secure_aggregation``: the fewest neighbours, the colluders assumed and the threshold share."""
+
     min_neighbours: int = 2
     colluders: int = 0
     threshold: float = 0.5
@@ -96,6 +106,8 @@ class SecureAggregationPolicy:
 
 @dataclass
 class VerticalPolicy:
+    """``vertical``: the vertical models the site takes part in."""
+
     allowed: list[str] = field(default_factory=lambda: ["hetero_lr", "split_nn"])
 
 
@@ -216,4 +228,5 @@ def describe(policy: SitePolicy) -> list[str]:
 
 
 def to_dict(policy: SitePolicy) -> dict[str, Any]:
+    """The policy as a plain dict."""
     return asdict(policy)

@@ -84,6 +84,7 @@ class FlowerRelay:
         return out
 
     def hello(self, payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Greet every connected node; each party's reply, by party name."""
         nodes = list(self.grid.get_node_ids())
         replies = self._exchange("hello", {n: payload for n in nodes})
         by_name: dict[str, dict[str, Any]] = {}
@@ -95,6 +96,7 @@ class FlowerRelay:
         return by_name
 
     def send(self, step: str, payloads: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Send one step to the named parties; their replies, by party name."""
         unknown = [p for p in payloads if p not in self.nodes]
         if unknown:
             raise VerticalError(f"no node is party {unknown}")
@@ -169,7 +171,7 @@ def serve(grid: Grid, context: Context, cfg: config.FedsiloConfig, out_dir: Path
 
 # ---- the party's node -------------------------------------------------------------------------------
 def party_env(context: Context, cfg: config.FedsiloConfig) -> party.PartyEnv:
-    """This node as a party: from its node config (deployment) or from ``vertical.parties`` (simulation)."""
+    """The node as a party: from its node config (deployment) or from ``vertical.parties`` (simulation)."""
     node = context.node_config
     v = resolved(cfg)
     run = str(context.run_id)

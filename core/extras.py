@@ -26,6 +26,7 @@ class MissingExtra(ImportError):
 
 
 def install_command(extra: str) -> str:
+    """The pip command that installs ``extra``."""
     return f'pip install "fedsilo[{extra}]"'
 
 

@@ -43,14 +43,17 @@ class Encoding:
 
     @property
     def modulus(self) -> int:
+        """The modulus sums wrap at (``2^bits``)."""
         return 1 << self.bits
 
     @property
     def limbs_per_value(self) -> int:
+        """Limbs of :data:`LIMB_BITS` per encoded value."""
         return -(-self.bits // LIMB_BITS)
 
     @property
     def max_magnitude(self) -> float:
+        """The largest magnitude a value may have."""
         return float(1 << (self.bits - self.fraction_bits - 1))
 
     def encode(self, values: Sequence[float] | np.ndarray) -> list[int]:
@@ -97,6 +100,7 @@ class Encoding:
         return [sum(int(x) << (LIMB_BITS * j) for j, x in enumerate(row)) % self.modulus for row in rows]
 
     def to_record(self) -> dict[str, int]:
+        """The encoding as a request carries it."""
         return {"fraction-bits": self.fraction_bits, "bits": self.bits}
 
     @classmethod

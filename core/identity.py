@@ -126,6 +126,7 @@ class SiteIdentity:
 
     @classmethod
     def simulated(cls, name: str) -> SiteIdentity:
+        """A simulated site's identity, derived from its name (no security claim: for simulations only)."""
         return cls(name, _simulated_key(name))
 
     @classmethod
@@ -142,17 +143,21 @@ class SiteIdentity:
 
     @property
     def simulation(self) -> bool:
+        """Whether this is a simulated identity (no roster)."""
         return self.roster is None
 
     def public(self) -> bytes:
+        """The identity's Ed25519 public key."""
         return identity_public(self.key)
 
     def sign(self, statement: bytes) -> bytes:
+        """The identity's signature of ``statement``."""
         if self._signer is None:
             self._signer = Ed25519PrivateKey.from_private_bytes(self.key)
         return self._signer.sign(statement)
 
     def knows(self, name: str) -> bool:
+        """Whether ``name`` is on the roster (a simulated identity knows every name)."""
         return self.roster is None or name in self.roster
 
     def verify(self, name: str, statement: bytes, signature: bytes) -> None:

@@ -18,17 +18,21 @@ class Layout:
 
     @classmethod
     def of(cls, arrays: dict[str, np.ndarray]) -> Layout:
+        """The layout of ``arrays``: names, shapes and dtypes, in order."""
         return cls(tuple(arrays), tuple(tuple(a.shape) for a in arrays.values()),
                    tuple(str(a.dtype) for a in arrays.values()))
 
     @property
     def size(self) -> int:
+        """Values in all arrays."""
         return int(sum(int(np.prod(s)) for s in self.shapes))
 
     def flatten(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """The arrays as one float64 vector, in layout order."""
         return np.concatenate([np.asarray(arrays[n], dtype=np.float64).ravel() for n in self.names])
 
     def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """The arrays of a vector :meth:`flatten` made, with their shapes and dtypes."""
         out: dict[str, np.ndarray] = OrderedDict()
         start = 0
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):

@@ -36,6 +36,7 @@ class AffineQuantiser:
         return (1 << self.value_bits) - 1
 
     def clipped_count(self, x: np.ndarray) -> int:
+        """How many values of ``x`` lie outside ``[-clip, clip]``."""
         return int(np.count_nonzero(np.abs(x) > self.clip))
 
     def scaled(self, x: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ class Rejection:
     reason: str
 
     def to_dict(self) -> dict[str, str]:
+        """The rejection as results.json holds it."""
         return {"site": self.site, "reason": self.reason}
 
 
@@ -68,6 +69,7 @@ class PhaseRecord:
             self.sites = good
 
     def to_dict(self) -> dict[str, Any]:
+        """The phase as results.json holds it (empty fields left out)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -82,6 +84,7 @@ class PhaseRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PhaseRecord:
+        """The phase :meth:`to_dict` wrote."""
         rec = cls(**{k: v for k, v in d.items() if k not in ("rejected", "robust")})
         if "rejected" in d:
             rec.rejected = [Rejection(**r) for r in d["rejected"]]
@@ -92,6 +95,8 @@ class PhaseRecord:
 
 @dataclass
 class Departure:
+    """A site that left the federation in a round: its name, node and how it was noticed."""
+
     site: str
     node: int
     noticed: str
@@ -99,6 +104,8 @@ class Departure:
 
 @dataclass
 class Arrival:
+    """A node that joined the federation in a round, and how it was noticed."""
+
     node: int
     noticed: str
 
@@ -126,6 +133,7 @@ class RoundRecord:
         return rec
 
     def to_dict(self) -> dict[str, Any]:
+        """The round as results.json holds it (empty fields left out)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -143,6 +151,7 @@ class RoundRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
+        """The round :meth:`to_dict` wrote (protocol records kept as they are)."""
         known = {f.name for f in fields(cls)} - {"protocol"}
         rec = cls(**{k: v for k, v in d.items() if k in known and k not in ("train", "evaluate", "left", "joined")})
         rec.protocol = {k: v for k, v in d.items() if k not in known}
@@ -162,6 +171,7 @@ class RunRecord:
     sites: SiteDirectory = field(default_factory=SiteDirectory)
 
     def round(self, server_round: int) -> RoundRecord:
+        """The record of ``server_round`` (made on first use)."""
         if server_round not in self.rounds:
             self.rounds[server_round] = RoundRecord()
         return self.rounds[server_round]

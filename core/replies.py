@@ -40,6 +40,7 @@ class SiteRefusal(Exception):
         self.code, self.reason = code, reason
 
     def reply(self, msg: Message, site_name: str | None = None) -> Message:
+        """The error reply to ``msg``, its reason prefixed by the site's name."""
         reason = f"{site_name}: {self.reason}" if site_name else self.reason
         return Message(Error(code=int(self.code), reason=reason), reply_to=msg)
 
@@ -66,6 +67,7 @@ def record_bytes(content: RecordDict) -> int:
 
 
 def check_size(msg: Message) -> str | None:
+    """Why ``msg``'s records are too large, or None."""
     n = record_bytes(msg.content)
     if n > MAX_RECORD_BYTES:
         return f"oversized reply: {n} bytes of metrics and config records (limit {MAX_RECORD_BYTES})"

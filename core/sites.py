@@ -78,15 +78,18 @@ class SiteDirectory:
     names: dict[int, str] = field(default_factory=dict)
 
     def learn(self, replies: list[Message]) -> None:
+        """Learn each replying node's site name from its site record."""
         for m in replies:
             rec = site_record(m)
             if rec is not None:
                 self.names[m.metadata.src_node_id] = str(rec.get("name", "?"))
 
     def site(self, node: int) -> SiteId:
+        """The site of ``node`` (its name if learnt)."""
         return SiteId(node, self.names.get(node))
 
     def label(self, node: int) -> str:
+        """The label of ``node``'s site in logs and results (its name, else its node id)."""
         return self.site(node).label
 
     def names_by_label(self) -> dict[str, str]:

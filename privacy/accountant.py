@@ -34,6 +34,7 @@ class PrivacyLedger:
 
     @property
     def steps(self) -> int:
+        """Steps taken so far."""
         return sum(s for _, _, s in self.history)
 
     def with_steps(self, noise_multiplier: float, sample_rate: float, steps: int) -> PrivacyLedger:
@@ -53,6 +54,7 @@ class PrivacyLedger:
 
     # ---- persistence in context.state ------------------------------------------------
     def to_record(self) -> ConfigRecord:
+        """The ledger as a reply's record carries it."""
         return ConfigRecord({
             "accountant": self.accountant,
             "noise": [float(h[0]) for h in self.history],

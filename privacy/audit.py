@@ -38,11 +38,14 @@ TrainReference = Callable[[Split, int], nn.Module]
 
 @dataclass(frozen=True)
 class AttackResult:
+    """One membership-inference attack's figures: AUC with its 95% interval, TPR at 1% FPR."""
+
     auc: float
     tpr_at_1pct_fpr: float
     auc_ci95: tuple[float, float]
 
     def as_dict(self) -> dict[str, object]:
+        """The figures as results.json holds them."""
         return {"auc": self.auc, "auc_ci95": list(self.auc_ci95), "tpr_at_1pct_fpr": self.tpr_at_1pct_fpr}
 
 

@@ -21,6 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp.strategy import Strategy
 from torch import nn
+from typing_extensions import override
 
 from core.records import RoundRecord, RunRecord
 from core.seeding import seed_cpu
@@ -67,6 +68,7 @@ class LocalTrainer(ABC):
 class PlainTrainer(LocalTrainer):
     """The task's own local training loop; deterministic given ``seed``."""
 
+    @override
     def train(self, task: Task, model: nn.Module, split: Split, seed: int, context: Context,
               train_config: ConfigRecord, site_name: str, epochs: int, max_steps: int | None,
               penalty: Penalty | None, store: SiteStore | None = None,
@@ -136,13 +138,17 @@ class PrivacyOption(ABC):
         return []
 
     def trainer(self, cfg: Any, num_rounds: int, batch_size: int) -> LocalTrainer:
+        """The site's local trainer under this option."""
         return PlainTrainer()
 
     def coordinator(self, cfg: Any, num_sites: int, record: RunRecord) -> Coordinator:
+        """The coordinator's half of this option."""
         return Coordinator()
 
 
 class NoPrivacy(PrivacyOption):
+    """``privacy=none``: plain local training, nothing added at the coordinator."""
+
     name = "none"
     schema = PrivacyConfig
 

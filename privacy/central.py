@@ -44,6 +44,7 @@ from flwr.supercore.privacy_accounting import (
     PrivacyConfig as AccountingConfig,
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from typing_extensions import override
 
 from core.config import check
 from core.records import RoundRecord, RunRecord
@@ -71,6 +72,7 @@ class CentralDPConfig(PrivacyConfig):
 
 
 def validate(d: CentralDPConfig) -> None:
+    """Range checks of the ``privacy=central`` keys."""
     check(d.noise_multiplier > 0, "privacy.noise_multiplier", d.noise_multiplier, "a number > 0")
     check(d.clipping_norm > 0, "privacy.clipping_norm", d.clipping_norm, "a number > 0")
     check(0 < d.delta < 1, "privacy.delta", d.delta, "0 < delta < 1")
@@ -114,6 +116,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
 
     @property
     def inner(self) -> Any:
+        """The wrapped strategy."""
         return self.strategy
 
     def epsilon(self) -> float:
@@ -209,29 +212,36 @@ class CentralCoordinator(Coordinator):
         self.cfg, self.num_sites, self.record = cfg, num_sites, record
         self.dp: CentralDP | None = None
 
+    @override
     def wrap(self, strategy: Any) -> Any:
         c = self.cfg
         self.dp = CentralDP(strategy, c.noise_multiplier, c.clipping_norm, self.num_sites, c.delta, c.target_epsilon,
                             self.record)
         return self.dp
 
+    @override
     def summary(self) -> dict[str, Any] | None:
         return self.dp.summary_record() if self.dp is not None else None
 
+    @override
     def note(self, rnd: RoundRecord) -> str:
         e = rnd.privacy_central
         return f" | central DP epsilon {e['epsilon']:.3f}" if e and "epsilon" in e else ""
 
 
 class Central(PrivacyOption):
+    """``privacy=central``: the coordinator clips each site's update and noises their mean (docs/privacy.md)."""
+
     name = "central"
     schema = CentralDPConfig
     needs = {"sees_individual_updates": "the server clips each site's update, so it must see them; use "
                                         "privacy=dpsgd with secagg or paillier"}
 
+    @override
     def validate(self, cfg: Any) -> None:
         validate(cfg)
 
+    @override
     def tables(self, summary: dict[str, Any]) -> tuple[list[str], list[tuple[list[str], list[list[str]]]]]:
         def fmt(v: Any) -> str:
             return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -248,5 +258,6 @@ class Central(PrivacyOption):
               "0 with privacy=central: its noise and accounting are per round over one cohort of updates, and "
               "buffered rounds weight stale updates down; use privacy=dpsgd (each site's own ledger)")
 
+    @override
     def coordinator(self, cfg: Any, num_sites: int, record: RunRecord) -> Coordinator:
         return CentralCoordinator(cfg, num_sites, record)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight
+from typing_extensions import override
 
 T = TypeVar("T", torch.Tensor, np.ndarray)
 
@@ -40,7 +41,7 @@ _ENGINE = getattr(getattr(getattr(torch.autograd, "variable", None), "Variable",
 
 
 def _output_grads(loss: torch.Tensor, one: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """d loss / d output for each tensor of ``outputs`` (``one`` = ones like the scalar ``loss``)."""
+    """The gradients d loss / d output for each tensor of ``outputs`` (``one`` = ones like the scalar ``loss``)."""
     if _ENGINE is None:
         return torch.autograd.grad(loss, outputs, grad_outputs=one)
     # (tensors, grad_tensors, keep_graph, create_graph, inputs, allow_unused, accumulate_grad)
@@ -159,6 +160,7 @@ class LinearClipper(_RecordingClipper):
             raise ValueError(f"{type(model).__name__} has layers other than nn.Linear with parameters")
         super().__init__(model, loss_fn, [m for m in model.modules() if isinstance(m, nn.Linear)])
 
+    @override
     def clipped_sum_into(self, out: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, max_grad_norm: float,
                          scale: float = 1.0) -> tuple[float, int]:
         loss, io, outs = self._forward_backward(x, y)
@@ -201,6 +203,7 @@ class OpacusClipper:
 
     def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
                     ) -> tuple[list[torch.Tensor], float, int]:
+        """The clipped per-example gradients' sum of a batch, its mean loss and how many examples were clipped."""
         for p in self.params:
             p.grad, p.grad_sample = None, None  # type: ignore[attr-defined]
         loss = self.loss_fn(self.gsm(x), y)
@@ -214,6 +217,7 @@ class OpacusClipper:
         return grads, float(loss.detach()), int((c < 1).sum())
 
     def close(self) -> None:
+        """Remove the per-example gradient hooks from the model."""
         self.gsm._close()
 
 
@@ -265,7 +269,9 @@ class LayerClipper(_RecordingClipper):
     """Exact per-sample clipping for convolutional models (the imaging CNN) from each layer's
     input and output gradient, one forward and one backward pass, as :class:`LinearClipper`
     does for linear ones; each layer type has its rule (Opacus' per-layer grad-sample rules,
-    without Opacus' hooks or its per-example gradients for the large linear layers):
+    without Opacus' hooks or its per-example gradients for the large linear layers).
+
+    Each rule:
 
     * ``nn.Linear`` (2-D input): the norm from ``||g_i||^2 (||a_i||^2 + 1)``, the clipped sum
       ``(c*G)^T A``: no per-example gradient (the CNN's 100k-parameter head costs nothing extra);
@@ -283,6 +289,7 @@ class LayerClipper(_RecordingClipper):
                              "padding) and nn.GroupNorm with parameters, or a module that mixes examples")
         super().__init__(model, loss_fn, [m for m in model.modules() if m is not model and _clipped_layer(m)])
 
+    @override
     def clipped_sum_into(self, out: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, max_grad_norm: float,
                          scale: float = 1.0) -> tuple[float, int]:
         loss, io, outs = self._forward_backward(x, y)

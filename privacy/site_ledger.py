@@ -191,6 +191,7 @@ class SiteLedger:
         return led
 
     def jobs(self) -> list[str]:
+        """The job ids the ledger holds releases of."""
         return sorted({r.job for r in self.releases})
 
     def released(self, server_round: int, inputs: str) -> Release | None:

@@ -24,6 +24,7 @@ from logging import INFO
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
+from typing_extensions import override
 
 from core.clipping import bound_norm
 from core.records import PhaseRecord, RobustUse
@@ -61,6 +62,7 @@ class Combine(ABC):
 class WeightedMean(Combine):
     """The strategy's row-weighted mean: FedAvg."""
 
+    @override
     def __call__(self, replies: list[Message], ctx: CombineContext) -> Aggregated:
         return ctx.weighted_mean(replies)
 
@@ -73,6 +75,7 @@ class RobustRule(Combine):
     rule: str
     assumed_byzantine: float
 
+    @override
     def __call__(self, replies: list[Message], ctx: CombineContext) -> Aggregated:
         arrays, used = robust.aggregate(self.rule, replies, self.assumed_byzantine)
         f = robust.byzantine_count(self.rule, len(replies), self.assumed_byzantine)
@@ -82,6 +85,7 @@ class RobustRule(Combine):
                 len(replies), ", ".join(site_label(replies[i]) for i in used))
         return arrays, ctx.metrics(replies)
 
+    @override
     def bound_mean_update(self, update: np.ndarray, ctx: CombineContext) -> np.ndarray:
         raise ValueError(f"strategy.robust={self.rule!r} needs every single update; this aggregation hides them")
 
@@ -97,6 +101,7 @@ class NormBound(Combine):
     bound: float
     inner: Combine
 
+    @override
     def __call__(self, replies: list[Message], ctx: CombineContext) -> Aggregated:
         assert ctx.current is not None
         bounded = [site_label(m) for m in replies if robust.bound_reply(m, ctx.current, self.bound)]
@@ -105,6 +110,7 @@ class NormBound(Combine):
             log(INFO, "round %s: update norm bounded to %g for %s", ctx.server_round, self.bound, ", ".join(bounded))
         return self.inner(replies, ctx)
 
+    @override
     def bound_mean_update(self, update: np.ndarray, ctx: CombineContext) -> np.ndarray:
         step, bounded = bound_norm(update, self.bound)
         if bounded:  # the sites clip their own updates; this bounds what any attacker adds too

@@ -40,6 +40,7 @@ from flwr.common import log
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from typing_extensions import override
 
 from core.handover import ProtectedAggregate
 from core.layout import Layout
@@ -71,7 +72,8 @@ def pooled_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) -> 
 class ReplyObserver(Protocol):
     """Something that reads every training reply before aggregation (e.g. a privacy ledger)."""
 
-    def observe(self, server_round: int, replies: list[Message], strategy: FedAvg) -> None: ...
+    def observe(self, server_round: int, replies: list[Message], strategy: FedAvg) -> None:
+        """Learn from a round's replies (e.g. a privacy ledger); ``strategy`` may exclude sites."""
 
 
 #: The fewest sites a federated round goes on with when some never connected.
@@ -285,6 +287,7 @@ class FedAvg(FlowerFedAvg):
         return self.record.sites.label(node)
 
     # ---- federated evaluation -------------------------------------------------------
+    @override
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -292,6 +295,7 @@ class FedAvg(FlowerFedAvg):
         self.record.round(server_round).evaluate = PhaseRecord(sampled=len(messages))
         return messages
 
+    @override
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         good = self._screen(server_round, "evaluate", replies, check_summary)
         return super().aggregate_evaluate(server_round, good) if good else None

@@ -28,6 +28,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
+from typing_extensions import override
 
 from strategies.fedavg import FedAvg
 from strategies.site import SiteRound, StrategySite, model_part, step_normalizer
@@ -40,12 +41,14 @@ class FedNova(FedAvg):
     """FedAvg over normalized updates, rescaled by the mean normalizer. Parameters as for
     :class:`~strategies.fedavg.FedAvg`."""
 
+    @override
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         full = OrderedDict(arrays.items())
         full[KEY] = Array(np.zeros(1, dtype=np.float64))
         return super().configure_train(server_round, ArrayRecord(full), config, grid)
 
+    @override
     def finish_train(self, server_round: int, arrays: ArrayRecord | None,
                      metrics: MetricRecord | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if arrays is None or KEY not in arrays.keys() or self.current is None:
@@ -66,6 +69,7 @@ class FedNova(FedAvg):
 class FedNovaSite(StrategySite):
     """The site half: the normalized model and its normalizer in one record."""
 
+    @override
     def finish(self, model: nn.Module, glob: dict[str, torch.Tensor], stats: dict[str, float],
                rnd: SiteRound) -> dict[str, torch.Tensor]:
         state = super().finish(model, glob, stats, rnd)

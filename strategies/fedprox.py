@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from torch import nn
+from typing_extensions import override
 
 from strategies.combine import Combine
 from strategies.fedavg import FedAvg
@@ -47,6 +48,7 @@ class ProximalTerm:
         self.anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
+        """The proximal term ``mu/2 * ||w - w_global||^2`` of ``model``'s trainable parameters."""
         params = [p for p in model.parameters() if p.requires_grad]
         squared = sum(((p - a) ** 2).sum() for p, a in zip(params, self.anchor, strict=True))
         return 0.5 * self.mu * squared  # type: ignore[return-value]
@@ -84,6 +86,7 @@ class FedProx(FedAvg):
         self._last_loss: float | None = None
         self._decreases = 0
 
+    @override
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -99,15 +102,18 @@ class FedProx(FedAvg):
             self._adapt(server_round, float(metrics["train_loss"]))  # type: ignore[arg-type]
         return super().finish_train(server_round, arrays, metrics)
 
+    @override
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None and "loss" in metrics:
             self._adapt(server_round, float(metrics["loss"]))  # type: ignore[arg-type]
         return metrics
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "mu": self.mu, "last_loss": self._last_loss, "decreases": self._decreases}
 
+    @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.mu, self._last_loss, self._decreases = float(state["mu"]), state["last_loss"], int(state["decreases"])

@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from torch import nn
+from typing_extensions import override
 
 from core.sites import SITE_KEY, site_label
 from strategies.fedprox import ProximalTerm
@@ -84,8 +85,10 @@ class PersonalLayers(StrategySite):
         self.inner, self.which = inner, which
 
     def keys(self, model: nn.Module) -> list[str]:
+        """The names of ``model``'s arrays that stay at the site (FedPer: the head; FedBN: the normalization layers)."""
         return head_keys(model) if self.which == "fedper" else norm_keys(model)
 
+    @override
     def start(self, glob: dict[str, torch.Tensor], model: nn.Module, rnd: SiteRound) -> Penalty | None:
         keys = self.keys(model)
         penalty = self.inner.start(glob, model, rnd)
@@ -94,6 +97,7 @@ class PersonalLayers(StrategySite):
             model.load_state_dict({k: own[k] for k in keys}, strict=False)
         return penalty
 
+    @override
     def finish(self, model: nn.Module, glob: dict[str, torch.Tensor], stats: dict[str, float],
                rnd: SiteRound) -> dict[str, torch.Tensor]:
         keys = self.keys(model)
@@ -103,6 +107,7 @@ class PersonalLayers(StrategySite):
         model.load_state_dict({k: glob[k] for k in keys}, strict=False)  # the received layers go back: no update
         return self.inner.finish(model, glob, stats, rnd)
 
+    @override
     def personal_model(self, glob: dict[str, torch.Tensor], model: nn.Module, rnd: SiteRound) -> bool:
         self.inner.personal_model(glob, model, rnd)
         own = rnd.store.load(PERSONAL, rnd.server_round) if rnd.store is not None else None
@@ -118,9 +123,11 @@ class Ditto(StrategySite):
     def __init__(self, inner: StrategySite, lam: float, epochs: int, lr: float) -> None:
         self.inner, self.lam, self.epochs, self.lr = inner, lam, epochs, lr
 
+    @override
     def start(self, glob: dict[str, torch.Tensor], model: nn.Module, rnd: SiteRound) -> Penalty | None:
         return self.inner.start(glob, model, rnd)
 
+    @override
     def finish(self, model: nn.Module, glob: dict[str, torch.Tensor], stats: dict[str, float],
                rnd: SiteRound) -> dict[str, torch.Tensor]:
         reply = self.inner.finish(model, glob, stats, rnd)
@@ -136,6 +143,7 @@ class Ditto(StrategySite):
         rnd.store.save(PERSONAL, rnd.server_round, dict(personal.state_dict()))
         return reply
 
+    @override
     def personal_model(self, glob: dict[str, torch.Tensor], model: nn.Module, rnd: SiteRound) -> bool:
         self.inner.personal_model(glob, model, rnd)
         own = rnd.store.load(PERSONAL, rnd.server_round) if rnd.store is not None else None
@@ -151,13 +159,16 @@ class FineTune(StrategySite):
     def __init__(self, inner: StrategySite, epochs: int, lr: float) -> None:
         self.inner, self.epochs, self.lr = inner, epochs, lr
 
+    @override
     def start(self, glob: dict[str, torch.Tensor], model: nn.Module, rnd: SiteRound) -> Penalty | None:
         return self.inner.start(glob, model, rnd)
 
+    @override
     def finish(self, model: nn.Module, glob: dict[str, torch.Tensor], stats: dict[str, float],
                rnd: SiteRound) -> dict[str, torch.Tensor]:
         return self.inner.finish(model, glob, stats, rnd)
 
+    @override
     def personal_model(self, glob: dict[str, torch.Tensor], model: nn.Module, rnd: SiteRound) -> bool:
         self.inner.personal_model(glob, model, rnd)
         if rnd.train is None:

@@ -35,6 +35,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
+from typing_extensions import override
 
 from strategies.fedavg import FedAvg
 from strategies.site import SiteRound, StrategySite, add_penalties, model_part, step_normalizer
@@ -59,6 +60,7 @@ class Scaffold(FedAvg):
         super().__init__(*args, **kwargs)
         self.c: dict[str, np.ndarray] | None = None
 
+    @override
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         if self.c is None:  # parameters only: float arrays; zero at the start
@@ -68,6 +70,7 @@ class Scaffold(FedAvg):
             full[PREFIX + k] = Array(v)
         return super().configure_train(server_round, ArrayRecord(full), config, grid)
 
+    @override
     def finish_train(self, server_round: int, arrays: ArrayRecord | None,
                      metrics: MetricRecord | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if arrays is None or self.c is None:
@@ -80,10 +83,12 @@ class Scaffold(FedAvg):
                   for k, v in self.c.items()}
         return super().finish_train(server_round, model, metrics)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         c = None if self.c is None else {k: [list(v.shape), str(v.dtype), v.ravel().tolist()] for k, v in self.c.items()}
         return {**super().state_dict(), "scaffold_c": c}
 
+    @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         c = state.get("scaffold_c")
@@ -98,6 +103,7 @@ class ScaffoldSite(StrategySite):
         self._c: dict[str, torch.Tensor] = {}
         self._ci: dict[str, torch.Tensor] = {}
 
+    @override
     def start(self, glob: dict[str, torch.Tensor], model: nn.Module, rnd: SiteRound) -> Penalty | None:
         base = super().start(glob, model, rnd)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -112,6 +118,7 @@ class ScaffoldSite(StrategySite):
 
         return add_penalties(base, linear)
 
+    @override
     def finish(self, model: nn.Module, glob: dict[str, torch.Tensor], stats: dict[str, float],
                rnd: SiteRound) -> dict[str, torch.Tensor]:
         state = super().finish(model, glob, stats, rnd)

@@ -83,6 +83,7 @@ class ServerOptimizer:
                 "v": None if self.v is None else self.v.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the optimizer's moments from a checkpoint; ValueError if it holds another optimizer's."""
         if state.get("name") != self.name:
             raise ValueError(f"checkpoint holds server optimizer {state.get('name')!r}, config says {self.name!r}")
         self.m = None if state["m"] is None else np.asarray(state["m"], dtype=np.float64)

@@ -74,11 +74,13 @@ class StrategySite:
     """FedAvg's site half (and FedProx's, through the proximal term the instruction asks for)."""
 
     def start(self, glob: dict[str, torch.Tensor], model: nn.Module, rnd: SiteRound) -> Penalty | None:
+        """Load the global model into ``model``; the round's extra loss term (FedProx's), if any."""
         model.load_state_dict(model_part(glob, model))
         return client_penalty(rnd.config, model)
 
     def finish(self, model: nn.Module, glob: dict[str, torch.Tensor], stats: dict[str, float],
                rnd: SiteRound) -> dict[str, torch.Tensor]:
+        """The reply's arrays after local training: the trained model (no side values)."""
         return dict(model.state_dict())
 
     def personal_model(self, glob: dict[str, torch.Tensor], model: nn.Module, rnd: SiteRound) -> bool:

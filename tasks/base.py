@@ -84,16 +84,20 @@ class SiteSource(Protocol):
     """A site's data as its task keeps them: prepared tensors (:class:`SiteData`) or raw rows."""
 
     @property
-    def site_id(self) -> int: ...
+    def site_id(self) -> int:
+        """The site's index in the federation."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The site's name."""
 
     @property
-    def train(self) -> Any: ...
+    def train(self) -> Any:
+        """The site's training rows."""
 
     @property
-    def val(self) -> Any: ...
+    def val(self) -> Any:
+        """The site's validation rows."""
 
 
 #: Opens a total a protected-sum program sent in a message's config (the aggregation option's site half).
@@ -129,7 +133,7 @@ class Task(ABC):
 
     @property
     def label_kind(self) -> str:
-        """binary | multiclass | regression: the loss, scores and metrics of this task's labels."""
+        """The label kind, binary | multiclass | regression: the loss, scores and metrics of this task's labels."""
         return "binary"
 
     # ---- how a site reads its data -------------------------------------------------------------

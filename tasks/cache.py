@@ -97,6 +97,7 @@ def _read(path: Path) -> dict[str, np.ndarray] | None:
 
 # ---- a task's prepared data ----------------------------------------------------------------
 def load_data(task: Task) -> TaskData | None:
+    """The task's prepared data from the run's cache, or None (not cached, or the cache is off)."""
     path = _entry(task, "data")
     z = None if path is None else _read(path)
     if z is None:
@@ -110,6 +111,7 @@ def load_data(task: Task) -> TaskData | None:
 
 
 def save_data(task: Task, data: TaskData) -> None:
+    """Keep the task's prepared data in the run's cache for the run's other processes."""
     path = _entry(task, "data")
     if path is None:
         return
@@ -128,6 +130,7 @@ def save_data(task: Task, data: TaskData) -> None:
 
 # ---- a partition: each site's name and training/validation rows of the pool ---------------
 def load_sites(task: Task, key: tuple[Any, ...]) -> list[tuple[str, np.ndarray, np.ndarray]] | None:
+    """The sites' rows of a partition (``key``) from the run's cache, or None."""
     path = _entry(task, "sites", *key)
     z = None if path is None else _read(path)
     if z is None:
@@ -136,6 +139,7 @@ def load_sites(task: Task, key: tuple[Any, ...]) -> list[tuple[str, np.ndarray, 
 
 
 def save_sites(task: Task, key: tuple[Any, ...], sites: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """Keep the sites' rows of a partition (``key``) in the run's cache."""
     path = _entry(task, "sites", *key)
     if path is None:
         return

@@ -25,10 +25,12 @@ class Split:
         return int(self.y.shape[0])
 
     def take(self, idx: np.ndarray) -> Split:
+        """The rows ``idx`` of the split."""
         t = torch.as_tensor(idx, dtype=torch.long)
         return Split(self.x[t], self.y[t], None if self.group is None else self.group[idx])
 
     def labels(self) -> np.ndarray:
+        """The labels as int64 class indices."""
         return self.y.numpy().astype(np.int64)
 
 

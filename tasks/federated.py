@@ -44,53 +44,69 @@ class Rows(Protocol):
     """A site's checked rows (:class:`~tasks.tabular.table.Table`, :class:`~tasks.images.ImageTable`)."""
 
     @property
-    def path(self) -> str: ...
+    def path(self) -> str:
+        """The site's file or folder (refusals name it)."""
 
     @property
-    def label(self) -> np.ndarray: ...
+    def label(self) -> np.ndarray:
+        """Each row's label."""
 
     @property
-    def line(self) -> np.ndarray: ...
+    def line(self) -> np.ndarray:
+        """Each row's line (CSV), row number (Parquet) or file index (images): refusals name it."""
 
     @property
-    def is_test(self) -> np.ndarray | None: ...
+    def is_test(self) -> np.ndarray | None:
+        """Each row's held-out flag (the schema's split column), or None."""
 
     def __len__(self) -> int: ...
 
-    def take(self, idx: np.ndarray) -> Any: ...
+    def take(self, idx: np.ndarray) -> Any:
+        """The rows ``idx``."""
 
 
 class Layout(Protocol):
     """Where each statistic of the preprocessing sums sits (:class:`~tasks.tabular.prep.StatLayout`)."""
 
     @property
-    def moments_size(self) -> int: ...
+    def moments_size(self) -> int:
+        """Values of the ``moments`` sum."""
 
     @property
-    def spread_size(self) -> int: ...
+    def spread_size(self) -> int:
+        """Values of the ``spread`` sum."""
 
-    def moments(self, t: Any) -> np.ndarray: ...
+    def moments(self, t: Any) -> np.ndarray:
+        """The site's ``moments`` vector of rows ``t``."""
 
-    def means(self, moments: np.ndarray) -> Any: ...
+    def means(self, moments: np.ndarray) -> Any:
+        """The means the ``spread`` step centres on, from the ``moments`` total."""
 
-    def spread(self, t: Any, means: Any) -> np.ndarray: ...
+    def spread(self, t: Any, means: Any) -> np.ndarray:
+        """The site's ``spread`` vector of rows ``t`` about ``means``."""
 
 
 class Transform(Protocol):
     """A fitted preprocessing (:class:`~tasks.tabular.prep.Preprocessor`), the same at every site."""
 
     @property
-    def width(self) -> int: ...
+    def width(self) -> int:
+        """Model inputs per row."""
 
-    def transform(self, t: Any) -> np.ndarray: ...
+    def transform(self, t: Any) -> np.ndarray:
+        """The model inputs of rows ``t``."""
 
-    def target(self, t: Any) -> np.ndarray: ...
+    def target(self, t: Any) -> np.ndarray:
+        """The model targets of rows ``t``."""
 
-    def label_scale(self) -> tuple[float, float]: ...
+    def label_scale(self) -> tuple[float, float]:
+        """(mean, std) the model's regression output is scaled by ((0, 1) for classes)."""
 
-    def digest(self) -> str: ...
+    def digest(self) -> str:
+        """A short digest of the transform (equal transforms, equal digests)."""
 
-    def to_dict(self) -> dict[str, Any]: ...
+    def to_dict(self) -> dict[str, Any]:
+        """The transform as the model file keeps it."""
 
 
 @dataclass(frozen=True)

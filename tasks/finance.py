@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 from torch import nn
+from typing_extensions import override
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,6 +69,7 @@ class FinanceTask(PooledTask):
     natural_sites: ClassVar[tuple[str, ...] | None] = EDUCATION_GROUPS
     data_files: ClassVar[tuple[str, ...]] = (FILE,)
 
+    @override
     def load(self) -> TaskData:
         path = self.data_dir / FILE
         if not path.is_file():
@@ -95,6 +97,7 @@ class FinanceTask(PooledTask):
 
         return TaskData(split(idx_pool), split(idx_test), names, EDUCATION_GROUPS)
 
+    @override
     def build_model(self) -> nn.Module:
         n = self.input_shape[0]
         if self.cfg.model == "logreg":

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from torch import nn
+from typing_extensions import override
 
 from core.config import check
 from tasks.base import PartitionConfig, TaskConfig
@@ -58,6 +59,7 @@ class ImageTable:
         return int(self.label.shape[0])
 
     def take(self, idx: np.ndarray) -> ImageTable:
+        """The images ``idx``."""
         return ImageTable(self.path, self.pixels[idx], self.label[idx], self.line[idx],
                           None if self.ids is None else self.ids[idx])
 
@@ -113,6 +115,7 @@ def list_images(folder: Path, classes: list[str], labelled: bool = True) -> list
 
 
 def read_folder(folder: Path, classes: list[str], channels: int, size: int, labelled: bool = True) -> ImageTable:
+    """A site folder's images, checked and resized, with their classes (``labelled``: from the class folders)."""
     items = list_images(folder, classes, labelled)
     pixels = np.stack([load_image(f, channels, size) for f, _ in items]) if items else np.zeros((0, channels, size, size))
     names = np.array([str(f.relative_to(folder)) for f, _ in items], dtype=object)
@@ -134,17 +137,21 @@ class ImageLayout:
 
     @property
     def label_slots(self) -> int:
+        """Label counts in the ``moments`` sum: one for binary, one per class otherwise."""
         return 1 if self.binary else self.classes
 
     @property
     def moments_size(self) -> int:
+        """Values of the ``moments`` sum: rows, label counts, and per channel pixels and their sum."""
         return 1 + self.label_slots + 2 * self.channels
 
     @property
     def spread_size(self) -> int:
+        """Values of the ``spread`` sum: one per channel."""
         return self.channels
 
     def moments(self, t: ImageTable) -> np.ndarray:
+        """The site's ``moments`` vector of images ``t``."""
         out: list[float] = [float(len(t))]
         out += [float(t.label.sum())] if self.binary else list(np.bincount(t.label, minlength=self.classes).astype(float))
         for c in range(self.channels):
@@ -153,11 +160,13 @@ class ImageLayout:
         return np.asarray(out)
 
     def means(self, moments: np.ndarray) -> dict[str, float]:
+        """Each channel's mean pixel from the ``moments`` total."""
         base = 1 + self.label_slots
         return {f"c{c}": float(moments[base + 2 * c + 1] / moments[base + 2 * c]) if moments[base + 2 * c] > 0 else 0.0
                 for c in range(self.channels)}
 
     def spread(self, t: ImageTable, means: dict[str, float]) -> np.ndarray:
+        """The site's ``spread`` vector: each channel's squared deviations about ``means``."""
         return np.asarray([float(np.square(t.pixels[:, c].astype(np.float64) - means[f"c{c}"]).sum())
                            for c in range(self.channels)])
 
@@ -174,13 +183,16 @@ class ImagePreprocessor:
 
     @property
     def layout(self) -> ImageLayout:
+        """The statistics layout these totals came from."""
         return ImageLayout(len(self.classes), self.channels, len(self.classes) == 2)
 
     @property
     def width(self) -> int:
+        """Model inputs per image (channels x size x size)."""
         return self.channels * self.size * self.size
 
     def stats(self) -> list[tuple[float, float]]:
+        """Each channel's (mean, std) from the totals."""
         lay = self.layout
         means = lay.means(np.asarray(self.moments))
         base = 1 + lay.label_slots
@@ -192,27 +204,33 @@ class ImagePreprocessor:
         return out
 
     def transform(self, t: ImageTable) -> np.ndarray:
+        """The images ``t``, standardised per channel (float32)."""
         x = t.pixels.astype(np.float32).copy()
         for c, (mean, std) in enumerate(self.stats()):
             x[:, c] = (x[:, c] - mean) / std
         return x
 
     def target(self, t: ImageTable) -> np.ndarray:
+        """The class indices (or 0/1) of images ``t``."""
         return t.label.astype(np.float32)
 
     def label_scale(self) -> tuple[float, float]:
+        """(0, 1): images have class labels, never a regression scale."""
         return 0.0, 1.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The transform as the model file keeps it."""
         return {"classes": list(self.classes), "channels": self.channels, "size": self.size,
                 "moments": list(self.moments), "spread": list(self.spread)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ImagePreprocessor:
+        """The transform :meth:`to_dict` wrote."""
         return cls(tuple(d["classes"]), int(d["channels"]), int(d["size"]), tuple(map(float, d["moments"])),
                    tuple(map(float, d["spread"])))
 
     def digest(self) -> str:
+        """A short digest of the transform (equal transforms, equal digests)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -228,6 +246,7 @@ class ImagesTask(FederatedTask):
 
     @property
     def classes(self) -> list[str]:
+        """The class folder names in order (``task.classes``); ValueError if fewer than two."""
         if len(self.cfg.classes) < 2:
             raise ValueError("task=images needs task.classes, the class folder names in order, e.g. "
                              "task.classes=[benign,malignant] (binary: negative first)")
@@ -242,6 +261,7 @@ class ImagesTask(FederatedTask):
                       classes if kind == "multiclass" else ())
         return Schema(label, (), min_rows=self.cfg.min_rows, source=f"task.classes={list(classes)}")
 
+    @override
     @property
     def outputs(self) -> int:
         return 1 if len(self.classes) == 2 else len(self.classes)
@@ -267,21 +287,26 @@ class ImagesTask(FederatedTask):
         return _READ[key]
 
     def read_unlabelled(self, path: str | Path) -> ImageTable:
+        """The images of a folder without class folders (to score with ``fedsilo predict``)."""
         return read_folder(Path(path).expanduser(), self.classes, self.cfg.channels, self.cfg.image_size, labelled=False)
 
+    @override
     def build_model(self) -> nn.Module:
         return SmallCNN(hidden=self.cfg.hidden[0] if self.cfg.hidden else 64, dropout=self.cfg.dropout,
                         in_channels=self.cfg.channels, size=self.cfg.image_size, outputs=self.outputs)
 
+    @override
     def augmentation(self) -> Augment | None:
         return flip_and_shift
 
     # ---- the federated-data contract ---------------------------------------------------------------
+    @override
     def fingerprint(self) -> str:
         spec = {"task": "images", "classes": self.classes, "channels": self.cfg.channels, "size": self.cfg.image_size,
                 "min_rows": self.cfg.min_rows}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
+    @override
     def described_by(self) -> str:
         return f"task.classes={self.classes}, {self.cfg.channels} channel(s), {self.cfg.image_size} px"
 
@@ -294,9 +319,11 @@ class ImagesTask(FederatedTask):
         """Per-channel standardisation from the totals."""
         return ImagePreprocessor(tuple(self.classes), self.cfg.channels, self.cfg.image_size, moments, spread)
 
+    @override
     def eval_spec(self, bins: int) -> Spec:
         return Spec("binary" if len(self.classes) == 2 else "multiclass", len(self.classes), bins)
 
+    @override
     def artefact_meta(self) -> dict[str, Any]:
         return {"task": self.name, "kind": self.label_kind, "classes": self.classes,
                 "image": {"channels": self.cfg.channels, "size": self.cfg.image_size}, "id": "file"}

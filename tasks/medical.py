@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 from torch import nn
+from typing_extensions import override
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,6 +68,7 @@ class MedicalTask(PooledTask):
     natural_sites: ClassVar[tuple[str, ...] | None] = HOSPITALS
     data_files: ClassVar[tuple[str, ...]] = tuple(f"uci_heart_disease/processed.{h}.data" for h in HOSPITALS)
 
+    @override
     def load(self) -> TaskData:
         frames = []
         for code, hospital in enumerate(HOSPITALS):
@@ -102,6 +104,7 @@ class MedicalTask(PooledTask):
 
         return TaskData(split(~test), split(test), names, HOSPITALS)
 
+    @override
     def build_model(self) -> nn.Module:
         n = self.input_shape[0]
         if self.cfg.model == "mlp":

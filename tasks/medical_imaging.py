@@ -14,6 +14,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import nn
+from typing_extensions import override
 
 from tasks.base import PooledTask, Split, TaskData
 from tasks.models import SmallCNN
@@ -41,6 +42,7 @@ class MedicalImagingTask(PooledTask):
     natural_sites: ClassVar[tuple[str, ...] | None] = None
     data_files: ClassVar[tuple[str, ...]] = (FILE,)
 
+    @override
     def load(self) -> TaskData:
         path = self.data_dir / FILE
         if not path.is_file():
@@ -58,9 +60,11 @@ class MedicalImagingTask(PooledTask):
 
         return TaskData(split(pool_x, pool_y), split(test_x, test_y), ("pixels",), None)
 
+    @override
     def augmentation(self) -> Augment | None:
         return flip_and_shift
 
+    @override
     def build_model(self) -> nn.Module:
         hidden = self.cfg.hidden[0] if self.cfg.hidden else 64
         return SmallCNN(hidden=hidden, dropout=self.cfg.dropout)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 
 class LogisticRegression(nn.Module):
@@ -19,6 +20,7 @@ class LogisticRegression(nn.Module):
         super().__init__()
         self.linear = nn.Linear(num_features, outputs)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)
         return out.squeeze(-1) if out.shape[-1] == 1 else out
@@ -39,6 +41,7 @@ class MLP(nn.Module):
         layers.append(nn.Linear(width, outputs))
         self.net = nn.Sequential(*layers)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
         return out.squeeze(-1) if out.shape[-1] == 1 else out
@@ -60,6 +63,7 @@ class SmallCNN(nn.Module):
             nn.Flatten(), nn.Linear(c2 * side * side, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, outputs)
         )
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.head(self.features(x))
         return out.squeeze(-1) if out.shape[-1] == 1 else out

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from typing_extensions import override
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 #: An extra term of the local objective, e.g. FedProx's proximal term: model -> scalar.
@@ -41,6 +42,7 @@ class ClassLoss(nn.Module):
         super().__init__()
         self.reduction = reduction
 
+    @override
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits, y.long(), reduction=self.reduction)
 

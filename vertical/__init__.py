@@ -33,4 +33,5 @@ def module(name: str) -> ModuleType:
 
 
 def trainer(name: str):  # type: ignore[no-untyped-def]
+    """The trainer of vertical model ``name``."""
     return module(name).trainer()

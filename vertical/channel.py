@@ -47,6 +47,7 @@ def new_secret() -> bytes:
 
 
 def public_of(secret: bytes) -> bytes:
+    """The X25519 public key of ``secret``."""
     return X25519PrivateKey.from_private_bytes(secret).public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -116,6 +117,7 @@ class Channel:
 
     @classmethod
     def between(cls, secret: bytes, peer_public: bytes, me: str, peer: str, run: str) -> Channel:
+        """The channel between party ``me`` and ``peer`` in run ``run``, from ``me``'s secret and ``peer``'s public key."""
         if len(peer_public) != 32:
             raise ChannelError(f"party {peer}'s channel key has {len(peer_public)} bytes, expected 32")
         shared = X25519PrivateKey.from_private_bytes(secret).exchange(X25519PublicKey.from_public_bytes(peer_public))
@@ -129,10 +131,12 @@ class Channel:
         return hashlib.sha256(b"fingerprint|" + self.key).hexdigest()[:16]
 
     def seal(self, data: bytes, label: str) -> bytes:
+        """``data`` sealed for the peer (AES-GCM, bound to ``label`` and the direction)."""
         nonce = os.urandom(NONCE)
         return nonce + AESGCM(self.key).encrypt(nonce, data, f"{label}|{self.me}->{self.peer}".encode())
 
     def open(self, sealed: bytes, label: str) -> bytes:
+        """The data the peer sealed under ``label``; ChannelError if it was not, or was altered."""
         try:
             return AESGCM(self.key).decrypt(sealed[:NONCE], sealed[NONCE:],
                                             f"{label}|{self.peer}->{self.me}".encode())

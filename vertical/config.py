@@ -61,6 +61,7 @@ class VerticalConfig:
 
 
 def validate(v: VerticalConfig) -> None:
+    """Range checks of the ``vertical`` keys."""
     check(v.name in MODELS, "vertical.name", v.name, f"one of {list(MODELS)}")
     if v.name == "none":
         return

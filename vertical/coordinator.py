@@ -33,6 +33,8 @@ class VerticalError(RuntimeError):
 
 
 class Relay(Protocol):
+    """How the coordinator reaches the parties (app/vertical.py's ServerApp relay, or in-process in tests)."""
+
     def hello(self, payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """Send ``hello`` to every node; replies keyed by party name (the relay learns the names)."""
 
@@ -41,6 +43,7 @@ class Relay(Protocol):
 
 
 def size(value: Any) -> int:
+    """Bytes ``value`` takes on the wire (for the traffic record)."""
     if isinstance(value, (bytes, bytearray)):
         return len(value)
     if isinstance(value, str):
@@ -57,10 +60,12 @@ class Ledger:
     compute: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def relay(self, src: str, dst: str, value: Any) -> Any:
+        """Count ``value``'s bytes from ``src`` to ``dst``; return it unchanged."""
         self.pairs[f"{src}->{dst}"] += size(value)
         return value
 
     def to_dict(self) -> dict[str, Any]:
+        """The traffic record as results.json holds it."""
         return {"bytes": dict(self.pairs), "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
                 "party_compute_seconds": {k: round(v, 4) for k, v in self.compute.items()}}
 
@@ -79,6 +84,7 @@ class Session:
 
     @property
     def parties(self) -> list[str]:
+        """The parties, the active one first."""
         return [self.active, *self.passive]
 
     def send(self, step: str, payloads: dict[str, dict[str, Any]], phase: str) -> dict[str, dict[str, Any]]:
@@ -184,6 +190,7 @@ class Trainer:
 
 
 def batches(n: int, batch_size: int) -> int:
+    """Batches of ``batch_size`` in ``n`` rows (0: one batch)."""
     return -(-n // (batch_size or n))
 
 
@@ -243,6 +250,7 @@ def score_run(relay: Relay, cfg: VerticalConfig, seed: int, run_id: str, trainer
 
 
 def metrics_of(reply: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of a party's scoring reply."""
     out: dict[str, Any] = {k[2:]: float(v) for k, v in reply.items() if k.startswith("m:")}
     for k in ("scored", "rows", "scores_file"):
         if k in reply:
@@ -251,4 +259,5 @@ def metrics_of(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 def finite(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without its non-finite floats."""
     return {k: v for k, v in d.items() if not (isinstance(v, float) and not np.isfinite(v))}

@@ -58,6 +58,7 @@ def codec(env: PartyEnv, parties: int) -> pr.RowCodec:
 
 
 def share_clip(c: pr.RowCodec, parties: int) -> float:
+    """Each party's share of the clip of the summed partial scores."""
     return c.d_clip / parties
 
 
@@ -366,4 +367,5 @@ def _score(s: Session, which: str, write: bool) -> dict[str, Any]:
 
 
 def trainer() -> Trainer:
+    """The hetero-LR trainer's steps."""
     return Trainer(_setup, _step, _finish_epoch, _score, "lr")

@@ -65,12 +65,15 @@ class RowCodec:
         return m
 
     def ciphertexts(self, rows: int) -> int:
+        """Ciphertexts ``rows`` values take, packed."""
         return -(-rows // self.rows_per_ciphertext)
 
     def quantise_x(self, x: np.ndarray) -> np.ndarray:
+        """Features ``x`` clipped and quantised to ``x_bits`` fraction bits."""
         return np.rint(np.clip(x, -self.x_clip, self.x_clip) * (1 << self.x_bits)).astype(np.int64)
 
     def quantise_d(self, d: np.ndarray) -> np.ndarray:
+        """Residuals ``d`` clipped and quantised to ``d_bits`` fraction bits."""
         return np.rint(np.clip(d, -self.d_clip, self.d_clip) * (1 << self.d_bits)).astype(np.int64)
 
     @property
@@ -216,6 +219,7 @@ def mask(public: paillier.PaillierPublicKey, cts: list[int], codec: RowCodec) ->
 
 
 def decrypt(private: paillier.PaillierPrivateKey, cts: list[int]) -> list[int]:
+    """The plaintexts of ``cts``."""
     return [int(private.raw_decrypt(c)) for c in cts]
 
 
@@ -226,6 +230,7 @@ def unmask(values: list[int], masks: list[int], n: int, codec: RowCodec) -> np.n
 
 
 def to_bytes(cts: list[int], n: int) -> bytes:
+    """The ciphertexts ``cts`` under modulus ``n`` as fixed-width bytes."""
     width = (2 * n.bit_length() + 7) // 8
     return b"".join(c.to_bytes(width, "big") for c in cts)
 

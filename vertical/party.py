@@ -69,28 +69,33 @@ class PartyEnv:
 
 # ---- state helpers ------------------------------------------------------------------------------
 def put_array(state: dict[str, Any], key: str, a: np.ndarray) -> None:
+    """Keep array ``a`` in the party's state under ``key``."""
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     state[key] = buf.getvalue()
 
 
 def get_array(state: dict[str, Any], key: str) -> np.ndarray:
+    """The array kept under ``key``; StepError if the steps before did not keep it."""
     if key not in state:
         raise StepError(f"missing state {key!r}: the steps before this one did not run at this party")
     return np.load(io.BytesIO(bytes(state[key])), allow_pickle=False)
 
 
 def put_ints(state: dict[str, Any], key: str, values: list[int]) -> None:
+    """Keep the integers ``values`` in the party's state under ``key``."""
     state[key] = json.dumps([hex(v) for v in values])
 
 
 def get_ints(state: dict[str, Any], key: str) -> list[int]:
+    """The integers kept under ``key``; StepError if missing."""
     if key not in state:
         raise StepError(f"missing state {key!r}")
     return [int(v, 16) for v in json.loads(str(state[key]))]
 
 
 def peer_channel(state: dict[str, Any], env: PartyEnv, peer: str) -> channel.Channel:
+    """The sealed channel to ``peer`` (from the keys exchanged at setup); StepError without its key."""
     pub = state.get(f"pub:{peer}")
     if pub is None:
         raise StepError(f"party {env.name} has no channel key of party {peer}")
@@ -138,6 +143,7 @@ def once(state: dict[str, Any], env: PartyEnv, what: str) -> None:
 
 
 def rows(state: dict[str, Any], which: str) -> np.ndarray:
+    """The party's rows of the aligned ``which`` set (train or test), in the agreed order."""
     return get_array(state, f"rows:{which}")
 
 
@@ -281,6 +287,7 @@ STEPS: dict[str, Step] = {"hello": hello, "psi.setup": psi_setup, "psi.cross": p
 
 
 def register(steps: dict[str, Step]) -> None:
+    """Add a model's steps to the steps a party answers."""
     STEPS.update(steps)
 
 
@@ -292,6 +299,7 @@ def handle(step: str, payload: dict[str, Any], state: dict[str, Any], env: Party
 
 
 def model_path(env: PartyEnv) -> Path:
+    """Where the party keeps its part of the vertical model."""
     return Path(env.model_dir) / f"{env.name}.vertical.npz"
 
 
@@ -308,7 +316,7 @@ def write_part(env: PartyEnv, model: str, arrays: dict[str, np.ndarray], **meta:
 
 
 def read_part(env: PartyEnv, model: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """This party's saved part of a ``model`` (a scoring run): (its metadata, its arrays)."""
+    """The party's saved part of a ``model`` (a scoring run): (its metadata, its arrays)."""
     path = model_path(env)
     if not path.is_file():
         raise StepError(f"party {env.name} has no trained model part at {path}")

@@ -87,6 +87,7 @@ def reblind(blob: bytes, scalar: int, what: str) -> bytes:
 
 
 def split(blob: bytes) -> list[bytes]:
+    """The fixed-width points of a concatenated ``blob``."""
     return [blob[k:k + WIDTH] for k in range(0, len(blob), WIDTH)]
 
 

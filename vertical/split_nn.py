@@ -54,6 +54,7 @@ from vertical.party import (
 
 
 def mlp(width: int, hidden: list[int], out: int) -> nn.Sequential:
+    """An MLP of ``width`` inputs, ``hidden`` ReLU layers and ``out`` outputs."""
     layers: list[nn.Module] = []
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
@@ -63,6 +64,7 @@ def mlp(width: int, hidden: list[int], out: int) -> nn.Sequential:
 
 
 def party_seed(seed: int, name: str) -> int:
+    """The party's seed of run seed ``seed`` (each party draws its own initial weights)."""
     return int.from_bytes(hashlib.sha256(f"{seed}|{name}".encode()).digest()[:4], "big")
 
 
@@ -77,6 +79,7 @@ def build(env: PartyEnv, width: int, parties: int) -> nn.ModuleDict:
 
 
 def optimizer(env: PartyEnv, model: nn.Module) -> torch.optim.Optimizer:
+    """The party's optimizer of ``model`` (``vertical.optimizer``)."""
     if env.cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=env.cfg.lr)
     return torch.optim.SGD(model.parameters(), lr=env.cfg.lr, momentum=0.9)
@@ -138,6 +141,7 @@ def _x(env: PartyEnv, which: str, state: dict[str, Any], idx: np.ndarray | None 
 
 
 def init(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Step ``init``: build the party's bottom model (and the active party's top model)."""
     width = len(env.table("train").features)
     state["nn:width"], state["nn:parties"] = width, int(payload["parties"])
     model = build(env, width, int(payload["parties"]))
@@ -230,6 +234,7 @@ def embed(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict
 
 
 def score(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Step ``score``: the party's part of the scores of the ``which`` rows."""
     model, _ = _load(state, env)
     which = str(payload["which"])
     n = len(rows(state, which))
@@ -240,12 +245,14 @@ def score(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict
 
 
 def save(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Step ``save``: write the party's part of the model."""
     model, _ = _load(state, env)
     return write_part(env, "split_nn", {f"p:{k}": v.numpy() for k, v in model.state_dict().items()},
                       width=int(state["nn:width"]), parties=int(state["nn:parties"]))
 
 
 def load(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
+    """Step ``load``: read the party's part of a saved model."""
     meta, arrays = read_part(env, "split_nn")
     state["nn:width"], state["nn:parties"] = int(meta["width"]), int(meta["parties"])
     model = build(env, int(meta["width"]), int(meta["parties"]))
@@ -271,6 +278,7 @@ def epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
 
 
 def protection_summary(env_cfg: Any) -> dict[str, Any] | None:
+    """What ``vertical.protection`` adds to the passive parties' embeddings, for results.json (None without)."""
     c = env_cfg
     if c.protection == "none":
         return None
@@ -323,4 +331,5 @@ def _score(s: Session, which: str, write: bool) -> dict[str, Any]:
 
 
 def trainer() -> Trainer:
+    """The split-NN trainer's steps."""
     return Trainer(_setup, _step, _finish_epoch, _score, "nn")

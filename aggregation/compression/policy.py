@@ -47,11 +47,13 @@ class Compression:
 
     @classmethod
     def of(cls, cfg: Any) -> Compression:
+        """The setting of an ``aggregation`` config (its ``compress``, ``keep``, ``keep_bits``, ``error_feedback``)."""
         return cls(str(getattr(cfg, "compress", "none")), float(getattr(cfg, "keep", 0.01)),
                    int(getattr(cfg, "keep_bits", 8)), bool(getattr(cfg, "error_feedback", True)))
 
     @property
     def active(self) -> bool:
+        """Whether updates are compressed at all (any method but ``none``)."""
         return self.method != "none"
 
     def kept(self, n: int) -> int:
@@ -59,6 +61,7 @@ class Compression:
         return max(1, min(n, int(round(self.keep * n))))
 
     def to_record(self) -> dict[str, Any]:
+        """The setting as the reply's description record carries it."""
         return {"method": self.method, "keep": self.keep, "bits": self.keep_bits, "ef": self.error_feedback}
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from typing_extensions import override
 
 from aggregation.base import StrategyWrapper
 from aggregation.compression.codec import decode, float_keys, segments
@@ -69,8 +70,10 @@ class Decompress(StrategyWrapper):
         return self._next
 
     def positions_seed(self, base: int) -> int:
+        """The ``randk`` positions' seed of the round whose global model is ``base`` (shared by sites and coordinator)."""
         return seed_for(self.seed, base, 0x5A4D)
 
+    @override
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         msgs = list(self.strategy.configure_train(server_round, arrays, config, grid))
@@ -108,6 +111,7 @@ class Decompress(StrategyWrapper):
             out.append(msg)
         return out
 
+    @override
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return self.strategy.aggregate_train(server_round, self.expand(replies))

@@ -26,6 +26,7 @@ class SiteCompressor:
         self.comp = comp
 
     def residual(self, store: SiteStore | None, context: Context, server_round: int, n: int) -> np.ndarray:
+        """What compression left out of the site's update before ``server_round`` (zeros without error feedback)."""
         if not self.comp.error_feedback:
             return np.zeros(n)
         if store is not None:
@@ -37,6 +38,7 @@ class SiteCompressor:
         return e if e is not None and e.shape == (n,) else np.zeros(n)
 
     def keep_residual(self, store: SiteStore | None, context: Context, server_round: int, e: np.ndarray) -> None:
+        """Keep ``e``, what compression left out in ``server_round``, for the site's next update."""
         if not self.comp.error_feedback:
             return
         if store is not None:

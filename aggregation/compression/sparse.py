@@ -48,4 +48,5 @@ def topk_positions(comp: Compression, u: np.ndarray, segments: tuple[int, ...]) 
 
 
 def topk_count(comp: Compression, n: int, segments: tuple[int, ...]) -> int:
+    """How many values a sparse method sends of an update of ``n`` values (per array of ``segments``)."""
     return sum(comp.kept(size) for size in segments or (n,))

@@ -39,7 +39,7 @@ def _load(path: str, obfuscators: str = "full") -> tuple[paillier.PaillierPrivat
 
 def site_key(context: Context, configured: str | None, obfuscators: str = "full"
              ) -> tuple[paillier.PaillierPrivateKey, Encryptor]:
-    """This site's key pair: node config first, then the config; a clear error if neither."""
+    """The site's key pair: node config first, then the config; a clear error if neither."""
     path = str(context.node_config.get(NODE_CONFIG_KEY, "") or configured or "")
     if not path:
         raise PaillierKeyError(f"aggregation=paillier: this site has no key pair; give the SuperNode "
@@ -155,6 +155,7 @@ class ModelCodecFactory:
         self.packer, self.weight_unit = packer, weight_unit
 
     def __call__(self, size: int) -> ModelCodec:
+        """The codec of a model of ``size`` values."""
         return ModelCodec(self.packer, self.weight_unit, size)
 
 

@@ -37,6 +37,7 @@ class PaillierConfig(AggregationConfig):
 
 
 def validate(a: PaillierConfig, num_sites: int) -> None:
+    """Range checks of the ``aggregation=paillier`` keys for a federation of ``num_sites``."""
     check(a.clip > 0, "aggregation.clip", a.clip, "a number > 0")
     check(8 <= a.value_bits <= 32, "aggregation.value_bits", a.value_bits, "an integer in 8..32")
     check(a.weight_unit > 0, "aggregation.weight_unit", a.weight_unit, "rows > 0")

@@ -131,6 +131,7 @@ class Encryptor:
         return self.obfuscator(secrets.randbelow(int(self.n) - 1) + 1)
 
     def obfuscators(self, count: int) -> list[int]:
+        """``count`` fresh obfuscators (``r^n mod n^2``), one per ciphertext to come."""
         return [self.obfuscator() for _ in range(count)]
 
     def decrypt(self, ciphertext: int) -> int:
@@ -198,6 +199,7 @@ def decrypt_job(p: int, q: int, n: int, cts: list[int]) -> list[int]:
 
 
 def chunks(items: list[T], parts: int) -> list[list[T]]:
+    """``items`` in at most ``parts`` consecutive chunks of equal size (the last may be shorter)."""
     size = max(1, -(-len(items) // max(1, parts)))
     return [items[i : i + size] for i in range(0, len(items), size)]
 

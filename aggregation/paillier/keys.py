@@ -27,6 +27,7 @@ class PaillierKeyError(ValueError):
 
 
 def fingerprint(n: int) -> str:
+    """A short, stable fingerprint of a public modulus ``n`` (names a key pair in messages and files)."""
     return hashlib.sha256(n.to_bytes((n.bit_length() + 7) // 8, "big")).hexdigest()[:32]
 
 

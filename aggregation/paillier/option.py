@@ -11,6 +11,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
+from typing_extensions import override
 
 from aggregation.base import AggregationOption, Capabilities, SiteHalf, SumCoordinator
 from aggregation.paillier import config
@@ -25,6 +26,8 @@ def _missing_public_key() -> str:
 
 
 class Paillier(AggregationOption):
+    """``aggregation=paillier``: the sites' weighted models summed as ciphertexts under a key the coordinator does not hold."""
+
     name = "paillier"
     schema = config.PaillierConfig
     capabilities = Capabilities(sees_individual_updates=False, holds_plaintext_model=False)
@@ -41,9 +44,11 @@ class Paillier(AggregationOption):
         "randk": _models, "fp16": _models, "int8": _models, "int4": _models,
     }
 
+    @override
     def validate(self, cfg: Any, num_sites: int) -> None:
         config.validate(cfg, num_sites)
 
+    @override
     def summer(self, cfg: Any, timeout: float) -> SumCoordinator:
         from aggregation.paillier.sums import PaillierSum
 
@@ -65,6 +70,7 @@ class Paillier(AggregationOption):
         except PaillierKeyError as err:
             raise ValueError(str(err)) from err
 
+    @override
     def node_config(self, cfg: Any) -> dict[str, str]:
         return {NODE_CONFIG_KEY: str(Path(cfg.keypair).resolve())} if cfg.keypair else {}
 
@@ -81,6 +87,7 @@ class Paillier(AggregationOption):
                 f"aggregation=paillier: no key files given, so this simulated run made a temporary key pair in "
                 f"{private.parent} (a deployment needs the consortium's keys: fedsilo keys paillier --out DIR)")
 
+    @override
     def site_check(self, cfg: Any, node_config: dict[str, Any]) -> list[str]:
         if (why := extras.message("aggregation=paillier", "paillier")) is not None:
             return [why]
@@ -96,6 +103,7 @@ class Paillier(AggregationOption):
             return [f"aggregation=paillier: the key pair {path} cannot be used: {err}"]
         return []
 
+    @override
     def server(self, strategy: Strategy, cfg: Any, initial: ArrayRecord, record: RunRecord) -> Strategy:
         from aggregation.paillier.keys import PaillierKeyError, load_public
         from aggregation.paillier.server import EncryptedAggregator, ct_width
@@ -109,6 +117,7 @@ class Paillier(AggregationOption):
         split = (SplitDecryption(ct_width(public), public.n, cfg.stage_timeout) if cfg.decryption == "split" else None)
         return PaillierStrategy(strategy, aggregator, initial, record, split)
 
+    @override
     def site(self, cfg: Any) -> SiteHalf:
         from aggregation.paillier.site import PaillierSite
 

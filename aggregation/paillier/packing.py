@@ -54,10 +54,12 @@ class Packer:
 
     @property
     def guard_bits(self) -> int:
+        """Spare bits per slot so that ``max_sites`` values never overflow into the next slot."""
         return math.ceil(math.log2(self.max_sites))  # max_sites * (2^v - 1) < 2^(v + guard)
 
     @property
     def slot_bits(self) -> int:
+        """Bits per packed value: the value's bits and the guard bits."""
         return self.value_bits + self.guard_bits
 
     @property
@@ -67,10 +69,12 @@ class Packer:
 
     @property
     def quantiser(self) -> AffineQuantiser:
+        """The affine quantiser of values in ``[-clip, clip]`` at ``value_bits``."""
         return AffineQuantiser(self.clip, self.value_bits)
 
     @property
     def delta(self) -> float:
+        """The quantisation step."""
         return self.quantiser.delta
 
     def count(self, size: int) -> int:

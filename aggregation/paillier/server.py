@@ -31,6 +31,7 @@ META_KEY = "encrypted-meta"  # ConfigRecord: the fingerprint of the key the site
 
 
 def ct_width(public: paillier.PaillierPublicKey) -> int:
+    """Bytes of one ciphertext under ``public`` (``n^2``'s length)."""
     return (public.nsquare.bit_length() + 7) // 8
 
 
@@ -40,12 +41,14 @@ def to_array(cts: list[int], width: int) -> np.ndarray:
 
 
 def from_array(arr: np.ndarray) -> list[int]:
+    """The ciphertexts of a (count, width) uint8 matrix (:func:`to_array`'s inverse); ValueError for another shape."""
     if arr.dtype != np.uint8 or arr.ndim != 2:
         raise ValueError(f"ciphertexts must be a 2-D uint8 array, got {arr.dtype} {arr.shape}")
     return [int.from_bytes(row.tobytes(), "big") for row in arr]
 
 
 def is_encrypted(arrays: ArrayRecord) -> bool:
+    """Whether ``arrays`` holds an encrypted aggregate (ciphertexts and rows) rather than a model."""
     return "ct" in arrays and "rows" in arrays
 
 

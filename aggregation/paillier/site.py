@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from phe import paillier
+from typing_extensions import override
 
 from aggregation.base import LocalResult, SiteEnv, SiteHalf, request_encoding
 from aggregation.paillier import client as pai
@@ -67,6 +68,7 @@ class PaillierSite(SiteHalf):
         # a sealed aggregate opens only for this round or the one before (evaluated after round r, trained in r+1)
         return self.open_model(context, arrays, template, max(0, server_round - 1))
 
+    @override
     def open_model(self, context: Context, arrays: ArrayRecord, template: dict[str, torch.Tensor],
                    min_round: int = 0) -> dict[str, torch.Tensor]:
         codec, private, _ = self._keys(context)
@@ -82,7 +84,7 @@ class PaillierSite(SiteHalf):
         return IntPacker(private.public_key.n.bit_length() - 1, self.cfg.max_sites, enc)
 
     def sum_reply(self, msg: Message, context: Context, values: np.ndarray, env: SiteEnv) -> Message:
-        """This site's values, encrypted, with the MAC that lets a key holder recompute the total
+        """The site's values, encrypted, with the MAC that lets a key holder recompute the total
         (:mod:`aggregation.paillier.sums`); nothing in the clear. A request whose content this site
         contributed to under another sum id is refused."""
         from flwr.app import Error
@@ -169,6 +171,7 @@ class PaillierSite(SiteHalf):
         return Message(RecordDict({REQUEST_KEY: ConfigRecord({"sealed": sealed, "index": int(rec["index"])})}),  # type: ignore[arg-type]
                        reply_to=msg)
 
+    @override
     def after_evaluate(self, context: Context, model: torch.nn.Module) -> None:
         codec, private, _ = self._keys(context)
         pai.prepare_next_round(context, model.state_dict(), codec, private, self.cfg.workers, self.cfg.obfuscators)

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from typing_extensions import override
 
 from aggregation.base import StrategyWrapper, hand_over
 from aggregation.paillier.server import EncryptedAggregator, is_encrypted, screen
@@ -71,12 +72,14 @@ class PaillierStrategy(StrategyWrapper):
                 m.content["arrays"] = content
         return out
 
+    @override
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         layout = self.template if is_encrypted(arrays) else arrays
         return self._send(self.strategy.configure_train(server_round, layout, config, grid), arrays, grid,
                           server_round)
 
+    @override
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
         layout = self.template if is_encrypted(arrays) else arrays

@@ -41,6 +41,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
+from typing_extensions import override
 
 from aggregation.base import (
     SUM_REQUEST,
@@ -68,13 +69,16 @@ class IntPacker:
 
     @property
     def slot_bits(self) -> int:
+        """Bits per packed value: the encoding's bits and room for the sum of ``max_sites`` values."""
         return self.enc.bits + max(1, math.ceil(math.log2(max(2, self.max_sites))))
 
     @property
     def slots(self) -> int:
+        """Values packed per plaintext."""
         return self.plaintext_bits // self.slot_bits
 
     def pack(self, values: list[int]) -> list[int]:
+        """The plaintexts holding ``values``, :attr:`slots` per plaintext."""
         out = []
         for i in range(0, len(values), self.slots):
             p = 0
@@ -84,6 +88,7 @@ class IntPacker:
         return out
 
     def unpack(self, plaintexts: list[int], length: int) -> list[int]:
+        """The first ``length`` values packed in ``plaintexts`` (sums wrap modulo the encoding's modulus)."""
         mask = (1 << self.slot_bits) - 1
         values = [(p >> (self.slot_bits * j)) & mask for p in plaintexts for j in range(self.slots)]
         return [v % self.enc.modulus for v in values[:length]]
@@ -181,6 +186,7 @@ class PaillierSum(SumCoordinator):
         self.width = ct_width(self.public)
         self.key_bits, self.max_sites = self.public.n.bit_length() - 1, cfg.max_sites
 
+    @override
     def collect(self, grid: Grid, nodes: list[int], content: RecordDict, length: int, sum_id: int) -> SumResult:
         from aggregation.paillier.crypto import add_ciphertexts, check_ciphertexts
 
@@ -242,11 +248,13 @@ class PaillierSum(SumCoordinator):
 
 
 def site_encrypt(values: np.ndarray, packer: IntPacker, encryptor: Any, width: int) -> list[bytes]:
+    """``values`` fixed-point encoded, packed and encrypted, as ciphertexts of ``width`` bytes."""
     plaintexts = packer.pack(packer.enc.encode(values))
     return to_bytes([encryptor.encrypt(p) for p in plaintexts], width)
 
 
 def site_decrypt(blobs: list[Any], length: int, packer: IntPacker, private: Any) -> np.ndarray:
+    """The ``length`` values of the ciphertexts ``blobs``, decrypted with ``private`` and decoded."""
     return decrypt_values(from_bytes(blobs), length, packer, private)
 
 

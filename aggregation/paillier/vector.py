@@ -36,6 +36,7 @@ class ModelCodec:
 
     @property
     def ciphertexts(self) -> int:
+        """Ciphertexts one model of :attr:`size` values takes."""
         return self.packer.count(self.size)
 
     def encode(self, flat: np.ndarray, rows: int) -> tuple[list[int], int]:

@@ -71,6 +71,7 @@ class StateStore:
 
     @classmethod
     def of(cls, context: Context, channel: str, env: SiteEnv, name: str) -> StateStore:
+        """The store of ``channel`` for this run at the site ``name`` (a 0600 file in the state folder, if it has one)."""
         folder = None
         if env.state_dir is not None:
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "site"
@@ -79,13 +80,16 @@ class StateStore:
 
     @property
     def key(self) -> str:
+        """The ``context.state`` record that holds the channel's state."""
         return f"secagg-{self.channel}"
 
     @property
     def path(self) -> Path | None:
+        """The state file in the site's state folder (None without one)."""
         return None if self.folder is None else self.folder / f"run-{self.context.run_id}-{self.channel}.state"
 
     def load(self) -> SiteState:
+        """The channel's state: from ``context.state``, else from the state file (a restarted site), else fresh."""
         rec = recordview.config(self.context.state, self.key)
         if rec is not None and isinstance(rec.get("state"), bytes):
             return SiteState.from_bytes(rec["state"])  # type: ignore[arg-type]
@@ -99,6 +103,7 @@ class StateStore:
         return SiteState()
 
     def save(self, state: SiteState) -> None:
+        """Keep ``state`` in ``context.state`` and, atomically and 0600, in the state file."""
         data = state.to_bytes()
         if self.path is not None:
             from core.secret_files import write_private
@@ -156,7 +161,7 @@ def advertise_keys(msg: Message, context: Context, env: SiteEnv) -> Message:
 
 def masked_input(msg: Message, context: Context, env: SiteEnv, encode: Callable[[WeightedUpdateCodec], np.ndarray],
                  extra: RecordDict) -> Message:
-    """This site's masked vector of round ``round`` (after agreeing the epoch's keys if the message
+    """The site's masked vector of round ``round`` (after agreeing the epoch's keys if the message
     carries them and this site has not yet), its threshold and its sealed shares.
 
     ``encode`` turns this site's result into its field vector for the given codec

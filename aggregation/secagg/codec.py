@@ -53,10 +53,12 @@ class FieldCodec:
 
     @property
     def modulus(self) -> int:
+        """The size of the field values live in (``2^bits``)."""
         return 1 << self.bits
 
     @property
     def quantiser(self) -> AffineQuantiser:
+        """The affine quantiser of values in ``[-clip, clip]`` at ``value_bits``."""
         return AffineQuantiser(self.clip, self.value_bits)
 
     @property

@@ -23,6 +23,7 @@ class SecAggConfig(AggregationConfig):
 
 
 def validate(a: SecAggConfig) -> None:
+    """Range checks of the ``aggregation=secagg`` keys."""
     check(a.clip > 0, "aggregation.clip", a.clip, "a number > 0")
     check(4 <= a.value_bits <= 32, "aggregation.value_bits", a.value_bits, "an integer in 4..32")
     check(a.weight_bits == 0 or 1 <= a.weight_bits <= 53 - a.value_bits, "aggregation.weight_bits", a.weight_bits,

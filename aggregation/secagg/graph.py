@@ -23,6 +23,7 @@ def auto_neighbours(n: int) -> int:
 
 
 def graph_seed(run: int, channel: str, epoch: int) -> bytes:
+    """The public seed of the neighbour graph of a run's channel in key epoch ``epoch``."""
     return hashlib.sha256(f"fedsilo-secagg-v2|graph|{run}|{channel}|{epoch}".encode()).digest()
 
 

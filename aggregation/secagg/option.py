@@ -7,6 +7,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
+from typing_extensions import override
 
 from aggregation.base import AggregationOption, Capabilities, SiteHalf, SumCoordinator
 from aggregation.compression import Compression
@@ -19,6 +20,8 @@ from core.records import RunRecord
 
 
 class SecAgg(AggregationOption):
+    """``aggregation=secagg``: masked updates whose masks cancel only in the sum (docs/secure-aggregation.md)."""
+
     name = "secagg"
     schema = config.SecAggConfig
     capabilities = Capabilities(sees_individual_updates=False, holds_plaintext_model=True)
@@ -45,6 +48,7 @@ class SecAgg(AggregationOption):
         return {name: {"site-name": name, "site-key": key, "roster": roster}
                 for name, (key, roster) in provision(out_dir, names).items()}
 
+    @override
     def site_check(self, cfg: Any, node_config: dict[str, Any]) -> list[str]:
         from core.identity import IdentityError, SiteIdentity
 
@@ -58,16 +62,20 @@ class SecAgg(AggregationOption):
             return [f"aggregation=secagg: {err}"]
         return []
 
+    @override
     def summer(self, cfg: Any, timeout: float) -> SumCoordinator:
         return SecAggSum(self.sum_message, cfg, timeout)
 
+    @override
     def validate(self, cfg: Any, num_sites: int) -> None:
         config.validate(cfg)
 
+    @override
     def server(self, strategy: Strategy, cfg: Any, initial: ArrayRecord, record: RunRecord) -> Strategy:
         protocol = SecureAggregator(cfg.clip, cfg.value_bits, cfg.threshold, cfg.stage_timeout, cfg.neighbours,
                                     field_bits=config.field_bits(cfg), rekey_every=cfg.rekey_every)
         return SecAggStrategy(strategy, protocol, record, Compression.of(cfg), initial)
 
+    @override
     def site(self, cfg: Any) -> SiteHalf:
         return SecAggSite(Compression.of(cfg))

@@ -152,6 +152,7 @@ class SiteState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SiteState:
+        """The state :meth:`to_bytes` wrote; ValueError for anything else."""
         try:
             f = wire.split(bytes(data), "secure-aggregation state")
             if not f or f[0] != _VERSION or len(f) not in (7, 12):
@@ -203,6 +204,7 @@ class MaskingSite:
 
     @property
     def name(self) -> str:
+        """The site's name on the roster."""
         return self.identity.name
 
     def advertise(self, epoch: int) -> tuple[bytes, bytes]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, RecordDict
+from typing_extensions import override
 
 from aggregation.base import LocalResult, SiteEnv, SiteHalf, request_encoding
 from aggregation.compression import SEED_KEY, Compression, SiteCompressor
@@ -33,6 +34,7 @@ class SecAggSite(SiteHalf):
     def __init__(self, compression: Compression | None = None) -> None:
         self.compressor = SiteCompressor(compression) if compression is not None and compression.active else None
 
+    @override
     def reply(self, msg: Message, context: Context, result: LocalResult, env: SiteEnv) -> Message:
         glob: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
         start = result.start

@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
+from typing_extensions import override
 
 from aggregation.base import SumCoordinator, SumResult, request_encoding
 from aggregation.secagg.client import SUM_CHANNEL
@@ -39,6 +40,7 @@ class SecAggSum(SumCoordinator):
         self.protocol = SecureAggregator(1.0, LIMB_VALUE_BITS, cfg.threshold, cfg.stage_timeout, cfg.neighbours,
                                          channel=SUM_CHANNEL)
 
+    @override
     def collect(self, grid: Grid, nodes: list[int], content: RecordDict, length: int, sum_id: int) -> SumResult:
         enc = request_encoding(content)
         try:

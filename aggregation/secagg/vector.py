@@ -100,22 +100,27 @@ class WeightedUpdateCodec:
 
     @property
     def field(self) -> FieldCodec:
+        """The field codec of the update's values."""
         return FieldCodec(self.clip, self.value_bits, max_sites=1 << (self.field_bits - self.value_bits))
 
     @property
     def loss_limbs(self) -> int:
+        """Field values the loss takes."""
         return -(-LOSS_BITS // self.value_bits)
 
     @property
     def clipped_limbs(self) -> int:
+        """Field values the count of clipped values takes."""
         return -(-max(1, self.size.bit_length()) // self.value_bits)
 
     @property
     def length(self) -> int:
+        """Field values of one site's vector: the update, its weight, its loss and its clipped count."""
         return self.size + 1 + self.loss_limbs + self.clipped_limbs
 
     @property
     def max_weight(self) -> int:
+        """The largest weight (training rows) a round's sum can hold."""
         return (1 << (self.field_bits - self.value_bits)) - 1
 
     def encode(self, update: np.ndarray, weight: int, loss: float, rng: np.random.Generator) -> np.ndarray:

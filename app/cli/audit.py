@@ -68,6 +68,7 @@ def audit_run(run_dir: Path, references: int = 8, seed: int = 0) -> dict[str, An
 
 
 def main(argv: list[str]) -> int:
+    """``fedsilo audit RUN_DIR``: audit a run's model; the exit code (0 done, 2 bad input)."""
     parser = argparse.ArgumentParser(prog="fedsilo audit", description="Membership-inference audit of a run's model.")
     parser.add_argument("run_dir", type=Path, help="a fedsilo run directory (holds results.json and model.pt)")
     parser.add_argument("--references", type=int, default=8, help="reference models for offline LiRA (0 = loss "

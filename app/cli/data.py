@@ -51,6 +51,7 @@ def _own_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
+    """``fedsilo data split|schema|check``: per-site files, a drafted schema, or a site's file checked; the exit code."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # Flower Datasets' partitioners draw progress bars
     parser = argparse.ArgumentParser(prog="fedsilo data", description="Prepare per-site data files.")
     sub = parser.add_subparsers(dest="command", required=True)

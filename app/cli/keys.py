@@ -27,6 +27,7 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
+    """``fedsilo keys paillier|roster|vertical``: provision keys for a federation; the exit code."""
     parser = argparse.ArgumentParser(prog="fedsilo keys", description="Provision keys for a fedsilo federation.")
     sub = parser.add_subparsers(dest="kind", required=True)
     pai = sub.add_parser("paillier", help="a Paillier key pair for aggregation=paillier")

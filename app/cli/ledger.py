@@ -42,6 +42,7 @@ def read(state_dir: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str]) -> int:
+    """``fedsilo ledger STATE_DIR``: the site's privacy ledger, per data file; the exit code."""
     parser = argparse.ArgumentParser(prog="fedsilo ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("state_dir", help="the site's state folder (the SuperNode's node config state-dir)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

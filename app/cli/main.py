@@ -34,6 +34,7 @@ HEADLINE = ("auc", "accuracy", "f1", "ks", "sensitivity", "specificity", "loss",
 
 
 def fail(message: str, code: int) -> None:
+    """Print ``message`` to stderr and exit with ``code``."""
     print(f"fedsilo: {message}", file=sys.stderr)
     sys.exit(code)
 

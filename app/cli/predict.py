@@ -61,6 +61,7 @@ def _decrypted(state: dict[str, np.ndarray], meta: dict[str, Any], keypair: Path
 
 
 def main(argv: list[str]) -> int:
+    """``fedsilo predict RUN_DIR FILE``: score raw rows with a run's model; the exit code."""
     parser = argparse.ArgumentParser(prog="fedsilo predict", description="Score raw rows with a run's model.")
     parser.add_argument("run_dir", type=Path, help="the run directory (or its model.fedsilo.npz)")
     parser.add_argument("file", type=Path, help="CSV or Parquet rows with the schema's feature columns")

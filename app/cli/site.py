@@ -1,4 +1,4 @@
-"""``fedsilo site``: one command for a site operator, checks first, then the site joins.
+r"""``fedsilo site``: one command for a site operator, checks first, then the site joins.
 
     fedsilo site --superlink coordinator.example.org:8000 --root-certificates ca.crt \\
         --auth-key site-0 --data /data/fedsilo/cleveland.npz task=medical num_sites=4
@@ -50,6 +50,7 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def check_ca(path: Path) -> list[str]:
+    """Problems of the CA certificate at ``path`` (empty if it is one)."""
     from cryptography import x509
 
     try:
@@ -99,6 +100,7 @@ def _verify_problem(address: str, host: str, ca: Path, err: ssl.SSLCertVerificat
 
 
 def check_key(path: Path) -> list[str]:
+    """Problems of the node's authentication key at ``path`` (empty if it is a private P-256 key kept private)."""
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
@@ -124,6 +126,7 @@ def check_key(path: Path) -> list[str]:
 
 
 def node_config_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The SuperNode's node config from the command line: data, schema, state folder, policy and keys."""
     node: dict[str, Any] = {"data-path": str(Path(args.data).expanduser().resolve())}
     if args.state_dir:
         node["state-dir"] = str(Path(args.state_dir).expanduser().resolve())
@@ -206,6 +209,7 @@ def check_all(args: argparse.Namespace) -> list[str]:
 
 
 def supernode_command(args: argparse.Namespace) -> list[str]:
+    """The command that starts this site's SuperNode with the site worker."""
     node = " ".join(f'{k}="{v}"' for k, v in node_config_of(args).items())
     cmd = [sys.executable, "-m", "app.runtime.supernode", "--worker", "--superlink", args.superlink,
            "--node-config", node, "--max-retries", str(args.max_retries)]
@@ -266,6 +270,7 @@ def run_site(args: argparse.Namespace, join_timeout: float = 120.0) -> int:
 
 
 def main(argv: list[str]) -> int:
+    """``fedsilo site``: check and start one site; the exit code."""
     parser = argparse.ArgumentParser(prog="fedsilo site", description=__doc__.splitlines()[0])
     parser.add_argument("--superlink", required=True, help="the coordinator's SuperLink, HOST:PORT")
     parser.add_argument("--root-certificates", help="the coordinator's CA certificate (ca.crt)")

@@ -1,0 +1,1 @@
+"""Fault injection for tests and demos (``faults.*``): dropouts, Byzantine sites, slow sites."""

@@ -25,6 +25,7 @@ class FaultsConfig:
 
 
 def validate(f: FaultsConfig) -> None:
+    """Range checks of the ``faults`` keys."""
     check(0 <= f.drop_rate < 1, "faults.drop_rate", f.drop_rate, "0 <= fraction < 1")
     check(f.drop_stage in DROP_STAGES, "faults.drop_stage", f.drop_stage, f"one of {list(DROP_STAGES)}")
     check(0 <= f.byzantine_fraction < 1, "faults.byzantine_fraction", f.byzantine_fraction, "0 <= fraction < 1")

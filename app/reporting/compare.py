@@ -34,6 +34,8 @@ REGRESSION_COLUMNS = ("r2", "mae", "rmse")
 
 @dataclass
 class Run:
+    """One run directory and its results."""
+
     path: Path
     results: dict[str, Any]
     name: str = ""
@@ -73,6 +75,7 @@ def _name(runs: list[Run]) -> None:
 
 
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """The comparison table's header and rows, one row per run."""
     columns = [*COLUMNS, *(k for k in REGRESSION_COLUMNS if any(k in (r.results.get("final") or {}) for r in runs))]
     personal = any(r.results.get("personalization") for r in runs)
     head = ["run", "status", "rounds", *columns, "best AUC (round)", "max epsilon",
@@ -103,6 +106,7 @@ def site_means(results: dict[str, Any]) -> str:
 
 
 def plot(runs: list[Run]) -> bytes:
+    """A PNG of the runs' test metric per round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,6 +138,7 @@ def plot(runs: list[Run]) -> bytes:
 
 
 def write(runs: list[Run], out: Path) -> list[Path]:
+    """Write ``compare.csv``, ``compare.md`` and the plot into ``out``; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
     head, rows = table(runs)
     with open(out / "compare.csv", "w", newline="") as fh:
@@ -152,6 +157,7 @@ def write(runs: list[Run], out: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
+    """``fedsilo compare DIR...``: compare runs; the exit code."""
     parser = argparse.ArgumentParser(prog="fedsilo compare", description="Compare runs (or a Hydra multirun folder).")
     parser.add_argument("dirs", nargs="+", type=Path, help="run directories or folders of runs")
     parser.add_argument("--out", type=Path, default=Path("compare"), help="output folder (default ./compare)")

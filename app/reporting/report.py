@@ -233,6 +233,7 @@ def personal_section(results: dict[str, Any]) -> Section | None:
 
 
 def sections(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) -> list[Section]:
+    """The report's sections for a run directory and its results."""
     cfg = results["config"]
     agg, priv = cfg["aggregation"]["name"], cfg["privacy"]["name"]
     final = results.get("final") or {}
@@ -335,6 +336,7 @@ def sections(run_dir: Path, results: dict[str, Any], n_boot: int = 1000) -> list
 
 # ---- rendering -------------------------------------------------------------------------------
 def to_markdown(title: str, secs: list[Section]) -> str:
+    """The report as Markdown."""
     lines = [f"# {title}", ""]
     for s in secs:
         lines += [f"## {s.title}", ""]
@@ -357,6 +359,7 @@ text-align:left;vertical-align:top}th{background:#edf2f7}img{max-width:100%}code
 
 
 def to_html(title: str, secs: list[Section]) -> str:
+    """The report as one self-contained HTML page (figures inline)."""
     def text(s: str) -> str:
         parts = html.escape(s).split("`")
         return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
@@ -419,6 +422,7 @@ def ensure(run_dir: Path, rewrite: bool = False) -> tuple[Path | None, str]:
 
 
 def main(argv: list[str]) -> int:
+    """``fedsilo report RUN_DIR``: write the run's report; the exit code."""
     import argparse
     import sys
 

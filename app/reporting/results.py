@@ -97,6 +97,7 @@ class Recorder:
         self._t0 = self._last - float(state["elapsed"])
 
     def history(self, result: Result, participation: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+        """results.json's ``history``: every round's metrics, participation, timing and traffic."""
         rounds = sorted(r for r in self.server if r > 0)
         return [
             {

@@ -8,6 +8,8 @@ from typing import Any
 
 @dataclass
 class Section:
+    """One section of a report: paragraphs, tables and figures."""
+
     title: str
     paragraphs: list[str] = field(default_factory=list)
     tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)

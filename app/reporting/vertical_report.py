@@ -10,6 +10,7 @@ METRICS = ("auc", "pr_auc", "ks", "accuracy", "f1", "loss", "train_loss")
 
 
 def sections(results: dict[str, Any]) -> list[Section]:
+    """The report's sections for a vertical run."""
     v = results.get("vertical", {})
     cfg = results["config"]["vertical"]
     summary = Section("Summary", [

@@ -33,6 +33,7 @@ class AppDirError(RuntimeError):
 
 
 def is_checkout(root: Path = ROOT) -> bool:
+    """Whether ``root`` is a source checkout (it has ``pyproject.toml``) rather than an installed wheel."""
     return (root / "pyproject.toml").is_file()
 
 

@@ -247,6 +247,7 @@ def output_folder(out: Path | None, overrides: list[str]) -> tuple[Path, list[st
 
 
 def main(argv: list[str]) -> int:
+    """``fedsilo deploy local``: a SuperLink and SuperNodes on this machine, a job run on them; the exit code."""
     parser = argparse.ArgumentParser(prog="fedsilo deploy local", description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, required=True, help="number of SuperNodes (sites)")
     parser.add_argument("--out", type=Path, default=None,

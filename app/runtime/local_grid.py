@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from typing_extensions import override
 
 from app import config
 from app.runtime.preflight import preflight
@@ -52,17 +53,21 @@ class LocalGrid(Grid):
         self._replies: dict[str, Message] = {}
         self._run = Run.create_empty(run_id)
 
+    @override
     def set_run(self, run: Run) -> None:
         self._run = run
 
+    @override
     @property
     def run(self) -> Run:  # type: ignore[override]
         return self._run
 
+    @override
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
 
+    @override
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
@@ -73,6 +78,7 @@ class LocalGrid(Grid):
         except Exception as err:  # noqa: BLE001 - an exception becomes an error reply, as in Flower
             return Message(Error(code=CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
 
+    @override
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
@@ -85,6 +91,7 @@ class LocalGrid(Grid):
             ids.append(key)
         return ids
 
+    @override
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         out = []
         for i in message_ids:
@@ -94,6 +101,7 @@ class LocalGrid(Grid):
                 out.append(self._futures.pop(i).result())
         return out
 
+    @override
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         if self._pool is not None:
             return list(self._pool.map(self._deliver, messages))

@@ -121,6 +121,7 @@ class Worker:
         return True
 
     def serve(self) -> None:
+        """Pull and run messages until the SuperNode stops, backing off while there is nothing to do."""
         wait = FIRST_POLL
         while True:
             if self.step():
@@ -194,6 +195,7 @@ def run_task(address: str, token: str, client_app: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m app.runtime.site_worker``: serve a SuperNode's messages in this process; the exit code."""
     parser = argparse.ArgumentParser(prog="python -m app.runtime.site_worker", description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (host:port)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) does")

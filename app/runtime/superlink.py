@@ -85,6 +85,7 @@ class RunOutcome:
 
     @property
     def ok(self) -> bool:
+        """Whether the run finished and completed."""
         return self.status == "finished:completed"
 
 
@@ -117,6 +118,7 @@ class LocalSuperLink:
 
     @property
     def address(self) -> str:
+        """The SuperLink's address on this machine."""
         return f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> LocalSuperLink:
@@ -281,6 +283,7 @@ class LocalSuperLink:
 
     # ---- the flwr CLI against this SuperLink ------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` command against this SuperLink; its completed process."""
         return subprocess.run(
             [_flwr_bin("flwr"), *args], env=self.env, capture_output=True, text=True,
             timeout=timeout, stdin=subprocess.DEVNULL,

@@ -62,6 +62,7 @@ class _CappedSleep(ModuleType):
 
 
 def poll_interval() -> float:
+    """Seconds between the SuperNode's polls when idle (``FEDSILO_SUPERNODE_POLL``, else the default)."""
     raw = os.environ.get(POLL_ENV, str(DEFAULT_POLL))
     try:
         value = float(raw)
@@ -96,6 +97,7 @@ def _drop(argv: list[str], name: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Start Flower's SuperNode (``--worker``: with fedsilo's site worker as its app process)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     worker = "--worker" in argv
     argv = [a for a in argv if a != "--worker"]

@@ -77,6 +77,7 @@ def rng_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 def set_rng_state(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Restore Python's, NumPy's and torch's random states from a checkpoint."""
     version, mt, gauss = meta["python"]
     random.setstate((version, tuple(mt), gauss))
     name, pos, has_gauss, cached = meta["numpy"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from typing_extensions import override
 
 from core.replies import record_bytes
 
@@ -37,6 +38,7 @@ class Traffic:
     replies: int = 0
 
     def as_dict(self) -> dict[str, int]:
+        """The counts as a dict (results.json's traffic)."""
         return dict(self.__dict__)
 
 
@@ -61,30 +63,37 @@ class MeteredGrid(Grid):
         self.traffic.bytes_from_sites += sum(payload_bytes(m.content) for m in replies if not m.has_error())
 
     # ---- Grid, forwarded ---------------------------------------------------------------
+    @override
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
 
+    @override
     @property
     def run(self) -> Run:  # type: ignore[override]
         return self.inner.run
 
+    @override
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
+    @override
     def get_node_ids(self) -> Iterable[int]:
         return self.inner.get_node_ids()
 
+    @override
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         self._sent(messages)
         return self.inner.push_messages(messages)
 
+    @override
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self.inner.pull_messages(message_ids))
         self._received(replies)
         return replies
 
+    @override
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         self._sent(messages)

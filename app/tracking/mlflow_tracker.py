@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.common import log
+from typing_extensions import override
 
 from app.tracking.trackers import Tracker
 
@@ -142,6 +143,7 @@ class MlflowTracker(Tracker):
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
+    @override
     def log_round(self, server_round: int, server: dict[str, Any], train: dict[str, Any], evaluate: dict[str, Any],
                   participation: dict[str, Any], traffic: dict[str, Any], seconds: float | None,
                   names: dict[str, str]) -> None:
@@ -156,6 +158,7 @@ class MlflowTracker(Tracker):
             values["time.round_seconds"] = float(seconds)
         self._safe(f"logging round {server_round}", self._metrics, values, server_round)
 
+    @override
     def finish(self, out_dir: Path) -> None:
         import json
 

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
 from app.tracking.trackers import Tracker
 
 
@@ -24,6 +26,7 @@ class TensorBoardLogger(Tracker):
         self.dir = out_dir / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(self.dir))
 
+    @override
     @classmethod
     def start(cls, out_dir: Path, cfg: Any, config_dict: dict[str, Any], run_id: int) -> TensorBoardLogger:
         return cls(out_dir)
@@ -50,5 +53,6 @@ class TensorBoardLogger(Tracker):
             self.writer.add_scalar("time/round_seconds", seconds, server_round)
         self.writer.flush()
 
+    @override
     def close(self) -> None:
         self.writer.close()

@@ -48,6 +48,8 @@ class Tracker(ABC):
 
 @dataclass(frozen=True)
 class TrackerInfo:
+    """Where a tracker lives and the extra that installs what it needs."""
+
     module: str          # the module holding the tracker class
     cls: str
     extra: str           # the pip extra that installs what it imports (core.extras.EXTRAS)

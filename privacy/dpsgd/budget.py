@@ -8,7 +8,7 @@ from privacy.site_ledger import SiteLedger
 
 
 class BudgetExhausted(RuntimeError):
-    """This round would take the site past its target epsilon."""
+    """The round would take the site past its target epsilon."""
 
 
 def check_cap(ledger: SiteLedger, params: DPSGDParams, steps: int) -> None:

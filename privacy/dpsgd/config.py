@@ -36,6 +36,7 @@ class DPSGDConfig(PrivacyConfig):
 
 
 def validate(d: DPSGDConfig) -> None:
+    """Range checks of the ``privacy=dpsgd`` keys."""
     check(d.target_epsilon > 0, "privacy.target_epsilon", d.target_epsilon, "a number > 0")
     check(0 < d.delta < 1, "privacy.delta", d.delta, "0 < delta < 1 (well below 1/rows per site)")
     check(d.max_grad_norm > 0, "privacy.max_grad_norm", d.max_grad_norm, "a number > 0")

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from flwr.app import ConfigRecord, Context, Message
 from flwr.common import log
 from torch import nn
+from typing_extensions import override
 
 from core.records import RoundRecord, RunRecord
 from core.replies import ReplyError, SiteRefusal
@@ -41,6 +42,7 @@ class DPSGDTrainer(LocalTrainer):
     def __init__(self, dp: DPSGDConfig, num_rounds: int, batch_size: int) -> None:
         self.dp, self.num_rounds, self.batch_size = dp, num_rounds, batch_size
 
+    @override
     def train(self, task: Task, model: nn.Module, split: Split, seed: int, context: Context,
               train_config: ConfigRecord, site_name: str, epochs: int, max_steps: int | None,
               penalty: Penalty | None, store: SiteStore | None = None,
@@ -88,14 +90,17 @@ class BudgetLedger(Coordinator):
         self.dp, self.record = dp, record
         self.exhausted: dict[int, str] = {}  # node -> the site's refusal
 
+    @override
     def observers(self) -> list[Any]:
         return [self]
 
+    @override
     @property
     def keeps_site_state(self) -> bool:
         return True  # each site's own ledger (privacy.site_ledger), filed under the job id
 
     def observe(self, server_round: int, replies: list[Message], strategy: _Strategy) -> None:
+        """Record the privacy spent that ``replies`` report; exclude sites whose budget is exhausted."""
         spent = {site_label(m): dict(m.content.config_records[REPLY_KEY]) for m in replies
                  if not m.has_error() and REPLY_KEY in m.content.config_records}
         if spent:
@@ -107,6 +112,7 @@ class BudgetLedger(Coordinator):
                 strategy.exclude(m.metadata.src_node_id, reason)
                 log(WARNING, "round %s: %s stops training: %s", server_round, strategy.label(m), m.error.reason)
 
+    @override
     def summary(self) -> dict[str, Any]:
         return summarize(self.dp, self.record.to_dict(), self.exhausted, self.record.sites.names_by_label())
 
@@ -116,6 +122,7 @@ class BudgetLedger(Coordinator):
         for key, value in restore_config(ledgers).items():
             train_config[key] = value
 
+    @override
     def note(self, rnd: RoundRecord) -> str:
         if not rnd.privacy:
             return ""
@@ -123,15 +130,20 @@ class BudgetLedger(Coordinator):
 
 
 class DPSGD(PrivacyOption):
+    """``privacy=dpsgd``: DP-SGD at every site, with its ledger and budget (docs/privacy.md)."""
+
     name = "dpsgd"
     schema = DPSGDConfig
 
+    @override
     def validate(self, cfg: Any) -> None:
         validate(cfg)
 
+    @override
     def headline(self, summary: dict[str, Any]) -> str:
         return f"epsilon {summary['max_epsilon']:.3f} at delta={summary['delta']:g} (largest over sites)"
 
+    @override
     def tables(self, summary: dict[str, Any]) -> tuple[list[str], list[tuple[list[str], list[list[str]]]]]:
         rows = [[site, f"{r['epsilon']:.3f}", f"{r['delta']:g}", str(r["last_round"]), f"{r['noise_multiplier']:.3f}",
                  f"{r['sample_rate']:.4f}"] for site, r in sorted(summary["sites"].items())]
@@ -139,6 +151,7 @@ class DPSGD(PrivacyOption):
                       if summary.get("budget_exhausted") else [])
         return paragraphs, [(["site", "epsilon", "delta", "last round", "noise multiplier", "sample rate"], rows)]
 
+    @override
     def policy_problems(self, cfg: Any, limits: SiteLimits) -> list[str]:
         out = []
         if cfg.target_epsilon > limits.max_epsilon:
@@ -150,8 +163,10 @@ class DPSGD(PrivacyOption):
                        f"min_noise_multiplier={limits.min_noise_multiplier:g}")
         return out
 
+    @override
     def trainer(self, cfg: Any, num_rounds: int, batch_size: int) -> LocalTrainer:
         return DPSGDTrainer(cfg, num_rounds, batch_size)
 
+    @override
     def coordinator(self, cfg: Any, num_sites: int, record: RunRecord) -> Coordinator:
         return BudgetLedger(cfg, record)

@@ -53,4 +53,5 @@ class PrivateStep:
         return loss, n_clipped
 
     def close(self) -> None:
+        """Remove the per-example gradient hooks from the model."""
         self.clipper.close()

@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def credit() -> None:
+    """Write the credit table (UCI Default of Credit Card Clients) as fedsilo reads it, from its source file."""
     src = HERE / "uci_credit_default_taiwan" / "default_of_credit_card_clients.csv"
     df = pd.read_csv(src, dtype=str, keep_default_na=False)
     y = df["default.payment.next.month"].astype(int).to_numpy()
@@ -35,6 +36,7 @@ def credit() -> None:
 
 
 def heart() -> None:
+    """Write the four hospitals' heart-disease tables (FLamby's split) from the UCI source files."""
     cols = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca",
             "thal", "num"]
     out = HERE / "uci_heart_disease" / "sites"

@@ -39,6 +39,7 @@ class ArtefactError(ValueError):
 
 
 def write(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    """Write the model file at ``path``: the model's arrays and ``meta`` (task, schema, preprocessing); return ``path``."""
     arrays = {f"w/{k}": np.asarray(v) for k, v in state.items()}
     arrays["meta"] = np.array(json.dumps({"format": FORMAT, **meta}, sort_keys=True))
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -48,6 +49,7 @@ def write(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> Pat
 
 
 def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The model's arrays and metadata from a model file (or a run directory holding one); ArtefactError otherwise."""
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / FILE
@@ -65,6 +67,7 @@ def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 
 def build(meta: dict[str, Any]) -> nn.Module:
+    """A fresh model of the architecture ``meta`` describes."""
     m = meta["model"]
     if meta.get("task") == "images":
         img = meta["image"]
@@ -104,6 +107,7 @@ class Predictor:
 
     @classmethod
     def from_parts(cls, state: dict[str, np.ndarray], meta: dict[str, Any], prep: Any = None) -> Predictor:
+        """A predictor from a model file's parts (``prep``: the preprocessing, if the file holds it sealed)."""
         if prep is None:
             if meta.get("preprocessor") is None:
                 raise ArtefactError("this model's preprocessing is encrypted (aggregation=paillier): score rows "
@@ -116,20 +120,24 @@ class Predictor:
 
     @property
     def schema(self) -> Schema:
+        """The schema the model reads its inputs by."""
         return self.prep.schema  # type: ignore[no-any-return]
 
     @property
     def kind(self) -> str:
+        """The label kind: binary, multiclass or regression."""
         return str(self.meta.get("kind", "binary"))
 
     @property
     def classes(self) -> tuple[str, ...]:
+        """The class names, in the model's order."""
         if self.meta.get("task") == "images":
             return tuple(self.meta["classes"])
         return tuple(self.schema.label.classes)
 
     @property
     def id_column(self) -> str | None:
+        """The column (or, for images, the file name) that names each scored row, if any."""
         return self.meta.get("id") if self.meta.get("task") == "images" else self.schema.id
 
     def score_table(self, table: Table) -> dict[str, np.ndarray]:

@@ -41,6 +41,7 @@ LOSS_SCALE = float(1 << 20)
 
 
 def size(bins: int = BINS) -> int:
+    """Values of a binary metric vector with ``bins`` logit bins."""
     return HEAD + 2 * (bins + 2)
 
 
@@ -106,6 +107,7 @@ class Spec:
 
     @property
     def size(self) -> int:
+        """Values of one site's metric vector."""
         if self.kind == "multiclass":
             return 2 + self.classes * self.classes + self.classes * 2 * (self.bins + 2)
         if self.kind == "regression":
@@ -114,6 +116,7 @@ class Spec:
 
     @property
     def encoding(self) -> Encoding:
+        """The fixed-point encoding of the vector (counts exactly; regression sums at 40 fraction bits)."""
         return STATS if self.kind == "regression" else COUNTS
 
     def site_vector(self, outputs: np.ndarray, y: np.ndarray, label_scale: tuple[float, float] = (0.0, 1.0)

@@ -129,6 +129,7 @@ def infer(path: str | Path, label: str | None = None) -> tuple[dict[str, Any], l
 
 
 def to_yaml(schema: dict[str, Any], notes: list[str], source: str) -> str:
+    """The drafted schema as commented YAML for a person to review."""
     import yaml
 
     lines = [f"# fedsilo schema drafted from {source} by `fedsilo data schema infer`: review every line.",

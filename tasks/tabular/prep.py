@@ -67,6 +67,7 @@ def local_vocab(table: Table | list[Table], schema: Schema, min_count: int = 1) 
 
 
 def merge_vocab(parts: list[dict[str, list[str]]], schema: Schema) -> dict[str, list[str]]:
+    """The federation's vocabulary: the union of the sites' names per discovered feature, sorted."""
     return {name: sorted({v for p in parts for v in p.get(name, [])}) for name in schema.discovered()}
 
 
@@ -79,23 +80,28 @@ class StatLayout:
 
     @property
     def numeric(self) -> list[Feature]:
+        """The numeric and boolean features."""
         return [f for f in self.schema.features if f.type in ("numeric", "boolean")]
 
     @property
     def categorical(self) -> list[Feature]:
+        """The categorical features."""
         return [f for f in self.schema.features if f.type == "categorical"]
 
     @property
     def label_slots(self) -> int:
+        """Label values in the ``moments`` sum (binary: 1; multiclass: one per class; regression: 2)."""
         lab = self.schema.label
         return {"binary": 1, "multiclass": len(lab.classes), "regression": 2}[lab.kind]
 
     @property
     def moments_size(self) -> int:
+        """Values of the ``moments`` sum."""
         return 1 + self.label_slots + 2 * len(self.numeric) + sum(len(levels(f, self.vocab)) for f in self.categorical)
 
     @property
     def spread_size(self) -> int:
+        """Values of the ``spread`` sum."""
         return len(self.numeric) + (1 if self.schema.label.kind == "regression" else 0)
 
     def label_mean(self, moments: np.ndarray) -> float:
@@ -105,7 +111,7 @@ class StatLayout:
         return float(moments[1] / moments[0])
 
     def moments(self, table: Table) -> np.ndarray:
-        """This site's moments vector (over the rows it is given: its non-test rows)."""
+        """The site's moments vector (over the rows it is given: its non-test rows)."""
         out: list[float] = [float(len(table))]
         lab = self.schema.label
         if lab.kind == "binary":
@@ -163,10 +169,12 @@ class Preprocessor:
 
     @property
     def layout(self) -> StatLayout:
+        """The statistics layout these totals came from."""
         return StatLayout(self.schema, self.vocab)
 
     @property
     def rows(self) -> int:
+        """The federation's rows the totals count."""
         return int(round(self.moments[0]))
 
     def label_scale(self) -> tuple[float, float]:
@@ -200,10 +208,12 @@ class Preprocessor:
 
     @property
     def feature_names(self) -> tuple[str, ...]:
+        """The model's input names, in order."""
         return tuple(c[0] for c in self.columns())
 
     @property
     def width(self) -> int:
+        """Model inputs per row."""
         return len(self.columns())
 
     def _stats(self) -> tuple[dict[str, tuple[float, float]], dict[tuple[str, str], tuple[float, float]]]:
@@ -255,16 +265,19 @@ class Preprocessor:
         return np.column_stack(cols).astype(np.float32) if cols else np.zeros((len(table), 0), np.float32)
 
     def to_dict(self) -> dict[str, Any]:
+        """The transform as the model file keeps it."""
         return {"schema": self.schema.to_dict(), "vocab": self.vocab, "moments": list(self.moments),
                 "spread": list(self.spread), "standardize": self.standardize}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessor:
+        """The transform :meth:`to_dict` wrote."""
         schema = Schema.parse({k: v for k, v in d["schema"].items()}, "saved model")
         return cls(schema, {k: list(v) for k, v in d["vocab"].items()}, tuple(map(float, d["moments"])),
                    tuple(map(float, d["spread"])), str(d.get("standardize", "numeric")))
 
     def digest(self) -> str:
+        """A short digest of the transform (equal transforms, equal digests)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -56,6 +56,8 @@ def _text(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Feature:
+    """One feature of a schema: its column, type, transform and categories."""
+
     name: str
     type: str = "numeric"
     transform: str = "none"
@@ -68,6 +70,8 @@ class Feature:
 
 @dataclass(frozen=True)
 class Label:
+    """The schema's label: its column, kind, and the values of each class."""
+
     column: str
     kind: str = "binary"
     positive: tuple[str, ...] = ("1",)          # binary: the values of the positive class
@@ -77,6 +81,8 @@ class Label:
 
 @dataclass(frozen=True)
 class Schema:
+    """A site table's schema: label, features, id and split columns, and the rules a site is refused by."""
+
     label: Label
     features: tuple[Feature, ...]
     id: str | None = None
@@ -96,6 +102,7 @@ class Schema:
         return (self.label.column, *extra, *(f.name for f in self.features), *self.drop)
 
     def feature(self, name: str) -> Feature:
+        """The feature named ``name``."""
         return next(f for f in self.features if f.name == name)
 
     def discovered(self) -> tuple[str, ...]:
@@ -103,6 +110,7 @@ class Schema:
         return tuple(f.name for f in self.features if f.type == "categorical" and f.categories is None)
 
     def to_dict(self) -> dict[str, Any]:
+        """The schema as a plain dict (what the model file keeps)."""
         d = asdict(self)
         d.pop("source")
         if d["label"]["negative"] is None:
@@ -130,6 +138,7 @@ class Schema:
 
     @classmethod
     def parse(cls, raw: Any, source: str = "<schema>") -> Schema:
+        """The schema of parsed YAML ``raw``; SchemaError naming ``source`` and the key otherwise."""
         def fail(key: str, msg: str) -> SchemaError:
             return SchemaError(f"{source}: {key}: {msg}")
 

@@ -55,6 +55,7 @@ class Table:
         return int(self.label.shape[0])
 
     def take(self, idx: np.ndarray) -> Table:
+        """The rows ``idx``."""
         return Table(self.path, {k: v[idx] for k, v in self.numeric.items()},
                      {k: v[idx] for k, v in self.categorical.items()}, self.label[idx],
                      None if self.is_test is None else self.is_test[idx], self.line[idx],
