@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 
 from aggregation.base import SUM_REQUEST, RevealFailed, SiteEnv, SiteHalf, SumCoordinator, screen_sum_replies
 from core import programs
-from core.programs import Ask, Gather, Gathered, Program, ProgramError, SiteCall, Total
+from core.programs import Ask, Gather, Gathered, PolicyRefusal, Program, ProgramError, SiteCall, Total
 
 #: the message of a :class:`~core.programs.Gather` step, and the record of its reply
 GATHER_MESSAGE = "query.fedsilo_gather"
@@ -86,6 +86,22 @@ class ProgramRunner:
         return Gathered([cast(str, m.content.config_records[GATHER_KEY]["value"]) for m in good.values()], rejected)
 
 
+#: the ``context.state`` record counting the program steps a site answered in a run
+COUNT_KEY = "fedsilo-program-steps"
+
+
+def count_request(context: Context, policy: Any) -> None:
+    """Count one more program step of this run; :class:`~core.programs.PolicyRefusal` past the site policy's
+    ``statistics.max_sums`` (how often a coordinator may ask: every answer is a release)."""
+    rec = context.state.config_records.get(COUNT_KEY)
+    answered = int(rec["steps"]) if rec is not None and isinstance(rec.get("steps"), int) else 0  # type: ignore[arg-type]
+    limit = int(policy.statistics.max_sums)
+    if answered >= limit:
+        raise PolicyRefusal(f"this run asked for more than the policy's statistics.max_sums={limit} protected-sum "
+                            "steps of this site")
+    context.state[COUNT_KEY] = ConfigRecord({"steps": answered + 1})
+
+
 def site_answer(msg: Message, context: Context, half: SiteHalf, env: SiteEnv, data: Any, task: Any,
                 policy: Any) -> Message:
     """The site's answer to a program's request: its value (gather) or its share of the sum.
@@ -97,6 +113,7 @@ def site_answer(msg: Message, context: Context, half: SiteHalf, env: SiteEnv, da
     if rec is None:
         raise ProgramError(f"a program request without its {SUM_REQUEST!r} record")
     program = programs.get(str(rec.get("program", "")))
+    count_request(context, policy)
     call = SiteCall(data, task, dict(rec.items()), lambda key: half.open_total(context, rec, key),
                     lambda template: half.global_state(msg, context, template), policy)
     step = str(rec.get("what", ""))

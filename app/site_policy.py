@@ -90,9 +90,10 @@ class EvaluationPolicy:
 
 @dataclass
 class StatisticsPolicy:
-    """``statistics``: the fewest rows the site releases a statistic of."""
+    """``statistics``: the fewest rows the site releases a statistic of, and how many sums a run may ask of it."""
 
     min_rows: int = 10
+    max_sums: int = 1000  # protected-sum program steps (statistics, pooled metrics, a learner's sums) per run
 
 
 @dataclass
@@ -150,6 +151,7 @@ def validate(policy: SitePolicy, where: str = "site policy") -> SitePolicy:
     need(p.privacy.min_noise_multiplier >= 0, "privacy.min_noise_multiplier", p.privacy.min_noise_multiplier,
          "a number >= 0")
     need(p.evaluation.max_bins >= 2, "evaluation.max_bins", p.evaluation.max_bins, "an integer >= 2")
+    need(p.statistics.max_sums >= 1, "statistics.max_sums", p.statistics.max_sums, "an integer >= 1")
     need(p.evaluation.min_test_rows >= 1, "evaluation.min_test_rows", p.evaluation.min_test_rows, "an integer >= 1")
     tf = p.evaluation.test_fraction
     need(len(tf) == 2 and 0 <= tf[0] <= tf[1] < 1, "evaluation.test_fraction", tf, "[low, high] with 0 <= low <= high < 1")

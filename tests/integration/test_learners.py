@@ -118,7 +118,7 @@ def test_a_learner_registered_outside_app_runs_under_plain_and_secure_aggregatio
 
 def test_the_sites_refuse_a_program_they_do_not_have_and_a_bad_column() -> None:
     node = {"partition-id": 0, "num-partitions": 4}
-    overrides = " ".join([*HEART, f"data_dir={DATA_DIR}"])
+    overrides = " ".join([*HEART, f"data_dir={DATA_DIR}", "site_policy.statistics.max_sums=2"])
     ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={"overrides": overrides})
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
@@ -132,6 +132,8 @@ def test_the_sites_refuse_a_program_they_do_not_have_and_a_bad_column() -> None:
     assert reply.has_error() and "no protected-sum program 'os.system'" in reply.error.reason
     reply = ask("test.column_moments", "patient")
     assert reply.has_error() and "no numeric column 'patient'" in reply.error.reason
+    reply = ask("test.column_moments", "age")  # how often: the policy's statistics.max_sums steps per run, no more
+    assert reply.has_error() and reply.error.code == 403 and "statistics.max_sums=2" in reply.error.reason
 
 
 def test_the_learner_group_is_checked_before_anything_runs() -> None:

@@ -227,3 +227,22 @@ def test_the_old_runner_path_still_works_and_says_where_it_moved() -> None:
     from app.runtime import local_grid
 
     assert old.run_inprocess is local_grid.run_inprocess and old.LocalGrid is local_grid.LocalGrid
+
+
+@pytest.mark.parametrize("old,new", [("app.runtime.paths", "app.support.paths"),
+                                     ("app.runtime.checkpoint", "app.support.checkpoint"),
+                                     ("app.runtime.traffic", "app.support.traffic"),
+                                     ("app.runtime.flower_tuning", "app.support.flower_tuning"),
+                                     ("app.reporting.trackers", "app.tracking.trackers"),
+                                     ("app.reporting.mlflow_tracker", "app.tracking.mlflow_tracker"),
+                                     ("app.reporting.tensorboard", "app.tracking.tensorboard")])
+def test_the_modules_issue_35_moved_still_import_and_say_where_they_went(old: str, new: str) -> None:
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}.*0.15.0"):
+        shim = importlib.import_module(old)
+    moved = importlib.import_module(new)
+    public = [n for n in vars(moved) if not n.startswith("_") and callable(getattr(moved, n))]
+    assert public and all(getattr(shim, n) is getattr(moved, n) for n in public)
