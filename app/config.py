@@ -148,6 +148,8 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
                                     ("vertical.name", cfg.vertical.name, "none")):
             check(value == default, key, value, f"{default} with learner={cfg.learner.name} (a sum-based learner "
                   "is protected by the aggregation option; differential privacy of its sums is not built yet)")
+        check(not cfg.audit, "audit", cfg.audit, f"false with learner={cfg.learner.name} (the membership-inference "
+              "audit attacks a torch model)")
     check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "an integer >= 1")
     check(cfg.strategy.buffer == 0 or cfg.num_rounds < DISPATCH, "num_rounds", cfg.num_rounds,
           f"fewer than {DISPATCH} model versions with strategy.buffer > 0")

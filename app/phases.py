@@ -162,7 +162,7 @@ def fit_by_sums(grid: MeteredGrid, plan: RunPlan) -> dict[str, Any]:
     t0 = time.monotonic()
     run = runner(grid, plan)
     outcome = run.run(learner.program(plan.task, dict(cfg.learner.options)))
-    payload = {"config": config.to_dict(cfg), "sites": plan.num_sites, "run_id": plan.run_id,
+    payload = {"kind": "learner", "config": config.to_dict(cfg), "sites": plan.num_sites, "run_id": plan.run_id,
                "status": "completed", "overrides": plan.overrides,
                "learner": {"name": learner.name, "coordinator_learns": run.summer.learns, **learner.results(outcome)},
                "timing": {"total_seconds": time.monotonic() - t0}, "traffic": grid.take().as_dict()}

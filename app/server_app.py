@@ -55,6 +55,7 @@ def main(grid: Grid, context: Context) -> None:
         write_report(plan.cfg, plan.out_dir)
     elif not plan.learner.rounds:  # a sum-based learner: one protected-sum program
         phases.fit_by_sums(metered, plan)
+        write_report(plan.cfg, plan.out_dir)
     else:
         finish(metered, plan, train(metered, plan, phases.prepare(metered, plan)))
 

@@ -98,10 +98,15 @@ def run(cfg: DictConfig) -> None:
         fail(f"run {outcome.run_id} ended with status {outcome.status}: {detail} "
              f"(logs: {out_dir / 'superlink.log'})", 1)
     recorded = json.loads(results.read_text())
-    final = recorded["final"]
-    summary = "  ".join(f"{k}={final[k]:.4f}" for k in HEADLINE if final.get(k) is not None)
     print(f"fedsilo: run {outcome.run_id} completed in {outcome.seconds:.1f}s", flush=True)
-    print(f"fedsilo: final test {summary}", flush=True)
+    if recorded.get("kind") == "learner":  # a sum-based learner: its outcome, no rounds
+        shown = {k: v for k, v in recorded["learner"].items() if isinstance(v, (int, float, str)) and k != "name"}
+        print(f"fedsilo: learner {recorded['learner']['name']}: " + "  ".join(
+            f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()), flush=True)
+    else:
+        final = recorded["final"]
+        summary = "  ".join(f"{k}={final[k]:.4f}" for k in HEADLINE if final.get(k) is not None)
+        print(f"fedsilo: final test {summary}", flush=True)
     mean = (recorded.get("personalization") or {}).get("mean")
     if mean:
         print(f"fedsilo: each site on its own test rows, mean accuracy: global model "

@@ -152,7 +152,7 @@ def check_data(overrides: list[str], data_dir: str | None, node: dict[str, Any])
     """The site's data file, loaded by the ClientApp's own code for the federation's config."""
     from flwr.app import Context, RecordDict
 
-    from app import config, plan
+    from app import config, plan, site_policy
     from app.support.paths import resolve_data_dir
 
     run_config: dict[str, bool | float | int | str] = {
@@ -160,6 +160,8 @@ def check_data(overrides: list[str], data_dir: str | None, node: dict[str, Any])
     context = Context(run_id=0, node_id=0, node_config=node, state=RecordDict(), run_config=run_config)
     try:
         plan.site_plan(context)
+    except site_policy.PolicyError:
+        return []  # the policy file's own problem: check_policy names it
     except (*plan.DATA_ERRORS, OSError, ValueError, KeyError) as err:
         return [f"data file {node['data-path']}: {err}"]
     return []

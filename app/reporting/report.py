@@ -394,6 +394,11 @@ def write(run_dir: Path, n_boot: int = 1000) -> tuple[Path, Path]:
 
         title = f"fedsilo vertical run: {results['model']} ({results['mode']})"
         secs = vertical_report.sections(results)
+    elif results.get("kind") == "learner":
+        from app.reporting import learner_report
+
+        title = f"fedsilo run: learner {results['learner']['name']} on {cfg['task']['name']}"
+        secs = learner_report.sections(results)
     else:
         title = f"fedsilo run: {cfg['task']['name']}, {cfg['strategy']['name']}, {cfg['aggregation']['name']} aggregation"
         secs = sections(run_dir, results, n_boot)

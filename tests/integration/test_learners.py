@@ -104,8 +104,8 @@ def _pooled(column: str) -> np.ndarray:
 def test_a_learner_registered_outside_app_runs_under_plain_and_secure_aggregation(tmp_path: Path) -> None:
     x = _pooled("age")
     plain = run_inprocess([*HEART, "learner.name=column_moments", "+learner.options.column=age"], tmp_path / "plain")
-    secagg = run_inprocess([*HEART, "learner.name=column_moments", "+learner.options.column=age", "aggregation=secagg"],
-                           tmp_path / "secagg")
+    secagg = run_inprocess([*HEART, "learner.name=column_moments", "+learner.options.column=age", "aggregation=secagg",
+                            "report=true"], tmp_path / "secagg")
     got = plain["learner"]
     assert got["name"] == "column_moments" and got["revealed"] and got["sites"] == 4 and plain["status"] == "completed"
     assert got["rows"] == x.size
@@ -113,7 +113,9 @@ def test_a_learner_registered_outside_app_runs_under_plain_and_secure_aggregatio
     assert got["variance"] == pytest.approx(x.var(ddof=1), rel=1e-9)
     assert secagg["learner"]["totals"] == got["totals"]  # the same total, bit for bit, under either option
     assert "every site's vector" in got["coordinator_learns"] and "only" in secagg["learner"]["coordinator_learns"]
-    assert (tmp_path / "plain" / "results.json").is_file() and "history" not in plain  # no rounds were run
+    assert plain["kind"] == "learner" and "history" not in plain  # no rounds were run
+    report = (tmp_path / "secagg" / "report.md").read_text()  # the run's report says what the coordinator learned
+    assert "Learner `column_moments`" in report and secagg["learner"]["coordinator_learns"] in report
 
 
 def test_the_sites_refuse_a_program_they_do_not_have_and_a_bad_column() -> None:
@@ -145,3 +147,5 @@ def test_the_learner_group_is_checked_before_anything_runs() -> None:
         config.compose([*HEART, "learner.name=column_moments"])
     with pytest.raises(ConfigError, match="privacy.name"):
         config.compose([*HEART, "learner.name=column_moments", "+learner.options.column=age", "privacy=dpsgd"])
+    with pytest.raises(ConfigError, match="audit"):
+        config.compose([*HEART, "learner.name=column_moments", "+learner.options.column=age", "audit=true"])
