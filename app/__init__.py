@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from app import _moved
+
+_moved.install()  # old import paths of moved modules keep working, with a warning (app/_moved.py)
+
 
 def version() -> str:
     """The version of fedsilo. It lives in one place, ``[project] version`` of ``pyproject.toml``: read from

@@ -26,11 +26,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from core.fixedpoint import STATS, Encoding
+
+T = TypeVar("T")
 
 #: Public values a request may carry: what Flower's ConfigRecord holds.
 Scalar = int | float | str | bool | bytes
@@ -149,21 +151,21 @@ ENTRY_POINTS = "fedsilo.programs"
 def get(name: str) -> type[Program]:
     """The program registered under ``name`` (loading an installed package's entry point of that name if
     need be); :class:`ProgramError` naming the known ones otherwise."""
-    if name not in REGISTRY:
-        load_entry_point(ENTRY_POINTS, name)
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ProgramError(f"no protected-sum program {name!r} (known: {sorted(REGISTRY)})") from None
+    found = lookup(REGISTRY, ENTRY_POINTS, name)
+    if found is None:
+        raise ProgramError(f"no protected-sum program {name!r} (known: {sorted(REGISTRY)})")
+    return found
 
 
-def load_entry_point(group: str, name: str) -> None:
-    """Import the module an installed package declares for ``name`` in entry-point ``group`` (if any);
-    importing it registers what it provides."""
-    from importlib.metadata import entry_points
+def lookup(registry: dict[str, T], group: str, name: str) -> T | None:
+    """``registry[name]``, after importing the module an installed package declares for ``name`` in
+    entry-point ``group`` if the registry lacks it (importing it registers what it provides); None if absent."""
+    if name not in registry:
+        from importlib.metadata import entry_points
 
-    for ep in entry_points(group=group, name=name):
-        ep.load()
+        for ep in entry_points(group=group, name=name):
+            ep.load()
+    return registry.get(name)
 
 
 def drive(program: Program, answer: Callable[[Ask | Gather], Total | Gathered]) -> Any:

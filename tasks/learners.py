@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from core.config import check
-from core.programs import Program, load_entry_point
+from core.programs import Program, lookup
 from tasks.base import Task
 
 
@@ -90,12 +90,10 @@ ENTRY_POINTS = "fedsilo.learners"
 def get(name: str) -> Learner:
     """The learner registered under ``name`` (loading an installed package's entry point of that name if need
     be); ValueError naming the choices otherwise."""
-    if name not in REGISTRY:
-        load_entry_point(ENTRY_POINTS, name)
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"learner.name={name!r} is not one of {sorted(REGISTRY)}") from None
+    found = lookup(REGISTRY, ENTRY_POINTS, name)
+    if found is None:
+        raise ValueError(f"learner.name={name!r} is not one of {sorted(REGISTRY)}")
+    return found
 
 
 def validate(cfg: LearnerConfig, task: type[Task]) -> None:

@@ -90,14 +90,17 @@ def registered() -> Generator[None, None, None]:
     learners.REGISTRY.pop(ColumnMoments.name, None)
 
 
-def _pooled(column: str) -> np.ndarray:
-    """The same column read directly from the four hospitals' files (only a test may pool them)."""
+def _sites() -> list[RawSite]:
+    """The four hospitals' rows read directly from their files (only a test may pool them)."""
     from tasks.tabular.task import TabularTask
 
     cfg = config.compose([*HEART, f"data_dir={DATA_DIR}"])
-    task = TabularTask(cfg.task, DATA_DIR)
-    sites = task.raw_sites(cfg.partition, config.num_sites(cfg), cfg.seed)
-    x = np.concatenate([t.numeric[column] for s in sites for t in s.fit_rows])
+    return TabularTask(cfg.task, DATA_DIR).raw_sites(cfg.partition, config.num_sites(cfg), cfg.seed)
+
+
+def _pooled(column: str) -> np.ndarray:
+    """One column of every site's non-test rows, pooled."""
+    x = np.concatenate([t.numeric[column] for s in _sites() for t in s.fit_rows])
     return x[~np.isnan(x)]
 
 
@@ -149,3 +152,31 @@ def test_the_learner_group_is_checked_before_anything_runs() -> None:
         config.compose([*HEART, "learner.name=column_moments", "+learner.options.column=age", "privacy=dpsgd"])
     with pytest.raises(ConfigError, match="audit"):
         config.compose([*HEART, "learner.name=column_moments", "+learner.options.column=age", "audit=true"])
+
+
+def test_an_installed_package_is_found_by_its_entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordinator and its sites load a learner and its program by name from what is installed (an entry point
+    naming the package's module); a name no installed package declares stays refused."""
+    import importlib.metadata
+    import sys
+
+    module = "tests.integration.learner_plugin"
+    declared = {"fedsilo.learners": {"row_count": module}, "fedsilo.programs": {"plugin.row_count": module}}
+
+    def entry_points(group: str, name: str) -> list[importlib.metadata.EntryPoint]:
+        value = declared.get(group, {}).get(name)
+        return [importlib.metadata.EntryPoint(name, value, group)] if value else []
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    sys.modules.pop(module, None)
+    learners.REGISTRY.pop("row_count", None)
+    programs.REGISTRY.pop("plugin.row_count", None)
+    try:
+        got = run_inprocess([*HEART, "learner.name=row_count"], tmp_path)["learner"]
+        assert got["rows"] == sum(len(t) for s in _sites() for t in s.fit_rows)  # every non-test row of the four
+        assert got["sites"] == 4 and "row_count" in learners.REGISTRY and "plugin.row_count" in programs.REGISTRY
+        with pytest.raises(programs.ProgramError, match="no protected-sum program 'plugin.nonesuch'"):
+            programs.get("plugin.nonesuch")
+    finally:
+        learners.REGISTRY.pop("row_count", None)
+        programs.REGISTRY.pop("plugin.row_count", None)
