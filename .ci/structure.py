@@ -29,7 +29,7 @@ from pathlib import Path
 SWITCH = re.compile(r"getattr\((task|task_cls|tasks\.get)\b|isinstance\([^)]*\b(TabularTask|ImagesTask|RawSite|SiteData|"
                     r"PooledTask|FederatedTask)\b")
 HANDLERS = ("train", "query", "evaluate", "personal_query", "sum_query", "vocab_query", "vertical_query",
-            "gather_query")
+            "gather_query", "program_query")
 
 
 def modules(root: Path, package: str) -> dict[str, Path]:

@@ -27,7 +27,6 @@ import functools
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -47,9 +46,9 @@ from core.sites import SITE_KEY, WEIGHT_KEY, site_record_for
 from core.state import JOB_KEY, SiteStore, default_root
 from strategies import heterogeneity, personal
 from strategies.site import SiteRound, StrategySite, model_part
-from tasks.base import SiteData, Split, Task
+from tasks.base import SiteData
 from tasks.metrics import summary_for
-from tasks.training import Penalty, predict, steps_per_epoch
+from tasks.training import Penalty, held_out_scores, predict, steps_per_epoch
 
 #: Every message passes the site's guard first: the run config as data, the site's own policy (app/site_guard.py).
 app = ClientApp(mods=[site_guard.guard])
@@ -175,48 +174,20 @@ def evaluate(msg: Message, context: Context, plan: SitePlan) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _scores(task: Task, model: torch.nn.Module, rows: Split) -> dict[str, float]:
-    scores, loss = predict(model, rows.x, rows.y, kind=task.label_kind)
-    y = rows.y.numpy()
-    out = {"loss": float(loss)}
-    if task.label_kind == "binary":
-        s = summary_for("binary", y, scores, loss)
-        out["accuracy"] = (s["tp"] + s["tn"]) / max(1.0, float(len(y)))
-        if s["auc_weight"] > 0:
-            out["auc"] = s["auc"]
-    elif task.label_kind == "multiclass":
-        out["accuracy"] = float(np.mean(np.argmax(scores, axis=1) == y)) if len(y) else float("nan")
-    return {k: v for k, v in out.items() if np.isfinite(v)}
-
-
 @app.query("fedsilo_personal")
 @site_handler(personal.PersonalError, ValueError, KeyError)
 def personal_query(msg: Message, context: Context, plan: SitePlan) -> Message:
-    """Score the final global model and this site's personal model on its own test rows and on
-    its validation rows (for choosing hyper-parameters without test rows; :mod:`strategies.personal`).
-    The reply holds these summaries only."""
-    cfg, task = plan.cfg, plan.task
+    """The final global model and this site's personal model on its own held-out rows and its validation
+    rows (:func:`strategies.personal.site_scores`); the reply holds these summaries only."""
     site, rows, _ = plan.own_test_rows(msg, context)
     config_rec = msg.content["config"]
     server_round = int(config_rec["server-round"])  # type: ignore[index,call-overload]
-    model = task.build_model()
+    model = plan.task.build_model()
     glob = plan.layers.aggregation.global_state(msg, context, model.state_dict())
-    model.load_state_dict(model_part(glob, model))
-    out: dict[str, float] = {"rows": float(len(rows)), "val_rows": float(len(site.val))}
-    global_test, global_val = _scores(task, model, rows), _scores(task, model, site.val)
-    out.update({f"global/{k}": v for k, v in global_test.items()})
-    out.update({f"val-global/{k}": v for k, v in global_val.items()})
-    seed = seed_for(cfg.seed, server_round, site.site_id)
-    half, rnd = strategy_round(plan, site, context, config_rec, server_round, seed)  # type: ignore[arg-type]
-    own = half.personal_model(glob, model, rnd)
-    test, val = _scores(task, model, rows), _scores(task, model, site.val)
-    if own and cfg.strategy.personal_select and val.get("loss", 0.0) > global_val.get("loss", float("inf")):
-        # the site's own validation rows prefer the global model: it keeps that one (its raw personal scores too)
-        out.update({f"raw-personal/{k}": v for k, v in test.items()})
-        own, test, val = False, global_test, global_val
-    out["personalized"] = float(own)
-    out.update({f"personal/{k}": v for k, v in test.items()})
-    out.update({f"val-personal/{k}": v for k, v in val.items()})
+    half, rnd = strategy_round(plan, site, context, config_rec, server_round,  # type: ignore[arg-type]
+                               seed_for(plan.cfg.seed, server_round, site.site_id))
+    out = personal.site_scores(half, rnd, glob, model, rows, site.val,
+                               functools.partial(held_out_scores, plan.task.label_kind), plan.cfg.strategy.personal_select)
     return Message(RecordDict({"personal": MetricRecord(out),  # type: ignore[arg-type]
                                SITE_KEY: site_record_for(site.site_id, site.name, server_round)}), reply_to=msg)
 

@@ -28,6 +28,7 @@ report and ``fedsilo compare`` show them side by side, per site.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from logging import INFO, WARNING
 from typing import Any
 
@@ -42,6 +43,7 @@ from typing_extensions import override
 from core.sites import SITE_KEY, site_label
 from strategies.fedprox import ProximalTerm
 from strategies.site import SiteRound, StrategySite, model_part
+from tasks.data import Split
 from tasks.training import Penalty
 
 MESSAGE_TYPE = "query.fedsilo_personal"
@@ -200,6 +202,31 @@ def _means(sites: dict[str, Any], part: str | None = None) -> dict[str, dict[str
         rows = [(s[part] if part else s)[which] for s in sites.values()]
         out[which] = {k: float(np.mean([r[k] for r in rows if k in r]))
                       for k in ("accuracy", "auc", "loss") if any(k in r for r in rows)}
+    return out
+
+
+Scores = Callable[[nn.Module, Split], dict[str, float]]
+
+
+def site_scores(half: StrategySite, rnd: SiteRound, glob: dict[str, torch.Tensor], model: nn.Module, rows: Split,
+                val: Split, scores: Scores, select: bool) -> dict[str, float]:
+    """A site's answer to :func:`evaluate_sites`: the final global model and the site's personal model (the
+    strategy's ``personal_model``), each on its own held-out ``rows`` and on its validation rows ``val``
+    (for choosing hyper-parameters without test rows). With ``select`` the site keeps the global model when its
+    validation rows prefer it (its raw personal scores reported too). Summaries only: no row leaves."""
+    model.load_state_dict(model_part(glob, model))
+    out: dict[str, float] = {"rows": float(len(rows)), "val_rows": float(len(val))}
+    global_test, global_val = scores(model, rows), scores(model, val)
+    out.update({f"global/{k}": v for k, v in global_test.items()})
+    out.update({f"val-global/{k}": v for k, v in global_val.items()})
+    own = half.personal_model(glob, model, rnd)
+    test, valid = scores(model, rows), scores(model, val)
+    if own and select and valid.get("loss", 0.0) > global_val.get("loss", float("inf")):
+        out.update({f"raw-personal/{k}": v for k, v in test.items()})
+        own, test, valid = False, global_test, global_val
+    out["personalized"] = float(own)
+    out.update({f"personal/{k}": v for k, v in test.items()})
+    out.update({f"val-personal/{k}": v for k, v in valid.items()})
     return out
 
 

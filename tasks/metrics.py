@@ -199,3 +199,4 @@ def pool_site_summaries(
     out["loss"] = _ratio(sum(s["loss"] * w for s, w in zip(summaries, weights)), total)
     out["num_examples"] = total
     return out
+

@@ -14,6 +14,9 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from tasks.data import Split
+from tasks.metrics import summary_for
+
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 #: An extra term of the local objective, e.g. FedProx's proximal term: model -> scalar.
 Penalty = Callable[[nn.Module], torch.Tensor]
@@ -134,3 +137,18 @@ def predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int 
     else:
         scores = torch.sigmoid(out)
     return scores.numpy().astype(np.float64), float(loss)
+
+
+def held_out_scores(kind: str, model: torch.nn.Module, rows: Split) -> dict[str, float]:
+    """Loss, accuracy and (binary) AUC of ``model`` on ``rows`` of label kind ``kind``; finite values only."""
+    scores, loss = predict(model, rows.x, rows.y, kind=kind)
+    y = rows.y.numpy()
+    out = {"loss": float(loss)}
+    if kind == "binary":
+        s = summary_for("binary", y, scores, loss)
+        out["accuracy"] = (s["tp"] + s["tn"]) / max(1.0, float(len(y)))
+        if s["auc_weight"] > 0:
+            out["auc"] = s["auc"]
+    elif kind == "multiclass":
+        out["accuracy"] = float(np.mean(np.argmax(scores, axis=1) == y)) if len(y) else float("nan")
+    return {k: v for k, v in out.items() if np.isfinite(v)}
