@@ -202,6 +202,8 @@ def main() -> None:
                     help="the checkout whose app/ layer contract is applied (default: this one)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--calls", action="store_true", help="also run a 5-site job to count num_sites calls per round")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 if app/ has an upward import, a cycle or a switch on a concrete task (.ci/checks)")
     args = ap.parse_args()
     out = measure(Path(args.repo), app_layers(Path(args.layers_from)))
     if args.calls:
@@ -215,6 +217,8 @@ def main() -> None:
     for k in ("upward", "cycles", "switches"):
         for item in out[k]:  # type: ignore[attr-defined]
             print(f"  {k}: {item}")
+    if args.check and any(out[k] for k in ("app_upward_imports", "import_cycles", "task_switches")):
+        sys.exit("structure: app/ must have no upward import, no import cycle and no switch on a concrete task")
 
 
 if __name__ == "__main__":
