@@ -265,7 +265,7 @@ def site_config(run_config: dict[str, Any], node_config: Any) -> FedsiloConfig:
     resolvers such as ``oc.env`` would read the site's environment) or set anything but the
     schema's own keys. Outside a simulation, ``data_dir`` is the site's own (node config
     ``data-dir``, else this installation's bundled data), never the coordinator's: the site's
-    data, schema and state paths come from its node config (:func:`app.client_app.load_source`).
+    data, schema and state paths come from its node config (:func:`app.plan.site_plan`).
     """
     from app import site_policy
 

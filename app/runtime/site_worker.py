@@ -11,7 +11,7 @@ executor, which this module is: one process per site that
 - runs each task **in this process** exactly as ``flwr-clientapp`` would (pull the message and
   context, call the ClientApp, push the reply and the context, heartbeats while it works), with
   the libraries imported once and the site's data cached between messages
-  (:func:`app.client_app.load_source`, keyed by the file's size and modification time);
+  (:func:`app.plan.site_plan`, keyed by the file's size and modification time);
 - runs a task only when the run's FAB is this installed fedsilo byte for byte (its FAB hash,
   built as ``flwr run`` builds it, equals the task's). Any other app (another version of fedsilo,
   another Flower app a coordinator submits) gets an error reply naming its hash, and no process:

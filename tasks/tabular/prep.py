@@ -1,6 +1,6 @@
 """Federated preprocessing: each site's statistics, their totals, and the transform every site applies.
 
-Three steps before round 1 (driven by the ServerApp, :mod:`app.federated`):
+Three steps before round 1 (the preprocessing program, :class:`tasks.programs.Preprocessing`):
 
 1. ``vocab`` (only for categorical features whose categories the schema does not list):
    each site sends the *names* of the categories it has; the union, sorted, is every
