@@ -32,7 +32,7 @@ from core.replies import ReplyError, SiteRefusal
 from core.state import default_root
 from privacy.base import SiteLimits
 from tasks import learners, site_file
-from tasks.base import SiteData, SiteSource, Split, Task
+from tasks.base import OpenTotal, SiteData, SiteSource, Split, Task
 from tasks.federated import SchemaMismatch
 from tasks.tabular.schema import SchemaError
 from tasks.tabular.table import SiteInputError
@@ -101,20 +101,21 @@ class SitePlan:
         """The bounds the site's policy sets its privacy mechanism."""
         return site_guard.limits_of(self.policy)
 
+    def _config(self, msg: Message, context: Context) -> tuple[ConfigRecord | None, OpenTotal]:
+        """``msg``'s config and how the site opens the totals it carries (the aggregation option's site half)."""
+        record = msg.content.config_records.get("config")
+        half = self.layers.aggregation
+        return record, lambda key: half.open_total(context, record or ConfigRecord(), key)
+
     def site_data(self, msg: Message, context: Context) -> SiteData:
         """The site's training and validation tensors for ``msg`` (rows kept at the site: transformed by
         the preprocessing its config's totals describe, opened by the aggregation option)."""
-        record = msg.content.config_records.get("config")
-        half = self.layers.aggregation
-        return self.task.site_data(self.source, record, lambda key: half.open_total(context, record or ConfigRecord(), key))
+        return self.task.site_data(self.source, *self._config(msg, context))
 
     def own_test_rows(self, msg: Message, context: Context) -> tuple[SiteData, Split, str]:
         """(the site's data, the held-out rows of its own it scores personal models on, what they are)."""
-        record = msg.content.config_records.get("config")
-        half = self.layers.aggregation
         partition = None if "data-path" in self.node else self.cfg.partition
-        return self.task.own_test_rows(self.source, record, lambda key: half.open_total(context, record or ConfigRecord(), key),
-                                       partition)
+        return self.task.own_test_rows(self.source, *self._config(msg, context), partition)
 
     def env(self, context: Context) -> SiteEnv:
         """What the site halves of aggregation options are told about this site (and its policy's bounds)."""

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from core.config import check
+from core.config import ConfigError, check
 from core.programs import Program, lookup
 from tasks.base import Task
 
@@ -101,9 +101,8 @@ def validate(cfg: LearnerConfig, task: type[Task]) -> None:
     try:
         learner = get(cfg.name)
     except ValueError:
-        check(False, "learner.name", cfg.name, f"one of {sorted(REGISTRY)} (or an installed package's "
-              f"{ENTRY_POINTS!r} entry point)")
-        raise
+        raise ConfigError("learner.name", cfg.name, f"one of {sorted(REGISTRY)} (or an installed package's "
+                          f"{ENTRY_POINTS!r} entry point)") from None
     learner.validate(cfg, task)
 
 
