@@ -192,7 +192,7 @@ def personal_query(msg: Message, context: Context, plan: SitePlan) -> Message:
                                SITE_KEY: site_record_for(site.site_id, site.name, server_round)}), reply_to=msg)
 
 
-@site_handler(ProgramError, ValueError)
+@site_handler(ProgramError, ValueError, KeyError)
 def program_query(msg: Message, context: Context, plan: SitePlan) -> Message:
     """A step of a protected-sum program: this site's share of a sum (preprocessing statistics, test
     metrics, a sum-based learner's statistics) or its public value of a gather step."""

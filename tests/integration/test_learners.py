@@ -139,6 +139,15 @@ def test_the_sites_refuse_a_program_they_do_not_have_and_a_bad_column() -> None:
     assert reply.has_error() and "no numeric column 'patient'" in reply.error.reason
     reply = ask("test.column_moments", "age")  # how often: the policy's statistics.max_sums steps per run, no more
     assert reply.has_error() and reply.error.code == 403 and "statistics.max_sums=2" in reply.error.reason
+    from tasks.tabular.task import TabularTask
+
+    fingerprint = TabularTask(config.compose([*HEART, f"data_dir={DATA_DIR}"]).task, DATA_DIR).fingerprint()
+    out_of_order = ConfigRecord({"id": 1, "what": "spread", "length": 3, "program": "fedsilo.preprocessing",
+                                 "prep-fingerprint": fingerprint})  # a later step before its totals exist
+    fresh = Context(run_id=2, node_id=7, node_config=node, state=RecordDict(), run_config={"overrides": overrides})
+    reply = client_app.app(Message(RecordDict({SUM_REQUEST: out_of_order}), dst_node_id=7,
+                                   message_type="query.fedsilo_sum"), fresh)
+    assert reply.has_error() and reply.error.code == 422 and "prep-moments" in reply.error.reason, reply.error.reason
 
 
 def test_the_learner_group_is_checked_before_anything_runs() -> None:
