@@ -217,6 +217,11 @@ class SumCoordinator(ABC):
         assert result.values is not None
         return result.values
 
+    def decide(self, grid: Grid, nodes: list[int], result: SumResult, content: RecordDict) -> np.ndarray:
+        """A program's decision of a total the coordinator may not read (:attr:`core.programs.Ask.decide`),
+        computed by a site that verifies the total; only an option that seals totals overrides it."""
+        raise RevealFailed(f"{type(self).__name__} seals no total: the coordinator decides itself")
+
     def send(self, grid: Grid, nodes: list[int], content: RecordDict, message_type: str | None = None
              ) -> list[Message]:
         """Send ``content`` to each of ``nodes`` (as ``message_type``) and wait up to the timeout for their replies."""

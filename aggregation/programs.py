@@ -27,7 +27,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from aggregation.base import SUM_REQUEST, RevealFailed, SiteEnv, SiteHalf, SumCoordinator, screen_sum_replies
+from aggregation.base import (
+    SUM_REQUEST,
+    RevealFailed,
+    SiteEnv,
+    SiteHalf,
+    SumCoordinator,
+    SumResult,
+    screen_sum_replies,
+)
 from core import programs
 from core.programs import Ask, Gather, Gathered, PolicyRefusal, Program, ProgramError, SiteCall, Total
 
@@ -60,12 +68,15 @@ class ProgramRunner:
     def _answer(self, program: Program, step: Ask | Gather) -> Total | Gathered:
         if isinstance(step, Gather):
             return self._gather(program, step)
-        result = self.summer.collect(self.grid, self.nodes, self.request(program, step), step.length, self.sum_id)
+        content = self.request(program, step)
+        result = self.summer.collect(self.grid, self.nodes, content, step.length, self.sum_id)
         if step.keep is not None:
             kept = ConfigRecord()
             result.put(kept, step.keep)
             program.state.update(dict(kept.items()))
         values = result.values
+        if step.decide:
+            return Total(result.sites, self._decide(program, step, result, content), list(result.rejected))
         if step.reveal and result.sites > 0:
             try:
                 values = self.summer.reveal(self.grid, self.nodes, result)
@@ -73,6 +84,20 @@ class ProgramRunner:
                 log(WARNING, "fedsilo %s (%s): total not revealed: %s", program.name, step.step, err)
                 values = None
         return Total(result.sites, values, list(result.rejected))
+
+    def _decide(self, program: Program, step: Ask, result: SumResult, content: RecordDict) -> np.ndarray | None:
+        """The program's decision of the total: computed here where the total is readable, else by a key
+        holder from the total it verifies (None, with a warning, if none would)."""
+        if result.sites == 0:
+            return None
+        if result.values is not None:
+            return np.asarray(type(program).decision(step.step, result.values, dict(content[SUM_REQUEST].items())),
+                              dtype=np.float64)
+        try:
+            return self.summer.decide(self.grid, self.nodes, result, content)
+        except RevealFailed as err:
+            log(WARNING, "fedsilo %s (%s): no site decided the total: %s", program.name, step.step, err)
+            return None
 
     def _gather(self, program: Program, step: Gather) -> Gathered:
         rec = ConfigRecord({"what": step.step, **program.state, **step.params, "program": program.name})

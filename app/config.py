@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import aggregation
+import boosting  # noqa: F401  (registers learner=gbdt and its program, at the coordinator and the sites)
 import privacy
 import strategies
 import tasks

@@ -162,9 +162,12 @@ def fit_by_sums(grid: MeteredGrid, plan: RunPlan) -> dict[str, Any]:
     t0 = time.monotonic()
     run = runner(grid, plan)
     outcome = run.run(learner.program(plan.task, dict(cfg.learner.options)))
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    files = learner.save(outcome, plan.out_dir)
     payload = {"kind": "learner", "config": config.to_dict(cfg), "sites": plan.num_sites, "run_id": plan.run_id,
                "status": "completed", "overrides": plan.overrides,
-               "learner": {"name": learner.name, "coordinator_learns": run.summer.learns, **learner.results(outcome)},
+               "learner": {"name": learner.name, "coordinator_learns": run.summer.learns, **learner.results(outcome),
+                           "files": files},
                "timing": {"total_seconds": time.monotonic() - t0}, "traffic": grid.take().as_dict()}
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(plan.out_dir / RESULTS_FILE, payload)

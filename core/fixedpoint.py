@@ -114,4 +114,6 @@ class Encoding:
 
 STATS = Encoding(40, 100)
 COUNTS = Encoding(0, 48)
-ENCODINGS = (STATS, COUNTS)
+#: sums of multiples of 2^-24 (histogram trees' gradients: :mod:`boosting.trees`), magnitudes below 2^35
+HISTOGRAMS = Encoding(24, 60)
+ENCODINGS = (STATS, COUNTS, HISTOGRAMS)

@@ -46,7 +46,10 @@ class Ask:
     state key the total is kept under for later steps and messages; ``reveal`` asks for the total
     in the clear at the coordinator (Paillier: one key-holding site reveals it, for metrics only);
     ``arrays`` is a model the sites need for this step (e.g. to score it), sent in the form the
-    aggregation option gives the sites.
+    aggregation option gives the sites. ``decide`` asks not for the total but for the program's
+    :meth:`Program.decision` of it (a split, a bin edge): where the coordinator may read the total
+    it computes the decision itself; under Paillier one key-holding site computes it from the total
+    it recomputes and verifies, and the coordinator learns the decision only.
     """
 
     step: str
@@ -56,6 +59,7 @@ class Ask:
     keep: str | None = None
     reveal: bool = False
     arrays: Any = None
+    decide: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,18 @@ class Program(ABC):
         """The site half of ``step``: this site's vector (a :class:`Gather` step: its public value).
 
         A class method: it may read only ``call`` (the coordinator's instance never reaches a site)."""
+
+    #: the steps whose totals are asked with ``decide=True`` (a key holder computes only these)
+    decisions: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def decision(cls, step: str, total: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+        """What the coordinator learns of ``step``'s total (a step in :attr:`decisions`): a pure function of the
+        total and the request's public ``params`` (the program's state and the step's parameters).
+
+        Under Paillier a key-holding site runs it on a total it has verified to hold at least its policy's
+        number of sites, once per sum: the coordinator learns at most this function of one such total."""
+        raise ProgramError(f"{cls.name} decides nothing of a {step!r} total")
 
 
 #: name -> program class (the coordinator instantiates it; a site calls its :meth:`Program.site`)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from core.config import ConfigError, check
@@ -70,6 +71,10 @@ class SumLearner(Learner):
     def results(self, outcome: Any) -> dict[str, Any]:
         """The ``learner`` section of results.json from the program's outcome (JSON values)."""
         return dict(outcome) if isinstance(outcome, Mapping) else {"outcome": outcome}
+
+    def save(self, outcome: Any, folder: Path) -> dict[str, str]:
+        """Write the fitted model's files into the run's ``folder``; their paths by kind (none by default)."""
+        return {}
 
 
 REGISTRY: dict[str, Learner] = {}

@@ -31,12 +31,15 @@ from aggregation.paillier.sums import (
     check_reveal,
     contribution_key,
     contribution_mac,
+    decided_request,
     decrypt_values,
     request_digest,
     site_decrypt,
     site_encrypt,
 )
+from core import programs
 from core.fixedpoint import STATS, Encoding
+from core.programs import ProgramError
 
 _OPENED: dict[str, np.ndarray] = {}
 _SUMS = "paillier-sums"  # context.state: the sum contents this site contributed to and the sums it revealed
@@ -141,15 +144,23 @@ class PaillierSite(SiteHalf):
         private, _ = pai.site_key(context, self.cfg.keypair, self.cfg.obfuscators)
         seen = _ledger(context)
         revealed = [int(v) for v in seen.get("revealed", [])]  # type: ignore[union-attr]
+        request = decided_request(rec)
         try:
+            program = None if request is None else programs.get(str(request.get("program", "")))
             columns, sum_id = check_reveal(rec, contribution_key(private.p, private.q), context.run_id,
-                                           env.min_sites, revealed)
-        except SumRefused as err:
+                                           env.min_sites, revealed, frozenset() if program is None else program.decisions)
+        except (SumRefused, ProgramError) as err:
             return Message(Error(code=int(ReplyError.POLICY), reason=f"{env.name}: {err}"), reply_to=msg)
         seen["revealed"] = [*revealed, sum_id]
         packer = self._sum_packer(private, Encoding.from_record(rec))
         total = add_ciphertexts(private.public_key, columns)  # the total this site recomputed itself
         values = decrypt_values([int(c) for c in total], int(rec["length"]), packer, private)  # type: ignore[call-overload]
+        if program is not None and request is not None:  # only the program's decision of the verified total leaves
+            try:
+                values = np.asarray(program.decision(str(request["what"]), values, dict(request.items())), dtype=np.float64)
+            except (ProgramError, ValueError, KeyError) as err:
+                return Message(Error(code=int(ReplyError.POLICY), reason=f"{env.name}: no decision: {err}"),
+                               reply_to=msg)
         return Message(RecordDict({REVEAL_KEY: ConfigRecord({"values": [float(v) for v in values]})}), reply_to=msg)
 
     def _decrypt_slice(self, msg: Message, context: Context, env: SiteEnv) -> Message:

@@ -57,6 +57,8 @@ REPLY_KEY = "fedsilo-sum-ct"
 PARTICIPANTS = "participants"
 REVEAL_MESSAGE = "query.paillier_reveal"
 REVEAL_KEY = "fedsilo-reveal"
+#: a decision's reveal request carries the sum request's entries under this prefix
+REQUEST_PREFIX = "request."
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,18 @@ class SumRefused(ValueError):
     """A sum request or a reveal a site will not answer (see the module docstring); names why, never data."""
 
 
-def check_reveal(rec: ConfigRecord, key: bytes, run: int, min_sites: int, revealed: list[int]) -> tuple[list[list[int]], int]:
-    """The contributions of a reveal request, each verified (module docstring); (their ciphertexts, the sum id)."""
+def decided_request(rec: ConfigRecord) -> ConfigRecord | None:
+    """The sum request a decision's reveal request carries (None: a plain reveal)."""
+    entries = {k[len(REQUEST_PREFIX):]: v for k, v in rec.items() if k.startswith(REQUEST_PREFIX)}
+    return ConfigRecord(entries) if entries else None  # type: ignore[arg-type]
+
+
+def check_reveal(rec: ConfigRecord, key: bytes, run: int, min_sites: int, revealed: list[int],
+                 decisions: frozenset[str] = frozenset()) -> tuple[list[list[int]], int]:
+    """The contributions of a reveal request, each verified (module docstring); (their ciphertexts, the sum id).
+
+    ``decisions``: the steps whose totals this request may have decided (the program's, when the request
+    carries its sum request, checked against the digest the contributions' MACs cover)."""
     try:
         sum_id, what, length, digest = int(rec["sum"]), str(rec["what"]), int(rec["length"]), str(rec["digest"])
         participants = [int(v) for v in rec[PARTICIPANTS]]  # type: ignore[union-attr]
@@ -149,7 +161,14 @@ def check_reveal(rec: ConfigRecord, key: bytes, run: int, min_sites: int, reveal
         count = int(rec["count"])
     except (KeyError, TypeError, ValueError) as err:
         raise SumRefused(f"a malformed reveal request ({type(err).__name__}: {err})") from None
-    if what != "evaluate":
+    request = decided_request(rec)
+    if request is not None:
+        if what not in decisions or str(request.get("what")) != what or int(request.get("id", -1)) != sum_id:  # type: ignore[call-overload]
+            raise SumRefused(f"a decision of a {what!r} sum its program does not decide")
+        if request_digest(RecordDict({SUM_REQUEST: request})) != digest:
+            raise SumRefused(f"the sum request sent with the decision of sum {sum_id} is not the one its "
+                             "contributions were made for")
+    elif what != "evaluate":
         raise SumRefused(f"a reveal of a {what!r} sum: only pooled test metrics are ever decrypted for the coordinator")
     if sum_id in revealed:
         raise SumRefused(f"sum {sum_id} was revealed by this site already; it decrypts each sum once")
@@ -233,14 +252,27 @@ class PaillierSum(SumCoordinator):
     def reveal(self, grid: Grid, nodes: list[int], result: SumResult) -> np.ndarray:
         """Ask the key holders, one at a time, to recompute and decrypt the total from the authenticated
         contributions (never a single site's vector; module docstring)."""
-        length = int(result.length)
+        return self._ask_key_holders(grid, nodes, result, {}, int(result.length))
+
+    @override
+    def decide(self, grid: Grid, nodes: list[int], result: SumResult, content: RecordDict) -> np.ndarray:
+        """Ask the key holders, one at a time, for the program's decision of the total: the reveal request
+        carries the sum request itself, which the key holder checks against the digest every contribution's
+        MAC covers, so the decision is computed with the parameters that were summed for."""
+        if "arrays" in content:
+            raise RevealFailed("a decision of a sum whose request carried a model")
+        request = {REQUEST_PREFIX + k: v for k, v in content.config_records[SUM_REQUEST].items() if k != PARTICIPANTS}
+        return self._ask_key_holders(grid, nodes, result, request, None)
+
+    def _ask_key_holders(self, grid: Grid, nodes: list[int], result: SumResult, extra: dict[str, Any],
+                         length: int | None) -> np.ndarray:
         for node in nodes:
             request = RecordDict({REVEAL_KEY: ConfigRecord({**(result.contributions or {}),
-                                                            **result.encoding.to_record()})})
+                                                            **result.encoding.to_record(), **extra})})
             replies = self.send(grid, [node], request, REVEAL_MESSAGE)
             for msg in replies:
                 rec = None if msg.has_error() else msg.content.config_records.get(REVEAL_KEY)
-                if rec is not None and "values" in rec and len(rec["values"]) == length:  # type: ignore[arg-type]
+                if rec is not None and "values" in rec and (length is None or len(rec["values"]) == length):  # type: ignore[arg-type]
                     return np.asarray(rec["values"], dtype=np.float64)
                 log(WARNING, "fedsilo: site %s did not decrypt the totals: %s", node,
                     msg.error.reason if msg.has_error() else "malformed reply")

@@ -1,0 +1,53 @@
+"""The same program fitted on rows in one process: the pooled reference of the federated fit.
+
+:func:`fit` drives :class:`~boosting.program.GbdtProgram` with every step answered here: each
+site's vector from its site half, summed through the same fixed-point encoding the aggregation
+options use, and each decision by the same :meth:`~boosting.program.GbdtProgram.decision`.
+Given one site holding every row it is the pooled fit the federated one must equal, tree for tree
+(``tests/integration/test_gbdt.py``); benchmarks use it as the "same trainer on pooled rows".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from boosting.program import GbdtProgram, Outcome
+from core import programs
+from core.fixedpoint import Encoding
+from core.programs import Ask, Gather, Gathered, SiteCall, Total
+
+
+def fit(program: GbdtProgram, sites: list[Any], policy: Any) -> Outcome:
+    """``program`` run over ``sites`` (each a site's data as its task keeps them), in this process."""
+    task = program.task
+
+    def answer(step: Ask | Gather) -> Total | Gathered:
+        if isinstance(step, Gather):
+            params = {"what": step.step, **program.state, **step.params, "program": program.name}
+            calls = [SiteCall(d, task, params, _no_total, _no_model, policy) for d in sites]
+            return Gathered([program.site(step.step, c) for c in calls])
+        enc: Encoding = step.encoding
+        params = {"what": step.step, "length": step.length, **program.state, **step.params, **enc.to_record(),
+                  "program": program.name}
+        ints = [0] * step.length
+        for d in sites:
+            v = np.asarray(program.site(step.step, SiteCall(d, task, params, _no_total, _no_model, policy)))
+            ints = enc.add(ints, enc.encode(v))
+        total = enc.decode(ints)
+        if step.decide:
+            return Total(len(sites), np.asarray(GbdtProgram.decision(step.step, total, params), dtype=np.float64))
+        return Total(len(sites), total)
+
+    return programs.drive(program, answer)
+
+
+def _no_total(key: str) -> np.ndarray:
+    raise KeyError(f"no kept total {key!r} in a pooled fit")
+
+
+def _no_model(template: dict[str, Any]) -> dict[str, Any]:
+    raise KeyError("no model in a pooled fit")
+
+

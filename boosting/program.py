@@ -1,0 +1,531 @@
+"""Horizontal histogram boosting as one protected-sum program: both halves.
+
+The coordinator half (:meth:`GbdtProgram.run`) asks, in order:
+
+1. ``vocab`` (``task=tabular`` with categories left to discovery): the names, as preprocessing does;
+2. ``range``: per feature, the count of values in each signed power-of-two bucket (and the label's
+   counts or sum): decided into each feature's grid range (the buckets holding the 0.5 % and
+   99.5 % quantiles: a range of powers of two, never a value) and the base margin;
+3. ``grid``: per feature, the count of values in each of ``grid_cells`` cells of that range:
+   decided into at most ``max_bin - 1`` cut points near the pooled quantiles (grid boundaries, never
+   a site's value);
+4. per boosting round, per tree level, ``level``: every site's gradient and hessian histograms of
+   the open nodes (one tree per class): decided into each node's split and leaf values; then
+   ``evaluate`` on the validation rows: the pooled validation loss, for early stopping;
+5. ``evaluate`` on the sites' own test rows (``task=tabular``): the pooled test metrics.
+
+Every total is of integers or of multiples of ``2^-24`` (:mod:`boosting.trees`), so
+it is exact, the same under every aggregation option and whatever the sites' split of the rows:
+:func:`boosting.pooled.fit` (this program on one site holding all rows) grows the same trees.
+``range``, ``grid`` and ``level`` are decisions (:attr:`core.programs.Ask.decide`): with plain or
+secure aggregation the coordinator reads the totals and decides; under Paillier a key-holding site
+verifies the total (every contribution authenticated, at least its ``aggregation.min_sites`` sites)
+and returns only the decision.
+
+The site half is a pure function of the site's rows, the options and the model the request
+carries (finished trees and the trees being grown, bytes); it checks its policy's
+``statistics.min_rows`` before every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import zlib
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING, getLogger
+from typing import Any, ClassVar
+
+import numpy as np
+from typing_extensions import override
+
+from boosting import data as gdata
+from boosting.model import Ensemble
+from boosting.options import GbdtOptions
+from boosting.trees import BITS, SplitRule, Tree, best_split, bin_matrix, cuts_from_counts, gradients, loss_sum, quantize
+from core.fixedpoint import COUNTS, HISTOGRAMS
+from core.programs import Ask, Gather, PolicyRefusal, Program, ProgramError, SiteCall, Total
+from tasks.base import PooledTask, Task
+from tasks.federated import FederatedTask
+from tasks.metrics import binary_metrics
+from tasks.tabular.task import TabularTask
+
+LOG = getLogger("flwr")
+
+EXPONENTS = 32                        # power-of-two buckets 2^-32 .. 2^31 on each side of zero
+BUCKETS = 2 * (2 * EXPONENTS) + 2     # negative buckets, zero, positive buckets, missing
+QUANTILE = 0.005                      # the grid spans the buckets of the 0.5 % and 99.5 % quantiles
+DECISION = 10                         # values per open node a level decision returns
+MAX_MODEL_BYTES = 64 << 20            # the largest model (decompressed) a site reads from a request
+
+
+# ---- the model in a request ------------------------------------------------------------------------
+def encode_trees(trees: list[Tree]) -> bytes:
+    """Trees as the bytes a request carries (what a site needs to score them)."""
+    rows = [[t.left, t.right, t.feature, t.split_bin, [int(b) for b in t.default_left], t.value, t.depth] for t in trees]
+    return zlib.compress(json.dumps(rows, separators=(",", ":")).encode(), 6)
+
+
+def decode_trees(blob: Any, features: int) -> list[Tree]:
+    """The trees of :func:`encode_trees`, checked (a request is data from the coordinator, never trusted)."""
+    if not isinstance(blob, bytes):
+        raise ProgramError("a gbdt request whose model is not bytes")
+    try:
+        d = zlib.decompressobj()
+        raw = d.decompress(blob, MAX_MODEL_BYTES)
+        if d.unconsumed_tail:
+            raise ProgramError(f"a gbdt model of more than {MAX_MODEL_BYTES} bytes")
+        rows = json.loads(raw)
+        trees = []
+        for left, right, feature, split_bin, dl, value, depth in rows:
+            t = Tree.from_dict({"left": left, "right": right, "feature": feature, "split_bin": split_bin,
+                                "threshold": [0.0] * len(left), "default_left": [bool(b) for b in dl],
+                                "value": [float(v) for v in value], "gain": [0.0] * len(left),
+                                "cover": [0.0] * len(left), "depth": depth})
+            if any(not 0 <= f < max(features, 1) for f in t.feature) or not all(np.isfinite(t.value)):
+                raise ProgramError("a gbdt model naming a feature this site does not have, or a value not finite")
+            trees.append(t)
+        return trees
+    except (ValueError, TypeError, zlib.error) as err:
+        raise ProgramError(f"a malformed gbdt model ({type(err).__name__})") from None
+
+
+# ---- what the site computes -----------------------------------------------------------------------
+@dataclass
+class SiteView:
+    """The site's rows binned for the request's options and cuts (cached per data and state)."""
+
+    train: gdata.Rows
+    val: gdata.Rows
+    test: gdata.Rows | None
+    margins: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (split, model digest) -> margins
+
+
+_VIEWS: dict[tuple[int, str], SiteView] = {}
+
+
+def _view(call: SiteCall) -> SiteView:
+    vocab = json.loads(str(call.params.get("gbdt-vocab", "{}")))
+    key = (id(call.data), hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest())
+    if key not in _VIEWS:
+        if len(_VIEWS) > 64:
+            _VIEWS.clear()
+        train, val, test = gdata.site_rows(call.task, call.data, vocab)
+        _VIEWS[key] = SiteView(train, val, test)
+    return _VIEWS[key]
+
+
+def _options(params: Mapping[str, Any]) -> GbdtOptions:
+    return GbdtOptions.from_json(str(params.get("gbdt-options", "{}")))
+
+
+def _cuts(params: Mapping[str, Any], features: int, max_bin: int) -> list[np.ndarray]:
+    raw = json.loads(str(params.get("gbdt-cuts", "null")))
+    if not isinstance(raw, list) or len(raw) != features:
+        raise ProgramError(f"a gbdt request whose cut points are not {features} lists")
+    cuts = [np.asarray(c, dtype=np.float64) for c in raw]
+    if any(c.ndim != 1 or c.size >= max_bin or not np.all(np.diff(c) > 0) or not np.all(np.isfinite(c)) for c in cuts):
+        raise ProgramError("a gbdt request whose cut points are not increasing, finite, fewer than max_bin")
+    return cuts
+
+
+def bucket_of(x: np.ndarray) -> np.ndarray:
+    """Each value's signed power-of-two bucket (0 .. BUCKETS - 2; missing: BUCKETS - 1)."""
+    out = np.full(x.shape, BUCKETS - 1, dtype=np.int64)
+    present = ~np.isnan(x)
+    v = x[present]
+    e = np.clip(np.floor(np.log2(np.maximum(np.abs(v), 2.0 ** -EXPONENTS))), -EXPONENTS, EXPONENTS - 1).astype(np.int64)
+    pos = 2 * EXPONENTS + 1 + (e + EXPONENTS)        # positive: after the zero bucket
+    neg = 2 * EXPONENTS - 1 - (e + EXPONENTS)        # negative: mirrored below it
+    zero = np.abs(v) < 2.0 ** -EXPONENTS
+    out[present] = np.where(zero, 2 * EXPONENTS, np.where(v > 0, pos, neg))
+    return out
+
+
+def bucket_bounds(b: int) -> tuple[float, float]:
+    """The value range ``[lo, hi)`` of bucket ``b``."""
+    if b == 2 * EXPONENTS:
+        return -(2.0 ** -EXPONENTS), 2.0 ** -EXPONENTS
+    if b > 2 * EXPONENTS:
+        e = b - (2 * EXPONENTS + 1) - EXPONENTS
+        return 2.0 ** e, 2.0 ** (e + 1)
+    e = (2 * EXPONENTS - 1 - b) - EXPONENTS
+    return -(2.0 ** (e + 1)), -(2.0 ** e)
+
+
+def cell_bounds(lo: float, hi: float, cells: int) -> np.ndarray:
+    """The ``cells - 1`` inner boundaries of the fine grid over ``[lo, hi)``, as float32 values."""
+    return np.unique(np.asarray(lo + (hi - lo) * np.arange(1, cells) / cells, dtype=np.float32).astype(np.float64))
+
+
+def label_stats(objective: str, y: np.ndarray, classes: int, bits: int) -> np.ndarray:
+    """Rows and the label's counts (classification) or quantized sum (regression)."""
+    if objective == "multiclass":
+        return np.concatenate([[len(y)], np.bincount(y.astype(np.int64), minlength=classes)[:classes]])
+    if objective == "binary":
+        return np.array([len(y), float(np.sum(y))])
+    return np.array([len(y), float(np.sum(quantize(y, bits)))])
+
+
+def base_margins(objective: str, stats: np.ndarray, classes: int) -> np.ndarray:
+    """The base margin per output from the pooled label statistics."""
+    n = max(float(stats[0]), 1.0)
+    if objective == "binary":
+        p = min(max(float(stats[1]) / n, 1e-6), 1 - 1e-6)
+        return np.array([np.log(p / (1 - p))])
+    if objective == "regression":
+        return np.array([float(stats[1]) / n])
+    prior = np.maximum(stats[1:1 + classes] / n, 1e-6)
+    return np.log(prior / prior.sum())
+
+
+def _margins(view: SiteView, split: str, rows: gdata.Rows, params: Mapping[str, Any], trees: list[Tree],
+             cuts: list[np.ndarray], base: np.ndarray, classes: int) -> np.ndarray:
+    """The model's margins on ``rows`` (rows x outputs), from the last margins cached for a prefix of the trees."""
+    bins = bin_matrix(rows.x, cuts)
+    blob = bytes(params.get("gbdt-model", b"")) if isinstance(params.get("gbdt-model"), bytes) else b""
+    key = (split, hashlib.sha256(blob + base.tobytes() + json.dumps([c.tolist() for c in cuts]).encode()).hexdigest())
+    if key in view.margins:
+        return view.margins[key]
+    prev = str(params.get("gbdt-previous", ""))
+    start, margins = 0, np.tile(base, (len(rows), 1))
+    if (split, prev) in view.margins and 0 <= int(params.get("gbdt-previous-trees", -1)) <= len(trees):  # type: ignore[call-overload]
+        start, margins = int(params["gbdt-previous-trees"]), view.margins[(split, prev)].copy()  # type: ignore[call-overload]
+    for i in range(start, len(trees)):
+        t = trees[i]
+        margins[:, i % classes] += np.asarray(t.value)[t.leaf_of_bins(bins)]
+    if len(view.margins) > 16:
+        view.margins.clear()
+    view.margins[key] = margins
+    return margins
+
+
+def model_digest(params: Mapping[str, Any]) -> str:
+    """The digest a site caches the margins of a request's model under (see :func:`_margins`)."""
+    blob = params.get("gbdt-model", b"")
+    base = np.asarray(json.loads(str(params.get("gbdt-base", "[]"))), dtype=np.float64)
+    cuts = [np.asarray(c, dtype=np.float64) for c in json.loads(str(params.get("gbdt-cuts", "[]")))]
+    return hashlib.sha256(bytes(blob) + base.tobytes() + json.dumps([c.tolist() for c in cuts]).encode()).hexdigest()
+
+
+@dataclass
+class Outcome:
+    """What the program returns: the model and how it was reached."""
+
+    trees: list[Tree]
+    base: list[float]
+    cuts: list[list[float]]
+    names: list[str]
+    objective: str
+    classes: int
+    options: GbdtOptions
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_round: int = 0
+    sites: int = 0
+    sums: int = 0
+    test: dict[str, float] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    seconds_per_round: float = 0.0
+    vocab: dict[str, list[str]] = field(default_factory=dict)
+    stopped: str = ""
+
+    def ensemble(self) -> Ensemble:
+        """The fitted model."""
+        return Ensemble(self.trees, self.base, self.cuts, self.names, self.objective, self.classes)
+
+
+@dataclass
+class GbdtProgram(Program):
+    """``learner=gbdt``: the program (module docstring)."""
+
+    name: ClassVar[str] = "fedsilo.gbdt"
+    decisions: ClassVar[frozenset[str]] = frozenset({"range", "grid", "level"})
+
+    task: Task
+    options: GbdtOptions
+    test_bins: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    # ---- coordinator half ----
+    def _note(self, total: Total, step: str, out: Outcome) -> None:
+        for node, reason in total.rejected:
+            out.rejected.append({"node": node, "step": step, "reason": reason})
+            LOG.log(WARNING, "fedsilo gbdt (%s): site %s left out: %s", step, node, reason)
+
+    @override
+    def run(self) -> Generator[Ask | Gather, Any, Outcome]:
+        """Sketch, then rounds of level-wise growth with early stopping, then the pooled test metrics."""
+        o, task = self.options, self.task
+        objective = gdata.objective_of(task) if o.objective == "auto" else o.objective
+        classes = gdata.classes_of(task) if objective == "multiclass" else 1
+        self.state.update({"gbdt-options": o.to_json(), "gbdt-objective": objective, "gbdt-classes": classes})
+        if isinstance(task, FederatedTask):
+            self.state["prep-fingerprint"] = task.fingerprint()
+        vocab: dict[str, list[str]] = {}
+        if isinstance(task, TabularTask) and task.discovers():
+            got = yield Gather("vocab")
+            vocab = task.merge_vocab([json.loads(str(v)) for v in got.values])
+        self.state["gbdt-vocab"] = json.dumps(vocab, sort_keys=True)
+        names = gdata.feature_names(task, vocab)
+        F = len(names)
+        self.state["gbdt-features"] = F
+        out = Outcome([], [], [], names, objective, classes, o, vocab=vocab)
+        # 2. the grid's range per feature, and the base margin
+        label_len = 1 + (classes if objective == "multiclass" else 1)
+        rng_total: Total = yield Ask("range", label_len + F * BUCKETS, encoding=HISTOGRAMS, decide=True)
+        self._note(rng_total, "range", out)
+        if rng_total.values is None:
+            raise RuntimeError(f"no site contributed to the bin ranges; reasons: {[r for _, r in rng_total.rejected][:3]}")
+        base = rng_total.values[:classes]
+        self.state["gbdt-ranges"] = json.dumps(rng_total.values[classes:].tolist())
+        self.state["gbdt-base"] = json.dumps(base.tolist())
+        # 3. cut points from the pooled fine histograms
+        grid_total: Total = yield Ask("grid", F * o.grid_cells, encoding=COUNTS, decide=True)
+        self._note(grid_total, "grid", out)
+        if grid_total.values is None:
+            raise RuntimeError("no site contributed to the bin edges")
+        cuts = unpack_cuts(grid_total.values, F, o.max_bin)
+        self.state["gbdt-cuts"] = json.dumps([c.tolist() for c in cuts])
+        out.base, out.cuts, out.sites = base.tolist(), [c.tolist() for c in cuts], rng_total.sites
+        trees: list[Tree] = []
+        best, best_loss, t0 = 0, float("inf"), time.monotonic()
+        self.state["gbdt-model"] = encode_trees([])
+        rng = np.random.default_rng([o.seed, 36])
+        for rnd in range(o.trees):
+            allowed = np.arange(F) if o.colsample_bytree >= 1 else np.sort(
+                rng.choice(F, size=max(1, int(round(o.colsample_bytree * F))), replace=False))
+            grow = [Tree() for _ in range(classes)]
+            open_nodes: list[list[int]] = [[0] for _ in range(classes)]
+            for depth in range(o.max_depth):
+                if not any(open_nodes):
+                    break
+                self.state["gbdt-grow"] = encode_trees(grow)
+                params: dict[str, int | str] = {"round": rnd, "open": json.dumps(open_nodes),
+                                                "allowed": json.dumps(allowed.tolist())}
+                count = sum(len(n) for n in open_nodes)
+                total: Total = yield Ask("level", count * 2 * F * (o.max_bin + 1), params, HISTOGRAMS, decide=True)
+                self._note(total, "level", out)
+                if total.values is None:
+                    raise RuntimeError(f"round {rnd}, depth {depth}: no total of the histograms (every site left out, "
+                                       "or no key holder decided it)")
+                decided = total.values.reshape(count, DECISION)
+                nxt: list[list[int]] = [[] for _ in range(classes)]
+                i = 0
+                for k in range(classes):
+                    for node in open_nodes[k]:
+                        f, j, dl, gain, v_self, v_l, v_r, h_self, h_l, h_r = decided[i]
+                        i += 1
+                        tree = grow[k]
+                        if depth == 0:
+                            tree.value[0] = tree.threshold[0] = float(v_self)
+                            tree.cover[0] = float(h_self)
+                        if f < 0:
+                            continue
+                        left, right = tree.add_children(node, int(f), int(j), float(cuts[int(f)][int(j) - 1]),
+                                                        bool(dl), float(gain), (float(v_l), float(v_r)),
+                                                        (float(h_l), float(h_r)))
+                        if depth + 1 < o.max_depth:
+                            nxt[k] += [left, right]
+                open_nodes = nxt
+            trees += grow
+            self.state["gbdt-previous"] = model_digest(self.state)
+            self.state["gbdt-previous-trees"] = len(trees) - classes
+            self.state["gbdt-model"] = encode_trees(trees)
+            self.state.pop("gbdt-grow", None)
+            val: Total = yield Ask("evaluate", 2, {"rows": "val"}, HISTOGRAMS, reveal=True)
+            self._note(val, "evaluate", out)
+            loss = float(val.values[0] / val.values[1]) if val.values is not None and val.values[1] > 0 else float("nan")
+            out.history.append({"round": rnd + 1, "val_loss": loss, "sites": float(val.sites)})
+            if loss < best_loss - 1e-12:
+                best, best_loss = rnd + 1, loss
+            if o.early_stopping and rnd + 1 - best >= o.early_stopping:
+                out.stopped = f"no lower validation loss in {o.early_stopping} rounds"
+                break
+            if np.isnan(loss) and o.early_stopping:
+                LOG.log(WARNING, "fedsilo gbdt: round %s has no pooled validation loss", rnd + 1)
+        out.seconds_per_round = (time.monotonic() - t0) / max(len(out.history), 1)
+        best = best or len(out.history)
+        out.best_round = best
+        out.trees = trees[:best * classes]
+        out.stopped = out.stopped or f"{o.trees} rounds"
+        LOG.log(INFO, "fedsilo gbdt: %s rounds grown, the best (pooled validation loss %.5f) after %s", len(out.history),
+                best_loss, best)
+        if isinstance(task, FederatedTask):
+            self.state["gbdt-model"] = encode_trees(out.trees)
+            self.state.pop("gbdt-previous", None)
+            self.state.pop("gbdt-previous-trees", None)
+            spec = task.eval_spec(self.test_bins)
+            test: Total = yield Ask("evaluate", spec.size, {"rows": "test", "bins": spec.bins}, spec.encoding,
+                                    reveal=True)
+            self._note(test, "test", out)
+            if test.values is not None and test.sites > 0:
+                out.test = {**spec.metrics(test.values), "test_sites": float(test.sites)}
+        elif isinstance(task, PooledTask):  # a bundled task's test set is the coordinator's (as for learner=torch)
+            split = task.data().test
+            ens = out.ensemble()
+            m = ens.margins(split.x.numpy().astype(np.float64))
+            y = split.y.numpy().astype(np.float64)
+            out.test = binary_metrics(y, 1.0 / (1.0 + np.exp(-m[:, 0])), loss_sum("binary", y, m) / max(len(y), 1))
+        return out
+
+    # ---- decisions (the coordinator's, or a key holder's under Paillier) ----
+    @classmethod
+    @override
+    def decision(cls, step: str, total: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+        """``range``: base margins and each feature's grid range; ``grid``: cut points; ``level``: splits."""
+        o = _options(params)
+        F, classes = int(params["gbdt-features"]), int(params["gbdt-classes"])
+        objective = str(params["gbdt-objective"])
+        if step == "range":
+            label_len = 1 + (classes if objective == "multiclass" else 1)
+            base = base_margins(objective, total[:label_len], classes)
+            counts = total[label_len:].reshape(F, BUCKETS)[:, :-1]  # missing values do not place the grid
+            spans: list[float] = []
+            for f in range(F):
+                n = counts[f].sum()
+                if n <= 0:
+                    spans += [0.0, 1.0]
+                    continue
+                cum = np.cumsum(counts[f])
+                lo_b = int(np.searchsorted(cum, QUANTILE * n, side="left"))
+                hi_b = int(np.searchsorted(cum, (1 - QUANTILE) * n, side="left"))
+                lo, hi = bucket_bounds(lo_b)[0], bucket_bounds(hi_b)[1]
+                spans += [lo, hi]
+            return np.concatenate([base, spans])
+        if step == "grid":
+            ranges = np.asarray(json.loads(str(params["gbdt-ranges"])), dtype=np.float64).reshape(F, 2)
+            counts = total.reshape(F, o.grid_cells)
+            out = np.zeros((F, o.max_bin))
+            for f in range(F):
+                bounds = cell_bounds(ranges[f, 0], ranges[f, 1], o.grid_cells)
+                c = cuts_from_counts(counts[f, :len(bounds) + 1], bounds, o.max_bin)
+                out[f, 0] = c.size
+                out[f, 1:1 + c.size] = c
+            return out.ravel()
+        if step == "level":
+            cuts = [len(c) for c in json.loads(str(params["gbdt-cuts"]))]
+            allowed = np.asarray(json.loads(str(params["allowed"])), dtype=np.int64)
+            count = sum(len(n) for n in json.loads(str(params["open"])))
+            S = o.max_bin + 1
+            hist = total.reshape(count, 2, F, S)
+            rule = SplitRule(o.reg_lambda, o.gamma, o.min_child_weight, o.eta)
+            out = np.zeros((count, DECISION))
+            for i in range(count):
+                g, h = hist[i, 0], hist[i, 1]
+                g_tot, h_tot = float(g[0].sum()), float(h[0].sum())
+                f, j, dl, gain, gl, hl, gr, hr = best_split(g, h, cuts, allowed, rule)
+                keep = 1.0 if o.keep_hessians else 0.0
+                out[i] = [f, j, float(dl), gain, rule.weight(g_tot, h_tot), rule.weight(gl, hl) if f >= 0 else 0.0,
+                          rule.weight(gr, hr) if f >= 0 else 0.0, keep * h_tot, keep * hl, keep * hr]
+            return out.ravel()
+        raise ProgramError(f"{cls.name} decides no {step!r} total")
+
+    # ---- site half ----
+    @classmethod
+    @override
+    def site(cls, step: str, call: SiteCall) -> np.ndarray | str:
+        """The site's vector (or its vocabulary) for ``step``, after its policy's checks."""
+        task, p = call.task, call.params
+        if isinstance(task, FederatedTask):
+            task.check_fingerprint(p)
+        o = _options(p)
+        if step == "vocab":
+            if not isinstance(task, TabularTask):
+                raise ProgramError("only task=tabular discovers categories")
+            return json.dumps(task.local_vocab(call.data.fit_rows, call.policy.statistics.min_rows), sort_keys=True)
+        view = _view(call)
+        F = int(p.get("gbdt-features", -1))  # type: ignore[call-overload]
+        if view.train.x.shape[1] != F:
+            raise ProgramError(f"the request counts {F} features, this site's table has {view.train.x.shape[1]}")
+        if len(view.train) < call.policy.statistics.min_rows:
+            raise PolicyRefusal(f"this site has fewer training rows than its policy's statistics.min_rows="
+                                f"{call.policy.statistics.min_rows}: it releases no statistic of them")
+        objective, classes = str(p.get("gbdt-objective")), int(p.get("gbdt-classes", 1))  # type: ignore[call-overload]
+        if objective not in ("binary", "multiclass", "regression") or not 1 <= classes <= 1000:
+            raise ProgramError("a gbdt request with an unknown objective or class count")
+        x, y = view.train.x, view.train.y
+        if step == "range":
+            counts = np.zeros((F, BUCKETS))
+            for f in range(F):
+                counts[f] = np.bincount(bucket_of(x[:, f]), minlength=BUCKETS)
+            return np.concatenate([label_stats(objective, y, classes, BITS), counts.ravel()])
+        if step == "grid":
+            ranges = np.asarray(json.loads(str(p["gbdt-ranges"])), dtype=np.float64).reshape(F, 2)
+            counts = np.zeros((F, o.grid_cells))
+            x32 = x.astype(np.float32).astype(np.float64)
+            for f in range(F):
+                bounds = cell_bounds(ranges[f, 0], ranges[f, 1], o.grid_cells)
+                col = x32[:, f]
+                col = col[~np.isnan(col)]
+                counts[f, :len(bounds) + 1] = np.bincount(np.searchsorted(bounds, col, side="right"),
+                                                          minlength=len(bounds) + 1)
+            return counts.ravel()
+        cuts = _cuts(p, F, o.max_bin)
+        base = np.asarray(json.loads(str(p.get("gbdt-base", "[]"))), dtype=np.float64)
+        if base.shape != (classes,):
+            raise ProgramError("a gbdt request whose base margins do not match its classes")
+        trees = decode_trees(p.get("gbdt-model"), F)
+        if step == "level":
+            return cls._histograms(view, p, o, trees, cuts, base, classes, objective)
+        if step == "evaluate":
+            rows = str(p.get("rows"))
+            if rows == "val":
+                m = _margins(view, "val", view.val, p, trees, cuts, base, classes)
+                return np.array([loss_sum(objective, view.val.y, m, BITS), len(view.val)])
+            if rows == "test" and view.test is not None and isinstance(task, FederatedTask):
+                limits, bins = call.policy.evaluation, p.get("bins")
+                if not isinstance(bins, int) or not 2 <= bins <= limits.max_bins:
+                    raise PolicyRefusal(f"a pooled evaluation with bins outside [2, {limits.max_bins}] "
+                                        "(the policy's evaluation.max_bins)")
+                if len(view.test) < limits.min_test_rows:
+                    raise PolicyRefusal(f"this site has fewer test rows than its policy's evaluation.min_test_rows="
+                                        f"{limits.min_test_rows}: it reports no metrics on them")
+                m = _margins(view, "test", view.test, p, trees, cuts, base, classes)
+                return task.eval_spec(bins).site_vector(m if classes > 1 else m[:, 0], view.test.y)
+            raise ProgramError(f"no {rows!r} rows to evaluate at this site")
+        raise ProgramError(f"unknown step {step!r} of {cls.name}")
+
+    @classmethod
+    def _histograms(cls, view: SiteView, p: Mapping[str, Any], o: GbdtOptions, trees: list[Tree],
+                    cuts: list[np.ndarray], base: np.ndarray, classes: int, objective: str) -> np.ndarray:
+        F, S = len(cuts), o.max_bin + 1
+        rnd = int(p.get("round", -1))  # type: ignore[call-overload]
+        grow = decode_trees(p.get("gbdt-grow"), F)
+        open_nodes = json.loads(str(p.get("open", "[]")))
+        if len(grow) != classes or not isinstance(open_nodes, list) or len(open_nodes) != classes or rnd < 0:
+            raise ProgramError("a gbdt level request whose growing trees or open nodes do not match its classes")
+        if len(trees) != rnd * classes:
+            raise ProgramError(f"a gbdt level request of round {rnd} with {len(trees)} finished trees")
+        margins = _margins(view, "train", view.train, p, trees, cuts, base, classes)
+        g, h = gradients(objective, view.train.y, margins, BITS)
+        bins = bin_matrix(view.train.x, cuts)
+        rows = np.ones(len(view.train), dtype=bool)
+        if o.subsample < 1:  # the site's own draw: rows are never named to the coordinator
+            rows = np.random.default_rng([rnd, len(view.train), 36]).random(len(view.train)) < o.subsample
+        offsets = np.arange(F, dtype=np.int64) * S
+        parts = []
+        for k in range(classes):
+            nodes = [int(n) for n in open_nodes[k]]
+            tree = grow[k]
+            if any(not 0 <= n < len(tree.left) or tree.left[n] != -1 for n in nodes):
+                raise ProgramError("a gbdt level request whose open nodes are not leaves of the growing tree")
+            pos = np.full(len(tree.left), -1, dtype=np.int64)
+            pos[nodes] = np.arange(len(nodes))
+            at = pos[tree.leaf_of_bins(bins)]
+            sel = (at >= 0) & rows
+            keys = (at[sel, None] * (2 * F * S) + offsets[None, :] + bins[sel]).ravel()
+            size = len(nodes) * 2 * F * S
+            gh = np.bincount(keys, weights=np.repeat(g[sel, k], F), minlength=size)
+            hh = np.bincount(keys + F * S, weights=np.repeat(h[sel, k], F), minlength=size)
+            parts.append(gh + hh)
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def unpack_cuts(decided: np.ndarray, features: int, max_bin: int) -> list[np.ndarray]:
+    """The cut points of a ``grid`` decision (per feature: its count, then the cuts)."""
+    rows = decided.reshape(features, max_bin)
+    return [rows[f, 1:1 + int(rows[f, 0])].astype(np.float64) for f in range(features)]

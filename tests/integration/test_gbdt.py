@@ -1,0 +1,227 @@
+"""``learner=gbdt``: federated trees equal the pooled fit, under every aggregation option, and XGBoost scores them.
+
+The runs are real (the ServerApp and four ClientApps in process, the heart table's four hospitals).
+The pooled reference is the same program with one site holding every hospital's rows
+(:func:`boosting.pooled.fit`): gradient and loss sums are exact (multiples of 2^-24), so the trees
+must be identical, node for node, whichever option carried the sums. Under Paillier the coordinator
+never holds a histogram: a key-holding site verifies each total and returns only the split; the
+deviating requests at the end are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from aggregation.paillier import keys
+from aggregation.paillier.sums import REQUEST_PREFIX, REVEAL_KEY, REVEAL_MESSAGE
+from app import client_app, config, server_app, site_policy
+from app.runtime.local_grid import LocalGrid, run_inprocess
+from boosting import pooled
+from boosting.model import Ensemble
+from boosting.options import GbdtOptions
+from boosting.program import GbdtProgram
+from core.config import ConfigError
+from core.replies import ReplyError
+from tasks.federated import RawSite
+from tasks.tabular.table import Table
+from tasks.tabular.task import TabularTask
+from tests.conftest import DATA_DIR
+
+HEART = ["task=tabular", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
+         "report=false", "learner.name=gbdt"]
+FAST = ["+learner.options.trees=6", "+learner.options.max_depth=3", "+learner.options.early_stopping=0",
+        "+learner.options.max_bin=16", "+learner.options.grid_cells=256"]
+OPTIONS = GbdtOptions(trees=6, max_depth=3, early_stopping=0, max_bin=16, grid_cells=256)
+
+
+def _task_and_sites(extra: list[str] = ()) -> tuple[TabularTask, list[RawSite]]:  # type: ignore[assignment]
+    cfg = config.compose([*HEART, *extra, f"data_dir={DATA_DIR}"])
+    task = TabularTask(cfg.task, DATA_DIR)
+    return task, task.raw_sites(cfg.partition, config.num_sites(cfg), cfg.seed)
+
+
+def _concat(tables: list[Table]) -> Table:
+    cat = np.concatenate
+    return Table("pooled", {k: cat([t.numeric[k] for t in tables]) for k in tables[0].numeric},
+                 {k: cat([t.categorical[k] for t in tables]) for k in tables[0].categorical},
+                 cat([t.label for t in tables]), None, cat([t.line for t in tables]))
+
+
+def _pooled_site(sites: list[RawSite]) -> RawSite:
+    """One site holding every hospital's rows (only a test may pool them)."""
+    return RawSite(0, "pooled", _concat([s.train for s in sites]), _concat([s.val for s in sites]),
+                   _concat([s.test for s in sites]))
+
+
+@pytest.fixture(scope="module")
+def pooled_fit() -> Any:
+    task, sites = _task_and_sites()
+    return pooled.fit(GbdtProgram(task, OPTIONS), [_pooled_site(sites)], site_policy.SitePolicy())
+
+
+def _trees(folder: Path) -> list[dict[str, Any]]:
+    return json.loads((folder / "model.json").read_text())["trees"]
+
+
+def test_federated_trees_equal_the_pooled_fit_under_plain_and_secure_aggregation(pooled_fit: Any,
+                                                                                 tmp_path: Path) -> None:
+    want = [t.to_dict() for t in pooled_fit.trees]
+    assert len(want) == 6 and sum(len(t["left"]) for t in want) > 6 * 3  # real trees, with splits
+    for agg in ("plain", "secagg"):
+        got = run_inprocess([*HEART, *FAST, f"aggregation={agg}"], tmp_path / agg)
+        assert got["status"] == "completed" and got["learner"]["sites"] == 4
+        assert _trees(tmp_path / agg) == want, agg  # node for node, bit for bit
+        assert [h["val_loss"] for h in got["learner"]["history"]] == [h["val_loss"] for h in pooled_fit.history]
+        assert got["learner"]["test"]["auc"] == pytest.approx(pooled_fit.test["auc"], abs=1e-12)
+    assert "only" in got["learner"]["coordinator_learns"]
+
+
+def test_the_pooled_reference_differs_when_a_site_is_left_out(pooled_fit: Any) -> None:
+    """The equality above can fail: three hospitals' rows grow other trees."""
+    task, sites = _task_and_sites()
+    fewer = pooled.fit(GbdtProgram(task, OPTIONS), [_pooled_site(sites[:3])], site_policy.SitePolicy())
+    assert [t.to_dict() for t in fewer.trees] != [t.to_dict() for t in pooled_fit.trees]
+
+
+def test_xgboost_loads_the_exported_model_and_scores_as_fedsilo(pooled_fit: Any, tmp_path: Path) -> None:
+    xgb = pytest.importorskip("xgboost")
+    task, sites = _task_and_sites()
+    from boosting.data import table_rows
+
+    rows = table_rows(task, _pooled_site(sites).test, {})
+    ens: Ensemble = pooled_fit.ensemble()
+    files = ens.save(tmp_path)
+    booster = xgb.Booster(model_file=files["xgboost"])
+    matrix = xgb.DMatrix(rows.x, missing=np.nan, feature_names=ens.names)
+    theirs = booster.predict(matrix, output_margin=True)
+    ours = ens.margins(rows.x)[:, 0]
+    assert np.max(np.abs(theirs - ours)) < 1e-5
+    contribs = booster.predict(matrix, pred_contribs=True)  # TreeSHAP
+    assert np.allclose(contribs.sum(axis=1), theirs, atol=1e-4)
+    assert Ensemble.from_dict(json.loads(Path(files["model"]).read_text())).to_dict() == ens.to_dict()
+
+
+def test_a_missing_value_takes_the_learned_default_direction(pooled_fit: Any) -> None:
+    ens: Ensemble = pooled_fit.ensemble()
+    tree = next(t for t in ens.trees if t.left[0] >= 0)
+    x = np.zeros((1, len(ens.names)))
+    x[0, tree.feature[0]] = np.nan
+    assert tree.leaf_of_values(x)[0] in ((tree.left if tree.default_left[0] else tree.right)[0],
+                                         *_below(tree, (tree.left if tree.default_left[0] else tree.right)[0]))
+
+
+def _below(tree: Any, node: int) -> list[int]:
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        if tree.left[n] >= 0:
+            todo += [tree.left[n], tree.right[n]]
+    return out
+
+
+def test_multiclass_and_regression_tables_fit_and_export() -> None:
+    xgb = pytest.importorskip("xgboost")
+    for schema, data, objective in (("schemas/heart_multiclass.yaml", "uci_heart_disease/sites", "multiclass"),
+                                    ("schemas/diabetes.yaml", "diabetes/diabetes.csv", "regression")):
+        cfg = config.compose(["task=tabular", f"task.schema={schema}", f"task.data={data}",
+                              "partition=natural" if "sites" in data else "partition=iid",
+                              *([] if "sites" in data else ["num_sites=3"]), f"data_dir={DATA_DIR}"])
+        task = TabularTask(cfg.task, DATA_DIR)
+        sites = task.raw_sites(cfg.partition, config.num_sites(cfg), cfg.seed)
+        out = pooled.fit(GbdtProgram(task, OPTIONS), sites, site_policy.SitePolicy())
+        assert out.objective == objective and out.test, objective
+        ens = out.ensemble()
+        from boosting.data import table_rows
+
+        rows = table_rows(task, sites[0].test, out.vocab)
+        booster = xgb.Booster()
+        booster.load_model(bytearray(json.dumps(ens.to_xgboost()).encode()))
+        margin = booster.predict(xgb.DMatrix(rows.x, missing=np.nan, feature_names=ens.names), output_margin=True)
+        ours = ens.margins(rows.x)
+        assert np.max(np.abs(margin.reshape(ours.shape) - ours)) < 1e-4, objective
+
+
+def test_bad_options_are_refused_before_the_run(tmp_path: Path) -> None:
+    for bad, key in (("+learner.options.max_depth=0", "learner.options.max_depth"),
+                     ("+learner.options.eta=2", "learner.options.eta"),
+                     ("+learner.options.depth=3", "learner.options.depth"),
+                     ("+learner.options.subsample=yes", "learner.options.subsample")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            config.compose([*HEART, bad, f"data_dir={DATA_DIR}"])
+
+
+# ---- Paillier: the coordinator gets decisions, never histograms ---------------------------------------
+class Recording(LocalGrid):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.log: list[tuple[Message, Message]] = []
+
+    def _deliver(self, msg: Message) -> Message:
+        reply = super()._deliver(msg)
+        self.log.append((msg, reply))
+        return reply
+
+
+@pytest.fixture(scope="module")
+def paillier_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recording, Path]:
+    tmp = tmp_path_factory.mktemp("gbdt-paillier")
+    private, public = keys.generate(tmp / "keys")
+    overrides = [*HEART, *FAST, "aggregation=paillier", f"aggregation.public_key={public}"]
+    run_config = {"overrides": shlex.join([*overrides, f"data_dir={DATA_DIR}"]), "output-dir": str(tmp)}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    grid = Recording(client_app.app, 4, run_config, node_config={"paillier-keypair": str(private)})
+    server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    return grid, tmp
+
+
+def test_paillier_grows_the_same_trees_and_the_coordinator_holds_no_histogram(
+        paillier_run: tuple[Recording, Path], pooled_fit: Any) -> None:
+    grid, tmp = paillier_run
+    assert _trees(tmp) == [t.to_dict() for t in pooled_fit.trees]
+    decided = [(m, r) for m, r in grid.log if m.metadata.message_type == REVEAL_MESSAGE
+               and REQUEST_PREFIX + "what" in m.content[REVEAL_KEY]]
+    assert decided and all(not r.has_error() for _, r in decided)
+    for msg, reply in decided:  # a level's histograms are thousands of values; its decision 10 per node
+        length, got = int(msg.content[REVEAL_KEY]["length"]), len(reply.content[REVEAL_KEY]["values"])
+        if msg.content[REVEAL_KEY][REQUEST_PREFIX + "what"] == "level":
+            assert got < length / 50
+
+
+def _ask(grid: Recording, node: int, rec: dict[str, Any]) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    msg = Message(RecordDict({REVEAL_KEY: ConfigRecord(rec)}), dst_node_id=node, message_type=REVEAL_MESSAGE)
+    return client_app.app(msg, grid.contexts[node])
+
+
+def _refused(reply: Message, why: str) -> None:
+    assert reply.has_error() and reply.error.code == int(ReplyError.POLICY), reply
+    assert why in reply.error.reason, reply.error.reason
+
+
+def test_a_key_holder_decides_only_the_verified_request_once(paillier_run: tuple[Recording, Path]) -> None:
+    grid, _ = paillier_run
+    msg, _ = next((m, r) for m, r in grid.log if m.metadata.message_type == REVEAL_MESSAGE
+                  and m.content[REVEAL_KEY].get(REQUEST_PREFIX + "what") == "level")
+    rec = dict(msg.content[REVEAL_KEY].items())
+    node = msg.metadata.dst_node_id
+    other = next(n for n in grid.contexts if n != node)
+    _refused(_ask(grid, node, rec), "revealed by this site already")  # once per sum
+    # another key holder, with the request's parameters changed (e.g. lambda=0 to read G and H back)
+    changed = {**rec, REQUEST_PREFIX + "gbdt-options": rec[REQUEST_PREFIX + "gbdt-options"].replace(
+        '"reg_lambda": 1.0', '"reg_lambda": 0.5')}
+    _refused(_ask(grid, other, changed), "is not the one its contributions were made for")
+    # the plain reveal of a histogram (no request sent with it): statistics are never decrypted
+    plain = {k: v for k, v in rec.items() if not k.startswith(REQUEST_PREFIX)}
+    _refused(_ask(grid, other, plain), "only pooled test metrics")
+    # a decision of a step the program does not decide
+    relabelled = {**rec, "what": "evaluate", REQUEST_PREFIX + "what": "evaluate"}
+    _refused(_ask(grid, other, relabelled), "does not decide")
