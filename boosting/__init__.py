@@ -55,7 +55,7 @@ class GbdtLearner(SumLearner):
         return {"objective": out.objective, "classes": out.classes, "rounds": len(out.history),
                 "best_round": out.best_round, "trees": len(out.trees), "stopped": out.stopped, "sites": out.sites,
                 "seconds_per_round": out.seconds_per_round, "history": out.history, "test": out.test,
-                "importance": ens.importance(), "features": out.names, "rejected": out.rejected,
+                "importance": ens.importance(), "features": out.names, "vocab": out.vocab, "rejected": out.rejected,
                 "options": GbdtOptions.parse({}).__class__.from_json(out.options.to_json()).__dict__}
 
     @override

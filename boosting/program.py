@@ -307,7 +307,8 @@ class GbdtProgram(Program):
                 params: dict[str, int | str] = {"round": rnd, "open": json.dumps(open_nodes),
                                                 "allowed": json.dumps(allowed.tolist())}
                 count = sum(len(n) for n in open_nodes)
-                total: Total = yield Ask("level", count * 2 * F * (o.max_bin + 1), params, HISTOGRAMS, decide=True)
+                _, width = slots(cuts)
+                total: Total = yield Ask("level", count * 2 * width, params, HISTOGRAMS, decide=True)
                 self._note(total, "level", out)
                 if total.values is None:
                     raise RuntimeError(f"round {rnd}, depth {depth}: no total of the histograms (every site left out, "
@@ -407,15 +408,16 @@ class GbdtProgram(Program):
                 out[f, 1:1 + c.size] = c
             return out.ravel()
         if step == "level":
-            cuts = [len(c) for c in json.loads(str(params["gbdt-cuts"]))]
+            cut_lists = [np.asarray(c, dtype=np.float64) for c in json.loads(str(params["gbdt-cuts"]))]
+            cuts = [len(c) for c in cut_lists]
             allowed = np.asarray(json.loads(str(params["allowed"])), dtype=np.int64)
             count = sum(len(n) for n in json.loads(str(params["open"])))
-            S = o.max_bin + 1
-            hist = total.reshape(count, 2, F, S)
+            starts, width = slots(cut_lists)
+            hist = total.reshape(count, 2, width)
             rule = SplitRule(o.reg_lambda, o.gamma, o.min_child_weight, o.eta)
             out = np.zeros((count, DECISION))
             for i in range(count):
-                g, h = hist[i, 0], hist[i, 1]
+                g, h = padded(hist[i, 0], starts, cuts), padded(hist[i, 1], starts, cuts)
                 g_tot, h_tot = float(g[0].sum()), float(h[0].sum())
                 f, j, dl, gain, gl, hl, gr, hr = best_split(g, h, cuts, allowed, rule)
                 keep = 1.0 if o.keep_hessians else 0.0
@@ -492,7 +494,8 @@ class GbdtProgram(Program):
     @classmethod
     def _histograms(cls, view: SiteView, p: Mapping[str, Any], o: GbdtOptions, trees: list[Tree],
                     cuts: list[np.ndarray], base: np.ndarray, classes: int, objective: str) -> np.ndarray:
-        F, S = len(cuts), o.max_bin + 1
+        F = len(cuts)
+        starts, width = slots(cuts)
         rnd = int(p.get("round", -1))  # type: ignore[call-overload]
         grow = decode_trees(p.get("gbdt-grow"), F)
         open_nodes = json.loads(str(p.get("open", "[]")))
@@ -506,7 +509,7 @@ class GbdtProgram(Program):
         rows = np.ones(len(view.train), dtype=bool)
         if o.subsample < 1:  # the site's own draw: rows are never named to the coordinator
             rows = np.random.default_rng([rnd, len(view.train), 36]).random(len(view.train)) < o.subsample
-        offsets = np.arange(F, dtype=np.int64) * S
+        offsets = np.asarray(starts, dtype=np.int64)
         parts = []
         for k in range(classes):
             nodes = [int(n) for n in open_nodes[k]]
@@ -517,12 +520,28 @@ class GbdtProgram(Program):
             pos[nodes] = np.arange(len(nodes))
             at = pos[tree.leaf_of_bins(bins)]
             sel = (at >= 0) & rows
-            keys = (at[sel, None] * (2 * F * S) + offsets[None, :] + bins[sel]).ravel()
-            size = len(nodes) * 2 * F * S
+            keys = (at[sel, None] * (2 * width) + offsets[None, :] + bins[sel]).ravel()
+            size = len(nodes) * 2 * width
             gh = np.bincount(keys, weights=np.repeat(g[sel, k], F), minlength=size)
-            hh = np.bincount(keys + F * S, weights=np.repeat(h[sel, k], F), minlength=size)
+            hh = np.bincount(keys + width, weights=np.repeat(h[sel, k], F), minlength=size)
             parts.append(gh + hh)
         return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def slots(cuts: list[np.ndarray]) -> tuple[list[int], int]:
+    """Where each feature's histogram starts in a node's, and its width: feature f has ``len(cuts[f]) + 2``
+    slots (missing, then its ``len(cuts[f]) + 1`` bins), so a binary feature costs 3 values, not ``max_bin``."""
+    sizes = [len(c) + 2 for c in cuts]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist() if sizes else []
+    return starts, int(sum(sizes))
+
+
+def padded(hist: np.ndarray, starts: list[int], cuts: list[int]) -> np.ndarray:
+    """A node's compact histogram (:func:`slots`) as features x (most slots), zeros after each feature's own."""
+    out = np.zeros((len(cuts), max(cuts, default=0) + 2))
+    for f, (start, m) in enumerate(zip(starts, cuts)):
+        out[f, :m + 2] = hist[start:start + m + 2]
+    return out
 
 
 def unpack_cuts(decided: np.ndarray, features: int, max_bin: int) -> list[np.ndarray]:

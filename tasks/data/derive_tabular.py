@@ -57,6 +57,22 @@ def heart() -> None:
         df.to_csv(out / f"{h}.csv", index=False)
 
 
+def sklearn_table(loader: str, folder: str, file: str, id_column: str, label: str) -> None:
+    """Write one of scikit-learn's bundled tables (column names lower-cased, an id first, the target renamed)."""
+    import re
+
+    import numpy as np
+    import sklearn.datasets
+
+    frame = getattr(sklearn.datasets, loader)(as_frame=True).frame
+    frame.columns = [re.sub(r"[^a-z0-9]+", "_", c.lower()).strip("_") for c in frame.columns]
+    frame.insert(0, id_column, np.arange(1, len(frame) + 1))
+    (HERE / folder).mkdir(exist_ok=True)
+    frame.rename(columns={"target": label}).to_csv(HERE / folder / file, index=False)
+
+
 if __name__ == "__main__":
     credit()
     heart()
+    sklearn_table("load_wine", "wine", "wine.csv", "sample", "cultivar")  # issue #36's small multiclass table
+    sklearn_table("load_breast_cancer", "breast_cancer", "wdbc.csv", "patient", "benign")

@@ -27,7 +27,7 @@ from app.runtime.local_grid import LocalGrid, run_inprocess
 from boosting import pooled
 from boosting.model import Ensemble
 from boosting.options import GbdtOptions
-from boosting.program import GbdtProgram
+from boosting.program import DECISION, GbdtProgram
 from core.config import ConfigError
 from core.replies import ReplyError
 from tasks.federated import RawSite
@@ -190,10 +190,11 @@ def test_paillier_grows_the_same_trees_and_the_coordinator_holds_no_histogram(
     decided = [(m, r) for m, r in grid.log if m.metadata.message_type == REVEAL_MESSAGE
                and REQUEST_PREFIX + "what" in m.content[REVEAL_KEY]]
     assert decided and all(not r.has_error() for _, r in decided)
-    for msg, reply in decided:  # a level's histograms are thousands of values; its decision 10 per node
-        length, got = int(msg.content[REVEAL_KEY]["length"]), len(reply.content[REVEAL_KEY]["values"])
+    for msg, reply in decided:  # a level's histograms are 2 x (bins + missing) per feature and node; its decision
+        length, got = int(msg.content[REVEAL_KEY]["length"]), len(reply.content[REVEAL_KEY]["values"])  # 10 per node
         if msg.content[REVEAL_KEY][REQUEST_PREFIX + "what"] == "level":
-            assert got < length / 50
+            nodes = sum(len(n) for n in json.loads(msg.content[REVEAL_KEY][REQUEST_PREFIX + "open"]))
+            assert got == DECISION * nodes and got * 10 < length
 
 
 def _ask(grid: Recording, node: int, rec: dict[str, Any]) -> Message:
