@@ -9,6 +9,7 @@ Given one site holding every row it is the pooled fit the federated one must equ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,11 @@ from core.programs import Ask, Gather, Gathered, SiteCall, Total
 
 def fit(program: GbdtProgram, sites: list[Any], policy: Any) -> Outcome:
     """``program`` run over ``sites`` (each a site's data as its task keeps them), in this process."""
+    return programs.drive(program, answerer(program, sites, policy))
+
+
+def answerer(program: GbdtProgram, sites: list[Any], policy: Any) -> Callable[[Ask | Gather], Total | Gathered]:
+    """How each of ``program``'s steps is answered over ``sites`` here (what :func:`fit` drives it with)."""
     task = program.task
 
     def answer(step: Ask | Gather) -> Total | Gathered:
@@ -40,7 +46,7 @@ def fit(program: GbdtProgram, sites: list[Any], policy: Any) -> Outcome:
             return Total(len(sites), np.asarray(GbdtProgram.decision(step.step, total, params), dtype=np.float64))
         return Total(len(sites), total)
 
-    return programs.drive(program, answer)
+    return answer
 
 
 def _no_total(key: str) -> np.ndarray:

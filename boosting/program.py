@@ -472,7 +472,7 @@ class GbdtProgram(Program):
             raise ProgramError("a gbdt request whose base margins do not match its classes")
         trees = decode_trees(p.get("gbdt-model"), F)
         if step == "level":
-            return cls._histograms(view, p, o, trees, cuts, base, classes, objective)
+            return cls._histograms(view, p, o, trees, cuts, base, classes, objective, call.policy.statistics.min_rows)
         if step == "evaluate":
             rows = str(p.get("rows"))
             if rows == "val":
@@ -493,7 +493,9 @@ class GbdtProgram(Program):
 
     @classmethod
     def _histograms(cls, view: SiteView, p: Mapping[str, Any], o: GbdtOptions, trees: list[Tree],
-                    cuts: list[np.ndarray], base: np.ndarray, classes: int, objective: str) -> np.ndarray:
+                    cuts: list[np.ndarray], base: np.ndarray, classes: int, objective: str, min_rows: int) -> np.ndarray:
+        """The site's gradient and hessian histograms of the open nodes; zeros for a node holding fewer than
+        ``min_rows`` of its rows (its policy's ``statistics.min_rows``: no statistic of so few rows leaves)."""
         F = len(cuts)
         starts, width = slots(cuts)
         rnd = int(p.get("round", -1))  # type: ignore[call-overload]
@@ -524,7 +526,10 @@ class GbdtProgram(Program):
             size = len(nodes) * 2 * width
             gh = np.bincount(keys, weights=np.repeat(g[sel, k], F), minlength=size)
             hh = np.bincount(keys + width, weights=np.repeat(h[sel, k], F), minlength=size)
-            parts.append(gh + hh)
+            hist = (gh + hh).reshape(len(nodes), 2 * width)
+            held = np.bincount(at[sel], minlength=len(nodes))
+            hist[(held > 0) & (held < min_rows)] = 0.0
+            parts.append(hist.ravel())
         return np.concatenate(parts) if parts else np.zeros(0)
 
 

@@ -37,6 +37,9 @@ from tests.conftest import DATA_DIR
 
 HEART = ["task=tabular", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
          "report=false", "learner.name=gbdt"]
+ANY_NODE = ["site_policy.statistics.min_rows=1"]  # the equality tests: every node's rows count, at every site
+ONE_ROW = site_policy.SitePolicy()
+ONE_ROW.statistics.min_rows = 1
 FAST = ["+learner.options.trees=6", "+learner.options.max_depth=3", "+learner.options.early_stopping=0",
         "+learner.options.max_bin=16", "+learner.options.grid_cells=256"]
 OPTIONS = GbdtOptions(trees=6, max_depth=3, early_stopping=0, max_bin=16, grid_cells=256)
@@ -64,7 +67,7 @@ def _pooled_site(sites: list[RawSite]) -> RawSite:
 @pytest.fixture(scope="module")
 def pooled_fit() -> Any:
     task, sites = _task_and_sites()
-    return pooled.fit(GbdtProgram(task, OPTIONS), [_pooled_site(sites)], site_policy.SitePolicy())
+    return pooled.fit(GbdtProgram(task, OPTIONS), [_pooled_site(sites)], ONE_ROW)
 
 
 def _trees(folder: Path) -> list[dict[str, Any]]:
@@ -76,7 +79,7 @@ def test_federated_trees_equal_the_pooled_fit_under_plain_and_secure_aggregation
     want = [t.to_dict() for t in pooled_fit.trees]
     assert len(want) == 6 and sum(len(t["left"]) for t in want) > 6 * 3  # real trees, with splits
     for agg in ("plain", "secagg"):
-        got = run_inprocess([*HEART, *FAST, f"aggregation={agg}"], tmp_path / agg)
+        got = run_inprocess([*HEART, *FAST, *ANY_NODE, f"aggregation={agg}"], tmp_path / agg)
         assert got["status"] == "completed" and got["learner"]["sites"] == 4
         assert _trees(tmp_path / agg) == want, agg  # node for node, bit for bit
         assert [h["val_loss"] for h in got["learner"]["history"]] == [h["val_loss"] for h in pooled_fit.history]
@@ -87,8 +90,39 @@ def test_federated_trees_equal_the_pooled_fit_under_plain_and_secure_aggregation
 def test_the_pooled_reference_differs_when_a_site_is_left_out(pooled_fit: Any) -> None:
     """The equality above can fail: three hospitals' rows grow other trees."""
     task, sites = _task_and_sites()
-    fewer = pooled.fit(GbdtProgram(task, OPTIONS), [_pooled_site(sites[:3])], site_policy.SitePolicy())
+    fewer = pooled.fit(GbdtProgram(task, OPTIONS), [_pooled_site(sites[:3])], ONE_ROW)
     assert [t.to_dict() for t in fewer.trees] != [t.to_dict() for t in pooled_fit.trees]
+
+
+def test_a_site_sends_nothing_of_a_node_with_fewer_than_its_min_rows() -> None:
+    """A coordinator sends a tree whose left child holds a handful of the site's rows: the site's histogram of
+    that node is zeros, of the other node not (statistics.min_rows=10, the default policy)."""
+    from boosting.data import table_rows
+    from boosting.trees import Tree, bin_matrix
+    from core.programs import Ask, SiteCall
+
+    task, sites = _task_and_sites()
+    site, policy = sites[0], site_policy.SitePolicy()
+    program = GbdtProgram(task, GbdtOptions(max_bin=256, grid_cells=2048))
+    answer, steps = pooled.answerer(program, [site], policy), program.run()
+    step = next(steps)
+    while not (isinstance(step, Ask) and step.step == "level"):
+        step = steps.send(answer(step))
+    params = {"what": "level", **program.state, **step.params}
+    cuts = [np.asarray(c) for c in json.loads(params["gbdt-cuts"])]
+    bins = bin_matrix(table_rows(task, site.train, {}).x, cuts)
+    f, j = next((f, j) for f in range(len(cuts)) for j in range(1, len(cuts[f]) + 1)  # a few rows go left
+                if 0 < np.sum((bins[:, f] >= 1) & (bins[:, f] <= j)) < 10)
+    tree = Tree()
+    tree.add_children(0, f, j, float(cuts[f][j - 1]), False, 1.0, (0.0, 0.0), (0.0, 0.0))
+    from boosting.program import encode_trees
+
+    params.update({"gbdt-grow": encode_trees([tree]), "open": json.dumps([[1, 2]])})
+    call = SiteCall(site, task, params, lambda k: np.zeros(0), lambda t: t, policy)
+    hist = GbdtProgram.site("level", call).reshape(2, -1)
+    assert not hist[0].any() and hist[1].any()
+    call.policy = ONE_ROW  # the same request to a site that allows single rows: the node's sums leave
+    assert GbdtProgram.site("level", call).reshape(2, -1)[0].any()
 
 
 def test_xgboost_loads_the_exported_model_and_scores_as_fedsilo(pooled_fit: Any, tmp_path: Path) -> None:
@@ -175,7 +209,7 @@ class Recording(LocalGrid):
 def paillier_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recording, Path]:
     tmp = tmp_path_factory.mktemp("gbdt-paillier")
     private, public = keys.generate(tmp / "keys")
-    overrides = [*HEART, *FAST, "aggregation=paillier", f"aggregation.public_key={public}"]
+    overrides = [*HEART, *FAST, *ANY_NODE, "aggregation=paillier", f"aggregation.public_key={public}"]
     run_config = {"overrides": shlex.join([*overrides, f"data_dir={DATA_DIR}"]), "output-dir": str(tmp)}
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     grid = Recording(client_app.app, 4, run_config, node_config={"paillier-keypair": str(private)})
