@@ -12,7 +12,7 @@ import sys
 
 import grimp
 
-PACKAGES = ("core", "tasks", "aggregation", "privacy", "strategies", "boosting", "vertical", "app")
+PACKAGES = ("core", "tasks", "aggregation", "privacy", "strategies", "learners", "vertical", "app")
 
 
 def cycles(graph: grimp.ImportGraph) -> list[list[str]]:

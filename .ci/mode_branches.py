@@ -27,7 +27,7 @@ OWN = ("strategies/secagg/", "strategies/paillier/", "aggregation/", "privacy/dp
 #: app/site_guard.py is the site's side of app/config.py's rules between axes: a site's policy lists the
 #: options it allows per axis, so its check names the chosen option of each axis (no behaviour branches on one).
 COMPOSITION_ROOT = ("app/config.py", "app/composition.py", "app/site_guard.py")
-PACKAGES = ("app", "strategies", "privacy", "tasks", "aggregation", "core", "boosting", "vertical")
+PACKAGES = ("app", "strategies", "privacy", "tasks", "aggregation", "core", "learners", "vertical")
 
 
 def _mentions_mode(test: ast.AST) -> bool:

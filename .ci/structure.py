@@ -54,7 +54,7 @@ def imports(path: Path, known: dict[str, Path]) -> set[str]:
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name in known)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] in (
-                "app", "core", "tasks", "aggregation", "privacy", "strategies", "boosting", "vertical"):
+                "app", "core", "tasks", "aggregation", "privacy", "strategies", "learners", "vertical"):
             for a in node.names:
                 full = f"{node.module}.{a.name}"
                 if full in known:
@@ -132,7 +132,7 @@ def function_lines(path: Path, names: tuple[str, ...]) -> dict[str, int]:
 
 def measure(root: Path, layers: list[list[str]]) -> dict[str, object]:
     known: dict[str, Path] = {}
-    for pkg in ("core", "tasks", "aggregation", "privacy", "strategies", "boosting", "vertical", "app"):
+    for pkg in ("core", "tasks", "aggregation", "privacy", "strategies", "learners", "vertical", "app"):
         known.update(modules(root, pkg))
     graph = {m: imports(p, known) - {m} for m, p in known.items()}
     # a module importing a package runs its __init__: the edge to the package counts (a cycle through it is real)

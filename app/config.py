@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import aggregation
-import boosting  # noqa: F401  (registers learner=gbdt and its program, at the coordinator and the sites)
+import learners as _learner_packages  # noqa: F401  (registers learner=gbdt, its program: coordinator and sites)
 import privacy
 import strategies
 import tasks

@@ -40,9 +40,9 @@ sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
 from app.runtime.local_grid import LocalGrid, run_inprocess  # noqa: E402
-from boosting.data import table_rows  # noqa: E402
-from boosting.model import Ensemble  # noqa: E402
-from boosting.options import GbdtOptions  # noqa: E402
+from learners.gbdt.model import Ensemble  # noqa: E402
+from learners.gbdt.options import GbdtOptions  # noqa: E402
+from learners.rows import table_rows  # noqa: E402
 from tasks.tabular.task import TabularTask  # noqa: E402
 
 DATA = REPO / "tasks" / "data"
@@ -171,8 +171,8 @@ def tabular_pool(overrides: list[str], vocab: dict[str, list[str]]) -> tuple[Any
     cfg = config.compose([*overrides, f"data_dir={DATA}"])
     task = TabularTask(cfg.task, DATA)
     sites = task.raw_sites(cfg.partition, config.num_sites(cfg), cfg.seed)
-    tr = [table_rows(task, t, vocab) for s in sites for t in s.fit_rows]
-    te = [table_rows(task, s.test, vocab) for s in sites]
+    tr = [table_rows(task.schema, t, vocab) for s in sites for t in s.fit_rows]
+    te = [table_rows(task.schema, s.test, vocab) for s in sites]
     return (np.vstack([r.x for r in tr]), np.concatenate([r.y for r in tr]), np.vstack([r.x for r in te]),
             np.concatenate([r.y for r in te]), task)
 

@@ -114,6 +114,6 @@ class Encoding:
 
 STATS = Encoding(40, 100)
 COUNTS = Encoding(0, 48)
-#: sums of multiples of 2^-24 (histogram trees' gradients: :mod:`boosting.trees`), magnitudes below 2^35
+#: sums of multiples of 2^-24 (histogram trees' gradients: :mod:`learners.gbdt.trees`), magnitudes below 2^35
 HISTOGRAMS = Encoding(24, 60)
 ENCODINGS = (STATS, COUNTS, HISTOGRAMS)

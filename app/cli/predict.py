@@ -1,7 +1,9 @@
 """``fedsilo predict RUN_DIR FILE [--out scores.csv] [--keypair KEYPAIR]``: score raw rows with a run's model.
 
 The run directory holds ``model.fedsilo.npz`` (:mod:`tasks.tabular.artefact`): the model, its
-fitted preprocessing and its schema. FILE is a CSV or Parquet file of raw rows with the
+fitted preprocessing and its schema; or, for a sum-based learner (``gbdt``, ``glm``, ``auto``),
+``model.json`` (:mod:`learners.predict`).
+FILE is a CSV or Parquet file of raw rows with the
 schema's feature columns (the label may be absent); it is checked against the schema with
 the same messages a site's file gets. Scores go to ``--out`` (default ``FILE.scores.csv``)
 with the schema's id column first when FILE has it.
@@ -22,8 +24,13 @@ import numpy as np
 
 
 def predictor(run_dir: Path, keypair: Path | None = None) -> Any:
-    """The run's :class:`~tasks.tabular.artefact.Predictor` (decrypted with ``keypair`` if need be)."""
+    """The run's :class:`~tasks.tabular.artefact.Predictor` (decrypted with ``keypair`` if need be), or a
+    sum-based learner's (``gbdt``, ``glm``, ``auto``) :class:`~learners.predict.LearnerPredictor`."""
+    from learners import predict as trees
     from tasks.tabular import artefact
+
+    if trees.is_learner_model(run_dir):
+        return trees.LearnerPredictor.load(run_dir)
 
     state, meta = artefact.load(run_dir)
     if not meta.get("encrypted"):

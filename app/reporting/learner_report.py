@@ -19,11 +19,39 @@ def sections(results: dict[str, Any]) -> list[Section]:
         f"aggregation `{cfg['aggregation']['name']}`, status **{results.get('status', '-')}**.",
         f"What the coordinator learned: {learner.get('coordinator_learns', '-')} of each protected sum "
         "(docs/learners.md)."])
-    outcome = Section("Outcome", tables=[(["", "value"], [
-        [k, _fmt(v) if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)]
-        for k, v in learner.items() if k not in SKIP])])
+    scalars = {k: v for k, v in learner.items() if k not in SKIP and not isinstance(v, (list, dict))}
+    outcome = Section("Outcome", tables=[(["", "value"], [[k, _cell(v)] for k, v in scalars.items()])])
+    out = [summary, outcome]
+    for key, value in learner.items():  # the learner's tables: named values, rows of records, lists of names
+        if key in SKIP or key in scalars or not value:
+            continue
+        out.append(_section(key, value))
     conf = Section("Configuration", [f"Overrides: `{results.get('overrides') or '(defaults)'}`"])
     timing = Section("Timing and traffic", tables=[(["", "value"], [
         ["seconds", _fmt(results.get("timing", {}).get("total_seconds"), 2)],
         *([k, f"{v:,}"] for k, v in (results.get("traffic") or {}).items() if isinstance(v, int))])])
-    return [summary, outcome, conf, timing]
+    return [*out, conf, timing]
+
+
+ROWS = 25  # the most rows a learner's table shows (results.json holds them all)
+
+
+def _cell(v: Any) -> str:
+    return _fmt(v) if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def _section(key: str, value: Any) -> Section:
+    """One of a learner's results as a section: a dict as name/value rows, a list of records as a table
+    (the first and last rows of a long one), a list of names as a line."""
+    title = key.replace("_", " ").capitalize()
+    if isinstance(value, dict):
+        rows = [[str(k), _cell(v)] for k, v in value.items()]
+        note = [f"{len(rows)} entries; the first {ROWS} shown (results.json holds all)."] if len(rows) > ROWS else []
+        return Section(title, note, tables=[(["", "value"], rows[:ROWS])])
+    if isinstance(value, list) and all(isinstance(r, dict) for r in value):
+        cols = list(dict.fromkeys(k for r in value for k in r))
+        shown = value if len(value) <= ROWS else [*value[:5], *value[-(ROWS - 5):]]
+        note = [f"{len(value)} rows; the first 5 and the last {ROWS - 5} shown (results.json holds all)."] \
+            if len(value) > ROWS else []
+        return Section(title, note, tables=[(cols, [[_cell(r.get(c)) for c in cols] for r in shown])])
+    return Section(title, [", ".join(f"`{v}`" for v in value) if isinstance(value, list) else _cell(value)])

@@ -2,7 +2,7 @@
 
 The runs are real (the ServerApp and four ClientApps in process, the heart table's four hospitals).
 The pooled reference is the same program with one site holding every hospital's rows
-(:func:`boosting.pooled.fit`): gradient and loss sums are exact (multiples of 2^-24), so the trees
+(:func:`learners.pooled.fit`): gradient and loss sums are exact (multiples of 2^-24), so the trees
 must be identical, node for node, whichever option carried the sums. Under Paillier the coordinator
 never holds a histogram: a key-holding site verifies each total and returns only the split; the
 deviating requests at the end are refused.
@@ -24,12 +24,12 @@ from aggregation.paillier import keys
 from aggregation.paillier.sums import REQUEST_PREFIX, REVEAL_KEY, REVEAL_MESSAGE
 from app import client_app, config, server_app, site_policy
 from app.runtime.local_grid import LocalGrid, run_inprocess
-from boosting import pooled
-from boosting.model import Ensemble
-from boosting.options import GbdtOptions
-from boosting.program import DECISION, GbdtProgram
 from core.config import ConfigError
 from core.replies import ReplyError
+from learners import pooled
+from learners.gbdt.model import Ensemble
+from learners.gbdt.options import GbdtOptions
+from learners.gbdt.program import DECISION, GbdtProgram
 from tasks.federated import RawSite
 from tasks.tabular.table import Table
 from tasks.tabular.task import TabularTask
@@ -85,6 +85,25 @@ def test_federated_trees_equal_the_pooled_fit_under_plain_and_secure_aggregation
         assert [h["val_loss"] for h in got["learner"]["history"]] == [h["val_loss"] for h in pooled_fit.history]
         assert got["learner"]["test"]["auc"] == pytest.approx(pooled_fit.test["auc"], abs=1e-12)
     assert "only" in got["learner"]["coordinator_learns"]
+    # `fedsilo predict` on a hospital's raw file equals xgboost scoring the exported model
+    import xgboost as xgb
+
+    from app.cli import predict
+
+    raw = DATA_DIR / "uci_heart_disease" / "sites" / "hungarian.csv"
+    assert predict.main([str(tmp_path / "secagg"), str(raw), "--out", str(tmp_path / "scores.csv")]) == 0
+    import pandas as pd
+
+    ours = pd.read_csv(tmp_path / "scores.csv")
+    table, _ = predict.predictor(tmp_path / "secagg").score_file(raw)
+    from learners.rows import table_rows
+
+    task, _ = _task_and_sites()
+    x = table_rows(task.schema, table, {}).x
+    booster = xgb.Booster(model_file=str(tmp_path / "secagg" / "model.xgb.json"))
+    theirs = booster.predict(xgb.DMatrix(x, missing=np.nan, feature_names=booster.feature_names))
+    assert list(ours.columns) == ["patient", "score"] and len(ours) == len(table) > 200
+    assert np.max(np.abs(ours["score"].to_numpy() - theirs)) < 1e-6
 
 
 def test_the_pooled_reference_differs_when_a_site_is_left_out(pooled_fit: Any) -> None:
@@ -97,9 +116,9 @@ def test_the_pooled_reference_differs_when_a_site_is_left_out(pooled_fit: Any) -
 def test_a_site_sends_nothing_of_a_node_with_fewer_than_its_min_rows() -> None:
     """A coordinator sends a tree whose left child holds a handful of the site's rows: the site's histogram of
     that node is zeros, of the other node not (statistics.min_rows=10, the default policy)."""
-    from boosting.data import table_rows
-    from boosting.trees import Tree, bin_matrix
     from core.programs import Ask, SiteCall
+    from learners.gbdt.trees import Tree, bin_matrix
+    from learners.rows import table_rows
 
     task, sites = _task_and_sites()
     site, policy = sites[0], site_policy.SitePolicy()
@@ -110,12 +129,12 @@ def test_a_site_sends_nothing_of_a_node_with_fewer_than_its_min_rows() -> None:
         step = steps.send(answer(step))
     params = {"what": "level", **program.state, **step.params}
     cuts = [np.asarray(c) for c in json.loads(params["gbdt-cuts"])]
-    bins = bin_matrix(table_rows(task, site.train, {}).x, cuts)
+    bins = bin_matrix(table_rows(task.schema, site.train, {}).x, cuts)
     f, j = next((f, j) for f in range(len(cuts)) for j in range(1, len(cuts[f]) + 1)  # a few rows go left
                 if 0 < np.sum((bins[:, f] >= 1) & (bins[:, f] <= j)) < 10)
     tree = Tree()
     tree.add_children(0, f, j, float(cuts[f][j - 1]), False, 1.0, (0.0, 0.0), (0.0, 0.0))
-    from boosting.program import encode_trees
+    from learners.gbdt.program import encode_trees
 
     params.update({"gbdt-grow": encode_trees([tree]), "open": json.dumps([[1, 2]])})
     call = SiteCall(site, task, params, lambda k: np.zeros(0), lambda t: t, policy)
@@ -125,12 +144,39 @@ def test_a_site_sends_nothing_of_a_node_with_fewer_than_its_min_rows() -> None:
     assert GbdtProgram.site("level", call).reshape(2, -1)[0].any()
 
 
-def test_xgboost_loads_the_exported_model_and_scores_as_fedsilo(pooled_fit: Any, tmp_path: Path) -> None:
-    xgb = pytest.importorskip("xgboost")
-    task, sites = _task_and_sites()
-    from boosting.data import table_rows
+def test_a_tree_ends_at_the_level_a_site_dropped_out_of() -> None:
+    """Round 2's depth-2 sum holds three of the four sites: that tree stops there (no node below depth 2),
+    the other trees grow to full depth, and the run records it."""
+    from core import programs
+    from core.programs import Ask, Total
+    from learners.gbdt.trees import Tree
 
-    rows = table_rows(task, _pooled_site(sites).test, {})
+    task, sites = _task_and_sites()
+    program = GbdtProgram(task, OPTIONS)
+    answer = pooled.answerer(program, sites, ONE_ROW)
+    rounds = {"n": 0}
+
+    def dropping(step: Any) -> Any:
+        got = answer(step)
+        if isinstance(step, Ask) and step.step == "evaluate":
+            rounds["n"] += 1
+        opened = json.loads(str(step.params.get("open", "[[]]")))[0] if isinstance(step, Ask) else []
+        if isinstance(step, Ask) and step.step == "level" and rounds["n"] == 1 and opened and min(opened) >= 3:
+            return Total(got.sites - 1, got.values, got.rejected)  # depth 2: one site's contribution missing
+        return got
+
+    out = programs.drive(program, dropping)
+    depth = [max(Tree.from_dict(t.to_dict()).depth) for t in out.trees]
+    assert depth[1] == 2 and max(depth) == 3, depth
+    assert out.ended_early == [{"round": 2, "depth": 2, "sites": 3, "round_sites": 4}]
+
+
+def test_xgboost_loads_the_exported_model_and_scores_as_fedsilo(pooled_fit: Any, tmp_path: Path) -> None:
+    import xgboost as xgb
+    task, sites = _task_and_sites()
+    from learners.rows import table_rows
+
+    rows = table_rows(task.schema, _pooled_site(sites).test, {})
     ens: Ensemble = pooled_fit.ensemble()
     files = ens.save(tmp_path)
     booster = xgb.Booster(model_file=files["xgboost"])
@@ -163,7 +209,7 @@ def _below(tree: Any, node: int) -> list[int]:
 
 
 def test_multiclass_and_regression_tables_fit_and_export() -> None:
-    xgb = pytest.importorskip("xgboost")
+    import xgboost as xgb
     for schema, data, objective in (("schemas/heart_multiclass.yaml", "uci_heart_disease/sites", "multiclass"),
                                     ("schemas/diabetes.yaml", "diabetes/diabetes.csv", "regression")):
         cfg = config.compose(["task=tabular", f"task.schema={schema}", f"task.data={data}",
@@ -174,9 +220,9 @@ def test_multiclass_and_regression_tables_fit_and_export() -> None:
         out = pooled.fit(GbdtProgram(task, OPTIONS), sites, site_policy.SitePolicy())
         assert out.objective == objective and out.test, objective
         ens = out.ensemble()
-        from boosting.data import table_rows
+        from learners.rows import table_rows
 
-        rows = table_rows(task, sites[0].test, out.vocab)
+        rows = table_rows(task.schema, sites[0].test, out.vocab)
         booster = xgb.Booster()
         booster.load_model(bytearray(json.dumps(ens.to_xgboost()).encode()))
         margin = booster.predict(xgb.DMatrix(rows.x, missing=np.nan, feature_names=ens.names), output_margin=True)

@@ -1,33 +1,32 @@
-"""The same program fitted on rows in one process: the pooled reference of the federated fit.
+"""A learner's program fitted on rows in one process: the pooled reference of the federated fit.
 
-:func:`fit` drives :class:`~boosting.program.GbdtProgram` with every step answered here: each
-site's vector from its site half, summed through the same fixed-point encoding the aggregation
-options use, and each decision by the same :meth:`~boosting.program.GbdtProgram.decision`.
-Given one site holding every row it is the pooled fit the federated one must equal, tree for tree
-(``tests/integration/test_gbdt.py``); benchmarks use it as the "same trainer on pooled rows".
+:func:`fit` drives a program (:mod:`core.programs`) with every step answered here: each site's vector
+from its site half, summed through the same fixed-point encoding the aggregation options use, and each
+decision by the same :meth:`~core.programs.Program.decision`. Given one site holding every row it is
+the pooled fit the federated one must equal (``learner=gbdt``: tree for tree,
+``tests/integration/test_gbdt.py``); benchmarks use it as the "same trainer on pooled rows".
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from boosting.program import GbdtProgram, Outcome
 from core import programs
 from core.fixedpoint import Encoding
-from core.programs import Ask, Gather, Gathered, SiteCall, Total
+from core.programs import Ask, Gather, Gathered, Program, SiteCall, Total
 
 
-def fit(program: GbdtProgram, sites: list[Any], policy: Any) -> Outcome:
+def fit(program: Program, sites: list[Any], policy: Any) -> Any:
     """``program`` run over ``sites`` (each a site's data as its task keeps them), in this process."""
     return programs.drive(program, answerer(program, sites, policy))
 
 
-def answerer(program: GbdtProgram, sites: list[Any], policy: Any) -> Callable[[Ask | Gather], Total | Gathered]:
+def answerer(program: Program, sites: list[Any], policy: Any) -> Callable[[Ask | Gather], Total | Gathered]:
     """How each of ``program``'s steps is answered over ``sites`` here (what :func:`fit` drives it with)."""
-    task = program.task
+    task = cast(Any, program).task
 
     def answer(step: Ask | Gather) -> Total | Gathered:
         if isinstance(step, Gather):
@@ -43,7 +42,7 @@ def answerer(program: GbdtProgram, sites: list[Any], policy: Any) -> Callable[[A
             ints = enc.add(ints, enc.encode(v))
         total = enc.decode(ints)
         if step.decide:
-            return Total(len(sites), np.asarray(GbdtProgram.decision(step.step, total, params), dtype=np.float64))
+            return Total(len(sites), np.asarray(type(program).decision(step.step, total, params), dtype=np.float64))
         return Total(len(sites), total)
 
     return answer

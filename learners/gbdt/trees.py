@@ -1,7 +1,7 @@
 """The arithmetic of histogram gradient boosting, shared by both halves and the pooled reference.
 
 Everything a site computes and everything the coordinator decides is a function here, so the
-federated fit and the same code fitted on pooled rows (:func:`boosting.pooled.fit`) are one
+federated fit and the same code fitted on pooled rows (:func:`learners.pooled.fit`) are one
 computation:
 
 * **gradients** of the objective at the current margins, each rounded to a multiple of

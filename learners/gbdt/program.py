@@ -4,19 +4,19 @@ The coordinator half (:meth:`GbdtProgram.run`) asks, in order:
 
 1. ``vocab`` (``task=tabular`` with categories left to discovery): the names, as preprocessing does;
 2. ``range``: per feature, the count of values in each signed power-of-two bucket (and the label's
-   counts or sum): decided into each feature's grid range (the buckets holding the 0.5 % and
-   99.5 % quantiles: a range of powers of two, never a value) and the base margin;
-3. ``grid``: per feature, the count of values in each of ``grid_cells`` cells of that range:
-   decided into at most ``max_bin - 1`` cut points near the pooled quantiles (grid boundaries, never
-   a site's value);
+   counts or sum): decided into each feature's grid (the non-empty buckets between those of the pooled
+   0.5 % and 99.5 % quantiles: powers of two, never a value) and the base margin;
+3. ``grid``: per feature, the count of values in each cell of that grid (each bucket cut into equal
+   cells, about ``grid_cells`` in all): decided into at most ``max_bin - 1`` cut points near the pooled
+   quantiles (grid boundaries, never a site's value);
 4. per boosting round, per tree level, ``level``: every site's gradient and hessian histograms of
    the open nodes (one tree per class): decided into each node's split and leaf values; then
    ``evaluate`` on the validation rows: the pooled validation loss, for early stopping;
 5. ``evaluate`` on the sites' own test rows (``task=tabular``): the pooled test metrics.
 
-Every total is of integers or of multiples of ``2^-24`` (:mod:`boosting.trees`), so
+Every total is of integers or of multiples of ``2^-24`` (:mod:`learners.gbdt.trees`), so
 it is exact, the same under every aggregation option and whatever the sites' split of the rows:
-:func:`boosting.pooled.fit` (this program on one site holding all rows) grows the same trees.
+:func:`learners.pooled.fit` (this program on one site holding all rows) grows the same trees.
 ``range``, ``grid`` and ``level`` are decisions (:attr:`core.programs.Ask.decide`): with plain or
 secure aggregation the coordinator reads the totals and decides; under Paillier a key-holding site
 verifies the total (every contribution authenticated, at least its ``aggregation.min_sites`` sites)
@@ -41,12 +41,12 @@ from typing import Any, ClassVar
 import numpy as np
 from typing_extensions import override
 
-from boosting import data as gdata
-from boosting.model import Ensemble
-from boosting.options import GbdtOptions
-from boosting.trees import BITS, SplitRule, Tree, best_split, bin_matrix, cuts_from_counts, gradients, loss_sum, quantize
 from core.fixedpoint import COUNTS, HISTOGRAMS
 from core.programs import Ask, Gather, PolicyRefusal, Program, ProgramError, SiteCall, Total
+from learners import rows as tables
+from learners.gbdt.model import Ensemble
+from learners.gbdt.options import GbdtOptions
+from learners.gbdt.trees import BITS, SplitRule, Tree, best_split, bin_matrix, cuts_from_counts, gradients, loss_sum, quantize
 from tasks.base import PooledTask, Task
 from tasks.federated import FederatedTask
 from tasks.metrics import binary_metrics
@@ -97,22 +97,22 @@ def decode_trees(blob: Any, features: int) -> list[Tree]:
 class SiteView:
     """The site's rows binned for the request's options and cuts (cached per data and state)."""
 
-    train: gdata.Rows
-    val: gdata.Rows
-    test: gdata.Rows | None
+    train: tables.Rows
+    val: tables.Rows
+    test: tables.Rows | None
     margins: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (split, model digest) -> margins
 
 
-_VIEWS: dict[tuple[int, str], SiteView] = {}
+_VIEWS: dict[tuple[int, ...], SiteView] = {}
 
 
 def _view(call: SiteCall) -> SiteView:
     vocab = json.loads(str(call.params.get("gbdt-vocab", "{}")))
-    key = (id(call.data), hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest())
+    train, val, test = tables.cached_site_rows(call.task, call.data, vocab)
+    key = (id(train), id(val), id(test))
     if key not in _VIEWS:
         if len(_VIEWS) > 64:
             _VIEWS.clear()
-        train, val, test = gdata.site_rows(call.task, call.data, vocab)
         _VIEWS[key] = SiteView(train, val, test)
     return _VIEWS[key]
 
@@ -155,9 +155,25 @@ def bucket_bounds(b: int) -> tuple[float, float]:
     return -(2.0 ** (e + 1)), -(2.0 ** e)
 
 
-def cell_bounds(lo: float, hi: float, cells: int) -> np.ndarray:
-    """The ``cells - 1`` inner boundaries of the fine grid over ``[lo, hi)``, as float32 values."""
-    return np.unique(np.asarray(lo + (hi - lo) * np.arange(1, cells) / cells, dtype=np.float32).astype(np.float64))
+def cell_bounds(buckets: list[int], cells: int) -> np.ndarray:
+    """The inner boundaries of a feature's fine grid (float32 values, increasing): each of its ``buckets``
+    (the non-empty power-of-two buckets between its pooled 0.5 % and 99.5 % quantiles) cut into equal cells,
+    about ``cells`` in all, so the grid is as fine, relatively, at 0.01 as at 10,000."""
+    if not buckets:
+        return np.zeros(0)
+    per = max(1, cells // len(buckets))
+    points = [lo + (hi - lo) * np.arange(per + 1) / per for lo, hi in (bucket_bounds(b) for b in buckets)]
+    bounds = np.unique(np.asarray(np.concatenate(points), dtype=np.float32).astype(np.float64))
+    return bounds[1:-1] if bounds.size > 2 else bounds[:0]  # the outer cells stay open-ended
+
+
+def grid_of(params: Mapping[str, Any], features: int, cells: int) -> list[np.ndarray]:
+    """Every feature's fine-grid boundaries from the request's ``gbdt-buckets`` (checked)."""
+    raw = json.loads(str(params.get("gbdt-buckets", "null")))
+    if not isinstance(raw, list) or len(raw) != features or \
+            any(not isinstance(b, list) or any(not isinstance(i, int) or not 0 <= i < BUCKETS - 1 for i in b) for b in raw):
+        raise ProgramError(f"a gbdt request whose grid buckets are not {features} lists of bucket numbers")
+    return [cell_bounds(sorted(set(b)), cells) for b in raw]
 
 
 def label_stats(objective: str, y: np.ndarray, classes: int, bits: int) -> np.ndarray:
@@ -181,7 +197,7 @@ def base_margins(objective: str, stats: np.ndarray, classes: int) -> np.ndarray:
     return np.log(prior / prior.sum())
 
 
-def _margins(view: SiteView, split: str, rows: gdata.Rows, params: Mapping[str, Any], trees: list[Tree],
+def _margins(view: SiteView, split: str, rows: tables.Rows, params: Mapping[str, Any], trees: list[Tree],
              cuts: list[np.ndarray], base: np.ndarray, classes: int) -> np.ndarray:
     """The model's margins on ``rows`` (rows x outputs), from the last margins cached for a prefix of the trees."""
     bins = bin_matrix(rows.x, cuts)
@@ -231,9 +247,13 @@ class Outcome:
     vocab: dict[str, list[str]] = field(default_factory=dict)
     stopped: str = ""
 
+    schema: str | None = None
+    ended_early: list[dict[str, int]] = field(default_factory=list)  # trees ended at a level a site dropped out of
+
     def ensemble(self) -> Ensemble:
         """The fitted model."""
-        return Ensemble(self.trees, self.base, self.cuts, self.names, self.objective, self.classes)
+        return Ensemble(self.trees, self.base, self.cuts, self.names, self.objective, self.classes, self.schema,
+                        self.vocab)
 
 
 @dataclass
@@ -260,20 +280,19 @@ class GbdtProgram(Program):
     def run(self) -> Generator[Ask | Gather, Any, Outcome]:
         """Sketch, then rounds of level-wise growth with early stopping, then the pooled test metrics."""
         o, task = self.options, self.task
-        objective = gdata.objective_of(task) if o.objective == "auto" else o.objective
-        classes = gdata.classes_of(task) if objective == "multiclass" else 1
+        objective = tables.objective_of(task) if o.objective == "auto" else o.objective
+        classes = tables.classes_of(task) if objective == "multiclass" else 1
         self.state.update({"gbdt-options": o.to_json(), "gbdt-objective": objective, "gbdt-classes": classes})
         if isinstance(task, FederatedTask):
             self.state["prep-fingerprint"] = task.fingerprint()
-        vocab: dict[str, list[str]] = {}
-        if isinstance(task, TabularTask) and task.discovers():
-            got = yield Gather("vocab")
-            vocab = task.merge_vocab([json.loads(str(v)) for v in got.values])
+        vocab = yield from tables.discover(task)
         self.state["gbdt-vocab"] = json.dumps(vocab, sort_keys=True)
-        names = gdata.feature_names(task, vocab)
+        names = tables.feature_names(task, vocab)
         F = len(names)
         self.state["gbdt-features"] = F
         out = Outcome([], [], [], names, objective, classes, o, vocab=vocab)
+        if isinstance(task, TabularTask):  # what `fedsilo predict` reads rows to score with
+            out.schema = task.path(task.cfg.schema, "schema").read_text(encoding="utf-8")
         # 2. the grid's range per feature, and the base margin
         label_len = 1 + (classes if objective == "multiclass" else 1)
         rng_total: Total = yield Ask("range", label_len + F * BUCKETS, encoding=HISTOGRAMS, decide=True)
@@ -281,10 +300,12 @@ class GbdtProgram(Program):
         if rng_total.values is None:
             raise RuntimeError(f"no site contributed to the bin ranges; reasons: {[r for _, r in rng_total.rejected][:3]}")
         base = rng_total.values[:classes]
-        self.state["gbdt-ranges"] = json.dumps(rng_total.values[classes:].tolist())
+        used = rng_total.values[classes:].reshape(F, BUCKETS - 1) > 0.5
+        self.state["gbdt-buckets"] = json.dumps([np.nonzero(u)[0].tolist() for u in used])
         self.state["gbdt-base"] = json.dumps(base.tolist())
         # 3. cut points from the pooled fine histograms
-        grid_total: Total = yield Ask("grid", F * o.grid_cells, encoding=COUNTS, decide=True)
+        cells = sum(len(b) + 1 for b in grid_of(self.state, F, o.grid_cells))
+        grid_total: Total = yield Ask("grid", cells, encoding=COUNTS, decide=True)
         self._note(grid_total, "grid", out)
         if grid_total.values is None:
             raise RuntimeError("no site contributed to the bin edges")
@@ -300,6 +321,7 @@ class GbdtProgram(Program):
                 rng.choice(F, size=max(1, int(round(o.colsample_bytree * F))), replace=False))
             grow = [Tree() for _ in range(classes)]
             open_nodes: list[list[int]] = [[0] for _ in range(classes)]
+            round_sites = 0
             for depth in range(o.max_depth):
                 if not any(open_nodes):
                     break
@@ -310,9 +332,19 @@ class GbdtProgram(Program):
                 _, width = slots(cuts)
                 total: Total = yield Ask("level", count * 2 * width, params, HISTOGRAMS, decide=True)
                 self._note(total, "level", out)
-                if total.values is None:
-                    raise RuntimeError(f"round {rnd}, depth {depth}: no total of the histograms (every site left out, "
-                                       "or no key holder decided it)")
+                if depth == 0:
+                    if total.values is None:
+                        raise RuntimeError(f"round {rnd}: no total of the root's histograms (every site left out, "
+                                           "or no key holder decided it)")
+                    round_sites = total.sites
+                elif total.values is None or total.sites < round_sites:
+                    # a site dropped out mid-tree: its rows would be missing below this level only, so the tree ends
+                    # here (its open nodes keep the leaf values of the level above, which held every site of the round)
+                    LOG.log(WARNING, "fedsilo gbdt: round %s, depth %s: %s of the round's %s sites in the total; the "
+                            "tree ends at this level", rnd + 1, depth, total.sites, round_sites)
+                    out.ended_early.append({"round": rnd + 1, "depth": depth, "sites": total.sites,
+                                            "round_sites": round_sites})
+                    break
                 decided = total.values.reshape(count, DECISION)
                 nxt: list[list[int]] = [[] for _ in range(classes)]
                 i = 0
@@ -385,25 +417,23 @@ class GbdtProgram(Program):
             label_len = 1 + (classes if objective == "multiclass" else 1)
             base = base_margins(objective, total[:label_len], classes)
             counts = total[label_len:].reshape(F, BUCKETS)[:, :-1]  # missing values do not place the grid
-            spans: list[float] = []
+            used = np.zeros((F, BUCKETS - 1))
             for f in range(F):
                 n = counts[f].sum()
                 if n <= 0:
-                    spans += [0.0, 1.0]
                     continue
                 cum = np.cumsum(counts[f])
                 lo_b = int(np.searchsorted(cum, QUANTILE * n, side="left"))
                 hi_b = int(np.searchsorted(cum, (1 - QUANTILE) * n, side="left"))
-                lo, hi = bucket_bounds(lo_b)[0], bucket_bounds(hi_b)[1]
-                spans += [lo, hi]
-            return np.concatenate([base, spans])
+                used[f, lo_b:hi_b + 1] = counts[f, lo_b:hi_b + 1] > 0
+            return np.concatenate([base, used.ravel()])
         if step == "grid":
-            ranges = np.asarray(json.loads(str(params["gbdt-ranges"])), dtype=np.float64).reshape(F, 2)
-            counts = total.reshape(F, o.grid_cells)
+            grids = grid_of(params, F, o.grid_cells)
             out = np.zeros((F, o.max_bin))
-            for f in range(F):
-                bounds = cell_bounds(ranges[f, 0], ranges[f, 1], o.grid_cells)
-                c = cuts_from_counts(counts[f, :len(bounds) + 1], bounds, o.max_bin)
+            start = 0
+            for f, bounds in enumerate(grids):
+                c = cuts_from_counts(total[start:start + len(bounds) + 1], bounds, o.max_bin)
+                start += len(bounds) + 1
                 out[f, 0] = c.size
                 out[f, 1:1 + c.size] = c
             return out.ravel()
@@ -436,9 +466,7 @@ class GbdtProgram(Program):
             task.check_fingerprint(p)
         o = _options(p)
         if step == "vocab":
-            if not isinstance(task, TabularTask):
-                raise ProgramError("only task=tabular discovers categories")
-            return json.dumps(task.local_vocab(call.data.fit_rows, call.policy.statistics.min_rows), sort_keys=True)
+            return tables.local_vocab(call)
         view = _view(call)
         F = int(p.get("gbdt-features", -1))  # type: ignore[call-overload]
         if view.train.x.shape[1] != F:
@@ -456,16 +484,13 @@ class GbdtProgram(Program):
                 counts[f] = np.bincount(bucket_of(x[:, f]), minlength=BUCKETS)
             return np.concatenate([label_stats(objective, y, classes, BITS), counts.ravel()])
         if step == "grid":
-            ranges = np.asarray(json.loads(str(p["gbdt-ranges"])), dtype=np.float64).reshape(F, 2)
-            counts = np.zeros((F, o.grid_cells))
             x32 = x.astype(np.float32).astype(np.float64)
-            for f in range(F):
-                bounds = cell_bounds(ranges[f, 0], ranges[f, 1], o.grid_cells)
+            parts = []
+            for f, bounds in enumerate(grid_of(p, F, o.grid_cells)):
                 col = x32[:, f]
                 col = col[~np.isnan(col)]
-                counts[f, :len(bounds) + 1] = np.bincount(np.searchsorted(bounds, col, side="right"),
-                                                          minlength=len(bounds) + 1)
-            return counts.ravel()
+                parts.append(np.bincount(np.searchsorted(bounds, col, side="right"), minlength=len(bounds) + 1))
+            return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
         cuts = _cuts(p, F, o.max_bin)
         base = np.asarray(json.loads(str(p.get("gbdt-base", "[]"))), dtype=np.float64)
         if base.shape != (classes,):

@@ -1,4 +1,4 @@
-"""A site's rows as the matrices trees are grown on: features (NaN = missing), labels, names.
+"""A site's rows as the matrices learners fit: features (NaN = missing), labels, names.
 
 Two kinds of site data reach the learner: a bundled task's preprocessed tensors
 (:class:`~tasks.data.SiteData`: train and validation rows; the test rows are the coordinator's)
@@ -10,12 +10,14 @@ feature becomes one 0/1 column per level of the federation's vocabulary (missing
 
 from __future__ import annotations
 
+import json
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from core.programs import ProgramError
+from core.programs import Gather, ProgramError, SiteCall
 from tasks.base import PooledTask, Task
 from tasks.data import SiteData, Split
 from tasks.federated import RawSite
@@ -69,10 +71,10 @@ def levels(feature: Any, vocab: dict[str, list[str]]) -> list[str]:
     return list(feature.categories) if feature.categories is not None else list(vocab.get(feature.name, []))
 
 
-def table_rows(task: TabularTask, table: Any, vocab: dict[str, list[str]]) -> Rows:
-    """A site table's rows as features and labels."""
+def table_rows(schema: Any, table: Any, vocab: dict[str, list[str]]) -> Rows:
+    """A site table's rows (read by ``schema``, a :class:`~tasks.tabular.schema.Schema`) as features and labels."""
     cols: list[np.ndarray] = []
-    for f in task.schema.features:
+    for f in schema.features:
         if f.type == "categorical":
             cells = np.asarray(table.categorical[f.name]).astype(str)
             missing = cells == MISSING_LEVEL
@@ -94,8 +96,40 @@ def split_rows(split: Split) -> Rows:
 def site_rows(task: Task, data: Any, vocab: dict[str, list[str]]) -> tuple[Rows, Rows, Rows | None]:
     """The site's training, validation and (its own, if it holds them) test rows."""
     if isinstance(data, RawSite) and isinstance(task, TabularTask):
-        return (table_rows(task, data.train, vocab), table_rows(task, data.val, vocab),
-                table_rows(task, data.test, vocab))
+        schema = task.schema
+        return table_rows(schema, data.train, vocab), table_rows(schema, data.val, vocab), table_rows(schema, data.test, vocab)
     if isinstance(data, SiteData):
         return split_rows(data.train), split_rows(data.val), None
     raise ProgramError(f"task={getattr(task, 'name', '?')}: this site's data are not a table (learner=gbdt)")
+
+
+_CACHE: dict[tuple[int, str], tuple[Rows, Rows, Rows | None]] = {}
+
+
+def cached_site_rows(task: Task, data: Any, vocab: dict[str, list[str]]) -> tuple[Rows, Rows, Rows | None]:
+    """:func:`site_rows`, kept per site data and vocabulary for the run (every step of a program reads them)."""
+    import hashlib
+
+    key = (id(data), hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest())
+    if key not in _CACHE:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        _CACHE[key] = site_rows(task, data, vocab)
+    return _CACHE[key]
+
+
+def discover(task: Task) -> Generator[Gather, Any, dict[str, list[str]]]:
+    """A program's first step for ``task=tabular`` with categories left to discovery: the names, merged
+    (each site names only categories it holds at least its ``statistics.min_rows`` times)."""
+    if isinstance(task, TabularTask) and task.discovers():
+        got = yield Gather("vocab")
+        return task.merge_vocab([json.loads(str(v)) for v in got.values])
+    return {}
+
+
+def local_vocab(call: SiteCall) -> str:
+    """A site's answer to :func:`discover`."""
+    task = call.task
+    if not isinstance(task, TabularTask) or not isinstance(call.data, RawSite):
+        raise ProgramError("only task=tabular discovers categories")
+    return json.dumps(task.local_vocab(call.data.fit_rows, call.policy.statistics.min_rows), sort_keys=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from boosting.trees import XGB_OBJECTIVE, Tree, softmax
+from learners.gbdt.trees import XGB_OBJECTIVE, Tree, softmax
 
 FORMAT = "fedsilo-gbdt-v1"
 
@@ -32,6 +32,8 @@ class Ensemble:
     names: list[str]
     objective: str
     classes: int
+    schema: str | None = None                 # task=tabular: the schema file's text (to read rows to score)
+    vocab: dict[str, list[str]] | None = None  # the federation's discovered categories
 
     def margins(self, x: np.ndarray) -> np.ndarray:
         """Raw scores (rows x outputs) of the feature rows ``x`` (NaN = missing)."""
@@ -63,7 +65,8 @@ class Ensemble:
     def to_dict(self) -> dict[str, Any]:
         """The model as fedsilo's JSON (every node field, float64)."""
         return {"format": FORMAT, "objective": self.objective, "classes": self.classes, "base": self.base,
-                "names": self.names, "cuts": self.cuts, "trees": [t.to_dict() for t in self.trees]}
+                "names": self.names, "cuts": self.cuts, "schema": self.schema, "vocab": self.vocab or {},
+                "trees": [t.to_dict() for t in self.trees]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Ensemble:
@@ -71,7 +74,7 @@ class Ensemble:
         if d.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} model (format {d.get('format')!r})")
         return cls([Tree.from_dict(t) for t in d["trees"]], [float(b) for b in d["base"]], d["cuts"], list(d["names"]),
-                   str(d["objective"]), int(d["classes"]))
+                   str(d["objective"]), int(d["classes"]), d.get("schema"), d.get("vocab") or {})
 
     def to_xgboost(self) -> dict[str, Any]:
         """The model in XGBoost's JSON model format (``Booster(model_file=...)`` loads it)."""

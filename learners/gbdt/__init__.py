@@ -1,10 +1,10 @@
 """``learner=gbdt``: histogram gradient-boosted trees over the sites' tables, fitted by protected sums.
 
-* :mod:`boosting.trees`: the arithmetic (gradients, bins, histograms, splits), shared by both halves;
-* :mod:`boosting.program`: the protected-sum program (coordinator half, decisions, site half);
-* :mod:`boosting.model`: the fitted ensemble, its scores and XGBoost's JSON model format;
-* :mod:`boosting.pooled`: the same program on rows in one process (the pooled reference);
-* :mod:`boosting.options`, :mod:`boosting.data`: the options, a site's rows as matrices.
+* :mod:`learners.gbdt.trees`: the arithmetic (gradients, bins, histograms, splits), shared by both halves;
+* :mod:`learners.gbdt.program`: the protected-sum program (coordinator half, decisions, site half);
+* :mod:`learners.gbdt.model`: the fitted ensemble, its scores and XGBoost's JSON model format;
+* :mod:`learners.pooled`: the same program on rows in one process (the pooled reference);
+* :mod:`learners.gbdt.options`, :mod:`learners.rows`: the options, a site's rows as matrices.
 
 docs/gbdt.md says what the coordinator learns under each aggregation option.
 """
@@ -17,19 +17,19 @@ from typing import Any, ClassVar
 
 from typing_extensions import override
 
-from boosting.model import Ensemble
-from boosting.options import GbdtOptions
-from boosting.program import GbdtProgram, Outcome
 from core.config import ConfigError
 from core.programs import Program
 from core.programs import register as register_program
+from learners.gbdt.model import Ensemble
+from learners.gbdt.options import GbdtOptions
+from learners.gbdt.program import GbdtProgram, Outcome
 from tasks.base import PooledTask, Task
 from tasks.learners import LearnerConfig, SumLearner, register
 from tasks.tabular.task import TabularTask
 
 
 class GbdtLearner(SumLearner):
-    """``learner.name=gbdt`` (options: :class:`~boosting.options.GbdtOptions`)."""
+    """``learner.name=gbdt`` (options: :class:`~learners.gbdt.options.GbdtOptions`)."""
 
     name: ClassVar[str] = "gbdt"
 
@@ -56,6 +56,7 @@ class GbdtLearner(SumLearner):
                 "best_round": out.best_round, "trees": len(out.trees), "stopped": out.stopped, "sites": out.sites,
                 "seconds_per_round": out.seconds_per_round, "history": out.history, "test": out.test,
                 "importance": ens.importance(), "features": out.names, "vocab": out.vocab, "rejected": out.rejected,
+                "trees_ended_by_a_dropout": out.ended_early,
                 "options": GbdtOptions.parse({}).__class__.from_json(out.options.to_json()).__dict__}
 
     @override
