@@ -145,12 +145,13 @@ def validate(cfg: DictConfig | FedsiloConfig) -> FedsiloConfig:
         check(len(cfg.vertical.parties) >= 2, "vertical.parties", len(cfg.vertical.parties),
               "an active party and at least one passive party")
     if not learners.get(cfg.learner.name).rounds:  # a sum-based learner: one protected-sum program, no rounds
+        torch_only = "; add learner.name=torch to train the task's torch model by rounds"
         for key, value, default in (("privacy.name", cfg.privacy.name, "none"),
                                     ("vertical.name", cfg.vertical.name, "none")):
             check(value == default, key, value, f"{default} with learner={cfg.learner.name} (a sum-based learner "
-                  "is protected by the aggregation option; differential privacy of its sums is not built yet)")
+                  f"is protected by the aggregation option; differential privacy of its sums is not built yet){torch_only}")
         check(not cfg.audit, "audit", cfg.audit, f"false with learner={cfg.learner.name} (the membership-inference "
-              "audit attacks a torch model)")
+              f"audit attacks a torch model){torch_only}")
     check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "an integer >= 1")
     check(cfg.strategy.buffer == 0 or cfg.num_rounds < DISPATCH, "num_rounds", cfg.num_rounds,
           f"fewer than {DISPATCH} model versions with strategy.buffer > 0")

@@ -27,7 +27,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 BEFORE = "ead2861"  # main before issue #33
-HEART = ["task=tabular", f"task.schema={REPO}/tasks/data/schemas/heart.yaml",
+HEART = ["task=tabular", "learner.name=torch", f"task.schema={REPO}/tasks/data/schemas/heart.yaml",
          f"task.data={REPO}/tasks/data/uci_heart_disease/sites", "partition=natural", "task.model=logreg"]
 
 

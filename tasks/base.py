@@ -117,6 +117,8 @@ class Task(ABC):
     data_files: ClassVar[tuple[str, ...]] = ()
     #: Whether the rows stay at the sites (no process pools them; the coordinator holds no test set).
     federated_data: ClassVar[bool] = False
+    #: The learner a run of this task uses when ``learner.name`` is not set (:mod:`tasks.learners`).
+    default_learner: ClassVar[str] = "torch"
 
     def __init__(self, cfg: TaskConfig, data_dir: str | Path) -> None:
         self.cfg = cfg

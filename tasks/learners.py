@@ -32,7 +32,7 @@ from tasks.base import Task
 class LearnerConfig:
     """Hydra schema of the ``learner`` group: the learner's name and its own options."""
 
-    name: str = "torch"
+    name: str = ""  # "" = the task's default (Task.default_learner: torch; task=tabular: auto)
     options: dict[str, Any] = field(default_factory=dict)  # the learner's own keys (its docs list them)
 
 
@@ -102,7 +102,9 @@ def get(name: str) -> Learner:
 
 
 def validate(cfg: LearnerConfig, task: type[Task]) -> None:
-    """The ``learner`` group's checks: a known learner, and its own."""
+    """The ``learner`` group's checks: a known learner, and its own (an unset name becomes the task's default)."""
+    if not cfg.name:
+        cfg.name = task.default_learner
     try:
         learner = get(cfg.name)
     except ValueError:

@@ -58,6 +58,8 @@ class TabularTask(FederatedTask):
 
     name: ClassVar[str] = "tabular"
     models: ClassVar[tuple[str, ...]] = ("mlp", "logreg")
+    #: a site's own table: a linear model and boosted trees, the lower pooled validation loss chosen (docs/own-data.md)
+    default_learner: ClassVar[str] = "auto"
 
     def path(self, value: str, key: str) -> Path:
         """``task.<key>``'s path, relative to ``data_dir``; a clear error if it is not set."""

@@ -108,7 +108,7 @@ def test_deploy_local_of_own_tables_with_a_coordinator_that_holds_no_data(tmp_pa
     """`fedsilo deploy local --sites 2 task=tabular ...` (two hospitals' own CSV files): the ServerApp's
     data folder is empty, the sites preprocess federally and pool their test metrics; the numbers equal
     the simulation of the same overrides, and the run's model scores new rows."""
-    args = ["task=tabular", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites",
+    args = ["task=tabular", "learner.name=torch", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites",
             "partition=natural", "task.model=logreg", "num_rounds=1", "strategy.fraction_evaluate=0"]
     out = tmp_path / "deploy"
     outcome, results = deploy.run(args, 2, out, stream=False)

@@ -218,7 +218,7 @@ def test_medical_run_on_four_hospitals(tmp_path: Path) -> None:
 
 def test_multirun_sweeps_tasks(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "app.cli", "--multirun", "task=medical,tabular", "num_rounds=1",
+        [sys.executable, "-m", "app.cli", "--multirun", "task=medical,tabular", "learner.name=torch", "num_rounds=1",
          "num_sites=2", f"hydra.sweep.dir={tmp_path}"],
         capture_output=True, text=True, timeout=900,
     )

@@ -89,3 +89,13 @@ def test_auto_chooses_the_lower_pooled_validation_loss_and_predict_scores_it(tmp
     other = pooled.fit(AutoProgram(task, GlmOptions(), GbdtOptions(trees=30, early_stopping=5)), sites,
                        site_policy.SitePolicy())
     assert other.chosen == got["chosen"] and other.val_loss == pytest.approx(losses, rel=1e-9)
+
+
+def test_a_tables_default_learner_is_auto_and_a_torch_option_says_how_to_get_torch() -> None:
+    from core.config import ConfigError
+
+    assert config.compose([*HEART, f"data_dir={DATA_DIR}"]).learner.name == "auto"
+    assert config.compose(["task=finance"]).learner.name == "torch"
+    assert config.compose([*HEART, "learner.name=torch", f"data_dir={DATA_DIR}"]).learner.name == "torch"
+    with pytest.raises(ConfigError, match="privacy.name.*add learner.name=torch"):
+        config.compose([*HEART, "privacy=dpsgd", f"data_dir={DATA_DIR}"])

@@ -154,7 +154,7 @@ def test_the_learner_group_is_checked_before_anything_runs() -> None:
     with pytest.raises(ConfigError, match="learner.name"):
         config.compose([*HEART, "learner.name=nonesuch"])
     with pytest.raises(ConfigError, match="learner.options"):
-        config.compose([*HEART, "+learner.options.column=age"])  # the torch learner takes none
+        config.compose([*HEART, "learner.name=torch", "+learner.options.column=age"])  # the torch learner takes none
     with pytest.raises(ConfigError, match="learner.options.column"):
         config.compose([*HEART, "learner.name=column_moments"])
     with pytest.raises(ConfigError, match="privacy.name"):

@@ -18,7 +18,7 @@ from tasks.base import PartitionConfig, TaskConfig
 from tasks.tabular import artefact
 from tests.conftest import DATA_DIR
 
-HEART = ["task=tabular", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
+HEART = ["task=tabular", "learner.name=torch", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
          "task.model=logreg"]
 
 
@@ -138,13 +138,13 @@ def test_a_site_with_another_schema_is_refused() -> None:
 
 @pytest.mark.slow
 def test_multiclass_and_regression_labels_run_end_to_end(tmp_path: Path) -> None:
-    multi = run_inprocess(["task=tabular", "task.schema=schemas/heart_multiclass.yaml",
+    multi = run_inprocess(["task=tabular", "learner.name=torch", "task.schema=schemas/heart_multiclass.yaml",
                            "task.data=uci_heart_disease/sites", "partition=natural", "num_rounds=3",
                            "task.model=logreg", "aggregation=secagg"], tmp_path / "multi")
     m = multi["final"]
     assert {"accuracy", "macro_f1", "macro_auc", "loss"} <= set(m) and 0.5 < m["macro_auc"] < 1
     assert multi["history"][-1]["federated_evaluate"]["accuracy"] > 0  # the sites' validation, pooled
-    reg = run_inprocess(["task=tabular", "task.schema=schemas/diabetes.yaml", "task.data=diabetes/diabetes.csv",
+    reg = run_inprocess(["task=tabular", "learner.name=torch", "task.schema=schemas/diabetes.yaml", "task.data=diabetes/diabetes.csv",
                          "num_sites=3", "num_rounds=10", "task.model=logreg", "task.lr=0.01", "privacy=dpsgd",
                          "privacy.target_epsilon=50", "site_policy.privacy.max_epsilon=50"], tmp_path / "reg")
     r = reg["final"]
@@ -160,7 +160,7 @@ def test_multiclass_and_regression_labels_run_end_to_end(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_the_credit_table_through_the_tabular_path_trains_the_finance_model(tmp_path: Path) -> None:
     """A CSV plus a schema, preprocessed federally, gives task=finance's 28 inputs and its numbers."""
-    tab = run_inprocess(["task=tabular", "num_rounds=2"], tmp_path / "tabular")
+    tab = run_inprocess(["task=tabular", "learner.name=torch", "num_rounds=2"], tmp_path / "tabular")
     fin = run_inprocess(["task=finance", "num_rounds=2"], tmp_path / "finance")
     for k in ("auc", "accuracy", "loss", "ks"):
         assert abs(tab["final"][k] - fin["final"][k]) < 1e-4, k
