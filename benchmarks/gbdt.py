@@ -17,7 +17,8 @@ runner), the baselines on the pooled rows of the same split:
    better of a pooled logistic (linear) model and pooled xgboost with the same trees;
 5. the exported model scored by ``xgboost`` against fedsilo's own scores (max abs difference).
 
-    python benchmarks/gbdt.py            # about 15 minutes on 2 cores
+    python benchmarks/gbdt.py                                  # about 10 minutes on 2 cores
+    python benchmarks/gbdt.py --only deployment --merge        # 6. seconds per tree deployed (3 sites, TLS)
 
 Writes ``benchmarks/results/gbdt.json`` and ``gbdt.md``.
 """
@@ -239,7 +240,8 @@ def heart_options(tmp: Path) -> dict[str, Any]:
     runs["paillier"] = fed_paillier([*HEART, *short, "aggregation=paillier", f"aggregation.public_key={public}"],
                                     tmp / "heart-paillier", private)
     full = fed(HEART, tmp, "heart-default")
-    logreg = run_inprocess([*HEART, "learner.name=torch", "task.model=logreg", "task.batch_size=32", "num_rounds=20", "report=false"],
+    logreg = run_inprocess([*HEART, "learner.name=torch", "task.model=logreg", "task.batch_size=32", "num_rounds=20",
+                            "report=false"],
                            tmp / "heart-fedavg")
     x, y, xt, yt, _ = tabular_pool(HEART, {})
     return {"options": {k: {"seconds_per_tree": v["seconds_per_tree"], "bytes_per_tree": v["bytes_per_tree"],
@@ -287,6 +289,26 @@ def export_check(folder: Path, xt: np.ndarray) -> dict[str, Any]:
             "treeshap_sums_to_margin": float(np.max(np.abs(contribs.sum(axis=1) - booster.predict(dm, output_margin=True))))}
 
 
+def deployment(tmp: Path) -> dict[str, Any]:
+    """``fedsilo deploy local --sites 3`` (SuperLink, SuperNodes, TLS, authenticated nodes) of the heart tables,
+    ``learner=gbdt`` with 20 trees, plain and secagg: seconds per tree beside the same config in process."""
+    from app.runtime import deploy
+
+    args = [*HEART, "learner.name=gbdt", "+learner.options.trees=20", "+learner.options.early_stopping=0"]
+    out: dict[str, Any] = {}
+    for agg in ("plain", "secagg"):
+        run_args = [*args, f"aggregation={agg}"]
+        t0 = time.monotonic()
+        outcome, results = deploy.run(run_args, 3, tmp / f"deploy-{agg}", stream=False)
+        if not outcome.ok or results is None:
+            raise RuntimeError(f"the {agg} deployment failed: {outcome}")
+        sim = fed([*run_args, "num_sites=3", "partition.natural_sites=3"], tmp, f"deploy-sim-{agg}")
+        out[agg] = {"deployed_seconds_per_tree": results["learner"]["seconds_per_round"],
+                    "in_process_seconds_per_tree": sim["seconds_per_tree"], "deployment_seconds": time.monotonic() - t0,
+                    "same_test_auc": results["learner"]["test"]["auc"] == sim["test"]["auc"]}
+    return out
+
+
 def markdown(r: dict[str, Any]) -> str:
     lines = ["# learner=gbdt (issue #36)", "", f"`python benchmarks/gbdt.py` on {r['machine']}; every baseline from the "
              "same run, on the pooled rows of the same split.", ""]
@@ -331,6 +353,14 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", f"Exported model (`model.xgb.json`) scored by `xgboost.Booster` on {e['rows']} test rows: max abs "
                   f"difference from fedsilo's probabilities **{e['max_abs_difference']:.2e}**; TreeSHAP contributions sum "
                   f"to the margin within {e['treeshap_sums_to_margin']:.1e}.", ""]
+    if "deployment" in r:
+        lines += ["## Seconds per tree in a deployment (`fedsilo deploy local --sites 3`, TLS, heart tables, depth 4)", "",
+                  "| option | deployed | in process | ratio | deployed AUC = in process |", "|---|---|---|---|---|"]
+        for agg, d in r["deployment"].items():
+            lines.append(f"| {agg} | {d['deployed_seconds_per_tree']:.3f} | {d['in_process_seconds_per_tree']:.3f} | "
+                         f"{d['deployed_seconds_per_tree'] / d['in_process_seconds_per_tree']:.2f} | "
+                         f"{d['same_test_auc']} |")
+        lines.append("")
     if "own" in r:
         lines += ["## Own tables, defaults only (`fedsilo task=tabular task.schema=S task.data=D`, 3 sites or the 4 "
                   "hospitals)", "", "task=tabular's default learner `auto` fits `glm` and `gbdt` and keeps the one with the "
@@ -356,7 +386,7 @@ def main() -> None:
     results: dict[str, Any] = json.loads(path.read_text()) if args.merge and path.exists() else {}
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     sections = {"finance_iid": finance_iid, "finance_dirichlet": finance_dirichlet, "heart": heart_options,
-                "own": own_tables}
+                "own": own_tables, "deployment": deployment}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only:
             t0 = time.monotonic()

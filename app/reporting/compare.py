@@ -74,22 +74,30 @@ def _name(runs: list[Run]) -> None:
         r.name = " ".join(own) if own else ("(defaults)" if any(set(t) - common for t in tokens) else r.path.name)
 
 
+def final_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """A run's test metrics: the last round's, or a sum-based learner's (``learner.test``)."""
+    return results.get("final") or (results.get("learner") or {}).get("test") or {}
+
+
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    """The comparison table's header and rows, one row per run."""
-    columns = [*COLUMNS, *(k for k in REGRESSION_COLUMNS if any(k in (r.results.get("final") or {}) for r in runs))]
+    """The comparison table's header and rows, one row per run (a sum-based learner's: its rounds of trees or
+    Newton steps, its test metrics and traffic)."""
+    columns = [*COLUMNS, *(k for k in REGRESSION_COLUMNS if any(k in final_metrics(r.results) for r in runs))]
     personal = any(r.results.get("personalization") for r in runs)
     head = ["run", "status", "rounds", *columns, "best AUC (round)", "max epsilon",
             *(["site mean accuracy (global / personal)"] if personal else []), "seconds", "MB to sites", "path"]
     rows = []
     for r in runs:
         res = r.results
-        final, hist = res.get("final") or {}, res.get("history", [])
+        final, hist, learner = final_metrics(res), res.get("history", []), res.get("learner") or {}
         aucs = [(h["server"].get("auc"), h["round"]) for h in hist if h["server"].get("auc") is not None]
         best = max(aucs) if aucs else None
         p = res.get("privacy") or {}
         eps = p.get("max_epsilon", p.get("epsilon"))
-        mb = sum(h.get("traffic", {}).get("bytes_to_sites", 0) for h in hist) / 1e6
-        rows.append([r.name, str(res.get("status", "?")), str(len(hist)),
+        mb = (sum(h.get("traffic", {}).get("bytes_to_sites", 0) for h in hist) if hist else
+              (res.get("traffic") or {}).get("bytes_to_sites", 0)) / 1e6
+        rounds = len(hist) if hist or not learner else learner.get("rounds", learner.get("iterations", 1))
+        rows.append([r.name, str(res.get("status", "?")), str(rounds),
                      *[("n/a" if final.get(k) is None else f"{final[k]:.4f}") for k in columns],
                      f"{best[0]:.4f} ({best[1]})" if best else "n/a", "-" if eps is None else f"{eps:.3f}",
                      *([site_means(res)] if personal else []),

@@ -105,11 +105,13 @@ def test_deploy_local_runs_buffered_compressed_rounds_with_a_slow_site(tmp_path:
 
 
 def test_deploy_local_of_own_tables_with_a_coordinator_that_holds_no_data(tmp_path: Path) -> None:
-    """`fedsilo deploy local --sites 2 task=tabular ...` (two hospitals' own CSV files): the ServerApp's
-    data folder is empty, the sites preprocess federally and pool their test metrics; the numbers equal
-    the simulation of the same overrides, and the run's model scores new rows."""
-    args = ["task=tabular", "learner.name=torch", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites",
-            "partition=natural", "task.model=logreg", "num_rounds=1", "strategy.fraction_evaluate=0"]
+    """`fedsilo deploy local --sites 2 task=tabular ...` (two hospitals' own CSV files, the default learner
+    `auto`: a linear model and boosted trees by protected sums): the ServerApp's data folder is empty, the
+    sites pool their test metrics; the fits equal the simulation of the same overrides (the trees node for
+    node), and the run's model scores new rows."""
+    args = ["task=tabular", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites",
+            "partition=natural", "+learner.options.gbdt.trees=4", "+learner.options.gbdt.max_depth=3",
+            "+learner.options.gbdt.early_stopping=0", "site_policy.statistics.min_rows=1"]
     out = tmp_path / "deploy"
     outcome, results = deploy.run(args, 2, out, stream=False)
     assert not leftover_processes(), leftover_processes()
@@ -117,10 +119,12 @@ def test_deploy_local_of_own_tables_with_a_coordinator_that_holds_no_data(tmp_pa
     coordinator = out / "coordinator"
     assert results["config"]["data_dir"] == str(coordinator.resolve()) and not any(coordinator.iterdir())
     assert sorted(p.name for p in (out / "sites").glob("*.csv")) == ["cleveland.csv", "hungarian.csv"]
-    assert results["preprocessing"]["sites"] == 2 and results["final"]["test_sites"] == 2
-    simulated = run_inprocess([*args, "num_sites=2", "partition.natural_sites=2"], tmp_path / "sim")
-    for k in ("auc", "accuracy", "loss"):
-        assert abs(results["final"][k] - simulated["final"][k]) <= 1e-9, k
+    got = results["learner"]
+    assert results["config"]["learner"]["name"] == "auto" and got["test"]["test_sites"] == 2
+    simulated = run_inprocess([*args, "num_sites=2", "partition.natural_sites=2"], tmp_path / "sim")["learner"]
+    assert got["chosen"] == simulated["chosen"] and got["val_loss"]["gbdt"] == simulated["val_loss"]["gbdt"]
+    assert abs(got["val_loss"]["glm"] - simulated["val_loss"]["glm"]) <= 1e-9
+    assert got["parts"]["gbdt"]["history"] == simulated["parts"]["gbdt"]["history"]
     from app.cli import predict
 
     assert predict.main([str(out), str(out / "sites" / "hungarian.csv"), "--out", str(tmp_path / "s.csv")]) == 0

@@ -58,6 +58,12 @@ def test_federated_logistic_regression_equals_scikit_learn_on_the_pooled_rows(tm
     assert runs["secagg"]["learner"]["test"]["auc"] == pytest.approx(runs["plain"]["learner"]["test"]["auc"], abs=1e-9)
     coef = runs["plain"]["learner"]["coefficients_per_unit"]["coefficients"]
     assert set(coef) >= {"intercept", "age", "cp=4"}  # per unit of each input, for the report
+    from app.reporting import compare  # `fedsilo compare` reads a learner's test metrics and steps
+
+    head, rows = compare.table(compare.find_runs([tmp_path]))
+    auc, steps = head.index("auc"), head.index("rounds")
+    assert [row[auc] for row in rows] == [f"{runs[a]['learner']['test']['auc']:.4f}" for a in ("plain", "secagg")]
+    assert rows[0][steps] == str(runs["plain"]["learner"]["iterations"])
 
 
 def test_linear_regression_equals_scikit_learn_and_the_penalty_matters() -> None:
