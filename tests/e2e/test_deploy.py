@@ -111,7 +111,7 @@ def test_deploy_local_of_own_tables_with_a_coordinator_that_holds_no_data(tmp_pa
     node), and the run's model scores new rows."""
     args = ["task=tabular", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites",
             "partition=natural", "+learner.options.gbdt.trees=4", "+learner.options.gbdt.max_depth=3",
-            "+learner.options.gbdt.early_stopping=0", "site_policy.statistics.min_rows=1"]
+            "+learner.options.gbdt.early_stopping=0"]
     out = tmp_path / "deploy"
     outcome, results = deploy.run(args, 2, out, stream=False)
     assert not leftover_processes(), leftover_processes()
