@@ -19,6 +19,7 @@ before it leaves.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from logging import WARNING
 from typing import Any, cast
 
@@ -51,9 +52,21 @@ class ProgramRunner:
         self.summer, self.grid, self.nodes = summer, grid, nodes
         self.sum_id = 0  # numbers every sum of the run (Paillier binds contributions to it)
 
-    def run(self, program: Program) -> Any:
-        """``program``'s outcome, each of its steps answered under the option."""
-        return programs.drive(program, lambda step: self._answer(program, step))
+    def run(self, program: Program, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Any:
+        """``program``'s outcome, each of its steps answered under the option; ``on_progress`` is called with
+        each new resumable point the program reaches (:attr:`~core.programs.Program.progress`)."""
+        seen: list[Any] = [program.progress]
+
+        def answer(step: Ask | Gather) -> Total | Gathered:
+            if on_progress is not None and program.progress is not seen[0] and program.progress is not None:
+                seen[0] = program.progress
+                on_progress(program.progress)
+            return self._answer(program, step)
+
+        outcome = programs.drive(program, answer)
+        if on_progress is not None and program.progress is not seen[0] and program.progress is not None:
+            on_progress(program.progress)
+        return outcome
 
     def request(self, program: Program, step: Ask) -> RecordDict:
         """The sum request of ``step`` (a new sum id)."""

@@ -27,6 +27,7 @@ from app import config
 from app.composition import CoordinatorStack
 from app.plan import RunPlan
 from app.reporting.results import RESULTS_FILE, Recorder, write_json_atomic
+from app.support import checkpoint
 from app.support.flower_tuning import fast_object_pulls
 from app.support.traffic import MeteredGrid, deployed
 from tasks.base import PooledTask, Split
@@ -161,7 +162,19 @@ def fit_by_sums(grid: MeteredGrid, plan: RunPlan) -> dict[str, Any]:
     learner = cast(SumLearner, plan.learner)
     t0 = time.monotonic()
     run = runner(grid, plan)
-    outcome = run.run(learner.program(plan.task, dict(cfg.learner.options)))
+    program = learner.program(plan.task, dict(cfg.learner.options))
+    if cfg.resume:
+        program.restore(checkpoint.resumable_learner(str(cfg.resume), config.to_dict(cfg)))
+        log(INFO, "fedsilo: learner=%s resumes from %s", learner.name, cfg.resume)
+
+    def progress(point: dict[str, Any]) -> None:  # after each resumable point (e.g. a round of trees)
+        if cfg.checkpoint:
+            checkpoint.save_learner(plan.out_dir, config.to_dict(cfg), point)
+        if point.get("round") == cfg.faults.crash_after_round:
+            raise checkpoint.CoordinatorCrash(f"fault injection: the coordinator dies after round {point['round']} "
+                                              f"(faults.crash_after_round); resume with: fedsilo resume={plan.out_dir}")
+
+    outcome = run.run(program, progress)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     files = learner.save(outcome, plan.out_dir)
     payload = {"kind": "learner", "config": config.to_dict(cfg), "sites": plan.num_sites, "run_id": plan.run_id,

@@ -31,6 +31,7 @@ from app.phases import Prepared, fmt
 from app.plan import RunPlan
 from app.reporting.results import ENCRYPTED_MODEL_FILE, Recorder
 from app.support import checkpoint
+from app.support.checkpoint import CoordinatorCrash
 from app.support.traffic import MeteredGrid
 from app.tracking import trackers
 from core.records import PhaseRecord, RoundRecord
@@ -105,10 +106,6 @@ def personal_rows(cfg: config.FedsiloConfig, own_data: bool) -> str:
     if cfg.partition.name == "natural":
         return "each site's local test rows (its share of the task's test split)"
     return "each site's validation rows"
-
-
-class CoordinatorCrash(RuntimeError):
-    """``faults.crash_after_round``: the ServerApp dies on purpose (after its checkpoint)."""
 
 
 def _resume(cfg: config.FedsiloConfig, stack: composition.CoordinatorStack, recorder: Recorder,

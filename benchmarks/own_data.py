@@ -44,11 +44,13 @@ from tasks.tabular.task import TabularTask  # noqa: E402
 
 DATA = REPO / "tasks" / "data"
 CREDIT = ["task=tabular", "learner.name=torch", "num_rounds=10", "num_sites=5"]
-HEART = ["task=tabular", "learner.name=torch", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
+HEART = ["task=tabular", "learner.name=torch",
+         "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
          "task.model=logreg", "task.batch_size=32", "num_rounds=20"]  # task=medical's training settings
 HEART5 = ["task=tabular", "learner.name=torch", "task.schema=schemas/heart_multiclass.yaml", "task.data=uci_heart_disease/sites",
           "partition=natural", "task.model=logreg", "num_rounds=20"]
-DIABETES = ["task=tabular", "learner.name=torch", "task.schema=schemas/diabetes.yaml", "task.data=diabetes/diabetes.csv", "num_sites=3",
+DIABETES = ["task=tabular", "learner.name=torch",
+            "task.schema=schemas/diabetes.yaml", "task.data=diabetes/diabetes.csv", "num_sites=3",
             "task.model=logreg", "task.lr=0.01", "num_rounds=30"]
 
 
@@ -198,7 +200,8 @@ def image_figures(tmp: Path) -> dict[str, Any]:
 def deploy_figures(tmp: Path) -> dict[str, Any]:
     from app.runtime import deploy
 
-    args = ["task=tabular", "learner.name=torch", "learner.name=torch", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites",
+    args = ["task=tabular", "learner.name=torch",
+            "learner.name=torch", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites",
             "partition=natural", "task.model=logreg", "num_rounds=3"]
     t0 = time.monotonic()
     outcome, res = deploy.run(args, 3, tmp / "deploy", stream=False)

@@ -122,6 +122,14 @@ class Program(ABC):
 
     def __init__(self) -> None:
         self.state: dict[str, Scalar | list[Any]] = {}
+        #: the coordinator half's latest resumable point (JSON values; e.g. after a round of trees), or None.
+        #: The runner hands it to the run's checkpoint; :meth:`restore` takes it back in a resumed run.
+        self.progress: dict[str, Any] | None = None
+
+    def restore(self, progress: Mapping[str, Any]) -> None:
+        """Continue from ``progress`` (a :attr:`progress` of an interrupted run with the same config), before
+        :meth:`run`; a program without resumable points refuses."""
+        raise ProgramError(f"{self.name} cannot be resumed")
 
     @abstractmethod
     def run(self) -> Generator[Ask | Gather, Any, Any]:

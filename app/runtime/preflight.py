@@ -42,9 +42,13 @@ def preflight(cfg: config.FedsiloConfig) -> Path:
         raise PreflightError(why)
     if cfg.resume:
         from app.support import checkpoint
+        from tasks import learners
 
         try:
-            checkpoint.resumable(cfg.resume, config.to_dict(cfg), cfg.num_rounds)
+            if learners.get(cfg.learner.name).rounds:
+                checkpoint.resumable(cfg.resume, config.to_dict(cfg), cfg.num_rounds)
+            else:  # a sum-based learner: its program's progress (learner-checkpoint.json)
+                checkpoint.resumable_learner(cfg.resume, config.to_dict(cfg))
         except checkpoint.CheckpointError as err:
             raise PreflightError(str(err)) from err
     try:

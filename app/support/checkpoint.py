@@ -45,6 +45,43 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not belong to this config."""
 
 
+class CoordinatorCrash(RuntimeError):
+    """``faults.crash_after_round``: the ServerApp dies on purpose (after its checkpoint)."""
+
+
+#: a sum-based learner's checkpoint: its program's latest resumable point, beside results.json
+LEARNER_FILE = "learner-checkpoint.json"
+
+
+def save_learner(out_dir: Path, config: dict[str, Any], progress: dict[str, Any]) -> Path:
+    """Write a sum-based learner's progress (atomically: a crash leaves the previous one)."""
+    path = out_dir / LEARNER_FILE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"format": FORMAT, "config": config, "progress": progress}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def resumable_learner(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The progress a sum-based learner's run with ``config`` resumes from (``resume=RUN_DIR`` or the file), else
+    :class:`CheckpointError` saying why."""
+    p = Path(path)
+    p = p / LEARNER_FILE if p.is_dir() else p
+    try:
+        saved = json.loads(p.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"resume={path}: no readable {LEARNER_FILE} ({type(err).__name__})") from None
+    diffs = config_differences({**ADDED_KEYS, **saved.get("config", {})}, config)
+    if diffs:
+        raise CheckpointError(f"resume={path}: the checkpoint was made with another config; resume with the same "
+                              f"overrides (only {', '.join(MAY_DIFFER)} may differ). Differences: {'; '.join(diffs)}")
+    return dict(saved["progress"])
+
+
 @dataclass
 class Checkpoint:
     """Everything a run needs to go on after ``round``."""

@@ -59,6 +59,9 @@ BUCKETS = 2 * (2 * EXPONENTS) + 2     # negative buckets, zero, positive buckets
 QUANTILE = 0.005                      # the grid spans the buckets of the 0.5 % and 99.5 % quantiles
 DECISION = 10                         # values per open node a level decision returns
 MAX_MODEL_BYTES = 64 << 20            # the largest model (decompressed) a site reads from a request
+#: the program's public state a checkpoint keeps (the model itself is kept as trees)
+PUBLIC = ("gbdt-options", "gbdt-objective", "gbdt-classes", "prep-fingerprint", "gbdt-vocab", "gbdt-features",
+          "gbdt-buckets", "gbdt-base", "gbdt-cuts")
 
 
 # ---- the model in a request ------------------------------------------------------------------------
@@ -250,6 +253,20 @@ class Outcome:
     schema: str | None = None
     ended_early: list[dict[str, int]] = field(default_factory=list)  # trees ended at a level a site dropped out of
 
+    def header(self, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What a resumed run needs of the outcome and of the program's public state (JSON values)."""
+        return {"base": self.base, "cuts": self.cuts, "names": self.names, "objective": self.objective,
+                "classes": self.classes, "sites": self.sites, "vocab": self.vocab, "schema": self.schema,
+                "rejected": self.rejected, "ended_early": self.ended_early,
+                "state": {k: v for k, v in (state or {}).items() if k in PUBLIC}}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any], options: GbdtOptions) -> Outcome:
+        """The outcome so far, from :meth:`header`."""
+        return cls([], list(h["base"]), list(h["cuts"]), list(h["names"]), str(h["objective"]), int(h["classes"]),
+                   options, sites=int(h["sites"]), vocab=dict(h["vocab"]), schema=h.get("schema"),
+                   rejected=list(h["rejected"]), ended_early=list(h["ended_early"]))
+
     def ensemble(self) -> Ensemble:
         """The fitted model."""
         return Ensemble(self.trees, self.base, self.cuts, self.names, self.objective, self.classes, self.schema,
@@ -269,6 +286,14 @@ class GbdtProgram(Program):
 
     def __post_init__(self) -> None:
         super().__init__()
+        self._resumed: Mapping[str, Any] | None = None
+
+    @override
+    def restore(self, progress: Mapping[str, Any]) -> None:
+        """Continue after the round ``progress`` was taken at (a checkpoint of a run with the same config)."""
+        if progress.get("program") != self.name or not isinstance(progress.get("trees"), list):
+            raise ProgramError(f"a checkpoint of {progress.get('program')!r}, not of {self.name}")
+        self._resumed = progress
 
     # ---- coordinator half ----
     def _note(self, total: Total, step: str, out: Outcome) -> None:
@@ -285,6 +310,8 @@ class GbdtProgram(Program):
         self.state.update({"gbdt-options": o.to_json(), "gbdt-objective": objective, "gbdt-classes": classes})
         if isinstance(task, FederatedTask):
             self.state["prep-fingerprint"] = task.fingerprint()
+        if self._resumed is not None:
+            return (yield from self._rounds(self._resumed))
         vocab = yield from tables.discover(task)
         self.state["gbdt-vocab"] = json.dumps(vocab, sort_keys=True)
         names = tables.feature_names(task, vocab)
@@ -312,11 +339,30 @@ class GbdtProgram(Program):
         cuts = unpack_cuts(grid_total.values, F, o.max_bin)
         self.state["gbdt-cuts"] = json.dumps([c.tolist() for c in cuts])
         out.base, out.cuts, out.sites = base.tolist(), [c.tolist() for c in cuts], rng_total.sites
-        trees: list[Tree] = []
-        best, best_loss, t0 = 0, float("inf"), time.monotonic()
-        self.state["gbdt-model"] = encode_trees([])
         rng = np.random.default_rng([o.seed, 36])
-        for rnd in range(o.trees):
+        return (yield from self._rounds({"round": 0, "trees": [], "history": [], "best": 0, "best_loss": None,
+                                         "rng": rng.bit_generator.state, "outcome": out.header()}))
+
+    def _rounds(self, start: Mapping[str, Any]) -> Generator[Ask | Gather, Any, Outcome]:
+        """The boosting rounds from ``start`` (round 0, or a checkpoint's progress), then the test metrics."""
+        o, task = self.options, self.task
+        out = Outcome.from_header(start["outcome"], o)
+        classes, F = out.classes, len(out.names)
+        for key in PUBLIC:
+            if key in start["outcome"]["state"]:
+                self.state[key] = start["outcome"]["state"][key]
+        cuts = [np.asarray(c, dtype=np.float64) for c in out.cuts]
+        trees = [Tree.from_dict(t) for t in start["trees"]]
+        out.history = list(start["history"])
+        best, t0 = int(start["best"]), time.monotonic()
+        best_loss = float("inf") if start["best_loss"] is None else float(start["best_loss"])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = dict(start["rng"])
+        self.state["gbdt-model"] = encode_trees(trees)
+        if trees:
+            self.state["gbdt-previous"] = ""  # the sites compute the margins of every tree once
+        stopped = o.early_stopping and len(out.history) - best >= o.early_stopping
+        for rnd in range(int(start["round"]), 0 if stopped else o.trees):
             allowed = np.arange(F) if o.colsample_bytree >= 1 else np.sort(
                 rng.choice(F, size=max(1, int(round(o.colsample_bytree * F))), replace=False))
             grow = [Tree() for _ in range(classes)]
@@ -375,6 +421,10 @@ class GbdtProgram(Program):
             out.history.append({"round": rnd + 1, "val_loss": loss, "sites": float(val.sites)})
             if loss < best_loss - 1e-12:
                 best, best_loss = rnd + 1, loss
+            self.progress = {"program": self.name, "round": rnd + 1, "trees": [t.to_dict() for t in trees],
+                             "history": list(out.history), "best": best,
+                             "best_loss": best_loss if np.isfinite(best_loss) else None,
+                             "rng": rng.bit_generator.state, "outcome": out.header(self.state)}
             if o.early_stopping and rnd + 1 - best >= o.early_stopping:
                 out.stopped = f"no lower validation loss in {o.early_stopping} rounds"
                 break

@@ -171,6 +171,25 @@ def test_a_tree_ends_at_the_level_a_site_dropped_out_of() -> None:
     assert out.ended_early == [{"round": 2, "depth": 2, "sites": 3, "round_sites": 4}]
 
 
+def test_a_crashed_coordinator_resumes_between_trees_and_ends_as_if_never_interrupted(tmp_path: Path) -> None:
+    from app.support.checkpoint import CoordinatorCrash
+
+    whole = run_inprocess([*HEART, *FAST, "+learner.options.colsample_bytree=0.5"], tmp_path / "whole")
+    crashing = [*HEART, *FAST, "+learner.options.colsample_bytree=0.5"]
+    with pytest.raises(CoordinatorCrash, match="after round 3"):
+        run_inprocess([*crashing, "faults.crash_after_round=3"], tmp_path / "crash")
+    saved = json.loads((tmp_path / "crash" / "learner-checkpoint.json").read_text())["progress"]
+    assert saved["round"] == 3 and len(saved["trees"]) == 3
+    resumed = run_inprocess([*crashing, f"resume={tmp_path / 'crash'}"], tmp_path / "resumed")
+    assert _trees(tmp_path / "resumed") == _trees(tmp_path / "whole")  # the feature draws continue too
+    assert resumed["learner"]["history"] == whole["learner"]["history"]
+    assert resumed["learner"]["test"] == whole["learner"]["test"]
+    from app.runtime.preflight import PreflightError
+
+    with pytest.raises(PreflightError, match="another config"):  # a checkpoint of other options is refused
+        run_inprocess([*HEART, *FAST, f"resume={tmp_path / 'crash'}"], tmp_path / "other")
+
+
 def test_xgboost_loads_the_exported_model_and_scores_as_fedsilo(pooled_fit: Any, tmp_path: Path) -> None:
     import xgboost as xgb
     task, sites = _task_and_sites()

@@ -121,7 +121,8 @@ def test_an_epoch_key_that_is_a_number_allocates_nothing(tmp_path: Path) -> None
     assert peak < 100_000_000, peak
 
 
-HEART = ["task=tabular", "learner.name=torch", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
+HEART = ["task=tabular", "learner.name=torch",
+         "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
          "task.model=logreg", "num_rounds=1", "task.auc_bins=256"]
 
 

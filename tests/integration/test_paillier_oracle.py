@@ -26,7 +26,8 @@ from app.runtime.local_grid import LocalGrid
 from core.replies import ReplyError
 from tests.conftest import DATA_DIR
 
-HEART = ["task=tabular", "learner.name=torch", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
+HEART = ["task=tabular", "learner.name=torch",
+         "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
          "task.model=logreg", "num_rounds=1", "task.auc_bins=256"]
 
 

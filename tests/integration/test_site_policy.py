@@ -21,7 +21,8 @@ from app import client_app, config, site_guard, site_policy
 from core.replies import ReplyError
 from tests.conftest import DATA_DIR
 
-HEART = ["task=tabular", "learner.name=torch", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
+HEART = ["task=tabular", "learner.name=torch",
+         "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
          "task.model=logreg"]
 SCHEMA = DATA_DIR / "schemas" / "heart.yaml"
 

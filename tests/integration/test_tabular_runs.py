@@ -18,7 +18,8 @@ from tasks.base import PartitionConfig, TaskConfig
 from tasks.tabular import artefact
 from tests.conftest import DATA_DIR
 
-HEART = ["task=tabular", "learner.name=torch", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
+HEART = ["task=tabular", "learner.name=torch",
+         "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
          "task.model=logreg"]
 
 
@@ -144,7 +145,8 @@ def test_multiclass_and_regression_labels_run_end_to_end(tmp_path: Path) -> None
     m = multi["final"]
     assert {"accuracy", "macro_f1", "macro_auc", "loss"} <= set(m) and 0.5 < m["macro_auc"] < 1
     assert multi["history"][-1]["federated_evaluate"]["accuracy"] > 0  # the sites' validation, pooled
-    reg = run_inprocess(["task=tabular", "learner.name=torch", "task.schema=schemas/diabetes.yaml", "task.data=diabetes/diabetes.csv",
+    reg = run_inprocess(["task=tabular", "learner.name=torch",
+                         "task.schema=schemas/diabetes.yaml", "task.data=diabetes/diabetes.csv",
                          "num_sites=3", "num_rounds=10", "task.model=logreg", "task.lr=0.01", "privacy=dpsgd",
                          "privacy.target_epsilon=50", "site_policy.privacy.max_epsilon=50"], tmp_path / "reg")
     r = reg["final"]
