@@ -38,6 +38,7 @@ from tasks.base import PooledTask, Task
 from tasks.federated import FederatedTask
 from tasks.learners import LearnerConfig, SumLearner, register
 from tasks.metrics import binary_metrics
+from tasks.programs import check_evaluation
 from tasks.tabular.task import TabularTask
 
 FORMAT = "fedsilo-glm-v1"
@@ -332,13 +333,7 @@ class GlmProgram(Program):
             if rows == "val":
                 return np.array([loss_of(objective, classes, _design(val.x, means, sds), val.y, beta), len(val)])
             if rows == "test" and test is not None and isinstance(task, FederatedTask):
-                limits, bins = call.policy.evaluation, p.get("bins")
-                if not isinstance(bins, int) or not 2 <= bins <= limits.max_bins:
-                    raise PolicyRefusal(f"a pooled evaluation with bins outside [2, {limits.max_bins}] "
-                                        "(the policy's evaluation.max_bins)")
-                if len(test) < limits.min_test_rows:
-                    raise PolicyRefusal(f"this site has fewer test rows than its policy's evaluation.min_test_rows="
-                                        f"{limits.min_test_rows}: it reports no metrics on them")
+                bins = check_evaluation(p.get("bins"), len(test), call.policy)
                 eta = _design(test.x, means, sds) @ beta.reshape(classes, F + 1).T
                 return task.eval_spec(bins).site_vector(eta if classes > 1 else eta[:, 0], test.y)
             raise ProgramError(f"no {rows!r} rows to evaluate at this site")

@@ -60,6 +60,19 @@ def _federated(call: SiteCall) -> tuple[FederatedTask, RawSite]:
     return task, raw
 
 
+def check_evaluation(bins: Any, test_rows: int, policy: Any) -> int:
+    """The pooled-evaluation bounds of the site's policy: ``bins`` within ``evaluation.max_bins`` and at least
+    ``evaluation.min_test_rows`` held-out rows; :class:`PolicyRefusal` naming the bound otherwise; the bins."""
+    limits = policy.evaluation
+    if not isinstance(bins, int) or not 2 <= bins <= limits.max_bins:
+        raise PolicyRefusal(f"a pooled evaluation with bins outside [2, {limits.max_bins}] (the policy's "
+                            "evaluation.max_bins)")
+    if test_rows < limits.min_test_rows:
+        raise PolicyRefusal(f"this site has fewer test rows than its policy's evaluation.min_test_rows="
+                            f"{limits.min_test_rows}: it reports no metrics on them")
+    return bins
+
+
 def check_rows(raw: RawSite, policy: Any) -> None:
     """Refuse statistics of fewer non-test rows than the policy's ``statistics.min_rows``."""
     rows = sum(len(t) for t in raw.fit_rows)
@@ -160,13 +173,7 @@ class PooledMetrics(Program):
         task, raw = _federated(call)
         if step != "evaluate":
             raise ProgramError(f"unknown step {step!r} of {cls.name}")
-        bins, limits = call.params.get("bins"), call.policy.evaluation
-        if not isinstance(bins, int) or not 2 <= bins <= limits.max_bins:
-            raise PolicyRefusal(f"a pooled evaluation with bins outside [2, {limits.max_bins}] "
-                                "(the policy's evaluation.max_bins)")
-        if len(raw.test) < limits.min_test_rows:
-            raise PolicyRefusal(f"this site has fewer test rows than its policy's evaluation.min_test_rows="
-                                f"{limits.min_test_rows}: it reports no metrics on them")
+        bins = check_evaluation(call.params.get("bins"), len(raw.test), call.policy)
         prep = task.transform_for(call.params, call.total)
         _, test = task.prepared(raw, prep)
         model = task.build_model()

@@ -50,6 +50,7 @@ from learners.gbdt.trees import BITS, SplitRule, Tree, best_split, bin_matrix, c
 from tasks.base import PooledTask, Task
 from tasks.federated import FederatedTask
 from tasks.metrics import binary_metrics
+from tasks.programs import check_evaluation
 from tasks.tabular.task import TabularTask
 
 LOG = getLogger("flwr")
@@ -554,13 +555,7 @@ class GbdtProgram(Program):
                 m = _margins(view, "val", view.val, p, trees, cuts, base, classes)
                 return np.array([loss_sum(objective, view.val.y, m, BITS), len(view.val)])
             if rows == "test" and view.test is not None and isinstance(task, FederatedTask):
-                limits, bins = call.policy.evaluation, p.get("bins")
-                if not isinstance(bins, int) or not 2 <= bins <= limits.max_bins:
-                    raise PolicyRefusal(f"a pooled evaluation with bins outside [2, {limits.max_bins}] "
-                                        "(the policy's evaluation.max_bins)")
-                if len(view.test) < limits.min_test_rows:
-                    raise PolicyRefusal(f"this site has fewer test rows than its policy's evaluation.min_test_rows="
-                                        f"{limits.min_test_rows}: it reports no metrics on them")
+                bins = check_evaluation(p.get("bins"), len(view.test), call.policy)
                 m = _margins(view, "test", view.test, p, trees, cuts, base, classes)
                 return task.eval_spec(bins).site_vector(m if classes > 1 else m[:, 0], view.test.y)
             raise ProgramError(f"no {rows!r} rows to evaluate at this site")

@@ -150,35 +150,26 @@ class Tree:
 
     def leaf_of_bins(self, bins: np.ndarray) -> np.ndarray:
         """The node each binned row reaches (rows x features of :func:`bin_matrix`)."""
-        node = np.zeros(bins.shape[0], dtype=np.int64)
-        left, right = np.asarray(self.left), np.asarray(self.right)
-        feat, cut, dl = np.asarray(self.feature), np.asarray(self.split_bin), np.asarray(self.default_left)
-        for _ in range(max(self.depth) + 1):
-            inner = left[node] >= 0
-            if not inner.any():
-                break
-            idx = np.nonzero(inner)[0]
-            n = node[idx]
-            b = bins[idx, feat[n]]
-            go_left = np.where(b == 0, dl[n], b <= cut[n])
-            node[idx] = np.where(go_left, left[n], right[n])
-        return node
+        cut = np.asarray(self.split_bin)
+        return self._walk(bins, lambda b, n: b == 0, lambda b, n: b <= cut[n])
 
     def leaf_of_values(self, x: np.ndarray) -> np.ndarray:
         """The node each raw row reaches (float32 comparison ``x < threshold``, as XGBoost scores)."""
-        x32 = as_float32(x).astype(np.float32)
-        node = np.zeros(x32.shape[0], dtype=np.int64)
+        thr = np.asarray(self.threshold, dtype=np.float32)
+        return self._walk(as_float32(x).astype(np.float32), lambda v, n: np.isnan(v), lambda v, n: v < thr[n])
+
+    def _walk(self, rows: np.ndarray, missing: Any, left_of: Any) -> np.ndarray:
+        """Every row down the tree: at a node, missing values go the default way, the others ``left_of``."""
+        node = np.zeros(rows.shape[0], dtype=np.int64)
         left, right = np.asarray(self.left), np.asarray(self.right)
-        feat, thr, dl = np.asarray(self.feature), np.asarray(self.threshold, dtype=np.float32), np.asarray(self.default_left)
+        feat, dl = np.asarray(self.feature), np.asarray(self.default_left)
         for _ in range(max(self.depth) + 1):
-            inner = left[node] >= 0
-            if not inner.any():
+            idx = np.nonzero(left[node] >= 0)[0]
+            if not idx.size:
                 break
-            idx = np.nonzero(inner)[0]
             n = node[idx]
-            v = x32[idx, feat[n]]
-            go_left = np.where(np.isnan(v), dl[n], v < thr[n])
-            node[idx] = np.where(go_left, left[n], right[n])
+            v = rows[idx, feat[n]]
+            node[idx] = np.where(np.where(missing(v, n), dl[n], left_of(v, n)), left[n], right[n])
         return node
 
     def to_dict(self) -> dict[str, list[Any]]:
