@@ -23,7 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from aggregation.paillier import keys
 from aggregation.paillier.sums import REQUEST_PREFIX, REVEAL_KEY, REVEAL_MESSAGE
 from app import client_app, config, server_app, site_policy
-from app.runtime.local_grid import LocalGrid, run_inprocess
+from app.runtime.local_grid import run_inprocess
 from core.config import ConfigError
 from core.replies import ReplyError
 from learners import pooled
@@ -34,6 +34,7 @@ from tasks.federated import RawSite
 from tasks.tabular.table import Table
 from tasks.tabular.task import TabularTask
 from tests.conftest import DATA_DIR
+from tests.integration.recording import Recording
 
 HEART = ["task=tabular", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
          "report=false", "learner.name=gbdt"]
@@ -259,17 +260,6 @@ def test_bad_options_are_refused_before_the_run(tmp_path: Path) -> None:
 
 
 # ---- Paillier: the coordinator gets decisions, never histograms ---------------------------------------
-class Recording(LocalGrid):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.log: list[tuple[Message, Message]] = []
-
-    def _deliver(self, msg: Message) -> Message:
-        reply = super()._deliver(msg)
-        self.log.append((msg, reply))
-        return reply
-
-
 @pytest.fixture(scope="module")
 def paillier_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recording, Path]:
     tmp = tmp_path_factory.mktemp("gbdt-paillier")

@@ -22,24 +22,13 @@ from aggregation.base import SUM_REQUEST
 from aggregation.paillier import keys
 from aggregation.paillier.sums import REPLY_KEY, REVEAL_KEY, REVEAL_MESSAGE
 from app import client_app, server_app
-from app.runtime.local_grid import LocalGrid
 from core.replies import ReplyError
 from tests.conftest import DATA_DIR
+from tests.integration.recording import Recording
 
 HEART = ["task=tabular", "learner.name=torch",
          "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
          "task.model=logreg", "num_rounds=1", "task.auc_bins=256"]
-
-
-class Recording(LocalGrid):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.log: list[tuple[Message, Message]] = []
-
-    def _deliver(self, msg: Message) -> Message:
-        reply = super()._deliver(msg)
-        self.log.append((msg, reply))
-        return reply
 
 
 @pytest.fixture(scope="module")
