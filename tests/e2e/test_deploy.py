@@ -110,8 +110,8 @@ def test_deploy_local_of_own_tables_with_a_coordinator_that_holds_no_data(tmp_pa
     sites pool their test metrics; the fits equal the simulation of the same overrides (the trees node for
     node), and the run's model scores new rows."""
     args = ["task=tabular", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites",
-            "partition=natural", "+learner.options.gbdt.trees=4", "+learner.options.gbdt.max_depth=3",
-            "+learner.options.gbdt.early_stopping=0"]
+            "partition=natural", "+learner.options.gbdt.trees=2", "+learner.options.gbdt.max_depth=2",
+            "+learner.options.gbdt.early_stopping=0", "+learner.options.glm.max_iter=3"]  # each sum is an exchange
     out = tmp_path / "deploy"
     outcome, results = deploy.run(args, 2, out, stream=False)
     assert not leftover_processes(), leftover_processes()

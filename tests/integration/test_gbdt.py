@@ -272,6 +272,7 @@ def paillier_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recording, P
     return grid, tmp
 
 
+@pytest.mark.slow  # a Paillier run (10 s): the full suite only
 def test_paillier_grows_the_same_trees_and_the_coordinator_holds_no_histogram(
         paillier_run: tuple[Recording, Path], pooled_fit: Any) -> None:
     grid, tmp = paillier_run
@@ -297,6 +298,7 @@ def _refused(reply: Message, why: str) -> None:
     assert why in reply.error.reason, reply.error.reason
 
 
+@pytest.mark.slow
 def test_a_key_holder_decides_only_the_verified_request_once(paillier_run: tuple[Recording, Path]) -> None:
     grid, _ = paillier_run
     msg, _ = next((m, r) for m, r in grid.log if m.metadata.message_type == REVEAL_MESSAGE
