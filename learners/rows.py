@@ -103,7 +103,9 @@ def site_rows(task: Task, data: Any, vocab: dict[str, list[str]]) -> tuple[Rows,
     raise ProgramError(f"task={getattr(task, 'name', '?')}: this site's data are not a table (learner=gbdt)")
 
 
-_CACHE: dict[tuple[int, str], tuple[Rows, Rows, Rows | None]] = {}
+#: (id of the site's data, vocabulary digest) -> (that data object, its rows). The entry holds the data object
+#: itself, so no other object can take its id while the entry lives (an id alone could be reused once freed).
+_CACHE: dict[tuple[int, str], tuple[Any, tuple[Rows, Rows, Rows | None]]] = {}
 
 
 def cached_site_rows(task: Task, data: Any, vocab: dict[str, list[str]]) -> tuple[Rows, Rows, Rows | None]:
@@ -111,11 +113,12 @@ def cached_site_rows(task: Task, data: Any, vocab: dict[str, list[str]]) -> tupl
     import hashlib
 
     key = (id(data), hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest())
-    if key not in _CACHE:
+    held = _CACHE.get(key)
+    if held is None or held[0] is not data:
         if len(_CACHE) > 64:
             _CACHE.clear()
-        _CACHE[key] = site_rows(task, data, vocab)
-    return _CACHE[key]
+        held = _CACHE[key] = (data, site_rows(task, data, vocab))
+    return held[1]
 
 
 def discover(task: Task) -> Generator[Gather, Any, dict[str, list[str]]]:

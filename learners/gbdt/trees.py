@@ -235,11 +235,6 @@ def best_split(g_hist: np.ndarray, h_hist: np.ndarray, cuts: list[int], features
 
 
 # ---- bin edges from the pooled fine histogram -------------------------------------------------------
-def grid(lo: float, width: float, cells: int) -> np.ndarray:
-    """The ``cells - 1`` inner boundaries of the fine grid ``lo + i * width`` (as float32 values)."""
-    return as_float32(lo + width * np.arange(1, cells))
-
-
 def cuts_from_counts(counts: np.ndarray, bounds: np.ndarray, max_bin: int) -> np.ndarray:
     """At most ``max_bin - 1`` cut points, at fine-grid boundaries near the pooled quantiles.
 
