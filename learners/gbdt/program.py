@@ -105,6 +105,16 @@ class SiteView:
     val: tables.Rows
     test: tables.Rows | None
     margins: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (split, model digest) -> margins
+    bins: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)     # (split, cut points) -> bins
+
+    def binned(self, split: str, rows: tables.Rows, params: Mapping[str, Any], cuts: list[np.ndarray]) -> np.ndarray:
+        """``rows`` binned by the request's cut points (once per split and cut points: every level asks again)."""
+        key = (split, str(params.get("gbdt-cuts")))
+        if key not in self.bins:
+            if len(self.bins) > 8:
+                self.bins.clear()
+            self.bins[key] = bin_matrix(rows.x, cuts)
+        return self.bins[key]
 
 
 _VIEWS: dict[tuple[int, ...], SiteView] = {}
@@ -204,11 +214,10 @@ def base_margins(objective: str, stats: np.ndarray, classes: int) -> np.ndarray:
 def _margins(view: SiteView, split: str, rows: tables.Rows, params: Mapping[str, Any], trees: list[Tree],
              cuts: list[np.ndarray], base: np.ndarray, classes: int) -> np.ndarray:
     """The model's margins on ``rows`` (rows x outputs), from the last margins cached for a prefix of the trees."""
-    bins = bin_matrix(rows.x, cuts)
-    blob = bytes(params.get("gbdt-model", b"")) if isinstance(params.get("gbdt-model"), bytes) else b""
-    key = (split, hashlib.sha256(blob + base.tobytes() + json.dumps([c.tolist() for c in cuts]).encode()).hexdigest())
+    key = (split, model_digest(params))
     if key in view.margins:
         return view.margins[key]
+    bins = view.binned(split, rows, params, cuts)
     prev = str(params.get("gbdt-previous", ""))
     start, margins = 0, np.tile(base, (len(rows), 1))
     if (split, prev) in view.margins and 0 <= int(params.get("gbdt-previous-trees", -1)) <= len(trees):  # type: ignore[call-overload]
@@ -577,7 +586,7 @@ class GbdtProgram(Program):
             raise ProgramError(f"a gbdt level request of round {rnd} with {len(trees)} finished trees")
         margins = _margins(view, "train", view.train, p, trees, cuts, base, classes)
         g, h = gradients(objective, view.train.y, margins, BITS)
-        bins = bin_matrix(view.train.x, cuts)
+        bins = view.binned("train", view.train, p, cuts)
         rows = np.ones(len(view.train), dtype=bool)
         if o.subsample < 1:  # the site's own draw: rows are never named to the coordinator
             rows = np.random.default_rng([rnd, len(view.train), 36]).random(len(view.train)) < o.subsample
