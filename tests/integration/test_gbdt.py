@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from aggregation.paillier import keys
@@ -25,7 +25,6 @@ from aggregation.paillier.sums import REQUEST_PREFIX, REVEAL_KEY, REVEAL_MESSAGE
 from app import client_app, config, server_app, site_policy
 from app.runtime.local_grid import run_inprocess
 from core.config import ConfigError
-from core.replies import ReplyError
 from learners import pooled
 from learners.gbdt.model import Ensemble
 from learners.gbdt.options import GbdtOptions
@@ -35,6 +34,8 @@ from tasks.tabular.table import Table
 from tasks.tabular.task import TabularTask
 from tests.conftest import DATA_DIR
 from tests.integration.recording import Recording
+from tests.integration.recording import ask_reveal as _ask
+from tests.integration.recording import assert_refused as _refused
 
 HEART = ["task=tabular", "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
          "report=false", "learner.name=gbdt"]
@@ -287,15 +288,6 @@ def test_paillier_grows_the_same_trees_and_the_coordinator_holds_no_histogram(
             assert got == DECISION * nodes and got * 10 < length
 
 
-def _ask(grid: Recording, node: int, rec: dict[str, Any]) -> Message:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    msg = Message(RecordDict({REVEAL_KEY: ConfigRecord(rec)}), dst_node_id=node, message_type=REVEAL_MESSAGE)
-    return client_app.app(msg, grid.contexts[node])
-
-
-def _refused(reply: Message, why: str) -> None:
-    assert reply.has_error() and reply.error.code == int(ReplyError.POLICY), reply
-    assert why in reply.error.reason, reply.error.reason
 
 
 @pytest.mark.slow

@@ -22,9 +22,10 @@ from aggregation.base import SUM_REQUEST
 from aggregation.paillier import keys
 from aggregation.paillier.sums import REPLY_KEY, REVEAL_KEY, REVEAL_MESSAGE
 from app import client_app, server_app
-from core.replies import ReplyError
 from tests.conftest import DATA_DIR
 from tests.integration.recording import Recording
+from tests.integration.recording import ask_reveal as _ask
+from tests.integration.recording import assert_refused as _refused
 
 HEART = ["task=tabular", "learner.name=torch",
          "task.schema=schemas/heart.yaml", "task.data=uci_heart_disease/sites", "partition=natural",
@@ -45,15 +46,6 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recording, dict[
     return grid, json.loads((tmp / "results.json").read_text())
 
 
-def _ask(grid: Recording, node: int, rec: dict[str, Any]) -> Message:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    msg = Message(RecordDict({REVEAL_KEY: ConfigRecord(rec)}), dst_node_id=node, message_type=REVEAL_MESSAGE)
-    return client_app.app(msg, grid.contexts[node])
-
-
-def _refused(reply: Message, why: str) -> None:
-    assert reply.has_error() and reply.error.code == int(ReplyError.POLICY), reply
-    assert why in reply.error.reason, reply.error.reason
 
 
 def _genuine(grid: Recording) -> tuple[Message, Message]:
