@@ -57,15 +57,17 @@ class ProgramRunner:
         each new resumable point the program reaches (:attr:`~core.programs.Program.progress`)."""
         seen: list[Any] = [program.progress]
 
-        def answer(step: Ask | Gather) -> Total | Gathered:
+        def report() -> None:  # a resumable point the program reached since the last step
             if on_progress is not None and program.progress is not seen[0] and program.progress is not None:
                 seen[0] = program.progress
                 on_progress(program.progress)
+
+        def answer(step: Ask | Gather) -> Total | Gathered:
+            report()
             return self._answer(program, step)
 
         outcome = programs.drive(program, answer)
-        if on_progress is not None and program.progress is not seen[0] and program.progress is not None:
-            on_progress(program.progress)
+        report()
         return outcome
 
     def request(self, program: Program, step: Ask) -> RecordDict:

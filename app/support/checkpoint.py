@@ -24,9 +24,10 @@ import json
 import os
 import random
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -55,15 +56,9 @@ LEARNER_FILE = "learner-checkpoint.json"
 
 def save_learner(out_dir: Path, config: dict[str, Any], progress: dict[str, Any]) -> Path:
     """Write a sum-based learner's progress (atomically: a crash leaves the previous one)."""
-    path = out_dir / LEARNER_FILE
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": FORMAT, "config": config, "progress": progress}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    text = json.dumps({"format": FORMAT, "config": config, "progress": progress}).encode()
+    return _replace(out_dir / LEARNER_FILE, lambda fh: fh.write(text))
 
 
 def resumable_learner(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -140,10 +135,14 @@ def save(out_dir: Path, server_round: int, arrays: ArrayRecord, result: Result, 
     payload = {f"model/{i}": arrays[k].numpy() for i, k in enumerate(arrays.keys())}
     payload.update(rng_arrays)
     payload["meta"] = np.frombuffer(json.dumps(meta, default=_jsonable).encode(), dtype=np.uint8)
-    path = out_dir / FILE
-    tmp = out_dir / f".{FILE}.tmp"
+    return _replace(out_dir / FILE, lambda fh: np.savez(fh, **payload))  # type: ignore[arg-type]
+
+
+def _replace(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write ``path`` through a temporary file, flushed to disk, then renamed: a crash leaves the old file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:
-        np.savez(fh, **payload)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
