@@ -38,7 +38,7 @@ beyond what is standard in the field; docs/deployment.md "The site's policy"):
     share of its neighbourhood its self-mask's threshold may be. The site computes its threshold
     from the neighbourhood it is given (``floor((n + colluders + 1) / 2) + 1`` at least) and reveals
     nothing for fewer survivors (docs/secure-aggregation.md).
-``vertical.allowed`` ([hetero_lr, split_nn])
+``vertical.allowed`` ([hetero_lr, split_nn, secureboost])
     the vertical protocols a party takes part in.
 ``apps`` ([fedsilo])
     the only Flower app that runs at the site: the installed fedsilo. Any other FAB gets an error
@@ -109,7 +109,7 @@ class SecureAggregationPolicy:
 class VerticalPolicy:
     """``vertical``: the vertical models the site takes part in."""
 
-    allowed: list[str] = field(default_factory=lambda: ["hetero_lr", "split_nn"])
+    allowed: list[str] = field(default_factory=lambda: ["hetero_lr", "split_nn", "secureboost"])
 
 
 @dataclass

@@ -118,6 +118,18 @@ def visibility(v: VerticalConfig) -> dict[str, str]:
                                "the combined scores of scored customers (so the passive parties' partial scores)",
             "passive": common + "; its own gradient each step; the active party's ciphertexts (unreadable) and "
                                 "its decryptions of the active party's masked gradient (uniformly masked)"}
+    if v.name == "secureboost":
+        return {
+            "coordinator": "set sizes, the intersection size, the number of trees and levels, which party each "
+                           "level asks to split and sealed bytes it cannot open; no key, id, feature, label, "
+                           "gradient, threshold or score; the active party's test metrics",
+            "active": common + "; per open node, its gradient and hessian sums over each passive party's bin groups "
+                               f"(each of at least {v.boost.min_bin_rows} of the node's rows, if > 0), and for each "
+                               "split on a passive party's column which rows go left (training and scoring); never a "
+                               "passive party's value or threshold",
+            "passive": common + "; which common customers share a node at each level of the trees it takes part "
+                                f"in (not the first {v.boost.active_trees} trees), and its own chosen thresholds; "
+                                "only ciphertexts of the gradients, never a label"}
     emb = ("noised embeddings (clip and Gaussian noise, see privacy)" if v.protection in ("embeddings", "both")
            else "the passive parties' embeddings of every common customer, in the clear")
     grad = ("noised gradients (clip and Gaussian noise, see privacy)" if v.protection in ("gradients", "both")

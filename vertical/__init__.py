@@ -2,7 +2,7 @@
 
 ``REGISTRY`` maps ``vertical.name`` to the module holding the model's party steps and coordinator
 loop (``trainer()`` -> :class:`vertical.coordinator.Trainer`). Modules are imported on use:
-``hetero_lr`` needs the ``paillier`` extra (``phe``, ``gmpy2``), ``split_nn`` does not.
+``hetero_lr`` and ``secureboost`` need the ``paillier`` extra (``phe``, ``gmpy2``), ``split_nn`` does not.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from types import ModuleType
 
 from core import extras
 
-REGISTRY: dict[str, str] = {"hetero_lr": "vertical.hetero_lr", "split_nn": "vertical.split_nn"}
+REGISTRY: dict[str, str] = {"hetero_lr": "vertical.hetero_lr", "split_nn": "vertical.split_nn",
+                            "secureboost": "vertical.secureboost"}
 #: vertical.name -> the optional extra its module needs (core.extras).
-EXTRA: dict[str, str] = {"hetero_lr": "paillier"}
+EXTRA: dict[str, str] = {"hetero_lr": "paillier", "secureboost": "paillier"}
 
 
 def missing_extra(name: str) -> str | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from core.config import check
 
-MODELS = ("none", "hetero_lr", "split_nn")
+MODELS = ("none", "hetero_lr", "split_nn", "secureboost")
 MODES = ("train", "score")
 PROTECTIONS = ("none", "embeddings", "gradients", "both")
 ROLES = ("active", "passive")
@@ -28,6 +28,24 @@ class PartyConfig:
     data: str = ""                 # its training file: CSV or Parquet, relative to data_dir or absolute
     test: str | None = None        # its held-out customers (scored after every epoch), optional
     schema: str = ""               # the tabular schema of its file (the id column is required)
+
+
+@dataclass
+class BoostConfig:
+    """``vertical=secureboost``: the trees (each key as in ``learner=gbdt``, docs/gbdt.md; ``vertical.epochs`` is the
+    number of trees) and what each party lets the other learn (docs/vertical.md, "SecureBoost")."""
+
+    max_depth: int = 3
+    eta: float = 0.3
+    reg_lambda: float = 1.0
+    gamma: float = 0.0
+    min_child_weight: float = 1.0
+    max_bin: int = 32
+    grid_cells: int = 1024
+    active_trees: int = 0        # the first trees use only the active party's columns (nothing sent to the others)
+    min_bin_rows: int = 20       # a passive party merges bins holding fewer of a node's rows (0: every bin alone)
+    keep_hessians: bool = False  # store each node's hessian sum in the model (TimberStrike reads them)
+    obfuscators: str = "full"    # full | djn: the active party's Paillier obfuscators (docs/paillier.md)
 
 
 @dataclass
@@ -55,6 +73,8 @@ class VerticalConfig:
     clip: float = 1.0              # L2 bound per row of each protected tensor
     noise_multiplier: float = 0.0  # Gaussian noise std / clip on protected tensors
     delta: float = 1e-5
+    # secureboost
+    boost: BoostConfig = field(default_factory=BoostConfig)
     # score mode
     model_dir: str | None = None   # simulation: the training run's directory (its parties' model parts)
     score: list[str] = field(default_factory=list)   # simulation: one file to score per party, in party order
@@ -81,6 +101,18 @@ def validate(v: VerticalConfig) -> None:
     check(v.clip > 0, "vertical.clip", v.clip, "a number > 0")
     check(v.noise_multiplier >= 0, "vertical.noise_multiplier", v.noise_multiplier, "a number >= 0")
     check(0 < v.delta < 1, "vertical.delta", v.delta, "0 < delta < 1")
+    b = v.boost
+    check(1 <= b.max_depth <= 16, "vertical.boost.max_depth", b.max_depth, "an integer in [1, 16]")
+    check(0 < b.eta <= 1, "vertical.boost.eta", b.eta, "a number in (0, 1]")
+    check(b.reg_lambda >= 0, "vertical.boost.reg_lambda", b.reg_lambda, "a number >= 0")
+    check(b.gamma >= 0, "vertical.boost.gamma", b.gamma, "a number >= 0")
+    check(b.min_child_weight >= 0, "vertical.boost.min_child_weight", b.min_child_weight, "a number >= 0")
+    check(2 <= b.max_bin <= 256, "vertical.boost.max_bin", b.max_bin, "an integer in [2, 256]")
+    check(b.grid_cells >= 16, "vertical.boost.grid_cells", b.grid_cells, "an integer >= 16")
+    check(b.active_trees >= 0, "vertical.boost.active_trees", b.active_trees, "an integer >= 0")
+    check(b.min_bin_rows >= 0, "vertical.boost.min_bin_rows", b.min_bin_rows, "an integer >= 0")
+    check(b.obfuscators in ("full", "djn"), "vertical.boost.obfuscators", b.obfuscators,
+          "full or djn (short-exponent obfuscators under an extra assumption, docs/paillier.md)")
     if v.protection != "none":
         check(v.name == "split_nn", "vertical.protection", v.protection,
               "none with vertical=hetero_lr (its traffic is encrypted or masked already)")

@@ -128,13 +128,14 @@ def signed(value: int, n: int) -> int:
     return value - n if value > n // 2 else value
 
 
-def encrypt_packed(private: paillier.PaillierPrivateKey, values: list[int], workers: int = 1) -> list[int]:
-    """Ciphertexts of signed packed plaintexts under the owner's key (CRT obfuscators over
-    ``workers`` processes, 0: all cores)."""
+def encrypt_packed(private: paillier.PaillierPrivateKey, values: list[int], workers: int = 1,
+                   obfuscators: str = "full") -> list[int]:
+    """Ciphertexts of signed packed plaintexts under the owner's key (CRT obfuscators, or DJN's with
+    ``obfuscators="djn"``, over ``workers`` processes, 0: all cores)."""
     workers = workers or os.cpu_count() or 1
     n = int(private.public_key.n)
     n2 = gmpy2.mpz(n * n)
-    obf = many_obfuscators(private, len(values), workers)
+    obf = many_obfuscators(private, len(values), workers, obfuscators)
     return [int(((1 + (v % n) * n) * o) % n2) for v, o in zip(values, obf)]
 
 

@@ -190,6 +190,50 @@ def grid_of(params: Mapping[str, Any], features: int, cells: int) -> list[np.nda
     return [cell_bounds(sorted(set(b)), cells) for b in raw]
 
 
+def bucket_counts(x: np.ndarray) -> np.ndarray:
+    """Per feature, the count of values in each signed power-of-two bucket (features x BUCKETS; last: missing)."""
+    counts = np.zeros((x.shape[1], BUCKETS))
+    for f in range(x.shape[1]):
+        counts[f] = np.bincount(bucket_of(x[:, f]), minlength=BUCKETS)
+    return counts
+
+
+def grid_buckets(counts: np.ndarray) -> np.ndarray:
+    """Per feature, the buckets its fine grid covers (features x (BUCKETS - 1), 0/1): the non-empty ones between
+    the buckets of its 0.5 % and 99.5 % quantiles, from the pooled :func:`bucket_counts` (missing values do not
+    place the grid)."""
+    counts = counts[:, :-1]
+    used = np.zeros(counts.shape)
+    for f in range(counts.shape[0]):
+        n = counts[f].sum()
+        if n <= 0:
+            continue
+        cum = np.cumsum(counts[f])
+        lo_b = int(np.searchsorted(cum, QUANTILE * n, side="left"))
+        hi_b = int(np.searchsorted(cum, (1 - QUANTILE) * n, side="left"))
+        used[f, lo_b:hi_b + 1] = counts[f, lo_b:hi_b + 1] > 0
+    return used
+
+
+def cell_counts(column: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """The count of a feature's present values (as float32) in each cell of its fine grid ``bounds``."""
+    col = column.astype(np.float32).astype(np.float64)
+    col = col[~np.isnan(col)]
+    return np.bincount(np.searchsorted(bounds, col, side="right"), minlength=len(bounds) + 1)
+
+
+def local_cuts(x: np.ndarray, max_bin: int, grid_cells: int) -> list[np.ndarray]:
+    """The cut points a federation of one site holding ``x`` would decide (the ``range`` and ``grid`` steps and
+    their decisions, on these rows alone): a vertical party holds every row of its columns, so it bins them
+    itself, and its cut points are those of the pooled horizontal fit on the same columns."""
+    used = grid_buckets(bucket_counts(x))
+    out = []
+    for f in range(x.shape[1]):
+        bounds = cell_bounds(np.nonzero(used[f])[0].tolist(), grid_cells)
+        out.append(cuts_from_counts(cell_counts(x[:, f], bounds), bounds, max_bin))
+    return out
+
+
 def label_stats(objective: str, y: np.ndarray, classes: int, bits: int) -> np.ndarray:
     """Rows and the label's counts (classification) or quantized sum (regression)."""
     if objective == "multiclass":
@@ -476,16 +520,7 @@ class GbdtProgram(Program):
         if step == "range":
             label_len = 1 + (classes if objective == "multiclass" else 1)
             base = base_margins(objective, total[:label_len], classes)
-            counts = total[label_len:].reshape(F, BUCKETS)[:, :-1]  # missing values do not place the grid
-            used = np.zeros((F, BUCKETS - 1))
-            for f in range(F):
-                n = counts[f].sum()
-                if n <= 0:
-                    continue
-                cum = np.cumsum(counts[f])
-                lo_b = int(np.searchsorted(cum, QUANTILE * n, side="left"))
-                hi_b = int(np.searchsorted(cum, (1 - QUANTILE) * n, side="left"))
-                used[f, lo_b:hi_b + 1] = counts[f, lo_b:hi_b + 1] > 0
+            used = grid_buckets(total[label_len:].reshape(F, BUCKETS))
             return np.concatenate([base, used.ravel()])
         if step == "grid":
             grids = grid_of(params, F, o.grid_cells)
@@ -507,12 +542,8 @@ class GbdtProgram(Program):
             rule = SplitRule(o.reg_lambda, o.gamma, o.min_child_weight, o.eta)
             out = np.zeros((count, DECISION))
             for i in range(count):
-                g, h = padded(hist[i, 0], starts, cuts), padded(hist[i, 1], starts, cuts)
-                g_tot, h_tot = float(g[0].sum()), float(h[0].sum())
-                f, j, dl, gain, gl, hl, gr, hr = best_split(g, h, cuts, allowed, rule)
-                keep = 1.0 if o.keep_hessians else 0.0
-                out[i] = [f, j, float(dl), gain, rule.weight(g_tot, h_tot), rule.weight(gl, hl) if f >= 0 else 0.0,
-                          rule.weight(gr, hr) if f >= 0 else 0.0, keep * h_tot, keep * hl, keep * hr]
+                out[i] = decide_node(padded(hist[i, 0], starts, cuts), padded(hist[i, 1], starts, cuts), cuts, allowed,
+                                     rule, o.keep_hessians)
             return out.ravel()
         raise ProgramError(f"{cls.name} decides no {step!r} total")
 
@@ -539,17 +570,9 @@ class GbdtProgram(Program):
             raise ProgramError("a gbdt request with an unknown objective or class count")
         x, y = view.train.x, view.train.y
         if step == "range":
-            counts = np.zeros((F, BUCKETS))
-            for f in range(F):
-                counts[f] = np.bincount(bucket_of(x[:, f]), minlength=BUCKETS)
-            return np.concatenate([label_stats(objective, y, classes, BITS), counts.ravel()])
+            return np.concatenate([label_stats(objective, y, classes, BITS), bucket_counts(x).ravel()])
         if step == "grid":
-            x32 = x.astype(np.float32).astype(np.float64)
-            parts = []
-            for f, bounds in enumerate(grid_of(p, F, o.grid_cells)):
-                col = x32[:, f]
-                col = col[~np.isnan(col)]
-                parts.append(np.bincount(np.searchsorted(bounds, col, side="right"), minlength=len(bounds) + 1))
+            parts = [cell_counts(x[:, f], bounds) for f, bounds in enumerate(grid_of(p, F, o.grid_cells))]
             return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
         cuts = _cuts(p, F, o.max_bin)
         base = np.asarray(json.loads(str(p.get("gbdt-base", "[]"))), dtype=np.float64)
@@ -610,6 +633,18 @@ class GbdtProgram(Program):
             hist[(held > 0) & (held < min_rows)] = 0.0
             parts.append(hist.ravel())
         return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def decide_node(g: np.ndarray, h: np.ndarray, cuts: list[int], allowed: np.ndarray, rule: SplitRule,
+                keep_hessians: bool) -> np.ndarray:
+    """One open node's decision (:data:`DECISION` values) from its histograms (features x slots, slot 0 missing):
+    feature (-1: none), bin, default left, gain, the leaf values of the node and of its two children, and their
+    hessian sums (zeros unless ``keep_hessians``: TimberStrike reads them; docs/gbdt.md)."""
+    g_tot, h_tot = float(g[0].sum()), float(h[0].sum())
+    f, j, dl, gain, gl, hl, gr, hr = best_split(g, h, cuts, allowed, rule)
+    keep = 1.0 if keep_hessians else 0.0
+    return np.array([f, j, float(dl), gain, rule.weight(g_tot, h_tot), rule.weight(gl, hl) if f >= 0 else 0.0,
+                     rule.weight(gr, hr) if f >= 0 else 0.0, keep * h_tot, keep * hl, keep * hr])
 
 
 def slots(cuts: list[np.ndarray]) -> tuple[list[int], int]:
