@@ -325,14 +325,30 @@ def histograms(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) ->
     at = np.where(where >= 0, pos[np.maximum(where, 0)], -1)
     cuts = _cuts(state)
     width = max((len(c) + 2 for c in cuts), default=2)  # bins 0 (missing) .. len(cuts) + 1
-    keys = [np.where(at >= 0, at * width + bins[:, f], -1) for f in range(bins.shape[1])]
-    workers = env.cfg.workers or 1
     n2 = modulus * modulus
+    siblings = _siblings(state, t, d, where, open_nodes, at)
+    direct = at if not siblings else np.where(np.isin(at, [c for c, _, _ in siblings], invert=True), at, -1)
+    keys = [np.where(direct >= 0, direct * width + bins[:, f], -1) for f in range(bins.shape[1])]
+    workers = env.cfg.workers or 1
     if workers > 1 and len(keys) > 1:
         parts = parallel_map(bin_products_job, [(n2, cts, k) for k in chunks(keys, workers)], workers)
         products = [d_ for part in parts for d_ in part]
     else:
         products = bin_products_job(n2, cts, keys)
+    if siblings:  # the larger child's sums: its parent's over its sibling's (one inversion per bin, no row)
+        parent = pr.from_bytes(bytes(state["sb:prev"]), modulus, "the parent level's sums")
+        m2_ = gmpy2.mpz(n2)
+        for child, sibling, p_pos in siblings:
+            for f, prod in enumerate(products):
+                for b in range(width):
+                    whole = parent[(p_pos * len(products) + f) * width + b]
+                    if whole == 1:
+                        continue
+                    part = prod.get(sibling * width + b)
+                    prod[child * width + b] = whole if part is None else int(whole * gmpy2.invert(part, m2_) % m2_)
+    state["sb:prev"] = pr.to_bytes([prod.get(i * width + b, 1) for i in range(len(open_nodes)) for prod in products
+                                    for b in range(width)], modulus)
+    state["sb:prev_at"] = json.dumps({"tree": t, "depth": d, "open": open_nodes})
     k = env.cfg.boost.min_bin_rows
     layout: list[list[list[int]]] = []
     packed: list[int] = []
@@ -360,6 +376,30 @@ def histograms(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) ->
     blob = _blob({"tree": t, "depth": d, "groups": [[len(g) for g in node] for node in layout]},
                  pr.to_bytes(packed, modulus))
     return {"sealed": _seal(state, env, active, blob, f"sb-hist|{t}|{d}")}
+
+
+def _siblings(state: dict[str, Any], t: int, d: int, where: np.ndarray, open_nodes: list[int],
+              at: np.ndarray) -> list[tuple[int, int, int]]:
+    """Open nodes whose sums follow from the level above (histogram subtraction): (the larger child, its smaller
+    sibling, their parent's position in the level above), for pairs of children of one parent. Only the smaller
+    children's rows are summed; a child's parent is the node its rows were in one level up."""
+    held = json.loads(str(state.get("sb:prev_at", "null")))
+    if d == 0 or not isinstance(held, dict) or (held.get("tree"), held.get("depth")) != (t, d - 1):
+        return []
+    before = get_array(state, "sb:level_where").astype(np.int64)
+    up = {n: i for i, n in enumerate(held["open"])}
+    by_parent: dict[int, list[int]] = {}
+    for i in range(len(open_nodes)):
+        came = np.unique(before[at == i])
+        if came.size != 1 or int(came[0]) not in up:
+            return []  # not a clean split of an open node of the level above: every sum from rows
+        by_parent.setdefault(up[int(came[0])], []).append(i)
+    out = []
+    for p_pos, kids in by_parent.items():
+        if len(kids) == 2:
+            small, large = sorted(kids, key=lambda i: (int(np.sum(at == i)), i))
+            out.append((large, small, p_pos))
+    return out
 
 
 def split(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
