@@ -36,9 +36,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
         if tier == "e2e":
-            # under `-n 2 --dist loadgroup` (the README's commands) the end-to-end runs, each a federation of
-            # processes using both cores, go one after another on one worker; the rest share both workers
-            item.add_marker(pytest.mark.xdist_group("e2e"))
+            # under `-n 2 --dist loadgroup` (the README's commands) the end-to-end runs go in two chains of about
+            # equal length, one per worker: the simulation-engine runs (test_e2e.py) and the deployments (the
+            # other files). A run waits on process start-up, heartbeats and polling much of its time, so two
+            # chains overlap well; within a chain they go one after another, and the rest fill both workers.
+            chain = "e2e-sim" if Path(str(item.fspath)).name == "test_e2e.py" else "e2e-deploy"
+            item.add_marker(pytest.mark.xdist_group(chain))
     if config.getoption("dist", "no") == "loadgroup":
         # the end-to-end group first, so that its worker starts on it while the other takes everything else
         # (serially the cheapest tiers stay first: failures show early)

@@ -40,6 +40,7 @@ hessian sums in the model (``keep_hessians=false``), ``min_child_weight``.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import gmpy2
@@ -184,8 +185,11 @@ def groups(counts: np.ndarray, missing: int, min_rows: int) -> list[int]:
     return his if len(his) > 1 else []
 
 
-def _pack(n2: Any, cts: list[Any], per: int) -> list[int]:
-    """Group sums packed ``per`` to a ciphertext: ``prod_i c_i^(2^(FIELDS * i))`` by Horner's rule."""
+def pack_job(n2: int, cts: list[int], per: int) -> list[int]:
+    """Worker job: group sums packed ``per`` to a ciphertext: ``prod_i c_i^(2^(FIELDS * i))`` by Horner's rule."""
+    if not cts:
+        return []
+    n2 = gmpy2.mpz(n2)
     out = []
     shift = 1 << FIELDS
     for s in range(0, len(cts), per):
@@ -329,7 +333,7 @@ def histograms(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) ->
     siblings = _siblings(state, t, d, where, open_nodes, at)
     direct = at if not siblings else np.where(np.isin(at, [c for c, _, _ in siblings], invert=True), at, -1)
     keys = [np.where(direct >= 0, direct * width + bins[:, f], -1) for f in range(bins.shape[1])]
-    workers = env.cfg.workers or 1
+    workers = env.cfg.workers or os.cpu_count() or 1
     if workers > 1 and len(keys) > 1:
         parts = parallel_map(bin_products_job, [(n2, cts, k) for k in chunks(keys, workers)], workers)
         products = [d_ for part in parts for d_ in part]
@@ -351,9 +355,9 @@ def histograms(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) ->
     state["sb:prev_at"] = json.dumps({"tree": t, "depth": d, "open": open_nodes})
     k = env.cfg.boost.min_bin_rows
     layout: list[list[list[int]]] = []
-    packed: list[int] = []
     per = per_ciphertext(modulus.bit_length())
     m2 = gmpy2.mpz(n2)
+    groups_of: list[list[int]] = []
     for i in range(len(open_nodes)):
         node_layout, node_cts = [], []
         for f, c in enumerate(cuts):
@@ -367,10 +371,15 @@ def histograms(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) ->
                     v = products[f].get(i * width + b)
                     if v is not None:
                         acc = acc * v % m2
-                node_cts.append(acc)
+                node_cts.append(int(acc))
                 lo = hi + 1
         layout.append(node_layout)
-        packed += _pack(m2, node_cts, per) if node_cts else []
+        groups_of.append(node_cts)
+    # many group sums to a ciphertext (the shifts are the costly part: spread over the workers, node by node)
+    if workers > 1 and len(groups_of) > 1:
+        packed = [c for part in parallel_map(pack_job, [(n2, g, per) for g in groups_of], workers) for c in part]
+    else:
+        packed = [c for g in groups_of for c in pack_job(n2, g, per)]
     state["sb:layout"] = json.dumps({"tree": t, "depth": d, "open": open_nodes, "groups": layout})
     put_array(state, "sb:level_where", where.astype(np.int32))
     blob = _blob({"tree": t, "depth": d, "groups": [[len(g) for g in node] for node in layout]},
@@ -435,7 +444,7 @@ def _decide(state: dict[str, Any], env: PartyEnv, t: int, d: int, sealed: dict[s
         cts = pr.from_bytes(body, n, f"histogram of party {p}")
         if len(cts) != sum(-(-sum(node) // per) for node in layout):
             raise StepError(f"party {p}'s histogram has {len(cts)} ciphertexts for its layout")
-        workers = env.cfg.workers or 1
+        workers = env.cfg.workers or os.cpu_count() or 1
         plain = [v for part in parallel_map(decrypt_job, [(private.p, private.q, n, c) for c in chunks(cts, workers)],
                                             workers) for v in part] if workers > 1 and len(cts) > 1 else \
             decrypt_job(private.p, private.q, n, cts)

@@ -57,6 +57,7 @@ class GbdtLearner(SumLearner):
                 "seconds_per_round": out.seconds_per_round, "history": out.history, "test": out.test,
                 "importance": ens.importance(), "features": out.names, "vocab": out.vocab, "rejected": out.rejected,
                 "trees_ended_by_a_dropout": out.ended_early,
+                "nodes_left_leaves_as_no_histogram": out.inconsistent,
                 "options": GbdtOptions.parse({}).__class__.from_json(out.options.to_json()).__dict__}
 
     @override

@@ -59,6 +59,7 @@ EXPONENTS = 32                        # power-of-two buckets 2^-32 .. 2^31 on ea
 BUCKETS = 2 * (2 * EXPONENTS) + 2     # negative buckets, zero, positive buckets, missing
 QUANTILE = 0.005                      # the grid spans the buckets of the 0.5 % and 99.5 % quantiles
 DECISION = 10                         # values per open node a level decision returns
+INCONSISTENT = -2                     # a level decision's feature for a node whose total is no histogram of rows
 MAX_MODEL_BYTES = 64 << 20            # the largest model (decompressed) a site reads from a request
 #: the program's public state a checkpoint keeps (the model itself is kept as trees)
 PUBLIC = ("gbdt-options", "gbdt-objective", "gbdt-classes", "prep-fingerprint", "gbdt-vocab", "gbdt-features",
@@ -306,12 +307,13 @@ class Outcome:
 
     schema: str | None = None
     ended_early: list[dict[str, int]] = field(default_factory=list)  # trees ended at a level a site dropped out of
+    inconsistent: list[dict[str, int]] = field(default_factory=list)  # nodes left leaves: their total was no histogram
 
     def header(self, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What a resumed run needs of the outcome and of the program's public state (JSON values)."""
         return {"base": self.base, "cuts": self.cuts, "names": self.names, "objective": self.objective,
                 "classes": self.classes, "sites": self.sites, "vocab": self.vocab, "schema": self.schema,
-                "rejected": self.rejected, "ended_early": self.ended_early,
+                "rejected": self.rejected, "ended_early": self.ended_early, "inconsistent": self.inconsistent,
                 "state": {k: v for k, v in (state or {}).items() if k in PUBLIC}}
 
     @classmethod
@@ -319,7 +321,8 @@ class Outcome:
         """The outcome so far, from :meth:`header`."""
         return cls([], list(h["base"]), list(h["cuts"]), list(h["names"]), str(h["objective"]), int(h["classes"]),
                    options, sites=int(h["sites"]), vocab=dict(h["vocab"]), schema=h.get("schema"),
-                   rejected=list(h["rejected"]), ended_early=list(h["ended_early"]))
+                   rejected=list(h["rejected"]), ended_early=list(h["ended_early"]),
+                   inconsistent=list(h.get("inconsistent", [])))
 
     def ensemble(self) -> Ensemble:
         """The fitted model."""
@@ -456,6 +459,11 @@ class GbdtProgram(Program):
                         if depth == 0:
                             tree.value[0] = tree.threshold[0] = float(v_self)
                             tree.cover[0] = float(h_self)
+                        if f == INCONSISTENT:
+                            LOG.log(WARNING, "fedsilo gbdt: round %s, depth %s, node %s: the total is not a histogram of "
+                                    "rows (its features' sums differ, or a hessian sum is negative): a site sent "
+                                    "values that are not its rows'; the node stays a leaf", rnd + 1, depth, node)
+                            out.inconsistent.append({"round": rnd + 1, "depth": depth, "node": int(node)})
                         if f < 0:
                             continue
                         left, right = tree.add_children(node, int(f), int(j), float(cuts[int(f)][int(j) - 1]),
@@ -542,8 +550,10 @@ class GbdtProgram(Program):
             rule = SplitRule(o.reg_lambda, o.gamma, o.min_child_weight, o.eta)
             out = np.zeros((count, DECISION))
             for i in range(count):
-                out[i] = decide_node(padded(hist[i, 0], starts, cuts), padded(hist[i, 1], starts, cuts), cuts, allowed,
-                                     rule, o.keep_hessians)
+                g, h = padded(hist[i, 0], starts, cuts), padded(hist[i, 1], starts, cuts)
+                out[i] = decide_node(g, h, cuts, allowed, rule, o.keep_hessians)
+                if not is_histogram(g, h):
+                    out[i, 0], out[i, 5:] = INCONSISTENT, 0.0
             return out.ravel()
         raise ProgramError(f"{cls.name} decides no {step!r} total")
 
@@ -633,6 +643,18 @@ class GbdtProgram(Program):
             hist[(held > 0) & (held < min_rows)] = 0.0
             parts.append(hist.ravel())
         return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def is_histogram(g: np.ndarray, h: np.ndarray) -> bool:
+    """Whether a node's total histograms (features x slots) can be sums over rows: every row lies in exactly one
+    slot of every feature (its bin, or missing), so each feature's slots sum to the same node total, exactly (the
+    sums are of multiples of 2^-24), and no hessian sum is negative. A site that sends anything else (a scaled or
+    shifted histogram, values not of its rows) breaks this in the total, under every aggregation option; the
+    node is then left a leaf (:data:`INCONSISTENT`)."""
+    if not g.size:
+        return True
+    gs, hs = g.sum(axis=1), h.sum(axis=1)
+    return bool(np.all(gs == gs[0]) and np.all(hs == hs[0]) and h.min() >= 0)
 
 
 def decide_node(g: np.ndarray, h: np.ndarray, cuts: list[int], allowed: np.ndarray, rule: SplitRule,

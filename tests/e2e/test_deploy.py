@@ -156,14 +156,15 @@ def test_unregistered_key_and_plaintext_node_are_refused(tmp_path: Path) -> None
     assert logs[1] and logs[2], "the refused nodes say why"
 
 
-@pytest.mark.parametrize("model", ["split_nn", "hetero_lr"])
+@pytest.mark.parametrize("model", ["split_nn", "hetero_lr", "secureboost"])
 def test_deploy_local_vertical_parties_match_the_simulation(model: str, tmp_path: Path) -> None:
     """`fedsilo deploy local --sites 2 vertical=...`: one SuperNode per party (TLS, authenticated),
     each with its own folder and node config (role, data, schema, held-out file, model folder); the
     coordinator's data folder is empty; PSI and training give the simulation's model parts bit for bit
     (no held-out files: every message starts a ClientApp process, so the test keeps to the few steps).
-    Under hetero LR each party's Paillier key is made at the party: the coordinator's whole output folder
-    holds no key file (the messages it relays are checked in tests/integration/test_vertical.py)."""
+    Under hetero LR and SecureBoost each party's Paillier key is made at the party: the coordinator's whole output
+    folder holds no key file (the messages it relays are checked in tests/integration/test_vertical*.py and
+    test_secureboost.py). SecureBoost's parts: the bank's trees and the platform's split table."""
     import numpy as np
 
     from tests.integration.test_vertical import small_files
@@ -184,7 +185,7 @@ def test_deploy_local_vertical_parties_match_the_simulation(model: str, tmp_path
     for party in ("bank", "platform"):
         with np.load(out / "sites" / party / "models" / f"{party}.vertical.npz") as deployed, \
                 np.load(tmp_path / "sim" / "parties" / f"{party}.vertical.npz") as simulated:
-            weights = [k for k in deployed.files if k.startswith("p:") or k == "w"]
+            weights = [k for k in deployed.files if k.startswith("p:") or k in ("w", "model")]
             assert weights and all(np.array_equal(deployed[k], simulated[k]) for k in weights), party
     outside_sites = [p for p in out.rglob("*") if p.is_file() and "sites" not in p.relative_to(out).parts]
     assert outside_sites and not [p for p in outside_sites if "paillier" in p.name.lower()], outside_sites

@@ -33,7 +33,10 @@ FLWR_HOME_MARK = f"FLWR_HOME={os.path.join(tempfile.gettempdir(), 'fedsilo-flwr-
 
 
 def leftover_processes() -> list[str]:
-    """Processes whose environment points at a fedsilo-private FLWR_HOME."""
+    """Processes whose environment points at a fedsilo-private FLWR_HOME, started from this test process (under
+    pytest-xdist: from this worker, whose PYTEST_XDIST_WORKER they inherit; the other worker's runs are its own)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    mine = f"PYTEST_XDIST_WORKER={worker}\0".encode() if worker else b""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -43,7 +46,7 @@ def leftover_processes() -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
         except OSError:
             continue
-        if FLWR_HOME_MARK in env:
+        if FLWR_HOME_MARK in env and (not mine or mine in env + b"\0"):
             found.append(f"{pid}: {cmd}")
     return found
 

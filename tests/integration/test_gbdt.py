@@ -115,6 +115,35 @@ def test_the_pooled_reference_differs_when_a_site_is_left_out(pooled_fit: Any) -
     assert [t.to_dict() for t in fewer.trees] != [t.to_dict() for t in pooled_fit.trees]
 
 
+class _ScalingSite(GbdtProgram):
+    """The program with one deviating site: it doubles its gradient histogram of feature 0 (values not of its rows)."""
+
+    @classmethod
+    def site(cls, step: str, call: Any) -> Any:
+        v = GbdtProgram.site(step, call)
+        if step == "level" and getattr(call.data, "name", "") == "cleveland":
+            from learners.gbdt.program import slots
+
+            cuts = [np.asarray(c) for c in json.loads(str(call.params["gbdt-cuts"]))]
+            starts, width = slots(cuts)
+            v = np.asarray(v, dtype=np.float64).reshape(-1, 2 * width).copy()
+            v[:, starts[0]:starts[0] + len(cuts[0]) + 2] *= 2
+            v = v.ravel()
+        return v
+
+
+def test_a_histogram_that_is_not_of_rows_leaves_its_nodes_leaves(pooled_fit: Any) -> None:
+    """Byzantine bounds that hold for trees: every row lies in one slot of every feature, so each feature's slots
+    sum to the same node total; a site that scales one feature's histogram breaks that in the total (under any
+    aggregation option, the sites' vectors unseen), and those nodes are not split on its values."""
+    task, sites = _task_and_sites()
+    honest = pooled.fit(GbdtProgram(task, OPTIONS), sites, ONE_ROW)
+    assert honest.inconsistent == [] and [t.to_dict() for t in honest.trees] == [t.to_dict() for t in pooled_fit.trees]
+    attacked = pooled.fit(_ScalingSite(task, OPTIONS), sites, ONE_ROW)
+    assert attacked.inconsistent and {e["depth"] for e in attacked.inconsistent} >= {0}
+    assert all(len(t.left) == 1 for t in attacked.trees[:1])  # the root of the first tree was not split
+
+
 def test_a_site_sends_nothing_of_a_node_with_fewer_than_its_min_rows() -> None:
     """A coordinator sends a tree whose left child holds a handful of the site's rows: the site's histogram of
     that node is zeros, of the other node not (statistics.min_rows=10, the default policy)."""
