@@ -23,6 +23,7 @@ from learners.gbdt import GbdtLearner
 from learners.gbdt.options import GbdtOptions
 from learners.gbdt.program import GbdtProgram, Outcome
 from learners.glm import GlmLearner, GlmOptions, GlmOutcome, GlmProgram
+from learners.survival import SurvivalLearner, SurvivalOutcome
 from tasks.base import Task
 from tasks.learners import LearnerConfig, SumLearner, register
 
@@ -129,13 +130,17 @@ class AutoLearner(SumLearner):
 
     @override
     def program(self, task: Task, options: Mapping[str, Any]) -> Program:
-        """The two-part program over ``task``'s sites."""
+        """The two-part program over ``task``'s sites (a survival label: the survival analyses, with defaults)."""
+        if getattr(task, "label_kind", "") == "survival":
+            return SurvivalLearner().program(task, {})
         glm, gbdt = self._options(options)
         return AutoProgram(task, glm, gbdt)
 
     @override
     def results(self, outcome: Any) -> dict[str, Any]:
         """The choice, both validation losses, the chosen model's test metrics; each part's own results."""
+        if isinstance(outcome, SurvivalOutcome):
+            return SurvivalLearner().results(outcome)
         out: AutoOutcome = outcome
         glm, gbdt = GlmLearner().results(out.glm), GbdtLearner().results(out.gbdt)
         chosen = glm if out.chosen == "glm" else gbdt
@@ -146,6 +151,8 @@ class AutoLearner(SumLearner):
     @override
     def save(self, outcome: Any, folder: Path) -> dict[str, str]:
         """The chosen model's files (``model.json``; trees also ``model.xgb.json``)."""
+        if isinstance(outcome, SurvivalOutcome):
+            return SurvivalLearner().save(outcome, folder)
         out: AutoOutcome = outcome
         if out.chosen == "glm":
             return GlmLearner().save(out.glm, folder)

@@ -39,6 +39,9 @@ class Rows:
 def objective_of(task: Task) -> str:
     """The objective the task's label calls for: binary, multiclass or regression."""
     if isinstance(task, TabularTask):
+        if task.label_kind == "survival":
+            raise ProgramError("a survival label (time and event) is analysed by learner.name=survival (or the "
+                               "default learner), not by a classifier or regression")
         return task.label_kind
     return "binary"
 

@@ -274,17 +274,23 @@ class FederatedTask(Task):
         if table.is_test is not None:
             test = table.is_test
         else:
-            strata = table.label if self.schema.label.kind != "regression" else np.zeros(len(table), np.int64)
-            test = stratified_holdout(strata, self.cfg.test_fraction, seed)
+            test = stratified_holdout(self._strata(table), self.cfg.test_fraction, seed)
         return table.take(np.flatnonzero(~test)), table.take(np.flatnonzero(test))
 
     def _site(self, site_id: int, name: str, rest: Rows, test: Rows, seed: int) -> RawSite:
-        schema = self.schema
-        labels = rest.label if schema.label.kind != "regression" else np.zeros(len(rest), np.int64)
+        labels = self._strata(rest)
         tr, va = split_train_val(np.arange(len(rest)), labels, self.cfg.val_fraction, seed=seed * 7919 + site_id)
         site = RawSite(site_id, name, rest.take(tr), rest.take(va), test)
         self.check_site(site)
         return site
+
+    def _strata(self, table: Any) -> np.ndarray:
+        """What a site's held-out and validation rows are stratified by: the class, a survival label's event
+        indicator, nothing for a regression."""
+        kind = self.schema.label.kind
+        if kind == "regression":
+            return np.zeros(len(table), np.int64)
+        return table.label[:, 1].astype(np.int64) if kind == "survival" else table.label
 
     def check_site(self, site: RawSite) -> None:
         """Refuse sites too small to take part safely or with a single class."""
@@ -293,7 +299,13 @@ class FederatedTask(Task):
         if rows < schema.min_rows:
             raise SiteInputError(f"{where}: {rows} usable rows, below the schema's min_rows={schema.min_rows}; "
                                  "a site this small would leak its records through its updates")
-        if schema.label.kind != "regression" and schema.single_class == "refuse":
+        if schema.label.kind == "survival":
+            if schema.single_class == "refuse" and not any(np.any(t.label[:, 1] > 0) for t in (site.train, site.val,
+                                                                                                site.test)):
+                raise SiteInputError(f"{where}: no row has an event ({schema.label.event!r}: every time is censored); "
+                                     "such a site reveals that none of its patients had one (or the schema's "
+                                     "single_class: allow)")
+        elif schema.label.kind != "regression" and schema.single_class == "refuse":
             present = np.unique(np.concatenate([site.train.label, site.val.label]))
             if present.size < 2:
                 raise SiteInputError(f"{where}: every training row has the same label "
@@ -345,6 +357,8 @@ class FederatedTask(Task):
                    ) -> list[np.ndarray]:
         if self.schema.label.kind == "regression":
             labels = np.zeros(labels.shape[0], np.int64)
+        elif self.schema.label.kind == "survival":  # partitioned by the event indicator
+            labels = labels[:, 1].astype(np.int64)
         return partition_indices(labels, None, partition.name, num_sites, seed, alpha=partition.alpha,
                                  min_partition_size=partition.min_partition_size)
 

@@ -22,8 +22,10 @@ def sections(results: dict[str, Any]) -> list[Section]:
     scalars = {k: v for k, v in learner.items() if k not in SKIP and not isinstance(v, (list, dict))}
     outcome = Section("Outcome", tables=[(["", "value"], [[k, _cell(v)] for k, v in scalars.items()])])
     out = [summary, outcome]
+    if isinstance(learner.get("curves"), dict) and learner["curves"]:
+        out.append(_survival_curves(learner["curves"]))
     for key, value in learner.items():  # the learner's tables: named values, rows of records, lists of names
-        if key in SKIP or key in scalars or not value:
+        if key in SKIP or key in scalars or not value or key == "curves":
             continue
         out.append(_section(key, value))
     conf = Section("Configuration", [f"Overrides: `{results.get('overrides') or '(defaults)'}`"])
@@ -55,3 +57,34 @@ def _section(key: str, value: Any) -> Section:
             if len(value) > ROWS else []
         return Section(title, note, tables=[(cols, [[_cell(r.get(c)) for c in cols] for r in shown])])
     return Section(title, [", ".join(f"`{v}`" for v in value) if isinstance(value, list) else _cell(value)])
+
+
+def _survival_curves(curves: dict[str, Any]) -> Section:
+    """Kaplan-Meier curves (steps) with their confidence bands, one per group, and each group's median."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = []
+    for level, c in curves.items():
+        t = [0.0, *c["time"]]
+        line = ax.step(t, [1.0, *c["survival"]], where="post", label=f"{level} ({c['rows']} rows)")[0]
+        ax.fill_between(t, [1.0, *c["lower"]], [1.0, *c["upper"]], step="post", alpha=0.15, color=line.get_color())
+        rows.append([level, str(c["rows"]), str(c["events_total"]), _fmt(c["median"]),
+                     f"{_fmt(c['median_lower'])} - {_fmt(c['median_upper'])}"])
+    ax.set_xlabel("time")
+    ax.set_ylabel("survival")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return Section("Kaplan-Meier curves", ["Pooled across the sites from protected sums of events and numbers at "
+                                           "risk (docs/survival.md); bands: exponential Greenwood."],
+                   tables=[(["group", "rows", "events", "median", "median interval"], rows)],
+                   figures=[("kaplan_meier", buf.getvalue())])

@@ -71,8 +71,45 @@ def sklearn_table(loader: str, folder: str, file: str, id_column: str, label: st
     frame.rename(columns={"target": label}).to_csv(HERE / folder / file, index=False)
 
 
+def lifelines_survival() -> None:
+    """Issue #37's survival tables, from lifelines' bundled copies (lifelines 0.30.3, MIT): NCCTG lung (228
+    patients) split by institution, GBSG2 (686 patients) split over four sites by a seeded draw. Values unchanged;
+    a ``patient`` id is added first."""
+    import numpy as np
+    from lifelines import datasets
+
+    lung = datasets.load_lung()
+    lung.insert(0, "patient", np.arange(1, len(lung) + 1))
+    (HERE / "ncctg_lung" / "sites").mkdir(parents=True, exist_ok=True)
+    lung.to_csv(HERE / "ncctg_lung" / "lung.csv", index=False)
+    # sites: institutions in code order, merged until a site holds at least 30 patients (a short tail joins the last
+    # site); the one patient without an institution code is left out of the sites (it stays in lung.csv)
+    coded = lung[lung["inst"].notna()]
+    sites: list[list[float]] = [[]]
+    for inst in sorted(coded["inst"].unique()):
+        sites[-1].append(inst)
+        if int(coded["inst"].isin(sites[-1]).sum()) >= 30:
+            sites.append([])
+    if not sites[-1]:
+        sites.pop()
+    elif len(sites) > 1:
+        tail = sites.pop()
+        sites[-1] += tail
+    for members in sites:
+        name = "inst_" + "_".join(str(int(i)) for i in members)
+        coded[coded["inst"].isin(members)].to_csv(HERE / "ncctg_lung" / "sites" / f"{name}.csv", index=False)
+    gbsg = datasets.load_gbsg2()
+    gbsg.insert(0, "patient", np.arange(1, len(gbsg) + 1))
+    (HERE / "gbsg2" / "sites").mkdir(parents=True, exist_ok=True)
+    gbsg.to_csv(HERE / "gbsg2" / "gbsg2.csv", index=False)
+    site = np.random.default_rng(37).permutation(len(gbsg)) % 4  # four sites of 171-172 patients
+    for k in range(4):
+        gbsg[site == k].to_csv(HERE / "gbsg2" / "sites" / f"site_{k + 1}.csv", index=False)
+
+
 if __name__ == "__main__":
     credit()
     heart()
     sklearn_table("load_wine", "wine", "wine.csv", "sample", "cultivar")  # issue #36's small multiclass table
     sklearn_table("load_breast_cancer", "breast_cancer", "wdbc.csv", "patient", "benign")
+    lifelines_survival()  # issue #37

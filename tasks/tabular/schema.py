@@ -6,6 +6,7 @@ refused). Example (``tasks/data/schemas/heart.yaml``)::
 
     format: fedsilo-schema-v1
     label: {column: num, kind: binary, positive: [1, 2, 3, 4], negative: [0]}   # negative: rest = all others
+    # survival: label: {column: time, event: status, kind: survival, events: [1], censored: [0]}
     id: patient_id            # optional; never a feature
     drop: [slope, ca, thal]   # columns read but not used
     split: split              # optional: a column of 'train'/'test' values that fixes the held-out rows
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "fedsilo-schema-v1"
-LABEL_KINDS = ("binary", "multiclass", "regression")
+LABEL_KINDS = ("binary", "multiclass", "regression", "survival")
 FEATURE_TYPES = ("numeric", "categorical", "boolean")
 TRANSFORMS = ("none", "log1p", "signed_log1p")
 MISSING = ("impute", "drop_row", "error")
@@ -77,6 +78,9 @@ class Label:
     positive: tuple[str, ...] = ("1",)          # binary: the values of the positive class
     negative: tuple[str, ...] | None = ("0",)   # binary: the values of the negative class (None: all others)
     classes: tuple[str, ...] = ()               # multiclass: the classes, in order
+    event: str | None = None                    # survival: the event column (``column`` is the time column)
+    events: tuple[str, ...] = ("1",)            # survival: the event column's values of an event (others: censored)
+    censored: tuple[str, ...] = ("0",)          # survival: its values of a censored time
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class Schema:
     @property
     def columns(self) -> tuple[str, ...]:
         """Every column a site file must have, in schema order."""
-        extra = [c for c in (self.id, self.split) if c]
+        extra = [c for c in (self.label.event, self.id, self.split) if c]
         return (self.label.column, *extra, *(f.name for f in self.features), *self.drop)
 
     def feature(self, name: str) -> Feature:
@@ -113,6 +117,9 @@ class Schema:
         """The schema as a plain dict (what the model file keeps)."""
         d = asdict(self)
         d.pop("source")
+        if self.label.kind != "survival":  # the survival keys only where they mean something (fingerprints unchanged)
+            for key in ("event", "events", "censored"):
+                d["label"].pop(key)
         if d["label"]["negative"] is None:
             d["label"]["negative"] = "rest"
         return json.loads(json.dumps({"format": FORMAT, **d}))  # plain lists and dicts, as YAML or JSON give them
@@ -217,12 +224,26 @@ def _values(v: Any, key: str, fail: Any) -> tuple[str, ...]:
 def _label(raw: Any, fail: Any) -> Label:
     if not isinstance(raw, dict) or "column" not in raw:
         raise fail("label", "expected {column: NAME, kind: binary|multiclass|regression, ...}")
-    unknown = sorted(set(raw) - {"column", "kind", "positive", "negative", "classes"})
+    allowed = ["column", "kind", "positive", "negative", "classes", "event", "events", "censored"]
+    unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise fail(f"label.{unknown[0]}", "unknown key; allowed: column, kind, positive, negative, classes")
+        raise fail(f"label.{unknown[0]}", f"unknown key; allowed: {', '.join(allowed)}")
     kind = raw.get("kind", "binary")
     if kind not in LABEL_KINDS:
         raise fail("label.kind", f"{kind!r} is not one of {list(LABEL_KINDS)}")
+    if kind == "survival":
+        event = _opt_str(raw.get("event"), "label.event", fail)
+        if not event or event == raw["column"]:
+            raise fail("label.event", "a survival label names its time column (column) and its event column "
+                       "(event), e.g. {column: time, event: status, kind: survival}")
+        events = _values(raw.get("events", 1), "label.events", fail)
+        censored = _values(raw.get("censored", 0), "label.censored", fail)
+        if set(events) & set(censored):
+            raise fail("label.censored", f"{list(censored)} overlaps the event values {list(events)}")
+        return Label(str(raw["column"]), kind, (), None, (), event, events, censored)
+    stray = sorted({"event", "events", "censored"} & set(raw))
+    if stray:
+        raise fail(f"label.{stray[0]}", f"only a survival label (kind: survival) has an event column; this one is {kind}")
     positive = _values(raw.get("positive", 1), "label.positive", fail) if kind == "binary" else ()
     negative: tuple[str, ...] | None = None
     if kind == "binary":

@@ -46,7 +46,8 @@ class Table:
     path: str
     numeric: dict[str, np.ndarray]       # numeric and boolean features: float64, NaN where missing
     categorical: dict[str, np.ndarray]   # categorical features: the cell texts (object), MISSING_LEVEL if missing
-    label: np.ndarray                    # binary 0/1, multiclass class index (int64), regression float64
+    label: np.ndarray                    # binary 0/1, multiclass class index (int64), regression float64,
+    #                                      survival rows x (time, event 0/1) float64
     is_test: np.ndarray | None           # the schema's split column: True for 'test' rows
     line: np.ndarray                     # each row's line (CSV) or row number (Parquet) in the file
     ids: np.ndarray | None = None        # the schema's id column (never a feature)
@@ -148,7 +149,8 @@ def read(path: str | Path, schema: Schema, labelled: bool = True) -> Table:
     cells = {c: df[c].to_numpy(dtype=object) for c in schema.columns}
     miss = {c: _missing(cells[c]) for c in schema.columns}
 
-    used = [schema.label.column, *(f.name for f in schema.features)]
+    labels = [schema.label.column, *([schema.label.event] if schema.label.event else [])]
+    used = [*labels, *(f.name for f in schema.features)]
     for c in used:
         if miss[c].all():
             raise SiteInputError(f"{where}: column {c!r} has no values at all (all {len(df)} rows missing)")
@@ -160,10 +162,10 @@ def read(path: str | Path, schema: Schema, labelled: bool = True) -> Table:
         miss = {c: v[keep] for c, v in miss.items()}
         line = line[keep]
     else:
-        for c in used if schema.missing == "error" else [schema.label.column]:
+        for c in used if schema.missing == "error" else labels:
             if miss[c].any():
                 k = int(np.argmax(miss[c]))
-                what = "the label" if c == schema.label.column else f"column {c!r}"
+                what = f"the label ({c!r})" if c in labels else f"column {c!r}"
                 raise SiteInputError(f"{where}: {what} is missing at row {line[k]} (missing: {schema.missing}; "
                                      "use 'missing: drop_row' to skip such rows)")
 
@@ -176,7 +178,8 @@ def read(path: str | Path, schema: Schema, labelled: bool = True) -> Table:
             numeric[f.name] = _booleans(cells[f.name], miss[f.name], line, where, f)
         else:
             categorical[f.name] = _categories(cells[f.name], miss[f.name], line, where, f)
-    label = _labels(cells[schema.label.column], line, where, schema)
+    label = _survival(cells, line, where, schema) if schema.label.kind == "survival" else \
+        _labels(cells[schema.label.column], line, where, schema)
     is_test = None
     if schema.split:
         s = np.array([str(v).strip().lower() for v in cells[schema.split]], dtype=object)
@@ -259,6 +262,26 @@ def _canon(v: object) -> str:
     except ValueError:
         return text
     return str(int(x)) if np.isfinite(x) and x.is_integer() else text
+
+
+def _survival(cells: dict[str, np.ndarray], line: np.ndarray, where: str, schema: Schema) -> np.ndarray:
+    """A survival label: rows x (time, event), time >= 0 and event 1 (an event) or 0 (censored)."""
+    lab = schema.label
+    assert lab.event is not None
+    time = _numbers(cells[lab.column], np.zeros(len(line), bool), line, where, lab.column)
+    negative = time < 0
+    if negative.any():
+        k = int(np.argmax(negative))
+        raise _bad_cell(f"{where}: the time column {lab.column!r} holds <value> at row {line[k]}; times are >= 0",
+                        cells[lab.column][k])
+    texts = _canon_all(cells[lab.event])
+    event = np.isin(texts, list(lab.events))
+    bad = ~event & ~np.isin(texts, list(lab.censored))
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise _bad_cell(f"{where}: the event column {lab.event!r} holds <value> at row {line[k]}; the schema's values "
+                        f"are events {list(lab.events)} and censored {list(lab.censored)}", cells[lab.event][k])
+    return np.column_stack([time, event.astype(np.float64)])
 
 
 def _labels(col: np.ndarray, line: np.ndarray, where: str, schema: Schema) -> np.ndarray:

@@ -126,7 +126,10 @@ class TabularTask(FederatedTask):
         return merge_vocab(parts, self.schema)
 
     def layout(self, vocab: dict[str, list[str]]) -> StatLayout:
-        """The statistics of the schema's features for this vocabulary."""
+        """The statistics of the schema's features for this vocabulary (the preprocessing of rounds of training)."""
+        if self.schema.label.kind == "survival":
+            raise ValueError("a survival label (time and event) has no training loss for rounds of local training: "
+                             "it is analysed by learner.name=survival (the default learner of such a table)")
         return StatLayout(self.schema, vocab)
 
     def preprocessor(self, vocab: dict[str, list[str]], moments: tuple[float, ...], spread: tuple[float, ...],
