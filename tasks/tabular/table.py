@@ -165,7 +165,9 @@ def read(path: str | Path, schema: Schema, labelled: bool = True) -> Table:
         for c in used if schema.missing == "error" else labels:
             if miss[c].any():
                 k = int(np.argmax(miss[c]))
-                what = f"the label ({c!r})" if c in labels else f"column {c!r}"
+                what = "the label" if c == schema.label.column and not schema.label.event else \
+                    f"the label's {'time' if c == schema.label.column else 'event'} column {c!r}" if c in labels else \
+                    f"column {c!r}"
                 raise SiteInputError(f"{where}: {what} is missing at row {line[k]} (missing: {schema.missing}; "
                                      "use 'missing: drop_row' to skip such rows)")
 

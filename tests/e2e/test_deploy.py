@@ -130,6 +130,24 @@ def test_deploy_local_of_own_tables_with_a_coordinator_that_holds_no_data(tmp_pa
     assert predict.main([str(out), str(out / "sites" / "hungarian.csv"), "--out", str(tmp_path / "s.csv")]) == 0
 
 
+def test_deploy_local_of_survival_tables_equals_the_simulation(tmp_path: Path) -> None:
+    """`fedsilo deploy local --sites 3 task=tabular` with a survival schema (three NCCTG institutions' own files,
+    TLS, authenticated nodes, secure aggregation): the default learner is the survival analysis; the curves and
+    the Cox fit equal the simulation of the same three sites."""
+    args = ["task=tabular", "task.schema=schemas/lung.yaml", "task.data=ncctg_lung/sites", "partition=natural",
+            "aggregation=secagg", "+learner.options.score_bins=0"]
+    out = tmp_path / "deploy"
+    outcome, results = deploy.run(args, 3, out, stream=False)
+    assert not leftover_processes(), leftover_processes()
+    assert outcome.ok and results is not None, outcome
+    got = results["learner"]
+    assert got["analysis"] == "survival" and got["sites"] == 3 and got["cox"]["converged"]
+    simulated = run_inprocess([*args, "partition.natural_sites=3"], tmp_path / "sim")["learner"]
+    assert got["curves"] == simulated["curves"] and got["rows"] == simulated["rows"]
+    for name, c in got["cox"]["coefficients"].items():
+        assert abs(c["coef"] - simulated["cox"]["coefficients"][name]["coef"]) <= 1e-9, name
+
+
 def test_unregistered_key_and_plaintext_node_are_refused(tmp_path: Path) -> None:
     """A SuperNode whose key was not registered, and one without TLS, never join."""
     from app.runtime import pki

@@ -27,7 +27,7 @@ BLOCKER = REPO / "tests" / "without_extras"
 EXTRA_ONLY = {
     "aggregation.paillier.client", "aggregation.paillier.crypto", "aggregation.paillier.keys",
     "aggregation.paillier.server", "aggregation.paillier.site", "aggregation.paillier.split",
-    "aggregation.paillier.strategy", "vertical.hetero_lr", "vertical.paillier_rows",
+    "aggregation.paillier.strategy", "vertical.hetero_lr", "vertical.paillier_rows", "vertical.secureboost",
 }
 
 WALK = """
