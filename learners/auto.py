@@ -23,7 +23,7 @@ from learners.gbdt import GbdtLearner
 from learners.gbdt.options import GbdtOptions
 from learners.gbdt.program import GbdtProgram, Outcome
 from learners.glm import GlmLearner, GlmOptions, GlmOutcome, GlmProgram
-from learners.survival import SurvivalLearner, SurvivalOutcome
+from learners.survival import SurvivalLearner, SurvivalOptions, SurvivalOutcome
 from tasks.base import Task
 from tasks.learners import LearnerConfig, SumLearner, register
 
@@ -124,15 +124,22 @@ class AutoLearner(SumLearner):
 
     @override
     def validate(self, cfg: LearnerConfig, task: type[Task]) -> None:
-        """Both parts' options, and a task with a table."""
-        self._options(dict(cfg.options))
+        """Both parts' options, and a task with a table (or a survival table's options: ``learner=survival``'s)."""
+        options = dict(cfg.options)
+        if _survival_options(options):
+            SurvivalLearner().validate(LearnerConfig("survival", options), task)
+            return
+        self._options(options)
         GbdtLearner().validate(LearnerConfig("gbdt", {}), task)
 
     @override
     def program(self, task: Task, options: Mapping[str, Any]) -> Program:
         """The two-part program over ``task``'s sites (a survival label: the survival analyses, with defaults)."""
         if getattr(task, "label_kind", "") == "survival":
-            return SurvivalLearner().program(task, {})
+            return SurvivalLearner().program(task, options if _survival_options(options) else {})
+        if _survival_options(options):
+            raise ConfigError("learner.options", dict(options), "options of glm or gbdt: these are survival options, "
+                              "and the schema's label is not a survival label")
         glm, gbdt = self._options(options)
         return AutoProgram(task, glm, gbdt)
 
@@ -157,6 +164,11 @@ class AutoLearner(SumLearner):
         if out.chosen == "glm":
             return GlmLearner().save(out.glm, folder)
         return GbdtLearner().save(out.gbdt, folder)
+
+
+def _survival_options(options: Mapping[str, Any]) -> bool:
+    """Whether ``options`` are ``learner=survival``'s (a survival table's default learner is that analysis)."""
+    return bool(options) and set(options) <= set(SurvivalOptions.__dataclass_fields__)
 
 
 register(AutoLearner())

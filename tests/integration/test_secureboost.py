@@ -145,6 +145,7 @@ def test_secureboost_grows_the_trees_of_the_joined_columns_node_for_node(exact, 
     assert res["vertical"]["final"]["auc"] == pytest.approx(roc_auc_score(bank_t.y[[r[0] for r in rows]], m), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_a_saved_secureboost_model_scores_with_its_parts(exact, small, tmp_path) -> None:
     res, out = exact
     scored = run_inprocess(overrides(small, "secureboost", *TREES, "vertical.mode=score", f"vertical.model_dir={out}",
@@ -155,6 +156,7 @@ def test_a_saved_secureboost_model_scores_with_its_parts(exact, small, tmp_path)
     assert lines[0] == "id,score" and len(lines) == 301
 
 
+@pytest.mark.slow
 def test_the_first_trees_on_the_banks_columns_only_and_bins_of_too_few_rows_merged(small, tmp_path) -> None:
     res = run_inprocess(overrides(small, "secureboost", *TREES, "vertical.boost.active_trees=2",
                                   "vertical.boost.min_bin_rows=40", "vertical.boost.keep_hessians=true"), tmp_path)

@@ -112,6 +112,7 @@ def breslow_fit(d: pd.DataFrame, covariates: list[str] = COVARIATES) -> np.ndarr
     return np.asarray(res.x) / d[covariates].to_numpy().std(axis=0)
 
 
+@pytest.mark.slow
 def test_cox_breslow_and_stratified_by_site(tmp_path: Path) -> None:
     from lifelines import CoxPHFitter
 
@@ -132,6 +133,7 @@ def test_cox_breslow_and_stratified_by_site(tmp_path: Path) -> None:
         assert got_c["se"] == pytest.approx(cph.standard_errors_[c], abs=1e-6), c
 
 
+@pytest.mark.slow
 def test_the_totals_are_the_same_under_secure_aggregation(lung: dict[str, Any], tmp_path: Path) -> None:
     res = run_inprocess([*LUNG, "learner.name=survival", "+learner.options.group=sex", "aggregation=secagg"],
                         tmp_path)["learner"]
@@ -139,6 +141,7 @@ def test_the_totals_are_the_same_under_secure_aggregation(lung: dict[str, Any], 
     assert res["cox"]["coefficients"] == lung["cox"]["coefficients"]
 
 
+@pytest.mark.slow
 def test_the_default_learner_of_a_survival_table_is_the_survival_analysis(tmp_path: Path) -> None:
     res = run_inprocess(LUNG, tmp_path)["learner"]
     assert res["analysis"] == "survival" and res["cox"]["converged"]
