@@ -43,11 +43,13 @@ from vertical.party import (
     once,
     open_from,
     peer_channel,
+    peers,
     put_array,
     put_ints,
     read_part,
     register,
     rows,
+    seal_to,
     write_part,
 )
 
@@ -80,21 +82,12 @@ def _public(state: dict[str, Any], peer: str) -> paillier.PaillierPublicKey:
     return paillier.PaillierPublicKey(get_ints(state, f"lr:n:{peer}")[0])
 
 
-def _peers(state: dict[str, Any]) -> list[str]:
-    return sorted(str(k)[4:] for k in state if str(k).startswith("pub:"))
-
 
 def _step_of(state: dict[str, Any], env: PartyEnv) -> str:
     if "lr:step" not in state:
         raise StepError(f"party {env.name}: no training step is under way (lr.encrypt starts one)")
     return str(state["lr:step"])
 
-
-def _seal(state: dict[str, Any], env: PartyEnv, to: Any, data: bytes, label: str) -> bytes:
-    to = str(to)
-    if to == env.name or f"pub:{to}" not in state:
-        raise StepError(f"party {env.name}: {to!r} is not a peer it may address")
-    return peer_channel(state, env, to).seal(data, label)
 
 
 def keys(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[str, Any]:
@@ -105,7 +98,7 @@ def keys(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict[
     width = len(env.table("train").features) + (1 if env.role == "active" else 0)
     put_array(state, "lr:w", np.zeros(width))
     state["lr:parties"] = int(payload["parties"])
-    return {f"n:{p}": _seal(state, env, p, hex(public.n).encode(), "lr-n") for p in _peers(state)}
+    return {f"n:{p}": seal_to(state, env, p, hex(public.n).encode(), "lr-n") for p in peers(state)}
 
 
 def _update(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> None:
@@ -176,7 +169,7 @@ def encrypt(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> di
         return {}
     cts = pr.encrypt_packed(_private(state), c.pack_rows(q), env.cfg.workers)
     label = f"lr-{'d' if env.role == 'active' else 'v'}|{epoch}|{batch}"
-    return {"sealed": _seal(state, env, payload["to"], pr.to_bytes(cts, int(_private(state).public_key.n)), label)}
+    return {"sealed": seal_to(state, env, payload["to"], pr.to_bytes(cts, int(_private(state).public_key.n)), label)}
 
 
 def _running(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv, key: str) -> bytes:
@@ -207,7 +200,7 @@ def _add(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> tuple
     for key, blob in out.items():
         targets = str(payload.get(f"to_{key}", payload.get("to", ""))).split(",")
         for to in filter(None, targets):
-            sealed[f"{key}:{to}"] = _seal(state, env, to, blob, f"lr-{key}|{step}")
+            sealed[f"{key}:{to}"] = seal_to(state, env, to, blob, f"lr-{key}|{step}")
     return out, sealed
 
 
@@ -232,7 +225,7 @@ def gradient(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> d
     masked, masks = pr.mask(pub, pr.inner_products(pub, cts, c.exponents(x), env.cfg.workers), c)
     put_ints(state, "lr:masks", masks)
     put_ints(state, "lr:mask_n", [int(pub.n)])
-    out["masked"] = _seal(state, env, owner, pr.to_bytes(masked, int(pub.n)), f"lr-masked|{step}")
+    out["masked"] = seal_to(state, env, owner, pr.to_bytes(masked, int(pub.n)), f"lr-masked|{step}")
     return out
 
 
@@ -251,7 +244,7 @@ def decrypt(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> di
     for p, blob in opened.items():
         cts = pr.from_bytes(blob, int(private.public_key.n), f"masked gradient of {p}")
         text = ",".join(hex(m) for m in pr.decrypt(private, cts))
-        out[f"plain:{p}"] = _seal(state, env, p, text.encode(), f"lr-plain|{step}")
+        out[f"plain:{p}"] = seal_to(state, env, p, text.encode(), f"lr-plain|{step}")
     return out
 
 

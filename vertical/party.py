@@ -126,6 +126,19 @@ def accept_peer_keys(payload: dict[str, Any], state: dict[str, Any], env: PartyE
         state[k] = key
 
 
+def peers(state: dict[str, Any]) -> list[str]:
+    """The parties whose run keys this party accepted (every other party of the run)."""
+    return sorted(str(k)[4:] for k in state if str(k).startswith("pub:"))
+
+
+def seal_to(state: dict[str, Any], env: PartyEnv, to: Any, data: bytes, label: str) -> bytes:
+    """``data`` sealed to peer ``to`` under ``label`` (a step's object); StepError for a party it may not address."""
+    to = str(to)
+    if to == env.name or f"pub:{to}" not in state:
+        raise StepError(f"party {env.name}: {to!r} is not a peer it may address")
+    return peer_channel(state, env, to).seal(data, label)
+
+
 def open_from(state: dict[str, Any], env: PartyEnv, peer: str, sealed: Any, label: str) -> bytes:
     """Open what ``peer`` sealed to this party under ``label`` (a step's object, bound to the step)."""
     try:

@@ -60,12 +60,13 @@ from vertical.party import (
     get_ints,
     once,
     open_from,
-    peer_channel,
+    peers,
     put_array,
     put_ints,
     read_part,
     register,
     rows,
+    seal_to,
     write_part,
 )
 
@@ -86,14 +87,6 @@ def _role(env: PartyEnv, role: str, what: str) -> None:
         raise StepError(f"party {env.name} is {env.role}; only the {role} party {what}")
 
 
-def _peers(state: dict[str, Any]) -> list[str]:
-    return sorted(str(k)[4:] for k in state if str(k).startswith("pub:"))
-
-
-def _seal(state: dict[str, Any], env: PartyEnv, to: str, data: bytes, label: str) -> bytes:
-    if to == env.name or f"pub:{to}" not in state:
-        raise StepError(f"party {env.name}: {to!r} is not a peer it may address")
-    return peer_channel(state, env, to).seal(data, label)
 
 
 def _cuts(state: dict[str, Any]) -> list[np.ndarray]:
@@ -223,7 +216,7 @@ def setup(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict
     put_array(state, "sb:margins", np.full(len(y), base))
     state["sb:trees"] = "[]"
     state["sb:tree"] = 0
-    return {f"n:{p}": _seal(state, env, p, hex(public.n).encode(), "sb-n") for p in _peers(state)}
+    return {f"n:{p}": seal_to(state, env, p, hex(public.n).encode(), "sb-n") for p in peers(state)}
 
 
 def _labels(env: PartyEnv, state: dict[str, Any]) -> np.ndarray:
@@ -282,9 +275,9 @@ def start_tree(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) ->
     cts = pr.encrypt_packed(private, pack_fields(gq, hq), env.cfg.workers, env.cfg.boost.obfuscators)
     blob = pr.to_bytes(cts, n)
     out: dict[str, Any] = {}
-    for p in _peers(state):
-        out[f"gh:{p}"] = _seal(state, env, p, blob, f"sb-gh|{t}")
-        out[f"nodes:{p}"] = _seal(state, env, p, _nodes_blob(state, t, 0), f"sb-nodes|{t}|0")
+    for p in peers(state):
+        out[f"gh:{p}"] = seal_to(state, env, p, blob, f"sb-gh|{t}")
+        out[f"nodes:{p}"] = seal_to(state, env, p, _nodes_blob(state, t, 0), f"sb-nodes|{t}|0")
     return out
 
 
@@ -384,7 +377,7 @@ def histograms(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) ->
     put_array(state, "sb:level_where", where.astype(np.int32))
     blob = _blob({"tree": t, "depth": d, "groups": [[len(g) for g in node] for node in layout]},
                  pr.to_bytes(packed, modulus))
-    return {"sealed": _seal(state, env, active, blob, f"sb-hist|{t}|{d}")}
+    return {"sealed": seal_to(state, env, active, blob, f"sb-hist|{t}|{d}")}
 
 
 def _siblings(state: dict[str, Any], t: int, d: int, where: np.ndarray, open_nodes: list[int],
@@ -418,11 +411,11 @@ def split(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict
     t, d = int(payload["tree"]), int(payload["depth"])
     if "sb:grow" not in state or (t, d) != (int(state["sb:tree"]), int(state["sb:depth"])):
         raise StepError(f"party {env.name}: level ({t}, {d}) is not the level under way")
-    peers = _peers(state)
-    sealed = {p: open_from(state, env, p, payload[f"hist:{p}"], f"sb-hist|{t}|{d}") for p in peers
+    partners = peers(state)
+    sealed = {p: open_from(state, env, p, payload[f"hist:{p}"], f"sb-hist|{t}|{d}") for p in partners
               if f"hist:{p}" in payload}
-    if sorted(sealed) != peers:
-        raise StepError(f"party {env.name}: histograms from {sorted(sealed)}, expected every passive party {peers}")
+    if sorted(sealed) != partners:
+        raise StepError(f"party {env.name}: histograms from {sorted(sealed)}, expected every passive party {partners}")
     once(state, env, f"sb.split {t}|{d}")
     return _decide(state, env, t, d, sealed)
 
@@ -515,7 +508,7 @@ def _decide(state: dict[str, Any], env: PartyEnv, t: int, d: int, sealed: dict[s
     _keep_grow(state, tree, owner)
     put_array(state, "sb:where", where.astype(np.int32))
     state["sb:pending"] = json.dumps(pending)
-    return {f"ask:{p}": _seal(state, env, p, json.dumps({"tree": t, "depth": d, "asks": a}).encode(), f"sb-ask|{t}|{d}")
+    return {f"ask:{p}": seal_to(state, env, p, json.dumps({"tree": t, "depth": d, "asks": a}).encode(), f"sb-ask|{t}|{d}")
             for p, a in asks.items()}
 
 
@@ -553,7 +546,7 @@ def apply(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict
         left = np.where(col == 0, dl, col <= b)
         out.append([node, len(splits) - 1, int(left.size), np.packbits(left.astype(np.uint8)).tobytes().hex()])
     state["sb:splits"] = json.dumps(splits)
-    return {"sealed": _seal(state, env, active, json.dumps({"tree": t, "depth": d, "applied": out}).encode(),
+    return {"sealed": seal_to(state, env, active, json.dumps({"tree": t, "depth": d, "applied": out}).encode(),
                             f"sb-apply|{t}|{d}")}
 
 
@@ -569,8 +562,8 @@ def route(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> dict
                for p in json.loads(str(state.get("sb:pending", "{}")))}
     if _route(state, env, answers):
         return {"done": True}
-    return {f"nodes:{p}": _seal(state, env, p, _nodes_blob(state, t, d + 1), f"sb-nodes|{t}|{d + 1}")
-            for p in _peers(state)}
+    return {f"nodes:{p}": seal_to(state, env, p, _nodes_blob(state, t, d + 1), f"sb-nodes|{t}|{d + 1}")
+            for p in peers(state)}
 
 
 def _route(state: dict[str, Any], env: PartyEnv, answers: dict[str, bytes]) -> bool:
@@ -633,7 +626,7 @@ def partial(payload: dict[str, Any], state: dict[str, Any], env: PartyEnv) -> di
         left = np.where(np.isnan(col), bool(s["default_left"]), col < np.float32(s["threshold"]))
         bits.append(np.packbits(left.astype(np.uint8)).tobytes())
     blob = _blob({"splits": len(splits), "rows": int(x.shape[0])}, b"".join(bits))
-    return {"sealed": _seal(state, env, active, blob, f"sb-score-{which}")}
+    return {"sealed": seal_to(state, env, active, blob, f"sb-score-{which}")}
 
 
 def walk(parts: list[dict[str, Any]], x: np.ndarray, bits: dict[str, np.ndarray], base: float) -> np.ndarray:
