@@ -157,6 +157,13 @@ def _design(x: np.ndarray, means: np.ndarray, sds: np.ndarray) -> np.ndarray:
     return np.column_stack([np.ones(len(x)), np.where(np.isnan(z), 0.0, z)])
 
 
+def moments_vector(x: np.ndarray) -> np.ndarray:
+    """A site's ``moments`` vector: per input its count of present values, their sum and sum of squares."""
+    present = ~np.isnan(x)
+    x0 = np.where(present, x, 0.0)
+    return np.concatenate([present.sum(axis=0), x0.sum(axis=0), (x0 * x0).sum(axis=0)]).astype(np.float64)
+
+
 def newton_terms(objective: str, classes: int, x: np.ndarray, y: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, ...]:
     """The gradient and Hessian of the summed loss at ``beta`` (outputs x design columns, flattened)."""
     d = x.shape[1]
@@ -315,9 +322,7 @@ class GlmProgram(Program):
             raise PolicyRefusal(f"this site has fewer training rows than its policy's statistics.min_rows="
                                 f"{call.policy.statistics.min_rows}: it releases no statistic of them")
         if step == "moments":
-            present = ~np.isnan(train.x)
-            x0 = np.where(present, train.x, 0.0)
-            return np.concatenate([present.sum(axis=0), x0.sum(axis=0), (x0 * x0).sum(axis=0)]).astype(np.float64)
+            return moments_vector(train.x)
         objective, classes = str(p.get("glm-objective")), int(p.get("glm-classes", 1))  # type: ignore[call-overload]
         scale = json.loads(str(p.get("glm-scale", "null")))
         beta = np.asarray(json.loads(str(p.get("glm-beta", "[]"))), dtype=np.float64)

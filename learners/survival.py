@@ -48,7 +48,7 @@ from core.fixedpoint import COUNTS, STATS
 from core.programs import Ask, Gather, PolicyRefusal, Program, ProgramError, SiteCall, Total
 from core.programs import register as register_program
 from learners import rows as tables
-from learners.glm import GlmProgram
+from learners.glm import GlmProgram, moments_vector
 from tasks.base import Task
 from tasks.learners import LearnerConfig, SumLearner, register
 from tasks.tabular.table import MISSING_LEVEL
@@ -538,9 +538,7 @@ class SurvivalProgram(Program):
         if r.x.shape[1] != p:
             raise ProgramError(f"the request counts {p} inputs, this site's table has {r.x.shape[1]}")
         if step == "moments":
-            present = ~np.isnan(r.x)
-            x0 = np.where(present, r.x, 0.0)
-            return np.concatenate([present.sum(axis=0), x0.sum(axis=0), (x0 * x0).sum(axis=0)]).astype(np.float64)
+            return moments_vector(r.x)
         scale = json.loads(str(params.get("sv-scale", "null")))
         beta = np.asarray(json.loads(str(params.get("sv-beta", "[]"))), dtype=np.float64)
         event_cells = np.asarray(json.loads(str(params.get("sv-event-cells", "[]"))), dtype=np.int64)

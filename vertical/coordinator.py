@@ -249,6 +249,16 @@ def score_run(relay: Relay, cfg: VerticalConfig, seed: int, run_id: str, trainer
             "score": metrics, **s.ledger.to_dict()}
 
 
+def batch_score(s: Session, prefix: str, which: str, write: bool) -> dict[str, Any]:
+    """Score the aligned ``which`` rows with the parties together: each passive party's ``<prefix>.partial``
+    (sealed to the active party), relayed to the active party's ``<prefix>.score``; its metrics."""
+    parts = s.send(f"{prefix}.partial", {p: {"which": which, "active": s.active} for p in s.passive}, f"score_{which}")
+    payload: dict[str, Any] = {"which": which, "peers": ",".join(s.passive), "write": write}
+    for p in s.passive:
+        payload[f"sealed:{p}"] = s.ledger.relay(p, s.active, parts[p]["sealed"])
+    return metrics_of(s.send(f"{prefix}.score", {s.active: payload}, f"score_{which}")[s.active])
+
+
 def metrics_of(reply: dict[str, Any]) -> dict[str, Any]:
     """The metrics of a party's scoring reply."""
     out: dict[str, Any] = {k[2:]: float(v) for k, v in reply.items() if k.startswith("m:")}

@@ -32,7 +32,7 @@ import numpy as np
 from phe import paillier
 
 from vertical import paillier_rows as pr
-from vertical.coordinator import Session, Trainer, metrics_of
+from vertical.coordinator import Session, Trainer, batch_score
 from vertical.party import (
     PartyEnv,
     StepError,
@@ -352,11 +352,7 @@ def _finish_epoch(s: Session, pending: dict[str, Any] | None) -> None:
 
 
 def _score(s: Session, which: str, write: bool) -> dict[str, Any]:
-    parts = s.send("lr.partial", {p: {"which": which, "active": s.active} for p in s.passive}, f"score_{which}")
-    payload: dict[str, Any] = {"which": which, "peers": ",".join(s.passive), "write": write}
-    for p in s.passive:
-        payload[f"sealed:{p}"] = s.ledger.relay(p, s.active, parts[p]["sealed"])
-    return metrics_of(s.send("lr.score", {s.active: payload}, f"score_{which}")[s.active])
+    return batch_score(s, "lr", which, write)
 
 
 def trainer() -> Trainer:

@@ -51,7 +51,7 @@ from aggregation.paillier.crypto import chunks, decrypt_job, parallel_map
 from learners.gbdt.program import base_margins, decide_node, local_cuts
 from learners.gbdt.trees import BITS, SplitRule, Tree, as_float32, bin_matrix, gradients
 from vertical import paillier_rows as pr
-from vertical.coordinator import Session, Trainer, metrics_of
+from vertical.coordinator import Session, Trainer, batch_score
 from vertical.party import (
     PartyEnv,
     StepError,
@@ -738,11 +738,7 @@ def _finish_epoch(s: Session, pending: dict[str, Any] | None) -> None:
 
 
 def _score(s: Session, which: str, write: bool) -> dict[str, Any]:
-    parts = s.send("sb.partial", {p: {"which": which, "active": s.active} for p in s.passive}, f"score_{which}")
-    payload: dict[str, Any] = {"which": which, "peers": ",".join(s.passive), "write": write}
-    for p in s.passive:
-        payload[f"sealed:{p}"] = s.ledger.relay(p, s.active, parts[p]["sealed"])
-    return metrics_of(s.send("sb.score", {s.active: payload}, f"score_{which}")[s.active])
+    return batch_score(s, "sb", which, write)
 
 
 def trainer() -> Trainer:
