@@ -32,6 +32,11 @@ beyond what is standard in the field; docs/deployment.md "The site's policy"):
 ``statistics.min_rows`` (10)
     no statistic (moments, spreads, category lists, metrics) over fewer of the site's rows; a
     category seen in fewer rows is not named to the coordinator.
+``statistics.min_count`` (5), ``site_columns`` (true)
+    descriptive tables (``learner=table1``, ``fedsilo stats``): every count the site releases is 0
+    or at least ``min_count`` (smaller cells suppressed with their complement, histograms coarsened,
+    small group levels and variables withheld); ``site_columns``: whether the site releases its own
+    column (its statistics alone, after that control) besides its share of the pooled ones.
 ``secure_aggregation.min_neighbours`` (2), ``colluders`` (0), ``threshold`` (0.5)
     ``aggregation=secagg``: the fewest neighbours the site masks with, how many sites of its
     neighbourhood may work with the coordinator without its update being read alone, and the least
@@ -93,6 +98,8 @@ class StatisticsPolicy:
     """``statistics``: the fewest rows the site releases a statistic of, and how many sums a run may ask of it."""
 
     min_rows: int = 10
+    min_count: int = 5        # descriptive tables: every released count is 0 or at least this (learners.table1)
+    site_columns: bool = True  # descriptive tables: the site releases its own column too
     max_sums: int = 1000  # protected-sum program steps (statistics, pooled metrics, a learner's sums) per run
 
 
@@ -156,6 +163,7 @@ def validate(policy: SitePolicy, where: str = "site policy") -> SitePolicy:
     tf = p.evaluation.test_fraction
     need(len(tf) == 2 and 0 <= tf[0] <= tf[1] < 1, "evaluation.test_fraction", tf, "[low, high] with 0 <= low <= high < 1")
     need(p.statistics.min_rows >= 1, "statistics.min_rows", p.statistics.min_rows, "an integer >= 1")
+    need(p.statistics.min_count >= 1, "statistics.min_count", p.statistics.min_count, "an integer >= 1")
     sa = p.secure_aggregation
     need(sa.min_neighbours >= 1, "secure_aggregation.min_neighbours", sa.min_neighbours, "an integer >= 1")
     need(sa.colluders >= 0, "secure_aggregation.colluders", sa.colluders, "an integer >= 0")

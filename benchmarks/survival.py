@@ -85,7 +85,12 @@ def run(name: str, tmp: Path, *extra: str) -> tuple[dict[str, Any], float]:
     t0 = time.monotonic()
     if "aggregation=paillier" not in extra:
         return run_inprocess(args, out)["learner"], time.monotonic() - t0
-    # Paillier: the sites hold the key pair (the in-process grid gives it to them), the coordinator the public key
+    return run_paillier(args, out, len(list((DATA / str(spec["data"])).glob("*.csv"))))
+
+
+def run_paillier(args: list[str], out: Path, sites: int) -> tuple[dict[str, Any], float]:
+    """``args``' job under Paillier in process: the sites hold the key pair (the in-process grid gives it to
+    them), the coordinator the public key; its learner section and seconds."""
     import shlex
 
     from flwr.app import Context, RecordDict
@@ -96,10 +101,9 @@ def run(name: str, tmp: Path, *extra: str) -> tuple[dict[str, Any], float]:
     from app.runtime.local_grid import LocalGrid
 
     private, public = keys.generate(out / "keys")
-    args.append(f"aggregation.public_key={public}")
+    args = [*args, f"aggregation.public_key={public}"]
     run_config = {"overrides": shlex.join([*args, f"data_dir={DATA}"]), "output-dir": str(out)}
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    sites = len(list((DATA / str(spec["data"])).glob("*.csv")))
     grid = LocalGrid(client_app.app, sites, run_config, node_config={"paillier-keypair": str(private)})
     t0 = time.monotonic()
     server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))

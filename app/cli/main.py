@@ -7,7 +7,8 @@ directory: ``results.json``, ``model.pt``, ``metrics.png``, ``superlink.log`` an
 ``.hydra/``. ``--multirun`` sweeps work as in any Hydra app. Exit codes: 0 completed,
 1 the run failed, 2 the config is invalid. ``fedsilo keys ...`` provisions keys
 (:mod:`app.cli.keys`); ``fedsilo site ...`` checks and starts a site (:mod:`app.cli.site`);
-``fedsilo audit RUN_DIR`` audits a run's model (:mod:`app.cli.audit`);
+``fedsilo audit RUN_DIR`` audits a run's model (:mod:`app.cli.audit`); ``fedsilo stats ...`` a Table 1
+(:mod:`app.cli.stats`);
 ``audit=true`` runs that audit right after the job; ``fedsilo report RUN_DIR`` (also written
 after every job, ``report=false`` to skip) and ``fedsilo compare DIR...`` (:mod:`app.reporting.report`,
 :mod:`app.reporting.compare`).
@@ -99,7 +100,10 @@ def run(cfg: DictConfig) -> None:
              f"(logs: {out_dir / 'superlink.log'})", 1)
     recorded = json.loads(results.read_text())
     print(f"fedsilo: run {outcome.run_id} completed in {outcome.seconds:.1f}s", flush=True)
-    if recorded.get("kind") == "learner":  # a sum-based learner: its outcome, no rounds
+    if recorded.get("kind") == "learner" and recorded["learner"].get("analysis") == "table1":
+        print((out_dir / "table1.md").read_text() + f"fedsilo: Table 1 in {out_dir / 'table1.md'} (.html, .csv, .json)",
+              flush=True)
+    elif recorded.get("kind") == "learner":  # a sum-based learner: its outcome, no rounds
         shown = {k: v for k, v in recorded["learner"].items() if isinstance(v, (int, float, str)) and k != "name"}
         print(f"fedsilo: learner {recorded['learner']['name']}: " + "  ".join(
             f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()), flush=True)
@@ -144,6 +148,7 @@ COMMANDS = {
     "compare": ("app.reporting.compare", "main"),
     "site": ("app.cli.site", "main"),
     "ledger": ("app.cli.ledger", "main"),
+    "stats": ("app.cli.stats", "main"),
 }
 
 

@@ -24,8 +24,14 @@ def sections(results: dict[str, Any]) -> list[Section]:
     out = [summary, outcome]
     if isinstance(learner.get("curves"), dict) and learner["curves"]:
         out.append(_survival_curves(learner["curves"]))
+    if learner.get("analysis") == "table1":  # the table itself, not its JSON
+        from learners.table1 import notes, rows_of
+
+        header, rows = rows_of(learner)
+        out.append(Section("Table 1", notes(learner), tables=[(header, rows)]))
     for key, value in learner.items():  # the learner's tables: named values, rows of records, lists of names
-        if key in SKIP or key in scalars or not value or key == "curves":
+        if key in SKIP or key in scalars or not value or key == "curves" or \
+                (learner.get("analysis") == "table1" and key in ("pooled", "sites", "variables")):
             continue
         out.append(_section(key, value))
     conf = Section("Configuration", [f"Overrides: `{results.get('overrides') or '(defaults)'}`"])
