@@ -1,14 +1,16 @@
 """Issue #37's Table 1 figures (``fedsilo stats``, ``learner.name=table1``) beside numpy and pandas on the pooled rows.
 
 GBSG2 (four sites, grouped by hormonal therapy) and NCCTG lung (six institutions, grouped by sex), each with the
-sites' disclosure control at ``statistics.min_count`` 5 (the default) and at 1 (none), and 2^10 cells per numeric
-variable (2^12 for the run without control). In the same run, on the pooled rows of the same files: numpy's
+sites' disclosure control at ``statistics.min_count`` 5 (the default; grouped and not: the control works per site
+and group level, so small levels cost more) and at 1 (none), and 2^10 cells per numeric variable (2^12 for the run
+without control). In the same run, on the pooled rows of the same files: numpy's
 quartiles (``linear``), mean and standard deviation; pandas' category counts. Printed per data set and setting:
 
 * the largest |estimate - numpy| of the pooled quartiles (each also in the interval the table states: checked),
   relative to the variable's interquartile range, and the median interval's width relative to it;
 * the largest |mean - numpy| and |sd - numpy|;
-* the cells suppressed and the rows in them, the rows moved by histogram coarsening;
+* the cells suppressed and the rows in them, the numeric variables whose histograms a site coarsened, and the
+  counts from 1 to 4 in the sites' own columns (none under control; some without);
 * seconds per table under plain aggregation, secure aggregation and Paillier (GBSG2, control on).
 
     python benchmarks/table1.py        # about a minute on 2 cores, Paillier included
@@ -58,7 +60,9 @@ def pooled(name: str) -> pd.DataFrame:
 def table(name: str, extra: list[str]) -> tuple[dict[str, Any], float]:
     spec = SETS[name]
     args = ["task=tabular", f"task.schema={spec['schema']}", f"task.data={spec['data']}", "partition=natural",
-            "report=false", "learner.name=table1", f"+learner.options.group={spec['group']}", *extra]
+            "report=false", "learner.name=table1",
+            *([] if "+learner.options.group=" in extra else [f"+learner.options.group={spec['group']}"]),
+            *[e for e in extra if e != "+learner.options.group="]]
     with tempfile.TemporaryDirectory() as tmp:
         if "aggregation=paillier" in extra:
             sys.path.insert(0, str(Path(__file__).parent))
@@ -85,7 +89,7 @@ def compare(name: str, res: dict[str, Any]) -> dict[str, Any]:
         widths.append((s["quantiles"]["0.5"]["upper"] - s["quantiles"]["0.5"]["lower"]) / iqr)
         worst_mean = max(worst_mean, abs(s["mean"] - x.mean()))
         worst_sd = max(worst_sd, abs(s["sd"] - x.std(ddof=1)))
-        moved += s["moved_rows"]
+        moved += s["coarsened"]
     cats = [v["name"] for v in res["variables"] if not v["numeric"]]
     suppressed = sum(col[c]["suppressed_cells"] for c in cats)
     suppressed_rows = sum(col[c]["suppressed_rows"] for c in cats)
@@ -94,7 +98,7 @@ def compare(name: str, res: dict[str, Any]) -> dict[str, Any]:
     return {"quartile_error_over_iqr": worst_q, "quartiles_outside_interval": outside,
             "median_interval_over_iqr_median": float(np.median(widths)),
             "median_interval_over_iqr_max": float(np.max(widths)), "mean_error": worst_mean, "sd_error": worst_sd,
-            "suppressed_cells": suppressed, "suppressed_rows": suppressed_rows, "rows_moved": moved,
+            "suppressed_cells": suppressed, "suppressed_rows": suppressed_rows, "variables_coarsened": moved,
             "site_counts_below_min_count": int(sum(1 for n in site_cells if 0 < n < 5))}
 
 
@@ -103,6 +107,7 @@ def main() -> None:
     out: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     for name in SETS:
         for label, extra in (("min_count=5", []),
+                             ("min_count=5, no group", ["+learner.options.group="]),
                              ("min_count=1, 2^12 cells", ["site_policy.statistics.min_count=1",
                                                          "+learner.options.bits=12"])):
             res, secs = table(name, extra)
@@ -119,14 +124,15 @@ def main() -> None:
              "Pooled 'all' column against numpy on the pooled rows of the same files (same run). Quartile error and "
              "the median's stated interval are relative to the variable's interquartile range (IQR).", "",
              "| data, setting | max quartile error / IQR | quartiles outside the interval | median interval / IQR "
-             "(median, max) | max mean error | max sd error | suppressed cells (rows) | rows moved | site counts 1-4 |",
+             "(median, max) | max mean error | max sd error | suppressed cells (rows) | numeric variables coarsened | "
+             "site counts 1-4 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in out.items():
         if isinstance(r, dict) and "quartile_error_over_iqr" in r:
             lines.append(f"| {key} | {r['quartile_error_over_iqr']:.4f} | {r['quartiles_outside_interval']} | "
                          f"{r['median_interval_over_iqr_median']:.3f}, {r['median_interval_over_iqr_max']:.3f} | "
                          f"{r['mean_error']:.1e} | {r['sd_error']:.1e} | {r['suppressed_cells']} "
-                         f"({r['suppressed_rows']}) | {r['rows_moved']} | {r['site_counts_below_min_count']} |")
+                         f"({r['suppressed_rows']}) | {r['variables_coarsened']} | {r['site_counts_below_min_count']} |")
     lines += ["", "Seconds per table (GBSG2, 686 rows, 4 sites, grouped, min_count=5, in process): "
               + ", ".join(f"{k} {v:.2f}" for k, v in times.items())
               + f" (secagg/plain {times['secagg'] / times['plain']:.2f}x, Paillier/plain "

@@ -69,7 +69,6 @@ MAX_BITS = 16                 # the finest grid a request may name: 2^16 cells p
 QUANTILES = (0.25, 0.5, 0.75)
 OTHER = "(other)"             # a discovered feature's values outside the federation's vocabulary
 MISSING = "(missing)"
-LEVELS = MAX_BITS + 2         # the dyadic tree's levels a histogram's moved rows are counted at
 
 
 @dataclass(frozen=True)
@@ -172,11 +171,11 @@ class Layout:
         return [i for i, v in enumerate(self.variables) if v.numeric]
 
     def block(self, i: int) -> int:
-        """Entries of variable ``i`` per level: numeric: missing, withheld, per level ``j`` of the dyadic tree the
-        rows moved at levels ``j`` and above (rounded up to a multiple of the site's min_count), the cells; categorical:
-        each cell, the suppressed rows, the suppressed cells."""
+        """Entries of variable ``i`` per level: numeric: missing, withheld, the released cells, and per cell the rows
+        the coarsening may have moved across its right edge (rounded up to a multiple of the site's min_count);
+        categorical: each cell, the suppressed rows, the suppressed cells."""
         v = self.variables[i]
-        return 2 + LEVELS + self.cells[i] if v.numeric else len(v.cells) + 2
+        return 2 + 2 * self.cells[i] if v.numeric else len(v.cells) + 2
 
     @property
     def per_level(self) -> int:
@@ -270,41 +269,42 @@ def site_columns(call: SiteCall, vocab: Mapping[str, list[str]], levels: list[st
 def dyadic_release(counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``counts`` (a power-of-two number of cells) coarsened in their dyadic tree, top down: a block whose halves
     each hold 0 or at least ``k`` rows is split; a half with fewer (but some) rows beside one with at least ``k``
-    gives them to the other half's occupied cell nearest to it; a block with two such halves is released whole (at its middle
-    cell). Every released count is 0 or at least ``k``. Returns the released counts and, per level ``j``, the rows
-    moved inside a block of ``2^j`` cells (so by less than ``2^j`` cells). The whole range must hold 0 or at least
-    ``k`` rows."""
+    gives them to the other half's occupied cell nearest to it; a block with two such halves is released whole (at
+    its middle cell). Every released count is 0 or at least ``k``. Returns the released counts and, per cell ``c``,
+    at least the rows whose side of ``c``'s right edge the release may have changed (the true count of rows in cells
+    up to ``c`` is within that of the released one). The whole range must hold 0 or at least ``k`` rows."""
     n = len(counts)
     if n & (n - 1):
         raise ValueError("a dyadic release needs a power-of-two number of cells")
     work = np.asarray(counts, dtype=np.float64).copy()
-    out = np.zeros(n)
-    moved = np.zeros(MAX_BITS + 2)
+    out, unsure = np.zeros(n), np.zeros(n)
     stack = [(0, n)]
     while stack:
         start, size = stack.pop()
         if size == 1:
             out[start] = work[start]
             continue
-        half, level = size // 2, size.bit_length() - 1
-        left, right = float(work[start:start + half].sum()), float(work[start + half:start + size].sum())
+        half, mid = size // 2, start + size // 2
+        left, right = float(work[start:mid].sum()), float(work[mid:start + size].sum())
         small_l, small_r = 0 < left < k, 0 < right < k
-        if small_l and small_r:  # neither half may show: the block is released whole
-            out[start + half] = left + right
-            moved[level] += left + right
+        if small_l and small_r:  # neither half may show: the block is released whole, at its middle cell
+            out[mid] = left + right
+            unsure[start:start + size - 1] += left + right
             continue
         if small_l:  # the few rows of the left half join the right half's first occupied cell
-            work[start + half + int(np.flatnonzero(work[start + half:start + size])[0])] += left
-            work[start:start + half] = 0
-            moved[level] += left
+            to = mid + int(np.flatnonzero(work[mid:start + size])[0])
+            work[to] += left
+            work[start:mid] = 0
+            unsure[start:to] += left
         elif small_r:  # ... or the left half's last occupied cell
-            work[start + int(np.flatnonzero(work[start:start + half])[-1])] += right
-            work[start + half:start + size] = 0
-            moved[level] += right
-        for s0 in (start + half, start):
+            to = start + int(np.flatnonzero(work[start:mid])[-1])
+            work[to] += right
+            work[mid:start + size] = 0
+            unsure[to:start + size - 1] += right
+        for s0 in (mid, start):
             if work[s0:s0 + half].sum() > 0:
                 stack.append((s0, half))
-    return out, moved
+    return out, unsure
 
 
 def round_up(x: np.ndarray, k: int) -> np.ndarray:
@@ -363,9 +363,9 @@ def site_vectors(cols: Columns, layout: Layout, ends: list[float], centres: list
                     table[g, at + 1] = 1
                 elif len(present):
                     hist = np.bincount(cell_index(present, ends[num], layout.cells[i]), minlength=layout.cells[i])
-                    released, moved = dyadic_release(hist, k)
-                    table[g, at + 2:at + 2 + LEVELS] = round_up(np.cumsum(moved[::-1])[::-1], k)
-                    table[g, at + 2 + LEVELS:at + 2 + LEVELS + layout.cells[i]] = released
+                    released, unsure = dyadic_release(hist, k)
+                    table[g, at + 2:at + 2 + layout.cells[i]] = released
+                    table[g, at + 2 + layout.cells[i]:at + 2 + 2 * layout.cells[i]] = round_up(unsure, k)
                     if centres is not None:
                         d = present - centres[num]
                         moments[g, num] = (d.sum(), (d * d).sum())
@@ -380,31 +380,24 @@ def site_vectors(cols: Columns, layout: Layout, ends: list[float], centres: list
 
 
 # ---- the summaries (coordinator) ----------------------------------------------------------------------------
-def quantile(hist: np.ndarray, moved: np.ndarray, p: float, end: float) -> dict[str, float]:
-    """Numpy's ``linear`` quantile ``p`` of the rows behind a released histogram: the estimate, and the interval
-    that holds the rows' own (``moved[j]``: at least the rows moved at levels ``j`` and above, i.e. by ``2^(j-1)``
-    cells or more; the others moved by less)."""
+def quantile(hist: np.ndarray, unsure: np.ndarray, p: float, end: float) -> dict[str, float]:
+    """numpy's ``linear`` quantile ``p`` of the rows behind a released histogram: the estimate, and the interval
+    that holds the rows' own (``unsure[c]``: at least the rows whose side of cell ``c``'s right edge the release
+    may have changed, so the true cumulative count is within ``unsure`` of the released one)."""
     lo, width = cell_edges(end, len(hist))
     cum = np.cumsum(hist)
     n = float(cum[-1])
     h = (n - 1) * p
     below, above = math.floor(h) + 1, math.ceil(h) + 1   # the order statistics (1-based) numpy interpolates
 
-    def cell(rank: float) -> int:
-        return int(np.searchsorted(cum, min(max(rank, 1), n), side="left"))
+    def first(curve: np.ndarray, rank: float) -> int:
+        hit = np.flatnonzero(curve >= rank)
+        return int(hit[0]) if hit.size else len(curve) - 1
 
-    a, b = lo + cell(below) * width, lo + cell(above) * width
+    a, b = lo + first(cum, below) * width, lo + first(cum, above) * width
     estimate = a + (h - math.floor(h)) * (b - a)
-    # rows moved by >= 2^J cells are at most M_J (those may sit anywhere); the others moved by < 2^J cells
-    best = (-math.inf, math.inf)
-    for j in range(len(moved) + 1):
-        far = float(moved[j]) if j < len(moved) else 0.0
-        shift = (2 ** (j - 1) if j else 0) * width  # the others moved by less than 2^(j-1) cells
-        interval = (lo + cell(below - far) * width - shift, lo + (cell(above + far) + 1) * width + shift)
-        if interval[1] - interval[0] < best[1] - best[0]:
-            best = interval
-    top = lo + len(hist) * width  # no row lies outside the grid
-    return {"estimate": float(estimate), "lower": float(max(best[0], lo)), "upper": float(min(best[1], top))}
+    return {"estimate": float(estimate), "lower": float(lo + first(cum + unsure, below) * width),
+            "upper": float(lo + (first(cum - unsure, above) + 1) * width)}
 
 
 def summarise(table: np.ndarray, moments: np.ndarray | None, layout: Layout, ends: list[float],
@@ -424,13 +417,13 @@ def summarise(table: np.ndarray, moments: np.ndarray | None, layout: Layout, end
         for i, v in enumerate(layout.variables):
             at = offsets[i]
             if v.numeric:
-                hist = row[at + 2 + LEVELS:at + 2 + LEVELS + layout.cells[i]]
-                moved = row[at + 2:at + 2 + LEVELS]
+                hist = row[at + 2:at + 2 + layout.cells[i]]
+                unsure = row[at + 2 + layout.cells[i]:at + 2 + 2 * layout.cells[i]]
                 n = int(hist.sum())
                 s: dict[str, Any] = {"n": n, "missing": int(row[at]), "withheld_sites": int(row[at + 1]),
-                                     "moved_rows": int(moved[0])}
+                                     "coarsened": bool(unsure.any())}
                 if n:
-                    s["quantiles"] = {str(p): quantile(hist, moved, p, ends[num]) for p in QUANTILES}
+                    s["quantiles"] = {str(p): quantile(hist, unsure, p, ends[num]) for p in QUANTILES}
                     s["cell_width"] = cell_edges(ends[num], layout.cells[i])[1]
                     if mom is not None:
                         s1, s2 = float(mom[num, 0]), float(mom[num, 1])
@@ -533,8 +526,8 @@ class Table1Program(Program):
         offsets, out, num = layout.offsets(), [], 0
         for i, v in enumerate(layout.variables):
             if v.numeric:
-                hist = t[offsets[i] + 2 + LEVELS:offsets[i] + 2 + LEVELS + layout.cells[i]]
-                out.append(quantile(hist, np.zeros(1), 0.5, ends[num])["estimate"] if hist.sum() else 0.0)
+                hist = t[offsets[i] + 2:offsets[i] + 2 + layout.cells[i]]
+                out.append(quantile(hist, np.zeros(len(hist)), 0.5, ends[num])["estimate"] if hist.sum() else 0.0)
                 num += 1
         return out
 
@@ -680,8 +673,9 @@ def notes(res: Mapping[str, Any]) -> list[str]:
         allc = res["pooled"].get("all", res["pooled"][next(iter(res["pooled"]))])["variables"][v["name"]]
         if v["numeric"] and allc.get("n"):
             q = allc["quantiles"]["0.5"]
-            out.append(f"{v['name']}: grid cell {_fmt(allc['cell_width'])}; at most {allc['moved_rows']} rows moved "
-                       f"by the coarsening; the pooled median lies in [{_fmt(q['lower'])}, {_fmt(q['upper'])}]")
+            out.append(f"{v['name']}: grid cell {_fmt(allc['cell_width'])}"
+                       + ("; histograms coarsened at sites" if allc["coarsened"] else "")
+                       + f"; the pooled median lies in [{_fmt(q['lower'])}, {_fmt(q['upper'])}]")
         if v["numeric"] and allc.get("withheld_sites"):
             out.append(f"{v['name']}: withheld by {allc['withheld_sites']} site-levels (fewer values than min_count)")
         if not v["numeric"] and allc.get("suppressed_rows"):

@@ -21,7 +21,6 @@ from app.runtime.local_grid import run_inprocess
 from core.programs import ProgramError, SiteCall
 from learners import pooled
 from learners.table1 import (
-    LEVELS,
     QUANTILES,
     Table1Options,
     Table1Program,
@@ -55,12 +54,14 @@ def test_a_dyadic_release_shows_no_small_count_keeps_every_row_and_nests_across_
     rng = np.random.default_rng(k)
     for _ in range(40):
         counts = np.bincount(rng.integers(0, 1024, size=rng.integers(k, 300)) // rng.integers(1, 64), minlength=1024)
-        released, moved = dyadic_release(counts, k)
+        released, unsure = dyadic_release(counts, k)
         assert released.sum() == counts.sum()
         assert np.all((released == 0) | (released >= k))
+        # the rows up to each cell are within `unsure` of the released ones (what the quantiles' intervals rest on)
+        assert np.all(np.abs(np.cumsum(counts) - np.cumsum(released)) <= unsure)
         if k == 1:  # no control: the histogram itself
             np.testing.assert_array_equal(released, counts)
-            assert not moved.any()
+            assert not unsure.any()
         # a coarser grid (cells in pairs) releases the pairs of this release: no two grids difference a small cell
         coarse, _ = dyadic_release(counts.reshape(-1, 2).sum(axis=1), k)
         np.testing.assert_array_equal(coarse, released.reshape(-1, 2).sum(axis=1))
@@ -85,17 +86,17 @@ def test_the_stated_interval_holds_numpys_quantile_of_the_rows_behind_a_release(
         sites = [np.round(rng.lognormal(3, 0.8, size=rng.integers(20, 150)), int(rng.integers(0, 3)))
                  for _ in range(int(rng.integers(2, 6)))]
         sites = [np.minimum(x, end - 1) for x in sites]
-        hist, moved = np.zeros(cells), np.zeros(LEVELS)
+        hist, unsure = np.zeros(cells), np.zeros(cells)
         for x in sites:
-            r, m = dyadic_release(np.bincount(cell_index(x, end, cells), minlength=cells), k)
+            r, u = dyadic_release(np.bincount(cell_index(x, end, cells), minlength=cells), k)
             hist += r
-            moved += round_up(np.cumsum(m[::-1])[::-1], k)
+            unsure += round_up(u, k)
         pooled_rows = np.concatenate(sites)
         for p in QUANTILES:
-            q = quantile(hist, moved, p, end)
+            q = quantile(hist, unsure, p, end)
             truth = float(np.quantile(pooled_rows, p))
             assert q["lower"] - 1e-9 <= truth <= q["upper"] + 1e-9, (trial, p, q, truth)
-            if not moved.any():  # the interval is the cells of the two order statistics numpy interpolates
+            if not unsure.any():  # the interval is the cells of the two order statistics numpy interpolates
                 xs, h, width = np.sort(pooled_rows), (len(pooled_rows) - 1) * p, end / cells
                 assert q["lower"] <= xs[int(np.floor(h))] < q["lower"] + width
                 assert q["upper"] - width <= xs[int(np.ceil(h))] < q["upper"]
@@ -157,7 +158,7 @@ def test_without_disclosure_control_the_table_is_the_pooled_rows_own(tmp_path: P
     for v in INTEGER:
         for p in QUANTILES:
             assert col[v]["quantiles"][str(p)]["estimate"] == np.quantile(d[v], p), (v, p)
-        assert col[v]["moved_rows"] == 0
+        assert not col[v]["coarsened"]
     assert col["tgrade"]["counts"] == {k: int(n) for k, n in d["tgrade"].value_counts().items()} | {"(missing)": 0}
     sec = run_inprocess([*exact, "aggregation=secagg"], tmp_path / "sec")
     assert sec["learner"]["pooled"] == plain["pooled"]
