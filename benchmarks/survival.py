@@ -11,6 +11,8 @@ lifelines on the pooled rows of the same files (the schema's rows: complete in t
    1e-7, which leaves its own coefficients about 6e-6 from the maximum), Newton iterations and seconds per fit;
    Breslow against the
    same likelihood maximised on the pooled rows (scipy); Harrell's C against ``concordance_index``;
+   the proportional-hazards test (scaled Schoenfeld residuals, 1 - KM as the time transform) against lifelines'
+   ``proportional_hazard_test``;
 3. Cox stratified by site against ``CoxPHFitter(strata=...)``, beside an inverse-variance meta-analysis of per-site
    fits (what a consortium gets without pooling).
 
@@ -175,6 +177,15 @@ def section(name: str, tmp: Path) -> dict[str, Any]:
                     "iterations": res["cox"]["iterations"], "seconds_per_run": secs,
                     "same_as_plain": res["cox"]["coefficients"] == plain["cox"]["coefficients"]}
     out["cox_efron"] = cox
+    from lifelines.statistics import proportional_hazard_test
+
+    ref = proportional_hazard_test(cph, d[[*te, *covs]], time_transform="km").summary
+    ph = plain["cox"]["proportional_hazards"]
+    out["proportional_hazards"] = {
+        "max_abs_statistic": float(max(abs(ph[fed_name(name, c)]["statistic"] - ref.loc[c, "test_statistic"])
+                                       for c in covs)),
+        "max_abs_p": float(max(abs(ph[fed_name(name, c)]["p"] - ref.loc[c, "p"]) for c in covs)),
+        "smallest_p": min((ph[fed_name(name, c)]["p"], c) for c in covs), "global": ph["global"]}
     out["concordance"] = {"fedsilo": plain["cox"]["concordance"]["c_index"], "bound": plain["cox"]["concordance"]["bound"],
                           "lifelines": float(concordance_index(d[spec["time"]], -lp, d[spec["event"]]))}
     bres, _ = run(name, tmp, "+learner.options.ties=breslow", "+learner.options.score_bins=0")
@@ -231,6 +242,12 @@ def markdown(r: dict[str, Any]) -> str:
                          f"with the curves; same as plain: {c['same_as_plain']}) |")
         lines.append(f"| Cox (Breslow) vs the pooled likelihood maximised by scipy | "
                      f"{s['cox_breslow']['max_abs_coef_vs_pooled_scipy']:.1e} |")
+        ph = s.get("proportional_hazards")
+        if ph:
+            lines.append(f"| proportional-hazards test (Schoenfeld, 1 - KM) vs `proportional_hazard_test`: statistics / "
+                         f"p | {ph['max_abs_statistic']:.1e} / {ph['max_abs_p']:.1e} (smallest p {ph['smallest_p'][0]:.3g}, "
+                         f"{ph['smallest_p'][1]}; global {ph['global']['statistic']:.3f}, df {ph['global']['df']}, "
+                         f"p {ph['global']['p']:.3g}) |")
         c = s["concordance"]
         lines.append(f"| Harrell's C | {c['fedsilo']:.5f} vs {c['lifelines']:.5f} (bound {c['bound']:.1e}) |")
         st = s["stratified"]

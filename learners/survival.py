@@ -279,6 +279,51 @@ def partial_likelihood(sums: np.ndarray, p: int, beta: np.ndarray, efron: bool) 
     return ll, g, h
 
 
+def schoenfeld_sum(sums: np.ndarray, p: int, efron: bool, g: np.ndarray) -> np.ndarray:
+    """``sum_j (g_j - mean g) * sum_{i dies at j} (x_i - m_j)`` over the event cells ``j`` from :func:`risk_sums`'
+    totals: the Schoenfeld residuals weighted by the centred time transform ``g`` (one per event cell; the mean is
+    over the events). ``m_j`` is the risk set's weighted mean of x at ``j`` (Efron's average over the tied events'
+    shrinking risk sets, as lifelines computes the residuals; Breslow's ``S1 / S0``)."""
+    width = (1 + p + p * p) + 1 + p + ((1 + p + p * p) if efron else 0)
+    s = sums.reshape(-1, width)
+    k = 1 + p + p * p
+    d, xd = s[:, k], s[:, k + 1:k + 1 + p]
+    gbar = float((d * g).sum() / d.sum())
+    out = np.zeros(p)
+    for j in range(len(d)):
+        dj = int(round(d[j]))
+        if dj <= 0:
+            continue
+        if efron:
+            d0, d1 = s[j, k + 1 + p], s[j, k + 2 + p:k + 2 + 2 * p]
+            mean = sum((s[j, 1:1 + p] - m / dj * d1) / (s[j, 0] - m / dj * d0) for m in range(dj)) / dj
+        else:
+            mean = s[j, 1:1 + p] / s[j, 0]
+        out += (g[j] - gbar) * (xd[j] - dj * mean)
+    return out
+
+
+def proportional_hazards(u: np.ndarray, cov: np.ndarray, g: np.ndarray, d: np.ndarray, names: list[str]
+                         ) -> dict[str, Any]:
+    """The Grambsch-Therneau test from the scaled Schoenfeld residuals (the approximation lifelines'
+    ``proportional_hazard_test`` and R's cox.zph before 2019 use): per input ``D (U V)_k^2 / (V_kk S_g)`` with one
+    degree of freedom, and globally ``D U V U' / S_g`` with p, where ``U`` is :func:`schoenfeld_sum`, ``V`` the
+    coefficients' covariance, ``D`` the events and ``S_g`` the events' sum of squares of the centred transform."""
+    from scipy.stats import chi2
+
+    total = float(d.sum())
+    gbar = float((d * g).sum() / total)
+    sg = float((d * (g - gbar) ** 2).sum())
+    uv = u @ cov
+    out: dict[str, Any] = {"time_transform": "km"}
+    for k, name in enumerate(names):
+        t = total * uv[k] ** 2 / (cov[k, k] * sg)
+        out[name] = {"statistic": float(t), "p": float(chi2.sf(t, 1))}
+    t = total * float(uv @ u) / sg
+    out["global"] = {"statistic": t, "df": len(names), "p": float(chi2.sf(t, len(names)))}
+    return out
+
+
 def local_terms(x: np.ndarray, time: np.ndarray, event: np.ndarray, beta: np.ndarray, grid: float,
                 efron: bool) -> np.ndarray:
     """A site's own partial likelihood (its rows its stratum): [log-likelihood, gradient, Hessian]."""
@@ -417,6 +462,9 @@ class SurvivalProgram(Program):
 
     def _cox(self, names: list[str], event_cells: np.ndarray, out: SurvivalOutcome) -> Generator[Ask, Any, dict[str, Any]]:
         o, p = self.options, len(names)
+        curve = out.curves["all"]
+        km_g = [1.0 - v for v in curve["survival"]] if len(curve["time"]) == len(event_cells) else []
+        km_d = np.asarray(curve["events"], dtype=np.float64)
         moments: Total = yield Ask("moments", 3 * p, decide=True)
         self._note(moments, "moments", out)
         if moments.values is None:
@@ -424,6 +472,9 @@ class SurvivalProgram(Program):
         means, sds = moments.values[:p], moments.values[p:]
         self.state["sv-scale"] = json.dumps([means.tolist(), sds.tolist()])
         beta = np.zeros(p)
+        ph = o.strata != "site" and bool(km_g)
+        if ph:  # the proportional-hazards test's time transform at each event cell: 1 - KM (R's "km")
+            self.state["sv-ph-g"] = json.dumps(km_g)
         width = 1 + p + p * p if o.strata == "site" else \
             len(event_cells) * ((1 + p + p * p) * (2 if o.ties == "efron" else 1) + 1 + p)
         path, ll, cov = [], math.nan, np.full((p, p), math.nan)
@@ -434,7 +485,9 @@ class SurvivalProgram(Program):
             self._note(step, "newton", out)
             if step.values is None:
                 raise RuntimeError(f"Newton step {it + 1}: no total")
-            new, ll, cov = step.values[:p], float(step.values[p]), step.values[p + 1:].reshape(p, p)
+            new, ll = step.values[:p], float(step.values[p])
+            cov = step.values[p + 1:p + 1 + p * p].reshape(p, p)
+            schoenfeld = step.values[p + 1 + p * p:]
             change = float(np.max(np.abs(new - beta)))
             path.append(change)
             beta = new
@@ -451,6 +504,8 @@ class SurvivalProgram(Program):
         result: dict[str, Any] = {"ties": o.ties, "strata": o.strata, "penalizer": o.penalizer, "iterations": len(path),
                                   "converged": converged, "log_likelihood": ll, "coefficients": table,
                                   "covariance": (cov / np.outer(sds, sds)).tolist(), "step_sizes": path}
+        if ph and schoenfeld.size == p:  # at the last step's coefficients (they moved by less than tol)
+            result["proportional_hazards"] = proportional_hazards(schoenfeld, cov, np.asarray(km_g), km_d, names)
         if o.score_bins:
             self.state["sv-beta"] = json.dumps(beta.tolist())
             conc: Total = yield Ask("concordance", 2 * len(event_cells) * o.score_bins, encoding=COUNTS, decide=True)
@@ -484,7 +539,14 @@ class SurvivalProgram(Program):
             g = g - o.penalizer * beta
             h = h - o.penalizer * np.eye(p)
             cov = np.linalg.pinv(-h)
-            return np.concatenate([beta + cov @ g, [ll], cov.ravel()])
+            u: list[float] = []
+            if o.strata != "site" and "sv-ph-g" in params:
+                g_ph = np.asarray(json.loads(str(params["sv-ph-g"])), dtype=np.float64)
+                cells = len(json.loads(str(params.get("sv-event-cells", "[]"))))
+                if g_ph.shape != (cells,):
+                    raise ProgramError("a survival request whose time transform does not fit its event times")
+                u = schoenfeld_sum(total, p, o.ties == "efron", g_ph).tolist()
+            return np.concatenate([beta + cov @ g, [ll], cov.ravel(), u])
         raise ProgramError(f"{cls.name} decides no {step!r} total")
 
     @classmethod

@@ -381,7 +381,7 @@ def site_vectors(cols: Columns, layout: Layout, ends: list[float], centres: list
 
 # ---- the summaries (coordinator) ----------------------------------------------------------------------------
 def quantile(hist: np.ndarray, unsure: np.ndarray, p: float, end: float) -> dict[str, float]:
-    """numpy's ``linear`` quantile ``p`` of the rows behind a released histogram: the estimate, and the interval
+    """The quantile ``p`` (numpy's ``linear``) of the rows behind a released histogram: the estimate, and the interval
     that holds the rows' own (``unsure[c]``: at least the rows whose side of cell ``c``'s right edge the release
     may have changed, so the true cumulative count is within ``unsure`` of the released one)."""
     lo, width = cell_edges(end, len(hist))

@@ -89,6 +89,34 @@ def test_cox_efron_equals_lifelines_and_concordance_is_within_its_bound(lung: di
     assert abs(conc["c_index"] - c_index) <= max(conc["bound"], 1e-3)
 
 
+def test_the_proportional_hazards_test_equals_lifelines(lung: dict[str, Any]) -> None:
+    """Grambsch-Therneau from the pooled risk-set sums (1 - KM as the time transform) = lifelines'
+    ``proportional_hazard_test``, per input; the global statistic = the same quadratic form of lifelines' scaled
+    Schoenfeld residuals."""
+    from lifelines import CoxPHFitter
+    from lifelines.statistics import proportional_hazard_test
+
+    d = pooled_lung()[["time", "status", *COVARIATES]]
+    cph = CoxPHFitter().fit(d, "time", "status", fit_options=TIGHT)
+    ref = proportional_hazard_test(cph, d, time_transform="km").summary
+    ph = lung["cox"]["proportional_hazards"]
+    for c in COVARIATES:
+        got = ph[{"sex": "sex=2"}.get(c, c)]
+        assert got["statistic"] == pytest.approx(ref.loc[c, "test_statistic"], rel=1e-7), c
+        assert got["p"] == pytest.approx(ref.loc[c, "p"], rel=1e-6), c
+    resid = cph.compute_residuals(d, kind="scaled_schoenfeld")
+    events = cph.event_observed.to_numpy().astype(bool)
+    from lifelines import KaplanMeierFitter
+
+    km = KaplanMeierFitter().fit(cph.durations, cph.event_observed)
+    g = 1 - km.survival_function_.loc[cph.durations[events], "KM_estimate"].to_numpy()
+    u = ((g - g.mean())[:, None] * resid.loc[:, COVARIATES].to_numpy()).sum(axis=0)
+    deaths = events.sum()
+    v = cph.variance_matrix_.loc[COVARIATES, COVARIATES].to_numpy()
+    glob = float(u @ np.linalg.solve(v, u)) / (deaths * ((g - g.mean()) ** 2).sum())
+    assert ph["global"]["statistic"] == pytest.approx(glob, rel=1e-7) and ph["global"]["df"] == len(COVARIATES)
+
+
 def breslow_fit(d: pd.DataFrame, covariates: list[str] = COVARIATES) -> np.ndarray:
     """Breslow's partial likelihood maximised on the pooled rows (scipy), the reference for ties=breslow."""
     from scipy.optimize import minimize
