@@ -85,31 +85,7 @@ def run(name: str, tmp: Path, *extra: str) -> tuple[dict[str, Any], float]:
             "report=false", "learner.name=survival", "site_policy.statistics.min_rows=1", *extra]
     out = tmp / f"{name}-{abs(hash(extra)) % 10**8}"
     t0 = time.monotonic()
-    if "aggregation=paillier" not in extra:
-        return run_inprocess(args, out)["learner"], time.monotonic() - t0
-    return run_paillier(args, out, len(list((DATA / str(spec["data"])).glob("*.csv"))))
-
-
-def run_paillier(args: list[str], out: Path, sites: int) -> tuple[dict[str, Any], float]:
-    """``args``' job under Paillier in process: the sites hold the key pair (the in-process grid gives it to
-    them), the coordinator the public key; its learner section and seconds."""
-    import shlex
-
-    from flwr.app import Context, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from aggregation.paillier import keys
-    from app import client_app, server_app
-    from app.runtime.local_grid import LocalGrid
-
-    private, public = keys.generate(out / "keys")
-    args = [*args, f"aggregation.public_key={public}"]
-    run_config = {"overrides": shlex.join([*args, f"data_dir={DATA}"]), "output-dir": str(out)}
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    grid = LocalGrid(client_app.app, sites, run_config, node_config={"paillier-keypair": str(private)})
-    t0 = time.monotonic()
-    server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    return json.loads((out / "results.json").read_text())["learner"], time.monotonic() - t0
+    return run_inprocess(args, out)["learner"], time.monotonic() - t0  # Paillier: a key pair in out/keys
 
 
 def km_figures(name: str, res: dict[str, Any], d: pd.DataFrame, grid: float = 1.0) -> dict[str, Any]:

@@ -64,11 +64,6 @@ def table(name: str, extra: list[str]) -> tuple[dict[str, Any], float]:
             *([] if "+learner.options.group=" in extra else [f"+learner.options.group={spec['group']}"]),
             *[e for e in extra if e != "+learner.options.group="]]
     with tempfile.TemporaryDirectory() as tmp:
-        if "aggregation=paillier" in extra:
-            sys.path.insert(0, str(Path(__file__).parent))
-            from survival import run_paillier
-
-            return run_paillier(args, Path(tmp), len(list((DATA / str(spec["data"])).glob("*.csv"))))
         t0 = time.perf_counter()
         res = run_inprocess(args, Path(tmp))
         return res["learner"], time.perf_counter() - t0

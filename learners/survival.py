@@ -86,7 +86,7 @@ class SurvivalOptions:
         base = cls()
         try:
             values: dict[str, Any] = {k: type(getattr(base, k))(options[k]) if not isinstance(getattr(base, k), bool)
-                                      else _flag(options[k]) for k in options}
+                                      else flag(options[k]) for k in options}
             out = cls(**values)
         except (TypeError, ValueError):
             raise ConfigError("learner.options", dict(options), "values of the types of learner=survival's "
@@ -102,7 +102,8 @@ class SurvivalOptions:
         return out
 
 
-def _flag(v: Any) -> bool:
+def flag(v: Any) -> bool:
+    """A boolean option given as a bool or a text (true/false, 1/0, yes/no); ValueError otherwise."""
     if isinstance(v, bool):
         return v
     if str(v).lower() in ("true", "1", "yes"):

@@ -58,6 +58,7 @@ from core.fixedpoint import COUNTS, STATS
 from core.programs import Ask, Gather, PolicyRefusal, Program, ProgramError, SiteCall, Total
 from core.programs import register as register_program
 from learners import rows as tables
+from learners.survival import flag
 from tasks.base import Task
 from tasks.federated import RawSite
 from tasks.learners import LearnerConfig, SumLearner, register
@@ -88,23 +89,13 @@ class Table1Options:
                 raise ConfigError(f"learner.options.{key}", options[key], f"one of {sorted(known)} (learner=table1)")
         try:
             out = cls(group=str(options.get("group", "")), bits=int(options.get("bits", 10)),
-                      site_columns=_flag(options.get("site_columns", True)))
+                      site_columns=flag(options.get("site_columns", True)))
         except (TypeError, ValueError):
             raise ConfigError("learner.options", dict(options), "values of the types of learner=table1's options "
                               "(docs/survival.md, Table 1)") from None
         if not 4 <= out.bits <= MAX_BITS:
             raise ConfigError("learner.options.bits", out.bits, f"an integer in [4, {MAX_BITS}]")
         return out
-
-
-def _flag(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if str(v).lower() in ("true", "1", "yes"):
-        return True
-    if str(v).lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(v)
 
 
 # ---- the variables and the layout of the vectors ----------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,7 +56,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 #: end-to-end tests the other worker runs at the end (about 250 s of the chain's 1,250 s, measured 2026-12-06)
 TAIL = ("test_deploy_restart.py", "test_deploy.py::test_sites_refuse_by_their_own_policy_in_a_deployment",
-        "test_deploy.py::test_deploy_local_of_survival_tables_equals_the_simulation")
+        "test_deploy.py::test_deploy_local_of_survival_tables_equals_the_simulation",
+        "test_deploy.py::test_deploy_local_of_table1_equals_the_simulation")
+
+
+def pooled_site_files(folder: str) -> Any:
+    """The site files of ``DATA_DIR/folder``, pooled (only a test may pool them) as one pandas frame with a ``site``
+    column (the file's stem)."""
+    import pandas as pd
+
+    frames = []
+    for f in sorted((DATA_DIR / folder).glob("*.csv")):
+        d = pd.read_csv(f)
+        d["site"] = f.stem
+        frames.append(d)
+    return pd.concat(frames).reset_index(drop=True)
 
 
 def _tail(item: pytest.Item) -> bool:

@@ -110,15 +110,25 @@ class LocalGrid(Grid):
 
 def run_inprocess(overrides: list[str], out_dir: Path, run_id: int = 1, workers: int = 1) -> dict[str, Any]:
     """Run one fedsilo job in this process; return its ``results.json`` as a dict. ``workers`` > 1:
-    that many sites answer at once, in threads (learning results of synchronous rounds unchanged)."""
+    that many sites answer at once, in threads (learning results of synchronous rounds unchanged).
+    ``aggregation=paillier`` without ``aggregation.public_key``: a key pair is made in ``out_dir/keys``, the
+    coordinator gets the public key and every site the pair (as a deployment's sites hold it)."""
     from app import client_app, server_app
 
+    node_config: dict[str, Any] = {}
+    if "aggregation=paillier" in overrides and not any(o.startswith("aggregation.public_key=") for o in overrides):
+        from aggregation.paillier import keys
+
+        private, public = keys.generate(out_dir / "keys")
+        overrides = [*overrides, f"aggregation.public_key={public}"]
+        node_config["paillier-keypair"] = str(private)
     cfg = config.compose(overrides)
     data_dir = preflight(cfg)
     run_config: dict[str, bool | float | int | str] = {"overrides": config.run_overrides(overrides, data_dir),
                                                        "output-dir": str(out_dir)}
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, run_id
-    grid = LocalGrid(client_app.app, config.num_sites(cfg), run_config, run_id, workers=workers)
+    grid = LocalGrid(client_app.app, config.num_sites(cfg), run_config, run_id, node_config=node_config,
+                     workers=workers)
     try:
         server_app.app(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                                      run_config=run_config))

@@ -148,6 +148,25 @@ def test_deploy_local_of_survival_tables_equals_the_simulation(tmp_path: Path) -
         assert abs(c["coef"] - simulated["cox"]["coefficients"][name]["coef"]) <= 1e-9, name
 
 
+def test_deploy_local_of_table1_equals_the_simulation(tmp_path: Path) -> None:
+    """`fedsilo deploy local --sites 3` of a Table 1 (`learner.name=table1`, what `fedsilo stats` runs) by sex over
+    three NCCTG institutions' own files, secure aggregation: the pooled and per-site columns equal the simulation's
+    of the same three sites, and every count in a site's own column is 0 or at least the default min_count."""
+    args = ["task=tabular", "task.schema=schemas/lung.yaml", "task.data=ncctg_lung/sites", "partition=natural",
+            "aggregation=secagg", "learner.name=table1", "+learner.options.group=sex"]
+    out = tmp_path / "deploy"
+    outcome, results = deploy.run(args, 3, out, stream=False)
+    assert not leftover_processes(), leftover_processes()
+    assert outcome.ok and results is not None, outcome
+    got = results["learner"]
+    simulated = run_inprocess([*args, "partition.natural_sites=3"], tmp_path / "sim")["learner"]
+    assert got["pooled"] == simulated["pooled"] and got["sites"] == simulated["sites"] and len(got["sites"]) == 3
+    counts = [n for site in got["sites"].values() for col in site.values() for v in col["variables"].values()
+              for n in v.get("counts", {}).values()]
+    assert counts and all(n == 0 or n >= 5 for n in counts)
+    assert "| variable |" in next(out.rglob("table1.md")).read_text()
+
+
 def test_unregistered_key_and_plaintext_node_are_refused(tmp_path: Path) -> None:
     """A SuperNode whose key was not registered, and one without TLS, never join."""
     from app.runtime import pki

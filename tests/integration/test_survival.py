@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from app.runtime.local_grid import run_inprocess
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, pooled_site_files
 
 LUNG = ["task=tabular", "task.schema=schemas/lung.yaml", "task.data=ncctg_lung/sites", "partition=natural",
         "report=false", "site_policy.statistics.min_rows=1"]
@@ -28,12 +28,7 @@ TIGHT = {"precision": 1e-12, "max_steps": 500}
 
 def pooled_lung() -> pd.DataFrame:
     """The sites' rows, pooled, as the schema reads them (rows complete in the used columns; sex as 2 = 1)."""
-    frames = []
-    for f in sorted((DATA_DIR / "ncctg_lung" / "sites").glob("*.csv")):
-        d = pd.read_csv(f)
-        d["site"] = f.stem
-        frames.append(d)
-    d = pd.concat(frames).dropna(subset=["time", "status", *COVARIATES])
+    d = pooled_site_files("ncctg_lung/sites").dropna(subset=["time", "status", *COVARIATES])
     d["sex"] = (d["sex"] == 2).astype(float)
     return d.reset_index(drop=True)
 
@@ -170,6 +165,21 @@ def test_the_totals_are_the_same_under_secure_aggregation(lung: dict[str, Any], 
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # a Paillier run: the full suite only
+def test_under_paillier_the_curves_and_the_cox_fit_are_plain_aggregations(tmp_path: Path, lung: dict[str, Any]) -> None:
+    """Under Paillier (a key holder decides every step: the coordinator gets the grid's end, the counts, the next
+    coefficients) the curves, the log-rank test and two Newton steps of the Cox fit equal plain aggregation's, bit
+    for bit (the whole fit: benchmarks/survival.py)."""
+    two = ["learner.name=survival", "+learner.options.group=sex", "+learner.options.score_bins=0",
+           "+learner.options.max_iter=2"]
+    res = run_inprocess([*LUNG, *two, "aggregation=paillier"], tmp_path / "paillier")["learner"]
+    plain = run_inprocess([*LUNG, *two], tmp_path / "plain")["learner"]
+    assert res["curves"] == lung["curves"] == plain["curves"] and res["logrank"] == lung["logrank"]
+    assert res["cox"]["iterations"] == 2
+    for key in ("coefficients", "log_likelihood", "covariance", "proportional_hazards"):
+        assert res["cox"][key] == plain["cox"][key], key
+
+
 def test_the_default_learner_of_a_survival_table_is_the_survival_analysis(tmp_path: Path) -> None:
     res = run_inprocess(LUNG, tmp_path)["learner"]
     assert res["analysis"] == "survival" and res["cox"]["converged"]

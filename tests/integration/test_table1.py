@@ -31,7 +31,7 @@ from learners.table1 import (
     suppress_cells,
 )
 from tasks.tabular.task import TabularTask
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, pooled_site_files
 
 GBSG2 = ["task=tabular", "task.schema=schemas/gbsg2.yaml", "task.data=gbsg2/sites", "partition=natural",
          "report=false", "learner.name=table1"]
@@ -40,12 +40,7 @@ INTEGER = ["age", "tsize", "pnodes", "progrec", "estrec"]   # integer-valued col
 
 
 def pooled_gbsg2() -> pd.DataFrame:
-    frames = []
-    for f in sorted((DATA_DIR / "gbsg2" / "sites").glob("*.csv")):
-        d = pd.read_csv(f)
-        d["site"] = f.stem
-        frames.append(d)
-    return pd.concat(frames).reset_index(drop=True)
+    return pooled_site_files("gbsg2/sites")
 
 
 # ---- the site's disclosure control, alone --------------------------------------------------------------------
@@ -164,11 +159,25 @@ def test_without_disclosure_control_the_table_is_the_pooled_rows_own(tmp_path: P
     assert sec["learner"]["pooled"] == plain["pooled"]
 
 
+@pytest.mark.slow  # a Paillier run (15 s): the full suite only
+def test_under_paillier_the_table_is_the_same(tmp_path: Path, by_therapy: dict[str, Any]) -> None:
+    """The pooled columns under Paillier (a key holder decides each total) equal plain aggregation's, bit for bit."""
+    res = run_inprocess([*GBSG2, "+learner.options.group=horTh", "aggregation=paillier"], tmp_path)["learner"]
+    assert res["pooled"] == by_therapy["pooled"] and res["sites"] == by_therapy["sites"]
+
+
 def test_a_site_that_keeps_its_column_adds_to_the_pooled_ones_only(tmp_path: Path) -> None:
     res = run_inprocess([*GBSG2, "site_policy.statistics.site_columns=false"], tmp_path)["learner"]
     assert res["sites"] == {} and res["pooled"]["all"]["rows"] == 686
     assert any("site_columns" in r["reason"] for r in res["rejected"])
     assert (tmp_path / "table1.md").read_text().count("|") > 50 and (tmp_path / "table1.csv").is_file()
+
+
+def test_fedsilo_stats_runs_table1_only(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import stats
+
+    assert stats.main(["learner.name=gbdt"]) == 2
+    assert "learner.name is table1" in capsys.readouterr().err
 
 
 def test_a_site_refuses_a_grid_that_does_not_cover_its_values_and_foreign_levels() -> None:
