@@ -85,7 +85,7 @@ def run(name: str, tmp: Path, *extra: str) -> tuple[dict[str, Any], float]:
             "report=false", "learner.name=survival", "site_policy.statistics.min_rows=1", *extra]
     out = tmp / f"{name}-{abs(hash(extra)) % 10**8}"
     t0 = time.monotonic()
-    return run_inprocess(args, out)["learner"], time.monotonic() - t0  # Paillier: a key pair in out/keys
+    return run_inprocess(args, out, paillier_keys=True)["learner"], time.monotonic() - t0  # Paillier: keys in out/keys
 
 
 def km_figures(name: str, res: dict[str, Any], d: pd.DataFrame, grid: float = 1.0) -> dict[str, Any]:

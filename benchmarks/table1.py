@@ -65,7 +65,7 @@ def table(name: str, extra: list[str]) -> tuple[dict[str, Any], float]:
             *[e for e in extra if e != "+learner.options.group="]]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = run_inprocess(args, Path(tmp))
+        res = run_inprocess(args, Path(tmp), paillier_keys=True)
         return res["learner"], time.perf_counter() - t0
 
 

@@ -627,7 +627,7 @@ def rows_of(res: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
                 return f"{_fmt(q['0.5']['estimate'])} [{_fmt(q['0.25']['estimate'])}, {_fmt(q['0.75']['estimate'])}]"
             rows.append([name, "mean ± sd"] + [num(s, "mean") for s in stats])
             rows.append(["", "median [Q1, Q3]"] + [num(s, "median") for s in stats])
-            rows.append(["", "missing"] + [str(s["missing"]) for s in stats])
+            rows.append(["", "n (missing)"] + [f"{s['n']} ({s['missing']})" for s in stats])
         else:
             for k, cell in enumerate(v["cells"]):
                 line = [name if k == 0 else "", cell]

@@ -12,6 +12,10 @@ import sys
 
 def main(argv: list[str]) -> int:
     """Run the Table 1 job with ``argv``'s overrides; its exit code."""
+    if argv[:1] in (["--help"], ["-h"]):
+        print("usage: fedsilo stats OVERRIDE...   (the overrides of a fedsilo job; learner.name is table1)\n\n"
+              + (__doc__ or ""))
+        raise SystemExit(0)
     if any(a.startswith("learner.name=") for a in argv):
         print("fedsilo stats: learner.name is table1 here (other learners: fedsilo learner.name=...)", file=sys.stderr)
         return 2

@@ -108,15 +108,16 @@ class LocalGrid(Grid):
         return [self._deliver(msg) for msg in messages]
 
 
-def run_inprocess(overrides: list[str], out_dir: Path, run_id: int = 1, workers: int = 1) -> dict[str, Any]:
+def run_inprocess(overrides: list[str], out_dir: Path, run_id: int = 1, workers: int = 1,
+                  paillier_keys: bool = False) -> dict[str, Any]:
     """Run one fedsilo job in this process; return its ``results.json`` as a dict. ``workers`` > 1:
     that many sites answer at once, in threads (learning results of synchronous rounds unchanged).
-    ``aggregation=paillier`` without ``aggregation.public_key``: a key pair is made in ``out_dir/keys``, the
-    coordinator gets the public key and every site the pair (as a deployment's sites hold it)."""
+    ``paillier_keys`` (with ``aggregation=paillier``): a key pair is made in ``out_dir/keys``, the coordinator gets
+    the public key and every site the pair (as a deployment's sites hold it)."""
     from app import client_app, server_app
 
     node_config: dict[str, Any] = {}
-    if "aggregation=paillier" in overrides and not any(o.startswith("aggregation.public_key=") for o in overrides):
+    if paillier_keys and "aggregation=paillier" in overrides:
         from aggregation.paillier import keys
 
         private, public = keys.generate(out_dir / "keys")

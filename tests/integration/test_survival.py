@@ -172,7 +172,7 @@ def test_under_paillier_the_curves_and_the_cox_fit_are_plain_aggregations(tmp_pa
     for bit (the whole fit: benchmarks/survival.py)."""
     two = ["learner.name=survival", "+learner.options.group=sex", "+learner.options.score_bins=0",
            "+learner.options.max_iter=2"]
-    res = run_inprocess([*LUNG, *two, "aggregation=paillier"], tmp_path / "paillier")["learner"]
+    res = run_inprocess([*LUNG, *two, "aggregation=paillier"], tmp_path / "paillier", paillier_keys=True)["learner"]
     plain = run_inprocess([*LUNG, *two], tmp_path / "plain")["learner"]
     assert res["curves"] == lung["curves"] == plain["curves"] and res["logrank"] == lung["logrank"]
     assert res["cox"]["iterations"] == 2

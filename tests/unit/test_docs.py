@@ -130,6 +130,8 @@ def check_command(line: str) -> None:
             assert re.search(rf"{flag}(?![\w-])", usage), \
                 f"`{line}`: {flag} is not an option of `fedsilo {' '.join(words[:depth])}`"
         args = [a for a in args[1:] if re.fullmatch(r"[a-z_.+]+=[^=]*", a) and not a.startswith("--")]
+        if line.split()[1] == "stats":  # a job whose learner is table1
+            args = ["learner.name=table1", *args]
     elif args[:1] in (["--version"], ["--help"], ["--cfg"]):
         return
     overrides = [a for a in args if a not in ("--multirun", "-m") and not a.startswith(("hydra.", "+simulation."))]
