@@ -328,18 +328,22 @@ class LocalSuperLink:
         return str(run.get("status", "unknown")), str(run.get("status-details", ""))
 
     def follow(self, run_id: int, timeout: float, stream: bool = True, poll: float = 3.0) -> RunOutcome:
-        """Stream the run's log to stdout until it ends; return its final status."""
+        """Follow the run until it ends (its log streamed to stdout if ``stream``); return its final status.
+
+        One ``flwr log --stream`` process follows the run either way (its end is the run's): each ``flwr ls`` is a
+        Python process of about 2 CPU-seconds, so the status is asked when the stream ends, or every ``5 * poll``
+        seconds while it lasts (``poll`` seconds apart if the stream process is gone)."""
         t0 = time.monotonic()
-        logs = None
+        logs = subprocess.Popen([_flwr_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                                env=self.env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE if stream else subprocess.DEVNULL,
+                                stderr=None if stream else subprocess.DEVNULL, start_new_session=True)
         if stream:
-            logs = subprocess.Popen([_flwr_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
-                                    env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    start_new_session=True)
             threading.Thread(target=_relay_log, args=(logs.stdout,), daemon=True).start()
         try:
             status, details = "unknown", ""
             while time.monotonic() - t0 < timeout:
-                if logs is not None and logs.poll() is None:
+                if logs.poll() is None:
                     try:  # the stream ends when the run does; then ask for the status
                         logs.wait(timeout=poll * 5)
                     except subprocess.TimeoutExpired:
@@ -353,8 +357,7 @@ class LocalSuperLink:
                 self.flwr("stop", str(run_id), CONNECTION)
                 status, details = "timeout", f"run did not finish within {timeout:.0f}s"
         finally:
-            if logs is not None:
-                end_group(logs, grace=10.0)
+            end_group(logs, grace=10.0)
         return RunOutcome(run_id, status, details, time.monotonic() - t0)
 
 

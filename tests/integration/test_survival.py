@@ -168,14 +168,14 @@ def test_the_totals_are_the_same_under_secure_aggregation(lung: dict[str, Any], 
 @pytest.mark.slow  # a Paillier run: the full suite only
 def test_under_paillier_the_curves_and_the_cox_fit_are_plain_aggregations(tmp_path: Path, lung: dict[str, Any]) -> None:
     """Under Paillier (a key holder decides every step: the coordinator gets the grid's end, the counts, the next
-    coefficients) the curves, the log-rank test and two Newton steps of the Cox fit equal plain aggregation's, bit
-    for bit (the whole fit: benchmarks/survival.py)."""
+    coefficients) the curves, the log-rank test and a Newton step of the Cox fit equal plain aggregation's, bit for
+    bit (the whole fit: benchmarks/survival.py)."""
     two = ["learner.name=survival", "+learner.options.group=sex", "+learner.options.score_bins=0",
-           "+learner.options.max_iter=2"]
+           "+learner.options.max_iter=1"]
     res = run_inprocess([*LUNG, *two, "aggregation=paillier"], tmp_path / "paillier", paillier_keys=True)["learner"]
     plain = run_inprocess([*LUNG, *two], tmp_path / "plain")["learner"]
     assert res["curves"] == lung["curves"] == plain["curves"] and res["logrank"] == lung["logrank"]
-    assert res["cox"]["iterations"] == 2
+    assert res["cox"]["iterations"] == 1
     for key in ("coefficients", "log_likelihood", "covariance", "proportional_hazards"):
         assert res["cox"][key] == plain["cox"][key], key
 
