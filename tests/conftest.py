@@ -56,8 +56,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 #: end-to-end tests the other worker runs at the end (about 250 s of the chain's 1,250 s, measured 2026-12-06)
 TAIL = ("test_deploy_restart.py", "test_deploy.py::test_sites_refuse_by_their_own_policy_in_a_deployment",
-        "test_deploy.py::test_deploy_local_of_survival_tables_equals_the_simulation",
-        "test_deploy.py::test_deploy_local_of_table1_equals_the_simulation")
+        "test_deploy.py::test_deploy_local_of_survival_tables_and_table1_equal_the_simulation")
 
 
 def pooled_site_files(folder: str) -> Any:

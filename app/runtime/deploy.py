@@ -162,11 +162,14 @@ def start(dep: Deployment, out: Path, worker: bool = True, database: Path | None
 
 
 def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeout: float = 4 * 3600,
-        stream: bool = True, worker: bool = True, policies: list[Path] | None = None
-        ) -> tuple[Any, dict[str, Any] | None]:
+        stream: bool = True, worker: bool = True, policies: list[Path] | None = None,
+        then: list[list[str]] | None = None) -> tuple[Any, dict[str, Any] | None]:
     """Prepare, start, submit, follow and stop a local deployment; return (outcome, results).
 
-    ``policies``: the sites' own policy files (app/site_policy.py), one for every site or one per site."""
+    ``policies``: the sites' own policy files (app/site_policy.py), one for every site or one per site.
+    ``then``: more jobs, each a list of overrides on the same task and data, run one after another on the same
+    SuperLink and SuperNodes (as a consortium runs several analyses on one federation); job ``k`` (from 2) writes
+    into ``out/job-k``, and its (outcome, results) are in ``results["then"]`` of the first job's results, in order."""
     from app import config
     from app.runtime.preflight import preflight
 
@@ -183,13 +186,52 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
                              f"{len(policies)}")
         for k, entry in enumerate(dep.sites):
             entry.setdefault("node", {})["policy-path"] = str(Path(policies[k % len(policies)]).resolve())
+    jobs = [(overrides, out)]
+    for k, more in enumerate(then or [], start=2):
+        more, _ = site_overrides(more, sites)
+        preflight(config.compose(more))
+        jobs.append((more, out / f"job-{k}"))
+    print(f"fedsilo deploy: {sites} SuperNodes, {'TLS + SuperNode authentication' if secure else 'INSECURE'}, "
+          f"output {out}", flush=True)
+    t0 = time.monotonic()
+    done: list[tuple[Any, dict[str, Any] | None]] = []
+    link = start(dep, out, worker)
+    try:
+        for job, folder in jobs:
+            folder.mkdir(parents=True, exist_ok=True)
+            run_id = link.submit(appdir.app_dir(), job_config(job, data_dir, folder), {})
+            outcome = link.follow(run_id, timeout=timeout, stream=stream)
+            results_path = folder / "results.json"
+            results = json.loads(results_path.read_text()) if results_path.is_file() else None
+            if results is not None:
+                results["deployment"] = {"sites": sites, "tls": secure, "supernode_auth": secure,
+                                         "site_worker": worker, "seconds": time.monotonic() - t0,
+                                         "run_id": outcome.run_id, "status": outcome.status}
+                from app.reporting.results import write_json_atomic
+
+                write_json_atomic(results_path, results)
+            done.append((outcome, results))
+    finally:
+        link.stop()
+    outcome, results = done[0] if done else (None, None)
+    if results is not None and len(done) > 1:
+        results["then"] = [{"outcome": o, "results": r} for o, r in done[1:]]
+    return outcome, results
+
+
+def job_config(overrides: list[str], data_dir: Path, folder: Path) -> dict[str, str]:
+    """The run config of one job of a deployment: the coordinator holds no site data (an empty folder, the
+    schemas as absolute paths) where the sites hold their own; its results go to ``folder``."""
+    from app import config
+
+    cfg = config.compose(overrides)
     coordinator_data = data_dir
     if cfg.vertical.name != "none":  # the coordinator holds no data: an empty folder, the schemas as absolute paths
         from app.vertical import resolved
 
         v = resolved(cfg)
         overrides = [*overrides, *(f"vertical.parties.{k}.schema={p.schema}" for k, p in enumerate(v.parties))]
-        coordinator_data = (out / "coordinator").resolve()
+        coordinator_data = (folder / "coordinator").resolve()
         coordinator_data.mkdir(exist_ok=True)
     elif _own_data(cfg):  # the coordinator gets an empty folder: it holds no data, only the schema
         import tasks
@@ -197,28 +239,9 @@ def run(overrides: list[str], sites: int, out: Path, secure: bool = True, timeou
         if cfg.task.schema:
             schema = tasks.get(cfg.task.name)(cfg.task, data_dir).path(cfg.task.schema, "schema").resolve()  # type: ignore[attr-defined]
             overrides = [o for o in overrides if not o.startswith("task.schema=")] + [f"task.schema={schema}"]
-        coordinator_data = (out / "coordinator").resolve()
+        coordinator_data = (folder / "coordinator").resolve()
         coordinator_data.mkdir(exist_ok=True)
-    run_config = {"overrides": config.run_overrides(overrides, coordinator_data), "output-dir": str(out.resolve())}
-    print(f"fedsilo deploy: {sites} SuperNodes, {'TLS + SuperNode authentication' if secure else 'INSECURE'}, "
-          f"output {out}", flush=True)
-    t0 = time.monotonic()
-    link = start(dep, out, worker)
-    try:
-        run_id = link.submit(appdir.app_dir(), run_config, {})
-        outcome = link.follow(run_id, timeout=timeout, stream=stream)
-    finally:
-        link.stop()
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else None
-    if results is not None:
-        results["deployment"] = {"sites": sites, "tls": secure, "supernode_auth": secure, "site_worker": worker,
-                                 "seconds": time.monotonic() - t0, "run_id": outcome.run_id,
-                                 "status": outcome.status}
-        from app.reporting.results import write_json_atomic
-
-        write_json_atomic(results_path, results)
-    return outcome, results
+    return {"overrides": config.run_overrides(overrides, coordinator_data), "output-dir": str(folder.resolve())}
 
 
 def _own_data(cfg: Any) -> bool:

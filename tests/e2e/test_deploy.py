@@ -130,41 +130,36 @@ def test_deploy_local_of_own_tables_with_a_coordinator_that_holds_no_data(tmp_pa
     assert predict.main([str(out), str(out / "sites" / "hungarian.csv"), "--out", str(tmp_path / "s.csv")]) == 0
 
 
-def test_deploy_local_of_survival_tables_equals_the_simulation(tmp_path: Path) -> None:
+def test_deploy_local_of_survival_tables_and_table1_equal_the_simulation(tmp_path: Path) -> None:
     """`fedsilo deploy local --sites 3 task=tabular` with a survival schema (three NCCTG institutions' own files,
-    TLS, authenticated nodes, secure aggregation): the default learner is the survival analysis; the curves and
-    the Cox fit equal the simulation of the same three sites."""
-    args = ["task=tabular", "task.schema=schemas/lung.yaml", "task.data=ncctg_lung/sites", "partition=natural",
-            "aggregation=secagg", "+learner.options.score_bins=0"]
+    TLS, authenticated nodes, secure aggregation), two jobs on the one federation: the default learner, the
+    survival analysis (its curves and three Newton steps of the Cox fit equal the simulation of the same three
+    sites), then a Table 1 by sex (`learner.name=table1`, what `fedsilo stats` runs: its pooled and per-site
+    columns equal the simulation's, and every count in a site's own column is 0 or at least the default
+    min_count)."""
+    lung = ["task=tabular", "task.schema=schemas/lung.yaml", "task.data=ncctg_lung/sites", "partition=natural",
+            "aggregation=secagg"]
+    args = [*lung, "+learner.options.score_bins=0", "+learner.options.max_iter=3"]
+    table1 = [*lung, "learner.name=table1", "+learner.options.group=sex"]
     out = tmp_path / "deploy"
-    outcome, results = deploy.run(args, 3, out, stream=False)
+    outcome, results = deploy.run(args, 3, out, stream=False, then=[table1])
     assert not leftover_processes(), leftover_processes()
     assert outcome.ok and results is not None, outcome
     got = results["learner"]
-    assert got["analysis"] == "survival" and got["sites"] == 3 and got["cox"]["converged"]
+    assert got["analysis"] == "survival" and got["sites"] == 3 and got["cox"]["iterations"] == 3
     simulated = run_inprocess([*args, "partition.natural_sites=3"], tmp_path / "sim")["learner"]
     assert got["curves"] == simulated["curves"] and got["rows"] == simulated["rows"]
     for name, c in got["cox"]["coefficients"].items():
         assert abs(c["coef"] - simulated["cox"]["coefficients"][name]["coef"]) <= 1e-9, name
-
-
-def test_deploy_local_of_table1_equals_the_simulation(tmp_path: Path) -> None:
-    """`fedsilo deploy local --sites 3` of a Table 1 (`learner.name=table1`, what `fedsilo stats` runs) by sex over
-    three NCCTG institutions' own files, secure aggregation: the pooled and per-site columns equal the simulation's
-    of the same three sites, and every count in a site's own column is 0 or at least the default min_count."""
-    args = ["task=tabular", "task.schema=schemas/lung.yaml", "task.data=ncctg_lung/sites", "partition=natural",
-            "aggregation=secagg", "learner.name=table1", "+learner.options.group=sex"]
-    out = tmp_path / "deploy"
-    outcome, results = deploy.run(args, 3, out, stream=False)
-    assert not leftover_processes(), leftover_processes()
-    assert outcome.ok and results is not None, outcome
-    got = results["learner"]
-    simulated = run_inprocess([*args, "partition.natural_sites=3"], tmp_path / "sim")["learner"]
+    (second,) = results["then"]
+    assert second["outcome"].ok and second["results"]["deployment"]["run_id"] != results["deployment"]["run_id"]
+    got = second["results"]["learner"]
+    simulated = run_inprocess([*table1, "partition.natural_sites=3"], tmp_path / "sim-table1")["learner"]
     assert got["pooled"] == simulated["pooled"] and got["sites"] == simulated["sites"] and len(got["sites"]) == 3
     counts = [n for site in got["sites"].values() for col in site.values() for v in col["variables"].values()
               for n in v.get("counts", {}).values()]
     assert counts and all(n == 0 or n >= 5 for n in counts)
-    assert "| variable |" in next(out.rglob("table1.md")).read_text()
+    assert "| variable |" in (out / "job-2" / "table1.md").read_text()
 
 
 def test_unregistered_key_and_plaintext_node_are_refused(tmp_path: Path) -> None:
@@ -287,13 +282,13 @@ def test_sites_refuse_by_their_own_policy_in_a_deployment(tmp_path: Path) -> Non
         reasons = [r["reason"] for r in h["participation"]["train"]["rejected"]]
         assert len(reasons) == 3 and all("exceeds the policy's max_epsilon=3" in r for r in reasons), reasons
 
-    # two jobs on the same sites and data: the second (a fresh job id, another learning rate, so other updates) is
-    # charged on top of the first (a byte-identical replay would be free: tests/integration/test_site_ledger.py)
+    # two jobs on one deployment of the same sites and data: the second (a fresh job id, another learning rate, so
+    # other updates) is charged on top of the first (a byte-identical replay would be free: test_site_ledger.py)
     same = tmp_path / "jobs"
     job = [*base, "num_rounds=3", "privacy=dpsgd", "privacy.target_epsilon=2.5"]
-    outcome, first = deploy.run(job, 3, same, stream=False, policies=policies)
+    outcome, first = deploy.run(job, 3, same, stream=False, policies=policies, then=[[*job, "task.lr=0.06"]])
     assert outcome.ok and first is not None and first["privacy"]["max_epsilon"] <= 2.5
-    outcome, second = deploy.run([*job, "task.lr=0.06"], 3, same, stream=False, policies=policies)
+    second = first["then"][0]["results"]  # the second job, on the same deployment
     assert second is not None and second["privacy"].get("budget_exhausted"), second["privacy"]
     assert all("max_epsilon 3" in why for why in second["privacy"]["budget_exhausted"].values())
     from app.cli import ledger as ledger_cli
